@@ -1,0 +1,75 @@
+"""The narrow interface through which a MoE block runs its routed experts, and the plain
+implementation that holds every expert's weights in one place.
+
+Dimension key: T tokens, K experts per token, E routed experts, D hidden, I expert width.
+
+The model never touches expert weights itself: it routes, then hands `(hidden, ids, weights)` to
+an `ExpertExecutor`. The offload runtime and the engines plug in other executors (streamed over
+PCIe, cached in GPU slots, computed on the CPU) without changing the model code.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ExpertExecutor", "LocalExperts"]
+
+
+@runtime_checkable
+class ExpertExecutor(Protocol):
+    """Computes the weighted sum of each token's routed experts.
+
+    Implementations must return, for every token t,
+    `sum_j weights[t, j] * expert[ids[t, j]](hidden[t])`, in `hidden`'s dtype and device.
+    """
+
+    def __call__(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        """`hidden` `[T, D]`, `expert_ids` `[T, K]` int64, `weights` `[T, K]` -> `[T, D]`."""
+        ...
+
+
+class LocalExperts(nn.Module):
+    """All routed experts of one layer as three stacked weight tensors on one device.
+
+    Each expert is a gated SiLU MLP. The weights are held per projection, `[E, out, in]`, the
+    layout `nn.Linear` uses per expert, so each expert's matrix product reads one contiguous block.
+    Tokens are grouped by expert (one sort), and each used expert runs once on all its tokens.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's MLP on `x` `[N, D]` -> `[N, D]`."""
+        gate = F.linear(x, self.gate_proj[expert])  # [N, I]
+        up = F.linear(x, self.up_proj[expert])
+        return F.linear(F.silu(gate) * up, self.down_proj[expert])
+
+    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """See `ExpertExecutor`."""
+        t, k = expert_ids.shape
+        flat_ids = expert_ids.reshape(-1)  # [T*K]
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of = order // k  # [T*K] token index of each sorted assignment
+        flat_weights = weights.reshape(-1)[order].to(hidden.dtype)
+        out = torch.zeros_like(hidden)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            y = self.expert_forward(expert, hidden[rows])  # [N, D]
+            out.index_add_(0, rows, y * flat_weights[start : start + count, None])
+            start += count
+        return out

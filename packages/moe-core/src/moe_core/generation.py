@@ -1,0 +1,147 @@
+"""Whole generations with the model's own KV cache: prefill a ragged batch, then decode steps.
+
+Dimension key: B batch, T prompt slots, N new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import torch
+
+from moe_core.sampling import SamplingParams, sample_next
+
+if TYPE_CHECKING:
+    from moe_core.model import MoEForCausalLM
+
+__all__ = ["FinishReason", "GenerationResult", "generate", "left_pad"]
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+class _Decoder(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """New tokens of a batch and why each row stopped.
+
+    Attributes:
+        tokens: `[B, N]` new token ids; a row that stopped early is padded with `pad_token_id`.
+        lengths: New tokens of each row (its EOS or stop-string tokens included).
+        finish_reasons: `"eos"`, `"stop"` (a stop string appeared) or `"length"` per row.
+    """
+
+    tokens: torch.Tensor
+    lengths: list[int]
+    finish_reasons: list[FinishReason]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids [B, T], attention_mask [B, T])` with every row's tokens flush right."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _rows_of(input_ids: torch.Tensor | Sequence[Sequence[int]],
+             attention_mask: torch.Tensor | None) -> list[list[int]]:
+    """The real tokens of each prompt, whatever side it was padded on."""
+    if not isinstance(input_ids, torch.Tensor):
+        return [list(map(int, r)) for r in input_ids]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return input_ids.tolist()
+    return [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
+
+
+def _eos_ids(model: MoEForCausalLM, eos_token_id: int | Sequence[int] | None) -> set[int]:
+    value = eos_token_id
+    if value is None:
+        value = model.generation_defaults.get("eos_token_id")  # type: ignore[assignment]
+    if value is None:
+        value = model.spec.eos_token_ids
+    return {value} if isinstance(value, int) else set(value)
+
+
+@torch.no_grad()
+def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
+             attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+             stop_strings: Sequence[str] = (), tokenizer: _Decoder | None = None,
+             pad_token_id: int | None = None) -> GenerationResult:
+    """Generate up to `max_new_tokens` for each prompt.
+
+    Args:
+        model: The model.
+        input_ids: `[B, T]` token ids (with `attention_mask` if padded), or a list of token lists.
+        attention_mask: `[B, T]`, 1 for real tokens; padding may be on either side.
+        max_new_tokens: Limit per row.
+        temperature: 0 is greedy (deterministic); otherwise sampling.
+        top_k: Sample among the k most likely tokens.
+        top_p: Nucleus sampling threshold.
+        seed: Seed for sampling.
+        eos_token_id: End tokens (default: the checkpoint's generation config, else config.json).
+        stop_strings: A row stops once its decoded text contains one (needs `tokenizer`).
+        tokenizer: Decodes tokens for `stop_strings`.
+        pad_token_id: Fills rows that stopped early (default: the first EOS id, else 0).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    eos = _eos_ids(model, eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else min(eos, default=0)
+    rows = _rows_of(input_ids, attention_mask)
+    ids, mask = left_pad(rows, pad, model.device)
+    b = ids.shape[0]
+    generator = params.generator(model.device)
+    cache = model.new_cache(b, ids.shape[1] + max(max_new_tokens, 1))
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # [B, V]
+
+    out: list[torch.Tensor] = []
+    reasons: list[FinishReason | None] = [None] * b
+    lengths = [0] * b
+    eos_tensor = torch.tensor(sorted(eos), dtype=torch.long, device=model.device)
+    done = torch.zeros(b, dtype=torch.bool, device=model.device)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, params, generator).masked_fill(done, pad)  # [B]
+        out.append(token)
+        hit_eos = torch.isin(token, eos_tensor) & ~done
+        newly_done = hit_eos.clone()
+        for i in (~done).nonzero()[:, 0].tolist():
+            lengths[i] += 1
+            if hit_eos[i]:
+                reasons[i] = "eos"
+            elif stop_strings and _has_stop(tokenizer, out, i, lengths[i], stop_strings):
+                reasons[i] = "stop"
+                newly_done[i] = True
+        done |= newly_done
+        if bool(done.all()):
+            break
+        logits = model(token[:, None], attention_mask=(~done)[:, None].long(), cache=cache,
+                       last_only=True)[:, -1]
+    tokens = torch.stack(out, dim=1) if out else torch.empty(b, 0, dtype=torch.long,
+                                                             device=model.device)
+    return GenerationResult(tokens, lengths, [r or "length" for r in reasons])
+
+
+def _has_stop(tokenizer: _Decoder | None, out: list[torch.Tensor], row: int, length: int,
+              stop_strings: Sequence[str]) -> bool:
+    assert tokenizer is not None
+    generated = [int(step[row]) for step in out[:length]]
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    return any(s in text for s in stop_strings)

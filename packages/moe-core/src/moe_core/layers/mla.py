@@ -1,0 +1,92 @@
+"""Multi-head latent attention, DeepSeek-V2's MLA (arXiv:2405.04434 §2.1), as transformers runs it.
+
+Dimension key: B batch, T new tokens, S keys (cached + new), H heads, D hidden, R kv latent
+(`kv_lora_rank`), Q query latent (`q_lora_rank`), N no-rope channels per head, P rope channels,
+V value channels per head.
+
+Keys and values are compressed into one latent `[B, S, R]` plus one rotary key `[B, S, P]`
+shared by all heads; that pair is all the cache holds (`R + P` values per token per layer instead
+of `2 * H * (N + P)`). Every pass re-expands the latent with `kv_b_proj`, without absorbing it
+into the query and output projections, so the rounding matches transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_core.kv_cache import KVCache
+from moe_core.layers.attention import attend
+from moe_core.layers.norm import RMSNorm
+from moe_core.layers.rotary import apply_rotary, yarn_get_mscale
+from moe_core.spec import AttentionSpec, RopeSpec
+
+__all__ = ["MLAAttention", "mla_softmax_scale"]
+
+# transformers builds both latent norms with RMSNorm's default epsilon, not `rms_norm_eps`.
+_LATENT_NORM_EPS = 1e-6
+
+
+def mla_softmax_scale(attention: AttentionSpec, rope: RopeSpec) -> float:
+    """`head_dim ** -0.5`, times YaRN's `mscale(factor, mscale_all_dim) ** 2` when rope is scaled."""
+    scale = attention.head_dim**-0.5
+    if rope.scaling != "default" and rope.mscale_all_dim:
+        m = yarn_get_mscale(rope.factor, rope.mscale_all_dim)
+        scale *= m * m
+    return scale
+
+
+class MLAAttention(nn.Module):
+    """DeepSeek-V2/V3 attention over a compressed key/value latent."""
+
+    def __init__(self, spec: AttentionSpec, hidden_size: int, rms_norm_eps: float, layer: int,
+                 rope: RopeSpec, interleaved_rope: bool) -> None:
+        super().__init__()
+        del rms_norm_eps  # the latent norms use a fixed epsilon (see _LATENT_NORM_EPS)
+        assert spec.kv_lora_rank is not None and spec.qk_rope_head_dim is not None
+        self.spec = spec
+        self.layer = layer
+        self.interleaved_rope = interleaved_rope
+        h, rank, rope_dim = spec.num_heads, spec.kv_lora_rank, spec.qk_rope_head_dim
+        if spec.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden_size, h * spec.head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden_size, spec.q_lora_rank, bias=spec.qkv_bias)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, _LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(spec.q_lora_rank, h * spec.head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, rank + rope_dim, bias=spec.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(rank, _LATENT_NORM_EPS)
+        nope = spec.qk_nope_head_dim
+        assert nope is not None
+        self.kv_b_proj = nn.Linear(rank, h * (nope + spec.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * spec.v_head_dim, hidden_size, bias=spec.o_bias)
+        self.scale = mla_softmax_scale(spec, rope)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                cache: KVCache | None) -> torch.Tensor:
+        """Attend `x` `[B, T, D]`; `rope` holds `cos, sin` `[B, T, P]`; returns `[B, T, D]`."""
+        spec = self.spec
+        b, t, _ = x.shape
+        h, nope, rope_dim = spec.num_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim
+        assert nope is not None and rope_dim is not None and spec.kv_lora_rank is not None
+        q = self._queries(x).view(b, t, h, spec.head_dim).transpose(1, 2)  # [B, H, T, N+P]
+        q_nope, q_pe = q.split([nope, rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([spec.kv_lora_rank, rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [B, T, R]
+        cos, sin = rope
+        q_pe = apply_rotary(q_pe, cos, sin, self.interleaved_rope)  # [B, H, T, P]
+        k_pe = apply_rotary(k_pe[:, None], cos, sin, self.interleaved_rope)[:, 0]  # [B, T, P]
+        if cache is not None:
+            latent, k_pe = cache.append(self.layer, latent, k_pe)  # [B, S, R], [B, S, P]
+        s = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(b, s, h, nope + spec.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([nope, spec.v_head_dim], dim=-1)  # [B, H, S, N], [B, H, S, V]
+        k = torch.cat((k_nope, k_pe[:, None].expand(b, h, s, rope_dim)), dim=-1)  # [B, H, S, N+P]
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [B, H, T, N+P]
+        out = attend(q, k, v, mask, self.scale)  # [B, H, T, V]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

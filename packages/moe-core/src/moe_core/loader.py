@@ -1,0 +1,160 @@
+"""`load_model`: a checkpoint folder (or hub id) to a ready `MoEForCausalLM`.
+
+The model is built on the meta device, given its dtype there, and only then allocated on the
+target device, so no full-size float32 copy ever exists; tensors are then copied in shard by
+shard. In `dummy` mode the weights are random, drawn from the config alone (for speed work on
+models whose weights are absent, vLLM's `load_format=dummy` idea).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from moe_core.architectures import CheckpointLayout, get_architecture
+from moe_core.checkpoint import CheckpointReader
+from moe_core.dtypes import parse_dtype
+from moe_core.errors import CheckpointError, ConfigError
+from moe_core.model import MoEForCausalLM
+from moe_core.spec import ModelSpec
+
+__all__ = ["load_model", "resolve_model_path"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+_STACKED_EXPERT = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj)$")
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A local folder for `model`: the path itself, or a hub snapshot when it names a hub repo.
+
+    Raises:
+        ConfigError: neither a local folder nor a reachable hub repository.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if not _HUB_ID.match(str(model)):
+        raise ConfigError(f"{model}: no such model folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=str(model), allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated: all mean "cannot have it"
+        raise ConfigError(f"{model}: not a local folder, and fetching it from the hub failed "
+                          f"({type(exc).__name__}: {exc})") from exc
+
+
+def load_model(model: str | Path, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None, *, dummy: bool = False,
+               seed: int = 0) -> MoEForCausalLM:
+    """Load a supported MoE checkpoint as our own PyTorch model, ready for inference.
+
+    Args:
+        model: A checkpoint folder (config.json plus safetensors shards) or a hub repo id.
+        device: `"cpu"`, `"cuda"` or any torch device.
+        dtype: `float32`, `bfloat16` or `float16`; default: the checkpoint's own dtype.
+        dummy: Random weights from `config.json` alone (no weight files needed).
+        seed: Seed of the dummy weights.
+
+    Raises:
+        ConfigError: bad or missing `config.json`.
+        UnsupportedArchitectureError: an architecture we do not implement.
+        CheckpointError: a missing or truncated shard, a missing tensor, a wrong shape.
+        DtypeError: an unknown dtype.
+    """
+    folder = resolve_model_path(model)
+    spec = ModelSpec.from_pretrained(folder)
+    layout = get_architecture(spec.architecture).layout
+    dtype = parse_dtype(dtype if dtype is not None else (spec.torch_dtype or "float32"))
+    device = torch.device(device)
+    reader = None if dummy else CheckpointReader.open(folder)
+
+    with torch.device("meta"):
+        net = MoEForCausalLM(spec)
+    net.to(dtype)
+    for block in net.moe_blocks():
+        if spec.moe.router.fp32_gate:
+            block.gate.float()  # DeepSeek keeps its router in float32 whatever the model dtype
+    net.to_empty(device=device)
+    net.tie_weights()
+    with torch.no_grad():
+        if reader is None:
+            _init_dummy(net, seed)
+        else:
+            _copy_weights(net, reader, layout)
+    net.eval().requires_grad_(False)
+    net.generation_defaults = _generation_defaults(folder)
+    net.source = folder
+    return net
+
+
+def _copy_weights(net: MoEForCausalLM, reader: CheckpointReader, layout: CheckpointLayout) -> None:
+    """Copy every parameter of `net` from the checkpoint, checking each shape."""
+    params = dict(net.named_parameters())
+    wanted: dict[str, tuple[str, int | None]] = {}  # checkpoint name -> (our name, expert)
+    for name, param in params.items():
+        if _STACKED_EXPERT.search(name):
+            per_expert = layout.expert_names(name, param.shape[0])
+            if all(key in reader for key in per_expert):
+                wanted.update((key, (name, e)) for e, key in enumerate(per_expert))
+            else:
+                _copy_fused_experts(name, param, reader, layout)
+        else:
+            wanted[layout.checkpoint_name(name)] = (name, None)
+    for key, tensor in reader.read(wanted):
+        name, expert = wanted[key]
+        target = params[name] if expert is None else params[name][expert]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} has shape "
+                                  f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor)
+
+
+def _copy_fused_experts(name: str, param: torch.nn.Parameter, reader: CheckpointReader,
+                        layout: CheckpointLayout) -> None:
+    """Experts stored fused (transformers 5's in-memory layout): `experts.gate_up_proj`
+    `[E, 2I, D]` with gate rows first, and `experts.down_proj` `[E, D, I]`."""
+    prefix, projection = name.rsplit(".", 1)
+    prefix = layout.checkpoint_name(prefix)
+    fused = f"{prefix}.gate_up_proj" if projection != "down_proj" else f"{prefix}.down_proj"
+    if fused not in reader:
+        missing = layout.expert_names(name, param.shape[0])[0]
+        raise CheckpointError(f"{reader.folder}: tensor {missing!r} not found in the checkpoint "
+                              f"(nor a fused {fused!r})")
+    [(_, tensor)] = list(reader.read([fused]))
+    if projection != "down_proj":
+        half = tensor.shape[1] // 2
+        tensor = tensor[:, :half] if projection == "gate_proj" else tensor[:, half:]
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise CheckpointError(f"{reader.file_of(fused)}: tensor {fused!r} gives {projection} of "
+                              f"shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    param.copy_(tensor)
+
+
+def _init_dummy(net: MoEForCausalLM, seed: int) -> None:
+    """Random weights of the right shapes: norms 1, biases 0, matrices N(0, initializer_range)."""
+    std = net.spec.initializer_range
+    generator = torch.Generator(device=net.device).manual_seed(seed)
+    for name, param in net.named_parameters():
+        if param.dim() == 1 and name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif param.dim() == 1:
+            param.zero_()  # biases and DeepSeek-V3's score bias
+        else:
+            param.normal_(0.0, std, generator=generator)
+
+
+def _generation_defaults(folder: Path) -> dict[str, object]:
+    """`generation_config.json`, if the folder has one (EOS ids, sampling defaults)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,44 @@
+"""Tokenizer and chat template, read from the checkpoint folder through transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moe_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["load_tokenizer", "render_chat"]
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer stored beside the checkpoint.
+
+    Raises:
+        ConfigError: the folder has no tokenizer files transformers can read.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: no usable tokenizer ({exc})") from exc
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]],
+                add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` (`[{"role": ..., "content": ...}, ...]`) in the model's template.
+
+    Raises:
+        ConfigError: the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{tokenizer.name_or_path}: the tokenizer has no chat template")
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                        tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns an encoding
+        ids = ids["input_ids"]
+    return list(ids)
