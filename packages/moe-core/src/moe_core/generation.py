@@ -75,6 +75,16 @@ def _eos_ids(model: MoEForCausalLM, eos_token_id: int | Sequence[int] | None) ->
     return {value} if isinstance(value, int) else set(value)
 
 
+def _pad_id(model: MoEForCausalLM, pad_token_id: int | None, eos: set[int]) -> int:
+    """The filler of finished rows: as given, else the checkpoint's pad token, else an EOS id
+    (transformers' order)."""
+    for value in (pad_token_id, model.generation_defaults.get("pad_token_id"),
+                  model.spec.pad_token_id):
+        if isinstance(value, int):
+            return value
+    return min(eos, default=0)
+
+
 @torch.no_grad()
 def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
@@ -96,7 +106,8 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
         eos_token_id: End tokens (default: the checkpoint's generation config, else config.json).
         stop_strings: A row stops once its decoded text contains one (needs `tokenizer`).
         tokenizer: Decodes tokens for `stop_strings`.
-        pad_token_id: Fills rows that stopped early (default: the first EOS id, else 0).
+        pad_token_id: Fills rows that stopped early (default: the checkpoint's pad token, else
+            the smallest EOS id, else 0).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -104,7 +115,7 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
     params = SamplingParams(temperature, top_k, top_p, seed)
     eos = _eos_ids(model, eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else min(eos, default=0)
+    pad = _pad_id(model, pad_token_id, eos)
     rows = _rows_of(input_ids, attention_mask)
     ids, mask = left_pad(rows, pad, model.device)
     b = ids.shape[0]
