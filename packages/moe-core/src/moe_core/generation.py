@@ -16,7 +16,7 @@ from moe_core.sampling import SamplingParams, sample_next
 if TYPE_CHECKING:
     from moe_core.model import MoEForCausalLM
 
-__all__ = ["FinishReason", "GenerationResult", "generate", "left_pad"]
+__all__ = ["FinishReason", "GenerationResult", "generate", "left_pad", "pad_token_for"]
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -75,14 +75,14 @@ def _eos_ids(model: MoEForCausalLM, eos_token_id: int | Sequence[int] | None) ->
     return {value} if isinstance(value, int) else set(value)
 
 
-def _pad_id(model: MoEForCausalLM, pad_token_id: int | None, eos: set[int]) -> int:
+def pad_token_for(model: MoEForCausalLM, pad_token_id: int | None = None) -> int:
     """The filler of finished rows: as given, else the checkpoint's pad token, else an EOS id
     (transformers' order)."""
     for value in (pad_token_id, model.generation_defaults.get("pad_token_id"),
                   model.spec.pad_token_id):
         if isinstance(value, int):
             return value
-    return min(eos, default=0)
+    return min(_eos_ids(model, None), default=0)
 
 
 @torch.no_grad()
@@ -115,7 +115,7 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
     params = SamplingParams(temperature, top_k, top_p, seed)
     eos = _eos_ids(model, eos_token_id)
-    pad = _pad_id(model, pad_token_id, eos)
+    pad = pad_token_for(model, pad_token_id)
     rows = _rows_of(input_ids, attention_mask)
     ids, mask = left_pad(rows, pad, model.device)
     b = ids.shape[0]

@@ -28,8 +28,10 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 _STACKED_EXPERT = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj)$")
 
 
-def resolve_model_path(model: str | Path) -> Path:
+def resolve_model_path(model: str | Path, weights: bool = True) -> Path:
     """A local folder for `model`: the path itself, or a hub snapshot when it names a hub repo.
+
+    With `weights=False` a hub snapshot holds only the small files (config, tokenizer).
 
     Raises:
         ConfigError: neither a local folder nor a reachable hub repository.
@@ -42,7 +44,8 @@ def resolve_model_path(model: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=str(model), allow_patterns=_HUB_PATTERNS))
+        patterns = _HUB_PATTERNS if weights else [p for p in _HUB_PATTERNS if "safetensors" not in p]
+        return Path(snapshot_download(repo_id=str(model), allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated: all mean "cannot have it"
         raise ConfigError(f"{model}: not a local folder, and fetching it from the hub failed "
                           f"({type(exc).__name__}: {exc})") from exc
@@ -104,7 +107,7 @@ def _copy_weights(net: MoEForCausalLM, reader: CheckpointReader, layout: Checkpo
             else:
                 _copy_fused_experts(name, param, reader, layout)
         else:
-            wanted[layout.checkpoint_name(name)] = (name, None)
+            wanted[_name_in(reader, layout, name)] = (name, None)
     for key, tensor in reader.read(wanted):
         name, expert = wanted[key]
         target = params[name] if expert is None else params[name][expert]
@@ -114,13 +117,21 @@ def _copy_weights(net: MoEForCausalLM, reader: CheckpointReader, layout: Checkpo
         target.copy_(tensor)
 
 
+def _name_in(reader: CheckpointReader, layout: CheckpointLayout, name: str) -> str:
+    """The checkpoint's name for our parameter `name`: the family's original spelling, or our own
+    where only that is present (transformers 5's in-memory names, which `save_pretrained(...,
+    save_original_format=False)` writes, e.g. Mixtral's `mlp` for `block_sparse_moe`)."""
+    theirs = layout.checkpoint_name(name)
+    return name if theirs not in reader and name in reader else theirs
+
+
 def _copy_fused_experts(name: str, param: torch.nn.Parameter, reader: CheckpointReader,
                         layout: CheckpointLayout) -> None:
     """Experts stored fused (transformers 5's in-memory layout): `experts.gate_up_proj`
     `[E, 2I, D]` with gate rows first, and `experts.down_proj` `[E, D, I]`."""
     prefix, projection = name.rsplit(".", 1)
-    prefix = layout.checkpoint_name(prefix)
-    fused = f"{prefix}.gate_up_proj" if projection != "down_proj" else f"{prefix}.down_proj"
+    fused = _name_in(reader, layout,
+                     f"{prefix}.{'down_proj' if projection == 'down_proj' else 'gate_up_proj'}")
     if fused not in reader:
         missing = layout.expert_names(name, param.shape[0])[0]
         raise CheckpointError(f"{reader.folder}: tensor {missing!r} not found in the checkpoint "

@@ -1,0 +1,179 @@
+"""`moe-core`: inspect a checkpoint before loading it; generate with it.
+
+Results go to stdout (`--json` for machines); errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moe_core.errors import MoECoreError
+from moe_core.loader import resolve_model_path
+from moe_core.sizes import format_bytes, parse_bytes
+from moe_core.spec import ModelSpec
+from moe_core.spec_report import spec_report
+
+__all__ = ["app", "user_errors"]
+
+app = typer.Typer(help="moe-core: inspect and run mixture-of-experts checkpoints.",
+                  no_args_is_help=True, add_completion=False)
+_err = Console(stderr=True)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user mistake (a `MoECoreError` or `ValueError`) into one line on stderr, exit 1."""
+    try:
+        yield
+    except (MoECoreError, ValueError, FileNotFoundError) as exc:
+        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _print_report(report: dict[str, object]) -> None:
+    table = Table(title=f"{report['architecture']}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    moe_layers, dense_layers = report["moe_layers"], report["dense_layers"]
+    assert isinstance(moe_layers, list) and isinstance(dense_layers, list)
+    rows = [
+        ("layers", f"{report['num_layers']} ({len(moe_layers)} MoE, {len(dense_layers)} dense"
+                   + (f": {dense_layers}" if dense_layers else "") + ")"),
+        ("hidden / vocab", f"{report['hidden_size']} / {report['vocab_size']}"),
+        ("attention", f"{report['attention']}, {report['num_heads']} heads, "
+                      f"{report['num_kv_heads']} kv heads, head dim {report['head_dim']}"
+                      + (f", kv latent {report['kv_lora_rank']}" if report["kv_lora_rank"] else "")),
+        ("rope", f"theta {report['rope_theta']:g}, scaling {report['rope_scaling']}"),
+        ("experts", f"{report['num_experts']} routed, top-{report['top_k']} ({report['router']}), "
+                    f"width {report['expert_intermediate_size']}"),
+        ("shared experts", f"{report['num_shared_experts']} (width "
+                           f"{report['shared_intermediate_size']})"),
+        ("parameters", f"{_count(report['total_params'])} total, "  # type: ignore[arg-type]
+                       f"{_count(report['active_params_per_token'])} active per token"),  # type: ignore[arg-type]
+        (f"one expert ({report['dtype']})", format_bytes(report["expert_bytes"])),  # type: ignore[arg-type]
+        ("all routed experts", format_bytes(report["routed_expert_bytes"])),  # type: ignore[arg-type]
+        ("dense part (stays on GPU)", format_bytes(report["dense_bytes"])),  # type: ignore[arg-type]
+        ("whole model", format_bytes(report["total_bytes"])),  # type: ignore[arg-type]
+        ("experts read per token", format_bytes(report["activated_expert_bytes_per_token"])),  # type: ignore[arg-type]
+        ("KV cache per token", format_bytes(report["kv_bytes_per_token"])),  # type: ignore[arg-type]
+        (f"KV cache per {report['context_tokens']}-token sequence",
+         format_bytes(report["kv_bytes_per_sequence"])),  # type: ignore[arg-type]
+    ]
+    if "gpu_fit" in report:
+        rows.append((f"with {format_bytes(report['gpu_memory_bytes'])} of GPU",  # type: ignore[arg-type]
+                     str(report["gpu_fit_summary"])))
+    for field, value in rows:
+        table.add_row(field, value)
+    Console().print(table)
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id (only config.json is read).")],
+    dtype: Annotated[str, typer.Option(help="Storage dtype for the memory figures.")] = "bfloat16",
+    gpu_memory: Annotated[str | None, typer.Option(
+        help="GPU memory budget, e.g. 12GiB: say how the model can run within it.")] = None,
+    context: Annotated[int, typer.Option(help="Sequence length for the KV-cache figure.")] = 4096,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Print a model's shape and the memory each part needs, from its config.json alone."""
+    with user_errors():
+        spec = ModelSpec.from_pretrained(resolve_model_path(model, weights=False))
+        budget = parse_bytes(gpu_memory) if gpu_memory is not None else None
+        report = spec_report(spec, dtype, budget, context)
+    if as_json:
+        json.dump(report, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _print_report(report)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeatable).")],
+    max_new_tokens: Annotated[int, typer.Option(min=0)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    top_k: Annotated[int | None, typer.Option(min=1)] = None,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    seed: int | None = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap each prompt in the chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
+) -> None:
+    """Generate completions with the whole model in memory (no offloading)."""
+    from moe_core.loader import load_model
+    from moe_core.tokenizer import load_tokenizer, render_chat
+
+    with user_errors():
+        net = load_model(model, device=device, dtype=dtype)
+        assert net.source is not None
+        tokenizer = load_tokenizer(net.source)
+        rows = [render_chat(tokenizer, [{"role": "user", "content": p}]) if chat
+                else tokenizer(p)["input_ids"] for p in prompt]
+        result = net.generate_full(rows, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed)
+    for i, text_prompt in enumerate(prompt):
+        ids = result.tokens[i, : result.lengths[i]].tolist()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if as_json:
+            print(json.dumps({"prompt": text_prompt, "text": text, "new_tokens": len(ids),
+                              "finish_reason": result.finish_reasons[i]}))
+        else:
+            print(f"{text_prompt}{text}")
+
+
+@app.command("make-tiny")
+def make_tiny(
+    kind: Annotated[str, typer.Argument(help="mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2 "
+                                             "or deepseek_v3.")],
+    out: Annotated[str, typer.Argument(help="Folder to write the checkpoint into.")],
+    seed: int = 0,
+) -> None:
+    """Write a tiny random checkpoint of an architecture with transformers (for tests and demos)."""
+    from moe_core.tiny_checkpoints import build_tiny_checkpoint
+
+    with user_errors():
+        folder = build_tiny_checkpoint(kind, out, seed=seed)
+    _err.print(f"wrote a tiny {kind} checkpoint to {folder}")
+
+
+@app.command()
+def verify(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
+    batch: Annotated[int, typer.Option(min=1)] = 3,
+    prompt_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    tolerance: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compare our logits and greedy tokens with transformers' on this checkpoint (fp32, CPU)."""
+    from moe_core.verification import verify_against_transformers
+
+    with user_errors():
+        report = verify_against_transformers(resolve_model_path(model), batch=batch,
+                                             prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                                             tolerance=tolerance)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        verdict = "[green]PASS[/green]" if report.passed else "[red]FAIL[/red]"
+        Console().print(f"{verdict} logits relative error {report.relative_error:.2e} "
+                        f"(tolerance {report.tolerance:.0e}); greedy tokens "
+                        f"{'match' if report.tokens_match else 'differ'} over "
+                        f"{report.new_tokens} new tokens x {report.batch} prompts")
+    if not report.passed:
+        raise typer.Exit(1)

@@ -1,0 +1,166 @@
+"""Validate moe-core on a CUDA GPU: for every architecture, our logits in bf16/fp16/fp32 on the
+GPU against our fp32 CPU logits, with transformers' own bf16-on-GPU error beside them for scale,
+and greedy generation on the GPU against transformers' greedy generation.
+
+Low-precision error has two parts: rounding, and routing flips (a token whose top-k set changes
+because two router scores were within rounding of each other, which moves its output by a whole
+expert). Random weights have small router margins, so flips are common; the "pinned" figure runs
+bf16 with the fp32 reference's routing decisions to show the rounding part alone, and
+`bf16_flip_share` counts how many (token, layer) expert sets changed.
+
+Run on the GPU machine (no uv there):
+    PYTHONPATH=packages/moe-core/src python3 scripts/validate_cuda.py --out results.json
+Prints a table last; writes the raw numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from moe_core import load_model
+from moe_core.generation import left_pad, pad_token_for
+from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
+
+# "small" is wide enough that bf16 rounding behaves as in real models (D=512, 16 experts).
+SIZES = {
+    "tiny": {},
+    "small": {"hidden_size": 512, "num_attention_heads": 8, "num_hidden_layers": 4,
+              "vocab_size": 1024},
+}
+SMALL_KIND_OVERRIDES = {
+    "mixtral": {"intermediate_size": 1024, "num_local_experts": 16, "num_key_value_heads": 4},
+    "qwen2_moe": {"moe_intermediate_size": 256, "shared_expert_intermediate_size": 512,
+                  "intermediate_size": 1024, "num_experts": 16, "num_key_value_heads": 4},
+    "qwen3_moe": {"moe_intermediate_size": 256, "intermediate_size": 1024, "num_experts": 16,
+                  "head_dim": 64, "num_key_value_heads": 4},
+    "olmoe": {"intermediate_size": 256, "num_experts": 16, "num_key_value_heads": 8},
+    "deepseek_v2": {"moe_intermediate_size": 256, "intermediate_size": 1024,
+                    "n_routed_experts": 16, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
+                    "qk_rope_head_dim": 32, "v_head_dim": 64, "num_key_value_heads": 8},
+    "deepseek_v3": {"moe_intermediate_size": 256, "intermediate_size": 1024,
+                    "n_routed_experts": 16, "kv_lora_rank": 128, "q_lora_rank": 192,
+                    "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
+                    "num_key_value_heads": 8},
+}
+
+
+def record_routing(model: torch.nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Keep each MoE layer's routing decisions of the next pass."""
+    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for block in model.moe_blocks():
+        block.observer = lambda layer, ids, w: store.__setitem__(layer, (ids.cpu(), w.cpu()))
+    return store
+
+
+def pin_routing(model: torch.nn.Module, store: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Make every router return the recorded decisions instead of its own."""
+    for block in model.moe_blocks():
+        ids, w = store[block.layer]
+        block.gate.forward = lambda h, ids=ids, w=w: (ids.to(h.device), w.to(h.device))
+
+
+def flip_share(a: dict[int, tuple[torch.Tensor, torch.Tensor]],
+               b: dict[int, tuple[torch.Tensor, torch.Tensor]], real: torch.Tensor) -> float:
+    """Share of (real token, layer) whose chosen expert set differs (padding is not counted)."""
+    changed = total = 0
+    keep = real.reshape(-1).cpu()
+    for layer, (ids_a, _) in a.items():
+        ids_b = b[layer][0]
+        differs = (ids_a.sort(-1).values != ids_b.sort(-1).values).any(-1)
+        changed += int(differs[keep].sum())
+        total += int(keep.sum())
+    return changed / total
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def check(kind: str, size: str, folder: Path) -> dict[str, object]:
+    overrides = dict(SIZES[size])
+    if size != "tiny":
+        overrides.update(SMALL_KIND_OVERRIDES[kind])
+    std = 0.15 if size == "tiny" else 0.02
+    build_tiny_checkpoint(kind, folder, seed=1, std=std, **overrides)
+    reference = load_model(folder, device="cpu", dtype="float32")
+    vocab = reference.spec.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (48, 40, 33, 25)]
+    ids, mask = left_pad(rows, 0)
+    real = mask.bool()
+    ref_routing = record_routing(reference)
+    ref_logits = reference(ids, attention_mask=mask)[real]
+    record: dict[str, object] = {"kind": kind, "size": size,
+                                 "params": reference.spec.total_params}
+    for dtype in ("bfloat16", "float16", "float32"):
+        model = load_model(folder, device="cuda", dtype=dtype)
+        routing = record_routing(model)
+        logits = model(ids.cuda(), attention_mask=mask.cuda())[real.cuda()]
+        record[f"ours_{dtype}_rel_err"] = rel(logits, ref_logits)
+        record[f"ours_{dtype}_finite"] = bool(torch.isfinite(logits).all())
+        record[f"{dtype}_flip_share"] = flip_share(ref_routing, routing, real)
+        if dtype == "bfloat16":
+            pin_routing(model, ref_routing)
+            pinned = model(ids.cuda(), attention_mask=mask.cuda())[real.cuda()]
+            record["ours_bfloat16_pinned_rel_err"] = rel(pinned, ref_logits)
+        del model
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    hf_logits = hf(input_ids=ids.cuda(), attention_mask=mask.cuda(),
+                   position_ids=positions.cuda()).logits[real.cuda()]
+    record["transformers_bfloat16_rel_err"] = rel(hf_logits, ref_logits)
+    # Greedy tokens in fp32 on the GPU: ours vs transformers on the same device and dtype.
+    ours32 = load_model(folder, device="cuda", dtype="float32")
+    hf32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    t0 = time.perf_counter()
+    tokens = ours32.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=32)
+    torch.cuda.synchronize()
+    record["ours_generate_s"] = time.perf_counter() - t0
+    hf_tokens = hf32.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=32,
+                              do_sample=False, pad_token_id=pad_token_for(ours32))
+    hf_tokens = hf_tokens[:, ids.shape[1]:]
+    record["greedy_fp32_cuda_match"] = (tokens.shape == hf_tokens.shape
+                                        and bool(torch.equal(tokens, hf_tokens)))
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in SIZES:
+            for kind in TINY_KINDS:
+                records.append(check(kind, size, Path(tmp) / f"{kind}-{size}"))
+    args.out.write_text(json.dumps({"meta": meta, "results": records}, indent=2))
+    print(json.dumps(meta))
+    print(f"{'kind':<12} {'size':<6} {'bf16':>9} {'pinned':>9} {'flips':>6} {'fp16':>9} "
+          f"{'fp32':>9} {'hf bf16':>9} greedy")
+    for r in records:
+        print(f"{r['kind']:<12} {r['size']:<6} {r['ours_bfloat16_rel_err']:9.2e} "
+              f"{r['ours_bfloat16_pinned_rel_err']:9.2e} {r['bfloat16_flip_share']:6.1%} "
+              f"{r['ours_float16_rel_err']:9.2e} {r['ours_float32_rel_err']:9.2e} "
+              f"{r['transformers_bfloat16_rel_err']:9.2e} {r['greedy_fp32_cuda_match']}")
+
+
+if __name__ == "__main__":
+    main()
