@@ -16,6 +16,7 @@ from moe_core.errors import (
 from moe_core.expert_id import ExpertId
 from moe_core.experts import ExpertExecutor, LocalExperts
 from moe_core.generation import GenerationResult, generate
+from moe_core.known_shapes import known_shapes
 from moe_core.kv_cache import KVCache
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import MoEForCausalLM
@@ -48,6 +49,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "__version__",
     "generate",
+    "known_shapes",
     "load_model",
     "load_tokenizer",
     "parse_dtype",

@@ -18,6 +18,7 @@ from moe_core.architectures import CheckpointLayout, get_architecture
 from moe_core.checkpoint import CheckpointReader
 from moe_core.dtypes import parse_dtype
 from moe_core.errors import CheckpointError, ConfigError
+from moe_core.known_shapes import known_shape_path
 from moe_core.model import MoEForCausalLM
 from moe_core.spec import ModelSpec
 
@@ -29,7 +30,8 @@ _STACKED_EXPERT = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj)$")
 
 
 def resolve_model_path(model: str | Path, weights: bool = True) -> Path:
-    """A local folder for `model`: the path itself, or a hub snapshot when it names a hub repo.
+    """A local folder for `model`: the path itself, a shipped shape (`known_shapes()`, config only),
+    or a hub snapshot when it names a hub repo.
 
     With `weights=False` a hub snapshot holds only the small files (config, tokenizer).
 
@@ -39,6 +41,9 @@ def resolve_model_path(model: str | Path, weights: bool = True) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
+    shape = known_shape_path(str(model))
+    if shape is not None:
+        return shape
     if not _HUB_ID.match(str(model)):
         raise ConfigError(f"{model}: no such model folder")
     try:
@@ -53,7 +58,7 @@ def resolve_model_path(model: str | Path, weights: bool = True) -> Path:
 
 def load_model(model: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, *, dummy: bool = False,
-               seed: int = 0) -> MoEForCausalLM:
+               seed: int = 0, num_layers: int | None = None) -> MoEForCausalLM:
     """Load a supported MoE checkpoint as our own PyTorch model, ready for inference.
 
     Args:
@@ -62,6 +67,8 @@ def load_model(model: str | Path, device: str | torch.device = "cpu",
         dtype: `float32`, `bfloat16` or `float16`; default: the checkpoint's own dtype.
         dummy: Random weights from `config.json` alone (no weight files needed).
         seed: Seed of the dummy weights.
+        num_layers: Keep only the first `num_layers` decoder layers (embedding, final norm and
+            LM head stay): a smaller model of the real shapes, for development and benchmarks.
 
     Raises:
         ConfigError: bad or missing `config.json`.
@@ -71,6 +78,8 @@ def load_model(model: str | Path, device: str | torch.device = "cpu",
     """
     folder = resolve_model_path(model)
     spec = ModelSpec.from_pretrained(folder)
+    if num_layers is not None:
+        spec = spec.truncated(num_layers)
     layout = get_architecture(spec.architecture).layout
     dtype = parse_dtype(dtype if dtype is not None else (spec.torch_dtype or "float32"))
     device = torch.device(device)

@@ -6,7 +6,7 @@ planner can ask "how many bytes is one routed expert in bf16?" before any weight
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -289,6 +289,18 @@ class ModelSpec:
         if not isinstance(config, HFConfig):
             config = HFConfig(dict(config))
         return get_architecture(config.architecture()).spec_from_config(config)
+
+    def truncated(self, num_layers: int) -> ModelSpec:
+        """The same model with only its first `num_layers` decoder layers.
+
+        Raises:
+            ValueError: `num_layers` is not in 1..`self.num_layers`.
+        """
+        if not 1 <= num_layers <= self.num_layers:
+            raise ValueError(f"num_layers must be in 1..{self.num_layers}, got {num_layers}")
+        return replace(self, num_layers=num_layers,
+                       moe_layers=tuple(i for i in self.moe_layers if i < num_layers),
+                       sliding_layers=tuple(i for i in self.sliding_layers if i < num_layers))
 
     # Layers --------------------------------------------------------------------------------
 
