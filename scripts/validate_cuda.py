@@ -16,6 +16,7 @@ Prints a table last; writes the raw numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -25,11 +26,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
-
 from moe_core import load_model
 from moe_core.generation import left_pad, pad_token_for
 from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
+from transformers import AutoModelForCausalLM
 
 # "small" is wide enough that bf16 rounding behaves as in real models (D=512, 16 experts).
 SIZES = {
@@ -136,13 +136,72 @@ def check(kind: str, size: str, folder: Path) -> dict[str, object]:
     return record
 
 
+def to_device(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `model` on `device` in `dtype`, routers kept in float32 where the family does."""
+    moved = copy.deepcopy(model).to(device=device, dtype=dtype)
+    if moved.spec.moe.router.fp32_gate:
+        for block in moved.moe_blocks():
+            block.gate.float()
+    return moved
+
+
+@torch.no_grad()
+def check_shape(name: str, num_layers: int) -> dict[str, object]:
+    """A real model's shapes (dummy weights, first `num_layers` layers): bf16 on the GPU against
+    fp32 on the CPU, same weights."""
+    reference = load_model(name, device="cpu", dtype="float32", dummy=True, num_layers=num_layers)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, reference.spec.vocab_size, (n,), generator=gen).tolist()
+            for n in (64, 37)]
+    ids, mask = left_pad(rows, 0)
+    real = mask.bool()
+    ref_routing = record_routing(reference)
+    ref_logits = reference(ids, attention_mask=mask)[real]
+    model = to_device(reference, "cuda", torch.bfloat16)
+    routing = record_routing(model)
+    logits = model(ids.cuda(), attention_mask=mask.cuda())[real.cuda()]
+    record: dict[str, object] = {"shape": name, "num_layers": num_layers,
+                                 "ours_bfloat16_rel_err": rel(logits, ref_logits),
+                                 "bfloat16_flip_share": flip_share(ref_routing, routing, real)}
+    pin_routing(model, ref_routing)
+    pinned = model(ids.cuda(), attention_mask=mask.cuda())[real.cuda()]
+    record["ours_bfloat16_pinned_rel_err"] = rel(pinned, ref_logits)
+    return record
+
+
+@torch.no_grad()
+def resident_decode(name: str, prompt_tokens: int = 512, new_tokens: int = 64) -> dict[str, object]:
+    """The whole model resident on the GPU (bf16 dummy weights), batch 1: TTFT and time per token
+    through `generate` with the plain local expert executor (a baseline, not tuned)."""
+    model = load_model(name, device="cuda", dtype="bfloat16", dummy=True)
+    ids = torch.randint(3, model.spec.vocab_size, (1, prompt_tokens), device="cuda")
+    model.generate(ids[:, :32], max_new_tokens=4)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1)
+    torch.cuda.synchronize()
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    assert out.shape[1] == new_tokens
+    return {"shape": name, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "ttft_s": ttft, "time_per_output_token_s": (total - ttft) / (new_tokens - 1),
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--commit", default=None, help="Git commit of the code being run.")
+    parser.add_argument("--shapes", action="store_true",
+                        help="Also check real model shapes (dummy weights) and time resident decode.")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True,
+                                           check=False).stdout.strip()
     meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
@@ -151,7 +210,16 @@ def main() -> None:
         for size in SIZES:
             for kind in TINY_KINDS:
                 records.append(check(kind, size, Path(tmp) / f"{kind}-{size}"))
-    args.out.write_text(json.dumps({"meta": meta, "results": records}, indent=2))
+    shape_records: list[dict[str, object]] = []
+    decode_records: list[dict[str, object]] = []
+    if args.shapes:
+        for name, layers in (("mixtral-8x7b", 2), ("qwen3-30b-a3b", 4), ("deepseek-v2-lite", 4),
+                             ("qwen1.5-moe-a2.7b", 4), ("olmoe-1b-7b", 4)):
+            shape_records.append(check_shape(name, layers))
+            torch.cuda.empty_cache()
+        decode_records.append(resident_decode("qwen3-30b-a3b"))
+    args.out.write_text(json.dumps({"meta": meta, "results": records, "shapes": shape_records,
+                                    "resident_decode": decode_records}, indent=2))
     print(json.dumps(meta))
     print(f"{'kind':<12} {'size':<6} {'bf16':>9} {'pinned':>9} {'flips':>6} {'fp16':>9} "
           f"{'fp32':>9} {'hf bf16':>9} greedy")
@@ -160,6 +228,13 @@ def main() -> None:
               f"{r['ours_bfloat16_pinned_rel_err']:9.2e} {r['bfloat16_flip_share']:6.1%} "
               f"{r['ours_float16_rel_err']:9.2e} {r['ours_float32_rel_err']:9.2e} "
               f"{r['transformers_bfloat16_rel_err']:9.2e} {r['greedy_fp32_cuda_match']}")
+    for r in shape_records:
+        print(f"{r['shape']:<18} x{r['num_layers']} layers: bf16 {r['ours_bfloat16_rel_err']:.2e}, "
+              f"pinned {r['ours_bfloat16_pinned_rel_err']:.2e}, flips {r['bfloat16_flip_share']:.1%}")
+    for r in decode_records:
+        print(f"{r['shape']} resident bf16 batch 1: TTFT {r['ttft_s'] * 1e3:.0f} ms, "
+              f"{r['time_per_output_token_s'] * 1e3:.1f} ms/token, "
+              f"peak {r['peak_gpu_bytes'] / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":
