@@ -310,12 +310,42 @@ def test_dummy_weights_come_from_config_alone(pair: Pair, tmp_path: Path) -> Non
 
 
 @pytest.mark.gpu
-def test_bf16_on_cuda_matches_float32_on_cpu(pair: Pair) -> None:
-    model = load_model(pair.folder, device="cuda", dtype="bfloat16")
+def test_float32_on_cuda_matches_the_cpu(pair: Pair) -> None:
+    """The CUDA path computes the same function: float32 on the GPU equals float32 on the CPU."""
+    model = load_model(pair.folder, device="cuda", dtype="float32")
     ids, mask = half_batch()
     with torch.no_grad():
-        got = model(ids.cuda(), attention_mask=mask.cuda()).float().cpu()
+        got = model(ids.cuda(), attention_mask=mask.cuda()).cpu()
         f32 = pair.ours(ids, attention_mask=mask)
-    assert got.isfinite().all()
-    assert per_position_error(got, f32, mask).median() < HALF_PRECISION_MEDIAN_ERROR["bfloat16"]
+    assert relative_error(got, f32, mask) < 1e-5
 
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_is_as_close_as_transformers_bf16(pair: Pair) -> None:
+    """bf16 on the GPU against our float32 CPU logits.
+
+    On random weights two sources of error add up: rounding, and routing flips (a token whose
+    top-k set changes because two router scores were within rounding, which moves its logits by
+    a whole expert). transformers' own bf16 model has the same error on these checkpoints
+    (1-12% relative, measured on the H200; docs/validation.md), so the bound is relative to it:
+    a real bug (a weight in the wrong dtype, a norm in bf16) shows as a larger error than
+    transformers'. With the float32 run's routing pinned, the rounding alone stays under 2.5e-2.
+    """
+    model = load_model(pair.folder, device="cuda", dtype="bfloat16")
+    ids, mask = half_batch()
+    routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for block in pair.ours.moe_blocks():
+        block.observer = lambda layer, e, w: routing.__setitem__(layer, (e.cuda(), w.cuda()))
+    with torch.no_grad():
+        f32 = pair.ours(ids, attention_mask=mask)
+        got = model(ids.cuda(), attention_mask=mask.cuda()).float().cpu()
+        hf = AutoModelForCausalLM.from_pretrained(pair.folder, dtype=torch.bfloat16).cuda().eval()
+        hf_bf16 = hf_logits(hf, ids.cuda(), mask.cuda()).float().cpu()
+        for block in model.moe_blocks():
+            block.gate.forward = lambda h, decided=routing[block.layer]: decided
+        pinned = model(ids.cuda(), attention_mask=mask.cuda()).float().cpu()
+    for block in pair.ours.moe_blocks():
+        block.observer = None
+    assert got.isfinite().all()
+    assert relative_error(got, f32, mask) <= 1.25 * relative_error(hf_bf16, f32, mask) + 2e-3
+    assert relative_error(pinned, f32, mask) < 2.5e-2
