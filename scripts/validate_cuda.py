@@ -62,7 +62,8 @@ def record_routing(model: torch.nn.Module) -> dict[int, tuple[torch.Tensor, torc
     return store
 
 
-def pin_routing(model: torch.nn.Module, store: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def pin_routing(model: torch.nn.Module,
+                store: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Make every router return the recorded decisions instead of its own."""
     for block in model.moe_blocks():
         ids, w = store[block.layer]
@@ -196,7 +197,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--commit", default=None, help="Git commit of the code being run.")
     parser.add_argument("--shapes", action="store_true",
-                        help="Also check real model shapes (dummy weights) and time resident decode.")
+                        help="Also check real model shapes (dummy weights) "
+                             "and time resident decode.")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
@@ -229,8 +231,10 @@ def main() -> None:
               f"{r['ours_float16_rel_err']:9.2e} {r['ours_float32_rel_err']:9.2e} "
               f"{r['transformers_bfloat16_rel_err']:9.2e} {r['greedy_fp32_cuda_match']}")
     for r in shape_records:
-        print(f"{r['shape']:<18} x{r['num_layers']} layers: bf16 {r['ours_bfloat16_rel_err']:.2e}, "
-              f"pinned {r['ours_bfloat16_pinned_rel_err']:.2e}, flips {r['bfloat16_flip_share']:.1%}")
+        print(f"{r['shape']:<18} x{r['num_layers']} layers: "
+              f"bf16 {r['ours_bfloat16_rel_err']:.2e}, "
+              f"pinned {r['ours_bfloat16_pinned_rel_err']:.2e}, "
+              f"flips {r['bfloat16_flip_share']:.1%}")
     for r in decode_records:
         print(f"{r['shape']} resident bf16 batch 1: TTFT {r['ttft_s'] * 1e3:.0f} ms, "
               f"{r['time_per_output_token_s'] * 1e3:.1f} ms/token, "

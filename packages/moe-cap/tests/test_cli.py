@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typer.testing import CliRunner
-
-import moe_core
 import moe_cap
+import moe_core
 from moe_cap.cli import app
+from typer.testing import CliRunner
 
 
 def test_help_lists_commands() -> None:

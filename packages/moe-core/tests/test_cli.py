@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from moe_core.cli import app
 from moe_core.spec import ModelSpec
 from moe_core.tiny_checkpoints import build_tiny_checkpoint
+from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")

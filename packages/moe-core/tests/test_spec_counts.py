@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from moe_core import ModelSpec, load_model
 from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
+from transformers import AutoModelForCausalLM
 
 
 def _transformers_count(folder: Path) -> int:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     # DeepSeek-V3's score bias is a buffer in transformers but a weight of the checkpoint.
-    extra = sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    extra = sum(b.numel() for n, b in model.named_buffers()
+                if n.endswith("e_score_correction_bias"))
     return sum(p.numel() for p in model.parameters()) + extra
 
 

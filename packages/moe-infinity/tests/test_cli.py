@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typer.testing import CliRunner
-
 import moe_core
 import moe_infinity
 from moe_infinity.cli import app
+from typer.testing import CliRunner
 
 
 def test_help_lists_commands() -> None:

@@ -12,7 +12,11 @@ import moe_cap
 
 __all__ = ["app"]
 
-app = typer.Typer(help="moe-cap: cost, accuracy and performance benchmarking of MoE systems.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="moe-cap: cost, accuracy and performance benchmarking of MoE systems.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.callback()

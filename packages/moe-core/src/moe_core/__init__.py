@@ -23,7 +23,7 @@ from moe_core.model import MoEForCausalLM
 from moe_core.moe_block import MoEBlock
 from moe_core.routing import route
 from moe_core.sampling import SamplingParams
-from moe_core.spec import AttentionSpec, MoESpec, ModelSpec, RopeSpec, RouterSpec
+from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpec
 from moe_core.tokenizer import load_tokenizer, render_chat
 
 __version__ = "0.1.0"

@@ -54,7 +54,8 @@ def _print_report(report: dict[str, object]) -> None:
         ("hidden / vocab", f"{report['hidden_size']} / {report['vocab_size']}"),
         ("attention", f"{report['attention']}, {report['num_heads']} heads, "
                       f"{report['num_kv_heads']} kv heads, head dim {report['head_dim']}"
-                      + (f", kv latent {report['kv_lora_rank']}" if report["kv_lora_rank"] else "")),
+                      + (f", kv latent {report['kv_lora_rank']}"
+                         if report["kv_lora_rank"] else "")),
         ("rope", f"theta {report['rope_theta']:g}, scaling {report['rope_scaling']}"),
         ("experts", f"{report['num_experts']} routed, top-{report['top_k']} ({report['router']}), "
                     f"width {report['expert_intermediate_size']}"),
@@ -81,7 +82,8 @@ def _print_report(report: dict[str, object]) -> None:
 
 @app.command()
 def inspect(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id (only config.json is read).")],
+    model: Annotated[str, typer.Argument(
+        help="Checkpoint folder or hub id (only config.json is read).")],
     dtype: Annotated[str, typer.Option(help="Storage dtype for the memory figures.")] = "bfloat16",
     gpu_memory: Annotated[str | None, typer.Option(
         help="GPU memory budget, e.g. 12GiB: say how the model can run within it.")] = None,

@@ -73,7 +73,8 @@ class HFConfig:
         if value is None:
             return default  # type: ignore[return-value]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self.source}: field {names[0]!r} must be an integer, got {value!r}")
+            raise ConfigError(f"{self.source}: field {names[0]!r} must be an integer, "
+                              f"got {value!r}")
         return value
 
     def get_float(self, *names: str, default: float | None = None) -> float:
@@ -89,7 +90,8 @@ class HFConfig:
         """A boolean field with a default."""
         value = self.get(*names, default=default)
         if not isinstance(value, bool):
-            raise ConfigError(f"{self.source}: field {names[0]!r} must be true or false, got {value!r}")
+            raise ConfigError(f"{self.source}: field {names[0]!r} must be true or false, "
+                              f"got {value!r}")
         return value
 
     def architecture(self) -> str:
@@ -99,22 +101,18 @@ class HFConfig:
             raise ConfigError(f"{self.source}: missing field 'architectures'")
         return str(archs[0])
 
-    def rope_parameters(self) -> dict[str, Any]:
-        """Rotary settings merged from every spelling: `rope_theta`, `rope_scaling`, `rope_parameters`.
+    def rope_parameters(self, default_theta: float = 10000.0) -> dict[str, Any]:
+        """Rotary settings from every spelling, as transformers reads them: a non-null
+        `rope_scaling` (the legacy key) wins over `rope_parameters`; a top-level `rope_theta`
+        fills in a missing theta.
 
         The result always has `rope_theta` and `rope_type` (`"default"` when unscaled).
         """
-        merged: dict[str, Any] = {}
-        if self.get("rope_theta") is not None:
-            merged["rope_theta"] = self.get("rope_theta")
-        for key in ("rope_scaling", "rope_parameters"):
-            value = self.get(key)
-            if isinstance(value, dict):
-                merged.update(value)
-        if "type" in merged and "rope_type" not in merged:
-            merged["rope_type"] = merged["type"]
-        merged.setdefault("rope_type", "default")
-        merged.setdefault("rope_theta", 10000.0)
+        scaling = self.get("rope_scaling")
+        params = scaling if isinstance(scaling, dict) else self.get("rope_parameters")
+        merged: dict[str, Any] = dict(params) if isinstance(params, dict) else {}
+        merged.setdefault("rope_theta", self.get("rope_theta", default=default_theta))
+        merged.setdefault("rope_type", merged.get("type", "default"))
         return merged
 
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -34,7 +34,8 @@ class KVCache:
         self.capacity = capacity
         self.device = torch.device(device)
         self.num_slots = 0  # slots written by committed passes
-        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=self.device)  # [B,S]
+        self.valid = torch.zeros(
+            batch_size, capacity, dtype=torch.bool, device=self.device)  # [B,S]
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B]
         self._layers: dict[int, tuple[torch.Tensor, ...]] = {}
 
@@ -56,7 +57,9 @@ class KVCache:
         return grown
 
     def append(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store one layer's new entries (each `[B, T, ...]`) and return all of them `[B, used+T, ...]`.
+        """Store one layer's new entries (each `[B, T, ...]`); return all of them.
+
+        The returned tensors are `[B, used+T, ...]`.
 
         The slots become visible to later passes only after `commit`.
         """
@@ -64,7 +67,8 @@ class KVCache:
         self.reserve(num_new)
         stored = self._layers.get(layer)
         if stored is None:
-            stored = tuple(t.new_zeros((self.batch_size, self.capacity, *t.shape[2:])) for t in tensors)
+            stored = tuple(t.new_zeros((self.batch_size, self.capacity, *t.shape[2:]))
+                           for t in tensors)
             self._layers[layer] = stored
         end = self.num_slots + num_new
         for dst, src in zip(stored, tensors, strict=True):

@@ -49,7 +49,8 @@ def resolve_model_path(model: str | Path, weights: bool = True) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = _HUB_PATTERNS if weights else [p for p in _HUB_PATTERNS if "safetensors" not in p]
+        patterns = (_HUB_PATTERNS if weights
+                    else [p for p in _HUB_PATTERNS if "safetensors" not in p])
         return Path(snapshot_download(repo_id=str(model), allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated: all mean "cannot have it"
         raise ConfigError(f"{model}: not a local folder, and fetching it from the hub failed "

@@ -24,7 +24,10 @@ __all__ = ["route"]
 
 def _limit_to_groups(scores: torch.Tensor, group_scores: torch.Tensor, topk_groups: int,
                      fill: float) -> torch.Tensor:
-    """Set to `fill` the scores `[T, E]` of experts outside each token's best `topk_groups` groups."""
+    """Set to `fill` the scores `[T, E]` of experts outside each token's best groups.
+
+    Each token keeps the experts of its best `topk_groups` groups.
+    """
     t, num_groups = group_scores.shape
     best = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False).indices  # [T, topk_groups]
     group_mask = torch.zeros_like(group_scores).scatter_(1, best, 1)  # [T, N]

@@ -112,7 +112,8 @@ class AttentionSpec:
                 raise ValueError("AttentionSpec: MLA needs kv_lora_rank, qk_nope_head_dim, "
                                  "qk_rope_head_dim")
             if self.head_dim != self.qk_nope_head_dim + self.qk_rope_head_dim:  # type: ignore[operator]
-                raise ValueError("AttentionSpec.head_dim must be qk_nope_head_dim + qk_rope_head_dim")
+                raise ValueError("AttentionSpec.head_dim must be "
+                                 "qk_nope_head_dim + qk_rope_head_dim")
 
     def num_params(self, hidden_size: int) -> int:
         """Weights of one attention layer (projections and norms)."""
@@ -206,9 +207,17 @@ class MoESpec:
         if self.router.top_k > self.num_experts:
             raise ValueError(f"MoESpec: top_k ({self.router.top_k}) exceeds num_experts "
                              f"({self.num_experts})")
-        if self.num_experts % self.router.num_groups:
-            raise ValueError(f"MoESpec: num_groups ({self.router.num_groups}) must divide "
+        router = self.router
+        if self.num_experts % router.num_groups:
+            raise ValueError(f"MoESpec: num_groups ({router.num_groups}) must divide "
                              f"num_experts ({self.num_experts})")
+        per_group = self.num_experts // router.num_groups
+        if router.num_groups > 1 and router.top_k > router.topk_groups * per_group:
+            raise ValueError(f"MoESpec: top_k ({router.top_k}) exceeds the experts of the "
+                             f"{router.topk_groups} groups a token may use ({per_group} each)")
+        if router.method == "noaux_tc" and router.num_groups > 1 and per_group < 2:
+            raise ValueError("MoESpec: noaux_tc scores a group by its two best experts, so "
+                             f"each group needs at least 2 (got {per_group})")
 
 
 @dataclass(frozen=True)

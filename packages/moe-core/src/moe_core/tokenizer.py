@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 
 __all__ = ["load_tokenizer", "render_chat"]
 
+# Files any transformers tokenizer is saved as; without one of them, transformers 5 quietly
+# builds an empty tokenizer from the model type, which would decode everything to nothing.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer stored beside the checkpoint.
@@ -22,6 +26,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ConfigError(f"{path}: no usable tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as exc:

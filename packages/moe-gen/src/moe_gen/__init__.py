@@ -1,4 +1,7 @@
-"""moe-gen: Offline, throughput-first batch generation with module-based batching (after the MoE-Gen paper)."""
+"""moe-gen: Offline, throughput-first batch generation with module-based batching.
+
+After the MoE-Gen paper.
+"""
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,11 @@ import moe_gen
 
 __all__ = ["app"]
 
-app = typer.Typer(help="moe-gen: offline, throughput-first batch generation with module-based batching.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="moe-gen: offline, throughput-first batch generation with module-based batching.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.callback()

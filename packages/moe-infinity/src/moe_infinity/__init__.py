@@ -1,4 +1,7 @@
-"""moe-infinity: Latency-first serving with activation-aware expert offloading (after the MoE-Infinity paper)."""
+"""moe-infinity: Latency-first serving with activation-aware expert offloading.
+
+After the MoE-Infinity paper.
+"""
 
 __version__ = "0.1.0"
 

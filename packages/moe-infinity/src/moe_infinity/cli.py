@@ -12,7 +12,11 @@ import moe_infinity
 
 __all__ = ["app"]
 
-app = typer.Typer(help="moe-infinity: latency-first serving with activation-aware expert offloading.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="moe-infinity: latency-first serving with activation-aware expert offloading.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.callback()

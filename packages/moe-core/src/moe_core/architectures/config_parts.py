@@ -15,7 +15,10 @@ __all__ = ["common_fields", "gqa_attention", "rope", "spec_errors"]
 
 @contextmanager
 def spec_errors(config: HFConfig) -> Iterator[None]:
-    """Report a spec's own validation failure (a `ValueError`) as a `ConfigError` naming the file."""
+    """Report a spec's own validation failure (a `ValueError`) as a `ConfigError`.
+
+    The `ConfigError` names the config file.
+    """
     try:
         yield
     except ConfigError:
@@ -41,13 +44,15 @@ def gqa_attention(config: HFConfig, **overrides: Any) -> AttentionSpec:
     return AttentionSpec(**fields)
 
 
-def rope(config: HFConfig, rotary_dim: int, *, interleaved: bool = False) -> RopeSpec:
-    """Rotary settings from `rope_theta` / `rope_scaling` / `rope_parameters`.
+def rope(config: HFConfig, rotary_dim: int, *, interleaved: bool = False,
+         default_theta: float = 10000.0) -> RopeSpec:
+    """Rotary settings from `rope_theta` / `rope_scaling` / `rope_parameters`; `default_theta`
+    is the family's default when the config names none.
 
     Raises:
         ConfigError: a scaling type we do not implement.
     """
-    params = config.rope_parameters()
+    params = config.rope_parameters(default_theta)
     kind = params["rope_type"]
     if kind not in ("default", "linear", "yarn"):
         raise ConfigError(f"{config.source}: rope scaling {kind!r} is not supported "

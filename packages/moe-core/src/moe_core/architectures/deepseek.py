@@ -13,7 +13,7 @@ from moe_core.architectures.base import Architecture
 from moe_core.architectures.config_parts import common_fields, rope, spec_errors
 from moe_core.errors import ConfigError
 from moe_core.hf_config import HFConfig
-from moe_core.spec import AttentionSpec, MoESpec, ModelSpec, RouterSpec
+from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RouterSpec
 
 __all__ = ["ARCHITECTURES"]
 

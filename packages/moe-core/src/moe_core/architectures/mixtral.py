@@ -6,7 +6,7 @@ from __future__ import annotations
 from moe_core.architectures.base import Architecture, CheckpointLayout
 from moe_core.architectures.config_parts import common_fields, gqa_attention, rope, spec_errors
 from moe_core.hf_config import HFConfig
-from moe_core.spec import MoESpec, ModelSpec, RouterSpec
+from moe_core.spec import ModelSpec, MoESpec, RouterSpec
 
 __all__ = ["ARCHITECTURES"]
 
@@ -26,7 +26,7 @@ def spec_from_config(config: HFConfig) -> ModelSpec:
             moe_layers=tuple(range(num_layers)),
             dense_intermediate_size=config.get_int("intermediate_size"),
             attention=attention,
-            rope=rope(config, attention.head_dim),
+            rope=rope(config, attention.head_dim, default_theta=1e6),  # transformers' default
             moe=moe,
             sliding_layers=sliding,
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from moe_core.architectures.base import Architecture, CheckpointLayout
 from moe_core.architectures.config_parts import common_fields, gqa_attention, rope, spec_errors
 from moe_core.hf_config import HFConfig
-from moe_core.spec import MoESpec, ModelSpec, RouterSpec
+from moe_core.spec import ModelSpec, MoESpec, RouterSpec
 
 __all__ = ["ARCHITECTURES", "qwen_moe_layers"]
 

@@ -28,7 +28,10 @@ _LATENT_NORM_EPS = 1e-6
 
 
 def mla_softmax_scale(attention: AttentionSpec, rope: RopeSpec) -> float:
-    """`head_dim ** -0.5`, times YaRN's `mscale(factor, mscale_all_dim) ** 2` when rope is scaled."""
+    """`head_dim ** -0.5`, times YaRN's `mscale(factor, mscale_all_dim) ** 2`.
+
+    The YaRN factor applies only when rope is scaled.
+    """
     scale = attention.head_dim**-0.5
     if rope.scaling != "default" and rope.mscale_all_dim:
         m = yarn_get_mscale(rope.factor, rope.mscale_all_dim)

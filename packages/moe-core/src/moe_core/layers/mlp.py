@@ -10,7 +10,10 @@ __all__ = ["GatedMLP"]
 
 
 class GatedMLP(nn.Module):
-    """`down(silu(gate(x)) * up(x))`; biases only where a family has them (DeepSeek-V2 `mlp_bias`)."""
+    """`down(silu(gate(x)) * up(x))`.
+
+    Biases only where a family has them (DeepSeek-V2 `mlp_bias`).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()

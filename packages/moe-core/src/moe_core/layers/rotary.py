@@ -38,7 +38,8 @@ def _yarn_inv_freq(spec: RopeSpec, base_freqs: torch.Tensor) -> torch.Tensor:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # the ramp would divide by zero
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    positions = torch.arange(dim // 2, dtype=torch.float32, device="cpu")
+    ramp = torch.clamp((positions - low) / (high - low), 0, 1)
     extrapolation_share = 1 - ramp
     extrapolated = 1.0 / base_freqs
     interpolated = 1.0 / (factor * base_freqs)
@@ -63,7 +64,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, spec: RopeSpec) -> None:
         super().__init__()
         self.spec = spec
-        exponents = torch.arange(0, spec.rotary_dim, 2, dtype=torch.int64, device="cpu").to(torch.float32)
+        exponents = torch.arange(0, spec.rotary_dim, 2, dtype=torch.int64, device="cpu")
+        exponents = exponents.to(torch.float32)
         base_freqs = spec.theta ** (exponents / spec.rotary_dim)  # [R/2]
         if spec.scaling == "yarn":
             inv_freq = _yarn_inv_freq(spec, base_freqs)
@@ -78,7 +80,8 @@ class RotaryEmbedding(nn.Module):
         self.attention_factor = _attention_factor(spec)
 
     @torch.no_grad()
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`cos, sin` of shape `[B, T, R]` in `dtype` for integer `positions` `[B, T]`."""
         inv_freq = self._inv_freq_on.get(positions.device)
         if inv_freq is None:
