@@ -22,6 +22,7 @@ import pytest
 import torch
 from moe_core import MoEForCausalLM, load_model
 from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
+from moe_core.tiny_checkpoints import ragged_batch as tiny_batch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -43,20 +44,8 @@ class Pair:
 
 def ragged_batch(side: str, seed: int = 0, lengths: tuple[int, ...] = LENGTHS,
                  width: int = WIDTH) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids [B, T], attention_mask [B, T])` with rows of `lengths` real tokens.
-
-    The padding slots hold random ids too (not the pad id), so a model that let padding leak into
-    attention, or found padding by its id, would give different logits.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, VOCAB, (len(lengths), width), generator=generator)
-    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=generator)  # filler
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        real = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[row, real] = tokens[row, :n]  # the same prompt whichever the side
-        mask[row, real] = 1
-    return ids, mask
+    """The test batch: rows of `lengths` real tokens, padded on `side` with random filler."""
+    return tiny_batch(lengths, width, side, seed=seed)
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor,

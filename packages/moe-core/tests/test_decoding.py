@@ -12,6 +12,7 @@ import pytest
 import torch
 from moe_core import MoEForCausalLM, load_model
 from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
+from moe_core.tiny_checkpoints import ragged_batch as tiny_batch
 from transformers import AutoModelForCausalLM
 
 VOCAB = 96  # the tiny checkpoints' vocabulary
@@ -28,17 +29,8 @@ DECODING_CASES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def ragged_batch(side: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids [B, T], attention_mask [B, T])`; padding slots hold random ids (not the pad
-    id), and each row's real tokens are the same whichever the side."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, VOCAB, (len(LENGTHS), WIDTH), generator=generator)
-    ids = torch.randint(3, VOCAB, (len(LENGTHS), WIDTH), generator=generator)  # filler
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(LENGTHS):
-        real = slice(WIDTH - n, WIDTH) if side == "left" else slice(0, n)
-        ids[row, real] = tokens[row, :n]  # the same prompt whichever the side
-        mask[row, real] = 1
-    return ids, mask
+    """The test batch: rows of `LENGTHS` real tokens, padded on `side` with random filler."""
+    return tiny_batch(LENGTHS, WIDTH, side, seed=seed)
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:

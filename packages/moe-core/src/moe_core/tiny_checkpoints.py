@@ -12,10 +12,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_KINDS", "build_tiny_checkpoint", "tiny_config"]
+__all__ = ["TINY_KINDS", "TINY_VOCAB", "build_tiny_checkpoint", "ragged_batch", "tiny_config"]
+
+TINY_VOCAB = 96
+"""Vocabulary size of every tiny checkpoint (ids 0-2 are pad, BOS and EOS)."""
 
 _COMMON: dict[str, Any] = {
-    "vocab_size": 96,
+    "vocab_size": TINY_VOCAB,
     "hidden_size": 32,
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
@@ -113,3 +116,25 @@ def build_tiny_checkpoint(kind: str, folder: str | Path, *, seed: int = 0, std: 
     folder = Path(folder)
     model.save_pretrained(folder)
     return folder
+
+
+def ragged_batch(lengths: tuple[int, ...], width: int, side: str = "left", *,
+                 vocab: int = TINY_VOCAB, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids [B, T], attention_mask [B, T])` with rows of `lengths` real tokens in `width`
+    slots, padded on `side` (`"left"` or `"right"`).
+
+    The padding slots hold random ids too (not the pad id), so a model that let padding leak into
+    attention, or found padding by its id, gives different results; each row's real tokens are the
+    same whichever the side. Token ids are drawn from 3..vocab-1 (clear of pad, BOS and EOS).
+    """
+    if side not in ("left", "right") or max(lengths) > width:
+        raise ValueError(f"need side left/right and lengths <= width, got {side}, {lengths}")
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab, (len(lengths), width), generator=generator)
+    ids = torch.randint(3, vocab, (len(lengths), width), generator=generator)  # filler
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        real = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, real] = tokens[row, :n]
+        mask[row, real] = 1
+    return ids, mask
