@@ -57,7 +57,7 @@ class LocalExperts(nn.Module):
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         """See `ExpertExecutor`."""
-        _t, k = expert_ids.shape
+        k = expert_ids.shape[1]
         flat_ids = expert_ids.reshape(-1)  # [T*K]
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()

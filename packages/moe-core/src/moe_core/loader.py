@@ -109,22 +109,33 @@ def _copy_weights(net: MoEForCausalLM, reader: CheckpointReader, layout: Checkpo
     """Copy every parameter of `net` from the checkpoint, checking each shape."""
     params = dict(net.named_parameters())
     wanted: dict[str, tuple[str, int | None]] = {}  # checkpoint name -> (our name, expert)
+    fused: dict[str, list[str]] = {}  # fused checkpoint name -> our stacked names it fills
     for name, param in params.items():
         if _STACKED_EXPERT.search(name):
             per_expert = layout.expert_names(name, param.shape[0])
             if all(key in reader for key in per_expert):
                 wanted.update((key, (name, e)) for e, key in enumerate(per_expert))
             else:
-                _copy_fused_experts(name, param, reader, layout)
+                fused.setdefault(_fused_name(reader, layout, name), []).append(name)
         else:
             wanted[_name_in(reader, layout, name)] = (name, None)
     for key, tensor in reader.read(wanted):
         name, expert = wanted[key]
         target = params[name] if expert is None else params[name][expert]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} has shape "
-                                  f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        _check_shape(reader, key, tensor, target)
         target.copy_(tensor)
+    for key, tensor in reader.read(fused):  # each fused tensor is read once, for gate and up
+        for name in fused[key]:
+            part = _fused_part(tensor, name.rsplit(".", 1)[1])
+            _check_shape(reader, key, part, params[name])
+            params[name].copy_(part)
+
+
+def _check_shape(reader: CheckpointReader, key: str, tensor: torch.Tensor,
+                 target: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} has shape "
+                              f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
 
 
 def _name_in(reader: CheckpointReader, layout: CheckpointLayout, name: str) -> str:
@@ -135,25 +146,29 @@ def _name_in(reader: CheckpointReader, layout: CheckpointLayout, name: str) -> s
     return name if theirs not in reader and name in reader else theirs
 
 
-def _copy_fused_experts(name: str, param: torch.nn.Parameter, reader: CheckpointReader,
-                        layout: CheckpointLayout) -> None:
-    """Experts stored fused (transformers 5's in-memory layout): `experts.gate_up_proj`
-    `[E, 2I, D]` with gate rows first, and `experts.down_proj` `[E, D, I]`."""
+def _fused_name(reader: CheckpointReader, layout: CheckpointLayout, name: str) -> str:
+    """The fused tensor holding our stacked expert tensor `name` (transformers 5's in-memory
+    layout: `experts.gate_up_proj` `[E, 2I, D]`, gate rows first, and `experts.down_proj`).
+
+    Raises:
+        CheckpointError: neither per-expert nor fused tensors are present.
+    """
     prefix, projection = name.rsplit(".", 1)
     fused = _name_in(reader, layout,
                      f"{prefix}.{'down_proj' if projection == 'down_proj' else 'gate_up_proj'}")
     if fused not in reader:
-        missing = layout.expert_names(name, param.shape[0])[0]
+        missing = layout.expert_names(name, 1)[0]
         raise CheckpointError(f"{reader.folder}: tensor {missing!r} not found in the checkpoint "
                               f"(nor a fused {fused!r})")
-    [(_, tensor)] = list(reader.read([fused]))
-    if projection != "down_proj":
-        half = tensor.shape[1] // 2
-        tensor = tensor[:, :half] if projection == "gate_proj" else tensor[:, half:]
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise CheckpointError(f"{reader.file_of(fused)}: tensor {fused!r} gives {projection} of "
-                              f"shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-    param.copy_(tensor)
+    return fused
+
+
+def _fused_part(tensor: torch.Tensor, projection: str) -> torch.Tensor:
+    """Our `projection` out of a fused expert tensor."""
+    if projection == "down_proj":
+        return tensor
+    half = tensor.shape[1] // 2
+    return tensor[:, :half] if projection == "gate_proj" else tensor[:, half:]
 
 
 def _init_dummy(net: MoEForCausalLM, seed: int) -> None:
