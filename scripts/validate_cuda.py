@@ -28,7 +28,7 @@ import torch
 import transformers
 from moe_core import load_model
 from moe_core.generation import left_pad, pad_token_for
-from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
+from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM
 
 # "small" is wide enough that bf16 rounding behaves as in real models (D=512, 16 experts).
@@ -95,16 +95,22 @@ def check(kind: str, size: str, folder: Path) -> dict[str, object]:
         overrides.update(SMALL_KIND_OVERRIDES[kind])
     std = 0.15 if size == "tiny" else 0.02
     build_tiny_checkpoint(kind, folder, seed=1, std=std, **overrides)
-    reference = load_model(folder, device="cpu", dtype="float32")
-    vocab = reference.spec.vocab_size
+    vocab = tiny_config(kind, **overrides).vocab_size
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (48, 40, 33, 25)]
+    return {"kind": kind, "size": size, **compare_dtypes(folder, rows)}
+
+
+@torch.no_grad()
+def compare_dtypes(folder: Path, rows: list[list[int]]) -> dict[str, object]:
+    """bf16/fp16/fp32 on the GPU and transformers' bf16 against our fp32 CPU logits, and fp32
+    greedy generation against transformers', for prompts `rows`."""
+    reference = load_model(folder, device="cpu", dtype="float32")
     ids, mask = left_pad(rows, 0)
     real = mask.bool()
     ref_routing = record_routing(reference)
     ref_logits = reference(ids, attention_mask=mask)[real]
-    record: dict[str, object] = {"kind": kind, "size": size,
-                                 "params": reference.spec.total_params}
+    record: dict[str, object] = {"params": reference.spec.total_params}
     for dtype in ("bfloat16", "float16", "float32"):
         model = load_model(folder, device="cuda", dtype=dtype)
         routing = record_routing(model)
@@ -192,10 +198,24 @@ def resident_decode(name: str, prompt_tokens: int = 512, new_tokens: int = 64) -
             "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
 
 
+def trained_rows(data_dir: Path, per_domain: int = 2, length: int = 64) -> list[list[int]]:
+    """Held-out text windows of every domain of a tiny-model data folder (real routing)."""
+    import numpy as np
+
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    rows = []
+    for domain in manifest["domains"]:
+        tokens = np.load(data_dir / f"{domain}.heldout.npy")
+        rows += [tokens[i * length : (i + 1) * length - 7 * i].tolist() for i in range(per_domain)]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--commit", default=None, help="Git commit of the code being run.")
+    parser.add_argument("--trained", type=Path, nargs=2, metavar=("MODEL", "DATA"),
+                        help="Only check a trained checkpoint on held-out text of its data folder.")
     parser.add_argument("--shapes", action="store_true",
                         help="Also check real model shapes (dummy weights) "
                              "and time resident decode.")
@@ -207,6 +227,11 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
+    if args.trained:
+        record = compare_dtypes(args.trained[0], trained_rows(args.trained[1]))
+        args.out.write_text(json.dumps({"meta": meta, "trained": record}, indent=2))
+        print(json.dumps(record))
+        return
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in SIZES:

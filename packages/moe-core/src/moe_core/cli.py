@@ -28,6 +28,12 @@ app = typer.Typer(help="moe-core: inspect and run mixture-of-experts checkpoints
 _err = Console(stderr=True)
 
 
+def _add_training_commands() -> None:
+    from moe_core.tiny_training.cli import train_app
+
+    app.add_typer(train_app, name="train-tiny")
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a user mistake (a `MoECoreError` or `ValueError`) into one line on stderr, exit 1."""
@@ -179,3 +185,6 @@ def verify(
                         f"{report.new_tokens} new tokens x {report.batch} prompts")
     if not report.passed:
         raise typer.Exit(1)
+
+
+_add_training_commands()

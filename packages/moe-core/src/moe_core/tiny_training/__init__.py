@@ -1,0 +1,1 @@
+"""The recipe of the embedded tiny MoE: corpus, tokenizer, training and evaluation."""
