@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from moe_core.embedded_model import TINY_MODEL_NAME
 from moe_core.errors import MoECoreError
 from moe_core.loader import resolve_model_path
 from moe_core.sizes import format_bytes, parse_bytes
@@ -89,7 +90,8 @@ def _print_report(report: dict[str, object]) -> None:
 @app.command()
 def inspect(
     model: Annotated[str, typer.Argument(
-        help="Checkpoint folder or hub id (only config.json is read).")],
+        help="Checkpoint folder, hub id, known shape (e.g. qwen3-30b-a3b) or tiny-moe (the "
+             "embedded model); only config.json is read.")] = TINY_MODEL_NAME,
     dtype: Annotated[str, typer.Option(help="Storage dtype for the memory figures.")] = "bfloat16",
     gpu_memory: Annotated[str | None, typer.Option(
         help="GPU memory budget, e.g. 12GiB: say how the model can run within it.")] = None,
@@ -110,7 +112,9 @@ def inspect(
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
+    model: Annotated[str, typer.Argument(
+        help="Checkpoint folder, hub id, or tiny-moe (the embedded model).")] = TINY_MODEL_NAME,
+    *,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeatable).")],
     max_new_tokens: Annotated[int, typer.Option(min=0)] = 64,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
@@ -161,7 +165,8 @@ def make_tiny(
 
 @app.command()
 def verify(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
+    model: Annotated[str, typer.Argument(
+        help="Checkpoint folder, hub id, or tiny-moe (the embedded model).")] = TINY_MODEL_NAME,
     batch: Annotated[int, typer.Option(min=1)] = 3,
     prompt_tokens: Annotated[int, typer.Option(min=1)] = 16,
     new_tokens: Annotated[int, typer.Option(min=1)] = 16,

@@ -17,6 +17,7 @@ import torch
 from moe_core.architectures import CheckpointLayout, get_architecture
 from moe_core.checkpoint import CheckpointReader
 from moe_core.dtypes import parse_dtype
+from moe_core.embedded_model import TINY_MODEL_NAME, tiny_model_path
 from moe_core.errors import CheckpointError, ConfigError
 from moe_core.known_shapes import known_shape_path
 from moe_core.model import MoEForCausalLM
@@ -30,14 +31,16 @@ _STACKED_EXPERT = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj)$")
 
 
 def resolve_model_path(model: str | Path, weights: bool = True) -> Path:
-    """A local folder for `model`: the path itself, a shipped shape (`known_shapes()`, config only),
-    or a hub snapshot when it names a hub repo.
+    """A local folder for `model`: the embedded model (`"tiny-moe"`), the path itself, a shipped
+    shape (`known_shapes()`, config only), or a hub snapshot when it names a hub repo.
 
     With `weights=False` a hub snapshot holds only the small files (config, tokenizer).
 
     Raises:
         ConfigError: neither a local folder nor a reachable hub repository.
     """
+    if str(model) == TINY_MODEL_NAME:
+        return tiny_model_path()
     path = Path(model).expanduser()
     if path.exists():
         return path

@@ -74,3 +74,25 @@ def fit(
         log = train_tiny_model(data, out, train_config=config, device=device, progress=_log)
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "tokens_seen",
                                           "parameters", "device", "stopped_early")}))
+
+
+@train_app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Trained checkpoint folder.")],
+    data: Annotated[Path, typer.Option(help="Data folder from `prepare` (held-out splits).")],
+    out: Annotated[Path, typer.Option(help="Folder for evaluation.json and routing.png.")],
+    seq_len: Annotated[int, typer.Option(min=8)] = 512,
+    max_tokens_per_domain: Annotated[int, typer.Option(min=1)] = 32_768,
+) -> None:
+    """Held-out perplexity per domain against a unigram baseline, routing per domain (heat map,
+    Jensen-Shannon divergence) and sample generations."""
+    from moe_core.cli import user_errors
+    from moe_core.tiny_training.evaluation import EvaluationConfig, evaluate_tiny_model
+
+    with user_errors():
+        report = evaluate_tiny_model(model, data, out, config=EvaluationConfig(
+            seq_len=seq_len, max_tokens_per_domain=max_tokens_per_domain))
+    summary = {d: {k: round(v, 3) for k, v in r.items() if k != "tokens"}
+               for d, r in report["per_domain"].items()}  # type: ignore[union-attr]
+    print(json.dumps({"per_domain": summary,
+                      "mean_js": report["routing"]["mean_js"]}))  # type: ignore[index]
