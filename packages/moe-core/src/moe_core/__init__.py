@@ -7,6 +7,7 @@ experts into its MoE blocks (`ExpertExecutor`).
 
 from moe_core.architectures import supported_architectures
 from moe_core.dtypes import DtypeError, parse_dtype
+from moe_core.embedded_model import TINY_MODEL_NAME, tiny_model_path
 from moe_core.errors import (
     CheckpointError,
     ConfigError,
@@ -23,12 +24,14 @@ from moe_core.model import MoEForCausalLM
 from moe_core.moe_block import MoEBlock
 from moe_core.routing import route
 from moe_core.sampling import SamplingParams
+from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpec
 from moe_core.tokenizer import load_tokenizer, render_chat
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TINY_MODEL_NAME",
     "AttentionSpec",
     "CheckpointError",
     "ConfigError",
@@ -48,13 +51,16 @@ __all__ = [
     "SamplingParams",
     "UnsupportedArchitectureError",
     "__version__",
+    "format_bytes",
     "generate",
     "known_shapes",
     "load_model",
     "load_tokenizer",
+    "parse_bytes",
     "parse_dtype",
     "render_chat",
     "resolve_model_path",
     "route",
     "supported_architectures",
+    "tiny_model_path",
 ]
