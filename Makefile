@@ -2,7 +2,6 @@
 # Needs only Python 3.11+ and make: uv is used from PATH, or installed into .tools/ on first use.
 
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
-TINY := .cache/tiny-mixtral
 
 .PHONY: setup run test lint clean
 
@@ -13,12 +12,14 @@ TINY := .cache/tiny-mixtral
 setup: $(if $(filter .tools/bin/uv,$(UV)),.tools/bin/uv)
 	$(UV) sync --all-packages --locked
 
-# The main job. Until the embedded tiny model lands (issue #3) it builds a tiny random Mixtral
-# checkpoint with transformers, shows its plan, and checks our runtime against transformers on it.
+# The main job on the embedded tiny MoE (the default model of every command): its plan for a
+# small GPU budget, a check against transformers, and generations from a story, a chat turn and
+# code. (moe-gen's batch job takes this over once it lands.)
 run: setup
-	$(UV) run moe-core make-tiny mixtral $(TINY)
-	$(UV) run moe-core inspect $(TINY) --gpu-memory 64KiB
-	$(UV) run moe-core verify $(TINY)
+	$(UV) run moe-core inspect --gpu-memory 16MiB
+	$(UV) run moe-core verify
+	$(UV) run moe-core generate --max-new-tokens 48 -p "Once upon a time, there was a little fox who" -p "def fibonacci(n):"
+	$(UV) run moe-core generate --chat --max-new-tokens 64 -p "Tom has 3 apples and buys 5 more. How many apples does he have now?"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(UV) run pytest

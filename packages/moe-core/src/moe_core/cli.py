@@ -145,7 +145,8 @@ def generate(
             print(json.dumps({"prompt": text_prompt, "text": text, "new_tokens": len(ids),
                               "finish_reason": result.finish_reasons[i]}))
         else:
-            print(f"{text_prompt}{text}")
+            # Plain prompts are continued; chat prompts are answered, so show the two turns.
+            print(f"user: {text_prompt}\nassistant: {text}" if chat else f"{text_prompt}{text}")
 
 
 @app.command("make-tiny")
