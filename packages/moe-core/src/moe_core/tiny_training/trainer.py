@@ -161,8 +161,8 @@ def train_tiny_model(data_dir: str | Path, out_dir: str | Path, *,
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
         optimizer.step()
         if step % train_config.log_every == 0 or step == train_config.steps - 1:
-            aux = float(out.aux_loss)
-            lm = float(out.loss) - model_config.router_aux_loss_coef * aux
+            aux = float(out.aux_loss.detach())
+            lm = float(out.loss.detach()) - model_config.router_aux_loss_coef * aux
             elapsed = time.perf_counter() - start
             tokens = (step + 1) * train_config.batch_size * train_config.seq_len
             curve.append({"step": step, "lm_loss": lm, "aux_loss": aux, "elapsed_s": elapsed,
