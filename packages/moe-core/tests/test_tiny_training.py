@@ -3,21 +3,21 @@ a few seeded training steps, and a checkpoint both transformers and we load iden
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
-
 from moe_core import load_model, load_tokenizer, render_chat
 from moe_core.cli import app
 from moe_core.tiny_training.corpus import DOMAINS, read_corpus
 from moe_core.tiny_training.dataset import TokenData, WindowSampler, write_token_data
 from moe_core.tiny_training.tokenizer_training import train_tokenizer
 from moe_core.tiny_training.trainer import TinyModelConfig, TrainConfig, train_tiny_model
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 TOY_MODEL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                             head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=16,
@@ -118,7 +118,7 @@ def test_learning_rate_schedule() -> None:
     assert config.lr_at(9) == pytest.approx(1e-3)
     assert config.lr_at(99) == pytest.approx(1e-4, rel=0.01)
     lrs = [config.lr_at(s) for s in range(10, 100)]
-    assert all(x >= y for x, y in zip(lrs, lrs[1:], strict=False))
+    assert all(x >= y for x, y in itertools.pairwise(lrs))
 
 
 def test_prepare_command(tmp_path: Path) -> None:

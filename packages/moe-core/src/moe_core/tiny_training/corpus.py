@@ -121,6 +121,8 @@ def _code(stdlib: Path, max_chars: int, heldout_share: float) -> tuple[list[str]
         elif used < max_chars:
             train.append(text)
             used += len(text)
+    if not heldout and len(train) > 1:  # a small tree where no path hashed into the held-out share
+        heldout.append(train.pop())
     return train, heldout
 
 
