@@ -1,5 +1,92 @@
-"""moe-cap: Cost, accuracy and performance benchmarking of MoE systems (after the MoE-CAP paper)."""
+"""moe-cap: cost, accuracy and performance benchmarking of MoE systems (after the MoE-CAP paper,
+arXiv:2412.07067), with its metrics corrected: top-k experts per token, exact attention FLOPs,
+KV reads at the cache's dtype, dense peaks, time-weighted aggregates and a cost model that
+includes the host.
+
+The public surface: count a step's bytes and FLOPs (`step_cost`), the experts it activates
+(`expected_distinct_experts`, `activated_experts`), the utilisation of measured steps
+(`utilisation`, `summarise`), the hardware it runs on (`load_hardware_table`, `detect_gpu`), the
+bounds it cannot beat (`step_bounds`, `metrics_sweep`), and what a run cost (`RunRecord`,
+`price_run`).
+"""
+
+from moe_cap.activated_experts import (
+    ActivatedExperts,
+    activated_experts,
+    count_distinct_experts,
+    expected_distinct_experts,
+)
+from moe_cap.cost import CostConfig, CostReport, EnergyUse, price_run
+from moe_cap.detect import DeviceProperties, detect_gpu, local_device_properties
+from moe_cap.energy import NvmlEnergyMeter
+from moe_cap.errors import HardwareError, MoECapError, RunRecordError
+from moe_cap.hardware import (
+    CpuSpec,
+    DramSpec,
+    GpuSpec,
+    HardwareTable,
+    MeasuredPeaks,
+    load_hardware_table,
+)
+from moe_cap.precision import bits_per_element, parse_precision, storage_bytes
+from moe_cap.roofline import MetricsRow, StepBounds, host_expert_share, metrics_sweep, step_bounds
+from moe_cap.run_record import RunRecord, StepRecord
+from moe_cap.step_cost import Chunk, StepCost, decode_batch, prefill_batch, step_cost
+from moe_cap.utilisation import (
+    PeakRates,
+    StepSample,
+    Utilisation,
+    UtilisationSummary,
+    run_samples,
+    summarise,
+    utilisation,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "ActivatedExperts",
+    "Chunk",
+    "CostConfig",
+    "CostReport",
+    "CpuSpec",
+    "DeviceProperties",
+    "DramSpec",
+    "EnergyUse",
+    "GpuSpec",
+    "HardwareError",
+    "HardwareTable",
+    "MeasuredPeaks",
+    "MetricsRow",
+    "MoECapError",
+    "NvmlEnergyMeter",
+    "PeakRates",
+    "RunRecord",
+    "RunRecordError",
+    "StepBounds",
+    "StepCost",
+    "StepRecord",
+    "StepSample",
+    "Utilisation",
+    "UtilisationSummary",
+    "__version__",
+    "activated_experts",
+    "bits_per_element",
+    "count_distinct_experts",
+    "decode_batch",
+    "detect_gpu",
+    "expected_distinct_experts",
+    "host_expert_share",
+    "load_hardware_table",
+    "local_device_properties",
+    "metrics_sweep",
+    "parse_precision",
+    "prefill_batch",
+    "price_run",
+    "run_samples",
+    "step_bounds",
+    "step_cost",
+    "storage_bytes",
+    "summarise",
+    "utilisation",
+]
