@@ -122,6 +122,20 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) -> torc
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), fused=fused)
 
 
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+          device: str, grad_clip: float) -> Any:
+    """One optimizer step on `batch` `[B, L+1]` (bf16 autocast on CUDA); returns the output."""
+    batch = batch.to(device, non_blocking=True)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                        enabled=torch.device(device).type == "cuda"):
+        out = model(input_ids=batch, labels=batch, output_router_logits=True)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return out
+
+
 def train_tiny_model(data_dir: str | Path, out_dir: str | Path, *,
                      model_config: TinyModelConfig = TinyModelConfig(),
                      train_config: TrainConfig = TrainConfig(), device: str = "cuda",
@@ -152,14 +166,7 @@ def train_tiny_model(data_dir: str | Path, out_dir: str | Path, *,
     for step in range(train_config.steps):
         for group in optimizer.param_groups:
             group["lr"] = train_config.lr_at(step)
-        batch = sampler.batch().to(device, non_blocking=True)  # [B, L+1]
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=on_cuda):
-            out = model(input_ids=batch, labels=batch, output_router_logits=True)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
+        out = _step(model, optimizer, sampler.batch(), device, train_config.grad_clip)
         if step % train_config.log_every == 0 or step == train_config.steps - 1:
             aux = float(out.aux_loss.detach())
             lm = float(out.loss.detach()) - model_config.router_aux_loss_coef * aux
@@ -217,13 +224,7 @@ def measure_step_seconds(data_dir: str | Path, *, model_config: TinyModelConfig 
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        batch = sampler.batch().to(device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=on_cuda):
-            out = model(input_ids=batch, labels=batch, output_router_logits=True)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+        _step(model, optimizer, sampler.batch(), device, train_config.grad_clip)
         if on_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
