@@ -1,0 +1,77 @@
+"""The device tier of the expert store: equal-size slots carved from one device allocation.
+
+Dimension key: S slots, N = 3 * I * D block elements, D hidden, I expert width.
+
+One allocation `[S * N]` rather than one per slot: the caching allocator never fragments it, its
+size is exactly what the GPU memory budget grants, and any slot can hold any expert of any layer
+(every block has the same layout). Which expert is in which slot is the `ResidencyTable`'s job.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_core.offload.layout import ExpertLayout
+from moe_core.sizes import format_bytes
+
+__all__ = ["GpuSlotPool"]
+
+
+class GpuSlotPool:
+    """`num_slots` expert blocks in one tensor on `device` (CPU works too, for CI).
+
+    Attributes:
+        layout: The block layout of every slot.
+        num_slots: S.
+        device: Where the slots live.
+        storage: The single allocation `[S * N]`.
+    """
+
+    def __init__(self, layout: ExpertLayout, num_slots: int,
+                 device: str | torch.device = "cuda") -> None:
+        """Allocate `num_slots` slots (uninitialised).
+
+        Raises:
+            ValueError: `num_slots` is not positive.
+        """
+        if num_slots <= 0:
+            raise ValueError(f"GpuSlotPool: num_slots must be positive, got {num_slots}")
+        self.layout = layout
+        self.num_slots = num_slots
+        self.device = torch.device(device)
+        self.storage = torch.empty(num_slots * layout.numel, dtype=layout.dtype,
+                                   device=self.device)  # [S * N]
+
+    @classmethod
+    def for_budget(cls, layout: ExpertLayout, budget_bytes: int,
+                   device: str | torch.device = "cuda",
+                   max_slots: int | None = None) -> GpuSlotPool:
+        """As many slots as `budget_bytes` holds (at most `max_slots`, e.g. every expert).
+
+        Raises:
+            ValueError: the budget cannot hold a single expert block.
+        """
+        num_slots = budget_bytes // layout.nbytes
+        if max_slots is not None:
+            num_slots = min(num_slots, max_slots)
+        if num_slots < 1:
+            raise ValueError(f"a GPU expert budget of {format_bytes(budget_bytes)} "
+                             f"({budget_bytes} bytes) cannot hold one expert block of "
+                             f"{format_bytes(layout.nbytes)} ({layout.nbytes} bytes)")
+        return cls(layout, num_slots, device)
+
+    def slot(self, index: int) -> torch.Tensor:
+        """The 1-D block `[N]` of slot `index` (a view of `storage`)."""
+        if not 0 <= index < self.num_slots:
+            raise IndexError(f"slot {index} out of range 0..{self.num_slots - 1}")
+        n = self.layout.numel
+        return self.storage[index * n : (index + 1) * n]
+
+    def weights(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(gate [I, D], up [I, D], down [D, I])` views of slot `index`."""
+        return self.layout.views(self.slot(index))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole pool."""
+        return self.num_slots * self.layout.nbytes

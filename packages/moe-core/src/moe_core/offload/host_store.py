@@ -1,0 +1,191 @@
+"""The host tier of the expert store: every routed expert packed as one block, one arena per layer.
+
+Dimension key: E experts per layer, D hidden, I expert width, N = 3 * I * D block elements.
+
+Each MoE layer's experts live in one arena `[E * N]` (one allocation), expert `e` at
+`[e * N, (e + 1) * N)`, laid out by `ExpertLayout` (gate | up | down). One allocation per layer,
+not one per tensor, because pinning is slow per call and the pinned page count is what matters;
+pinned because pageable host memory crosses PCIe at ~6 GB/s instead of ~55 (DESIGN.md).
+
+Note on pinned sizes: torch's caching host allocator rounds pinned requests up to a power of two
+below its `pinned_max_round_threshold`; large arenas are allocated at their exact size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from moe_core.architectures import get_architecture
+from moe_core.checkpoint import CheckpointReader
+from moe_core.dtypes import parse_dtype
+from moe_core.errors import CheckpointError
+from moe_core.expert_id import ExpertId
+from moe_core.model import MoEForCausalLM
+from moe_core.offload.layout import ExpertLayout
+from moe_core.spec import ModelSpec
+
+__all__ = ["HostExpertStore"]
+
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class HostExpertStore:
+    """Every routed expert of every MoE layer, one contiguous block each, in host memory.
+
+    Build with `from_model` (a model whose experts are in host memory or on a GPU) or
+    `from_checkpoint` (straight from safetensors, so no model ever holds the experts).
+
+    Attributes:
+        layout: The block layout shared by every expert.
+        moe_layers: Decoder-layer indices of the MoE layers, in order.
+        num_experts: Routed experts per MoE layer.
+    """
+
+    def __init__(self, layout: ExpertLayout, arenas: dict[int, torch.Tensor],
+                 num_experts: int) -> None:
+        """Wrap ready arenas; use the `empty`/`from_*` constructors instead.
+
+        Args:
+            layout: Block layout.
+            arenas: Decoder-layer index -> 1-D arena `[E * N]` of `layout.dtype`.
+            num_experts: E.
+        """
+        for layer, arena in arenas.items():
+            if arena.dim() != 1 or arena.numel() != num_experts * layout.numel:
+                raise ValueError(f"arena of layer {layer} has shape {tuple(arena.shape)}, "
+                                 f"expected ({num_experts * layout.numel},)")
+            if arena.dtype != layout.dtype or arena.device.type != "cpu":
+                raise ValueError(f"arena of layer {layer} must be a {layout.dtype} host tensor")
+        self.layout = layout
+        self.num_experts = num_experts
+        self.moe_layers: tuple[int, ...] = tuple(sorted(arenas))
+        self._arenas = arenas
+
+    # Construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def empty(cls, layout: ExpertLayout, moe_layers: Iterable[int], num_experts: int,
+              pin: bool | None = None) -> HostExpertStore:
+        """Uninitialised arenas for `moe_layers`, pinned when `pin` (default: CUDA is available).
+
+        `pin=True` without CUDA falls back to pageable memory (`is_pinned` tells which).
+        """
+        pinned = _should_pin(pin)
+        arenas = {layer: torch.empty(num_experts * layout.numel, dtype=layout.dtype,
+                                     pin_memory=pinned)  # [E * N]
+                  for layer in moe_layers}
+        return cls(layout, arenas, num_experts)
+
+    @classmethod
+    def from_model(cls, model: MoEForCausalLM, dtype: torch.dtype | None = None,
+                   pin: bool | None = None) -> HostExpertStore:
+        """Pack the routed experts of every MoE block of `model` (on any device).
+
+        Args:
+            model: A loaded model; each block's `experts` (`LocalExperts`) is read.
+            dtype: Storage dtype; default: the experts' own dtype.
+            pin: Pin the arenas; default: when CUDA is available.
+        """
+        blocks = model.moe_blocks()
+        if not blocks:
+            raise ValueError("the model has no MoE layers")
+        experts = blocks[0].experts
+        num_experts, inter, hidden = experts.gate_proj.shape
+        layout = ExpertLayout(hidden, inter, dtype or experts.gate_proj.dtype)
+        store = cls.empty(layout, (b.layer for b in blocks), num_experts, pin)
+        with torch.no_grad():
+            for block in blocks:
+                local = block.experts
+                for e in range(num_experts):
+                    layout.pack(local.gate_proj[e], local.up_proj[e], local.down_proj[e],
+                                store.block(ExpertId(block.layer, e)))
+        return store
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path, dtype: str | torch.dtype | None = None,
+                        pin: bool | None = None,
+                        num_layers: int | None = None) -> HostExpertStore:
+        """Pack the routed experts straight from a safetensors checkpoint (per-expert tensors).
+
+        Tensors are read one shard at a time through memory maps, so peak host memory is the
+        store plus one tensor in flight, whatever the model size.
+
+        Args:
+            folder: Checkpoint folder (config.json plus safetensors shards).
+            dtype: Storage dtype; default: the checkpoint's dtype (float32 if it names none).
+            pin: Pin the arenas; default: when CUDA is available.
+            num_layers: Keep only the MoE layers among the first `num_layers` decoder layers.
+
+        Raises:
+            CheckpointError: a missing expert tensor or one of the wrong shape.
+        """
+        folder = Path(folder)
+        spec = ModelSpec.from_pretrained(folder)
+        if num_layers is not None:
+            spec = spec.truncated(num_layers)
+        if not spec.moe_layers:
+            raise ValueError(f"{folder}: the model has no MoE layers")
+        names = get_architecture(spec.architecture).layout
+        dtype = parse_dtype(dtype if dtype is not None else (spec.torch_dtype or "float32"))
+        layout = ExpertLayout(spec.hidden_size, spec.moe.expert_intermediate_size, dtype)
+        num_experts = spec.moe.num_experts
+        store = cls.empty(layout, spec.moe_layers, num_experts, pin)
+        reader = CheckpointReader.open(folder)
+        wanted: dict[str, tuple[ExpertId, int]] = {}  # checkpoint name -> (expert, projection)
+        for layer in spec.moe_layers:
+            for p, projection in enumerate(_PROJECTIONS):
+                stacked = f"model.layers.{layer}.mlp.experts.{projection}"
+                for e, key in enumerate(names.expert_names(stacked, num_experts)):
+                    wanted[key] = (ExpertId(layer, e), p)
+        for key, tensor in reader.read(wanted):
+            expert, p = wanted[key]
+            target = layout.views(store.block(expert))[p]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} has shape "
+                                      f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            target.copy_(tensor)
+        return store
+
+    # Queries --------------------------------------------------------------------------------
+
+    def arena(self, layer: int) -> torch.Tensor:
+        """The 1-D arena `[E * N]` of MoE layer `layer` (a decoder-layer index)."""
+        try:
+            return self._arenas[layer]
+        except KeyError:
+            raise KeyError(f"layer {layer} is not a MoE layer of this store "
+                           f"(MoE layers: {self.moe_layers})") from None
+
+    def block(self, expert: ExpertId) -> torch.Tensor:
+        """The 1-D block `[N]` of `expert` (a view into its layer's arena)."""
+        if not 0 <= expert.expert < self.num_experts:
+            raise KeyError(f"{expert}: expert index out of range 0..{self.num_experts - 1}")
+        n = self.layout.numel
+        return self.arena(expert.layer)[expert.expert * n : (expert.expert + 1) * n]
+
+    def weights(self, expert: ExpertId) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(gate [I, D], up [I, D], down [D, I])` views of `expert`'s block."""
+        return self.layout.views(self.block(expert))
+
+    def experts(self) -> list[ExpertId]:
+        """Every expert of the store, layer by layer."""
+        return [ExpertId(layer, e) for layer in self.moe_layers for e in range(self.num_experts)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all arenas."""
+        return sum(a.numel() * a.element_size() for a in self._arenas.values())
+
+    @property
+    def is_pinned(self) -> bool:
+        """Whether every arena is in page-locked memory."""
+        return bool(self._arenas) and all(a.is_pinned() for a in self._arenas.values())
+
+
+def _should_pin(pin: bool | None) -> bool:
+    """Pin when asked (default: when CUDA is available), and only where CUDA can pin."""
+    available = torch.cuda.is_available()
+    return available if pin is None else (pin and available)

@@ -1,0 +1,132 @@
+"""The CUDA copy engine and the pinned store on a GPU (marked `gpu`; skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moe_core import ExpertId, tiny_model_path
+from moe_core.offload.copy_engine import CopyEngine, CopyLane
+from moe_core.offload.copy_engines import make_copy_engine
+from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.layout import ExpertLayout
+
+pytestmark = pytest.mark.gpu
+
+BIG = ExpertLayout(hidden_size=4096, intermediate_size=2048, dtype=torch.bfloat16)  # 48 MiB
+
+
+@pytest.fixture(scope="module")
+def cupy():  # type: ignore[no-untyped-def]
+    return pytest.importorskip("cupy")
+
+
+@pytest.fixture()
+def engine(cupy):  # type: ignore[no-untyped-def]
+    from moe_core.offload.cuda_copy_engine import CudaCopyEngine
+
+    engine = CudaCopyEngine("cuda", prefetch_window=1)
+    yield engine
+    engine.close()
+
+
+def pinned_sources(n: int, layout: ExpertLayout = BIG) -> HostExpertStore:
+    store = HostExpertStore.empty(layout, [0], num_experts=n, pin=True)
+    for e in range(n):
+        store.block(ExpertId(0, e)).copy_(torch.arange(layout.numel) % 251 + e)
+    return store
+
+
+def poisoned_pool(n: int, layout: ExpertLayout = BIG) -> GpuSlotPool:
+    pool = GpuSlotPool(layout, n, device="cuda")
+    pool.storage.fill_(float("nan"))
+    torch.cuda.synchronize()  # the copy streams do not wait for the fill on the current stream
+    return pool
+
+
+def test_pinned_store_is_pinned_and_matches_the_unpinned_one() -> None:
+    pinned = HostExpertStore.from_checkpoint(tiny_model_path())
+    assert pinned.is_pinned
+    pageable = HostExpertStore.from_checkpoint(tiny_model_path(), pin=False)
+    assert not pageable.is_pinned
+    assert all(torch.equal(pinned.block(e), pageable.block(e)) for e in pinned.experts())
+
+
+def test_factory_gives_the_cuda_engine(cupy) -> None:  # type: ignore[no-untyped-def]
+    from moe_core.offload.cuda_copy_engine import CudaCopyEngine
+
+    engine = make_copy_engine("cuda")
+    assert isinstance(engine, CudaCopyEngine) and isinstance(engine, CopyEngine)
+
+
+def test_copies_land_and_the_current_stream_waits_for_them(engine) -> None:  # type: ignore[no-untyped-def]
+    store, pool = pinned_sources(6), poisoned_pool(6)
+    lanes = [CopyLane.PREFETCH, CopyLane.DEMAND] * 3
+    tickets = [engine.submit(store.block(ExpertId(0, e)), pool.slot(e), lane, key=e)
+               for e, lane in enumerate(lanes)]
+    for ticket in tickets:
+        engine.wait(ticket)
+    # No host synchronisation: the clone runs on the current stream, after the waited events.
+    got = [pool.slot(e).clone() for e in range(6)]
+    for e in range(6):
+        assert torch.equal(got[e].cpu(), store.block(ExpertId(0, e)))
+    engine.drain()
+    assert engine.bytes_copied == 6 * BIG.nbytes
+    assert engine.copy_seconds > 0
+    assert all(engine.is_complete(t) and t.done for t in tickets)
+
+
+def test_demand_overtakes_queued_prefetches(engine, cupy) -> None:  # type: ignore[no-untyped-def]
+    store, pool = pinned_sources(7), poisoned_pool(7)
+    prefetches = [engine.submit(store.block(ExpertId(0, e)), pool.slot(e), CopyLane.PREFETCH)
+                  for e in range(6)]
+    assert engine.queued >= 3  # the window holds one; the rest wait on the host
+    demand = engine.submit(store.block(ExpertId(0, 6)), pool.slot(6), CopyLane.DEMAND)
+    engine.drain()
+    # Elapsed time from the demand's end to the last prefetch's end is positive: it landed first.
+    assert cupy.cuda.get_elapsed_time(demand.handle.end, prefetches[-1].handle.end) > 0
+    assert torch.equal(pool.slot(6).cpu(), store.block(ExpertId(0, 6)))
+
+
+def test_waiting_on_a_queued_prefetch_promotes_it(engine) -> None:  # type: ignore[no-untyped-def]
+    store, pool = pinned_sources(5), poisoned_pool(5)
+    tickets = [engine.submit(store.block(ExpertId(0, e)), pool.slot(e), CopyLane.PREFETCH)
+               for e in range(5)]
+    last = tickets[-1]
+    assert last.handle is None
+    engine.wait(last)
+    assert engine.promotions == 1 and last.lane is CopyLane.DEMAND
+    assert torch.equal(pool.slot(4).clone().cpu(), store.block(ExpertId(0, 4)))
+    engine.drain()
+
+
+def test_cancelled_prefetch_never_lands(engine) -> None:  # type: ignore[no-untyped-def]
+    store, pool = pinned_sources(4), poisoned_pool(4)
+    tickets = [engine.submit(store.block(ExpertId(0, e)), pool.slot(e), CopyLane.PREFETCH)
+               for e in range(4)]
+    assert not engine.cancel(tickets[0])  # already on the stream
+    assert engine.cancel(tickets[3]) and tickets[3].cancelled
+    with pytest.raises(ValueError, match="cancelled"):
+        engine.wait(tickets[3])
+    engine.drain()
+    assert torch.isnan(pool.slot(3).float()).all()
+    assert torch.equal(pool.slot(2).cpu(), store.block(ExpertId(0, 2)))
+    assert engine.bytes_copied == 3 * BIG.nbytes
+
+
+def test_a_released_slot_is_refilled_after_its_readers(engine) -> None:  # type: ignore[no-untyped-def]
+    store, pool = pinned_sources(2), poisoned_pool(1)
+    first = engine.submit(store.block(ExpertId(0, 0)), pool.slot(0), CopyLane.DEMAND)
+    engine.wait(first)
+    total = pool.slot(0).float().sum()  # a reader of the slot, on the current stream
+    engine.release(first)
+    second = engine.submit(store.block(ExpertId(0, 1)), pool.slot(0), CopyLane.DEMAND)
+    engine.wait(second)
+    assert total.item() == store.block(ExpertId(0, 0)).float().sum().item()
+    assert torch.equal(pool.slot(0).cpu(), store.block(ExpertId(0, 1)))
+
+
+def test_wrong_devices_are_refused(engine) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="host memory"):
+        engine.submit(torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda"),
+                      CopyLane.DEMAND)
