@@ -61,12 +61,18 @@ class MoEBlock(nn.Module):
                                            bias=spec.shared_bias)
             if spec.shared_gate:
                 self.shared_experts_gate = nn.Linear(hidden_size, 1, bias=False)
-        self.executor: ExpertExecutor = self.experts
+        self.executor: ExpertExecutor
+        self.set_executor(self.experts)
         self.observer: RoutingObserver | None = None
 
     def set_executor(self, executor: ExpertExecutor) -> None:
-        """Run routed experts through `executor` from now on."""
-        self.executor = executor
+        """Run routed experts through `executor` from now on.
+
+        Kept as a plain attribute, not a registered submodule: an executor need not be an
+        `nn.Module`, and the local experts are registered once, as `experts` (registering them
+        twice put every expert weight in the state dict twice).
+        """
+        object.__setattr__(self, "executor", executor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x` `[B, T, D]` -> `[B, T, D]`."""

@@ -79,6 +79,12 @@ class CopyEngine(Protocol):
         """Complete every queued copy (end of a run; never on the hot path)."""
         ...
 
+    def release(self, ticket: CopyTicket) -> None:
+        """Declare that every read of `ticket.dst` has been issued: the next copy into the same
+        destination (a slot reused for another expert) must not start before those reads end.
+        A no-op where compute and copies are ordered anyway (the CPU engine)."""
+        ...
+
 
 class CpuCopyEngine:
     """Copies carried out on the calling thread, in lane order, when someone waits.
@@ -118,6 +124,9 @@ class CpuCopyEngine:
     def drain(self) -> None:
         while any(self._queues.values()):
             self._run_next()
+
+    def release(self, ticket: CopyTicket) -> None:
+        """Nothing to do: on the CPU, a copy runs only after the compute issued before it."""
 
     def _run_next(self) -> None:
         lane = CopyLane.DEMAND if self._queues[CopyLane.DEMAND] else CopyLane.PREFETCH

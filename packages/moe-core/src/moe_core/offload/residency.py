@@ -124,7 +124,7 @@ class ResidencyTable:
         """Abandon an in-flight prefetch of an unpinned expert and free its slot."""
         if self._state.get(expert) is not Residency.IN_FLIGHT or self.is_pinned(expert):
             raise ValueError(f"{expert} is not an unpinned expert in flight")
-        self._remove(expert)
+        self._free.append(self._remove(expert))  # the slot is free again
 
     def release(self, expert: ExpertId) -> None:
         """Unpin `expert` after use."""
