@@ -1,0 +1,182 @@
+"""Installing the offload runtime into a model: one shared cache (or ring) and one set of
+counters for every MoE block, each block's routed experts then run through an offloaded executor.
+
+Typical use::
+
+    store = HostExpertStore.from_model(model)          # or from_checkpoint(folder)
+    pool = GpuSlotPool.for_budget(store.layout, parse_bytes("12GiB"), "cuda")
+    runtime = install_offloading(model, store, pool, make_copy_engine("cuda"),
+                                 drop_local_experts=True)
+    model(input_ids)
+    print(runtime.summary())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from moe_core.expert_id import ExpertId
+from moe_core.experts import ExpertExecutor
+from moe_core.model import MoEForCausalLM
+from moe_core.moe_block import MoEBlock
+from moe_core.offload.copy_engine import CopyEngine
+from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
+from moe_core.offload.policy import EvictionPolicy, LRUPolicy
+from moe_core.offload.residency import ResidencyTable
+from moe_core.offload.slot_cache import ExpertSlotCache
+from moe_core.offload.stall_timer import StallTimer
+from moe_core.offload.stats import OffloadStats
+from moe_core.offload.streaming_executor import ExpertRing, StreamingExecutor
+
+__all__ = ["OffloadKind", "OffloadRuntime", "install_offloading"]
+
+OffloadKind = Literal["on_demand", "streaming"]
+
+
+@dataclass
+class OffloadRuntime:
+    """What `install_offloading` built, and the handles the engines use.
+
+    Attributes:
+        kind: `"on_demand"` or `"streaming"`.
+        store: Host tier.
+        pool: Device slots.
+        engine: Copy engine.
+        stats: Counters shared by every layer (`snapshot()` adds the copy and stall times).
+        executors: Decoder-layer index -> the executor installed in that MoE block.
+        cache: The shared slot cache (on-demand), else None.
+        ring: The shared ring (streaming), else None.
+        dropped_local_experts: The blocks' own expert weights were freed (no way back).
+    """
+
+    kind: OffloadKind
+    store: HostExpertStore
+    pool: GpuSlotPool
+    engine: CopyEngine
+    stats: OffloadStats
+    executors: dict[int, ExpertExecutor]
+    blocks: list[MoEBlock] = field(repr=False)
+    stalls: StallTimer = field(repr=False)
+    cache: ExpertSlotCache | None = None
+    ring: ExpertRing | None = None
+    dropped_local_experts: bool = False
+    _copy_seconds_at_start: float = 0.0
+
+    def prefetch(self, experts: Iterable[ExpertId]) -> int:
+        """Prefetch hint (on-demand only; streaming ignores hints and returns 0)."""
+        return self.cache.prefetch(experts) if self.cache is not None else 0
+
+    def cancel_prefetches(self) -> int:
+        """Cancel every stale prefetch; returns how many were cancelled."""
+        return self.cache.cancel_prefetches() if self.cache is not None else 0
+
+    def snapshot(self, block: bool = False) -> OffloadStats:
+        """The counters so far, with `copy_seconds` from the engine and the stalls measured so
+        far (`block`: wait for the device to finish measuring, end of a run)."""
+        stats = self.stats.copy()
+        stats.stall_seconds = self.stalls.collect(block)
+        stats.copy_seconds = self.engine.copy_seconds - self._copy_seconds_at_start
+        return stats
+
+    def summary(self) -> dict[str, int | float]:
+        """`snapshot(block=True).summary()` plus the pool's size: the `--stats` output."""
+        out = self.snapshot(block=True).summary()
+        out["num_slots"] = self.pool.num_slots
+        out["pool_bytes"] = self.pool.nbytes
+        return out
+
+    def drain(self) -> None:
+        """Finish every queued copy (end of a run)."""
+        self.engine.drain()
+        if self.cache is not None:
+            self.cache.settle()
+
+    def uninstall(self) -> None:
+        """Give every MoE block its own `LocalExperts` back.
+
+        Raises:
+            RuntimeError: the local expert weights were dropped.
+        """
+        if self.dropped_local_experts:
+            raise RuntimeError("the blocks' local expert weights were dropped at install; "
+                               "reload the model to run without offloading")
+        self.drain()
+        for block in self.blocks:
+            block.set_executor(block.experts)
+
+
+def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuSlotPool,
+                       engine: CopyEngine, policy: EvictionPolicy | None = None,
+                       kind: OffloadKind = "on_demand", *,
+                       cpu_compute_rule: CpuComputeRule | None = None,
+                       resident: Iterable[ExpertId] = (), ring_size: int = 2,
+                       time_stalls: bool = True,
+                       drop_local_experts: bool = False) -> OffloadRuntime:
+    """Run every MoE block of `model` through offloaded experts.
+
+    Args:
+        model: The model (dense weights where compute runs, i.e. on `pool.device`).
+        store: Every routed expert in host memory (e.g. `HostExpertStore.from_model(model)`).
+        pool: The device slots; all of them go to this runtime.
+        engine: Copies from `store` into `pool` (a `CpuCopyEngine` for a CPU pool).
+        policy: Eviction policy of the on-demand cache (default LRU); unused by streaming.
+        kind: `"on_demand"` (cache + fetch on miss + prefetch hints) or `"streaming"` (every
+            non-resident expert streamed through a ring each call: large batches).
+        cpu_compute_rule: On-demand only: `rule(expert, num_tokens)` picks absent experts to
+            compute on the CPU from `store` instead of fetching them.
+        resident: Streaming only: experts kept in their own slots for good.
+        ring_size: Streaming only: slots in the ring (at least 2).
+        time_stalls: Measure stall time (two CUDA events per awaited copy on CUDA).
+        drop_local_experts: Free each block's `LocalExperts` weights (replaced by empty tensors)
+            so the model stops holding the experts: the point of offloading when the model was
+            loaded whole. Build `store` first; afterwards `uninstall` is impossible and the
+            model's state dict no longer carries expert weights.
+
+    Raises:
+        ValueError: no MoE blocks, a block missing from the store, mismatched layouts, or an
+            unknown `kind`.
+    """
+    blocks = model.moe_blocks()
+    if not blocks:
+        raise ValueError("the model has no MoE blocks to offload")
+    missing = [b.layer for b in blocks if b.layer not in store.moe_layers]
+    if missing:
+        raise ValueError(f"the store lacks MoE layers {missing} (it has {store.moe_layers})")
+    stats = OffloadStats()
+    stalls = StallTimer(pool.device, enabled=time_stalls)
+    executors: dict[int, ExpertExecutor] = {}
+    cache: ExpertSlotCache | None = None
+    ring: ExpertRing | None = None
+    if kind == "on_demand":
+        table = ResidencyTable(pool.num_slots, policy if policy is not None else LRUPolicy())
+        cache = ExpertSlotCache(store, pool, engine, table, stats, stalls)
+        for block in blocks:
+            executors[block.layer] = OffloadedExecutor(cache, block.layer, cpu_compute_rule)
+    elif kind == "streaming":
+        if store.layout != pool.layout:
+            raise ValueError(f"store layout {store.layout} differs from pool layout "
+                             f"{pool.layout}")
+        ring = ExpertRing(store, pool, engine, stats, stalls, resident, ring_size)
+        for block in blocks:
+            executors[block.layer] = StreamingExecutor(ring, block.layer)
+    else:
+        raise ValueError(f"kind must be 'on_demand' or 'streaming', got {kind!r}")
+    for block in blocks:
+        block.set_executor(executors[block.layer])
+    if drop_local_experts:
+        _drop_local_experts(blocks)
+    return OffloadRuntime(kind, store, pool, engine, stats, executors, blocks, stalls, cache,
+                          ring, drop_local_experts, engine.copy_seconds)
+
+
+def _drop_local_experts(blocks: list[MoEBlock]) -> None:
+    """Replace each block's stacked expert weights by empty tensors (frees their memory)."""
+    for block in blocks:
+        for param in block.experts.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)

@@ -1,0 +1,278 @@
+"""Offloaded executors give the resident executor's logits and tokens, and count what they did.
+
+CPU tests run the embedded tiny model and a tiny DeepSeek-V3 (dense first layer, shared experts)
+in fp32 through `CpuCopyEngine` and a CPU slot pool; the `gpu` test repeats the equivalence on
+CUDA with the CuPy engine in bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from moe_core import ExpertId, MoEForCausalLM, load_model, tiny_model_path
+from moe_core.offload.copy_engine import CpuCopyEngine
+from moe_core.offload.executors import OffloadRuntime, OffloadStats, install_offloading
+from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.policy import LFUPolicy
+from moe_core.tiny_checkpoints import build_tiny_checkpoint
+
+Forward = Callable[[MoEForCausalLM], torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def deepseek_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("dsv3"))
+
+
+@pytest.fixture(scope="module", params=["tiny", "deepseek_v3"])
+def folder(request: pytest.FixtureRequest, deepseek_folder: Path) -> Path:
+    return tiny_model_path() if request.param == "tiny" else deepseek_folder
+
+
+def prompt(model: MoEForCausalLM, batch: int = 2, length: int = 6) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.spec.vocab_size, (batch, length), generator=generator)
+
+
+@torch.no_grad()
+def logits(model: MoEForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).float()
+
+
+def offloaded(folder: Path, num_slots: int | None = None, **kwargs: object
+              ) -> tuple[MoEForCausalLM, OffloadRuntime]:
+    """A fresh fp32 CPU model with its experts offloaded into a CPU pool of `num_slots`."""
+    model = load_model(folder, dtype="float32")
+    store = HostExpertStore.from_model(model, pin=False)
+    slots = num_slots or len(store.experts())
+    pool = GpuSlotPool(store.layout, slots, device="cpu")
+    runtime = install_offloading(model, store, pool, CpuCopyEngine(), **kwargs)  # type: ignore[arg-type]
+    return model, runtime
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def reference(folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Logits of the resident `LocalExperts`, and the number of expert uses of that pass."""
+    model = load_model(folder, dtype="float32")
+    uses = 0
+
+    def count(layer: int, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        nonlocal uses
+        uses += int(expert_ids.unique().numel())
+
+    for block in model.moe_blocks():
+        block.observer = count
+    return logits(model, ids), uses
+
+
+def test_on_demand_with_a_small_pool_equals_local_experts(folder: Path) -> None:
+    model, runtime = offloaded(folder, num_slots=12)
+    ids = prompt(model)
+    expected, uses = reference(folder, ids)
+    assert_close(logits(model, ids), expected)
+    stats = runtime.snapshot()
+    assert stats.hits + stats.misses == uses == stats.expert_uses
+    assert stats.evictions > 0 and stats.misses > 0
+    assert stats.bytes_copied == stats.misses * runtime.store.layout.nbytes
+    assert runtime.cache is not None and len(runtime.cache.table.resident()) <= 12
+
+
+def test_on_demand_with_fewer_slots_than_one_layer_needs_works_in_waves() -> None:
+    model, runtime = offloaded(tiny_model_path(), num_slots=3, policy=LFUPolicy())
+    ids = prompt(model, batch=3, length=8)
+    expected, uses = reference(tiny_model_path(), ids)
+    assert_close(logits(model, ids), expected)
+    assert runtime.stats.misses + runtime.stats.hits == uses
+
+
+def test_a_pool_holding_every_expert_serves_the_second_pass_from_cache(folder: Path) -> None:
+    model, runtime = offloaded(folder)
+    ids = prompt(model)
+    first = logits(model, ids)
+    after_first = runtime.snapshot()
+    assert after_first.evictions == 0 and after_first.hits == 0
+    assert_close(logits(model, ids), first, rtol=0)
+    second = runtime.snapshot()
+    assert second.misses == after_first.misses
+    assert second.hits == after_first.misses
+    assert second.bytes_copied == after_first.bytes_copied
+    summary = runtime.summary()
+    assert summary["hit_rate"] == pytest.approx(0.5) and summary["num_slots"] >= 1
+
+
+@pytest.mark.parametrize("ring_size", [2, 3])
+def test_streaming_equals_local_experts(folder: Path, ring_size: int) -> None:
+    model, runtime = offloaded(folder, num_slots=ring_size + 1, kind="streaming",
+                               ring_size=ring_size)
+    ids = prompt(model)
+    expected, uses = reference(folder, ids)
+    assert_close(logits(model, ids), expected)
+    assert_close(logits(model, ids), expected)  # the ring carries over between passes
+    assert runtime.stats.misses == 2 * uses and runtime.stats.hits == 0
+    assert runtime.stats.bytes_copied == runtime.stats.misses * runtime.store.layout.nbytes
+
+
+def test_streaming_with_a_planned_resident_set(folder: Path) -> None:
+    first_layer = HostExpertStore.from_model(load_model(folder, dtype="float32"),
+                                             pin=False).moe_layers[0]
+    resident = [ExpertId(first_layer, e) for e in range(4)]
+    model, runtime = offloaded(folder, num_slots=6, kind="streaming", resident=resident)
+    ids = prompt(model)
+    expected, uses = reference(folder, ids)
+    assert_close(logits(model, ids), expected)
+    stats = runtime.snapshot()
+    assert stats.hits > 0 and stats.hits + stats.misses == uses
+    assert stats.bytes_copied == (stats.misses + len(resident)) * runtime.store.layout.nbytes
+
+
+def test_prefetch_hints_are_used_and_stale_ones_cancelled(folder: Path) -> None:
+    model, runtime = offloaded(folder, num_slots=24)
+    ids = prompt(model)
+    expected, _ = reference(folder, ids)
+    trace: dict[int, list[int]] = {}  # layer -> experts it used in the reference pass
+
+    def record(layer: int, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        trace[layer] = expert_ids.unique().tolist()
+
+    reference_model = load_model(folder, dtype="float32")
+    for block in reference_model.moe_blocks():
+        block.observer = record
+    logits(reference_model, ids)
+    layers = [b.layer for b in model.moe_blocks()]
+
+    def hint_next_layer(layer: int, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        following = layers.index(layer) + 1
+        if following < len(layers):
+            nxt = layers[following]
+            runtime.prefetch(ExpertId(nxt, e) for e in trace[nxt])
+
+    for block in model.moe_blocks():
+        block.observer = hint_next_layer
+    assert_close(logits(model, ids), expected)
+    stats = runtime.snapshot()
+    assert stats.prefetches_issued > 0 and stats.prefetches_used == stats.prefetches_issued
+    assert stats.misses == len(trace[layers[0]])  # only the first layer had no hint
+    for block in model.moe_blocks():
+        block.observer = None
+
+    wrong = [ExpertId(layers[-1], e) for e in range(runtime.store.num_experts)
+             if e not in trace[layers[-1]]][:3]
+    assert runtime.prefetch(wrong) == len(wrong)
+    assert runtime.cancel_prefetches() == len(wrong)
+    assert runtime.snapshot().prefetches_cancelled == len(wrong)
+    assert_close(logits(model, ids), expected)
+
+
+def test_stale_prefetches_of_a_layer_are_dropped_when_it_runs() -> None:
+    model, runtime = offloaded(tiny_model_path(), num_slots=8)
+    ids = prompt(model, batch=1, length=1)
+    expected, _ = reference(tiny_model_path(), ids)
+    layer = model.moe_blocks()[0].layer
+    assert runtime.prefetch(ExpertId(layer, e) for e in range(8)) == 8  # fills the pool
+    assert_close(logits(model, ids), expected)
+    stats = runtime.snapshot()
+    assert stats.prefetches_cancelled + stats.prefetches_used == 8
+    assert stats.prefetches_cancelled >= 6  # one token uses two experts of the layer
+
+
+def test_cpu_compute_for_misses_equals_local_experts(folder: Path) -> None:
+    def odd_experts_on_cpu(expert: ExpertId, num_tokens: int) -> bool:
+        return expert.expert % 2 == 1 and num_tokens > 0
+
+    model, runtime = offloaded(folder, num_slots=12, cpu_compute_rule=odd_experts_on_cpu)
+    ids = prompt(model)
+    expected, uses = reference(folder, ids)
+    assert_close(logits(model, ids), expected)
+    stats = runtime.snapshot()
+    assert stats.cpu_experts > 0 and stats.cpu_tokens >= stats.cpu_experts
+    assert stats.expert_uses == uses
+    assert stats.bytes_copied == stats.misses * runtime.store.layout.nbytes
+
+
+@pytest.mark.parametrize("kind", ["on_demand", "streaming"])
+def test_greedy_generation_is_unchanged(folder: Path, kind: str) -> None:
+    reference_model = load_model(folder, dtype="float32")
+    ids = prompt(reference_model, batch=2, length=5)
+    expected = reference_model.generate(ids, max_new_tokens=4, eos_token_id=[])
+    model, _ = offloaded(folder, num_slots=10, kind=kind)
+    assert torch.equal(model.generate(ids, max_new_tokens=4, eos_token_id=[]), expected)
+
+
+def test_dropping_local_experts_frees_them_and_uninstall_restores() -> None:
+    model, runtime = offloaded(tiny_model_path(), num_slots=16, drop_local_experts=True)
+    assert all(p.numel() == 0 for b in model.moe_blocks() for p in b.experts.parameters())
+    ids = prompt(model)
+    expected, _ = reference(tiny_model_path(), ids)
+    assert_close(logits(model, ids), expected)
+    with pytest.raises(RuntimeError):
+        runtime.uninstall()
+    kept, kept_runtime = offloaded(tiny_model_path(), num_slots=16)
+    kept_runtime.uninstall()
+    assert all(b.executor is b.experts for b in kept.moe_blocks())
+    assert_close(logits(kept, ids), expected, rtol=0)
+
+
+def test_bad_installs_are_refused() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        offloaded(tiny_model_path(), num_slots=4, kind="resident")
+    with pytest.raises(ValueError, match="ring"):
+        offloaded(tiny_model_path(), num_slots=4, kind="streaming", ring_size=1)
+    with pytest.raises(ValueError, match="too few"):
+        offloaded(tiny_model_path(), num_slots=3, kind="streaming",
+                  resident=[ExpertId(0, 0), ExpertId(0, 1)])
+
+
+def test_stats_merge_and_summary() -> None:
+    a = OffloadStats(hits=3, misses=1, bytes_copied=10, stall_seconds=0.5)
+    b = OffloadStats(hits=1, misses=1, cpu_experts=2, copy_seconds=0.25)
+    merged = a.merge(b)
+    assert (merged.hits, merged.misses, merged.cpu_experts) == (4, 2, 2)
+    assert merged.expert_uses == 8 and merged.hit_rate == pytest.approx(4 / 6)
+    summary = merged.summary()
+    assert summary["bytes_copied"] == 10 and summary["copy_seconds"] == 0.25
+    assert OffloadStats().summary()["hit_rate"] == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["on_demand", "streaming", "cpu_compute"])
+def test_cuda_executors_equal_resident_experts_in_bf16(kind: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("cupy")
+    from moe_core.offload.cuda_copy_engine import CudaCopyEngine
+
+    folder = tiny_model_path()
+    resident = load_model(folder, device="cuda", dtype="bfloat16")
+    ids = prompt(resident, batch=4, length=16).cuda()
+    expected = logits(resident, ids)
+    expected_tokens = resident.generate(ids[:, :6], max_new_tokens=4, eos_token_id=[])
+    model = load_model(folder, device="cuda", dtype="bfloat16")
+    store = HostExpertStore.from_model(model, pin=True)
+    assert store.is_pinned
+    pool = GpuSlotPool(store.layout, 10, device="cuda")
+    engine = CudaCopyEngine("cuda", prefetch_window=1)
+    options: dict[str, object] = {"drop_local_experts": True}
+    if kind == "streaming":
+        options.update(kind="streaming", ring_size=3, resident=[ExpertId(0, 0), ExpertId(1, 5)])
+    if kind == "cpu_compute":
+        options["cpu_compute_rule"] = lambda expert, n: expert.expert % 3 == 0
+    runtime = install_offloading(model, store, pool, engine, **options)  # type: ignore[arg-type]
+    layers = [b.layer for b in model.moe_blocks()]
+    if kind == "on_demand":  # hint every expert of the next layer, most will be stale
+        runtime.prefetch(ExpertId(layers[1], e) for e in range(4))
+    for _ in range(2):
+        assert_close(logits(model, ids), expected, rtol=2e-2)
+    assert torch.equal(model.generate(ids[:, :6], max_new_tokens=4, eos_token_id=[]),
+                       expected_tokens)
+    summary = runtime.summary()
+    assert summary["misses"] > 0 and summary["copy_seconds"] > 0
+    assert summary["stall_seconds"] >= 0
+    engine.close()
