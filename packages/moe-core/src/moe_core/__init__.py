@@ -1,8 +1,9 @@
 """moe-core: the shared runtime for running mixture-of-experts LLMs.
 
 The public surface: read a checkpoint's shape (`ModelSpec`), load it as our own PyTorch model
-(`load_model`), run it (`MoEForCausalLM`, `KVCache`, `generate`), and plug other ways of running
-experts into its MoE blocks (`ExpertExecutor`).
+(`load_model`), run it (`MoEForCausalLM`, `KVCache`, `generate`), plug other ways of running
+experts into its MoE blocks (`ExpertExecutor`), and offload experts to host memory
+(`HostExpertStore`, `GpuSlotPool`, `make_copy_engine`, `install_offloading`, `EvictionPolicy`).
 """
 
 from moe_core.architectures import supported_architectures
@@ -22,6 +23,17 @@ from moe_core.kv_cache import KVCache
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import MoEForCausalLM
 from moe_core.moe_block import MoEBlock
+from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket, CpuCopyEngine
+from moe_core.offload.copy_engines import make_copy_engine
+from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.layout import ExpertLayout
+from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
+from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
+from moe_core.offload.residency import Residency, ResidencyTable
+from moe_core.offload.runtime import OffloadKind, OffloadRuntime, install_offloading
+from moe_core.offload.stats import OffloadStats
+from moe_core.offload.streaming_executor import StreamingExecutor
 from moe_core.routing import route
 from moe_core.sampling import SamplingParams
 from moe_core.sizes import format_bytes, parse_bytes
@@ -35,27 +47,47 @@ __all__ = [
     "AttentionSpec",
     "CheckpointError",
     "ConfigError",
+    "CopyEngine",
+    "CopyLane",
+    "CopyTicket",
+    "CpuComputeRule",
+    "CpuCopyEngine",
     "DtypeError",
+    "EvictionPolicy",
     "ExpertExecutor",
     "ExpertId",
+    "ExpertLayout",
     "GenerationResult",
+    "GpuSlotPool",
+    "HostExpertStore",
     "KVCache",
+    "LFUPolicy",
+    "LRUPolicy",
     "LocalExperts",
     "MoEBlock",
     "MoECoreError",
     "MoEForCausalLM",
     "MoESpec",
     "ModelSpec",
+    "OffloadKind",
+    "OffloadRuntime",
+    "OffloadStats",
+    "OffloadedExecutor",
+    "Residency",
+    "ResidencyTable",
     "RopeSpec",
     "RouterSpec",
     "SamplingParams",
+    "StreamingExecutor",
     "UnsupportedArchitectureError",
     "__version__",
     "format_bytes",
     "generate",
+    "install_offloading",
     "known_shapes",
     "load_model",
     "load_tokenizer",
+    "make_copy_engine",
     "parse_bytes",
     "parse_dtype",
     "render_chat",
