@@ -75,3 +75,30 @@ def test_verify_exits_non_zero_when_the_check_fails(tmp_path: Path) -> None:
                                       "--new-tokens", "4"])
     assert result.exit_code == 1
     assert "FAIL" in result.stdout
+
+
+def test_pack_then_generate_offloaded_equals_generate_whole(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / "tiny.moepack"
+    packed = CliRunner().invoke(app, ["pack", "tiny-moe", str(store)])
+    assert packed.exit_code == 0, packed.output
+    assert store.is_file()
+    args = ["generate", "-p", "Once upon a time", "--max-new-tokens", "8", "--json"]
+    whole = CliRunner().invoke(app, args)
+    offloaded = CliRunner().invoke(app, [*args, "--expert-memory", "1MiB", "--store", str(store),
+                                    "--stats"])
+    assert whole.exit_code == 0 and offloaded.exit_code == 0, offloaded.output
+    assert json.loads(whole.stdout.splitlines()[0])["text"] == \
+        json.loads(offloaded.stdout.splitlines()[0])["text"]
+    assert "hit_rate" in offloaded.stderr and "bytes_copied" in offloaded.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["generate", "-p", "x", "--stats"], "need --expert-memory"),
+    (["generate", "-p", "x", "--expert-memory", "10KiB"], "cannot hold one expert"),
+    (["generate", "-p", "x", "--expert-memory", "1MiB", "--policy", "mru"], "lru or lfu"),
+    (["pack", "qwen3-30b-a3b", "x.moepack"], "--dummy"),
+])
+def test_offload_options_fail_with_one_line(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.output

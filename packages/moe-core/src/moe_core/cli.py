@@ -124,14 +124,37 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap each prompt in the chat template.")] = False,
+    expert_memory: Annotated[str | None, typer.Option(
+        help="Offload the routed experts to host memory and cache them in this much device "
+             "memory, e.g. 8GiB (default: the whole model on the device).")] = None,
+    store: Annotated[str | None, typer.Option(
+        help="With --expert-memory: read the experts from this `moe-core pack` file.")] = None,
+    policy: Annotated[str, typer.Option(help="With --expert-memory: lru or lfu.")] = "lru",
+    stats: Annotated[bool, typer.Option(
+        help="With --expert-memory: print the offload counters (hits, misses, bytes, copy and "
+             "stall time) to stderr.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
 ) -> None:
-    """Generate completions with the whole model in memory (no offloading)."""
+    """Generate completions, with the whole model on the device or its experts offloaded."""
     from moe_core.loader import load_model
     from moe_core.tokenizer import load_tokenizer, render_chat
 
     with user_errors():
-        net = load_model(model, device=device, dtype=dtype)
+        if (store is not None or stats) and expert_memory is None:
+            raise ValueError("--store and --stats need --expert-memory (offloaded experts)")
+        runtime = None
+        if expert_memory is None:
+            net = load_model(model, device=device, dtype=dtype)
+        else:
+            from moe_core.offload.loading import load_offloaded
+            from moe_core.offload.policy import LFUPolicy, LRUPolicy
+
+            policies = {"lru": LRUPolicy, "lfu": LFUPolicy}
+            if policy not in policies:
+                raise ValueError(f"--policy must be lru or lfu, got {policy!r}")
+            loaded = load_offloaded(model, device, parse_bytes(expert_memory), dtype=dtype,
+                                    store=store, policy=policies[policy]())
+            net, runtime = loaded.model, loaded.runtime
         assert net.source is not None
         tokenizer = load_tokenizer(net.source)
         rows = [render_chat(tokenizer, [{"role": "user", "content": p}]) if chat
@@ -147,6 +170,61 @@ def generate(
         else:
             # Plain prompts are continued; chat prompts are answered, so show the two turns.
             print(f"user: {text_prompt}\nassistant: {text}" if chat else f"{text_prompt}{text}")
+    if stats and runtime is not None:
+        _print_stats(runtime.summary())
+
+
+def _print_stats(summary: dict[str, int | float]) -> None:
+    """The offload counters, one `name value` row each, on stderr."""
+    table = Table(title="offload", show_header=False, title_justify="left")
+    table.add_column("counter", style="bold")
+    table.add_column("value", justify="right")
+    for name, value in summary.items():
+        if name.endswith("bytes") or name == "bytes_copied":
+            shown = format_bytes(int(value))
+        elif name.endswith("seconds"):
+            shown = f"{value * 1e3:.1f} ms"
+        elif name == "hit_rate":
+            shown = f"{value:.1%}"
+        else:
+            shown = str(value)
+        table.add_row(name, shown)
+    _err.print(table)
+
+
+@app.command()
+def pack(
+    model: Annotated[str, typer.Argument(
+        help="Checkpoint folder, hub id, known shape (with --dummy) or tiny-moe.")],
+    out: Annotated[str, typer.Argument(help="The store file to write, e.g. experts.moepack.")],
+    dtype: Annotated[str | None, typer.Option(
+        help="Storage dtype (default: the checkpoint's).")] = None,
+    num_layers: Annotated[int | None, typer.Option(
+        min=1, help="Keep only the first N decoder layers.")] = None,
+    dummy: Annotated[bool, typer.Option(help="Random experts from config.json alone.")] = False,
+    seed: int = 0,
+) -> None:
+    """Pack a model's routed experts into one aligned store file, for fast offloaded starts."""
+    import resource
+    import time
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from moe_core.offload.packing import pack_model
+
+    started = time.perf_counter()
+    with user_errors(), Progress("{task.description}", BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), console=_err, transient=True) as bar:
+        task = bar.add_task("packing experts", total=None)
+        header = pack_model(model, out, dtype=dtype, num_layers=num_layers, dummy=dummy,
+                            seed=seed,
+                            progress=lambda done, total: bar.update(task, completed=done,
+                                                                    total=total))
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    _err.print(f"wrote {out}: {len(header.moe_layers)} MoE layers x {header.num_experts} experts, "
+               f"{format_bytes(header.file_bytes)} in {seconds:.1f} s (peak host memory "
+               f"{format_bytes(peak)})")
 
 
 @app.command("make-tiny")

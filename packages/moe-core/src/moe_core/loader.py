@@ -62,7 +62,8 @@ def resolve_model_path(model: str | Path, weights: bool = True) -> Path:
 
 def load_model(model: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, *, dummy: bool = False,
-               seed: int = 0, num_layers: int | None = None) -> MoEForCausalLM:
+               seed: int = 0, num_layers: int | None = None,
+               load_experts: bool = True) -> MoEForCausalLM:
     """Load a supported MoE checkpoint as our own PyTorch model, ready for inference.
 
     Args:
@@ -73,6 +74,9 @@ def load_model(model: str | Path, device: str | torch.device = "cpu",
         seed: Seed of the dummy weights.
         num_layers: Keep only the first `num_layers` decoder layers (embedding, final norm and
             LM head stay): a smaller model of the real shapes, for development and benchmarks.
+        load_experts: False leaves every MoE block's routed experts empty (never read nor
+            allocated): the dense part only, for a model whose experts are served by the offload
+            runtime from a `HostExpertStore` (see `load_offloaded`).
 
     Raises:
         ConfigError: bad or missing `config.json`.
@@ -95,31 +99,38 @@ def load_model(model: str | Path, device: str | torch.device = "cpu",
     for block in net.moe_blocks():
         if spec.moe.router.fp32_gate:
             block.gate.float()  # DeepSeek keeps its router in float32 whatever the model dtype
+        if not load_experts:
+            for param in block.experts.parameters():
+                param.data = torch.empty(0, dtype=param.dtype, device="meta")
     net.to_empty(device=device)
     net.tie_weights()
     with torch.no_grad():
         if reader is None:
             _init_dummy(net, seed)
         else:
-            _copy_weights(net, reader, layout)
+            _copy_weights(net, reader, layout, load_experts)
     net.eval().requires_grad_(False)
     net.generation_defaults = _generation_defaults(folder)
     net.source = folder
     return net
 
 
-def _copy_weights(net: MoEForCausalLM, reader: CheckpointReader, layout: CheckpointLayout) -> None:
-    """Copy every parameter of `net` from the checkpoint, checking each shape."""
+def _copy_weights(net: MoEForCausalLM, reader: CheckpointReader, layout: CheckpointLayout,
+                  load_experts: bool = True) -> None:
+    """Copy every parameter of `net` from the checkpoint, checking each shape (routed experts
+    only when `load_experts`)."""
     params = dict(net.named_parameters())
     wanted: dict[str, tuple[str, int | None]] = {}  # checkpoint name -> (our name, expert)
     fused: dict[str, list[str]] = {}  # fused checkpoint name -> our stacked names it fills
     for name, param in params.items():
+        if _STACKED_EXPERT.search(name) and not load_experts:
+            continue
         if _STACKED_EXPERT.search(name):
             per_expert = layout.expert_names(name, param.shape[0])
             if all(key in reader for key in per_expert):
                 wanted.update((key, (name, e)) for e, key in enumerate(per_expert))
             else:
-                fused.setdefault(_fused_name(reader, layout, name), []).append(name)
+                fused.setdefault(fused_expert_name(reader, layout, name), []).append(name)
         else:
             wanted[_name_in(reader, layout, name)] = (name, None)
     for key, tensor in reader.read(wanted):
@@ -129,7 +140,7 @@ def _copy_weights(net: MoEForCausalLM, reader: CheckpointReader, layout: Checkpo
         target.copy_(tensor)
     for key, tensor in reader.read(fused):  # each fused tensor is read once, for gate and up
         for name in fused[key]:
-            part = _fused_part(tensor, name.rsplit(".", 1)[1])
+            part = fused_expert_part(tensor, name.rsplit(".", 1)[1])
             _check_shape(reader, key, part, params[name])
             params[name].copy_(part)
 
@@ -149,7 +160,7 @@ def _name_in(reader: CheckpointReader, layout: CheckpointLayout, name: str) -> s
     return name if theirs not in reader and name in reader else theirs
 
 
-def _fused_name(reader: CheckpointReader, layout: CheckpointLayout, name: str) -> str:
+def fused_expert_name(reader: CheckpointReader, layout: CheckpointLayout, name: str) -> str:
     """The fused tensor holding our stacked expert tensor `name` (transformers 5's in-memory
     layout: `experts.gate_up_proj` `[E, 2I, D]`, gate rows first, and `experts.down_proj`).
 
@@ -166,7 +177,7 @@ def _fused_name(reader: CheckpointReader, layout: CheckpointLayout, name: str) -
     return fused
 
 
-def _fused_part(tensor: torch.Tensor, projection: str) -> torch.Tensor:
+def fused_expert_part(tensor: torch.Tensor, projection: str) -> torch.Tensor:
     """Our `projection` out of a fused expert tensor."""
     if projection == "down_proj":
         return tensor

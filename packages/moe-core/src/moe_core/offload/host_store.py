@@ -23,6 +23,7 @@ from moe_core.checkpoint import CheckpointReader
 from moe_core.dtypes import parse_dtype
 from moe_core.errors import CheckpointError
 from moe_core.expert_id import ExpertId
+from moe_core.loader import fused_expert_name, fused_expert_part
 from moe_core.model import MoEForCausalLM
 from moe_core.offload.layout import ExpertLayout
 from moe_core.spec import ModelSpec
@@ -106,21 +107,25 @@ class HostExpertStore:
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, dtype: str | torch.dtype | None = None,
-                        pin: bool | None = None,
-                        num_layers: int | None = None) -> HostExpertStore:
-        """Pack the routed experts straight from a safetensors checkpoint (per-expert tensors).
+                        pin: bool | None = None, num_layers: int | None = None,
+                        layers: Iterable[int] | None = None) -> HostExpertStore:
+        """Pack the routed experts straight from a safetensors checkpoint (per-expert tensors,
+        or transformers 5's fused `gate_up_proj` / `down_proj`).
 
-        Tensors are read one shard at a time through memory maps, so peak host memory is the
-        store plus one tensor in flight, whatever the model size.
+        Tensors are read one at a time through memory maps, so peak host memory is the store
+        plus one tensor in flight, whatever the model size.
 
         Args:
             folder: Checkpoint folder (config.json plus safetensors shards).
             dtype: Storage dtype; default: the checkpoint's dtype (float32 if it names none).
             pin: Pin the arenas; default: when CUDA is available.
             num_layers: Keep only the MoE layers among the first `num_layers` decoder layers.
+            layers: Keep only these MoE layers (decoder-layer indices), e.g. one at a time when
+                packing a store file layer by layer.
 
         Raises:
             CheckpointError: a missing expert tensor or one of the wrong shape.
+            ValueError: no MoE layers, or `layers` names a layer that is not one.
         """
         folder = Path(folder)
         spec = ModelSpec.from_pretrained(folder)
@@ -128,26 +133,56 @@ class HostExpertStore:
             spec = spec.truncated(num_layers)
         if not spec.moe_layers:
             raise ValueError(f"{folder}: the model has no MoE layers")
+        moe_layers = list(spec.moe_layers)
+        if layers is not None:
+            chosen = list(layers)
+            bad = [layer for layer in chosen if layer not in spec.moe_layers]
+            if bad:
+                raise ValueError(f"layers {bad} are not MoE layers of {folder} "
+                                 f"(MoE layers: {list(spec.moe_layers)})")
+            moe_layers = sorted(set(chosen))
         names = get_architecture(spec.architecture).layout
         dtype = parse_dtype(dtype if dtype is not None else (spec.torch_dtype or "float32"))
         layout = ExpertLayout(spec.hidden_size, spec.moe.expert_intermediate_size, dtype)
         num_experts = spec.moe.num_experts
-        store = cls.empty(layout, spec.moe_layers, num_experts, pin)
+        store = cls.empty(layout, moe_layers, num_experts, pin)
         reader = CheckpointReader.open(folder)
         wanted: dict[str, tuple[ExpertId, int]] = {}  # checkpoint name -> (expert, projection)
-        for layer in spec.moe_layers:
+        fused: dict[str, list[tuple[int, int]]] = {}  # fused name -> [(layer, projection)]
+        for layer in moe_layers:
             for p, projection in enumerate(_PROJECTIONS):
                 stacked = f"model.layers.{layer}.mlp.experts.{projection}"
-                for e, key in enumerate(names.expert_names(stacked, num_experts)):
-                    wanted[key] = (ExpertId(layer, e), p)
+                per_expert = names.expert_names(stacked, num_experts)
+                if all(key in reader for key in per_expert):
+                    wanted.update((key, (ExpertId(layer, e), p))
+                                  for e, key in enumerate(per_expert))
+                else:
+                    fused.setdefault(fused_expert_name(reader, names, stacked), []).append(
+                        (layer, p))
         for key, tensor in reader.read(wanted):
             expert, p = wanted[key]
-            target = layout.views(store.block(expert))[p]
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} has shape "
-                                      f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
-            target.copy_(tensor)
+            store._fill(reader, key, expert, p, tensor)
+        for key, tensor in reader.read(fused):
+            for layer, p in fused[key]:
+                part = fused_expert_part(tensor, _PROJECTIONS[p])  # [E, out, in]
+                for e in range(num_experts):
+                    store._fill(reader, key, ExpertId(layer, e), p, part[e])
         return store
+
+    @classmethod
+    def from_packed(cls, path: str | Path, pin: bool | None = None) -> HostExpertStore:
+        """Read a store file written by `moe-core pack` (see `moe_core.offload.packed_store`)."""
+        from moe_core.offload.packed_store import read_packed
+
+        return read_packed(path, pin)
+
+    def _fill(self, reader: CheckpointReader, key: str, expert: ExpertId, projection: int,
+              tensor: torch.Tensor) -> None:
+        target = self.layout.views(self.block(expert))[projection]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} has shape "
+                                  f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor)
 
     # Queries --------------------------------------------------------------------------------
 

@@ -1,0 +1,306 @@
+"""Batch-1 decode of a Qwen3-30B-A3B-shaped model (bf16 dummy weights) through the offload
+runtime: every expert resident in the LocalExperts executor, every expert cached in GPU slots
+(on-demand executor, all hits), and every expert offloaded with nothing cached (all misses), plus
+the peer baseline (transformers + accelerate, `device_map="auto"` under the same GPU budget).
+
+Run on the GPU machine (needs CuPy, ~120 GB of GPU memory and ~60 GB of host memory):
+    PYTHONPATH=packages/moe-core/src python3 benchmarks/offload_decode.py --out $OUT/decode.json
+
+Acceptance lines of issue #4 measured here:
+- nothing cached: time per token <= 1.2 x (expert bytes per token / measured pinned bandwidth);
+- everything cached: within 10% of the resident executor.
+Routing on dummy weights is near-uniform: the worst case for any cache (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MB = 2**20
+
+
+def pinned_bandwidth_gbps(block_bytes: int, count: int = 32, repeats: int = 5) -> float:
+    """Median GB/s of `count` back-to-back pinned host->device copies of `block_bytes`."""
+    src = torch.empty(block_bytes * count, dtype=torch.uint8, pin_memory=True).random_(0, 256)
+    dst = torch.empty_like(src, device="cuda")
+    rates = []
+    for _ in range(repeats + 1):
+        torch.cuda._sleep(50_000_000)  # gate: the host enqueues all copies before any starts
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(count):
+            dst[i * block_bytes : (i + 1) * block_bytes].copy_(
+                src[i * block_bytes : (i + 1) * block_bytes], non_blocking=True)
+        end.record()
+        end.synchronize()
+        rates.append(block_bytes * count / (start.elapsed_time(end) / 1e3) / 1e9)
+    return statistics.median(rates[1:])
+
+
+def decode_times(step: Callable[[torch.Tensor], torch.Tensor], first: torch.Tensor,
+                 tokens: int, warmup: int = 2) -> list[float]:
+    """Seconds per decode step (host clock around a synchronised step), after `warmup`."""
+    times = []
+    token = first
+    for i in range(warmup + tokens):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        token = step(token)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def ours_decoder(model: Any, prompt: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                            torch.Tensor]:
+    """A greedy step function over a fresh cache, and the first token after `prompt`."""
+    cache = model.new_cache(1, prompt.shape[1] + 256)
+    with torch.inference_mode():
+        logits = model(prompt, cache=cache, last_only=True)
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+
+    return step, logits[:, -1].argmax(-1, keepdim=True)
+
+
+def summarise(times: list[float]) -> dict[str, float]:
+    """Median / p90 / mean milliseconds."""
+    ms = sorted(t * 1e3 for t in times)
+    return {"median_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (len(ms) - 1))],
+            "mean_ms": statistics.fmean(ms), "tokens": len(ms)}
+
+
+def profile_step(step: Callable[[torch.Tensor], torch.Tensor], token: torch.Tensor,
+                 rows: int = 12) -> str:
+    """A torch profiler table of one decode step (top ops by self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(token)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def run_ours(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """Resident, all-cached and nothing-cached decode of our model."""
+    from moe_core import (
+        GpuSlotPool,
+        HostExpertStore,
+        install_offloading,
+        load_model,
+        make_copy_engine,
+    )
+
+    t0 = time.perf_counter()
+    model = load_model(args.model, "cuda", torch.bfloat16, dummy=True, seed=0,
+                       num_layers=args.num_layers)
+    record["load_s"] = time.perf_counter() - t0
+    spec = model.spec
+    torch.manual_seed(0)
+    prompt = torch.randint(0, spec.vocab_size, (1, args.prompt_tokens), device="cuda")
+
+    step, first = ours_decoder(model, prompt)
+    resident = decode_times(step, first, args.tokens)
+    record["resident"] = summarise(resident)
+    record["resident_profile"] = profile_step(step, first)
+    print(f"resident executor: {record['resident']['median_ms']:.2f} ms/token", flush=True)
+
+    t0 = time.perf_counter()
+    store = HostExpertStore.from_model(model)
+    record["store_build_s"] = time.perf_counter() - t0
+    record["store_bytes"] = store.nbytes
+    layout = store.layout
+    num_experts = len(store.experts())
+
+    # Everything cached: one slot per expert, all prefetched before timing (all hits).
+    pool = GpuSlotPool(layout, num_experts, "cuda")
+    engine = make_copy_engine("cuda")
+    runtime = install_offloading(model, store, pool, engine, drop_local_experts=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    runtime.prefetch(store.experts())
+    runtime.drain()
+    step, first = ours_decoder(model, prompt)
+    before = runtime.snapshot(block=True)
+    cached = decode_times(step, first, args.tokens)
+    after = runtime.snapshot(block=True)
+    record["all_cached"] = summarise(cached)
+    record["all_cached"]["misses"] = after.misses - before.misses
+    record["all_cached"]["hit_rate"] = after.hit_rate
+    record["all_cached_profile"] = profile_step(step, first)
+    print(f"all cached: {record['all_cached']['median_ms']:.2f} ms/token", flush=True)
+    del runtime, pool
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    # Nothing cached: top_k slots, so every layer evicts the previous layer's experts.
+    top_k = spec.moe.router.top_k
+    expert_bytes_per_token = len(model.moe_blocks()) * top_k * layout.nbytes
+    for label, rule in (("nothing_cached", None),
+                        ("nothing_cached_cpu_compute", (lambda _e, _n: True))):
+        pool = GpuSlotPool(layout, top_k, "cuda")
+        engine = make_copy_engine("cuda")
+        runtime = install_offloading(model, store, pool, engine, cpu_compute_rule=rule)
+        step, first = ours_decoder(model, prompt)
+        tokens = args.tokens if rule is None else max(4, args.tokens // 4)
+        before = runtime.snapshot(block=True)
+        times = decode_times(step, first, tokens)
+        after = runtime.snapshot(block=True)
+        steps = tokens + 2  # the warm-up steps count in the snapshot delta
+        entry = summarise(times)
+        entry.update({
+            "bytes_copied_per_token": (after.bytes_copied - before.bytes_copied) / steps,
+            "copy_s_per_token": (after.copy_seconds - before.copy_seconds) / steps,
+            "stall_s_per_token": (after.stall_seconds - before.stall_seconds) / steps,
+            "hit_rate": (after.hits - before.hits) / max(1, (after.hits + after.misses)
+                                                         - (before.hits + before.misses)),
+            "cpu_experts_per_token": (after.cpu_experts - before.cpu_experts) / steps,
+        })
+        if rule is None:
+            record["nothing_cached_profile"] = profile_step(step, first)
+        record[label] = entry
+        print(f"{label}: {entry['median_ms']:.2f} ms/token", flush=True)
+        del runtime, pool, engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    bandwidth = pinned_bandwidth_gbps(layout.nbytes)
+    peak = pinned_bandwidth_gbps(64 * MB, count=8)
+    bound_ms = expert_bytes_per_token / (peak * 1e9) * 1e3
+    record["bound"] = {
+        "expert_bytes_per_token": expert_bytes_per_token, "expert_block_bytes": layout.nbytes,
+        "pinned_gbps_64mb": peak, "pinned_gbps_expert_block": bandwidth,
+        "bound_ms": bound_ms,
+        "bound_ms_at_block_bandwidth": expert_bytes_per_token / (bandwidth * 1e9) * 1e3,
+    }
+    record["acceptance"] = {
+        "nothing_cached_over_bound": record["nothing_cached"]["median_ms"] / bound_ms,
+        "nothing_cached_met": record["nothing_cached"]["median_ms"] <= 1.2 * bound_ms,
+        "all_cached_over_resident": (record["all_cached"]["median_ms"]
+                                     / record["resident"]["median_ms"]),
+        "all_cached_met": (record["all_cached"]["median_ms"]
+                           <= 1.1 * record["resident"]["median_ms"]),
+    }
+    del model, store
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def random_peer_model(config: Any) -> Any:
+    """transformers' model for `config` with uniform random bf16 weights on the host.
+
+    Parameters start on the meta device (buffers such as rotary frequencies stay real) and are
+    materialised one at a time with uniform noise: transformers' own initialisation of 30 B
+    parameters on the CPU would dominate the run.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    for name, param in list(model.named_parameters()):
+        value = torch.empty(param.shape, dtype=torch.bfloat16)
+        value.uniform_(-0.02, 0.02, generator=generator)
+        set_module_tensor_to_device(model, name, "cpu", value=value)
+    model.eval()
+    return model
+
+
+def run_peer(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """transformers + accelerate with the same dummy shapes and `max_memory` = the budget."""
+    try:
+        import accelerate  # noqa: F401
+        from transformers import AutoConfig
+    except ImportError as exc:
+        record["peer"] = {"error": f"not installed: {exc}"}
+        return
+    from moe_core import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    config.num_hidden_layers = args.num_layers or config.num_hidden_layers
+    budget = args.peer_gpu_memory
+    t0 = time.perf_counter()
+    model = random_peer_model(config)
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = infer_auto_device_map(model, max_memory={0: budget, "cpu": "120GiB"},
+                                       no_split_module_classes=model._no_split_modules)
+    model = dispatch_model(model, device_map=device_map)
+    load_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device="cuda")
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(prompt, use_cache=True)
+        torch.cuda.synchronize()
+        ttft = time.perf_counter() - t0
+        past = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(args.peer_tokens):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model(token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    on_gpu = sum(1 for v in device_map.values() if v == 0)
+    record["peer"] = {"system": "transformers+accelerate device_map (infer_auto_device_map)",
+                      "max_memory_gpu": budget, "load_s": load_s, "ttft_s": ttft,
+                      "modules_on_gpu": on_gpu, "modules": len(device_map),
+                      "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                      **summarise(times)}
+    print(f"peer: {record['peer']['median_ms']:.1f} ms/token", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    """Parse arguments, run, write JSON, print a summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen3-30b-a3b")
+    parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=24, help="timed decode steps")
+    parser.add_argument("--peer-tokens", type=int, default=3)
+    parser.add_argument("--peer-gpu-memory", default="16GiB")
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("offload_decode: needs a CUDA GPU")
+    record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "model": args.model, "num_layers": args.num_layers,
+                              "prompt_tokens": args.prompt_tokens, "dtype": "bfloat16"}
+    started = time.perf_counter()
+    run_ours(args, record)
+    if not args.skip_peer:
+        run_peer(args, record)
+    record["wall_s"] = time.perf_counter() - started
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    for key in ("resident_profile", "all_cached_profile", "nothing_cached_profile"):
+        print(record.pop(key, ""))
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""`load_offloaded`: a model whose dense part sits on the compute device and whose routed experts
+live in host memory, served through GPU slots sized from a memory budget. The one call the CLIs
+and engines use to run a model larger than the GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_core.expert_id import ExpertId
+from moe_core.loader import load_model, resolve_model_path
+from moe_core.model import MoEForCausalLM
+from moe_core.offload.copy_engines import make_copy_engine
+from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.packed_store import PackedHeader, read_header
+from moe_core.offload.policy import EvictionPolicy
+from moe_core.offload.runtime import OffloadKind, OffloadRuntime, install_offloading
+from moe_core.sizes import format_bytes
+
+__all__ = ["OffloadedModel", "dense_bytes", "load_offloaded"]
+
+
+@dataclass
+class OffloadedModel:
+    """What `load_offloaded` built.
+
+    Attributes:
+        model: The model; its MoE blocks run through `runtime`.
+        runtime: Store, slots, copy engine, counters.
+        store_seconds: Time spent building or reading the host store.
+    """
+
+    model: MoEForCausalLM
+    runtime: OffloadRuntime
+    store_seconds: float
+
+
+def dense_bytes(model: MoEForCausalLM) -> int:
+    """Bytes of every parameter that is not a routed expert (tied weights counted once)."""
+    expert = {id(p) for block in model.moe_blocks() for p in block.experts.parameters()}
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in expert or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_bytes: int, *,
+                   dtype: str | torch.dtype | None = None, store: str | Path | None = None,
+                   policy: EvictionPolicy | None = None, kind: OffloadKind = "on_demand",
+                   resident: list[ExpertId] | None = None, dummy: bool = False,
+                   num_layers: int | None = None) -> OffloadedModel:
+    """Load `model` with its routed experts offloaded to host memory.
+
+    Args:
+        model: Checkpoint folder, hub id, known shape (with `dummy`) or `tiny-moe`.
+        device: Where compute runs (`"cuda"`; `"cpu"` works too, for tests).
+        expert_memory_bytes: Device memory for expert slots (the rest of a budget goes to the
+            dense part, KV cache and activations: the caller decides the split).
+        dtype: Model dtype; default: the checkpoint's.
+        store: A store file from `moe-core pack` to read the experts from (fast start); default:
+            pack them from the checkpoint's shards (or the dummy weights) now.
+        policy: Eviction policy (on-demand); default LRU.
+        kind: `"on_demand"` or `"streaming"`.
+        resident: Streaming only: experts kept resident.
+        dummy: Random weights from `config.json`, drawn on the host: the model equals
+            `load_model(model, "cpu", dtype, dummy=True)` (then moved to `device`).
+        num_layers: Keep only the first `num_layers` decoder layers.
+
+    Raises:
+        ValueError: the budget cannot hold the slots the executor needs, or the store file does
+            not match the model.
+        CheckpointError / ConfigError: as `load_model` and `HostExpertStore.from_packed`.
+    """
+    device = torch.device(device)
+    started = time.perf_counter()
+    if store is not None:
+        header = read_header(store)  # fail fast, before loading anything
+        net = load_model(model, device, dtype, dummy=dummy, num_layers=num_layers,
+                         load_experts=False)
+        _check_store_matches(header, net, store)
+        host = HostExpertStore.from_packed(store)
+    elif dummy:
+        # The whole dummy model is drawn on the host (so it equals `load_model(dummy=True)` on
+        # the CPU), its experts packed, then freed, and the dense rest moved to the device.
+        net = load_model(model, "cpu", dtype, dummy=True, num_layers=num_layers)
+        host = HostExpertStore.from_model(net)
+        for block in net.moe_blocks():
+            for param in block.experts.parameters():
+                param.data = torch.empty(0, dtype=param.dtype)
+        net.to(device)
+    else:
+        host = HostExpertStore.from_checkpoint(resolve_model_path(model), dtype,
+                                               num_layers=num_layers)
+        net = load_model(model, device, dtype, num_layers=num_layers, load_experts=False)
+    store_seconds = time.perf_counter() - started
+    layout = host.layout
+    top_k = net.spec.moe.router.top_k
+    needed = top_k if kind == "on_demand" else 2 + len(resident or [])
+    pool = GpuSlotPool.for_budget(layout, expert_memory_bytes, device,
+                                  max_slots=len(host.experts()) + (2 if kind == "streaming" else 0))
+    if pool.num_slots < needed:
+        raise ValueError(f"{format_bytes(expert_memory_bytes)} of expert memory holds "
+                         f"{pool.num_slots} expert slots of {format_bytes(layout.nbytes)}; the "
+                         f"{kind} executor needs at least {needed}")
+    runtime = install_offloading(net, host, pool, make_copy_engine(device), policy, kind,
+                                 resident=resident or ())
+    return OffloadedModel(net, runtime, store_seconds)
+
+
+def _check_store_matches(header: PackedHeader, net: MoEForCausalLM, path: str | Path) -> None:
+    spec = net.spec
+    expected = (spec.hidden_size, spec.moe.expert_intermediate_size, spec.moe.num_experts)
+    got = (header.hidden_size, header.intermediate_size, header.num_experts)
+    missing = [layer for layer in spec.moe_layers if layer not in header.moe_layers]
+    if got != expected or missing:
+        raise ValueError(f"{path}: the store holds experts of shape (hidden, width, experts) "
+                         f"{got} for layers {list(header.moe_layers)}; the model needs "
+                         f"{expected} for layers {list(spec.moe_layers)}")
