@@ -1,27 +1,71 @@
-"""`moe-infinity`: latency-first serving with activation-aware expert offloading.
+"""`moe-infinity`: activation tracing and cache simulation (the serving engine comes later).
 
-The engine's commands arrive with their issues; for now the app reports its version and the
-moe-core runtime it runs on.
+Thin commands: each parses its options, builds a config, calls one library function and prints.
+Results go to stdout (`--json`: one JSON object); progress and notes to stderr; user mistakes
+are one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from moe_core import TINY_MODEL_NAME, MoECoreError
+from rich.console import Console
 
 import moe_infinity
+from moe_infinity.errors import MoEInfinityError
+from moe_infinity.evaluation import EvaluationPlan, evaluate
+from moe_infinity.policy_setup import DEFAULT_POLICIES, parse_policies
+from moe_infinity.prompts import read_prompts
+from moe_infinity.render import plot_hit_rates, print_report, report_dict
+from moe_infinity.trace_file import load_traces, save_traces
+from moe_infinity.trace_run import TraceConfig
 
-__all__ = ["app"]
+__all__ = ["app", "user_errors"]
 
 app = typer.Typer(
-    help="moe-infinity: latency-first serving with activation-aware expert offloading.",
+    help="moe-infinity: activation-aware expert offloading: trace requests, simulate caches.",
     no_args_is_help=True,
     add_completion=False,
 )
+_err = Console(stderr=True)
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user mistake into one line on stderr and exit status 1."""
+    try:
+        yield
+    except (MoEInfinityError, MoECoreError, ValueError, FileNotFoundError) as exc:
+        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _emit(data: object) -> None:
+    json.dump(data, sys.stdout)
+    sys.stdout.write("\n")
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--cache-fraction takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError("--cache-fraction needs at least one value")
+    return values
 
 
 @app.callback()
 def main() -> None:
-    """Keep `moe-infinity` a command group, so later commands sit beside `version`."""
+    """Keep `moe-infinity` a command group."""
 
 
 @app.command()
@@ -30,3 +74,93 @@ def version() -> None:
     import moe_core
 
     typer.echo(f"moe-infinity {moe_infinity.__version__} (moe-core {moe_core.__version__})")
+
+
+@app.command()
+def trace(
+    model: Annotated[str, typer.Argument(
+        help=f"Checkpoint folder, hub id, or {TINY_MODEL_NAME} (the embedded model, the "
+        "default).")] = TINY_MODEL_NAME,
+    input_path: Annotated[Path, typer.Option(
+        "--input", help="Prompts, JSONL: {\"prompt\": ...} or {\"messages\": [...]}, optional "
+        "\"id\", \"domain\", \"max_new_tokens\".")] = Path("prompts.jsonl"),
+    output: Annotated[Path, typer.Option(help="Trace file to write.")] = Path("traces.bin"),
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(
+        help="float32, bfloat16 or float16 (default: the checkpoint's).")] = None,
+    expert_dtype: Annotated[str, typer.Option(
+        help="Format experts cross PCIe in (sets bytes per expert).")] = "bfloat16",
+    as_json: AsJson = False,
+) -> None:
+    """Run prompts one at a time and record each request's expert activations."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from moe_infinity.trace_run import trace_prompts
+
+    with user_errors():
+        import moe_core
+
+        config = TraceConfig(max_new_tokens, temperature, seed, expert_dtype=expert_dtype)
+        prompts = read_prompts(input_path)
+        net = moe_core.load_model(model, device=device, dtype=dtype)
+        tokenizer = moe_core.load_tokenizer(moe_core.resolve_model_path(model, weights=False))
+        with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=_err) as progress:
+            task = progress.add_task("tracing", total=len(prompts))
+            traces = trace_prompts(net, tokenizer, prompts, model, config,  # type: ignore[arg-type]
+                                   lambda done: progress.update(task, completed=done))
+        save_traces(traces, output)
+    summary = {"output": str(output), "requests": len(traces),
+               "prompt_tokens": sum(t.num_prompt_tokens for t in traces),
+               "decode_tokens": sum(t.num_decode_tokens for t in traces),
+               "model": traces.shape.to_dict()}
+    if as_json:
+        _emit(summary)
+    else:
+        typer.echo(f"{summary['requests']} requests ({summary['prompt_tokens']} prompt tokens, "
+                   f"{summary['decode_tokens']} decoded) -> {output}")
+
+
+@app.command()
+def simulate(
+    traces_path: Annotated[Path, typer.Argument(help="Trace file from `moe-infinity trace`.")],
+    cache_fraction: Annotated[str, typer.Option(
+        help="Cache sizes as shares of all routed experts, comma-separated.")] = "0.1,0.25,0.5",
+    policy: Annotated[str, typer.Option(
+        help="Policies, comma-separated: EVICTION[+prefetch][-nolookahead] with EVICTION one "
+        "of lru, lfu, aware, belady.")] = ",".join(DEFAULT_POLICIES),
+    build_share: Annotated[float, typer.Option(
+        help="Share of the requests (the first) that build the trace collection; the rest "
+        "are replayed.")] = 0.5,
+    capacity: Annotated[int | None, typer.Option(
+        help="Collection capacity (default: all build requests).")] = None,
+    prefetch_budget: Annotated[int | None, typer.Option(
+        help="Experts prefetched per layer (default: the model's top-k).")] = None,
+    pcie_gbps: Annotated[float, typer.Option(
+        help="Host-to-GPU bandwidth, GB/s (default: measured on the H200 machine).")] = 54.7,
+    plot: Annotated[Path | None, typer.Option(help="Write hit rate vs cache size (PNG).")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Replay traces through a simulated GPU expert cache under each policy and cache size."""
+    with user_errors():
+        if pcie_gbps <= 0:
+            raise ValueError(f"--pcie-gbps must be positive, got {pcie_gbps}")
+        plan = EvaluationPlan(_fractions(cache_fraction), tuple(parse_policies(policy)),
+                              build_share, capacity, prefetch_budget=prefetch_budget,
+                              bandwidth_bytes_per_s=pcie_gbps * 1e9)
+        traces = load_traces(traces_path)
+        _err.print(f"{traces.shape.describe()}; {len(traces)} requests", highlight=False)
+        report = evaluate(traces, plan, lambda r: _err.print(
+            f"  {r.policy} at {r.cache_fraction:.0%}: hit rate {r.hit_rate:.1%}",
+            highlight=False))
+        legend = plot_hit_rates(report, plot) if plot is not None else None
+    if as_json:
+        _emit({**report_dict(report, traces.shape), "plot": str(plot) if plot else None})
+    else:
+        print_report(report, traces.shape)
+        if legend is not None:
+            _err.print(f"plot: {plot} (" + ", ".join(f"{p}: {c}" for p, c in legend) + ")",
+                       highlight=False)
