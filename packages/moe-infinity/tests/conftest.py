@@ -9,8 +9,15 @@ import moe_core
 import numpy as np
 import pytest
 from moe_core import MoEForCausalLM
-from moe_infinity import ModelShape, RequestTrace, TraceConfig, TraceSet, read_prompts
-from moe_infinity import sample_prompts_path, trace_prompts
+from moe_infinity import (
+    ModelShape,
+    RequestTrace,
+    TraceConfig,
+    TraceSet,
+    read_prompts,
+    sample_prompts_path,
+    trace_prompts,
+)
 
 SyntheticTraces = Callable[..., TraceSet]
 

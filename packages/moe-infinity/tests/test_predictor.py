@@ -6,8 +6,13 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from moe_infinity import PredictorConfig, RequestPredictor, TraceCollection, TraceSet
-from moe_infinity import measure_recall
+from moe_infinity import (
+    PredictorConfig,
+    RequestPredictor,
+    TraceCollection,
+    TraceSet,
+    measure_recall,
+)
 from moe_infinity.predictor import layer_distance, row_shares
 
 Synthetic = Callable[..., TraceSet]

@@ -9,8 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moe_infinity import ModelShape, TraceCollection, TraceFileError, TraceSet, load_traces
-from moe_infinity import save_traces
+from moe_infinity import (
+    ModelShape,
+    TraceCollection,
+    TraceFileError,
+    TraceSet,
+    load_traces,
+    save_traces,
+)
 from moe_infinity.container import FORMAT_VERSION, MAGIC
 
 SyntheticTraces = Callable[..., TraceSet]  # the `synthetic` fixture (conftest.make_traces)
