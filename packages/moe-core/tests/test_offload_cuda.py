@@ -126,11 +126,11 @@ def test_a_released_slot_is_refilled_after_its_readers(engine) -> None:  # type:
     store, pool = pinned_sources(2), poisoned_pool(1)
     first = engine.submit(store.block(ExpertId(0, 0)), pool.slot(0), CopyLane.DEMAND)
     engine.wait(first)
-    total = pool.slot(0).float().sum()  # a reader of the slot, on the current stream
+    total = pool.slot(0).double().sum()  # a reader of the slot, on the current stream (exact)
     engine.release(first)
     second = engine.submit(store.block(ExpertId(0, 1)), pool.slot(0), CopyLane.DEMAND)
     engine.wait(second)
-    assert total.item() == store.block(ExpertId(0, 0)).float().sum().item()
+    assert total.item() == store.block(ExpertId(0, 0)).double().sum().item()
     assert torch.equal(pool.slot(0).cpu(), store.block(ExpertId(0, 1)))
 
 

@@ -43,14 +43,18 @@ def logits(model: MoEForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     return model(ids).float()
 
 
-def offloaded(folder: Path, num_slots: int | None = None, **kwargs: object
-              ) -> tuple[MoEForCausalLM, OffloadRuntime]:
-    """A fresh fp32 CPU model with its experts offloaded into a CPU pool of `num_slots`."""
+def offloaded(folder: Path, num_slots: int | None = None, gather: bool = True,
+              **kwargs: object) -> tuple[MoEForCausalLM, OffloadRuntime]:
+    """A fresh fp32 CPU model with its experts offloaded into a CPU pool of `num_slots`; with
+    `gather=False` the on-demand executors always group tokens by expert."""
     model = load_model(folder, dtype="float32")
     store = HostExpertStore.from_model(model, pin=False)
     slots = num_slots or len(store.experts())
     pool = GpuSlotPool(store.layout, slots, device="cpu")
     runtime = install_offloading(model, store, pool, CpuCopyEngine(), **kwargs)  # type: ignore[arg-type]
+    if not gather:
+        for executor in runtime.executors.values():
+            executor.gather_limit_bytes = 0  # type: ignore[attr-defined]
     return model, runtime
 
 
@@ -73,8 +77,9 @@ def reference(folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return logits(model, ids), uses
 
 
-def test_on_demand_with_a_small_pool_equals_local_experts(folder: Path) -> None:
-    model, runtime = offloaded(folder, num_slots=12)
+@pytest.mark.parametrize("gather", [True, False])
+def test_on_demand_with_a_small_pool_equals_local_experts(folder: Path, gather: bool) -> None:
+    model, runtime = offloaded(folder, num_slots=12, gather=gather)
     ids = prompt(model)
     expected, uses = reference(folder, ids)
     assert_close(logits(model, ids), expected)
@@ -93,8 +98,10 @@ def test_on_demand_with_fewer_slots_than_one_layer_needs_works_in_waves() -> Non
     assert runtime.stats.misses + runtime.stats.hits == uses
 
 
-def test_a_pool_holding_every_expert_serves_the_second_pass_from_cache(folder: Path) -> None:
-    model, runtime = offloaded(folder)
+@pytest.mark.parametrize("gather", [True, False])
+def test_a_pool_holding_every_expert_serves_the_second_pass_from_cache(folder: Path,
+                                                                       gather: bool) -> None:
+    model, runtime = offloaded(folder, gather=gather)
     ids = prompt(model)
     first = logits(model, ids)
     after_first = runtime.snapshot()
@@ -242,7 +249,7 @@ def test_stats_merge_and_summary() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["on_demand", "streaming", "cpu_compute"])
+@pytest.mark.parametrize("kind", ["on_demand", "on_demand_grouped", "streaming", "cpu_compute"])
 def test_cuda_executors_equal_resident_experts_in_bf16(kind: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -265,8 +272,11 @@ def test_cuda_executors_equal_resident_experts_in_bf16(kind: str) -> None:
     if kind == "cpu_compute":
         options["cpu_compute_rule"] = lambda expert, n: expert.expert % 3 == 0
     runtime = install_offloading(model, store, pool, engine, **options)  # type: ignore[arg-type]
+    if kind == "on_demand_grouped":
+        for executor in runtime.executors.values():
+            executor.gather_limit_bytes = 0  # type: ignore[attr-defined]
     layers = [b.layer for b in model.moe_blocks()]
-    if kind == "on_demand":  # hint every expert of the next layer, most will be stale
+    if kind.startswith("on_demand"):  # hint every expert of the next layer, most will be stale
         runtime.prefetch(ExpertId(layers[1], e) for e in range(4))
     for _ in range(2):
         assert_close(logits(model, ids), expected, rtol=2e-2)
@@ -276,3 +286,19 @@ def test_cuda_executors_equal_resident_experts_in_bf16(kind: str) -> None:
     assert summary["misses"] > 0 and summary["copy_seconds"] > 0
     assert summary["stall_seconds"] >= 0
     engine.close()
+
+
+def test_fully_resident_layers_skip_the_host_read_and_count_later() -> None:
+    model, runtime = offloaded(tiny_model_path())
+    ids = prompt(model)
+    expected, uses = reference(tiny_model_path(), ids)
+    cache = runtime.cache
+    assert cache is not None
+    runtime.prefetch(runtime.store.experts())
+    runtime.drain()
+    assert all(cache.layer_lut(b.layer) is not None for b in model.moe_blocks())
+    assert_close(logits(model, ids), expected)
+    assert cache._deferred  # the uses wait to be counted: no host read happened
+    stats = runtime.snapshot()
+    assert stats.hits == stats.prefetches_used == uses and stats.misses == 0
+    assert not cache._deferred

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
+
 __all__ = ["ExpertExecutor", "LocalExperts"]
 
 
@@ -38,7 +40,8 @@ class LocalExperts(nn.Module):
 
     Each expert is a gated SiLU MLP. The weights are held per projection, `[E, out, in]`, the
     layout `nn.Linear` uses per expert, so each expert's matrix product reads one contiguous block.
-    Tokens are grouped by expert (one sort), and each used expert runs once on all its tokens.
+    Tokens are grouped by expert (one sort), and each used expert runs once on all its tokens; a
+    few tokens (decode) instead gather their experts' matrices (`gathered_experts`).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
@@ -47,6 +50,7 @@ class LocalExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert's MLP on `x` `[N, D]` -> `[N, D]`."""
@@ -56,7 +60,12 @@ class LocalExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        """See `ExpertExecutor`."""
+        """See `ExpertExecutor`. Few tokens (decode) take the gather path: no host sync, a fixed
+        number of kernels; many take the grouped path: each used expert once on all its tokens."""
+        expert_bytes = 3 * self.gate_proj[0].numel() * self.gate_proj.element_size()
+        if use_gather(expert_ids.numel(), expert_bytes, self.gather_limit_bytes):
+            return gathered_experts(hidden, expert_ids, weights, self.gate_proj, self.up_proj,
+                                    self.down_proj)
         k = expert_ids.shape[1]
         flat_ids = expert_ids.reshape(-1)  # [T*K]
         order = torch.argsort(flat_ids, stable=True)

@@ -79,10 +79,10 @@ class CopyEngine(Protocol):
         """Complete every queued copy (end of a run; never on the hot path)."""
         ...
 
-    def release(self, ticket: CopyTicket) -> None:
-        """Declare that every read of `ticket.dst` has been issued: the next copy into the same
-        destination (a slot reused for another expert) must not start before those reads end.
-        A no-op where compute and copies are ordered anyway (the CPU engine)."""
+    def release(self, *tickets: CopyTicket) -> None:
+        """Declare that every read of each ticket's `dst` has been issued: the next copy into
+        the same destination (a slot reused for another expert) must not start before those
+        reads end. A no-op where compute and copies are ordered anyway (the CPU engine)."""
         ...
 
 
@@ -125,7 +125,7 @@ class CpuCopyEngine:
         while any(self._queues.values()):
             self._run_next()
 
-    def release(self, ticket: CopyTicket) -> None:
+    def release(self, *tickets: CopyTicket) -> None:
         """Nothing to do: on the CPU, a copy runs only after the compute issued before it."""
 
     def _run_next(self) -> None:

@@ -177,15 +177,19 @@ class CudaCopyEngine:
         record = ticket.handle
         return isinstance(record, _Copy) and bool(record.end.done)
 
-    def release(self, ticket: CopyTicket) -> None:
-        """Declare that every kernel reading `ticket.dst` has been enqueued on torch's current
-        stream: the next copy into the same destination (a slot reused for another expert)
-        waits for those reads on the device instead of overwriting the slot under them."""
+    def release(self, *tickets: CopyTicket) -> None:
+        """Declare that every kernel reading the tickets' destinations has been enqueued on
+        torch's current stream: the next copy into any of them (a slot reused for another
+        expert) waits for those reads on the device instead of overwriting the slot under them.
+        One event covers every ticket of the call."""
+        if not tickets:
+            return
         with self._cupy.cuda.Device(self._index):
             event = self._cupy.cuda.Event(disable_timing=True)
         consumer = torch.cuda.current_stream(self.device).cuda_stream
         self._rt.eventRecord(event.ptr, consumer)
-        self._fences[ticket.dst.data_ptr()] = event
+        for ticket in tickets:
+            self._fences[ticket.dst.data_ptr()] = event
 
     def fence_current_stream(self) -> None:
         """Make every copy enqueued from now on (both lanes) start only after the work already

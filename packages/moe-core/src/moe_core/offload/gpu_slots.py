@@ -71,6 +71,15 @@ class GpuSlotPool:
         """`(gate [I, D], up [I, D], down [D, I])` views of slot `index`."""
         return self.layout.views(self.slot(index))
 
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(gate [S, I, D], up [S, I, D], down [S, D, I])`: every slot's matrices as strided
+        views of the one allocation (slot `s` is row `s`), for gathering by slot index."""
+        d, i, n = self.layout.hidden_size, self.layout.intermediate_size, self.layout.numel
+        rows = self.storage.view(self.num_slots, n)  # [S, N]
+        return (rows[:, : i * d].view(self.num_slots, i, d),
+                rows[:, i * d : 2 * i * d].view(self.num_slots, i, d),
+                rows[:, 2 * i * d :].view(self.num_slots, d, i))
+
     @property
     def nbytes(self) -> int:
         """Bytes of the whole pool."""

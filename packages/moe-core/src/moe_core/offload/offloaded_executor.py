@@ -13,6 +13,12 @@ fetch-on-miss plus llama.cpp's CPU experts; DESIGN.md: at batch 1 the CPU can be
 
 When one layer needs more experts than the pool can pin at once (a big batch in a small pool),
 the experts are processed in waves that each fit.
+
+Few tokens (decode) take the gather path instead: all needed experts are pinned and awaited, then
+one gathered computation reads their slots (`gathered_experts`): ~12 kernels per layer whatever K
+is, where the grouped path launches ~8 per expert and the step becomes bound by the CPU. When
+every expert of the layer is resident, even the host read of the routing is skipped: a device
+table maps expert to slot, and the uses are counted later (`ExpertSlotCache.layer_lut`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from moe_core.expert_id import ExpertId
+from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
 from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.token_groups import TokenGroups, expert_mlp
 
@@ -45,6 +52,7 @@ class OffloadedExecutor:
         self.cache = cache
         self.layer = layer
         self.cpu_compute_rule = cpu_compute_rule
+        self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Prefetch hint (experts of any layer); returns the number of copies issued."""
@@ -57,6 +65,17 @@ class OffloadedExecutor:
     def __call__(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
         """See `ExpertExecutor`: `hidden` `[T, D]`, ids and weights `[T, K]` -> `[T, D]`."""
+        if self.cpu_compute_rule is None and use_gather(
+                expert_ids.numel(), self.cache.store.layout.nbytes, self.gather_limit_bytes):
+            lut = self.cache.layer_lut(self.layer)  # [E] expert -> slot, if all resident
+            if lut is not None:  # no host read of the routing at all
+                out = gathered_experts(hidden, lut[expert_ids], weights,
+                                       *self.cache.pool.stacked())
+                self.cache.use_layer_lut(self.layer, expert_ids)
+                return out
+            out = self._gathered(hidden, expert_ids, weights)
+            if out is not None:
+                return out
         groups = TokenGroups.build(expert_ids, weights, self.cache.store.num_experts,
                                    hidden.dtype)
         needed = [ExpertId(self.layer, e) for e in groups.experts()]
@@ -82,6 +101,26 @@ class OffloadedExecutor:
         return out
 
     # Internals ------------------------------------------------------------------------------
+
+    def _gathered(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor | None:
+        """Few tokens: every needed expert pinned at once, then one gathered computation over
+        the pool's slots (`gathered_experts`). None when the pool cannot pin them all."""
+        ids = expert_ids.cpu()  # [T, K] the one host read of the layer
+        needed = [ExpertId(self.layer, e) for e in sorted(set(ids.view(-1).tolist()))]
+        self._drop_stale_prefetches(needed)
+        pending = set(self.cache.pending_prefetches())
+        if sum(1 for e in needed if e not in pending) > self.cache.capacity():
+            return None
+        order = self.cache.acquire(needed)
+        slots = self.cache.ready_slots(order)
+        lookup = torch.zeros(self.cache.store.num_experts, dtype=torch.long)  # [E] expert -> slot
+        lookup[[e.expert for e in order]] = torch.tensor(slots)
+        index = lookup[ids].to(hidden.device, non_blocking=True)  # [T, K]
+        out = gathered_experts(hidden, index, weights, *self.cache.pool.stacked())
+        self.cache.release(*order)
+        self.cache.settle()
+        return out
 
     @staticmethod
     def _accumulate(out: torch.Tensor, hidden: torch.Tensor, groups: TokenGroups, expert: int,

@@ -102,6 +102,18 @@ class ResidencyTable:
         self._pins[expert] = 1
         return SlotGrant(slot, needs_copy=True, evicted=evicted)
 
+    def touch(self, expert: ExpertId) -> None:
+        """A use of a resident expert served without pinning it (its compute was already
+        enqueued and its slot fenced): counts a hit and tells the policy.
+
+        Raises:
+            KeyError: `expert` holds no slot.
+        """
+        if expert not in self._slot_of:
+            raise KeyError(f"{expert} holds no slot")
+        self.policy.on_access(expert)
+        self.hits += 1
+
     def reserve(self, expert: ExpertId) -> SlotGrant | None:
         """Take a slot for a prefetch of `expert` without pinning it; None when it is already
         resident or no slot can be freed. The caller copies, then calls `mark_ready` (or

@@ -79,6 +79,8 @@ class OffloadRuntime:
     def snapshot(self, block: bool = False) -> OffloadStats:
         """The counters so far, with `copy_seconds` from the engine and the stalls measured so
         far (`block`: wait for the device to finish measuring, end of a run)."""
+        if self.cache is not None:
+            self.cache.flush_deferred()
         stats = self.stats.copy()
         stats.stall_seconds = self.stalls.collect(block)
         stats.copy_seconds = self.engine.copy_seconds - self._copy_seconds_at_start

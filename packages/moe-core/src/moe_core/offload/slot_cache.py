@@ -58,6 +58,9 @@ class ExpertSlotCache:
         self._in_flight: dict[ExpertId, CopyTicket] = {}  # copies not yet awaited
         self._prefetched: set[ExpertId] = set()  # prefetched, not yet used
         self._filled_by: dict[int, CopyTicket] = {}  # slot -> last copy into it
+        self._version: dict[int, int] = {}  # layer -> count of slot changes in that layer
+        self._luts: dict[int, tuple[int, torch.Tensor | None, list[CopyTicket]]] = {}
+        self._deferred: list[tuple[int, torch.Tensor]] = []  # (layer, ids) not yet counted
 
     # Demand path ----------------------------------------------------------------------------
 
@@ -72,6 +75,7 @@ class ExpertSlotCache:
         Raises:
             RuntimeError: no slot can be freed (see `capacity`).
         """
+        self.flush_deferred()  # eviction decisions need every earlier use counted
         ready: list[ExpertId] = []
         coming: list[ExpertId] = []
         fetched: list[ExpertId] = []
@@ -103,12 +107,30 @@ class ExpertSlotCache:
             raise RuntimeError(f"{expert} holds no slot; acquire it first")
         return self.pool.weights(slot)
 
-    def release(self, expert: ExpertId) -> None:
-        """Unpin `expert` after its compute has been issued, fencing its slot for the next copy."""
-        slot = self.table.slot_of(expert)
-        if slot is not None and slot in self._filled_by:
-            self.engine.release(self._filled_by[slot])
-        self.table.release(expert)
+    def ready_slots(self, experts: list[ExpertId]) -> list[int]:
+        """The slots of acquired `experts`, once all their copies have landed (on CUDA: once
+        the compute stream has been told to wait for them), timed as one stall."""
+        tickets = [self._in_flight.pop(e) for e in experts if e in self._in_flight]
+        self.stalls.wait_all(self.engine, tickets)
+        for ticket in tickets:
+            assert isinstance(ticket.key, ExpertId)
+            self.table.mark_ready(ticket.key)
+        slots = [self.table.slot_of(e) for e in experts]
+        if any(slot is None for slot in slots):
+            raise RuntimeError(f"{experts} include experts holding no slot; acquire them first")
+        return slots  # type: ignore[return-value]
+
+    def release(self, *experts: ExpertId) -> None:
+        """Unpin `experts` after their compute has been issued, fencing their slots (one event)
+        for the next copies."""
+        fills = []
+        for expert in experts:
+            slot = self.table.slot_of(expert)
+            if slot is not None and slot in self._filled_by:
+                fills.append(self._filled_by[slot])
+        self.engine.release(*fills)
+        for expert in experts:
+            self.table.release(expert)
 
     def capacity(self) -> int:
         """Slots an `acquire` may still claim when nothing is pinned: all but those held by
@@ -119,6 +141,49 @@ class ExpertSlotCache:
         """Whether `expert` holds no slot (neither ready nor on its way)."""
         return self.table.state(expert) is Residency.ABSENT
 
+    # Whole-layer fast path ------------------------------------------------------------------
+
+    def layer_lut(self, layer: int) -> torch.Tensor | None:
+        """Expert -> slot `[E]` on the device when every expert of `layer` is resident and
+        ready (no copy in flight), else None. Rebuilt only after the layer's slots changed.
+
+        With it a layer runs without reading its routing on the host: see `use_layer_lut`.
+        """
+        if any(e.layer == layer for e in self._in_flight):
+            return None
+        version = self._version.get(layer, 0)
+        cached = self._luts.get(layer)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        slots = [self.table.slot_of(ExpertId(layer, e)) for e in range(self.store.num_experts)]
+        lut = None
+        fills: list[CopyTicket] = []
+        if all(slot is not None for slot in slots):
+            lut = torch.tensor(slots, dtype=torch.long).to(self.pool.device)  # [E]
+            fills = [self._filled_by[s] for s in slots if s in self._filled_by]  # type: ignore[index]
+        self._luts[layer] = (version, lut, fills)
+        return lut
+
+    def use_layer_lut(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """After a layer's compute over its LUT was enqueued: fence the layer's slots (one
+        event) and count the uses later, when the routing is next read on the host anyway."""
+        self.engine.release(*self._luts[layer][2])
+        self._deferred.append((layer, expert_ids))
+
+    def flush_deferred(self) -> None:
+        """Count the fast path's uses: hits, and accesses for the policy (one host read)."""
+        if not self._deferred:
+            return
+        deferred, self._deferred = self._deferred, []
+        for layer, ids in deferred:
+            for e in sorted(set(ids.view(-1).tolist())):
+                expert = ExpertId(layer, e)
+                self.table.touch(expert)
+                self.stats.hits += 1
+                if expert in self._prefetched:
+                    self._prefetched.discard(expert)
+                    self.stats.prefetches_used += 1
+
     # Prefetch path --------------------------------------------------------------------------
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
@@ -126,6 +191,7 @@ class ExpertSlotCache:
 
         Stops early when no slot can be freed. Returns the number of prefetches issued.
         """
+        self.flush_deferred()
         issued = 0
         for expert in experts:
             if not self.is_absent(expert):
@@ -160,6 +226,7 @@ class ExpertSlotCache:
                 continue
             del self._in_flight[expert]
             if self.engine.cancel(ticket):
+                self._version[expert.layer] = self._version.get(expert.layer, 0) + 1
                 self.table.cancel(expert)
                 self._prefetched.discard(expert)
                 self.stats.prefetches_cancelled += 1
@@ -181,6 +248,7 @@ class ExpertSlotCache:
     # Internals ------------------------------------------------------------------------------
 
     def _submit(self, expert: ExpertId, slot: int, lane: CopyLane) -> None:
+        self._version[expert.layer] = self._version.get(expert.layer, 0) + 1
         ticket = self.engine.submit(self.store.block(expert), self.pool.slot(slot), lane,
                                     key=expert)
         self._in_flight[expert] = ticket
@@ -188,5 +256,6 @@ class ExpertSlotCache:
         self.stats.bytes_copied += ticket.nbytes
 
     def _on_evict(self, expert: ExpertId) -> None:
+        self._version[expert.layer] = self._version.get(expert.layer, 0) + 1
         self.stats.evictions += 1
         self._prefetched.discard(expert)

@@ -51,6 +51,25 @@ class StallTimer:
         after.record()
         self._pending.append((before, after))
 
+    def wait_all(self, engine: CopyEngine, tickets: list[CopyTicket]) -> None:
+        """`engine.wait` for every ticket, timed as one stall (one pair of events on CUDA)."""
+        pending = [t for t in tickets if not t.done]
+        if not self.enabled or not pending or self.device.type != "cuda":
+            if self.enabled and pending:
+                start = time.perf_counter()
+            for ticket in tickets:
+                engine.wait(ticket)
+            if self.enabled and pending:
+                self.seconds += time.perf_counter() - start
+            return
+        before = torch.cuda.Event(enable_timing=True)
+        after = torch.cuda.Event(enable_timing=True)
+        before.record()
+        for ticket in tickets:
+            engine.wait(ticket)
+        after.record()
+        self._pending.append((before, after))
+
     def collect(self, block: bool = False) -> float:
         """Add the measured CUDA stalls to `seconds` and return it.
 
