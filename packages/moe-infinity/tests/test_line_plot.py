@@ -48,6 +48,8 @@ def test_lines_are_drawn_in_their_colours() -> None:
     top, bottom = layout.margin_px // 2, layout.height_px - layout.margin_px
     row = round(bottom - 0.9 * (bottom - top))
     assert (image[row, plot_right] == PALETTE[1]).all()
+    legend = image[:, plot_right + 52 :]
+    assert (legend == (60, 60, 60)).all(axis=2).sum() > 50  # the labels' letters
 
 
 def test_bad_input() -> None:

@@ -30,7 +30,7 @@ def test_both_forms(tmp_path: Path) -> None:
     ("not json", "not JSON"), ("[1]", "JSON object"), ('{"id": 1}', "exactly one"),
     ('{"prompt": "a", "messages": [{"role": "u", "content": "c"}]}', "exactly one"),
     ('{"messages": []}', "non-empty list"), ('{"prompt": 3}', "exactly one"),
-    ('{"prompt": "a", "max_new_tokens": -1}', "non-negative"),
+    ('{"prompt": "a", "max_new_tokens": -1}', "non-negative"), ('{"prompt": " "}', "empty"),
 ])
 def test_bad_lines_are_named(tmp_path: Path, line: str, message: str) -> None:
     path = tmp_path / "p.jsonl"

@@ -90,7 +90,8 @@ def trace(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str | None, typer.Option(
-        help="float32, bfloat16 or float16 (default: the checkpoint's).")] = None,
+        help="float32, bfloat16 or float16 (default: float32 on the CPU, where bf16 matrix "
+        "products are slow; else the checkpoint's).")] = None,
     expert_dtype: Annotated[str, typer.Option(
         help="Format experts cross PCIe in (sets bytes per expert).")] = "bfloat16",
     as_json: AsJson = False,
@@ -105,6 +106,8 @@ def trace(
 
         config = TraceConfig(max_new_tokens, temperature, seed, expert_dtype=expert_dtype)
         prompts = read_prompts(input_path)
+        if dtype is None and device == "cpu":
+            dtype = "float32"
         net = moe_core.load_model(model, device=device, dtype=dtype)
         tokenizer = moe_core.load_tokenizer(moe_core.resolve_model_path(model, weights=False))
         with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -156,11 +159,11 @@ def simulate(
         report = evaluate(traces, plan, lambda r: _err.print(
             f"  {r.policy} at {r.cache_fraction:.0%}: hit rate {r.hit_rate:.1%}",
             highlight=False))
-        legend = plot_hit_rates(report, plot) if plot is not None else None
+        if plot is not None:
+            plot_hit_rates(report, plot)
     if as_json:
         _emit({**report_dict(report, traces.shape), "plot": str(plot) if plot else None})
     else:
         print_report(report, traces.shape)
-        if legend is not None:
-            _err.print(f"plot: {plot} (" + ", ".join(f"{p}: {c}" for p, c in legend) + ")",
-                       highlight=False)
+        if plot is not None:
+            _err.print(f"plot: {plot}", highlight=False)

@@ -4,9 +4,9 @@ Dimension key: H image rows, W image columns.
 
 The plot: x from 0 to the largest cache fraction, y (hit rate) from 0 to 1, light grid lines at
 every 10% of hit rate and at each cache fraction, tick labels in a built-in 3x5 pixel font
-(digits, '.', '%'), one coloured polyline with square markers per series, and a legend of colour
-swatches at the right, top to bottom in series order (the caption names them: the image carries
-no words).
+(digits, capitals and a few signs; other characters are left out), one coloured polyline with
+square markers per series, and a legend at the right: a colour swatch and the series' label in
+capitals, top to bottom in series order.
 """
 
 from __future__ import annotations
@@ -33,6 +33,18 @@ _FONT = {
     "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
     "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
     ".": ("000", "000", "000", "000", "010"), "%": ("101", "001", "010", "100", "101"),
+    "+": ("000", "010", "111", "010", "000"), "-": ("000", "000", "111", "000", "000"),
+    "A": ("010", "101", "111", "101", "101"), "B": ("110", "101", "110", "101", "110"),
+    "C": ("011", "100", "100", "100", "011"), "D": ("110", "101", "101", "101", "110"),
+    "E": ("111", "100", "110", "100", "111"), "F": ("111", "100", "110", "100", "100"),
+    "G": ("011", "100", "101", "101", "011"), "H": ("101", "101", "111", "101", "101"),
+    "I": ("111", "010", "010", "010", "111"), "K": ("101", "101", "110", "101", "101"),
+    "L": ("100", "100", "100", "100", "111"), "M": ("101", "111", "111", "101", "101"),
+    "N": ("110", "101", "101", "101", "101"), "O": ("010", "101", "101", "101", "010"),
+    "P": ("110", "101", "110", "100", "100"), "R": ("110", "101", "110", "101", "101"),
+    "S": ("011", "100", "010", "001", "110"), "T": ("111", "010", "010", "010", "010"),
+    "U": ("101", "101", "101", "101", "111"), "V": ("101", "101", "101", "101", "010"),
+    "W": ("101", "101", "111", "111", "101"), "Y": ("101", "101", "010", "010", "010"),
 }
 
 
@@ -41,7 +53,7 @@ class Series:
     """One line: its points `(x, y)` in data units, and its colour.
 
     Attributes:
-        label: Its name (for the caption; not drawn).
+        label: Its name, drawn in the legend.
         points: `(cache fraction, hit rate)` pairs; drawn in x order.
         colour: RGB.
     """
@@ -62,10 +74,10 @@ class PlotLayout:
         scale: Pixel size of one font pixel.
     """
 
-    width_px: int = 720
+    width_px: int = 960
     height_px: int = 440
     margin_px: int = 44
-    legend_px: int = 60
+    legend_px: int = 280
     scale: int = 2
 
     def __post_init__(self) -> None:
@@ -109,7 +121,7 @@ class _Canvas:
         """Draw `text` with its top-left corner at (col, row); unknown characters are skipped."""
         s = self.scale
         for i, char in enumerate(text):
-            glyph = _FONT.get(char)
+            glyph = _FONT.get(char.upper())
             if glyph is None:
                 continue
             for gr, bits in enumerate(glyph):
@@ -162,4 +174,5 @@ def line_plot(series: Sequence[Series], layout: PlotLayout = PlotLayout()) -> np
     for i, s in enumerate(series):
         row = canvas.top + 4 + i * 18
         canvas.rect(canvas.right + 16, row, canvas.right + 16 + 28, row + 10, s.colour)
+        canvas.text(s.label, canvas.right + 52, row)
     return canvas.image

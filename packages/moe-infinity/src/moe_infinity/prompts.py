@@ -84,6 +84,8 @@ def _prompt(path: Path, number: int, line: str) -> Prompt:
     text = item.get("prompt")
     if (text is None) == (messages is None) or (text is not None and not isinstance(text, str)):
         raise MoEInfinityError(f"{where}: give exactly one of 'prompt' (a string) and 'messages'")
+    if text is not None and not text.strip():
+        raise MoEInfinityError(f"{where}: empty prompt")
     limit = item.get("max_new_tokens")
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise MoEInfinityError(f"{where}: 'max_new_tokens' must be a non-negative integer")

@@ -76,16 +76,12 @@ def report_dict(report: EvaluationReport, shape: ModelShape) -> dict[str, object
     }
 
 
-def plot_hit_rates(report: EvaluationReport, path: str | Path) -> list[tuple[str, str]]:
-    """Write the hit-rate-versus-cache-size PNG; returns `(policy, colour name)` for the
-    caption, in legend order."""
-    names = ("black", "orange", "sky blue", "green", "yellow", "blue", "vermilion", "purple",
-             "grey")
+def plot_hit_rates(report: EvaluationReport, path: str | Path) -> Path:
+    """Write the hit-rate-versus-cache-size PNG (one line per policy, legend at the right)."""
     policies = list(dict.fromkeys(r.policy for r in report.results))
     series = []
     for i, policy in enumerate(policies):
         points = tuple((r.cache_fraction, r.hit_rate) for r in report.results
                        if r.policy == policy)
         series.append(Series(policy, points, PALETTE[i % len(PALETTE)]))
-    write_png(path, line_plot(series))
-    return [(p, names[i % len(names)]) for i, p in enumerate(policies)]
+    return write_png(path, line_plot(series))
