@@ -28,14 +28,16 @@ from moe_core.offload.copy_engines import make_copy_engine
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
+from moe_core.offload.loading import OffloadedModel, load_offloaded
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
+from moe_core.offload.packing import pack_model
 from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
 from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.runtime import OffloadKind, OffloadRuntime, install_offloading
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import StreamingExecutor
 from moe_core.routing import route
-from moe_core.sampling import SamplingParams
+from moe_core.sampling import SamplingParams, sample_next
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpec
 from moe_core.tokenizer import load_tokenizer, render_chat
@@ -73,6 +75,7 @@ __all__ = [
     "OffloadRuntime",
     "OffloadStats",
     "OffloadedExecutor",
+    "OffloadedModel",
     "Residency",
     "ResidencyTable",
     "RopeSpec",
@@ -86,13 +89,16 @@ __all__ = [
     "install_offloading",
     "known_shapes",
     "load_model",
+    "load_offloaded",
     "load_tokenizer",
     "make_copy_engine",
+    "pack_model",
     "parse_bytes",
     "parse_dtype",
     "render_chat",
     "resolve_model_path",
     "route",
+    "sample_next",
     "supported_architectures",
     "tiny_model_path",
 ]
