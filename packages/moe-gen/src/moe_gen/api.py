@@ -1,0 +1,176 @@
+"""`generate`: the Python API. Prompts in, results out in input order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from moe_core import MoEForCausalLM, SamplingParams, render_chat
+
+from moe_gen.batch_loop import StepStats, run_loop
+from moe_gen.engine import BatchEngine
+from moe_gen.paged_kv import PagedKV
+from moe_gen.plan import Plan
+from moe_gen.requests import GenRequest
+from moe_gen.scheduler import Scheduler
+from moe_gen.sequence import GenResult, Sequence
+
+__all__ = ["Defaults", "PromptLike", "Tokenizer", "default_plan", "generate", "run_requests"]
+
+PromptLike = str | Seq[int] | GenRequest
+Tokenizer = object  # a transformers tokenizer (encode, decode, chat template)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The job-wide generation settings each request may override.
+
+    Attributes:
+        max_new_tokens: Token limit per request.
+        temperature: 0 is greedy.
+        top_p: Nucleus threshold (None: off).
+        top_k: Top-k filter (None: off).
+        seed: Base seed; request i samples with `seed + i` unless it names its own.
+        eos_token_ids: Tokens that end a sequence (empty: never stop at EOS).
+        stop: Stop strings for every request.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)  # validates
+
+
+def default_plan(num_requests: int, max_tokens: int, *, max_batch_size: int = 64,
+                 micro_batch_size: int = 16, page_tokens: int = 16) -> Plan:
+    """A plan for a host-memory-unbounded run (tests, small jobs): KV pages for a full batch."""
+    batch = max(1, min(max_batch_size, num_requests))
+    pages_each = -(-max_tokens // page_tokens)
+    return Plan(max_batch_size=batch, micro_batch_size=min(micro_batch_size, batch),
+                max_prefill_tokens=max(max_tokens * batch, 1), page_tokens=page_tokens,
+                num_kv_pages=pages_each * batch, offload=False)
+
+
+def _prompt_ids(request: GenRequest, tokenizer: Tokenizer | None) -> list[int]:
+    if request.token_ids is not None:
+        return list(request.token_ids)
+    if tokenizer is None:
+        raise ValueError(f"request {request.id!r}: text prompts need a tokenizer")
+    if request.messages is not None:
+        return render_chat(tokenizer, request.messages)  # type: ignore[arg-type]
+    ids = tokenizer.encode(request.prompt, add_special_tokens=True)  # type: ignore[attr-defined]
+    if not ids:
+        raise ValueError(f"request {request.id!r}: the prompt has no tokens")
+    return list(ids)
+
+
+def _sequence(index: int, request: GenRequest, defaults: Defaults, tokenizer: Tokenizer | None,
+              device: torch.device) -> Sequence:
+    params = SamplingParams(
+        defaults.temperature if request.temperature is None else request.temperature,
+        defaults.top_k if request.top_k is None else request.top_k,
+        defaults.top_p if request.top_p is None else request.top_p,
+        defaults.seed + index if request.seed is None else request.seed)
+    generator = None if params.is_greedy else params.generator(device)
+    return Sequence(request.id, index, _prompt_ids(request, tokenizer),
+                    request.max_new_tokens or defaults.max_new_tokens, params,
+                    request.stop + defaults.stop, generator)
+
+
+def _as_request(index: int, prompt: PromptLike) -> GenRequest:
+    if isinstance(prompt, GenRequest):
+        return prompt
+    if isinstance(prompt, str):
+        return GenRequest(str(index), prompt=prompt)
+    return GenRequest(str(index), token_ids=tuple(int(t) for t in prompt))
+
+
+def run_requests(model: MoEForCausalLM, requests: Seq[tuple[int, GenRequest]], plan: Plan,
+                 defaults: Defaults, tokenizer: Tokenizer | None,
+                 on_result: Callable[[GenResult], None],
+                 on_step: Callable[[StepStats], None] = lambda _: None,
+                 h2d_bytes: Callable[[], int] = lambda: 0) -> BatchEngine:
+    """Run `(input index, request)` pairs through the engine sized by `plan`.
+
+    Returns:
+        The engine (its KV mover holds the KV copy counters).
+    """
+    sequences = [_sequence(i, r, defaults, tokenizer, model.device) for i, r in requests]
+    pages = PagedKV(model.spec, plan.num_kv_pages, plan.page_tokens, model.dtype,
+                    pin=model.device.type == "cuda")
+    engine = BatchEngine(model, pages, plan.micro_batch_size)
+    scheduler = Scheduler(sequences, pages, plan.max_batch_size, plan.max_prefill_tokens)
+    decode = None
+    if tokenizer is not None:
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+
+    def moved() -> int:
+        return h2d_bytes() + engine.mover.h2d_bytes
+
+    run_loop(engine, scheduler, set(defaults.eos_token_ids), decode, on_result, on_step, moved)
+    return engine
+
+
+def generate(model: MoEForCausalLM, prompts: Seq[PromptLike], *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+             seed: int = 0, eos_token_id: int | Seq[int] | None = None,
+             stop: Seq[str] = (), tokenizer: Tokenizer | None = None,
+             plan: Plan | None = None) -> list[GenResult]:
+    """Complete every prompt with module-based batching; results in input order.
+
+    Args:
+        model: A loaded model (experts local, or offloaded with the streaming runtime).
+        prompts: Text (needs `tokenizer`), token id lists, or `GenRequest`s.
+        max_new_tokens: Default token limit per prompt.
+        temperature: 0 is greedy.
+        top_p: Nucleus threshold.
+        top_k: Top-k filter.
+        seed: Base sampling seed (prompt i uses `seed + i`).
+        eos_token_id: End tokens; default: the checkpoint's generation config, else config.json.
+            Pass `[]` to never stop at EOS.
+        stop: Stop strings (need `tokenizer`).
+        tokenizer: Encodes text prompts and decodes results.
+        plan: Batch sizes and KV pages; default: `default_plan` for these prompts.
+
+    Raises:
+        ValueError: a bad setting or request.
+    """
+    requests = [(i, _as_request(i, p)) for i, p in enumerate(prompts)]
+    if not requests:
+        return []
+    defaults = Defaults(max_new_tokens, temperature, top_p, top_k, seed,
+                        frozenset(eos_ids(model, eos_token_id)), tuple(stop))
+    if plan is None:
+        longest = max(len(_prompt_ids(r, tokenizer)) for _, r in requests)
+        limit = max(r.max_new_tokens or max_new_tokens for _, r in requests)
+        plan = default_plan(len(requests), longest + limit)
+    results: list[GenResult | None] = [None] * len(requests)
+
+    def keep(result: GenResult) -> None:
+        results[result.index] = result
+
+    run_requests(model, requests, plan, defaults, tokenizer, keep)
+    return [r for r in results if r is not None]
+
+
+def eos_ids(model: MoEForCausalLM, eos_token_id: int | Seq[int] | None = None) -> set[int]:
+    """End tokens: as given, else the checkpoint's generation config, else its config.json."""
+    value: object = eos_token_id
+    if value is None:
+        value = model.generation_defaults.get("eos_token_id")
+    if value is None:
+        value = model.spec.eos_token_ids
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}  # type: ignore[union-attr]

@@ -1,0 +1,109 @@
+"""One attention micro-batch: its sequences' new tokens padded to a rectangle, their past keys
+gathered from the host pages, and the cache object the attention modules write through.
+
+Dimension key: b sequences in the micro-batch, T new tokens (the longest of them), P past
+tokens (the longest of them), S = P + T keys, D hidden.
+
+The step's hidden states are packed (`[N, D]`, real tokens only, no padding); a micro-batch
+indexes its rows out of them. moe-core's attention modules call `cache.append(layer, *new)`
+with `[b, T, ...]` tensors and attend over whatever it returns, so `MicroBatchKV` (a duck-typed
+`KVCache`) returns `[b, S, ...]`: the gathered past, then the new entries, which it also writes
+back to the host pages. The mask hides padding keys and queries and is built from positions, so
+it is right for sliding windows too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_gen.kv_mover import KVMover
+from moe_gen.paged_kv import PagedKV
+
+__all__ = ["MicroBatch", "MicroBatchKV", "SequenceInput"]
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """One sequence's part of a step.
+
+    Attributes:
+        page_table: Its host KV pages.
+        num_past: Tokens already cached.
+        token_ids: Its new tokens this step (the prompt at prefill, one token at decode).
+        first_row: Row of its first new token in the step's packed hidden states.
+    """
+
+    page_table: list[int]
+    num_past: int
+    token_ids: list[int]
+    first_row: int
+
+
+class MicroBatch:
+    """Index tensors, positions and masks of a micro-batch (built on the host, moved once)."""
+
+    def __init__(self, seqs: list[SequenceInput], pages: PagedKV, device: torch.device) -> None:
+        b = len(seqs)
+        t = max(len(s.token_ids) for s in seqs)
+        p = max(s.num_past for s in seqs)
+        lengths = torch.tensor([len(s.token_ids) for s in seqs])  # [b]
+        past = torch.tensor([s.num_past for s in seqs])  # [b]
+        steps = torch.arange(t)
+        valid = steps[None, :] < lengths[:, None]  # [b, T]
+        rows = torch.tensor([s.first_row for s in seqs])[:, None] + steps[None, :]  # [b, T]
+        self.num_past = p
+        self.valid = valid.to(device)
+        self.rows = rows.masked_fill(~valid, 0).to(device)  # padding reads row 0, dropped after
+        self.real_rows = rows[valid].to(device)  # [n]
+        self.positions = (past[:, None] + steps[None, :]).to(device)  # [b, T]
+        past_slots = torch.zeros(b, p, dtype=torch.long)
+        new_slots = []
+        for i, s in enumerate(seqs):
+            if s.num_past:
+                past_slots[i, : s.num_past] = pages.slots(s.page_table, 0, s.num_past)
+            new_slots.append(pages.slots(s.page_table, s.num_past,
+                                         s.num_past + len(s.token_ids)))
+        self.past_slots = past_slots.flatten()  # [b*P], on the host (the gather index)
+        self.new_slots = torch.cat(new_slots)  # [n], on the host
+        past_valid = torch.arange(p)[None, :] < past[:, None]  # [b, P]
+        key_pos = torch.cat((torch.arange(p).expand(b, p), past[:, None] + steps), dim=1)
+        self._key_valid = torch.cat((past_valid, valid), dim=1).to(device)  # [b, S]
+        self._key_pos = key_pos.to(device)  # [b, S]
+        self.shape = (b, t)
+
+    def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask `[b, 1, T, S]`: causal by position, padding hidden, optional window."""
+        q = self.positions[:, :, None]  # [b, T, 1]
+        k = self._key_pos[:, None, :]  # [b, 1, S]
+        allowed = (k <= q) & self._key_valid[:, None, :]  # [b, T, S]
+        if sliding_window is not None:
+            allowed &= q - k < sliding_window
+        # Every sequence has a real first token, so no query row is all masked (no NaN).
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class MicroBatchKV:
+    """The duck-typed cache the attention modules of one micro-batch write through."""
+
+    def __init__(self, batch: MicroBatch, pages: PagedKV, mover: KVMover) -> None:
+        self.batch = batch
+        self.pages = pages
+        self.mover = mover
+
+    def append(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store the new entries `[b, T, ...]` in the host pages; return `[b, P + T, ...]`."""
+        batch = self.batch
+        b, _ = batch.shape
+        out = []
+        for arena, new in zip(self.pages.arenas[layer], tensors, strict=True):
+            self.mover.scatter(arena, batch.new_slots, new[batch.valid])
+            if batch.num_past == 0:
+                out.append(new)
+                continue
+            past = self.mover.gather(arena, batch.past_slots)  # [b*P, ...]
+            past = past.view(b, batch.num_past, *new.shape[2:]).to(new.dtype)
+            out.append(torch.cat((past, new), dim=1))  # [b, S, ...]
+        return tuple(out)

@@ -1,0 +1,68 @@
+"""Loading a model for generation: dense part on the device, routed experts in pinned host memory
+streamed through GPU slots (moe-core's streaming executor), the planned resident set kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from moe_core import (
+    ExpertId,
+    GpuSlotPool,
+    HostExpertStore,
+    MoEForCausalLM,
+    OffloadRuntime,
+    install_offloading,
+    load_model,
+    make_copy_engine,
+)
+
+from moe_gen.plan import Plan
+
+__all__ = ["LoadedModel", "install_streaming", "load_for_generation"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine.
+
+    Attributes:
+        model: The model.
+        runtime: Its offload runtime, when experts are streamed.
+    """
+
+    model: MoEForCausalLM
+    runtime: OffloadRuntime | None
+
+
+def load_for_generation(name: str, device: str, dtype: str | None, *, dummy: bool = False,
+                        num_layers: int | None = None, seed: int = 0) -> MoEForCausalLM:
+    """The whole model, drawn or read on the host (the experts are packed from it later); the
+    dense part moves to `device` in `install_streaming`."""
+    del device  # experts must never land on a small GPU whole; see install_streaming
+    return load_model(name, "cpu", dtype, dummy=dummy, num_layers=num_layers, seed=seed)
+
+
+def install_streaming(model: MoEForCausalLM, plan: Plan, device: str | torch.device
+                      ) -> LoadedModel:
+    """Pack the routed experts into a host store, free them from the model, move the dense part
+    to `device`, and stream experts per the plan (or keep them all when `plan.offload` is off).
+
+    Raises:
+        ValueError: the plan's resident set plus ring exceeds the experts there are.
+    """
+    device = torch.device(device)
+    if not plan.offload or not model.moe_blocks():
+        return LoadedModel(model.to(device), None)
+    store = HostExpertStore.from_model(model, pin=device.type == "cuda")
+    for block in model.moe_blocks():
+        for param in block.experts.parameters():
+            param.data = torch.empty(0, dtype=param.dtype)
+    model.to(device)
+    experts: list[ExpertId] = store.experts()
+    resident = experts[: min(plan.num_resident_experts, len(experts))]
+    pool = GpuSlotPool(store.layout, len(resident) + plan.ring_size, device)
+    runtime = install_offloading(model, store, pool, make_copy_engine(device), kind="streaming",
+                                 resident=resident, ring_size=plan.ring_size,
+                                 drop_local_experts=True)
+    return LoadedModel(model, runtime)

@@ -1,0 +1,85 @@
+"""The engine's sizing: what the planner chooses and what the engine obeys."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["Plan", "Prediction"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The cost model's view of one decode step of a plan (seconds unless named otherwise).
+
+    Attributes:
+        step_s: Predicted decode step time.
+        pcie_s: Host-to-device copies: streamed experts plus the KV of every micro-batch.
+        expert_pcie_s: The streamed-expert part of `pcie_s`.
+        kv_pcie_s: The KV part of `pcie_s`.
+        gpu_s: Device compute: expert matrix products, attention, dense projections.
+        cpu_s: Host work on the critical path: gathering KV pages into staging.
+        bound_s: The physical bound of a step: bytes that must cross PCIe over the measured
+            bandwidth, or the FLOPs over the measured matmul rate, whichever is larger.
+        tokens_per_s: Predicted decode tokens per second (`batch / step_s`).
+        bound_tokens_per_s: Decode tokens per second at the bound.
+    """
+
+    step_s: float
+    pcie_s: float
+    expert_pcie_s: float
+    kv_pcie_s: float
+    gpu_s: float
+    cpu_s: float
+    bound_s: float
+    tokens_per_s: float
+    bound_tokens_per_s: float
+
+    def to_dict(self) -> dict[str, float]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Batch sizes and memory split of a run.
+
+    Attributes:
+        max_batch_size: B, sequences carried through each layer per step.
+        micro_batch_size: Sequences per attention micro-batch.
+        max_prefill_tokens: Prompt tokens admitted per step (bounds prefill activations).
+        page_tokens: Tokens per KV page.
+        num_kv_pages: Pages of the host KV cache.
+        num_resident_experts: Routed experts kept in GPU slots for good (layer by layer from
+            the first MoE layer); the rest stream through the ring.
+        ring_size: Streaming ring slots.
+        offload: Whether routed experts run through the streaming executor at all (False:
+            every expert stays in the model, the all-resident case).
+        prediction: The cost model's prediction, when a planner made the plan.
+    """
+
+    max_batch_size: int
+    micro_batch_size: int
+    max_prefill_tokens: int
+    page_tokens: int
+    num_kv_pages: int
+    num_resident_experts: int = 0
+    ring_size: int = 2
+    offload: bool = True
+    prediction: Prediction | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "micro_batch_size", "max_prefill_tokens", "page_tokens",
+                     "num_kv_pages"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Plan.{name} must be positive, got {getattr(self, name)}")
+        if self.num_resident_experts < 0:
+            raise ValueError(f"Plan.num_resident_experts must be >= 0, got "
+                             f"{self.num_resident_experts}")
+        if self.ring_size < 2:
+            raise ValueError(f"Plan.ring_size must be at least 2, got {self.ring_size}")
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready (the prediction nested)."""
+        out: dict[str, object] = {k: v for k, v in asdict(self).items() if k != "prediction"}
+        out["prediction"] = None if self.prediction is None else self.prediction.to_dict()
+        return out
