@@ -8,11 +8,13 @@ loader maps checkpoint names with a few per-family renames (see `architectures`)
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moe_core.kv_cache import KVCache
 from moe_core.layers.attention import GQAAttention
@@ -88,6 +90,20 @@ def attention_mask_for(key_valid: torch.Tensor, num_past: int, num_new: int,
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]  # [B, 1, T, S]
 
 
+def _attention_backends(device: torch.device) -> AbstractContextManager[object]:
+    """SDPA without the cuDNN backend on CUDA.
+
+    cuDNN builds an execution plan per key length, and decoding meets a new key length every
+    step: on the H200 that cost 1.3 ms of CPU per layer per token (60 ms per token for
+    Qwen3-30B-A3B), against 60 us for the memory-efficient kernel, which takes the same additive
+    mask.
+    """
+    if device.type != "cuda":
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
 class MoEForCausalLM(nn.Module):
     """A MoE decoder-only language model.
 
@@ -157,8 +173,9 @@ class MoEForCausalLM(nn.Module):
             window_mask = attention_mask_for(key_valid, num_past, t,
                                              self.spec.attention.sliding_window, h.dtype)
         rope = self.rotary(position_ids, h.dtype)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, rope, window_mask if i in self.spec.sliding_layers else mask, cache)
+        with _attention_backends(h.device):
+            for i, layer in enumerate(self.model.layers):
+                h = layer(h, rope, window_mask if i in self.spec.sliding_layers else mask, cache)
         if cache is not None:
             cache.commit(new_valid)
         if last_only:

@@ -232,16 +232,34 @@ class CudaCopyEngine:
         with cuda.Device(self._index):
             if fence is not None:
                 self._rt.streamWaitEvent(stream, fence.ptr, 0)
-            start = cuda.Event() if self.time_copies else None
+            start = self._start_event(lane, fenced=fence is not None)
             end = cuda.Event(disable_timing=not self.time_copies)
-            if start is not None:
-                self._rt.eventRecord(start.ptr, stream)
             self._rt.memcpyAsync(ticket.dst.data_ptr(), ticket.src.data_ptr(), ticket.nbytes,
                                  self._rt.memcpyHostToDevice, stream)
             self._rt.eventRecord(end.ptr, stream)
         ticket.handle = _Copy(start, end)
         self._in_flight[lane].append(ticket)
         self.bytes_copied += ticket.nbytes
+
+    def _start_event(self, lane: CopyLane, fenced: bool) -> Any:
+        """The event that marks where this copy starts on `lane`'s stream, for timing.
+
+        Copies queued back to back start when the previous one ends, so its end event serves;
+        a new start event is recorded only when the stream is idle or the copy waits on a
+        fence. Each event record is a command the DMA engine executes between copies, and at
+        1 MB copies a start event per copy cost ~10% of the bandwidth (H200).
+        """
+        if not self.time_copies:
+            return None
+        flights = self._in_flight[lane]
+        if flights and not fenced:
+            previous = flights[-1].handle
+            assert isinstance(previous, _Copy)
+            if not previous.end.done:
+                return previous.end
+        start = self._cupy.cuda.Event()
+        self._rt.eventRecord(start.ptr, self._stream_ptr[lane])
+        return start
 
     def _reap(self) -> None:
         """Mark landed copies done, oldest first per stream (a stream completes in order)."""
