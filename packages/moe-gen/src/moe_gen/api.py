@@ -17,7 +17,8 @@ from moe_gen.requests import GenRequest
 from moe_gen.scheduler import Scheduler
 from moe_gen.sequence import GenResult, Sequence
 
-__all__ = ["Defaults", "PromptLike", "Tokenizer", "default_plan", "generate", "run_requests"]
+__all__ = ["Defaults", "PromptLike", "Tokenizer", "default_plan", "generate", "prompt_ids",
+           "run_requests"]
 
 PromptLike = str | Seq[int] | GenRequest
 Tokenizer = object  # a transformers tokenizer (encode, decode, chat template)
@@ -61,7 +62,8 @@ def default_plan(num_requests: int, max_tokens: int, *, max_batch_size: int = 64
                 num_kv_pages=pages_each * batch, offload=False)
 
 
-def _prompt_ids(request: GenRequest, tokenizer: Tokenizer | None) -> list[int]:
+def prompt_ids(request: GenRequest, tokenizer: Tokenizer | None) -> list[int]:
+    """The prompt tokens of `request` (text encoded, chats rendered with the template)."""
     if request.token_ids is not None:
         return list(request.token_ids)
     if tokenizer is None:
@@ -82,7 +84,7 @@ def _sequence(index: int, request: GenRequest, defaults: Defaults, tokenizer: To
         defaults.top_p if request.top_p is None else request.top_p,
         defaults.seed + index if request.seed is None else request.seed)
     generator = None if params.is_greedy else params.generator(device)
-    return Sequence(request.id, index, _prompt_ids(request, tokenizer),
+    return Sequence(request.id, index, prompt_ids(request, tokenizer),
                     request.max_new_tokens or defaults.max_new_tokens, params,
                     request.stop + defaults.stop, generator)
 
@@ -152,7 +154,7 @@ def generate(model: MoEForCausalLM, prompts: Seq[PromptLike], *, max_new_tokens:
     defaults = Defaults(max_new_tokens, temperature, top_p, top_k, seed,
                         frozenset(eos_ids(model, eos_token_id)), tuple(stop))
     if plan is None:
-        longest = max(len(_prompt_ids(r, tokenizer)) for _, r in requests)
+        longest = max(len(prompt_ids(r, tokenizer)) for _, r in requests)
         limit = max(r.max_new_tokens or max_new_tokens for _, r in requests)
         plan = default_plan(len(requests), longest + limit)
     results: list[GenResult | None] = [None] * len(requests)

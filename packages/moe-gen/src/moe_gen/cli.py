@@ -1,27 +1,66 @@
 """`moe-gen`: offline, throughput-first batch generation with module-based batching.
 
-The engine's commands arrive with their issues; for now the app reports its version and the
-moe-core runtime it runs on.
+Thin commands: parse, build a config, call one library function, print. Results and the summary
+go to stdout, progress to stderr; a user mistake is one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import torch
 import typer
+from moe_core import TINY_MODEL_NAME, ModelSpec, MoECoreError, parse_bytes, resolve_model_path
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import moe_gen
+from moe_gen.api import Defaults
+from moe_gen.job import JobConfig, JobOutcome, plan_job, run_job, sample_input
+from moe_gen.render import plan_lines, summary_lines
 
-__all__ = ["app"]
+__all__ = ["app", "user_errors"]
 
 app = typer.Typer(
     help="moe-gen: offline, throughput-first batch generation with module-based batching.",
     no_args_is_help=True,
     add_completion=False,
 )
+_err = Console(stderr=True)
+
+Model = Annotated[str, typer.Argument(
+    help=f"Checkpoint folder, hub id, {TINY_MODEL_NAME} (the embedded model, the default) or a "
+    "shipped shape with --dummy.")]
+GpuMemory = Annotated[str, typer.Option(help="GPU memory budget of the whole process.")]
+HostMemory = Annotated[str, typer.Option(help="Host memory for the expert store and KV pages.")]
+Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if present).")]
+Dtype = Annotated[str | None, typer.Option(help="Model dtype (default bf16 on GPU, fp32 on CPU).")]
+Dummy = Annotated[bool, typer.Option("--dummy", help="Random weights of the model's shapes.")]
+Layers = Annotated[int | None, typer.Option(help="Keep only the first N decoder layers.")]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user mistake into one line on stderr and exit status 1."""
+    try:
+        yield
+    except (MoECoreError, ValueError, FileNotFoundError) as exc:
+        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @app.callback()
 def main() -> None:
-    """Keep `moe-gen` a command group, so later commands sit beside `version`."""
+    """Keep `moe-gen` a command group."""
 
 
 @app.command()
@@ -30,3 +69,98 @@ def version() -> None:
     import moe_core
 
     typer.echo(f"moe-gen {moe_gen.__version__} (moe-core {moe_core.__version__})")
+
+
+@app.command()
+def run(
+    model: Model = TINY_MODEL_NAME,
+    input: Annotated[Path | None, typer.Option(
+        "--input", help="Requests: JSONL (id, prompt or messages, optional overrides) or plain "
+        "text, one prompt per line. Default: an embedded sample.")] = None,
+    output: Annotated[Path, typer.Option(help="Results JSONL (resumes: finished ids are "
+                                              "skipped).")] = Path("moe-gen-out.jsonl"),
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit per request.")] = 64,
+    gpu_memory: GpuMemory = "12GiB",
+    host_memory: HostMemory = "64GiB",
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = None,
+    seed: Annotated[int, typer.Option(help="Base sampling seed.")] = 0,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Always run to the limit.")
+                          ] = False,
+    device: Device = None, dtype: Dtype = None, dummy: Dummy = False, num_layers: Layers = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write the run record moe-cap reads to this file.")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Write the full report (plan, profile, predicted vs measured, counters).")] = None,
+) -> None:
+    """Complete every request of --input into --output."""
+    with user_errors():
+        config = JobConfig(model, input or sample_input(), output,
+                           Defaults(max_new_tokens, temperature, top_p, None, seed),
+                           parse_bytes(gpu_memory), parse_bytes(host_memory), _device(device),
+                           dtype, dummy, num_layers, eos=not ignore_eos)
+        outcome = _run_with_progress(config)
+    for line in summary_lines(outcome):
+        typer.echo(line)
+    if json_path is not None and outcome.record is not None:
+        json_path.write_text(json.dumps(outcome.record, indent=1) + "\n", encoding="utf-8")
+    if report is not None:
+        report.write_text(json.dumps(_report(config, outcome), indent=1) + "\n",
+                          encoding="utf-8")
+
+
+def _run_with_progress(config: JobConfig) -> JobOutcome:
+    columns = (TextColumn("[bold]moe-gen"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=_err, transient=False) as progress:
+        task = progress.add_task("requests", total=None, rate="")
+        tokens = [0, 0.0]
+
+        def start(total: int, done: int) -> None:
+            progress.update(task, total=total, completed=done)
+
+        def step(stats: object) -> None:
+            tokens[0] += len(stats.chunks)  # type: ignore[attr-defined]
+            tokens[1] += stats.seconds  # type: ignore[attr-defined]
+            rate = tokens[0] / tokens[1] if tokens[1] else 0.0
+            progress.update(task, rate=f"{rate:,.0f} tok/s")
+
+        return run_job(config, start, lambda _: progress.advance(task), step)
+
+
+def _report(config: JobConfig, outcome: JobOutcome) -> dict[str, object]:
+    return {"engine": f"moe-gen {moe_gen.__version__}", "model": config.model,
+            "device": config.device, "dtype": str(config.torch_dtype),
+            "gpu_memory_bytes": config.gpu_memory_bytes,
+            "host_memory_bytes": config.host_memory_bytes,
+            "plan": outcome.plan.to_dict(),
+            "profile": outcome.profile.to_dict() if outcome.profile else None,
+            "summary": outcome.summary.to_dict(), "skipped": outcome.skipped}
+
+
+@app.command()
+def plan(
+    model: Model = TINY_MODEL_NAME,
+    gpu_memory: GpuMemory = "12GiB",
+    host_memory: HostMemory = "64GiB",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length to plan for.")] = 512,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length to plan for.")] = 256,
+    num_requests: Annotated[int, typer.Option(help="Requests in the job.")] = 4096,
+    device: Device = None, dtype: Dtype = None, num_layers: Layers = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Profile this machine and print the plan, its predicted step time and the bound."""
+    with user_errors():
+        spec = ModelSpec.from_pretrained(resolve_model_path(model, weights=False))
+        spec = spec if num_layers is None else spec.truncated(num_layers)
+        config = JobConfig(model, Path(), Path(), gpu_memory_bytes=parse_bytes(gpu_memory),
+                           host_memory_bytes=parse_bytes(host_memory), device=_device(device),
+                           dtype=dtype)
+        chosen, profile = plan_job(config, spec, prompt_tokens, max_new_tokens, num_requests)
+    if as_json:
+        json.dump({"model": model, "plan": chosen.to_dict(), "profile": profile.to_dict()},
+                  sys.stdout)
+        sys.stdout.write("\n")
+        return
+    for line in plan_lines(chosen, profile):
+        typer.echo(line)

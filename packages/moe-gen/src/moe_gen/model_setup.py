@@ -35,7 +35,7 @@ class LoadedModel:
     runtime: OffloadRuntime | None
 
 
-def load_for_generation(name: str, device: str, dtype: str | None, *, dummy: bool = False,
+def load_for_generation(name: str, device: str, dtype: torch.dtype | None, *, dummy: bool = False,
                         num_layers: int | None = None, seed: int = 0) -> MoEForCausalLM:
     """The whole model, drawn or read on the host (the experts are packed from it later); the
     dense part moves to `device` in `install_streaming`."""

@@ -1,0 +1,150 @@
+"""The cost model: predicted decode step time and memory of a candidate plan.
+
+Terms of one decode step of B sequences at context C (the engine's order of work):
+- attention phase, per layer and micro-batch, one after another: gather the micro-batch's KV
+  pages on the host (CPU term), copy them over PCIe (PCIe term), attend and project (GPU term);
+- MoE phase: every non-resident expert the batch activates crosses PCIe once while the previous
+  one computes, so the phase takes the larger of the expert copies and the expert products.
+
+The bound is what no schedule can beat with this memory split: the bytes that must cross PCIe
+(streamed experts and the batch's KV) over the measured bandwidth, or the FLOPs over the measured
+matmul rate, whichever is larger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from moe_core import ModelSpec
+
+from moe_gen.plan import Prediction
+from moe_gen.profile import DeviceProfile
+
+__all__ = ["Candidate", "ModelCosts", "gpu_bytes", "predict"]
+
+# Device operations one micro-batch's attention issues per layer (norm, projections, rotary,
+# gathers, concatenations, mask, attention, write-back): each pays the launch latency.
+_OPS_PER_MICRO_BATCH = 40
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The free choices of a plan.
+
+    Attributes:
+        batch: B.
+        micro_batch: Sequences per attention micro-batch.
+        num_resident: Routed experts resident on the GPU.
+        prefill_tokens: Prompt tokens admitted per step.
+    """
+
+    batch: int
+    micro_batch: int
+    num_resident: int
+    prefill_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Sizes of `spec` the model needs (bytes in the run dtype).
+
+    Attributes:
+        spec: The model.
+        dtype_bytes: Bytes per element.
+    """
+
+    spec: ModelSpec
+    dtype_bytes: int
+
+    @classmethod
+    def of(cls, spec: ModelSpec, dtype: torch.dtype) -> ModelCosts:
+        """Costs of `spec` stored as `dtype`."""
+        return cls(spec, torch.empty(0, dtype=dtype).element_size())
+
+    @property
+    def expert_bytes(self) -> int:
+        """One routed expert."""
+        moe = self.spec.moe
+        return 3 * self.spec.hidden_size * moe.expert_intermediate_size * self.dtype_bytes
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts of the whole model."""
+        return self.spec.num_moe_layers * self.spec.moe.num_experts
+
+    @property
+    def dense_bytes(self) -> int:
+        """Everything but the routed experts."""
+        return self.spec.dense_params * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV of one token over every layer."""
+        return self.spec.num_layers * self.spec.attention.kv_elements_per_token() * self.dtype_bytes
+
+    def streamed_experts(self, batch: int, num_resident: int) -> float:
+        """Expected non-resident experts a decode step of `batch` tokens activates (uniform
+        routing: the worst case for caching, and what dummy weights do)."""
+        moe = self.spec.moe
+        per_layer = moe.num_experts
+        active = 1.0 - (1.0 - moe.router.top_k / per_layer) ** batch
+        return max(self.num_experts - num_resident, 0) * active
+
+    def flops_per_token(self) -> float:
+        """Matrix-product FLOPs of one token through the model (activated experts only)."""
+        spec = self.spec
+        embedding = spec.vocab_size * spec.hidden_size  # a lookup, not a product
+        return 2.0 * (spec.active_params_per_token - embedding * (not spec.tie_word_embeddings))
+
+    def attention_work_bytes_per_key(self) -> int:
+        """Device bytes one cached key costs while its micro-batch attends (gathered copy, the
+        concatenation, the per-head expansion of GQA groups or of the MLA latent)."""
+        att = self.spec.attention
+        if att.kind == "mla":
+            nope = att.qk_nope_head_dim or 0
+            per_key = att.num_heads * (2 * nope + att.v_head_dim + att.head_dim)
+        else:
+            per_key = 2 * att.num_heads * att.head_dim
+        return (per_key + 2 * att.kv_elements_per_token()) * self.dtype_bytes
+
+    def activation_bytes(self, num_tokens: int, num_seqs: int) -> int:
+        """Peak activations of a step of `num_tokens` tokens (hidden copies, one expert's
+        intermediate products on every token in the worst case, float32 logits)."""
+        spec = self.spec
+        width = max(spec.moe.expert_intermediate_size, spec.dense_intermediate_size or 0,
+                    spec.moe.shared_intermediate_size or 0)
+        per_token = (8 * spec.hidden_size + 3 * width) * self.dtype_bytes
+        return num_tokens * per_token + 2 * num_seqs * spec.vocab_size * 4
+
+
+def gpu_bytes(costs: ModelCosts, c: Candidate, context: int, ring: int) -> int:
+    """Device memory of a candidate: dense part, expert slots, activations, attention work."""
+    slots = (c.num_resident + ring) * costs.expert_bytes
+    act = costs.activation_bytes(c.batch + c.prefill_tokens, c.batch)
+    work = c.micro_batch * context * costs.attention_work_bytes_per_key()
+    return costs.dense_bytes + slots + act + work
+
+
+def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: int) -> Prediction:
+    """Predicted decode step of candidate `c` at mean context `context`."""
+    spec = costs.spec
+    kv_bytes = c.batch * context * costs.kv_bytes_per_token
+    streamed_bytes = costs.streamed_experts(c.batch, c.num_resident) * costs.expert_bytes
+    expert_pcie = streamed_bytes / profile.h2d_bytes_per_s
+    kv_pcie = kv_bytes / profile.h2d_bytes_per_s if profile.device != "cpu" else 0.0
+    cpu = kv_bytes / profile.gather_bytes_per_s
+    flops = c.batch * costs.flops_per_token()
+    expert_flops = (c.batch * spec.num_moe_layers * spec.moe.router.top_k * 2 * 3
+                    * spec.hidden_size * spec.moe.expert_intermediate_size)
+    expert_gpu = expert_flops / profile.matmul_flops_per_s
+    other_gpu = (flops - expert_flops) / profile.matmul_flops_per_s
+    attention = c.batch * context * spec.num_layers / profile.attention_keys_per_s
+    launches = -(-c.batch // c.micro_batch) * spec.num_layers * _OPS_PER_MICRO_BATCH
+    gpu = expert_gpu + other_gpu + attention + launches * profile.launch_s
+    step = max(expert_pcie, expert_gpu) + kv_pcie + cpu + gpu - expert_gpu
+    bound = max((streamed_bytes + kv_bytes) / profile.h2d_bytes_per_s,
+                flops / profile.matmul_flops_per_s)
+    return Prediction(step_s=step, pcie_s=expert_pcie + kv_pcie, expert_pcie_s=expert_pcie,
+                      kv_pcie_s=kv_pcie, gpu_s=gpu, cpu_s=cpu, bound_s=bound,
+                      tokens_per_s=c.batch / step, bound_tokens_per_s=c.batch / bound)

@@ -1,0 +1,104 @@
+"""The planner: search batch size, micro-batch size and resident experts for the plan the cost
+model predicts fastest, within the GPU and host memory budgets.
+
+Larger B amortises every streamed expert over more tokens but grows the KV traffic and the host
+KV cache linearly; larger micro-batches cost device memory that resident experts could use. The
+search is small (powers of two), so it is exhaustive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from moe_core import ModelSpec, format_bytes
+
+from moe_gen.cost_model import Candidate, ModelCosts, gpu_bytes, predict
+from moe_gen.plan import Plan
+from moe_gen.profile import DeviceProfile
+
+__all__ = ["Budget", "make_plan"]
+
+_RING = 2
+_PAGE_TOKENS = 16
+_MAX_BATCH = 4096
+_MAX_PREFILL_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the plan must fit in.
+
+    Attributes:
+        gpu_bytes: The whole process's device memory (weights, slots, KV work, activations).
+        host_bytes: Host memory for the expert store and the KV pages.
+        prompt_tokens: Longest prompt expected.
+        max_new_tokens: Longest generation expected.
+        num_requests: Requests in the job (no point in a batch larger).
+        reserve_bytes: Device memory kept free for the allocator and kernels' workspace.
+    """
+
+    gpu_bytes: int
+    host_bytes: int
+    prompt_tokens: int
+    max_new_tokens: int
+    num_requests: int = _MAX_BATCH
+    reserve_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_bytes", "host_bytes", "prompt_tokens", "max_new_tokens",
+                     "num_requests"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Budget.{name} must be positive, got {getattr(self, name)}")
+
+
+def _powers(limit: int) -> list[int]:
+    out, n = [], 1
+    while n <= limit:
+        out.append(n)
+        n *= 2
+    return out if out[-1] == limit else [*out, limit]
+
+
+def _candidates(costs: ModelCosts, budget: Budget, context: int) -> list[Candidate]:
+    """Every feasible candidate, each with as many resident experts as its memory leaves."""
+    max_tokens = budget.prompt_tokens + budget.max_new_tokens
+    host_kv = budget.host_bytes - costs.num_experts * costs.expert_bytes
+    found = []
+    for batch in _powers(min(_MAX_BATCH, budget.num_requests)):
+        if batch * max_tokens * costs.kv_bytes_per_token > host_kv:
+            break
+        prefill = max(budget.prompt_tokens, min(_MAX_PREFILL_TOKENS, batch * budget.prompt_tokens))
+        for micro in _powers(min(batch, 256)):
+            base = Candidate(batch, micro, 0, prefill)
+            free = budget.gpu_bytes - budget.reserve_bytes - gpu_bytes(costs, base, context, _RING)
+            if free < 0:
+                continue
+            resident = min(free // costs.expert_bytes, costs.num_experts)
+            found.append(Candidate(batch, micro, int(resident), prefill))
+    return found
+
+
+def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budget: Budget) -> Plan:
+    """The plan with the highest predicted decode tokens/s.
+
+    Raises:
+        ValueError: nothing fits (the message says what the dense part and one slot need).
+    """
+    costs = ModelCosts.of(spec, dtype)
+    context = budget.prompt_tokens + budget.max_new_tokens // 2  # mean over a generation
+    found = _candidates(costs, budget, context)
+    if not found:
+        need = costs.dense_bytes + (_RING * costs.expert_bytes)
+        raise ValueError(f"nothing fits: the dense part and a ring of {_RING} expert slots alone "
+                         f"need {format_bytes(need)} of GPU memory (budget "
+                         f"{format_bytes(budget.gpu_bytes)}), or the host budget "
+                         f"{format_bytes(budget.host_bytes)} holds no KV cache after the experts")
+    scored = [(predict(costs, profile, c, context), c) for c in found]
+    prediction, best = max(scored, key=lambda pc: (pc[0].tokens_per_s, -pc[1].batch))
+    all_resident = best.num_resident >= costs.num_experts
+    pages = best.batch * -(-(budget.prompt_tokens + budget.max_new_tokens) // _PAGE_TOKENS)
+    return Plan(max_batch_size=best.batch, micro_batch_size=best.micro_batch,
+                max_prefill_tokens=best.prefill_tokens, page_tokens=_PAGE_TOKENS,
+                num_kv_pages=pages, num_resident_experts=best.num_resident, ring_size=_RING,
+                offload=not all_resident, prediction=prediction)

@@ -1,0 +1,100 @@
+"""A short on-device profile: the rates the cost model needs, measured where the job runs.
+
+On a GPU it takes about a second; on the CPU the sizes shrink so it stays well under that. Each
+figure is the best of a few repetitions after a warm-up (the planner wants capability, not noise).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from moe_core import ModelSpec
+
+__all__ = ["DeviceProfile", "profile_device"]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Measured rates of one machine.
+
+    Attributes:
+        device: `"cuda"` or `"cpu"`, with the GPU's name where there is one.
+        h2d_bytes_per_s: Pinned host-to-device copy rate (PCIe; a memcpy on the CPU).
+        gather_bytes_per_s: Host rate of gathering KV pages into a staging buffer.
+        matmul_flops_per_s: Matrix-product rate at expert-like shapes.
+        attention_keys_per_s: Decode attention: (query token, key, layer) triples per second on
+            the device, at the model's head shape.
+        cpu_attention_keys_per_s: The same with torch's CPU kernels (for planning CPU attention).
+        launch_s: Fixed cost of one small device operation (launch and dispatch latency); a
+            micro-batch pays some tens of them per layer.
+    """
+
+    device: str
+    h2d_bytes_per_s: float
+    gather_bytes_per_s: float
+    matmul_flops_per_s: float
+    attention_keys_per_s: float
+    cpu_attention_keys_per_s: float
+    launch_s: float
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+def _best(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def _attention_rate(spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch: int,
+                    keys: int) -> float:
+    att = spec.attention
+    heads = att.num_heads
+    dim = att.head_dim  # MLA attends its re-expanded heads, of this width too
+    q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype)
+    k = torch.randn(batch, heads, keys, dim, device=device, dtype=dtype)
+    seconds = _best(lambda: F.scaled_dot_product_attention(q, k, k), device)
+    return batch * keys / seconds
+
+
+def profile_device(spec: ModelSpec, device: str | torch.device, dtype: torch.dtype
+                   ) -> DeviceProfile:
+    """Measure the rates the cost model needs for `spec` on `device`."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    mib = 64 if cuda else 16
+    host = torch.ones(mib << 20, dtype=torch.uint8, pin_memory=cuda)
+    target = torch.empty_like(host, device=device)
+    h2d = host.numel() / _best(lambda: target.copy_(host, non_blocking=True), device)
+    rows = host.view(-1, 4096)  # 4 KiB rows: about one token of one layer's KV
+    index = torch.randperm(rows.shape[0])
+    out = torch.empty_like(rows)
+    gather = host.numel() / _best(lambda: torch.index_select(rows, 0, index, out=out),
+                                  torch.device("cpu"))
+    n = 2048 if cuda else 256
+    width = min(spec.hidden_size, 4096) if cuda else 256
+    a = torch.randn(n, width, device=device, dtype=dtype)
+    b = torch.randn(width, width, device=device, dtype=dtype)
+    flops = 2 * n * width * width / _best(lambda: a @ b, device)
+    batch, keys = (64, 1024) if cuda else (4, 128)
+    attention = _attention_rate(spec, device, dtype, batch, keys)
+    cpu_attention = (_attention_rate(spec, torch.device("cpu"), torch.float32, 4, 128)
+                     if cuda else attention)
+    tiny = torch.ones(8, device=device, dtype=dtype)
+    launch = _best(lambda: [tiny.add_(0) for _ in range(20)], device) / 20
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    return DeviceProfile(name, h2d, gather, flops, attention, cpu_attention, launch)

@@ -1,0 +1,54 @@
+"""Plain-text renderings of a plan and of a job's summary (stdout)."""
+
+from __future__ import annotations
+
+from moe_core import format_bytes
+
+from moe_gen.job import JobOutcome
+from moe_gen.plan import Plan
+from moe_gen.profile import DeviceProfile
+
+__all__ = ["plan_lines", "summary_lines"]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f} ms"
+
+
+def plan_lines(plan: Plan, profile: DeviceProfile | None) -> list[str]:
+    """The plan, the predicted decode step split into its terms, and the bound."""
+    lines = [f"batch {plan.max_batch_size} sequences, attention micro-batches of "
+             f"{plan.micro_batch_size}, up to {plan.max_prefill_tokens} prompt tokens per step",
+             f"experts: {plan.num_resident_experts} resident, "
+             + (f"the rest streamed through a ring of {plan.ring_size}" if plan.offload
+                else "all resident (nothing streamed)"),
+             f"KV cache: {plan.num_kv_pages} host pages of {plan.page_tokens} tokens"]
+    if profile is not None:
+        lines.append(f"profile ({profile.device}): PCIe {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, "
+                     f"KV gather {profile.gather_bytes_per_s / 1e9:.1f} GB/s, matmul "
+                     f"{profile.matmul_flops_per_s / 1e12:.1f} TFLOP/s")
+    p = plan.prediction
+    if p is not None:
+        lines += [f"predicted decode step {_ms(p.step_s)}: PCIe {_ms(p.pcie_s)} (experts "
+                  f"{_ms(p.expert_pcie_s)}, KV {_ms(p.kv_pcie_s)}), GPU {_ms(p.gpu_s)}, "
+                  f"CPU {_ms(p.cpu_s)}",
+                  f"predicted decode {p.tokens_per_s:,.0f} tok/s; bound {_ms(p.bound_s)} per "
+                  f"step = {p.bound_tokens_per_s:,.0f} tok/s"]
+    return lines
+
+
+def summary_lines(outcome: JobOutcome) -> list[str]:
+    """The end-of-job summary."""
+    s = outcome.summary
+    lines = [f"{s.requests} requests done ({outcome.skipped} already in the output), "
+             f"{s.prompt_tokens} prompt + {s.output_tokens} generated tokens in {s.wall_s:.2f} s",
+             f"prefill {s.prefill_tokens_per_s:,.0f} tok/s, decode {s.decode_tokens_per_s:,.0f} "
+             f"tok/s, end-to-end {s.end_to_end_tokens_per_s:,.0f} tok/s",
+             f"host-to-device {format_bytes(s.h2d_bytes)} (experts {format_bytes(s.expert_bytes)})"
+             f", compute waiting on expert copies {s.stall_share:.0%} of step time"]
+    if s.predicted_decode_step_s is not None:
+        measured = ("n/a (no full-batch decode step)" if s.measured_decode_step_s is None
+                    else _ms(s.measured_decode_step_s))
+        lines.append(f"decode step: predicted {_ms(s.predicted_decode_step_s)}, measured "
+                     f"{measured}")
+    return lines
