@@ -102,6 +102,7 @@ class BatchEngine:
             h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]  # [N, D]
             timing.attention_s += t1 - t0
             timing.moe_s += time.perf_counter() - t1
+        self.mover.flush()
         last = torch.tensor([s.first_row + len(s.token_ids) - 1 for s in seqs], device=device)
         logits = model.lm_head(model.model.norm(h[last])).float()  # [n, V]
         if device.type == "cuda":

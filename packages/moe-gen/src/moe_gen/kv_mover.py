@@ -19,7 +19,7 @@ _RING = 4
 
 
 class KVMover:
-    """Gathers arena slots to the device and scatters new entries back.
+    """Gathers arena slots to the device and writes new entries back (at `flush`).
 
     Attributes:
         device: The compute device.
@@ -35,6 +35,7 @@ class KVMover:
         self._staging: list[torch.Tensor | None] = [None] * _RING
         self._events: list[torch.cuda.Event | None] = [None] * _RING
         self._next = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def gather(self, arena: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Rows `slots` `[N]` of `arena` `[slots, ...]` on the device: `[N, ...]`."""
@@ -61,8 +62,24 @@ class KVMover:
         return out
 
     def scatter(self, arena: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-        """Write `values` `[N, ...]` (on the device) into rows `slots` `[N]` of `arena`."""
-        host = values.to("cpu", arena.dtype)
-        if self._on_cuda:
-            self.d2h_bytes += host.numel() * host.element_size()
-        arena.index_copy_(0, slots, host)
+        """Queue `values` `[N, ...]` (on the device) for rows `slots` `[N]` of `arena`.
+
+        The write happens at `flush`: new entries are read only by later steps, and deferring
+        them keeps the device queue free of syncs inside the step (a sync per micro-batch would
+        serialise each gather with the previous micro-batch's copy and attention).
+        """
+        self._pending.append((arena, slots, values))
+
+    def flush(self) -> None:
+        """Write every queued entry into its arena (one device-to-host copy per arena)."""
+        by_arena: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for item in self._pending:
+            by_arena.setdefault(id(item[0]), []).append(item)
+        self._pending = []
+        for items in by_arena.values():
+            arena = items[0][0]
+            slots = torch.cat([i[1] for i in items])
+            host = torch.cat([i[2] for i in items]).to("cpu", arena.dtype)
+            if self._on_cuda:
+                self.d2h_bytes += host.numel() * host.element_size()
+            arena.index_copy_(0, slots, host)

@@ -43,24 +43,27 @@ def load_for_generation(name: str, device: str, dtype: torch.dtype | None, *, du
     return load_model(name, "cpu", dtype, dummy=dummy, num_layers=num_layers, seed=seed)
 
 
-def install_streaming(model: MoEForCausalLM, plan: Plan, device: str | torch.device
-                      ) -> LoadedModel:
+def install_streaming(model: MoEForCausalLM, plan: Plan, device: str | torch.device,
+                      store: HostExpertStore | None = None) -> LoadedModel:
     """Pack the routed experts into a host store, free them from the model, move the dense part
     to `device`, and stream experts per the plan (or keep them all when `plan.offload` is off).
+    With `store` given (a model loaded without experts), the experts come from it instead.
 
     Raises:
         ValueError: the plan's resident set plus ring exceeds the experts there are.
     """
     device = torch.device(device)
-    if not plan.offload or not model.moe_blocks():
+    if (not plan.offload and store is None) or not model.moe_blocks():
         return LoadedModel(model.to(device), None)
-    store = HostExpertStore.from_model(model, pin=device.type == "cuda")
+    if store is None:
+        store = HostExpertStore.from_model(model, pin=device.type == "cuda")
     for block in model.moe_blocks():
         for param in block.experts.parameters():
             param.data = torch.empty(0, dtype=param.dtype)
     model.to(device)
     experts: list[ExpertId] = store.experts()
-    resident = experts[: min(plan.num_resident_experts, len(experts))]
+    keep = plan.num_resident_experts if plan.offload else len(experts)  # experts only in store
+    resident = experts[: min(keep, len(experts))]
     pool = GpuSlotPool(store.layout, len(resident) + plan.ring_size, device)
     runtime = install_offloading(model, store, pool, make_copy_engine(device), kind="streaming",
                                  resident=resident, ring_size=plan.ring_size,
