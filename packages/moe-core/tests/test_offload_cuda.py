@@ -138,3 +138,14 @@ def test_wrong_devices_are_refused(engine) -> None:  # type: ignore[no-untyped-d
     with pytest.raises(ValueError, match="host memory"):
         engine.submit(torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda"),
                       CopyLane.DEMAND)
+
+
+def test_pinned_arenas_are_registered_at_their_exact_size() -> None:
+    from moe_core.offload.pinned_memory import pinned_empty
+
+    arena = pinned_empty(3 * 2**20 + 5, torch.bfloat16)  # not a power of two
+    assert arena.is_pinned() and arena.numel() == 3 * 2**20 + 5
+    arena.copy_(torch.arange(arena.numel()) % 97)
+    on_gpu = arena.to("cuda", non_blocking=True)
+    assert torch.equal(on_gpu.cpu(), arena)
+    del arena, on_gpu  # unregisters before the memory is freed

@@ -201,3 +201,12 @@ def test_store_to_slots_through_the_cpu_engine(qwen2_folder: Path) -> None:
     engine.wait(engine.submit(store.block(expert), pool.slot(1), CopyLane.DEMAND, key=expert))
     for a, b in zip(pool.weights(1), store.weights(expert), strict=True):
         assert torch.equal(a, b)
+
+
+def test_pinned_memory_needs_cuda() -> None:
+    from moe_core.offload.pinned_memory import pinned_empty
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        pinned_empty(4, torch.float32)

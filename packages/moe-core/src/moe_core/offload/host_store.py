@@ -7,8 +7,8 @@ Each MoE layer's experts live in one arena `[E * N]` (one allocation), expert `e
 not one per tensor, because pinning is slow per call and the pinned page count is what matters;
 pinned because pageable host memory crosses PCIe at ~6 GB/s instead of ~55 (DESIGN.md).
 
-Note on pinned sizes: torch's caching host allocator rounds pinned requests up to a power of two
-below its `pinned_max_round_threshold`; large arenas are allocated at their exact size.
+Pinned arenas are registered host allocations of their exact size (`pinned_memory`): torch's own
+pinned allocator rounds each request up to a power of two, up to twice the memory.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from moe_core.expert_id import ExpertId
 from moe_core.loader import fused_expert_name, fused_expert_part
 from moe_core.model import MoEForCausalLM
 from moe_core.offload.layout import ExpertLayout
+from moe_core.offload.pinned_memory import pinned_empty
 from moe_core.spec import ModelSpec
 
 __all__ = ["HostExpertStore"]
@@ -74,10 +75,11 @@ class HostExpertStore:
 
         `pin=True` without CUDA falls back to pageable memory (`is_pinned` tells which).
         """
-        pinned = _should_pin(pin)
-        arenas = {layer: torch.empty(num_experts * layout.numel, dtype=layout.dtype,
-                                     pin_memory=pinned)  # [E * N]
-                  for layer in moe_layers}
+        numel = num_experts * layout.numel
+        if _should_pin(pin):
+            arenas = {layer: pinned_empty(numel, layout.dtype) for layer in moe_layers}  # [E*N]
+        else:
+            arenas = {layer: torch.empty(numel, dtype=layout.dtype) for layer in moe_layers}
         return cls(layout, arenas, num_experts)
 
     @classmethod
