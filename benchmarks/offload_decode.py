@@ -294,6 +294,13 @@ def run_peer(args: argparse.Namespace, record: dict[str, Any]) -> None:
     torch.cuda.empty_cache()
 
 
+def save(path: Path | None, record: dict[str, Any]) -> None:
+    """Write `record` as JSON to `path` (if any)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     """Parse arguments, run, write JSON, print a summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -313,12 +320,11 @@ def main() -> None:
                               "prompt_tokens": args.prompt_tokens, "dtype": "bfloat16"}
     started = time.perf_counter()
     run_ours(args, record)
+    save(args.out, record)  # before the peer, whose host memory may get the process killed
     if not args.skip_peer:
         run_peer(args, record)
     record["wall_s"] = time.perf_counter() - started
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    save(args.out, record)
     print(json.dumps({k: v for k, v in record.items() if not k.endswith("_profile")}, indent=1))
 
 
