@@ -118,6 +118,7 @@ def run_ours(args: argparse.Namespace, record: dict[str, Any]) -> None:
     resident = decode_times(step, first, args.tokens)
     record["resident"] = summarise(resident)
     print(f"resident executor: {record['resident']['median_ms']:.2f} ms/token", flush=True)
+    save(args.out, record)
     record["resident_profile"] = profile_step(step, first)
     for block in model.moe_blocks():  # the grouped path, for comparison
         block.experts.gather_limit_bytes = 0
@@ -150,6 +151,7 @@ def run_ours(args: argparse.Namespace, record: dict[str, Any]) -> None:
     record["all_cached"]["hit_rate"] = after.hit_rate
     record["all_cached_profile"] = profile_step(step, first)
     print(f"all cached: {record['all_cached']['median_ms']:.2f} ms/token", flush=True)
+    save(args.out, record)
     del runtime, pool
     gc.collect()
     torch.cuda.empty_cache()
@@ -181,6 +183,7 @@ def run_ours(args: argparse.Namespace, record: dict[str, Any]) -> None:
             record["nothing_cached_profile"] = profile_step(step, first)
         record[label] = entry
         print(f"{label}: {entry['median_ms']:.2f} ms/token", flush=True)
+        save(args.out, record)
         del runtime, pool, engine
         gc.collect()
         torch.cuda.empty_cache()
