@@ -82,7 +82,7 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
     store = dummy_store(model.spec, dtype, pin=device == "cuda")
     load_s = time.perf_counter() - t0
     profile = profile_device(model.spec, device, dtype)
-    reserve = parse_bytes("1GiB") if device == "cuda" else 0
+    reserve = parse_bytes("1.5GiB") if device == "cuda" else 0
     plan = make_plan(model.spec, dtype, profile,
                      Budget(parse_bytes(budget), parse_bytes(args.host_memory), args.prompt_tokens,
                             args.new_tokens, args.num_prompts, reserve))

@@ -20,10 +20,11 @@ NUM_NEW = 10
 SIZES = [(1, 1, 64, 4), (3, 2, 6, 4), (8, 3, 64, 16), (8, 8, 12, 3)]
 
 
-def plan(batch: int, micro: int, prefill: int, page: int, offload: bool = False) -> Plan:
+def plan(batch: int, micro: int, prefill: int, page: int, offload: bool = False,
+         pairs: int = 1 << 62) -> Plan:
     return Plan(max_batch_size=batch, micro_batch_size=micro, max_prefill_tokens=prefill,
                 page_tokens=page, num_kv_pages=batch * (-(-(9 + NUM_NEW) // page)),
-                num_resident_experts=3, offload=offload)
+                num_resident_experts=3, max_attention_pairs=pairs, offload=offload)
 
 
 def eos_for(free: list[list[int]]) -> list[int]:
@@ -32,9 +33,9 @@ def eos_for(free: list[list[int]]) -> list[int]:
 
 
 def check(model: MoEForCausalLM, expected: list[list[int]], eos: list[int], sizes: tuple[int, ...],
-          offload: bool = False) -> None:
+          offload: bool = False, pairs: int = 1 << 62) -> None:
     results = generate(model, PROMPTS, max_new_tokens=NUM_NEW, eos_token_id=eos,
-                       plan=plan(*sizes, offload=offload))
+                       plan=plan(*sizes, offload=offload, pairs=pairs))
     assert [r.id for r in results] == [str(i) for i in range(len(PROMPTS))]
     for i, (result, want) in enumerate(zip(results, expected, strict=True)):
         assert list(result.token_ids) == want, f"request {i}"
@@ -69,3 +70,9 @@ def test_streamed_experts_give_the_same_tokens(case: tuple) -> None:
     check(loaded.model, with_eos, eos, SIZES[1], offload=True)
     stats = loaded.runtime.summary()
     assert stats["hits"] > 0 and stats["misses"] > 0  # both resident and streamed experts ran
+
+
+def test_attention_pair_cap_splits_prefill_micro_batches(case: tuple) -> None:
+    folder, _, with_eos, eos = case
+    model = load_model(folder, dtype="float32")
+    check(model, with_eos, eos, (8, 8, 64, 4), pairs=40)  # prompts alone or in twos

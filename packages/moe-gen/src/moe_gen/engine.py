@@ -53,20 +53,37 @@ class BatchEngine:
         micro_batch_size: Sequences per attention micro-batch.
     """
 
-    def __init__(self, model: MoEForCausalLM, pages: PagedKV, micro_batch_size: int) -> None:
-        if micro_batch_size <= 0:
-            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    def __init__(self, model: MoEForCausalLM, pages: PagedKV, micro_batch_size: int,
+                 max_attention_pairs: int = 1 << 62) -> None:
+        if micro_batch_size <= 0 or max_attention_pairs <= 0:
+            raise ValueError(f"micro_batch_size and max_attention_pairs must be positive, got "
+                             f"{micro_batch_size} and {max_attention_pairs}")
         self.model = model
         self.pages = pages
         self.mover = KVMover(model.device)
         self.micro_batch_size = micro_batch_size
+        self.max_attention_pairs = max_attention_pairs
 
     def _micro_batches(self, seqs: Sequence[SequenceInput]) -> list[MicroBatch]:
-        """Sequences of similar new-token counts share a micro-batch (little padding)."""
+        """Sequences of similar new-token counts share a micro-batch (little padding); a
+        micro-batch closes at `micro_batch_size` sequences or `max_attention_pairs` padded
+        query-key pairs, whichever comes first (always at least one sequence)."""
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].token_ids), seqs[i].num_past))
-        size = self.micro_batch_size
-        return [MicroBatch([seqs[i] for i in order[k : k + size]], self.pages, self.model.device)
-                for k in range(0, len(order), size)]
+        groups: list[list[SequenceInput]] = []
+        current: list[SequenceInput] = []
+        longest_new = longest_keys = 0
+        for i in order:
+            seq = seqs[i]
+            new, keys = len(seq.token_ids), seq.num_past + len(seq.token_ids)
+            pairs = (len(current) + 1) * max(longest_new, new) * max(longest_keys, keys)
+            if current and (len(current) == self.micro_batch_size
+                            or pairs > self.max_attention_pairs):
+                groups.append(current)
+                current, longest_new, longest_keys = [], 0, 0
+            current.append(seq)
+            longest_new, longest_keys = max(longest_new, new), max(longest_keys, keys)
+        groups.append(current)
+        return [MicroBatch(g, self.pages, self.model.device) for g in groups]
 
     @torch.no_grad()
     def step(self, seqs: Sequence[SequenceInput], timing: StepTiming | None = None

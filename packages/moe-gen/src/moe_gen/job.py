@@ -110,7 +110,7 @@ def plan_job(config: JobConfig, spec: ModelSpec, prompt_tokens: int, max_new: in
              num_requests: int) -> tuple[Plan, DeviceProfile]:
     """Profile the device and let the planner size the run."""
     profile = profile_device(spec, config.device, config.torch_dtype)
-    reserve = 1 << 30 if config.device == "cuda" else 0
+    reserve = 3 << 29 if config.device == "cuda" else 0  # 1.5 GiB: allocator slack, kernels
     budget = Budget(config.gpu_memory_bytes, config.host_memory_bytes, prompt_tokens, max_new,
                     num_requests, reserve)
     return make_plan(spec, config.torch_dtype, profile, budget), profile

@@ -52,6 +52,9 @@ class Plan:
         num_resident_experts: Routed experts kept in GPU slots for good (layer by layer from
             the first MoE layer); the rest stream through the ring.
         ring_size: Streaming ring slots.
+        max_attention_pairs: Query-key pairs one attention micro-batch may hold (sequences x
+            new tokens x keys): prefill micro-batches (hundreds of queries per sequence) get
+            fewer sequences, so their score matrices fit where a decode micro-batch's KV does.
         offload: Whether routed experts run through the streaming executor at all (False:
             every expert stays in the model, the all-resident case).
         prediction: The cost model's prediction, when a planner made the plan.
@@ -64,12 +67,13 @@ class Plan:
     num_kv_pages: int
     num_resident_experts: int = 0
     ring_size: int = 2
+    max_attention_pairs: int = 1 << 62
     offload: bool = True
     prediction: Prediction | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "micro_batch_size", "max_prefill_tokens", "page_tokens",
-                     "num_kv_pages"):
+                     "num_kv_pages", "max_attention_pairs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Plan.{name} must be positive, got {getattr(self, name)}")
         if self.num_resident_experts < 0:

@@ -23,6 +23,9 @@ _RING = 2
 _PAGE_TOKENS = 16
 _MAX_BATCH = 4096
 _MAX_PREFILL_TOKENS = 8192
+# Device bytes per query-key pair of a prefill micro-batch where attention materialises its scores
+# (float32 scores, the softmax, and slack for the expanded keys): caps its sequences.
+_SCORE_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,10 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
     prediction, best = max(scored, key=lambda pc: (pc[0].tokens_per_s, -pc[1].batch))
     all_resident = best.num_resident >= costs.num_experts
     pages = best.batch * -(-(budget.prompt_tokens + budget.max_new_tokens) // _PAGE_TOKENS)
+    pairs = max(best.micro_batch * context * costs.attention_work_bytes_per_key()
+                // (costs.spec.attention.num_heads * _SCORE_BYTES), 1)
     return Plan(max_batch_size=best.batch, micro_batch_size=best.micro_batch,
                 max_prefill_tokens=best.prefill_tokens, page_tokens=_PAGE_TOKENS,
                 num_kv_pages=pages, num_resident_experts=best.num_resident, ring_size=_RING,
+                max_attention_pairs=pairs,
                 offload=not all_resident, prediction=prediction)

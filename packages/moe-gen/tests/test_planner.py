@@ -1,0 +1,89 @@
+"""The planner and its cost model: plans fit their budgets, more memory never plans slower, the
+bound never exceeds the predicted step, and the CPU profile is quick. No assertion depends on a
+measured time: the cost-model tests use a fixed, made-up profile."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from moe_core import ModelSpec, parse_bytes, resolve_model_path
+from moe_gen.cost_model import Candidate, ModelCosts, gpu_bytes
+from moe_gen.planner import Budget, make_plan
+from moe_gen.profile import DeviceProfile, profile_device
+
+PROFILE = DeviceProfile("made-up GPU", h2d_bytes_per_s=50e9, gather_bytes_per_s=20e9,
+                        matmul_flops_per_s=500e12, attention_keys_per_s=4e8,
+                        cpu_attention_keys_per_s=1e7, launch_s=1e-5)
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def mixtral() -> ModelSpec:
+    spec = ModelSpec.from_pretrained(resolve_model_path("mixtral-8x7b", weights=False))
+    return spec.truncated(8)
+
+
+def budget(gpu: str, host: str = "100GiB", requests: int = 4096) -> Budget:
+    return Budget(parse_bytes(gpu), parse_bytes(host), 512, 256, requests, parse_bytes("1GiB"))
+
+
+@pytest.mark.parametrize("gpu", ["6GiB", "12GiB", "24GiB"])
+def test_plan_fits_the_gpu_budget(mixtral: ModelSpec, gpu: str) -> None:
+    plan = make_plan(mixtral, BF16, PROFILE, budget(gpu))
+    costs = ModelCosts.of(mixtral, BF16)
+    chosen = Candidate(plan.max_batch_size, plan.micro_batch_size, plan.num_resident_experts,
+                       plan.max_prefill_tokens)
+    used = gpu_bytes(costs, chosen, 512 + 128, plan.ring_size)
+    assert used + parse_bytes("1GiB") <= parse_bytes(gpu)
+    assert plan.offload  # Mixtral's 22.5 GB of experts never fit these budgets
+
+
+def test_more_gpu_memory_keeps_more_experts_and_never_plans_slower(mixtral: ModelSpec) -> None:
+    plans = [make_plan(mixtral, BF16, PROFILE, budget(g)) for g in ("6GiB", "12GiB", "24GiB")]
+    resident = [p.num_resident_experts for p in plans]
+    speed = [p.prediction.tokens_per_s for p in plans]  # type: ignore[union-attr]
+    assert resident == sorted(resident) and resident[0] < resident[-1]
+    assert speed == sorted(speed)
+
+
+def test_everything_resident_when_the_gpu_holds_the_model(mixtral: ModelSpec) -> None:
+    plan = make_plan(mixtral, BF16, PROFILE, budget("60GiB"))
+    assert not plan.offload
+    assert plan.prediction is not None and plan.prediction.expert_pcie_s == 0
+
+
+def test_host_memory_bounds_the_batch(mixtral: ModelSpec) -> None:
+    roomy = make_plan(mixtral, BF16, PROFILE, budget("12GiB", "100GiB"))
+    tight = make_plan(mixtral, BF16, PROFILE, budget("12GiB", "30GiB"))
+    assert tight.max_batch_size < roomy.max_batch_size
+    assert make_plan(mixtral, BF16, PROFILE, budget("12GiB", requests=8)).max_batch_size <= 8
+
+
+def test_prediction_terms_and_bound(mixtral: ModelSpec) -> None:
+    p = make_plan(mixtral, BF16, PROFILE, budget("12GiB")).prediction
+    assert p is not None
+    assert p.bound_s <= p.step_s
+    assert p.pcie_s == pytest.approx(p.expert_pcie_s + p.kv_pcie_s)
+    assert min(p.pcie_s, p.gpu_s, p.cpu_s) >= 0
+    assert p.bound_tokens_per_s >= p.tokens_per_s
+
+
+def test_nothing_fits_is_a_clear_error(mixtral: ModelSpec) -> None:
+    with pytest.raises(ValueError, match="nothing fits"):
+        make_plan(mixtral, BF16, PROFILE, budget("1GiB"))
+
+
+def test_budget_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"Budget\.gpu_bytes"):
+        Budget(0, 1, 1, 1)
+
+
+def test_cpu_profile_is_quick_and_positive(mixtral: ModelSpec) -> None:
+    started = time.perf_counter()
+    profile = profile_device(mixtral, "cpu", torch.float32)
+    assert time.perf_counter() - started < 10  # a generous ceiling: seconds, not minutes
+    rates = [profile.h2d_bytes_per_s, profile.gather_bytes_per_s, profile.matmul_flops_per_s,
+             profile.attention_keys_per_s, profile.launch_s]
+    assert all(r > 0 for r in rates)
