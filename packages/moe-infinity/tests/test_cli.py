@@ -9,7 +9,7 @@ from pathlib import Path
 import moe_core
 import moe_infinity
 import pytest
-from moe_infinity import load_traces
+from moe_infinity import TraceCollection, load_traces
 from moe_infinity.cli import app
 from moe_infinity.png import PNG_SIGNATURE
 from typer.testing import CliRunner
@@ -50,16 +50,18 @@ def test_trace_writes_a_trace_file(traced: Path) -> None:
 
 
 def test_simulate_json_and_plot(traced: Path, tmp_path: Path) -> None:
-    plot = tmp_path / "hit.png"
+    plot, kept = tmp_path / "hit.png", tmp_path / "collection.bin"
     result = CliRunner().invoke(app, ["simulate", str(traced), "--cache-fraction", "0.25,0.5",
                                       "--policy", "lru,aware+prefetch,belady", "--plot",
-                                      str(plot), "--json"])
+                                      str(plot), "--collection-out", str(kept), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(data["results"]) == 6
     assert {r["policy"] for r in data["results"]} == {"lru", "aware+prefetch", "belady"}
     assert data["model"]["num_experts"] == 16
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
+    collection = TraceCollection.load(kept, expect=load_traces(traced).shape)
+    assert len(collection) == data["build_requests"]
 
 
 def test_simulate_table(traced: Path) -> None:
@@ -78,6 +80,7 @@ def test_simulate_table(traced: Path) -> None:
     (["simulate", "{traces}", "--pcie-gbps", "0"], "pcie-gbps"),
     (["simulate", "{prompts}"], "not a moe-infinity traces file"),
     (["trace", "--input", "{missing}"], "cannot read"),
+    (["trace", "--input", "{prompts}", "--lookahead-input", "x"], "lookahead_input"),
 ])
 def test_user_mistakes_are_one_line(traced: Path, args: list[str], message: str) -> None:
     paths = {"missing": str(traced.parent / "missing"), "traces": str(traced),

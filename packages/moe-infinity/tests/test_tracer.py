@@ -9,6 +9,7 @@ import pytest
 import torch
 from moe_core import MoEForCausalLM
 from moe_infinity import ActivationTracer, TraceSet
+from moe_infinity.tracer import LookaheadInput
 
 
 def _prompt(tokenizer: object) -> list[int]:
@@ -50,25 +51,34 @@ def test_eam_equals_recount_of_routing(tiny: MoEForCausalLM, tokenizer: object) 
     assert (trace.step_counts.sum(axis=2) == trace.step_tokens[:, None] * top_k).all()
 
 
-def test_lookahead_is_next_router_on_block_input(tiny: MoEForCausalLM,
-                                                 tokenizer: object) -> None:
+@pytest.mark.parametrize("form", ["block_input", "next_norm"])
+def test_lookahead_is_next_router_on_this_layers_hidden_state(tiny: MoEForCausalLM,
+                                                               tokenizer: object,
+                                                               form: LookaheadInput) -> None:
     blocks = tiny.moe_blocks()
-    inputs: list[torch.Tensor] = []  # block inputs of the prefill, layer order
-    handles = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()))
-               for b in blocks]
+    norms = [tiny.model.layers[b.layer].post_attention_layernorm for b in blocks]
+    residuals: list[torch.Tensor] = []  # each layer's residual stream before its MoE block
+    handles = [n.register_forward_pre_hook(lambda m, a: residuals.append(a[0].clone()))
+               for n in norms]
     try:
-        with torch.no_grad(), ActivationTracer(tiny, lookahead_top=16) as tracer:
+        with torch.no_grad(), ActivationTracer(tiny, lookahead_input=form) as tracer:
             tracer.begin_request()
             tiny(torch.tensor([_prompt(tokenizer)]))
             trace = tracer.end_request("r")
     finally:
         for h in handles:
             h.remove()
+    assert len(residuals) == len(blocks)  # the tracer runs no module hooks of its own
     assert not trace.lookahead[:, 0].any()
-    for row in range(1, len(blocks)):
-        hidden = inputs[row - 1].reshape(-1, inputs[row - 1].shape[-1])
-        want = torch.softmax(blocks[row].gate.logits(hidden).float(), -1).sum(0)
-        np.testing.assert_allclose(trace.lookahead[0, row], want.numpy(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for row in range(1, len(blocks)):
+            norm = norms[row - 1] if form == "block_input" else norms[row]
+            hidden = norm(residuals[row - 1]).reshape(-1, residuals[row - 1].shape[-1])
+            want = torch.softmax(blocks[row].gate.logits(hidden).float(), -1).sum(0)  # [E]
+            top = want.topk(tracer.lookahead_top).indices
+            want = torch.zeros_like(want).index_copy(0, top, want[top])  # only the top kept
+            np.testing.assert_allclose(trace.lookahead[0, row], want.numpy(), rtol=1e-5,
+                                       atol=1e-6)
 
 
 def test_lookahead_keeps_only_the_top_experts(sample_traces: TraceSet) -> None:

@@ -94,6 +94,10 @@ def trace(
         "products are slow; else the checkpoint's).")] = None,
     expert_dtype: Annotated[str, typer.Option(
         help="Format experts cross PCIe in (sets bytes per expert).")] = "bfloat16",
+    lookahead_input: Annotated[str, typer.Option(
+        help="What layer l+1's router sees for the lookahead: next_norm (layer l's residual "
+        "stream under layer l+1's norm) or block_input (layer l's MoE-block input).")
+    ] = "next_norm",
     as_json: AsJson = False,
 ) -> None:
     """Run prompts one at a time and record each request's expert activations."""
@@ -104,7 +108,9 @@ def trace(
     with user_errors():
         import moe_core
 
-        config = TraceConfig(max_new_tokens, temperature, seed, expert_dtype=expert_dtype)
+        config = TraceConfig(max_new_tokens, temperature, seed,
+                             lookahead_input=lookahead_input,  # type: ignore[arg-type]
+                             expert_dtype=expert_dtype)
         prompts = read_prompts(input_path)
         if dtype is None and device == "cpu":
             dtype = "float32"
@@ -145,6 +151,8 @@ def simulate(
     pcie_gbps: Annotated[float, typer.Option(
         help="Host-to-GPU bandwidth, GB/s (default: measured on the H200 machine).")] = 54.7,
     plot: Annotated[Path | None, typer.Option(help="Write hit rate vs cache size (PNG).")] = None,
+    collection_out: Annotated[Path | None, typer.Option(
+        help="Also save the trace collection built from the build requests.")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Replay traces through a simulated GPU expert cache under each policy and cache size."""
@@ -161,8 +169,11 @@ def simulate(
             highlight=False))
         if plot is not None:
             plot_hit_rates(report, plot)
+        if collection_out is not None:
+            report.collection.save(collection_out)
     if as_json:
-        _emit({**report_dict(report, traces.shape), "plot": str(plot) if plot else None})
+        _emit({**report_dict(report, traces.shape), "plot": str(plot) if plot else None,
+               "collection": str(collection_out) if collection_out else None})
     else:
         print_report(report, traces.shape)
         if plot is not None:

@@ -70,6 +70,7 @@ class EvaluationReport:
         source_recall: Each source's recall at the prefetch budget on the replayed requests.
         prefetch_budget: The budget used.
         results: One result per (policy, cache fraction), policies in plan order.
+        collection: The collection built from the build requests.
     """
 
     build_requests: int
@@ -78,6 +79,7 @@ class EvaluationReport:
     source_recall: list[SourceRecall]
     prefetch_budget: int
     results: list[SimulationResult]
+    collection: TraceCollection
 
 
 def _collection(traces: Sequence[RequestTrace], traceset: TraceSet,
@@ -113,4 +115,5 @@ def evaluate(traceset: TraceSet, plan: EvaluationPlan,
             results.append(result)
             if on_result is not None:
                 on_result(result)
-    return EvaluationReport(len(build), len(replay), predictor, recall, budget, results)
+    return EvaluationReport(len(build), len(replay), predictor, recall, budget, results,
+                            collection)

@@ -36,7 +36,7 @@ class TraceConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0
     seed: int = 0
-    lookahead_input: LookaheadInput = "block_input"
+    lookahead_input: LookaheadInput = "next_norm"
     lookahead_top: int | None = None
     expert_dtype: str = "bfloat16"
 
@@ -45,6 +45,9 @@ class TraceConfig:
             raise ValueError(f"TraceConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"TraceConfig.temperature must be >= 0, got {self.temperature}")
+        if self.lookahead_input not in ("next_norm", "block_input"):
+            raise ValueError(f"TraceConfig.lookahead_input must be 'next_norm' or 'block_input', "
+                             f"got {self.lookahead_input!r}")
         if self.lookahead_top is not None and self.lookahead_top <= 0:
             raise ValueError(f"TraceConfig.lookahead_top must be positive, got "
                              f"{self.lookahead_top}")

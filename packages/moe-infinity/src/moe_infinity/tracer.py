@@ -12,13 +12,15 @@ The lookahead (MoE-Infinity's released code predicts layer l+1 from layer l's ex
 layer l+1's router on layer l's hidden state works far better, see docs/moe-infinity.md): when
 layer l's MoE block receives its input, the tracer applies layer l+1's router to layer l's
 residual stream normalised by layer l+1's own `post_attention_layernorm` (`"next_norm"`, the
-default) or to layer l's block input as it is (`"block_input"`). Either costs one RMSNorm and one
-`[T, D] x [D, E]` product per layer, and is available one layer before layer l+1's routing, which
-is the time a prefetch has to land.
+default: the router was trained on inputs normalised that way, and it foresaw the tiny model's
+next layer best) or to layer l's block input as it is (`"block_input"`). Either costs one
+`[T, D] x [D, E]` product per layer (plus an RMSNorm for `next_norm`), and is known one layer
+before layer l+1 routes: the time a prefetch for layer l+1 has to land.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import Literal
 
@@ -32,6 +34,8 @@ from moe_infinity.trace import RequestTrace
 __all__ = ["ActivationTracer", "LookaheadInput"]
 
 LookaheadInput = Literal["next_norm", "block_input"]
+_Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
+_ForwardHook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]
 
 
 class ActivationTracer:
@@ -52,7 +56,7 @@ class ActivationTracer:
     """
 
     def __init__(self, model: MoEForCausalLM, lookahead_top: int | None = None,
-                 lookahead_input: LookaheadInput = "block_input") -> None:
+                 lookahead_input: LookaheadInput = "next_norm") -> None:
         self._model = model
         self._blocks: list[MoEBlock] = model.moe_blocks()
         if not self._blocks:
@@ -69,7 +73,7 @@ class ActivationTracer:
         self._looks: list[torch.Tensor] = []  # per step [L, E] float32, on the device
         self._tokens: list[int] = []
         self._recording = False
-        self._previous: list[object] = []
+        self._previous: list[_Observer | None] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # Attaching ------------------------------------------------------------------------------
@@ -77,7 +81,7 @@ class ActivationTracer:
     def __enter__(self) -> ActivationTracer:
         self._previous = [block.observer for block in self._blocks]
         for block, previous in zip(self._blocks, self._previous, strict=True):
-            block.observer = self._chained(previous)  # type: ignore[arg-type]
+            block.observer = self._chained(previous)
         self._handles.append(self._model.register_forward_pre_hook(self._on_step))
         layers = self._model.model.layers
         for row, (block, nxt) in enumerate(zip(self._blocks, self._blocks[1:], strict=False)):
@@ -93,7 +97,7 @@ class ActivationTracer:
             handle.remove()
         self._handles.clear()
         for block, previous in zip(self._blocks, self._previous, strict=True):
-            block.observer = previous  # type: ignore[assignment]
+            block.observer = previous
 
     # Requests -------------------------------------------------------------------------------
 
@@ -132,22 +136,23 @@ class ActivationTracer:
         self._looks.append(torch.zeros(shape, dtype=torch.float32, device=device))
         self._tokens.append(int(input_ids.shape[1]))
 
-    def _chained(self, previous: object) -> object:
+    def _chained(self, previous: _Observer | None) -> _Observer:
         def observer(layer: int, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
             if self._recording and self._counts:
                 flat = expert_ids.reshape(-1)  # [T*K]
                 ones = torch.ones(flat.shape, dtype=torch.int32, device=flat.device)
                 self._counts[-1][self._row[layer]].index_add_(0, flat, ones)
-            if callable(previous):
+            if previous is not None:
                 previous(layer, expert_ids, weights)
 
         return observer
 
-    def _lookahead_hook(self, row: int, nxt: MoEBlock, next_norm: nn.Module) -> object:
+    def _lookahead_hook(self, row: int, nxt: MoEBlock, next_norm: nn.Module) -> _ForwardHook:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             if not (self._recording and self._looks):
                 return
-            hidden = next_norm(args[0]) if self.lookahead_input == "next_norm" else out
+            # `.forward`, not a call: the call would run the next norm's hooks, ours included.
+            hidden = next_norm.forward(args[0]) if self.lookahead_input == "next_norm" else out
             hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, D]
             probs = torch.softmax(nxt.gate.logits(hidden).float(), dim=-1).sum(dim=0)  # [E]
             values, ids = probs.topk(self.lookahead_top)
