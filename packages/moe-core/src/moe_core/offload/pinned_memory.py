@@ -10,6 +10,7 @@ exact size, same copy speed, unregistered when the tensor is freed.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -31,17 +32,23 @@ def pinned_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     nbytes = numel * tensor.element_size()
     if nbytes == 0:
         return tensor
-    cudart = torch.cuda.cudart()
-    if _code(cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)) != 0:
+    try:
+        registered = _code(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0))
+    except (AttributeError, RuntimeError, TypeError):  # a torch build without the binding
+        registered = -1
+    if registered != 0:
         return torch.empty(numel, dtype=dtype, pin_memory=True)
     # Unregister before the memory goes back (weakref callbacks run before the storage is
-    # released); a view that outlives the tensor object still works, as pageable memory.
-    weakref.finalize(tensor, _unregister, tensor.data_ptr())
+    # released); a view that outlives the tensor object still works, as pageable memory. Not at
+    # interpreter exit: the CUDA context may be gone, and the process frees everything anyway.
+    finalizer = weakref.finalize(tensor, _unregister, tensor.data_ptr())
+    finalizer.atexit = False
     return tensor
 
 
 def _unregister(ptr: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(ptr)
+    with contextlib.suppress(RuntimeError):  # CUDA already torn down
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 def _code(result: object) -> int:
