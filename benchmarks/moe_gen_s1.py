@@ -85,7 +85,8 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
     reserve = parse_bytes("1.5GiB") if device == "cuda" else 0
     plan = make_plan(model.spec, dtype, profile,
                      Budget(parse_bytes(budget), parse_bytes(args.host_memory), args.prompt_tokens,
-                            args.new_tokens, args.num_prompts, reserve))
+                            args.new_tokens, args.num_prompts, reserve,
+                            args.max_cpu_attention_share))
     print(f"ours {name}: plan {plan.to_dict()}", flush=True)
     loaded = install_streaming(model, plan, device, store)
     runtime = loaded.runtime
@@ -214,6 +215,7 @@ def main() -> None:
                         default=[64, 32, 16, 8, 4, 1])
     parser.add_argument("--peer-steps", type=int, default=3)
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--max-cpu-attention-share", type=float, default=0.75)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

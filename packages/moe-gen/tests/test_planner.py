@@ -15,7 +15,8 @@ from moe_gen.profile import DeviceProfile, profile_device
 
 PROFILE = DeviceProfile("made-up GPU", h2d_bytes_per_s=50e9, gather_bytes_per_s=20e9,
                         matmul_flops_per_s=500e12, attention_keys_per_s=4e8,
-                        cpu_attention_keys_per_s=1e7, launch_s=1e-5)
+                        cpu_attention_keys_per_s=1e7, cpu_matmul_flops_per_s=1e12,
+                        launch_s=1e-5)
 BF16 = torch.bfloat16
 
 
@@ -87,3 +88,17 @@ def test_cpu_profile_is_quick_and_positive(mixtral: ModelSpec) -> None:
     rates = [profile.h2d_bytes_per_s, profile.gather_bytes_per_s, profile.matmul_flops_per_s,
              profile.attention_keys_per_s, profile.launch_s]
     assert all(r > 0 for r in rates)
+
+
+def test_host_attention_share_follows_the_host_rate(mixtral: ModelSpec) -> None:
+    from dataclasses import replace
+
+    fast = replace(PROFILE, cpu_attention_keys_per_s=1e9, cpu_matmul_flops_per_s=1e14)
+    slow = replace(PROFILE, cpu_attention_keys_per_s=1e3, cpu_matmul_flops_per_s=1e6)
+    assert make_plan(mixtral, BF16, fast, budget("12GiB")).cpu_attention_share > 0
+    assert make_plan(mixtral, BF16, slow, budget("12GiB")).cpu_attention_share == 0
+    capped = Budget(parse_bytes("12GiB"), parse_bytes("100GiB"), 512, 256, 4096,
+                    parse_bytes("1GiB"), max_cpu_attention_share=0.0)
+    assert make_plan(mixtral, BF16, fast, capped).cpu_attention_share == 0
+    on_cpu = replace(fast, device="cpu")  # the host is the device: nothing to split
+    assert make_plan(mixtral, BF16, on_cpu, budget("12GiB")).cpu_attention_share == 0

@@ -110,7 +110,8 @@ def run_requests(model: MoEForCausalLM, requests: Seq[tuple[int, GenRequest]], p
     sequences = [_sequence(i, r, defaults, tokenizer, model.device) for i, r in requests]
     pages = PagedKV(model.spec, plan.num_kv_pages, plan.page_tokens, model.dtype,
                     pin=model.device.type == "cuda")
-    engine = BatchEngine(model, pages, plan.micro_batch_size, plan.max_attention_pairs)
+    engine = BatchEngine(model, pages, plan.micro_batch_size, plan.max_attention_pairs,
+                         plan.cpu_attention_share)
     scheduler = Scheduler(sequences, pages, plan.max_batch_size, plan.max_prefill_tokens)
     decode = None
     if tokenizer is not None:

@@ -42,6 +42,8 @@ Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if 
 Dtype = Annotated[str | None, typer.Option(help="Model dtype (default bf16 on GPU, fp32 on CPU).")]
 Dummy = Annotated[bool, typer.Option("--dummy", help="Random weights of the model's shapes.")]
 Layers = Annotated[int | None, typer.Option(help="Keep only the first N decoder layers.")]
+CpuShare = Annotated[float, typer.Option(
+    help="Most of a decode batch the planner may attend on the host (0: GPU only).")]
 
 
 @contextmanager
@@ -88,6 +90,7 @@ def run(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Always run to the limit.")
                           ] = False,
     device: Device = None, dtype: Dtype = None, dummy: Dummy = False, num_layers: Layers = None,
+    max_cpu_attention_share: CpuShare = 0.75,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Write the run record moe-cap reads to this file.")] = None,
     report: Annotated[Path | None, typer.Option(
@@ -98,7 +101,8 @@ def run(
         config = JobConfig(model, input or sample_input(), output,
                            Defaults(max_new_tokens, temperature, top_p, None, seed),
                            parse_bytes(gpu_memory), parse_bytes(host_memory), _device(device),
-                           dtype, dummy, num_layers, eos=not ignore_eos)
+                           dtype, dummy, num_layers, eos=not ignore_eos,
+                           max_cpu_attention_share=max_cpu_attention_share)
         outcome = _run_with_progress(config)
     for line in summary_lines(outcome):
         typer.echo(line)
@@ -147,6 +151,7 @@ def plan(
     max_new_tokens: Annotated[int, typer.Option(help="Generation length to plan for.")] = 256,
     num_requests: Annotated[int, typer.Option(help="Requests in the job.")] = 4096,
     device: Device = None, dtype: Dtype = None, num_layers: Layers = None,
+    max_cpu_attention_share: CpuShare = 0.75,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Profile this machine and print the plan, its predicted step time and the bound."""
@@ -155,7 +160,7 @@ def plan(
         spec = spec if num_layers is None else spec.truncated(num_layers)
         config = JobConfig(model, Path(), Path(), gpu_memory_bytes=parse_bytes(gpu_memory),
                            host_memory_bytes=parse_bytes(host_memory), device=_device(device),
-                           dtype=dtype)
+                           dtype=dtype, max_cpu_attention_share=max_cpu_attention_share)
         chosen, profile = plan_job(config, spec, prompt_tokens, max_new_tokens, num_requests)
     if as_json:
         json.dump({"model": model, "plan": chosen.to_dict(), "profile": profile.to_dict()},

@@ -3,6 +3,8 @@
 Terms of one decode step of B sequences at context C (the engine's order of work):
 - attention phase, per layer and micro-batch, one after another: gather the micro-batch's KV
   pages on the host (CPU term), copy them over PCIe (PCIe term), attend and project (GPU term);
+  meanwhile the host attends its planned share of the batch from its own pages (CPU term), and
+  the phase lasts as long as the longer of the two;
 - MoE phase: every non-resident expert the batch activates crosses PCIe once while the previous
   one computes, so the phase takes the larger of the expert copies and the expert products.
 
@@ -37,12 +39,14 @@ class Candidate:
         micro_batch: Sequences per attention micro-batch.
         num_resident: Routed experts resident on the GPU.
         prefill_tokens: Prompt tokens admitted per step.
+        cpu_share: Share of the decode batch attended on the host.
     """
 
     batch: int
     micro_batch: int
     num_resident: int
     prefill_tokens: int
+    cpu_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -128,23 +132,30 @@ def gpu_bytes(costs: ModelCosts, c: Candidate, context: int, ring: int) -> int:
 
 def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: int) -> Prediction:
     """Predicted decode step of candidate `c` at mean context `context`."""
-    spec = costs.spec
-    kv_bytes = c.batch * context * costs.kv_bytes_per_token
+    spec, share = costs.spec, c.cpu_share
+    keys = c.batch * context * spec.num_layers  # (query, key, layer) triples of the step
+    kv_bytes = (1 - share) * c.batch * context * costs.kv_bytes_per_token  # crosses PCIe
     streamed_bytes = costs.streamed_experts(c.batch, c.num_resident) * costs.expert_bytes
     expert_pcie = streamed_bytes / profile.h2d_bytes_per_s
     kv_pcie = kv_bytes / profile.h2d_bytes_per_s if profile.device != "cpu" else 0.0
-    cpu = kv_bytes / profile.gather_bytes_per_s
+    gather = kv_bytes / profile.gather_bytes_per_s
     flops = c.batch * costs.flops_per_token()
     expert_flops = (c.batch * spec.num_moe_layers * spec.moe.router.top_k * 2 * 3
                     * spec.hidden_size * spec.moe.expert_intermediate_size)
+    projection_flops = 2.0 * c.batch * spec.num_layers * spec.attention.num_params(
+        spec.hidden_size)
     expert_gpu = expert_flops / profile.matmul_flops_per_s
-    other_gpu = (flops - expert_flops) / profile.matmul_flops_per_s
-    attention = c.batch * context * spec.num_layers / profile.attention_keys_per_s
+    other_gpu = (flops - expert_flops - share * projection_flops) / profile.matmul_flops_per_s
     launches = -(-c.batch // c.micro_batch) * spec.num_layers * _OPS_PER_MICRO_BATCH
-    gpu = expert_gpu + other_gpu + attention + launches * profile.launch_s
-    step = max(expert_pcie, expert_gpu) + kv_pcie + cpu + gpu - expert_gpu
+    attention = ((1 - share) * keys / profile.attention_keys_per_s
+                 + other_gpu + launches * profile.launch_s)
+    host = share * (keys / profile.cpu_attention_keys_per_s
+                    + projection_flops / profile.cpu_matmul_flops_per_s)
+    # The host attends its share while the device attends the rest: the phase takes the longer.
+    step = max(expert_pcie, expert_gpu) + max(kv_pcie + gather + attention, host)
     bound = max((streamed_bytes + kv_bytes) / profile.h2d_bytes_per_s,
                 flops / profile.matmul_flops_per_s)
     return Prediction(step_s=step, pcie_s=expert_pcie + kv_pcie, expert_pcie_s=expert_pcie,
-                      kv_pcie_s=kv_pcie, gpu_s=gpu, cpu_s=cpu, bound_s=bound,
-                      tokens_per_s=c.batch / step, bound_tokens_per_s=c.batch / bound)
+                      kv_pcie_s=kv_pcie, gpu_s=expert_gpu + attention, cpu_s=gather + host,
+                      bound_s=bound, tokens_per_s=c.batch / step,
+                      bound_tokens_per_s=c.batch / bound)

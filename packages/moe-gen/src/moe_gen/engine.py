@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from moe_core import MoEForCausalLM
 
+from moe_gen.host_attention import HostAttention
 from moe_gen.kv_mover import KVMover
 from moe_gen.micro_batch import MicroBatch, MicroBatchKV, SequenceInput
 from moe_gen.paged_kv import PagedKV
@@ -54,17 +55,22 @@ class BatchEngine:
     """
 
     def __init__(self, model: MoEForCausalLM, pages: PagedKV, micro_batch_size: int,
-                 max_attention_pairs: int = 1 << 62) -> None:
+                 max_attention_pairs: int = 1 << 62, cpu_attention_share: float = 0.0) -> None:
         if micro_batch_size <= 0 or max_attention_pairs <= 0:
             raise ValueError(f"micro_batch_size and max_attention_pairs must be positive, got "
                              f"{micro_batch_size} and {max_attention_pairs}")
+        if not 0.0 <= cpu_attention_share <= 1.0:
+            raise ValueError(f"cpu_attention_share must be in [0, 1], got {cpu_attention_share}")
         self.model = model
         self.pages = pages
         self.mover = KVMover(model.device)
         self.micro_batch_size = micro_batch_size
         self.max_attention_pairs = max_attention_pairs
+        self.host_attention = (HostAttention(model, pages, cpu_attention_share)
+                               if cpu_attention_share > 0 else None)
 
-    def _micro_batches(self, seqs: Sequence[SequenceInput]) -> list[MicroBatch]:
+    def _micro_batches(self, seqs: Sequence[SequenceInput],
+                       attention_device: torch.device | None = None) -> list[MicroBatch]:
         """Sequences of similar new-token counts share a micro-batch (little padding); a
         micro-batch closes at `micro_batch_size` sequences or `max_attention_pairs` padded
         query-key pairs, whichever comes first (always at least one sequence)."""
@@ -82,8 +88,9 @@ class BatchEngine:
                 current, longest_new, longest_keys = [], 0, 0
             current.append(seq)
             longest_new, longest_keys = max(longest_new, new), max(longest_keys, keys)
-        groups.append(current)
-        return [MicroBatch(g, self.pages, self.model.device) for g in groups]
+        if current:
+            groups.append(current)
+        return [MicroBatch(g, self.pages, self.model.device, attention_device) for g in groups]
 
     @torch.no_grad()
     def step(self, seqs: Sequence[SequenceInput], timing: StepTiming | None = None
@@ -99,27 +106,36 @@ class BatchEngine:
         device = model.device
         ids = torch.tensor([t for s in seqs for t in s.token_ids], device=device)  # [N]
         h = model.model.embed_tokens(ids)  # [N, D]
-        batches = self._micro_batches(seqs)
+        host = self.host_attention
+        on_host, on_device = host.split(seqs) if host is not None else ([], list(seqs))
+        # Device micro-batches first: their kernels run while the host attends its share.
+        batches = [(b, False) for b in self._micro_batches(on_device)]
+        batches += [(b, True) for b in self._micro_batches(on_host, torch.device("cpu"))]
         masks = [(b.mask(None, h.dtype),
                   b.mask(spec.attention.sliding_window, h.dtype) if spec.sliding_layers else None)
-                 for b in batches]
-        ropes = [model.rotary(b.positions, h.dtype) for b in batches]
-        caches = [MicroBatchKV(b, self.pages, self.mover) for b in batches]
+                 for b, _ in batches]
+        ropes = [tuple(r.to(b.attention_device) for r in model.rotary(b.positions, h.dtype))
+                 for b, _ in batches]
+        caches = [MicroBatchKV(b, self.pages, host.mover if on_cpu and host else self.mover)
+                  for b, on_cpu in batches]
         for i, layer in enumerate(model.model.layers):
             t0 = time.perf_counter()
-            for batch, (full, window), rope, cache in zip(batches, masks, ropes, caches,
-                                                          strict=True):
+            for (batch, on_cpu), (full, window), rope, cache in zip(batches, masks, ropes, caches,
+                                                                    strict=True):
                 mask = window if i in spec.sliding_layers else full
                 x = layer.input_layernorm(h[batch.rows])  # [b, T, D]
-                out = layer.self_attn(x, rope, mask, cache)  # [b, T, D]
+                attention = host.modules[i] if on_cpu and host else layer.self_attn
+                out = attention(x.to(batch.attention_device), rope, mask, cache)  # [b, T, D]
                 rows = batch.real_rows
                 # index_copy_ of a sum: index_add_ was 100x slower on the CPU for small rows.
-                h.index_copy_(0, rows, h.index_select(0, rows) + out[batch.valid])
+                h.index_copy_(0, rows, h.index_select(0, rows) + out[batch.valid].to(device))
             t1 = time.perf_counter()
             h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]  # [N, D]
             timing.attention_s += t1 - t0
             timing.moe_s += time.perf_counter() - t1
         self.mover.flush()
+        if host is not None:
+            host.mover.flush()
         last = torch.tensor([s.first_row + len(s.token_ids) - 1 for s in seqs], device=device)
         logits = model.lm_head(model.model.norm(h[last])).float()  # [n, V]
         if device.type == "cuda":

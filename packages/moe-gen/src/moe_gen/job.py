@@ -49,6 +49,7 @@ class JobConfig:
         num_layers: Keep the first N decoder layers.
         eos: Stop at EOS (False: always run to the token limit, benchmark style).
         plan: A fixed plan instead of the planner's.
+        max_cpu_attention_share: The most of a decode batch the planner may attend on the host.
     """
 
     model: str
@@ -63,12 +64,16 @@ class JobConfig:
     num_layers: int | None = None
     eos: bool = True
     plan: Plan | None = None
+    max_cpu_attention_share: float = 0.75
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"JobConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.gpu_memory_bytes <= 0 or self.host_memory_bytes <= 0:
             raise ValueError("JobConfig: memory budgets must be positive")
+        if not 0.0 <= self.max_cpu_attention_share <= 1.0:
+            raise ValueError(f"--max-cpu-attention-share must be in [0, 1], got "
+                             f"{self.max_cpu_attention_share}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA GPU is available")
 
@@ -112,7 +117,7 @@ def plan_job(config: JobConfig, spec: ModelSpec, prompt_tokens: int, max_new: in
     profile = profile_device(spec, config.device, config.torch_dtype)
     reserve = 3 << 29 if config.device == "cuda" else 0  # 1.5 GiB: allocator slack, kernels
     budget = Budget(config.gpu_memory_bytes, config.host_memory_bytes, prompt_tokens, max_new,
-                    num_requests, reserve)
+                    num_requests, reserve, config.max_cpu_attention_share)
     return make_plan(spec, config.torch_dtype, profile, budget), profile
 
 

@@ -44,7 +44,12 @@ class SequenceInput:
 class MicroBatch:
     """Index tensors, positions and masks of a micro-batch (built on the host, moved once)."""
 
-    def __init__(self, seqs: list[SequenceInput], pages: PagedKV, device: torch.device) -> None:
+    def __init__(self, seqs: list[SequenceInput], pages: PagedKV, device: torch.device,
+                 attention_device: torch.device | None = None) -> None:
+        """Index the packed hidden states on `device`; attend on `attention_device` (default:
+        `device`; the CPU for a micro-batch attended on the host)."""
+        attention_device = attention_device or device
+        self.attention_device = attention_device
         b = len(seqs)
         t = max(len(s.token_ids) for s in seqs)
         p = max(s.num_past for s in seqs)
@@ -54,7 +59,7 @@ class MicroBatch:
         valid = steps[None, :] < lengths[:, None]  # [b, T]
         rows = torch.tensor([s.first_row for s in seqs])[:, None] + steps[None, :]  # [b, T]
         self.num_past = p
-        self.valid = valid.to(device)
+        self.valid = valid.to(attention_device)
         self.rows = rows.masked_fill(~valid, 0).to(device)  # padding reads row 0, dropped after
         self.real_rows = rows[valid].to(device)  # [n]
         self.positions = (past[:, None] + steps[None, :]).to(device)  # [b, T]
@@ -69,13 +74,14 @@ class MicroBatch:
         self.new_slots = torch.cat(new_slots)  # [n], on the host
         past_valid = torch.arange(p)[None, :] < past[:, None]  # [b, P]
         key_pos = torch.cat((torch.arange(p).expand(b, p), past[:, None] + steps), dim=1)
-        self._key_valid = torch.cat((past_valid, valid), dim=1).to(device)  # [b, S]
-        self._key_pos = key_pos.to(device)  # [b, S]
+        self._key_valid = torch.cat((past_valid, valid), dim=1).to(attention_device)  # [b, S]
+        self._key_pos = key_pos.to(attention_device)  # [b, S]
+        self._query_pos = (past[:, None] + steps[None, :]).to(attention_device)  # [b, T]
         self.shape = (b, t)
 
     def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask `[b, 1, T, S]`: causal by position, padding hidden, optional window."""
-        q = self.positions[:, :, None]  # [b, T, 1]
+        q = self._query_pos[:, :, None]  # [b, T, 1]
         k = self._key_pos[:, None, :]  # [b, 1, S]
         allowed = (k <= q) & self._key_valid[:, None, :]  # [b, T, S]
         if sliding_window is not None:

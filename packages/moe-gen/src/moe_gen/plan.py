@@ -55,6 +55,8 @@ class Plan:
         max_attention_pairs: Query-key pairs one attention micro-batch may hold (sequences x
             new tokens x keys): prefill micro-batches (hundreds of queries per sequence) get
             fewer sequences, so their score matrices fit where a decode micro-batch's KV does.
+        cpu_attention_share: Share of each decode step's sequences attended on the host (their
+            KV never crosses PCIe).
         offload: Whether routed experts run through the streaming executor at all (False:
             every expert stays in the model, the all-resident case).
         prediction: The cost model's prediction, when a planner made the plan.
@@ -68,6 +70,7 @@ class Plan:
     num_resident_experts: int = 0
     ring_size: int = 2
     max_attention_pairs: int = 1 << 62
+    cpu_attention_share: float = 0.0
     offload: bool = True
     prediction: Prediction | None = None
 
@@ -79,6 +82,9 @@ class Plan:
         if self.num_resident_experts < 0:
             raise ValueError(f"Plan.num_resident_experts must be >= 0, got "
                              f"{self.num_resident_experts}")
+        if not 0.0 <= self.cpu_attention_share <= 1.0:
+            raise ValueError(f"Plan.cpu_attention_share must be in [0, 1], got "
+                             f"{self.cpu_attention_share}")
         if self.ring_size < 2:
             raise ValueError(f"Plan.ring_size must be at least 2, got {self.ring_size}")
 

@@ -8,7 +8,7 @@ search is small (powers of two), so it is exhaustive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from moe_core import ModelSpec, format_bytes
@@ -23,6 +23,7 @@ _RING = 2
 _PAGE_TOKENS = 16
 _MAX_BATCH = 4096
 _MAX_PREFILL_TOKENS = 8192
+_CPU_SHARES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 # Device bytes per query-key pair of a prefill micro-batch where attention materialises its scores
 # (float32 scores, the softmax, and slack for the expanded keys): caps its sequences.
 _SCORE_BYTES = 16
@@ -39,6 +40,7 @@ class Budget:
         max_new_tokens: Longest generation expected.
         num_requests: Requests in the job (no point in a batch larger).
         reserve_bytes: Device memory kept free for the allocator and kernels' workspace.
+        max_cpu_attention_share: The most of a decode batch the host may attend (0: never).
     """
 
     gpu_bytes: int
@@ -47,6 +49,7 @@ class Budget:
     max_new_tokens: int
     num_requests: int = _MAX_BATCH
     reserve_bytes: int = 0
+    max_cpu_attention_share: float = 0.75
 
     def __post_init__(self) -> None:
         for name in ("gpu_bytes", "host_bytes", "prompt_tokens", "max_new_tokens",
@@ -97,6 +100,9 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
                          f"need {format_bytes(need)} of GPU memory (budget "
                          f"{format_bytes(budget.gpu_bytes)}), or the host budget "
                          f"{format_bytes(budget.host_bytes)} holds no KV cache after the experts")
+    shares = ([s for s in _CPU_SHARES if s <= budget.max_cpu_attention_share]
+              if profile.device != "cpu" else [0.0])  # on a CPU run the host is the device
+    found = [replace(c, cpu_share=s) for c in found for s in shares]
     scored = [(predict(costs, profile, c, context), c) for c in found]
     prediction, best = max(scored, key=lambda pc: (pc[0].tokens_per_s, -pc[1].batch))
     all_resident = best.num_resident >= costs.num_experts
@@ -106,5 +112,5 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
     return Plan(max_batch_size=best.batch, micro_batch_size=best.micro_batch,
                 max_prefill_tokens=best.prefill_tokens, page_tokens=_PAGE_TOKENS,
                 num_kv_pages=pages, num_resident_experts=best.num_resident, ring_size=_RING,
-                max_attention_pairs=pairs,
+                max_attention_pairs=pairs, cpu_attention_share=best.cpu_share,
                 offload=not all_resident, prediction=prediction)

@@ -29,6 +29,7 @@ class DeviceProfile:
         attention_keys_per_s: Decode attention: (query token, key, layer) triples per second on
             the device, at the model's head shape.
         cpu_attention_keys_per_s: The same with torch's CPU kernels (for planning CPU attention).
+        cpu_matmul_flops_per_s: Host matrix-product rate (the host's attention projections).
         launch_s: Fixed cost of one small device operation (launch and dispatch latency); a
             micro-batch pays some tens of them per layer.
     """
@@ -39,6 +40,7 @@ class DeviceProfile:
     matmul_flops_per_s: float
     attention_keys_per_s: float
     cpu_attention_keys_per_s: float
+    cpu_matmul_flops_per_s: float
     launch_s: float
 
     def to_dict(self) -> dict[str, object]:
@@ -92,9 +94,15 @@ def profile_device(spec: ModelSpec, device: str | torch.device, dtype: torch.dty
     flops = 2 * n * width * width / _best(lambda: a @ b, device)
     batch, keys = (64, 1024) if cuda else (4, 128)
     attention = _attention_rate(spec, device, dtype, batch, keys)
-    cpu_attention = (_attention_rate(spec, torch.device("cpu"), torch.float32, 4, 128)
-                     if cuda else attention)
+    cpu = torch.device("cpu")
+    cpu_attention = _attention_rate(spec, cpu, dtype, 16, 512) if cuda else attention
+    if cuda:
+        x = torch.randn(64, 1024, dtype=dtype)
+        w = torch.randn(1024, 1024, dtype=dtype)
+        cpu_flops = 2 * 64 * 1024 * 1024 / _best(lambda: x @ w, cpu)
+    else:
+        cpu_flops = flops
     tiny = torch.ones(8, device=device, dtype=dtype)
     launch = _best(lambda: [tiny.add_(0) for _ in range(20)], device) / 20
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    return DeviceProfile(name, h2d, gather, flops, attention, cpu_attention, launch)
+    return DeviceProfile(name, h2d, gather, flops, attention, cpu_attention, cpu_flops, launch)
