@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
 import torch
-from moe_core import ConfigError, ModelSpec, load_tokenizer, parse_dtype
+from moe_core import ConfigError, ModelSpec, MoEForCausalLM, load_tokenizer, parse_dtype
 
 from moe_gen.api import Defaults, eos_ids, prompt_ids, run_requests
 from moe_gen.batch_loop import StepStats
@@ -136,11 +136,7 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
     model = load_for_generation(config.model, config.device, config.torch_dtype,
                                 dummy=config.dummy, num_layers=config.num_layers)
     tokenizer = _tokenizer(model.source)
-    defaults = config.defaults
-    if not config.eos:
-        defaults = Defaults(**{**defaults.__dict__, "eos_token_ids": frozenset()})
-    elif not defaults.eos_token_ids:
-        defaults = Defaults(**{**defaults.__dict__, "eos_token_ids": frozenset(eos_ids(model))})
+    defaults = _defaults(config, model)
     lengths = [len(prompt_ids(r, tokenizer)) for _, r in todo] or [1]
     max_new = max([r.max_new_tokens or defaults.max_new_tokens for _, r in todo] or [1])
     profile = None
@@ -173,6 +169,13 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
     record = (run_record(config.model, config.torch_dtype, _gpu_name(config.device), wall, steps,
                          config.num_layers) if steps else None)
     return JobOutcome(summary, plan, profile, record, len(requests) - len(todo))
+
+
+def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:
+    """The job's defaults with their EOS ids filled in (none with `eos` off)."""
+    ids = frozenset() if not config.eos else (config.defaults.eos_token_ids
+                                              or frozenset(eos_ids(model)))
+    return replace(config.defaults, eos_token_ids=ids)
 
 
 def _gpu_name(device: str) -> str:
