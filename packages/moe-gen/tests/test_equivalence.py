@@ -84,3 +84,15 @@ def test_host_attention_share_gives_the_same_tokens(case: tuple, share: float) -
     folder, _, with_eos, eos = case
     model = load_model(folder, dtype="float32")
     check(model, with_eos, eos, (8, 3, 12, 4), cpu_share=share)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
+def test_every_architecture_equals_transformers(kind: str, tmp_path: Path,
+                                                reference_of: Any) -> None:
+    from moe_core.tiny_checkpoints import build_tiny_checkpoint
+
+    folder = build_tiny_checkpoint(kind, tmp_path / kind)
+    free = reference_of(folder, PROMPTS, [], NUM_NEW)
+    eos = eos_for(free)
+    model = load_model(folder, dtype="float32")
+    check(model, reference_of(folder, PROMPTS, eos, NUM_NEW), eos, SIZES[2])
