@@ -179,4 +179,7 @@ def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:
 
 
 def _gpu_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else "none (CPU run)"
+    """The GPU as moe-cap's hardware table names it ("NVIDIA H200" -> "H200")."""
+    if device != "cuda":
+        return "none (CPU run)"
+    return torch.cuda.get_device_name().removeprefix("NVIDIA ").strip()
