@@ -3,7 +3,9 @@ error naming the file."""
 
 from __future__ import annotations
 
+import json
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,6 +91,17 @@ def test_flipped_payload_byte(good_file: Path) -> None:
     blob[-3] ^= 0xFF
     good_file.write_bytes(bytes(blob))
     _refused(good_file, "checksum")
+
+
+def test_payload_that_does_not_decompress(good_file: Path) -> None:
+    blob = good_file.read_bytes()
+    (header_len,) = struct.unpack("<I", blob[12:16])
+    header = json.loads(blob[16 : 16 + header_len])
+    junk = b"not a zlib stream"
+    header.update(payload_bytes=len(junk), payload_crc32=zlib.crc32(junk))
+    raw = json.dumps(header).encode()
+    good_file.write_bytes(blob[:12] + struct.pack("<I", len(raw)) + raw + junk)
+    _refused(good_file, "does not decompress")
 
 
 def test_collection_file_is_not_a_trace_file(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ Layout (all integers little-endian):
     version    uint32   FORMAT_VERSION
     header_len uint32   length of the JSON header
     header     JSON     {"kind", "meta", "arrays": [{"name", "dtype", "shape", "offset"}],
-                         "payload_bytes", "payload_crc32"}
-    payload    bytes    the arrays, C order, back to back (offsets relative to the payload)
+                         "payload_bytes", "payload_crc32", "raw_bytes"}
+    payload    bytes    zlib stream of the arrays, C order, back to back (offsets relative to
+                        the decompressed payload); length and CRC-32 are of the stored bytes
 
 A reader checks, in order: the magic, the version, the header, the kind, the payload length and
 its CRC-32, then each array's extent; any failure is a `TraceFileError` naming the file and what
@@ -29,7 +30,7 @@ from moe_infinity.errors import TraceFileError
 __all__ = ["FORMAT_VERSION", "MAGIC", "read_container", "write_container"]
 
 MAGIC = b"MOEINFTR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<8sII")
 _DTYPES = {"int16", "int32", "int64", "uint8", "float16", "float32", "float64"}
 
@@ -47,9 +48,10 @@ def write_container(path: str | Path, kind: str, meta: dict[str, object],
                         "offset": offset})
         blobs.append(raw)
         offset += len(raw)
-    payload = b"".join(blobs)
+    raw = b"".join(blobs)
+    payload = zlib.compress(raw, 6)
     header = json.dumps({"kind": kind, "meta": meta, "arrays": entries,
-                         "payload_bytes": len(payload),
+                         "payload_bytes": len(payload), "raw_bytes": len(raw),
                          "payload_crc32": zlib.crc32(payload) & 0xFFFFFFFF}).encode()
     path = Path(path)
     path.write_bytes(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)) + header + payload)
@@ -85,7 +87,13 @@ def read_container(path: str | Path, kind: str) -> tuple[dict[str, object], dict
     meta = header.get("meta")
     if not isinstance(meta, dict):
         raise TraceFileError(f"{path}: corrupt header (no meta)")
-    return meta, _arrays(path, header, payload)
+    try:
+        raw = zlib.decompress(payload)
+    except zlib.error:
+        raise TraceFileError(f"{path}: corrupt (payload does not decompress)") from None
+    if len(raw) != header.get("raw_bytes"):
+        raise TraceFileError(f"{path}: corrupt (decompressed payload has the wrong length)")
+    return meta, _arrays(path, header, raw)
 
 
 def _header(path: Path, raw: bytes) -> dict[str, object]:
