@@ -1,7 +1,9 @@
 """Batch-1 decode of a Qwen3-30B-A3B-shaped model (bf16 dummy weights) through the offload
-runtime: every expert resident in the LocalExperts executor, every expert cached in GPU slots
-(on-demand executor, all hits), and every expert offloaded with nothing cached (all misses), plus
-the peer baseline (transformers + accelerate, `device_map="auto"` under the same GPU budget).
+runtime: every expert resident in the LocalExperts executor against every expert cached in GPU
+slots (on-demand executor, all hits), timed in turn; then every expert offloaded with nothing
+cached, with each fetch mode (`copy`: into slots, one host read per layer; `mapped`: the GPU reads
+host memory, no host read), and with CPU compute for every miss; plus the peer baseline
+(transformers + accelerate, `device_map="auto"` under the same GPU budget).
 
 Run on the GPU machine (needs CuPy, ~120 GB of GPU memory and ~60 GB of host memory):
     PYTHONPATH=packages/moe-core/src python3 benchmarks/offload_decode.py --out $OUT/decode.json
@@ -96,8 +98,53 @@ def profile_step(step: Callable[[torch.Tensor], torch.Tensor], token: torch.Tens
     return table
 
 
+def interleaved(steps: dict[str, tuple[Callable[[], None], Callable[[torch.Tensor], torch.Tensor],
+                                       torch.Tensor]], tokens: int,
+                warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per decode step of several configurations, one step of each in turn.
+
+    The host of the lent machine changes speed by up to 40% between minutes (measured: the
+    same resident step took 12.9 to 24.0 ms in one process), and batch-1 decode is bound by
+    the host: configurations timed one after another would compare host speeds. Each entry
+    is `(activate, step, first_token)`; `activate` installs that configuration's executors.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    current = {name: first for name, (_, _, first) in steps.items()}
+    for i in range(warmup + tokens):
+        for name, (activate, step, _) in steps.items():
+            activate()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            current[name] = step(current[name])
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def mapped_gbps(store: Any, pool: Any, top_k: int, repeats: int = 10) -> float:
+    """GB/s of the mapped fetch reading `top_k` distinct experts of one layer from the host."""
+    from moe_core.offload.mapped_fetch import MappedFetcher
+
+    fetcher = MappedFetcher(store, pool)
+    layer = store.moe_layers[0]
+    lut = torch.full((store.num_experts,), -1, dtype=torch.long, device="cuda")
+    ids = torch.randperm(store.num_experts, generator=torch.Generator().manual_seed(0))[:top_k]
+    ids = ids.cuda()
+    fetcher.fetch_rows(layer, ids, lut)
+    rates = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fetcher.fetch_rows(layer, ids, lut)
+        end.record()
+        end.synchronize()
+        rates.append(top_k * store.layout.nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
+    return statistics.median(rates)
+
+
 def run_ours(args: argparse.Namespace, record: dict[str, Any]) -> None:
-    """Resident, all-cached and nothing-cached decode of our model."""
+    """Resident vs all-cached (interleaved), then nothing cached with each fetch mode."""
     from moe_core import (
         GpuSlotPool,
         HostExpertStore,
@@ -114,7 +161,8 @@ def run_ours(args: argparse.Namespace, record: dict[str, Any]) -> None:
     torch.manual_seed(0)
     prompt = torch.randint(0, spec.vocab_size, (1, args.prompt_tokens), device="cuda")
     block_bytes = 3 * spec.hidden_size * spec.moe.expert_intermediate_size * 2  # bf16
-    expert_bytes_per_token = len(model.moe_blocks()) * spec.moe.router.top_k * block_bytes
+    top_k = spec.moe.router.top_k
+    expert_bytes_per_token = len(model.moe_blocks()) * top_k * block_bytes
     bandwidth = pinned_bandwidth_gbps(block_bytes)
     peak = pinned_bandwidth_gbps(64 * MB, count=8)
     record["bound"] = {
@@ -123,65 +171,87 @@ def run_ours(args: argparse.Namespace, record: dict[str, Any]) -> None:
         "bound_ms": expert_bytes_per_token / (peak * 1e9) * 1e3,
         "bound_ms_at_block_bandwidth": expert_bytes_per_token / (bandwidth * 1e9) * 1e3,
     }
-
-    step, first = ours_decoder(model, prompt)
-    resident = decode_times(step, first, args.tokens)
-    record["resident"] = summarise(resident)
-    print(f"resident executor: {record['resident']['median_ms']:.2f} ms/token", flush=True)
     save(args.out, record)
-    record["resident_profile"] = profile_step(step, first)
-    for block in model.moe_blocks():  # the grouped path, for comparison
-        block.experts.gather_limit_bytes = 0
-    step, first = ours_decoder(model, prompt)
-    record["resident_grouped"] = summarise(decode_times(step, first, max(4, args.tokens // 2)))
-    print(f"resident executor, grouped: {record['resident_grouped']['median_ms']:.2f} ms/token",
-          flush=True)
 
     t0 = time.perf_counter()
     store = HostExpertStore.from_model(model)
     record["store_build_s"] = time.perf_counter() - t0
     record["store_bytes"] = store.nbytes
+    record["store_pinned"] = store.is_pinned
     layout = store.layout
-    num_experts = len(store.experts())
+    blocks = model.moe_blocks()
 
-    # Everything cached: one slot per expert, all prefetched before timing (all hits).
-    pool = GpuSlotPool(layout, num_experts, "cuda")
-    engine = make_copy_engine("cuda")
-    runtime = install_offloading(model, store, pool, engine, drop_local_experts=True)
-    gc.collect()
-    torch.cuda.empty_cache()
+    # Resident vs everything cached (one slot per expert, all loaded before timing), one step
+    # of each in turn. The model keeps its own experts for the resident steps.
+    pool = GpuSlotPool(layout, len(store.experts()), "cuda")
+    runtime = install_offloading(model, store, pool, make_copy_engine("cuda"))
     runtime.prefetch(store.experts())
     runtime.drain()
-    step, first = ours_decoder(model, prompt)
+
+    def use_resident() -> None:
+        for block in blocks:
+            block.set_executor(block.experts)
+
+    cached_executors = dict(runtime.executors)
+
+    def use_cached() -> None:
+        for block in blocks:
+            block.set_executor(cached_executors[block.layer])
+
+    use_resident()
+    resident_step, resident_first = ours_decoder(model, prompt)
+    use_cached()
+    cached_step, cached_first = ours_decoder(model, prompt)
     before = runtime.snapshot(block=True)
-    cached = decode_times(step, first, args.tokens)
+    times = interleaved({"resident": (use_resident, resident_step, resident_first),
+                         "all_cached": (use_cached, cached_step, cached_first)}, args.tokens)
     after = runtime.snapshot(block=True)
-    record["all_cached"] = summarise(cached)
+    record["resident"] = summarise(times["resident"])
+    record["all_cached"] = summarise(times["all_cached"])
     record["all_cached"]["misses"] = after.misses - before.misses
-    record["all_cached"]["hit_rate"] = after.hit_rate
-    record["all_cached_profile"] = profile_step(step, first)
-    print(f"all cached: {record['all_cached']['median_ms']:.2f} ms/token", flush=True)
+    record["all_cached"]["hits"] = after.hits - before.hits
+    ratios = [c / r for c, r in zip(times["all_cached"], times["resident"], strict=True)]
+    record["all_cached"]["median_step_ratio_to_resident"] = statistics.median(ratios)
+    print(f"resident {record['resident']['median_ms']:.2f} ms/token, all cached "
+          f"{record['all_cached']['median_ms']:.2f}", flush=True)
+    use_resident()
+    record["resident_profile"] = profile_step(resident_step, resident_first)
+    use_cached()
+    record["all_cached_profile"] = profile_step(cached_step, cached_first)
     save(args.out, record)
+    runtime.drain()
+    cached_executors.clear()
     del runtime, pool
+    use_resident()  # the nothing-cached runtimes install their own executors
+    for block in blocks:  # the experts now live in the store only
+        for param in block.experts.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     gc.collect()
     torch.cuda.empty_cache()
+    record["mapped_gbps_top_k_blocks"] = mapped_gbps(
+        store, GpuSlotPool(layout, top_k, "cuda"), top_k)
 
-    # Nothing cached: top_k slots, so every layer evicts the previous layer's experts.
-    top_k = spec.moe.router.top_k
-    for label, rule in (("nothing_cached", None),
-                        ("nothing_cached_cpu_compute", (lambda _e, _n: True))):
+    # Nothing cached: top_k slots, nothing loaded; "copy" copies every expert into a slot (each
+    # layer evicts the previous layer's), "mapped" reads every expert from host memory.
+    configs = (("nothing_cached_copy", "copy", None),
+               ("nothing_cached_mapped", "mapped", None),
+               ("nothing_cached_cpu_compute", "copy", (lambda _e, _n: True)))
+    for label, fetch, rule in configs:
         pool = GpuSlotPool(layout, top_k, "cuda")
         engine = make_copy_engine("cuda")
-        runtime = install_offloading(model, store, pool, engine, cpu_compute_rule=rule)
+        runtime = install_offloading(model, store, pool, engine, cpu_compute_rule=rule,
+                                     fetch=fetch)
         step, first = ours_decoder(model, prompt)
         tokens = args.tokens if rule is None else max(4, args.tokens // 4)
         before = runtime.snapshot(block=True)
-        times = decode_times(step, first, tokens)
+        times_one = decode_times(step, first, tokens)
         after = runtime.snapshot(block=True)
         steps = tokens + 2  # the warm-up steps count in the snapshot delta
-        entry = summarise(times)
+        entry = summarise(times_one)
         entry.update({
+            "fetch": fetch,
             "bytes_copied_per_token": (after.bytes_copied - before.bytes_copied) / steps,
+            "mapped_bytes_per_token": (after.mapped_bytes - before.mapped_bytes) / steps,
             "copy_s_per_token": (after.copy_seconds - before.copy_seconds) / steps,
             "stall_s_per_token": (after.stall_seconds - before.stall_seconds) / steps,
             "hit_rate": (after.hits - before.hits) / max(1, (after.hits + after.misses)
@@ -189,7 +259,7 @@ def run_ours(args: argparse.Namespace, record: dict[str, Any]) -> None:
             "cpu_experts_per_token": (after.cpu_experts - before.cpu_experts) / steps,
         })
         if rule is None:
-            record["nothing_cached_profile"] = profile_step(step, first)
+            record[f"{label}_profile"] = profile_step(step, first)
         record[label] = entry
         print(f"{label}: {entry['median_ms']:.2f} ms/token", flush=True)
         save(args.out, record)
@@ -198,18 +268,20 @@ def run_ours(args: argparse.Namespace, record: dict[str, Any]) -> None:
         torch.cuda.empty_cache()
 
     bound_ms = record["bound"]["bound_ms"]
+    best = min(record["nothing_cached_copy"]["median_ms"],
+               record["nothing_cached_mapped"]["median_ms"])
     record["acceptance"] = {
-        "nothing_cached_over_bound": record["nothing_cached"]["median_ms"] / bound_ms,
-        "nothing_cached_met": record["nothing_cached"]["median_ms"] <= 1.2 * bound_ms,
+        "nothing_cached_over_bound": best / bound_ms,
+        "nothing_cached_met": best <= 1.2 * bound_ms,
         "all_cached_over_resident": (record["all_cached"]["median_ms"]
                                      / record["resident"]["median_ms"]),
         "all_cached_met": (record["all_cached"]["median_ms"]
                            <= 1.1 * record["resident"]["median_ms"]),
     }
-    del model, store, step
+    del model, store
     gc.collect()
     torch.cuda.empty_cache()
-    torch._C._host_emptyCache()  # give the pinned store back to the OS before the peer loads
+    torch._C._host_emptyCache()  # give pinned memory back to the OS before the peer loads
 
 
 def random_peer_model(config: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from moe_core import ExpertId, tiny_model_path
@@ -148,4 +150,28 @@ def test_pinned_arenas_are_registered_at_their_exact_size() -> None:
     arena.copy_(torch.arange(arena.numel()) % 97)
     on_gpu = arena.to("cuda", non_blocking=True)
     assert torch.equal(on_gpu.cpu(), arena)
-    del arena, on_gpu  # unregisters before the memory is freed
+    # A view keeps the registration: only the last view's death unregisters.
+    view = arena[1000:]
+    del arena, on_gpu
+    gc.collect()
+    assert view.is_pinned()
+    assert torch.equal(view.to("cuda", non_blocking=True).cpu(),
+                       (torch.arange(1000, 3 * 2**20 + 5) % 97).to(torch.bfloat16))
+
+
+def test_mapped_fetch_reads_missing_experts_from_host_memory_on_the_gpu(cupy) -> None:  # type: ignore[no-untyped-def]
+    from moe_core.offload.mapped_fetch import MappedFetcher
+
+    layout = ExpertLayout(256, 96, torch.bfloat16)
+    store = HostExpertStore.empty(layout, [0, 1], num_experts=6, pin=True)
+    for layer in (0, 1):
+        store.arena(layer).copy_(torch.randn(store.arena(layer).numel()))
+    pool = GpuSlotPool(layout, 4, "cuda")
+    pool.slot(2).copy_(store.block(ExpertId(1, 1)))
+    pool.slot(0).copy_(store.block(ExpertId(1, 4)))
+    lut = torch.tensor([-1, 2, -1, -1, 0, -1], device="cuda")
+    ids = torch.tensor([4, 0, 1, 0, 5, 4, 3], device="cuda")
+    rows, index = MappedFetcher(store, pool).fetch_rows(1, ids, lut)
+    assert index.tolist() == [0, 1, 2, 1, 4, 0, 6]  # each distinct expert read once
+    for j, e in enumerate(ids.tolist()):
+        assert torch.equal(rows[index[j]].cpu(), store.block(ExpertId(1, e)))

@@ -248,8 +248,48 @@ def test_stats_merge_and_summary() -> None:
     assert OffloadStats().summary()["hit_rate"] == 0.0
 
 
+@pytest.mark.parametrize("resident_share", [0.0, 0.5])
+def test_mapped_fetch_equals_local_experts_without_reading_the_routing(
+        folder: Path, resident_share: float) -> None:
+    model, runtime = offloaded(folder, num_slots=12, fetch="mapped")
+    ids = prompt(model, batch=3, length=4)  # 12 tokens: the same expert used twice in a layer
+    expected, uses = reference(folder, ids)
+    cache = runtime.cache
+    assert cache is not None
+    experts = runtime.store.experts()
+    loaded = experts[::2][: int(resident_share * len(experts))][:12]
+    runtime.prefetch(loaded)
+    runtime.drain()
+    assert_close(logits(model, ids), expected)
+    assert cache._deferred  # counted later: no layer read its routing on the host
+    stats = runtime.snapshot()
+    assert stats.expert_uses == stats.hits + stats.misses == uses
+    assert stats.bytes_copied - stats.prefetches_issued * runtime.store.layout.nbytes \
+        == stats.mapped_bytes == stats.misses * runtime.store.layout.nbytes
+    assert stats.evictions == 0 and (stats.hits > 0) == bool(loaded)
+    assert all(cache.table.slot_of(e) is None for e in experts if e not in loaded)  # no admission
+
+
+def test_mapped_fetch_generates_the_same_tokens_and_large_calls_copy(folder: Path) -> None:
+    reference_model = load_model(folder, dtype="float32")
+    ids = prompt(reference_model, batch=2, length=5)
+    expected = reference_model.generate(ids, max_new_tokens=4, eos_token_id=[])
+    model, runtime = offloaded(folder, num_slots=10, fetch="mapped")
+    for executor in runtime.executors.values():  # the prompt pass takes the copy path
+        executor.gather_limit_bytes = 2 * 2 * runtime.store.layout.nbytes  # type: ignore[attr-defined]
+    assert torch.equal(model.generate(ids, max_new_tokens=4, eos_token_id=[]), expected)
+    stats = runtime.snapshot()
+    assert stats.mapped_bytes > 0 and stats.bytes_copied > stats.mapped_bytes  # both paths ran
+
+
+def test_unknown_fetch_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="fetch"):
+        offloaded(tiny_model_path(), num_slots=4, fetch="zero")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["on_demand", "on_demand_grouped", "streaming", "cpu_compute"])
+@pytest.mark.parametrize("kind", ["on_demand", "on_demand_grouped", "streaming", "cpu_compute",
+                                  "mapped"])
 def test_cuda_executors_equal_resident_experts_in_bf16(kind: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -271,12 +311,14 @@ def test_cuda_executors_equal_resident_experts_in_bf16(kind: str) -> None:
         options.update(kind="streaming", ring_size=3, resident=[ExpertId(0, 0), ExpertId(1, 5)])
     if kind == "cpu_compute":
         options["cpu_compute_rule"] = lambda expert, n: expert.expert % 3 == 0
+    if kind == "mapped":
+        options["fetch"] = "mapped"
     runtime = install_offloading(model, store, pool, engine, **options)  # type: ignore[arg-type]
     if kind == "on_demand_grouped":
         for executor in runtime.executors.values():
             executor.gather_limit_bytes = 0  # type: ignore[attr-defined]
     layers = [b.layer for b in model.moe_blocks()]
-    if kind.startswith("on_demand"):  # hint every expert of the next layer, most will be stale
+    if kind.startswith("on_demand") or kind == "mapped":  # hints, most of them stale
         runtime.prefetch(ExpertId(layers[1], e) for e in range(4))
     for _ in range(2):
         assert_close(logits(model, ids), expected, rtol=2e-2)
@@ -296,9 +338,38 @@ def test_fully_resident_layers_skip_the_host_read_and_count_later() -> None:
     assert cache is not None
     runtime.prefetch(runtime.store.experts())
     runtime.drain()
-    assert all(cache.layer_lut(b.layer) is not None for b in model.moe_blocks())
+    assert all(cache.layer_map(b.layer).complete for b in model.moe_blocks())
     assert_close(logits(model, ids), expected)
     assert cache._deferred  # the uses wait to be counted: no host read happened
     stats = runtime.snapshot()
     assert stats.hits == stats.prefetches_used == uses and stats.misses == 0
     assert not cache._deferred
+
+
+@pytest.mark.gpu
+def test_evicting_a_slot_read_through_the_layer_map_waits_for_its_readers() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("cupy")
+    from moe_core.offload.copy_engines import make_copy_engine
+
+    model = load_model(tiny_model_path(), device="cuda", dtype="bfloat16")
+    store = HostExpertStore.from_model(model, pin=True)
+    pool = GpuSlotPool(store.layout, store.num_experts, "cuda")  # one layer's worth
+    runtime = install_offloading(model, store, pool, make_copy_engine("cuda"))
+    first, second = [b.layer for b in model.moe_blocks()][:2]
+    runtime.prefetch(ExpertId(first, e) for e in range(store.num_experts))
+    runtime.drain()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    top_k = model.spec.moe.router.top_k
+    hidden = torch.randn(64, model.spec.hidden_size, device="cuda", dtype=torch.bfloat16,
+                         generator=generator)
+    ids = torch.randint(0, store.num_experts, (64, top_k), device="cuda", generator=generator)
+    weights = torch.rand(64, top_k, device="cuda", generator=generator).to(torch.bfloat16)
+    expected = model.moe_blocks()[0].experts(hidden, ids, weights)
+    torch.cuda._sleep(200_000_000)  # the compute stream is busy for ~0.1 s
+    out = runtime.executors[first](hidden, ids, weights)  # queued: reads the slots via the map
+    # Evicts every expert of the first layer while its reads are still queued.
+    assert runtime.prefetch(ExpertId(second, e) for e in range(store.num_experts)) > 0
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    runtime.drain()

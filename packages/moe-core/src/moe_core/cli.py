@@ -130,6 +130,10 @@ def generate(
     store: Annotated[str | None, typer.Option(
         help="With --expert-memory: read the experts from this `moe-core pack` file.")] = None,
     policy: Annotated[str, typer.Option(help="With --expert-memory: lru or lfu.")] = "lru",
+    fetch: Annotated[str, typer.Option(
+        help="With --expert-memory: copy (misses are copied into the cache, which the policy "
+             "manages) or mapped (the GPU reads misses from pinned host memory, no host sync "
+             "per layer; the cache holds the experts loaded at start).")] = "copy",
     stats: Annotated[bool, typer.Option(
         help="With --expert-memory: print the offload counters (hits, misses, bytes, copy and "
              "stall time) to stderr.")] = False,
@@ -140,8 +144,11 @@ def generate(
     from moe_core.tokenizer import load_tokenizer, render_chat
 
     with user_errors():
-        if (store is not None or stats) and expert_memory is None:
-            raise ValueError("--store and --stats need --expert-memory (offloaded experts)")
+        if (store is not None or stats or fetch != "copy") and expert_memory is None:
+            raise ValueError("--store, --fetch and --stats need --expert-memory (offloaded "
+                             "experts)")
+        if fetch not in ("copy", "mapped"):
+            raise ValueError(f"--fetch must be copy or mapped, got {fetch!r}")
         runtime = None
         if expert_memory is None:
             net = load_model(model, device=device, dtype=dtype)
@@ -153,7 +160,8 @@ def generate(
             if policy not in policies:
                 raise ValueError(f"--policy must be lru or lfu, got {policy!r}")
             loaded = load_offloaded(model, device, parse_bytes(expert_memory), dtype=dtype,
-                                    store=store, policy=policies[policy]())
+                                    store=store, policy=policies[policy](),
+                                    fetch=fetch)  # type: ignore[arg-type]
             net, runtime = loaded.model, loaded.runtime
         assert net.source is not None
         tokenizer = load_tokenizer(net.source)

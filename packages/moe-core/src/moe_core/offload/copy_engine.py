@@ -48,6 +48,10 @@ class CopyTicket:
     done: bool = False
     cancelled: bool = False
     handle: object = field(default=None, repr=False)  # implementation data (a CUDA event)
+    dst_ptr: int = field(init=False, repr=False)  # `dst.data_ptr()`, read once
+
+    def __post_init__(self) -> None:
+        self.dst_ptr = self.dst.data_ptr()
 
     @property
     def nbytes(self) -> int:
@@ -83,6 +87,12 @@ class CopyEngine(Protocol):
         """Declare that every read of each ticket's `dst` has been issued: the next copy into
         the same destination (a slot reused for another expert) must not start before those
         reads end. A no-op where compute and copies are ordered anyway (the CPU engine)."""
+        ...
+
+    def fence_current_stream(self) -> None:
+        """Make every copy enqueued from now on start only after the compute already issued
+        (e.g. reads of a slot about to be overwritten that no ticket tracked). A no-op on the
+        CPU engine."""
         ...
 
 
@@ -127,6 +137,9 @@ class CpuCopyEngine:
 
     def release(self, *tickets: CopyTicket) -> None:
         """Nothing to do: on the CPU, a copy runs only after the compute issued before it."""
+
+    def fence_current_stream(self) -> None:
+        """Nothing to do, as for `release`."""
 
     def _run_next(self) -> None:
         lane = CopyLane.DEMAND if self._queues[CopyLane.DEMAND] else CopyLane.PREFETCH

@@ -188,8 +188,7 @@ class CudaCopyEngine:
             event = self._cupy.cuda.Event(disable_timing=True)
         consumer = torch.cuda.current_stream(self.device).cuda_stream
         self._rt.eventRecord(event.ptr, consumer)
-        for ticket in tickets:
-            self._fences[ticket.dst.data_ptr()] = event
+        self._fences.update(dict.fromkeys([t.dst_ptr for t in tickets], event))
 
     def fence_current_stream(self) -> None:
         """Make every copy enqueued from now on (both lanes) start only after the work already
@@ -228,13 +227,13 @@ class CudaCopyEngine:
         """Put `ticket`'s copy on `lane`'s stream, bracketed by events."""
         stream = self._stream_ptr[lane]
         cuda = self._cupy.cuda
-        fence = self._fences.pop(ticket.dst.data_ptr(), None)
+        fence = self._fences.pop(ticket.dst_ptr, None)
         with cuda.Device(self._index):
             if fence is not None:
                 self._rt.streamWaitEvent(stream, fence.ptr, 0)
             start = self._start_event(lane, fenced=fence is not None)
             end = cuda.Event(disable_timing=not self.time_copies)
-            self._rt.memcpyAsync(ticket.dst.data_ptr(), ticket.src.data_ptr(), ticket.nbytes,
+            self._rt.memcpyAsync(ticket.dst_ptr, ticket.src.data_ptr(), ticket.nbytes,
                                  self._rt.memcpyHostToDevice, stream)
             self._rt.eventRecord(end.ptr, stream)
         ticket.handle = _Copy(start, end)

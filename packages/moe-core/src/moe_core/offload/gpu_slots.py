@@ -41,6 +41,7 @@ class GpuSlotPool:
         self.device = torch.device(device)
         self.storage = torch.empty(num_slots * layout.numel, dtype=layout.dtype,
                                    device=self.device)  # [S * N]
+        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def for_budget(cls, layout: ExpertLayout, budget_bytes: int,
@@ -74,11 +75,10 @@ class GpuSlotPool:
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(gate [S, I, D], up [S, I, D], down [S, D, I])`: every slot's matrices as strided
         views of the one allocation (slot `s` is row `s`), for gathering by slot index."""
-        d, i, n = self.layout.hidden_size, self.layout.intermediate_size, self.layout.numel
-        rows = self.storage.view(self.num_slots, n)  # [S, N]
-        return (rows[:, : i * d].view(self.num_slots, i, d),
-                rows[:, i * d : 2 * i * d].view(self.num_slots, i, d),
-                rows[:, 2 * i * d :].view(self.num_slots, d, i))
+        if self._stacked is None:  # built once: the storage never changes
+            self._stacked = self.layout.stacked_views(
+                self.storage.view(self.num_slots, self.layout.numel))
+        return self._stacked
 
     @property
     def nbytes(self) -> int:

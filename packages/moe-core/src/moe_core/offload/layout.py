@@ -50,6 +50,13 @@ class ExpertLayout:
         down = block[2 * i * d :].view(d, i)
         return gate, up, down
 
+    def stacked_views(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(gate [R, I, D], up [R, I, D], down [R, D, I])` strided views of `rows` `[R, numel]`
+        (one block per row), e.g. for gathering experts by row index."""
+        d, i, r = self.hidden_size, self.intermediate_size, rows.shape[0]
+        return (rows[:, : i * d].view(r, i, d), rows[:, i * d : 2 * i * d].view(r, i, d),
+                rows[:, 2 * i * d :].view(r, d, i))
+
     def pack(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
              out: torch.Tensor) -> None:
         """Write one expert's three matrices into the 1-D block `out`."""

@@ -19,7 +19,7 @@ from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.packed_store import PackedHeader, read_header
 from moe_core.offload.policy import EvictionPolicy
-from moe_core.offload.runtime import OffloadKind, OffloadRuntime, install_offloading
+from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.sizes import format_bytes
 
 __all__ = ["OffloadedModel", "dense_bytes", "load_offloaded"]
@@ -56,8 +56,8 @@ def dense_bytes(model: MoEForCausalLM) -> int:
 def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_bytes: int, *,
                    dtype: str | torch.dtype | None = None, store: str | Path | None = None,
                    policy: EvictionPolicy | None = None, kind: OffloadKind = "on_demand",
-                   resident: list[ExpertId] | None = None, dummy: bool = False,
-                   num_layers: int | None = None) -> OffloadedModel:
+                   resident: list[ExpertId] | None = None, fetch: FetchMode = "copy",
+                   dummy: bool = False, num_layers: int | None = None) -> OffloadedModel:
     """Load `model` with its routed experts offloaded to host memory.
 
     Args:
@@ -70,7 +70,12 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
             pack them from the checkpoint's shards (or the dummy weights) now.
         policy: Eviction policy (on-demand); default LRU.
         kind: `"on_demand"` or `"streaming"`.
-        resident: Streaming only: experts kept resident.
+        resident: Streaming: experts kept resident. On-demand with `fetch="mapped"`: experts
+            loaded into the slots up front (default: as many as fit, in layer order); the
+            mapped path reads every other expert from host memory and admits none.
+        fetch: On-demand only: `"copy"` (misses copied into slots, cached by the policy) or
+            `"mapped"` (decode reads misses from pinned host memory on the GPU, no host
+            synchronisation per layer; see `install_offloading`).
         dummy: Random weights from `config.json`, drawn on the host: the model equals
             `load_model(model, "cpu", dtype, dummy=True)` (then moved to `device`).
         num_layers: Keep only the first `num_layers` decoder layers.
@@ -111,8 +116,12 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         raise ValueError(f"{format_bytes(expert_memory_bytes)} of expert memory holds "
                          f"{pool.num_slots} expert slots of {format_bytes(layout.nbytes)}; the "
                          f"{kind} executor needs at least {needed}")
+    mapped = kind == "on_demand" and fetch == "mapped"
     runtime = install_offloading(net, host, pool, make_copy_engine(device), policy, kind,
-                                 resident=resident or ())
+                                 resident=() if mapped else resident or (), fetch=fetch)
+    if mapped:  # the cache holds what is loaded now (misses are not admitted)
+        runtime.prefetch((resident or host.experts())[: pool.num_slots])
+        runtime.drain()
     return OffloadedModel(net, runtime, store_seconds)
 
 

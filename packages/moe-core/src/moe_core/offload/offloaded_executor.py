@@ -18,7 +18,13 @@ Few tokens (decode) take the gather path instead: all needed experts are pinned 
 one gathered computation reads their slots (`gathered_experts`): ~12 kernels per layer whatever K
 is, where the grouped path launches ~8 per expert and the step becomes bound by the CPU. When
 every expert of the layer is resident, even the host read of the routing is skipped: a device
-table maps expert to slot, and the uses are counted later (`ExpertSlotCache.layer_lut`).
+table maps expert to slot, and the uses are counted later (`ExpertSlotCache.layer_map`).
+
+With a `MappedFetcher` (`fetch="mapped"` at install), few tokens never read the routing on the
+host at all: the device table sends each resident expert to its slot and each missing one to its
+block in pinned host memory, which the GPU reads itself (`mapped_fetch`). Misses are then not
+admitted to the cache: what the cache holds is decided by prefetches (an engine's predictor) and
+by experts made resident up front; the per-layer host synchronisation is gone (decision 0004).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 from moe_core.expert_id import ExpertId
 from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
+from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.token_groups import TokenGroups, expert_mlp
 
@@ -45,13 +52,17 @@ class OffloadedExecutor:
         cache: The shared slot cache (and its stats).
         layer: Decoder-layer index of this MoE block.
         cpu_compute_rule: Picks absent experts to compute on the CPU; None: always fetch.
+        fetcher: Reads small calls' missing experts from host memory on the device (no host
+            synchronisation, no admission); None: misses are copied into slots.
     """
 
     def __init__(self, cache: ExpertSlotCache, layer: int,
-                 cpu_compute_rule: CpuComputeRule | None = None) -> None:
+                 cpu_compute_rule: CpuComputeRule | None = None,
+                 fetcher: MappedFetcher | None = None) -> None:
         self.cache = cache
         self.layer = layer
         self.cpu_compute_rule = cpu_compute_rule
+        self.fetcher = fetcher
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
@@ -67,11 +78,18 @@ class OffloadedExecutor:
         """See `ExpertExecutor`: `hidden` `[T, D]`, ids and weights `[T, K]` -> `[T, D]`."""
         if self.cpu_compute_rule is None and use_gather(
                 expert_ids.numel(), self.cache.store.layout.nbytes, self.gather_limit_bytes):
-            lut = self.cache.layer_lut(self.layer)  # [E] expert -> slot, if all resident
-            if lut is not None:  # no host read of the routing at all
-                out = gathered_experts(hidden, lut[expert_ids], weights,
+            layer_map = self.cache.layer_map(self.layer)
+            if layer_map.complete:  # every expert resident: no host read of the routing at all
+                out = gathered_experts(hidden, layer_map.slots[expert_ids], weights,
                                        *self.cache.pool.stacked())
-                self.cache.use_layer_lut(self.layer, expert_ids)
+                self.cache.use_layer_map(layer_map, self.layer, expert_ids)
+                return out
+            if self.fetcher is not None:  # misses read from host memory by the GPU
+                rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1),
+                                                      layer_map.slots)  # [T*K, N], [T*K]
+                out = gathered_experts(hidden, index.view_as(expert_ids), weights,
+                                       *self.cache.store.layout.stacked_views(rows))
+                self.cache.use_layer_map(layer_map, self.layer, expert_ids)
                 return out
             out = self._gathered(hidden, expert_ids, weights)
             if out is not None:

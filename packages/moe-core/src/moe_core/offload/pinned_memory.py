@@ -5,7 +5,11 @@ power of two and keeps freed blocks cached: on the H200 machine a Qwen3-30B-A3B 
 arenas of 1.2 GB each took 2 GB each, 96 GB of pinned memory for 58 GB of experts (measured as
 a 17.8 GB peak resident size for a 9.7 GB store), and the host ran out of memory. Instead the
 arena is an ordinary host allocation registered with the CUDA driver (`cudaHostRegister`):
-exact size, same copy speed, unregistered when the tensor is freed.
+exact size, same copy speed.
+
+Lifetime: the allocation is a numpy buffer that the tensor's storage owns (`torch.from_numpy`),
+so it lives exactly as long as any tensor or view of it. The registration is undone by a
+finalizer on that buffer, which runs when the last view is gone and before the memory is freed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 
+import numpy as np
 import torch
 
 __all__ = ["pinned_empty"]
@@ -28,22 +33,21 @@ def pinned_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """
     if not torch.cuda.is_available():
         raise RuntimeError("page-locked memory needs CUDA")
-    tensor = torch.empty(numel, dtype=dtype)
-    nbytes = numel * tensor.element_size()
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
     if nbytes == 0:
-        return tensor
+        return torch.empty(0, dtype=dtype, pin_memory=True)
+    buffer = np.empty(nbytes, dtype=np.uint8)
+    ptr = buffer.ctypes.data
     try:
-        registered = _code(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0))
+        registered = _code(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
     except (AttributeError, RuntimeError, TypeError):  # a torch build without the binding
         registered = -1
     if registered != 0:
         return torch.empty(numel, dtype=dtype, pin_memory=True)
-    # Unregister before the memory goes back (weakref callbacks run before the storage is
-    # released); a view that outlives the tensor object still works, as pageable memory. Not at
-    # interpreter exit: the CUDA context may be gone, and the process frees everything anyway.
-    finalizer = weakref.finalize(tensor, _unregister, tensor.data_ptr())
+    # Not at interpreter exit: the CUDA context may be gone, and the process frees everything.
+    finalizer = weakref.finalize(buffer, _unregister, ptr)
     finalizer.atexit = False
-    return tensor
+    return torch.from_numpy(buffer).view(dtype)  # the storage holds `buffer`
 
 
 def _unregister(ptr: int) -> None:

@@ -26,6 +26,7 @@ from moe_core.moe_block import MoEBlock
 from moe_core.offload.copy_engine import CopyEngine
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
 from moe_core.offload.policy import EvictionPolicy, LRUPolicy
 from moe_core.offload.residency import ResidencyTable
@@ -34,9 +35,10 @@ from moe_core.offload.stall_timer import StallTimer
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import ExpertRing, StreamingExecutor
 
-__all__ = ["OffloadKind", "OffloadRuntime", "install_offloading"]
+__all__ = ["FetchMode", "OffloadKind", "OffloadRuntime", "install_offloading"]
 
 OffloadKind = Literal["on_demand", "streaming"]
+FetchMode = Literal["copy", "mapped"]
 
 
 @dataclass
@@ -118,7 +120,7 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                        kind: OffloadKind = "on_demand", *,
                        cpu_compute_rule: CpuComputeRule | None = None,
                        resident: Iterable[ExpertId] = (), ring_size: int = 2,
-                       time_stalls: bool = True,
+                       fetch: FetchMode = "copy", time_stalls: bool = True,
                        drop_local_experts: bool = False) -> OffloadRuntime:
     """Run every MoE block of `model` through offloaded experts.
 
@@ -134,6 +136,11 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             compute on the CPU from `store` instead of fetching them.
         resident: Streaming only: experts kept in their own slots for good.
         ring_size: Streaming only: slots in the ring (at least 2).
+        fetch: On-demand only. `"copy"`: a miss is copied into a slot (admitted to the cache by
+            the policy; one host read of the routing per layer). `"mapped"`: small calls
+            (decode) read their misses straight from pinned host memory on the GPU, with no
+            host synchronisation at all, and do not admit them: the cache holds what was
+            prefetched (decision 0004). Needs a pinned store on CUDA (or a CPU pool).
         time_stalls: Measure stall time (two CUDA events per awaited copy on CUDA).
         drop_local_experts: Free each block's `LocalExperts` weights (replaced by empty tensors)
             so the model stops holding the experts: the point of offloading when the model was
@@ -142,7 +149,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
 
     Raises:
         ValueError: no MoE blocks, a block missing from the store, mismatched layouts, or an
-            unknown `kind`.
+            unknown `kind` or `fetch`.
+        RuntimeError: `fetch="mapped"` where the GPU cannot read the store (the reason given).
     """
     blocks = model.moe_blocks()
     if not blocks:
@@ -155,11 +163,15 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     executors: dict[int, ExpertExecutor] = {}
     cache: ExpertSlotCache | None = None
     ring: ExpertRing | None = None
+    if fetch not in ("copy", "mapped"):
+        raise ValueError(f"fetch must be 'copy' or 'mapped', got {fetch!r}")
     if kind == "on_demand":
         table = ResidencyTable(pool.num_slots, policy if policy is not None else LRUPolicy())
         cache = ExpertSlotCache(store, pool, engine, table, stats, stalls)
+        fetcher = MappedFetcher(store, pool) if fetch == "mapped" else None
         for block in blocks:
-            executors[block.layer] = OffloadedExecutor(cache, block.layer, cpu_compute_rule)
+            executors[block.layer] = OffloadedExecutor(cache, block.layer, cpu_compute_rule,
+                                                       fetcher)
     elif kind == "streaming":
         if store.layout != pool.layout:
             raise ValueError(f"store layout {store.layout} differs from pool layout "

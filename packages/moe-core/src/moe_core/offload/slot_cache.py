@@ -13,6 +13,7 @@ cancelled (already on a copy stream) is awaited the same way before its slot may
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +25,27 @@ from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.stall_timer import StallTimer
 from moe_core.offload.stats import OffloadStats
 
-__all__ = ["ExpertSlotCache"]
+__all__ = ["ExpertSlotCache", "LayerMap"]
+
+_FLUSH_AFTER = 4096
+"""Device-routed uses kept before they are counted (one host read per entry)."""
+
+
+@dataclass(frozen=True, eq=False)
+class LayerMap:
+    """One layer's expert -> slot table at one version of the cache.
+
+    Attributes:
+        version: The layer's slot-change count it was built at.
+        slots: `[E]` slot of each expert on the device, -1 where absent or in flight.
+        host: The same table on the host.
+        complete: Every expert of the layer is resident and ready.
+    """
+
+    version: int
+    slots: torch.Tensor
+    host: list[int]
+    complete: bool
 
 
 class ExpertSlotCache:
@@ -59,8 +80,9 @@ class ExpertSlotCache:
         self._prefetched: set[ExpertId] = set()  # prefetched, not yet used
         self._filled_by: dict[int, CopyTicket] = {}  # slot -> last copy into it
         self._version: dict[int, int] = {}  # layer -> count of slot changes in that layer
-        self._luts: dict[int, tuple[int, torch.Tensor | None, list[CopyTicket]]] = {}
-        self._deferred: list[tuple[int, torch.Tensor]] = []  # (layer, ids) not yet counted
+        self._maps: dict[int, LayerMap] = {}  # layer -> its device slot table
+        self._deferred: list[tuple[int, torch.Tensor, LayerMap]] = []  # uses not yet counted
+        self._map_read_layers: set[int] = set()  # layers whose slots were read via a LayerMap
 
     # Demand path ----------------------------------------------------------------------------
 
@@ -101,7 +123,7 @@ class ExpertSlotCache:
         ticket = self._in_flight.pop(expert, None)
         if ticket is not None:
             self.stalls.wait(self.engine, ticket)
-            self.table.mark_ready(expert)
+            self._mark_ready(expert)
         slot = self.table.slot_of(expert)
         if slot is None:
             raise RuntimeError(f"{expert} holds no slot; acquire it first")
@@ -114,7 +136,7 @@ class ExpertSlotCache:
         self.stalls.wait_all(self.engine, tickets)
         for ticket in tickets:
             assert isinstance(ticket.key, ExpertId)
-            self.table.mark_ready(ticket.key)
+            self._mark_ready(ticket.key)
         slots = [self.table.slot_of(e) for e in experts]
         if any(slot is None for slot in slots):
             raise RuntimeError(f"{experts} include experts holding no slot; acquire them first")
@@ -141,45 +163,58 @@ class ExpertSlotCache:
         """Whether `expert` holds no slot (neither ready nor on its way)."""
         return self.table.state(expert) is Residency.ABSENT
 
-    # Whole-layer fast path ------------------------------------------------------------------
+    # Device-side routing ----------------------------------------------------------------------
 
-    def layer_lut(self, layer: int) -> torch.Tensor | None:
-        """Expert -> slot `[E]` on the device when every expert of `layer` is resident and
-        ready (no copy in flight), else None. Rebuilt only after the layer's slots changed.
-
-        With it a layer runs without reading its routing on the host: see `use_layer_lut`.
-        """
-        if any(e.layer == layer for e in self._in_flight):
-            return None
+    def layer_map(self, layer: int) -> LayerMap:
+        """Where each expert of `layer` sits, as a device table a layer can index with its
+        routing without reading it on the host (`[E]` slot, -1 where the expert is absent or
+        still in flight). Rebuilt only after the layer's slots changed."""
         version = self._version.get(layer, 0)
-        cached = self._luts.get(layer)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        slots = [self.table.slot_of(ExpertId(layer, e)) for e in range(self.store.num_experts)]
-        lut = None
-        fills: list[CopyTicket] = []
-        if all(slot is not None for slot in slots):
-            lut = torch.tensor(slots, dtype=torch.long).to(self.pool.device)  # [E]
-            fills = [self._filled_by[s] for s in slots if s in self._filled_by]  # type: ignore[index]
-        self._luts[layer] = (version, lut, fills)
-        return lut
+        cached = self._maps.get(layer)
+        if cached is not None and cached.version == version:
+            return cached
+        host: list[int] = []
+        for e in range(self.store.num_experts):
+            expert = ExpertId(layer, e)
+            ready = self.table.state(expert) is Residency.READY and expert not in self._in_flight
+            slot = self.table.slot_of(expert) if ready else None
+            host.append(-1 if slot is None else slot)
+        slots = torch.tensor(host, dtype=torch.long).to(self.pool.device)  # [E]
+        layer_map = LayerMap(version, slots, host, all(s >= 0 for s in host))
+        self._maps[layer] = layer_map
+        return layer_map
 
-    def use_layer_lut(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """After a layer's compute over its LUT was enqueued: fence the layer's slots (one
-        event) and count the uses later, when the routing is next read on the host anyway."""
-        self.engine.release(*self._luts[layer][2])
-        self._deferred.append((layer, expert_ids))
+    def use_layer_map(self, layer_map: LayerMap, layer: int, expert_ids: torch.Tensor) -> None:
+        """After a layer's compute over `layer_map` was enqueued: count the uses later, when the
+        routing is next read on the host anyway (`flush_deferred`): resident experts as hits,
+        the others as misses read from host memory by the GPU (`mapped_bytes`).
+
+        No per-slot fence is recorded (that was an event and 128 dictionary writes per layer):
+        instead, evicting an expert of a layer read this way fences the next copies behind all
+        compute issued so far (`_on_evict`), which includes every read of that slot.
+        """
+        self._map_read_layers.add(layer)
+        self._deferred.append((layer, expert_ids, layer_map))
+        if len(self._deferred) >= _FLUSH_AFTER:  # bounded memory on long runs
+            self.flush_deferred()
 
     def flush_deferred(self) -> None:
-        """Count the fast path's uses: hits, and accesses for the policy (one host read)."""
+        """Count the device-routed uses: hits (and accesses for the policy), mapped misses."""
         if not self._deferred:
             return
         deferred, self._deferred = self._deferred, []
-        for layer, ids in deferred:
+        nbytes = self.store.layout.nbytes
+        for layer, ids, layer_map in deferred:
             for e in sorted(set(ids.view(-1).tolist())):
                 expert = ExpertId(layer, e)
-                self.table.touch(expert)
+                if layer_map.host[e] < 0:
+                    self.stats.misses += 1
+                    self.stats.bytes_copied += nbytes
+                    self.stats.mapped_bytes += nbytes
+                    continue
                 self.stats.hits += 1
+                if self.table.slot_of(expert) is not None:  # not evicted since
+                    self.table.touch(expert)
                 if expert in self._prefetched:
                     self._prefetched.discard(expert)
                     self.stats.prefetches_used += 1
@@ -235,7 +270,7 @@ class ExpertSlotCache:
             else:
                 self.engine.wait(ticket)  # no host sync on CUDA; then fence its slot
                 self.engine.release(ticket)
-                self.table.mark_ready(expert)
+                self._mark_ready(expert)
         return cancelled
 
     def settle(self) -> None:
@@ -243,7 +278,7 @@ class ExpertSlotCache:
         for expert in self.pending_prefetches():
             if self._in_flight[expert].done:
                 del self._in_flight[expert]
-                self.table.mark_ready(expert)
+                self._mark_ready(expert)
 
     # Internals ------------------------------------------------------------------------------
 
@@ -255,7 +290,13 @@ class ExpertSlotCache:
         self._filled_by[slot] = ticket
         self.stats.bytes_copied += ticket.nbytes
 
+    def _mark_ready(self, expert: ExpertId) -> None:
+        self._version[expert.layer] = self._version.get(expert.layer, 0) + 1
+        self.table.mark_ready(expert)
+
     def _on_evict(self, expert: ExpertId) -> None:
+        if expert.layer in self._map_read_layers:  # its slot's readers hold no ticket fence
+            self.engine.fence_current_stream()
         self._version[expert.layer] = self._version.get(expert.layer, 0) + 1
         self.stats.evictions += 1
         self._prefetched.discard(expert)

@@ -20,12 +20,15 @@ class OffloadStats:
 
     Attributes:
         hits: Uses of an expert already in a GPU slot (or on its way there, e.g. prefetched).
-        misses: Uses that had to fetch the expert on demand.
+        misses: Uses that had to fetch the expert on demand (a copy, or a mapped read).
         prefetches_issued: Prefetch copies submitted.
         prefetches_used: Prefetched experts later used before being evicted.
         prefetches_cancelled: Prefetches cancelled before their copy started.
         evictions: Experts pushed out of a slot to make room.
-        bytes_copied: Host-to-device bytes of every copy that was not cancelled.
+        bytes_copied: Host-to-device bytes of every copy that was not cancelled, mapped reads
+            included.
+        mapped_bytes: Of those, bytes the GPU read straight from mapped host memory (the
+            mapped fetch path; no copy engine involved, so not in `copy_seconds`).
         copy_seconds: Time the copy engine spent copying (device time on CUDA).
         stall_seconds: Time compute waited for copies: host time inside a blocking wait on the
             CPU engine; on CUDA, the compute stream's idle gap measured with events.
@@ -40,6 +43,7 @@ class OffloadStats:
     prefetches_cancelled: int = 0
     evictions: int = 0
     bytes_copied: int = 0
+    mapped_bytes: int = 0
     copy_seconds: float = 0.0
     stall_seconds: float = 0.0
     cpu_experts: int = 0
