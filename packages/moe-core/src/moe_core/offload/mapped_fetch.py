@@ -22,6 +22,8 @@ indexing on the CPU (for CI, where "host" and "device" are the same memory).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -130,6 +132,16 @@ class MappedFetcher:
         return rows, index
 
 
+class _StreamProtocol:
+    """The CUDA stream protocol (`__cuda_stream__`) for a bare stream pointer."""
+
+    def __init__(self, ptr: int) -> None:
+        self._ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self._ptr)
+
+
 class _CudaRowCopier:
     """The CuPy kernel behind `MappedFetcher` on CUDA, launched on torch's current stream."""
 
@@ -141,6 +153,17 @@ class _CudaRowCopier:
         self._kernel: Any = None
         self._streams: dict[int, Any] = {}  # stream pointer -> CuPy wrapper
 
+    def _wrap_stream(self, ptr: int) -> Any:
+        """A CuPy handle of the CUDA stream `ptr` (owned by torch)."""
+        cupy = self._cupy
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                return from_external(_StreamProtocol(ptr))
+        with warnings.catch_warnings():  # deprecated in CuPy 14, the only way before it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return cupy.cuda.ExternalStream(ptr, self._index)
+
     def copy(self, host: torch.Tensor, pool: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
              lut: torch.Tensor, first: torch.Tensor) -> None:
         cupy = self._cupy
@@ -151,7 +174,7 @@ class _CudaRowCopier:
         ptr = torch.cuda.current_stream(rows.device).cuda_stream
         stream = self._streams.get(ptr)
         if stream is None:
-            stream = self._streams[ptr] = cupy.cuda.ExternalStream(ptr, self._index)
+            stream = self._streams[ptr] = self._wrap_stream(ptr)
         ids = ids.contiguous()
         with cupy.cuda.Device(self._index), stream:
             self._kernel((_BLOCKS_PER_ROW, j), (_THREADS,),
