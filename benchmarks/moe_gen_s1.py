@@ -116,6 +116,11 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
            "decode_moe_median_s": statistics.median(s.moe_s for s in decode) if decode else None,
            "decode_h2d_median_bytes": (statistics.median(s.h2d_bytes for s in decode)
                                        if decode else None),
+           # The context grows through the run: the median step of each quarter of it.
+           "decode_step_median_s_by_quarter": [
+               statistics.median(s.seconds for s in q)
+               for q in (decode[i * len(decode) // 4 : (i + 1) * len(decode) // 4]
+                         for i in range(4)) if q],
            "peak_allocated_bytes": (torch.cuda.max_memory_allocated() if device == "cuda"
                                     else None)}
     loaded = model = store = runtime = counters = None  # free before the peer loads
@@ -195,6 +200,96 @@ def run_peer(args: argparse.Namespace, name: str, layers: int | None,
     return out
 
 
+def _union_s(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of `(start_us, end_us)` spans."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1e6
+
+
+def _overlap_s(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Seconds where some span of `a` and some span of `b` run at once."""
+    marks = sorted([(s, 0, 1) for s, _ in a] + [(e, 0, -1) for _, e in a]
+                   + [(s, 1, 1) for s, _ in b] + [(e, 1, -1) for _, e in b])
+    depth, total, last = [0, 0], 0.0, 0.0
+    for t, which, delta in marks:
+        if depth[0] > 0 and depth[1] > 0:
+            total += t - last
+        depth[which] += delta
+        last = t
+    return total / 1e6
+
+
+def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
+    """Where the time of `num_steps` profiled steps went, from a chrome trace of
+    `torch.profiler` (CUDA activity and the host's runtime calls), per step: how long the
+    host-to-device link was busy and with what (KV on the KV mover's stream, experts on the copy
+    engine's), how long kernels ran, how long both lanes overlapped, and where the host blocked."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not gpu:
+        return {"error": "no device activity in the trace"}
+
+    def spans(evs: list[dict[str, Any]]) -> list[tuple[float, float]]:
+        return [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in evs]
+
+    h2d = [e for e in gpu if e["cat"] == "gpu_memcpy" and "HtoD" in e["name"]]
+    kernels = [e for e in gpu if e["cat"] == "kernel"]
+    span_s = _union_s([(min(s for s, _ in spans(gpu)), max(e for _, e in spans(gpu)))])
+    streams: dict[str, dict[str, float]] = {}
+    for e in h2d:
+        row = streams.setdefault(str(e.get("args", {}).get("stream")),
+                                 {"busy_s": 0.0, "bytes": 0.0, "copies": 0})
+        row["busy_s"] += e["dur"] / 1e6 / num_steps
+        row["bytes"] += float(e.get("args", {}).get("bytes", 0)) / num_steps
+        row["copies"] += 1 / num_steps
+    by_stream = {k: spans([e for e in h2d if str(e.get("args", {}).get("stream")) == k])
+                 for k in streams}
+    heavy = sorted(streams, key=lambda k: -streams[k]["bytes"])[:2]
+    host: dict[str, float] = {}
+    for e in events:
+        name = e["name"]
+        if e.get("cat") == "cuda_runtime" and ("Synchronize" in name or "Memcpy" in name):
+            host[name] = host.get(name, 0.0) + e["dur"] / 1e6 / num_steps
+        if e.get("cat") == "cpu_op" and name in ("aten::index_select", "aten::nonzero",
+                                                 "aten::_local_scalar_dense", "aten::item",
+                                                 "aten::pin_memory", "aten::index_copy_"):
+            host[name] = host.get(name, 0.0) + e["dur"] / 1e6 / num_steps
+    h2d_bytes = sum(r["bytes"] for r in streams.values())
+    busy = _union_s(spans(h2d)) / num_steps
+    return {"steps": num_steps, "gpu_span_s": span_s / num_steps,
+            "h2d_busy_s": busy, "h2d_busy_share": busy * num_steps / span_s,
+            "h2d_bytes": h2d_bytes, "h2d_rate_while_busy": h2d_bytes / busy if busy else None,
+            "h2d_streams": streams,
+            "two_heaviest_h2d_streams_overlap_s": (
+                _overlap_s(by_stream[heavy[0]], by_stream[heavy[1]]) / num_steps
+                if len(heavy) == 2 else 0.0),
+            "kernel_busy_s": _union_s(spans(kernels)) / num_steps,
+            "device_idle_s": (span_s - _union_s(spans(gpu))) / num_steps,
+            "host_s": host}
+
+
+def profile_steps(run: Any, num_steps: int, path: Path | None = None) -> dict[str, Any]:
+    """Run `run()` (which runs `num_steps` steps) under `torch.profiler`; summarise the trace
+    (and keep it gzipped at `path`)."""
+    import gzip
+    import tempfile
+
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(file))
+        raw = file.read_bytes()
+    if path is not None:
+        path.write_bytes(gzip.compress(raw))
+    return trace_summary(json.loads(raw), num_steps)
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -217,6 +312,9 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--max-cpu-attention-share", type=float, default=0.75)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--commit", default=None,
+                        help="the commit that runs (default: git rev-parse; a device copy's "
+                             "git metadata can lag the working tree)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -224,7 +322,8 @@ def main() -> None:
         name, layers, budget = SCENARIOS[key]
         record: dict[str, Any] = {
             "scenario": f"S1 {key}", "model": name, "num_layers": layers, "gpu_budget": budget,
-            "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": args.commit or commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": (torch.cuda.get_device_name() if args.device == "cuda" else "cpu"),
             "workload": {k: getattr(args, k) for k in ("num_prompts", "prompt_tokens",
                                                       "new_tokens")}}
@@ -234,12 +333,14 @@ def main() -> None:
             record["ours"] = run_ours(args, name, layers, budget, args.device)
         except torch.OutOfMemoryError as exc:
             record["ours"] = {"error": f"OOM: {str(exc).splitlines()[0][:200]}"}
+        path = args.out / f"moe-gen-s1-{key}.json"
+        path.write_text(json.dumps(record, indent=1) + "\n")  # kept if the peer never ends
         if not args.skip_peer and args.device == "cuda":
             try:
                 record["peer"] = run_peer(args, name, layers, budget)
             except Exception as exc:  # report, keep the other scenarios
                 record["peer"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        (args.out / f"moe-gen-s1-{key}.json").write_text(json.dumps(record, indent=1) + "\n")
+        path.write_text(json.dumps(record, indent=1) + "\n")
         rows.append(record)
         print(json.dumps(record)[:2000], flush=True)
     print_table(rows)

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 from moe_core import ModelSpec, parse_bytes, resolve_model_path
-from moe_gen.cost_model import Candidate, ModelCosts, gpu_bytes
+from moe_gen.cost_model import Candidate, ModelCosts, gpu_bytes, predict
 from moe_gen.planner import Budget, make_plan
 from moe_gen.profile import DeviceProfile, profile_device
 
@@ -102,3 +102,26 @@ def test_host_attention_share_follows_the_host_rate(mixtral: ModelSpec) -> None:
     assert make_plan(mixtral, BF16, fast, capped).cpu_attention_share == 0
     on_cpu = replace(fast, device="cpu")  # the host is the device: nothing to split
     assert make_plan(mixtral, BF16, on_cpu, budget("12GiB")).cpu_attention_share == 0
+
+
+def test_kv_copies_overlap_the_expert_stream(mixtral: ModelSpec) -> None:
+    from dataclasses import replace
+
+    costs = ModelCosts.of(mixtral, BF16)
+    c = Candidate(256, 32, 16, 8192)
+    p = predict(costs, replace(PROFILE, gather_bytes_per_s=80e9), c, 640)  # gathers keep up
+    serial = p.expert_pcie_s + p.kv_pcie_s + p.gpu_s + p.cpu_s
+    assert p.bound_s <= p.step_s < serial
+    # The link's work (experts and KV) adds up, but the host's gathers and the expert products
+    # hide behind it: only the attention between two layers' MoE phases is exposed.
+    assert p.step_s <= p.pcie_s + p.gpu_s
+    plan = make_plan(mixtral, BF16, PROFILE, budget("12GiB"))
+    assert plan.kv_lookahead == -(-plan.max_batch_size // plan.micro_batch_size)
+
+
+def test_kv_gathered_ahead_is_counted_in_device_memory(mixtral: ModelSpec) -> None:
+    costs = ModelCosts.of(mixtral, BF16)
+    c = Candidate(256, 32, 16, 8192)
+    short, long = gpu_bytes(costs, c, 640, 2, 640), gpu_bytes(costs, c, 640, 2, 768)
+    # One layer of the batch's KV at the longest context (K and V, 8 heads x 128, bf16).
+    assert long - short == 256 * 128 * 2 * 8 * 128 * 2

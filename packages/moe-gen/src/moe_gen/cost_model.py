@@ -1,12 +1,17 @@
 """The cost model: predicted decode step time and memory of a candidate plan.
 
-Terms of one decode step of B sequences at context C (the engine's order of work):
-- attention phase, per layer and micro-batch, one after another: gather the micro-batch's KV
-  pages on the host (CPU term), copy them over PCIe (PCIe term), attend and project (GPU term);
-  meanwhile the host attends its planned share of the batch from its own pages (CPU term), and
-  the phase lasts as long as the longer of the two;
-- MoE phase: every non-resident expert the batch activates crosses PCIe once while the previous
-  one computes, so the phase takes the larger of the expert copies and the expert products.
+A decode step of B sequences at context C runs layer by layer (the engine's order of work):
+- attention: the device attends its micro-batches (projections, attention, launches) while the
+  host attends its planned share s from its own pages; the layer's MoE starts when both are done
+  (it reads the routing back to the host, one sync per layer);
+- MoE: every non-resident expert the batch activates crosses PCIe once while the previous one
+  computes; meanwhile the KV of the next layer's device micro-batches crosses the same link on
+  the KV mover's own stream (gathered on the host ahead of time), so the phase takes the longer
+  of the link's work (experts + next layer's KV), the expert products, and the host's gathers.
+The first layer's KV has nothing to hide behind. Summed over layers:
+
+    step = KV_0 + sum_l [max(attention_l, host_l)
+                         + max(experts_l + KV_l+1, matmuls_l, gather_l+1)]
 
 The bound is what no schedule can beat with this memory split: the bytes that must cross PCIe
 (streamed experts and the batch's KV) over the measured bandwidth, or the FLOPs over the measured
@@ -23,7 +28,7 @@ from moe_core import ModelSpec
 from moe_gen.plan import Prediction
 from moe_gen.profile import DeviceProfile
 
-__all__ = ["Candidate", "ModelCosts", "gpu_bytes", "predict"]
+__all__ = ["Candidate", "ModelCosts", "gpu_bytes", "kv_lookahead", "predict"]
 
 # Device operations one micro-batch's attention issues per layer (norm, projections, rotary,
 # gathers, concatenations, mask, attention, write-back): each pays the launch latency.
@@ -87,13 +92,18 @@ class ModelCosts:
         """KV of one token over every layer."""
         return self.spec.num_layers * self.spec.attention.kv_elements_per_token() * self.dtype_bytes
 
-    def streamed_experts(self, batch: int, num_resident: int) -> float:
-        """Expected non-resident experts a decode step of `batch` tokens activates (uniform
-        routing: the worst case for caching, and what dummy weights do)."""
+    def streamed_experts(self, batch: int, num_resident: int) -> list[float]:
+        """Expected non-resident experts a decode step of `batch` tokens activates, per decoder
+        layer (uniform routing: the worst case for caching, and what dummy weights do). The
+        resident experts fill the MoE layers in order, from the first."""
         moe = self.spec.moe
         per_layer = moe.num_experts
         active = 1.0 - (1.0 - moe.router.top_k / per_layer) ** batch
-        return max(self.num_experts - num_resident, 0) * active
+        out = [0.0] * self.spec.num_layers
+        for i, layer in enumerate(self.spec.moe_layers):
+            resident = min(max(num_resident - i * per_layer, 0), per_layer)
+            out[layer] = (per_layer - resident) * active
+        return out
 
     def flops_per_token(self) -> float:
         """Matrix-product FLOPs of one token through the model (activated experts only)."""
@@ -122,40 +132,58 @@ class ModelCosts:
         return num_tokens * per_token + 2 * num_seqs * spec.vocab_size * 4
 
 
-def gpu_bytes(costs: ModelCosts, c: Candidate, context: int, ring: int) -> int:
-    """Device memory of a candidate: dense part, expert slots, activations, attention work."""
+def gpu_bytes(costs: ModelCosts, c: Candidate, context: int, ring: int,
+              max_context: int | None = None) -> int:
+    """Device memory of a candidate: dense part, expert slots, activations, the attention work of
+    one micro-batch at the mean `context`, and the KV gathered ahead (one layer's micro-batches,
+    each up to `max_context` keys)."""
     slots = (c.num_resident + ring) * costs.expert_bytes
     act = costs.activation_bytes(c.batch + c.prefill_tokens, c.batch)
     work = c.micro_batch * context * costs.attention_work_bytes_per_key()
-    return costs.dense_bytes + slots + act + work
+    ahead = (kv_lookahead(c) * c.micro_batch * (max_context or context)
+             * costs.kv_bytes_per_token // costs.spec.num_layers)
+    return costs.dense_bytes + slots + act + work + ahead
+
+
+def kv_lookahead(c: Candidate) -> int:
+    """Micro-batches whose KV may be gathered before their attention: one layer's worth, so the
+    next layer's KV crosses PCIe while this layer's experts stream."""
+    return -(-c.batch // c.micro_batch)
 
 
 def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: int) -> Prediction:
     """Predicted decode step of candidate `c` at mean context `context`."""
-    spec, share = costs.spec, c.cpu_share
-    keys = c.batch * context * spec.num_layers  # (query, key, layer) triples of the step
-    kv_bytes = (1 - share) * c.batch * context * costs.kv_bytes_per_token  # crosses PCIe
-    streamed_bytes = costs.streamed_experts(c.batch, c.num_resident) * costs.expert_bytes
-    expert_pcie = streamed_bytes / profile.h2d_bytes_per_s
-    kv_pcie = kv_bytes / profile.h2d_bytes_per_s if profile.device != "cpu" else 0.0
-    gather = kv_bytes / profile.gather_bytes_per_s
+    spec, share, layers = costs.spec, c.cpu_share, costs.spec.num_layers
+    bandwidth = profile.h2d_bytes_per_s
+    device_batch = (1 - share) * c.batch
+    kv_bytes = device_batch * context * costs.kv_bytes_per_token  # crosses PCIe
+    kv_layer = kv_bytes / bandwidth / layers if profile.device != "cpu" else 0.0
+    gather_layer = kv_bytes / profile.gather_bytes_per_s / layers
+    streamed = costs.streamed_experts(c.batch, c.num_resident)  # per layer
+    streamed_bytes = sum(streamed) * costs.expert_bytes
     flops = c.batch * costs.flops_per_token()
     expert_flops = (c.batch * spec.num_moe_layers * spec.moe.router.top_k * 2 * 3
                     * spec.hidden_size * spec.moe.expert_intermediate_size)
-    projection_flops = 2.0 * c.batch * spec.num_layers * spec.attention.num_params(
-        spec.hidden_size)
+    projection_flops = 2.0 * c.batch * layers * spec.attention.num_params(spec.hidden_size)
     expert_gpu = expert_flops / profile.matmul_flops_per_s
     other_gpu = (flops - expert_flops - share * projection_flops) / profile.matmul_flops_per_s
-    launches = -(-c.batch // c.micro_batch) * spec.num_layers * _OPS_PER_MICRO_BATCH
-    attention = ((1 - share) * keys / profile.attention_keys_per_s
+    launches = -(-round(device_batch) // c.micro_batch) * layers * _OPS_PER_MICRO_BATCH
+    attention = (device_batch * context * layers / profile.attention_keys_per_s
                  + other_gpu + launches * profile.launch_s)
-    host = share * (keys / profile.cpu_attention_keys_per_s
+    host = share * (c.batch * context * layers / profile.cpu_attention_keys_per_s
                     + projection_flops / profile.cpu_matmul_flops_per_s)
-    # The host attends its share while the device attends the rest: the phase takes the longer.
-    step = max(expert_pcie, expert_gpu) + max(kv_pcie + gather + attention, host)
-    bound = max((streamed_bytes + kv_bytes) / profile.h2d_bytes_per_s,
-                flops / profile.matmul_flops_per_s)
-    return Prediction(step_s=step, pcie_s=expert_pcie + kv_pcie, expert_pcie_s=expert_pcie,
-                      kv_pcie_s=kv_pcie, gpu_s=expert_gpu + attention, cpu_s=gather + host,
+    moe_gpu = expert_gpu / max(spec.num_moe_layers, 1)
+    step = max(kv_layer, gather_layer)  # the first layer's KV: nothing to hide behind
+    for layer in range(layers):
+        last = layer + 1 == layers
+        link = streamed[layer] * costs.expert_bytes / bandwidth + (0.0 if last else kv_layer)
+        matmuls = moe_gpu if layer in spec.moe_layers else 0.0
+        step += (max(attention, host) / layers
+                 + max(link, matmuls, 0.0 if last else gather_layer))
+    expert_pcie = streamed_bytes / bandwidth
+    bound = max((streamed_bytes + kv_bytes) / bandwidth, flops / profile.matmul_flops_per_s)
+    return Prediction(step_s=step, pcie_s=expert_pcie + kv_layer * layers,
+                      expert_pcie_s=expert_pcie, kv_pcie_s=kv_layer * layers,
+                      gpu_s=expert_gpu + attention, cpu_s=gather_layer * layers + host,
                       bound_s=bound, tokens_per_s=c.batch / step,
                       bound_tokens_per_s=c.batch / bound)

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from moe_core import MoEForCausalLM
+from moe_core import ModelSpec, MoEForCausalLM
 
 from moe_gen.host_attention import HostAttention
 from moe_gen.kv_mover import KVMover
 from moe_gen.micro_batch import MicroBatch, MicroBatchKV, SequenceInput
-from moe_gen.paged_kv import PagedKV
+from moe_gen.paged_kv import PagedKV, kv_token_shapes
 
 __all__ = ["BatchEngine", "StepTiming"]
 
@@ -34,11 +34,13 @@ class StepTiming:
     """Where one step's host time went (seconds; device work is synchronised at the end).
 
     Attributes:
+        prepare_s: Building the micro-batches (indices, masks, rotary tables).
         attention_s: Attention of every micro-batch (incl. KV gathers and write-backs).
         moe_s: MoE and dense MLP blocks.
         total_s: The whole step.
     """
 
+    prepare_s: float = 0.0
     attention_s: float = 0.0
     moe_s: float = 0.0
     total_s: float = 0.0
@@ -55,15 +57,19 @@ class BatchEngine:
     """
 
     def __init__(self, model: MoEForCausalLM, pages: PagedKV, micro_batch_size: int,
-                 max_attention_pairs: int = 1 << 62, cpu_attention_share: float = 0.0) -> None:
-        if micro_batch_size <= 0 or max_attention_pairs <= 0:
-            raise ValueError(f"micro_batch_size and max_attention_pairs must be positive, got "
-                             f"{micro_batch_size} and {max_attention_pairs}")
+                 max_attention_pairs: int = 1 << 62, cpu_attention_share: float = 0.0,
+                 kv_lookahead: int = 2) -> None:
+        """`kv_lookahead` micro-batches' KV may be gathered before their attention runs (their
+        copies overlap earlier work; each holds device memory until attended)."""
+        if micro_batch_size <= 0 or max_attention_pairs <= 0 or kv_lookahead <= 0:
+            raise ValueError(f"micro_batch_size, max_attention_pairs and kv_lookahead must be "
+                             f"positive, got {micro_batch_size}, {max_attention_pairs} and "
+                             f"{kv_lookahead}")
         if not 0.0 <= cpu_attention_share <= 1.0:
             raise ValueError(f"cpu_attention_share must be in [0, 1], got {cpu_attention_share}")
         self.model = model
         self.pages = pages
-        self.mover = KVMover(model.device)
+        self.mover = KVMover(model.device, kv_lookahead * len(kv_token_shapes(model.spec)))
         self.micro_batch_size = micro_batch_size
         self.max_attention_pairs = max_attention_pairs
         self.host_attention = (HostAttention(model, pages, cpu_attention_share)
@@ -92,6 +98,24 @@ class BatchEngine:
             groups.append(current)
         return [MicroBatch(g, self.pages, self.model.device, attention_device) for g in groups]
 
+    def _prepare(self, seqs: Sequence[SequenceInput], dtype: torch.dtype
+                 ) -> tuple[list[_Part], list[_Part]]:
+        """The step's device and host micro-batches with their masks, rotary tables, caches."""
+        model, spec, host = self.model, self.model.spec, self.host_attention
+        on_host, on_device = host.split(seqs) if host is not None else ([], list(seqs))
+        parts: tuple[list[_Part], list[_Part]] = ([], [])
+        for batches, mover, out in ((self._micro_batches(on_device), self.mover, parts[0]),
+                                    (self._micro_batches(on_host, torch.device("cpu")),
+                                     host.mover if host else self.mover, parts[1])):
+            for b in batches:
+                window = (b.mask(spec.attention.sliding_window, dtype)
+                          if spec.sliding_layers else None)
+                rope = model.rotary(b.positions, dtype)
+                out.append(_Part(b, b.mask(None, dtype), window,
+                                 (rope[0].to(b.attention_device), rope[1].to(b.attention_device)),
+                                 MicroBatchKV(b, self.pages, mover)))
+        return parts
+
     @torch.no_grad()
     def step(self, seqs: Sequence[SequenceInput], timing: StepTiming | None = None
              ) -> torch.Tensor:
@@ -106,39 +130,72 @@ class BatchEngine:
         device = model.device
         ids = torch.tensor([t for s in seqs for t in s.token_ids], device=device)  # [N]
         h = model.model.embed_tokens(ids)  # [N, D]
-        host = self.host_attention
-        on_host, on_device = host.split(seqs) if host is not None else ([], list(seqs))
-        # Device micro-batches first: their kernels run while the host attends its share.
-        batches = [(b, False) for b in self._micro_batches(on_device)]
-        batches += [(b, True) for b in self._micro_batches(on_host, torch.device("cpu"))]
-        masks = [(b.mask(None, h.dtype),
-                  b.mask(spec.attention.sliding_window, h.dtype) if spec.sliding_layers else None)
-                 for b, _ in batches]
-        ropes = [tuple(r.to(b.attention_device) for r in model.rotary(b.positions, h.dtype))
-                 for b, _ in batches]
-        caches = [MicroBatchKV(b, self.pages, host.mover if on_cpu and host else self.mover)
-                  for b, on_cpu in batches]
+        on_device, on_host = self._prepare(seqs, h.dtype)
+        timing.prepare_s += time.perf_counter() - started
         for i, layer in enumerate(model.model.layers):
             t0 = time.perf_counter()
-            for (batch, on_cpu), (full, window), rope, cache in zip(batches, masks, ropes, caches,
-                                                                    strict=True):
-                mask = window if i in spec.sliding_layers else full
-                x = layer.input_layernorm(h[batch.rows])  # [b, T, D]
-                attention = host.modules[i] if on_cpu and host else layer.self_attn
-                out = attention(x.to(batch.attention_device), rope, mask, cache)  # [b, T, D]
-                rows = batch.real_rows
-                # index_copy_ of a sum: index_add_ was 100x slower on the CPU for small rows.
-                h.index_copy_(0, rows, h.index_select(0, rows) + out[batch.valid].to(device))
+            # The host's inputs leave first (they need only the previous layer), so the host
+            # attends its share while the device attends the rest.
+            inputs = [_to_host(layer.input_layernorm(h[p.batch.rows])) for p in on_host]
+            for part in on_device:
+                x = layer.input_layernorm(h[part.batch.rows])  # [b, T, D]
+                out = layer.self_attn(x, part.rope, part.mask_for(i, spec), part.cache)
+                _add_rows(h, part.batch, out)
+            for part, (x, ready) in zip(on_host, inputs, strict=True):
+                if ready is not None:
+                    ready.synchronize()
+                assert self.host_attention is not None
+                out = self.host_attention.modules[i](x, part.rope, part.mask_for(i, spec),
+                                                     part.cache)
+                _add_rows(h, part.batch, out)
             t1 = time.perf_counter()
             h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]  # [N, D]
             timing.attention_s += t1 - t0
             timing.moe_s += time.perf_counter() - t1
         self.mover.flush()
-        if host is not None:
-            host.mover.flush()
+        if self.host_attention is not None:
+            self.host_attention.mover.flush()
         last = torch.tensor([s.first_row + len(s.token_ids) - 1 for s in seqs], device=device)
         logits = model.lm_head(model.model.norm(h[last])).float()  # [n, V]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timing.total_s += time.perf_counter() - started
         return logits
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One micro-batch of a step with what its attention needs at every layer."""
+
+    batch: MicroBatch
+    mask: torch.Tensor
+    window_mask: torch.Tensor | None
+    rope: tuple[torch.Tensor, torch.Tensor]
+    cache: MicroBatchKV
+
+    def mask_for(self, layer: int, spec: ModelSpec) -> torch.Tensor:
+        """The sliding-window mask on sliding layers, else the full causal one."""
+        if layer in spec.sliding_layers and self.window_mask is not None:
+            return self.window_mask
+        return self.mask
+
+
+def _to_host(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """`x` on the host (pinned, copied without blocking) and the event that says it landed."""
+    if x.device.type != "cuda":
+        return x, None
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _add_rows(h: torch.Tensor, batch: MicroBatch, out: torch.Tensor) -> None:
+    """Add a micro-batch's attention output `[b, T, D]` to its rows of `h` `[N, D]`."""
+    delta = batch.take_valid(out)  # [n, D]
+    if delta.device != h.device:  # a host micro-batch: pinned, so the copy does not block
+        delta = delta.pin_memory().to(h.device, non_blocking=True)
+    rows = batch.real_rows
+    # index_copy_ of a sum: index_add_ was 100x slower on the CPU for small rows.
+    h.index_copy_(0, rows, h.index_select(0, rows) + delta)

@@ -47,7 +47,12 @@ class MicroBatch:
     def __init__(self, seqs: list[SequenceInput], pages: PagedKV, device: torch.device,
                  attention_device: torch.device | None = None) -> None:
         """Index the packed hidden states on `device`; attend on `attention_device` (default:
-        `device`; the CPU for a micro-batch attended on the host)."""
+        `device`; the CPU for a micro-batch attended on the host).
+
+        Everything is built with a few whole-batch tensor operations on the host and moved
+        once: no per-sequence work, and nothing later in the step reads a device tensor back
+        (a boolean mask applied on the device would make the host wait for the device).
+        """
         attention_device = attention_device or device
         self.attention_device = attention_device
         b = len(seqs)
@@ -58,26 +63,32 @@ class MicroBatch:
         steps = torch.arange(t)
         valid = steps[None, :] < lengths[:, None]  # [b, T]
         rows = torch.tensor([s.first_row for s in seqs])[:, None] + steps[None, :]  # [b, T]
+        new_pos = past[:, None] + steps[None, :]  # [b, T]
         self.num_past = p
-        self.valid = valid.to(attention_device)
+        self.num_valid = int(valid.sum())
+        # Flat [b*T] indices of the real tokens; None when there is no padding (decode).
+        self.valid_index = (None if self.num_valid == b * t
+                            else valid.flatten().nonzero()[:, 0].to(attention_device))
         self.rows = rows.masked_fill(~valid, 0).to(device)  # padding reads row 0, dropped after
         self.real_rows = rows[valid].to(device)  # [n]
-        self.positions = (past[:, None] + steps[None, :]).to(device)  # [b, T]
-        past_slots = torch.zeros(b, p, dtype=torch.long)
-        new_slots = []
-        for i, s in enumerate(seqs):
-            if s.num_past:
-                past_slots[i, : s.num_past] = pages.slots(s.page_table, 0, s.num_past)
-            new_slots.append(pages.slots(s.page_table, s.num_past,
-                                         s.num_past + len(s.token_ids)))
-        self.past_slots = past_slots.flatten()  # [b*P], on the host (the gather index)
-        self.new_slots = torch.cat(new_slots)  # [n], on the host
-        past_valid = torch.arange(p)[None, :] < past[:, None]  # [b, P]
-        key_pos = torch.cat((torch.arange(p).expand(b, p), past[:, None] + steps), dim=1)
+        self.positions = new_pos.to(device)  # [b, T]
+        tables = [s.page_table for s in seqs]
+        past_pos = torch.arange(p).expand(b, p)  # [b, P]
+        past_valid = past_pos < past[:, None]  # [b, P]
+        # Padding keys read the sequence's own first slot; the mask hides them.
+        self.past_slots = pages.batch_slots(tables, past_pos.masked_fill(~past_valid, 0)
+                                            ).flatten()  # [b*P], on the host (the gather index)
+        self.new_slots = pages.batch_slots(tables, new_pos.masked_fill(~valid, 0))[valid]  # [n]
+        key_pos = torch.cat((past_pos, new_pos), dim=1)  # [b, S]
         self._key_valid = torch.cat((past_valid, valid), dim=1).to(attention_device)  # [b, S]
         self._key_pos = key_pos.to(attention_device)  # [b, S]
-        self._query_pos = (past[:, None] + steps[None, :]).to(attention_device)  # [b, T]
+        self._query_pos = new_pos.to(attention_device)  # [b, T]
         self.shape = (b, t)
+
+    def take_valid(self, x: torch.Tensor) -> torch.Tensor:
+        """The real tokens `[n, ...]` of a padded `[b, T, ...]` tensor, in packed order."""
+        flat = x.reshape(-1, *x.shape[2:])  # [b*T, ...]
+        return flat if self.valid_index is None else flat.index_select(0, self.valid_index)
 
     def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask `[b, 1, T, S]`: causal by position, padding hidden, optional window."""
@@ -105,11 +116,13 @@ class MicroBatchKV:
         b, _ = batch.shape
         out = []
         for arena, new in zip(self.pages.arenas[layer], tensors, strict=True):
-            self.mover.scatter(arena, batch.new_slots, new[batch.valid])
+            self.mover.scatter(arena, batch.new_slots, batch.take_valid(new))
             if batch.num_past == 0:
                 out.append(new)
                 continue
             past = self.mover.gather(arena, batch.past_slots)  # [b*P, ...]
             past = past.view(b, batch.num_past, *new.shape[2:]).to(new.dtype)
             out.append(torch.cat((past, new), dim=1))  # [b, S, ...]
+        if batch.num_past:
+            self.mover.release()  # the gathered copies are read; their buffers may be reused
         return tuple(out)

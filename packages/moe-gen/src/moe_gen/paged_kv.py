@@ -76,10 +76,13 @@ class PagedKV:
         """Give a finished sequence's pages back."""
         self._free.extend(reversed(table))
 
-    def slots(self, table: list[int], start: int, stop: int) -> torch.Tensor:
-        """Arena slots `[stop - start]` of tokens `start..stop-1` of a sequence."""
-        positions = torch.arange(start, stop)
-        pages = torch.as_tensor(table, dtype=torch.long)[positions // self.page_tokens]
+    def batch_slots(self, tables: list[list[int]], positions: torch.Tensor) -> torch.Tensor:
+        """Arena slots `[b, X]` of token `positions` `[b, X]` of `b` sequences at once (one
+        set of tensor operations per micro-batch, not per sequence). Each position must lie
+        within its own sequence's pages."""
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # [b, W] pages
+        pages = table.gather(1, positions // self.page_tokens)  # [b, X]
         return pages * self.page_tokens + positions % self.page_tokens
 
     def nbytes(self) -> int:

@@ -57,6 +57,9 @@ class Plan:
             fewer sequences, so their score matrices fit where a decode micro-batch's KV does.
         cpu_attention_share: Share of each decode step's sequences attended on the host (their
             KV never crosses PCIe).
+        kv_lookahead: Micro-batches whose KV may be gathered to the device before their
+            attention runs (the copies overlap the previous layer's expert stream; each holds
+            device memory until attended).
         offload: Whether routed experts run through the streaming executor at all (False:
             every expert stays in the model, the all-resident case).
         prediction: The cost model's prediction, when a planner made the plan.
@@ -71,12 +74,13 @@ class Plan:
     ring_size: int = 2
     max_attention_pairs: int = 1 << 62
     cpu_attention_share: float = 0.0
+    kv_lookahead: int = 2
     offload: bool = True
     prediction: Prediction | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "micro_batch_size", "max_prefill_tokens", "page_tokens",
-                     "num_kv_pages", "max_attention_pairs"):
+                     "num_kv_pages", "max_attention_pairs", "kv_lookahead"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Plan.{name} must be positive, got {getattr(self, name)}")
         if self.num_resident_experts < 0:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from moe_core import ModelSpec, format_bytes
 
-from moe_gen.cost_model import Candidate, ModelCosts, gpu_bytes, predict
+from moe_gen.cost_model import Candidate, ModelCosts, gpu_bytes, kv_lookahead, predict
 from moe_gen.plan import Plan
 from moe_gen.profile import DeviceProfile
 
@@ -77,7 +77,8 @@ def _candidates(costs: ModelCosts, budget: Budget, context: int) -> list[Candida
         prefill = max(budget.prompt_tokens, min(_MAX_PREFILL_TOKENS, batch * budget.prompt_tokens))
         for micro in _powers(min(batch, 256)):
             base = Candidate(batch, micro, 0, prefill)
-            free = budget.gpu_bytes - budget.reserve_bytes - gpu_bytes(costs, base, context, _RING)
+            free = (budget.gpu_bytes - budget.reserve_bytes
+                    - gpu_bytes(costs, base, context, _RING, max_tokens))
             if free < 0:
                 continue
             resident = min(free // costs.expert_bytes, costs.num_experts)
@@ -113,4 +114,5 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
                 max_prefill_tokens=best.prefill_tokens, page_tokens=_PAGE_TOKENS,
                 num_kv_pages=pages, num_resident_experts=best.num_resident, ring_size=_RING,
                 max_attention_pairs=pairs, cpu_attention_share=best.cpu_share,
+                kv_lookahead=kv_lookahead(best),
                 offload=not all_resident, prediction=prediction)

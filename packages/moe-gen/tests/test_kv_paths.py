@@ -1,0 +1,85 @@
+"""The KV paths of a step: page slots computed a micro-batch at a time, the real tokens of a
+padded micro-batch, and the mover's gathers (CPU, and CUDA on the GPU machine: its own copy
+stream, a ring reused many times over)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moe_core import ModelSpec, resolve_model_path
+from moe_gen.kv_mover import KVMover
+from moe_gen.micro_batch import MicroBatch, SequenceInput
+from moe_gen.paged_kv import PagedKV
+
+
+@pytest.fixture(scope="module")
+def spec() -> ModelSpec:
+    return ModelSpec.from_pretrained(resolve_model_path("tiny-moe", weights=False))
+
+
+def test_batch_slots_follow_each_page_table(spec: ModelSpec) -> None:
+    pages = PagedKV(spec, num_pages=12, page_tokens=4, dtype=torch.float32)
+    tables = [pages.allocate(10), pages.allocate(3), pages.allocate(7)]
+    assert all(t is not None for t in tables)
+    pages.release(tables[1])  # freed pages are handed out again: tables need not be runs
+    tables[1] = pages.allocate(9)
+    positions = torch.tensor([[0, 5, 9], [8, 1, 4], [6, 3, 0]])
+    got = pages.batch_slots(tables, positions)  # type: ignore[arg-type]
+    for i, table in enumerate(tables):
+        for j, pos in enumerate(positions[i].tolist()):
+            assert got[i, j] == table[pos // 4] * 4 + pos % 4  # type: ignore[index]
+
+
+def test_micro_batch_packs_real_tokens_and_their_slots(spec: ModelSpec) -> None:
+    pages = PagedKV(spec, num_pages=16, page_tokens=4, dtype=torch.float32)
+    tables = [pages.allocate(12) for _ in range(3)]
+    seqs = [SequenceInput(tables[0], 5, [1, 2], 0), SequenceInput(tables[1], 0, [3, 4, 5, 6], 2),
+            SequenceInput(tables[2], 2, [7], 6)]  # type: ignore[arg-type]
+    batch = MicroBatch(seqs, pages, torch.device("cpu"))
+    b, t = batch.shape
+    assert (b, t, batch.num_past, batch.num_valid) == (3, 4, 5, 7)
+    x = torch.arange(b * t).view(b, t, 1)
+    assert batch.take_valid(x).flatten().tolist() == [0, 1, 4, 5, 6, 7, 8]
+    assert batch.real_rows.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    expected = [tables[0][p // 4] * 4 + p % 4 for p in (5, 6)]  # type: ignore[index]
+    expected += [tables[1][p // 4] * 4 + p % 4 for p in range(4)]  # type: ignore[index]
+    expected += [tables[2][0] * 4 + 2]  # type: ignore[index]
+    assert batch.new_slots.tolist() == expected
+    decode = MicroBatch([SequenceInput(tables[0], 5, [1], 0)], pages, torch.device("cpu"))
+    assert decode.valid_index is None  # no padding: nothing to index
+
+
+def test_mover_gathers_and_flushes_on_the_cpu(spec: ModelSpec) -> None:
+    mover = KVMover(torch.device("cpu"), ring_size=1)
+    arena = torch.arange(40.0).view(20, 2)
+    slots = torch.tensor([3, 0, 7])
+    assert torch.equal(mover.gather(arena, slots), arena[slots])
+    mover.release()
+    mover.scatter(arena, torch.tensor([1]), torch.tensor([[-1.0, -2.0]]))
+    assert arena[1].tolist() == [2.0, 3.0]  # deferred
+    mover.flush()
+    assert arena[1].tolist() == [-1.0, -2.0]
+    with pytest.raises(ValueError, match="ring_size"):
+        KVMover(torch.device("cpu"), ring_size=0)
+
+
+@pytest.mark.gpu
+def test_cuda_gathers_through_a_reused_ring_on_their_own_stream() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    device = torch.device("cuda")
+    mover = KVMover(device, ring_size=2)
+    arena = torch.randn(4096, 8, 16).pin_memory()
+    generator = torch.Generator().manual_seed(0)
+    outs, wanted = [], []
+    for _ in range(12):  # six times around the ring, never released in between some
+        slots = torch.randint(0, 4096, (1000,), generator=generator)
+        got = mover.gather(arena, slots)
+        outs.append(got * 1)  # read on the current stream, which waits for the copy
+        wanted.append(arena[slots])
+        if len(outs) % 3 == 0:
+            mover.release()
+    assert mover._stream is not None and mover._stream != torch.cuda.current_stream()
+    for got, want in zip(outs, wanted, strict=True):
+        assert torch.equal(got.cpu(), want)
+    assert mover.h2d_bytes == 12 * 1000 * 8 * 16 * 4
