@@ -175,3 +175,8 @@ def test_mapped_fetch_reads_missing_experts_from_host_memory_on_the_gpu(cupy) ->
     assert index.tolist() == [0, 1, 2, 1, 4, 0, 6]  # each distinct expert read once
     for j, e in enumerate(ids.tolist()):
         assert torch.equal(rows[index[j]].cpu(), store.block(ExpertId(1, e)))
+    distinct = torch.tensor([5, 1, 0, 4], device="cuda")  # one token's top-k
+    rows, index = MappedFetcher(store, pool).fetch_rows(1, distinct, lut, distinct=True)
+    assert index is None
+    for j, e in enumerate(distinct.tolist()):
+        assert torch.equal(rows[j].cpu(), store.block(ExpertId(1, e)))

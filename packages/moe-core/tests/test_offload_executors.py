@@ -270,9 +270,11 @@ def test_mapped_fetch_equals_local_experts_without_reading_the_routing(
     assert all(cache.table.slot_of(e) is None for e in experts if e not in loaded)  # no admission
 
 
-def test_mapped_fetch_generates_the_same_tokens_and_large_calls_copy(folder: Path) -> None:
+@pytest.mark.parametrize("batch", [1, 2])  # one token per call: distinct ids, no de-duplication
+def test_mapped_fetch_generates_the_same_tokens_and_large_calls_copy(folder: Path,
+                                                                     batch: int) -> None:
     reference_model = load_model(folder, dtype="float32")
-    ids = prompt(reference_model, batch=2, length=5)
+    ids = prompt(reference_model, batch=batch, length=5)
     expected = reference_model.generate(ids, max_new_tokens=4, eos_token_id=[])
     model, runtime = offloaded(folder, num_slots=10, fetch="mapped")
     for executor in runtime.executors.values():  # the prompt pass takes the copy path

@@ -29,13 +29,14 @@ def use_gather(num_assignments: int, expert_bytes: int,
     return num_assignments * expert_bytes <= limit_bytes
 
 
-def gathered_experts(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+def gathered_experts(hidden: torch.Tensor, index: torch.Tensor | None, weights: torch.Tensor,
                      gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """`sum_k weights[t, k] * expert(index[t, k])(hidden[t])` for gated SiLU experts.
 
     Args:
         hidden: `[T, D]`.
-        index: `[T, K]` rows of the weight stacks (expert ids, or slot ids of a slot pool).
+        index: `[T, K]` rows of the weight stacks (expert ids, or slot ids of a slot pool);
+            None when the stacks are already one row per assignment (`W = T*K`, row `t*K + k`).
         weights: `[T, K]` routing weights.
         gate: `[W, I, D]`; may be a strided view (e.g. every slot of a pool).
         up: `[W, I, D]`.
@@ -44,11 +45,13 @@ def gathered_experts(hidden: torch.Tensor, index: torch.Tensor, weights: torch.T
     Returns:
         `[T, D]` in `hidden`'s dtype; compute runs in the weights' dtype.
     """
-    t, k = index.shape
-    flat = index.reshape(-1)  # [T*K]
+    t, k = weights.shape
+    if index is not None:
+        flat = index.reshape(-1)  # [T*K]
+        gate, up, down = gate[flat], up[flat], down[flat]
     x = hidden.to(gate.dtype)[:, None, None, :].expand(t, k, 1, hidden.shape[-1])
     x = x.reshape(t * k, 1, hidden.shape[-1])  # [T*K, 1, D]
-    h = F.silu(torch.bmm(x, gate[flat].transpose(1, 2))) * torch.bmm(x, up[flat].transpose(1, 2))
-    y = torch.bmm(h, down[flat].transpose(1, 2)).view(t, k, -1)  # [T, K, D]
+    h = F.silu(torch.bmm(x, gate.transpose(1, 2))) * torch.bmm(x, up.transpose(1, 2))
+    y = torch.bmm(h, down.transpose(1, 2)).view(t, k, -1)  # [T, K, D]
     out = (y * weights.to(y.dtype)[..., None]).sum(dim=1)  # [T, D]
     return out.to(hidden.dtype)

@@ -14,7 +14,8 @@ without a single synchronisation and the host runs ahead of the GPU.
 
 `fetch_rows` returns one row per assignment: a resident expert is copied from its slot (device
 to device), a missing one from the host store, each distinct expert once (duplicates point at
-the first occurrence through `index`). The rows feed `gathered_experts` directly.
+the first occurrence through `index`; one token's experts are distinct and need no index). The
+rows feed `gathered_experts`.
 
 Two implementations with the same result: a CuPy kernel on CUDA (`_CudaRowCopier`), torch
 indexing on the CPU (for CI, where "host" and "device" are the same memory).
@@ -43,15 +44,26 @@ extern "C" __global__ void fetch_rows(const uint4* __restrict__ host,
                                       const long long* __restrict__ first,
                                       long long n16) {
     const long long j = blockIdx.y;
-    if (first[j] != j) return;                       // a duplicate: the first copy serves it
+    if (first != nullptr && first[j] != j) return;   // a duplicate: the first copy serves it
     const long long e = ids[j];
     const long long slot = lut[e];
     const uint4* src = slot >= 0 ? pool + slot * n16 : host + e * n16;
     uint4* dst = rows + j * n16;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n16;
-         i += (long long)gridDim.x * blockDim.x) {
-        dst[i] = src[i];
+    // Each block copies one contiguous chunk with 8 loads in flight per thread (measured on the
+    // H200: 49.5 GB/s from host memory against 48.9 for one load per thread).
+    const long long chunk = (n16 + gridDim.x - 1) / gridDim.x;
+    const long long lo = blockIdx.x * chunk;
+    const long long hi = lo + chunk < n16 ? lo + chunk : n16;
+    const long long step = blockDim.x;
+    long long i = lo + threadIdx.x;
+    for (; i + 7 * step < hi; i += 8 * step) {
+        uint4 r[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) r[k] = src[i + k * step];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) dst[i + k * step] = r[k];
     }
+    for (; i < hi; i += step) dst[i] = src[i];
 }
 """
 _BLOCKS_PER_ROW = 16  # 16 x J blocks of 256 threads: 45 GB/s from host memory on the H200
@@ -104,22 +116,26 @@ class MappedFetcher:
         self.pool = pool
         self._copier = _CudaRowCopier(pool.device) if pool.device.type == "cuda" else None
 
-    def fetch_rows(self, layer: int, ids: torch.Tensor,
-                   lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch_rows(self, layer: int, ids: torch.Tensor, lut: torch.Tensor,
+                   distinct: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The expert rows of one layer call, without reading anything on the host.
 
         Args:
             layer: Decoder-layer index.
             ids: `[J]` expert ids of the assignments (device).
             lut: `[E]` slot of each expert of `layer`, -1 where it is not resident and ready.
+            distinct: The ids are known to be distinct (one token's top-k): every row is its
+                own assignment's, and no de-duplication runs.
 
         Returns:
             `(rows, index)`: `rows` `[J, N]` expert blocks (a row is written only for the first
-            assignment of each distinct expert), `index` `[J]` the row each assignment reads.
+            assignment of each distinct expert), `index` `[J]` the row each assignment reads,
+            None when `distinct` (row `j` is assignment `j`'s).
         """
         j = ids.numel()
-        # First occurrence of each id: argmax returns the first maximal index. [J, J] is tiny.
-        index = (ids[:, None] == ids[None, :]).to(torch.uint8).argmax(dim=1)  # [J]
+        index = None
+        if not distinct:  # first occurrence of each id (argmax returns the first maximum)
+            index = (ids[:, None] == ids[None, :]).to(torch.uint8).argmax(dim=1)  # [J]
         rows = torch.empty(j, self.store.layout.numel, dtype=self.store.layout.dtype,
                            device=ids.device)  # [J, N]
         if self._copier is not None:
@@ -165,7 +181,7 @@ class _CudaRowCopier:
             return cupy.cuda.ExternalStream(ptr, self._index)
 
     def copy(self, host: torch.Tensor, pool: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
-             lut: torch.Tensor, first: torch.Tensor) -> None:
+             lut: torch.Tensor, first: torch.Tensor | None) -> None:
         cupy = self._cupy
         if self._kernel is None:
             self._kernel = cupy.RawKernel(_KERNEL, "fetch_rows")
@@ -180,5 +196,6 @@ class _CudaRowCopier:
             self._kernel((_BLOCKS_PER_ROW, j), (_THREADS,),
                          (cupy.uint64(host.data_ptr()), cupy.uint64(pool.data_ptr()),
                           cupy.uint64(rows.data_ptr()), cupy.uint64(ids.data_ptr()),
-                          cupy.uint64(lut.data_ptr()), cupy.uint64(first.data_ptr()),
+                          cupy.uint64(lut.data_ptr()),
+                          cupy.uint64(0 if first is None else first.data_ptr()),
                           cupy.int64(n16)))

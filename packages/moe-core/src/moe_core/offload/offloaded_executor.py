@@ -85,9 +85,11 @@ class OffloadedExecutor:
                 self.cache.use_layer_map(layer_map, self.layer, expert_ids)
                 return out
             if self.fetcher is not None:  # misses read from host memory by the GPU
+                one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
                 rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1),
-                                                      layer_map.slots)  # [T*K, N], [T*K]
-                out = gathered_experts(hidden, index.view_as(expert_ids), weights,
+                                                      layer_map.slots, distinct=one_token)
+                out = gathered_experts(hidden, None if index is None else
+                                       index.view_as(expert_ids), weights,
                                        *self.cache.store.layout.stacked_views(rows))
                 self.cache.use_layer_map(layer_map, self.layer, expert_ids)
                 return out
