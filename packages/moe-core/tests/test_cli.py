@@ -90,6 +90,12 @@ def test_pack_then_generate_offloaded_equals_generate_whole(tmp_path) -> None:  
     assert json.loads(whole.stdout.splitlines()[0])["text"] == \
         json.loads(offloaded.stdout.splitlines()[0])["text"]
     assert "hit_rate" in offloaded.stderr and "bytes_copied" in offloaded.stderr
+    mapped = CliRunner().invoke(app, [*args, "--expert-memory", "1MiB", "--fetch", "mapped",
+                                      "--stats"])
+    assert mapped.exit_code == 0, mapped.output
+    assert json.loads(mapped.stdout.splitlines()[0])["text"] == \
+        json.loads(whole.stdout.splitlines()[0])["text"]
+    assert "mapped_bytes" in mapped.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -97,6 +103,8 @@ def test_pack_then_generate_offloaded_equals_generate_whole(tmp_path) -> None:  
     (["generate", "-p", "x", "--expert-memory", "10KiB"], "cannot hold one expert"),
     (["generate", "-p", "x", "--expert-memory", "1MiB", "--policy", "mru"], "lru or lfu"),
     (["pack", "qwen3-30b-a3b", "x.moepack"], "--dummy"),
+    (["generate", "-p", "x", "--fetch", "mapped"], "need --expert-memory"),
+    (["generate", "-p", "x", "--expert-memory", "1MiB", "--fetch", "zero"], "copy or mapped"),
 ])
 def test_offload_options_fail_with_one_line(args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, args)
