@@ -49,8 +49,10 @@ def test_gather_and_grouped_paths_equal_the_per_token_sum(tokens: int, k: int, s
         gathered = module(hidden, ids, weights)
         module.gather_limit_bytes = 0
         grouped = module(hidden, ids, weights)
-    torch.testing.assert_close(gathered, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-5)
+    # fp32 sums in different orders: tolerances relative to the output's scale (values ~1e2)
+    atol = 1e-5 * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(gathered, expected, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=atol)
 
 
 def test_gather_limit_is_in_bytes_of_gathered_blocks() -> None:
