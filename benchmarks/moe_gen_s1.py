@@ -35,6 +35,8 @@ from moe_core import (
 from moe_gen import Defaults, GenRequest
 from moe_gen.api import run_requests
 from moe_gen.batch_loop import StepStats
+from moe_gen.engine import BatchEngine
+from moe_gen.micro_batch import SequenceInput
 from moe_gen.model_setup import install_streaming
 from moe_gen.planner import Budget, make_plan
 from moe_gen.profile import profile_device
@@ -100,10 +102,14 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    run_requests(loaded.model, requests, plan, Defaults(max_new_tokens=args.new_tokens),
-                 None, lambda _: None, steps.append,
-                 lambda: counters.bytes_copied if counters is not None else 0)
+    engine = run_requests(loaded.model, requests, plan, Defaults(max_new_tokens=args.new_tokens),
+                          None, lambda _: None, steps.append,
+                          lambda: counters.bytes_copied if counters is not None else 0)
     wall = time.perf_counter() - t0
+    context = args.prompt_tokens + args.new_tokens // 2
+    trace = (trace_decode(engine, plan.max_batch_size, context,
+                          args.out / f"trace-{name}.json.gz")
+             if args.trace and device == "cuda" else None)
     offload = runtime.summary() if runtime else {}
     summary = summarise(args.num_prompts, steps, wall, offload, plan).to_dict()
     decode = [s for s in steps if s.phase == "decode" and len(s.chunks) == plan.max_batch_size]
@@ -122,13 +128,31 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
                for q in (decode[i * len(decode) // 4 : (i + 1) * len(decode) // 4]
                          for i in range(4)) if q],
            "peak_allocated_bytes": (torch.cuda.max_memory_allocated() if device == "cuda"
-                                    else None)}
-    loaded = model = store = runtime = counters = None  # free before the peer loads
+                                    else None),
+           "trace_context": context if trace is not None else None, "trace": trace}
+    loaded = model = store = runtime = counters = engine = None  # free before the peer loads
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch._C._host_emptyCache()
     return out
+
+
+def trace_decode(engine: BatchEngine, batch: int, context: int, path: Path) -> dict[str, Any]:
+    """Profile two full-batch decode steps at `context` with the run's own engine (after the run:
+    the profiler's own cost stays out of the run's timings), on fresh page tables over the KV
+    the run left in the arenas."""
+    pages = engine.pages
+    tables = [pages.allocate(context + 1) for _ in range(batch)]
+    if any(t is None for t in tables):
+        return {"error": "too few free KV pages to trace"}
+    seqs = [SequenceInput(t, context, [3 + i % 100], i)  # type: ignore[arg-type]
+            for i, t in enumerate(tables)]
+    engine.step(seqs)  # warm-up
+    summary = profile_steps(lambda: [engine.step(seqs) for _ in range(2)], 2, path)
+    for table in tables:
+        pages.release(table)  # type: ignore[arg-type]
+    return summary
 
 
 def random_peer_model(config: Any) -> Any:
@@ -260,10 +284,21 @@ def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
             host[name] = host.get(name, 0.0) + e["dur"] / 1e6 / num_steps
     h2d_bytes = sum(r["bytes"] for r in streams.values())
     busy = _union_s(spans(h2d)) / num_steps
+    # Link idle gaps: many short ones point at the host issuing copies too slowly (per-expert
+    # work), long ones at phases with nothing to copy (attention, step boundaries).
+    gaps, reach = [], None
+    for start, end in sorted(spans(h2d)):
+        if reach is not None and start > reach:
+            gaps.append((start - reach) / 1e6)
+        reach = end if reach is None else max(reach, end)
+    short = [g for g in gaps if g < 1e-3]
     return {"steps": num_steps, "gpu_span_s": span_s / num_steps,
             "h2d_busy_s": busy, "h2d_busy_share": busy * num_steps / span_s,
             "h2d_bytes": h2d_bytes, "h2d_rate_while_busy": h2d_bytes / busy if busy else None,
             "h2d_streams": streams,
+            "h2d_idle_under_1ms_s": sum(short) / num_steps,
+            "h2d_idle_gaps_under_1ms": len(short) / num_steps,
+            "h2d_idle_over_1ms_s": (sum(gaps) - sum(short)) / num_steps,
             "two_heaviest_h2d_streams_overlap_s": (
                 _overlap_s(by_stream[heavy[0]], by_stream[heavy[1]]) / num_steps
                 if len(heavy) == 2 else 0.0),
@@ -310,6 +345,8 @@ def main() -> None:
                         default=[64, 32, 16, 8, 4, 1])
     parser.add_argument("--peer-steps", type=int, default=3)
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--trace", action="store_true",
+                        help="after the run, profile two decode steps (CUDA) and summarise them")
     parser.add_argument("--max-cpu-attention-share", type=float, default=0.75)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--commit", default=None,

@@ -125,3 +125,17 @@ def test_kv_gathered_ahead_is_counted_in_device_memory(mixtral: ModelSpec) -> No
     short, long = gpu_bytes(costs, c, 640, 2, 640), gpu_bytes(costs, c, 640, 2, 768)
     # One layer of the batch's KV at the longest context (K and V, 8 heads x 128, bf16).
     assert long - short == 256 * 128 * 2 * 8 * 128 * 2
+
+
+def test_residents_are_spread_over_the_layers_as_the_cost_model_assumes(
+        mixtral: ModelSpec) -> None:
+    from moe_core import ExpertId
+    from moe_gen.model_setup import spread_residents
+
+    experts = [ExpertId(layer, e) for layer in mixtral.moe_layers for e in range(8)]
+    chosen = spread_residents(experts, 19)
+    per_layer = [sum(x.layer == layer for x in chosen) for layer in mixtral.moe_layers]
+    assert len(set(chosen)) == 19 and per_layer == [3, 3, 3, 2, 2, 2, 2, 2]
+    streamed = ModelCosts.of(mixtral, BF16).streamed_experts(4096, 19)  # every expert active
+    assert [round(s, 6) for s in streamed] == [8 - n for n in per_layer]
+    assert spread_residents(experts, 100) == spread_residents(experts, 64)  # all of them

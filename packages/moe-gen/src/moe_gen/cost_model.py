@@ -95,13 +95,14 @@ class ModelCosts:
     def streamed_experts(self, batch: int, num_resident: int) -> list[float]:
         """Expected non-resident experts a decode step of `batch` tokens activates, per decoder
         layer (uniform routing: the worst case for caching, and what dummy weights do). The
-        resident experts fill the MoE layers in order, from the first."""
+        resident experts are spread over the MoE layers round-robin (`spread_residents`)."""
         moe = self.spec.moe
         per_layer = moe.num_experts
         active = 1.0 - (1.0 - moe.router.top_k / per_layer) ** batch
         out = [0.0] * self.spec.num_layers
+        layers = max(self.spec.num_moe_layers, 1)
         for i, layer in enumerate(self.spec.moe_layers):
-            resident = min(max(num_resident - i * per_layer, 0), per_layer)
+            resident = min(num_resident // layers + (i < num_resident % layers), per_layer)
             out[layer] = (per_layer - resident) * active
         return out
 

@@ -49,8 +49,8 @@ class Plan:
         max_prefill_tokens: Prompt tokens admitted per step (bounds prefill activations).
         page_tokens: Tokens per KV page.
         num_kv_pages: Pages of the host KV cache.
-        num_resident_experts: Routed experts kept in GPU slots for good (layer by layer from
-            the first MoE layer); the rest stream through the ring.
+        num_resident_experts: Routed experts kept in GPU slots for good (spread evenly over the
+            MoE layers); the rest stream through the ring.
         ring_size: Streaming ring slots.
         max_attention_pairs: Query-key pairs one attention micro-batch may hold (sequences x
             new tokens x keys): prefill micro-batches (hundreds of queries per sequence) get
