@@ -112,6 +112,17 @@ class ModelCosts:
         embedding = spec.vocab_size * spec.hidden_size  # a lookup, not a product
         return 2.0 * (spec.active_params_per_token - embedding * (not spec.tie_word_embeddings))
 
+    def expansion_flops_per_key(self) -> int:
+        """Matrix-product FLOPs per cached key per step beyond the attention itself: MLA
+        re-expands every cached latent into keys and values (`kv_b_proj`); GQA reads its keys as
+        they are."""
+        att = self.spec.attention
+        if att.kind != "mla":
+            return 0
+        assert att.kv_lora_rank is not None
+        return 2 * att.kv_lora_rank * att.num_heads * ((att.qk_nope_head_dim or 0)
+                                                        + att.v_head_dim)
+
     def attention_work_bytes_per_key(self) -> int:
         """Device bytes one cached key costs while its micro-batch attends (gathered copy, the
         concatenation, the per-head expansion of GQA groups or of the MLA latent)."""
@@ -169,10 +180,16 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
     expert_gpu = expert_flops / profile.matmul_flops_per_s
     other_gpu = (flops - expert_flops - share * projection_flops) / profile.matmul_flops_per_s
     launches = -(-round(device_batch) // c.micro_batch) * layers * _OPS_PER_MICRO_BATCH
-    attention = (device_batch * context * layers / profile.attention_keys_per_s
+    keys = c.batch * context * layers  # (query, key, layer) triples of the step
+    expansion = costs.expansion_flops_per_key()
+    attention = ((1 - share) * keys * (1 / profile.attention_keys_per_s
+                                       + expansion / profile.matmul_flops_per_s)
                  + other_gpu + launches * profile.launch_s)
-    host = share * (c.batch * context * layers / profile.cpu_attention_keys_per_s
-                    + projection_flops / profile.cpu_matmul_flops_per_s)
+    # The host gathers its share's pages from the arenas too, then attends them.
+    host = share * (keys * (1 / profile.cpu_attention_keys_per_s
+                            + expansion / profile.cpu_matmul_flops_per_s)
+                    + projection_flops / profile.cpu_matmul_flops_per_s
+                    + c.batch * context * costs.kv_bytes_per_token / profile.gather_bytes_per_s)
     moe_gpu = expert_gpu / max(spec.num_moe_layers, 1)
     step = max(kv_layer, gather_layer)  # the first layer's KV: nothing to hide behind
     for layer in range(layers):

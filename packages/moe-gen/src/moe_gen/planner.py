@@ -27,6 +27,10 @@ _CPU_SHARES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 # Device bytes per query-key pair of a prefill micro-batch where attention materialises its scores
 # (float32 scores, the softmax, and slack for the expanded keys): caps its sequences.
 _SCORE_BYTES = 16
+# Host attention must beat the best device-only plan by this factor: its rate is the least
+# certain input (on the H200 host a 1/4 share ran ~4x slower than the profile said, and the
+# profile itself varied 20x between two runs), and a wrong guess costs the whole step.
+_HOST_SHARE_MARGIN = 1.05
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,10 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
     found = [replace(c, cpu_share=s) for c in found for s in shares]
     scored = [(predict(costs, profile, c, context), c) for c in found]
     prediction, best = max(scored, key=lambda pc: (pc[0].tokens_per_s, -pc[1].batch))
+    device_only = [pc for pc in scored if pc[1].cpu_share == 0]
+    fallback = max(device_only, key=lambda pc: (pc[0].tokens_per_s, -pc[1].batch))
+    if prediction.tokens_per_s < _HOST_SHARE_MARGIN * fallback[0].tokens_per_s:
+        prediction, best = fallback
     all_resident = best.num_resident >= costs.num_experts
     pages = best.batch * -(-(budget.prompt_tokens + budget.max_new_tokens) // _PAGE_TOKENS)
     pairs = max(best.micro_batch * context * costs.attention_work_bytes_per_key()
