@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -31,21 +32,27 @@ _FLUSH_AFTER = 4096
 """Device-routed uses kept before they are counted (one host read per entry)."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class LayerMap:
     """One layer's expert -> slot table at one version of the cache.
 
     Attributes:
         version: The layer's slot-change count it was built at.
-        slots: `[E]` slot of each expert on the device, -1 where absent or in flight.
-        host: The same table on the host.
+        host: `[E]` slot of each expert, -1 where absent or in flight (host list).
         complete: Every expert of the layer is resident and ready.
+        device: Where `slots` goes.
     """
 
     version: int
-    slots: torch.Tensor
     host: list[int]
     complete: bool
+    device: torch.device
+
+    @cached_property
+    def slots(self) -> torch.Tensor:
+        """The table `[E]` on the device, made on first use (the copy path never needs it for
+        a layer that is not complete, and its slots change on every call)."""
+        return torch.tensor(self.host, dtype=torch.long).to(self.device)
 
 
 class ExpertSlotCache:
@@ -179,8 +186,7 @@ class ExpertSlotCache:
             ready = self.table.state(expert) is Residency.READY and expert not in self._in_flight
             slot = self.table.slot_of(expert) if ready else None
             host.append(-1 if slot is None else slot)
-        slots = torch.tensor(host, dtype=torch.long).to(self.pool.device)  # [E]
-        layer_map = LayerMap(version, slots, host, all(s >= 0 for s in host))
+        layer_map = LayerMap(version, host, all(s >= 0 for s in host), self.pool.device)
         self._maps[layer] = layer_map
         return layer_map
 
