@@ -3,6 +3,8 @@ LFU), and the two eviction policies' orders."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -130,8 +132,19 @@ class ResidencyMachine(RuleBasedStateMachine):
         assert all(s is not None and 0 <= s < self.table.num_slots for s in slots)
 
 
+class CheckedLFU(LFUPolicy):
+    """LFU whose fast victim choice (a heap over the table's live view) is checked against the
+    plain minimum over every candidate."""
+
+    def choose_victim(self, candidates: Iterable[ExpertId]) -> ExpertId:
+        victim = super().choose_victim(candidates)
+        keys = [(self._counts.get(e, 0), self._last.get(e, 0)) for e in candidates]
+        assert (self._counts.get(victim, 0), self._last.get(victim, 0)) == min(keys)
+        return victim
+
+
 class LFUResidencyMachine(ResidencyMachine):
-    policy_type = LFUPolicy
+    policy_type = CheckedLFU
 
 
 TestResidencyLRU = ResidencyMachine.TestCase

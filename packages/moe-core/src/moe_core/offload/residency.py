@@ -8,13 +8,14 @@ never evicted.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Set
 from dataclasses import dataclass
 from enum import Enum
 
 from moe_core.expert_id import ExpertId
 from moe_core.offload.policy import EvictionPolicy
 
-__all__ = ["Residency", "ResidencyTable", "SlotGrant"]
+__all__ = ["Evictable", "Residency", "ResidencyTable", "SlotGrant"]
 
 
 class Residency(Enum):
@@ -38,6 +39,26 @@ class SlotGrant:
     slot: int
     needs_copy: bool
     evicted: ExpertId | None = None
+
+
+class Evictable(Set[ExpertId]):
+    """The experts that may be evicted now (ready, not in use) as a live view of a table:
+    membership is O(1) and iteration lazy, so a policy that walks its own order (LRU) finds a
+    victim without the table listing every slot first."""
+
+    def __init__(self, table: ResidencyTable) -> None:
+        self._table = table
+
+    def __contains__(self, expert: object) -> bool:
+        table = self._table
+        return (table._state.get(expert) is Residency.READY  # type: ignore[call-overload]
+                and not table._pins.get(expert))  # type: ignore[call-overload]
+
+    def __iter__(self) -> Iterator[ExpertId]:
+        return (e for e in self._table._state if e in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class ResidencyTable:
@@ -162,9 +183,8 @@ class ResidencyTable:
     def _take_slot(self) -> tuple[int | None, ExpertId | None]:
         if self._free:
             return self._free.pop(), None
-        candidates = [e for e, s in self._state.items()
-                      if s is Residency.READY and not self.is_pinned(e)]
-        if not candidates:
+        candidates = Evictable(self)
+        if next(iter(candidates), None) is None:
             return None, None
         victim = self.policy.choose_victim(candidates)
         if victim not in candidates:
