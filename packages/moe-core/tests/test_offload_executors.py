@@ -287,6 +287,9 @@ def test_mapped_fetch_generates_the_same_tokens_and_large_calls_copy(folder: Pat
 def test_unknown_fetch_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="fetch"):
         offloaded(tiny_model_path(), num_slots=4, fetch="zero")
+    with pytest.raises(ValueError, match="cpu_compute_rule"):
+        offloaded(tiny_model_path(), num_slots=4, fetch="mapped",
+                  cpu_compute_rule=lambda expert, n: True)
 
 
 @pytest.mark.gpu

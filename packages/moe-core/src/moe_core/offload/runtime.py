@@ -148,8 +148,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             model's state dict no longer carries expert weights.
 
     Raises:
-        ValueError: no MoE blocks, a block missing from the store, mismatched layouts, or an
-            unknown `kind` or `fetch`.
+        ValueError: no MoE blocks, a block missing from the store, mismatched layouts, an
+            unknown `kind` or `fetch`, or `fetch="mapped"` with a `cpu_compute_rule`.
         RuntimeError: `fetch="mapped"` where the GPU cannot read the store (the reason given).
     """
     blocks = model.moe_blocks()
@@ -165,6 +165,9 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     ring: ExpertRing | None = None
     if fetch not in ("copy", "mapped"):
         raise ValueError(f"fetch must be 'copy' or 'mapped', got {fetch!r}")
+    if fetch == "mapped" and cpu_compute_rule is not None:
+        raise ValueError("fetch='mapped' reads misses on the GPU; it does not combine with a "
+                         "cpu_compute_rule (use fetch='copy')")
     if kind == "on_demand":
         table = ResidencyTable(pool.num_slots, policy if policy is not None else LRUPolicy())
         cache = ExpertSlotCache(store, pool, engine, table, stats, stalls)
