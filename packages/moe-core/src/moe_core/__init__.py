@@ -29,11 +29,12 @@ from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.loading import OffloadedModel, load_offloaded
+from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
 from moe_core.offload.packing import pack_model
 from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
 from moe_core.offload.residency import Residency, ResidencyTable
-from moe_core.offload.runtime import OffloadKind, OffloadRuntime, install_offloading
+from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import StreamingExecutor
 from moe_core.routing import route
@@ -59,6 +60,7 @@ __all__ = [
     "ExpertExecutor",
     "ExpertId",
     "ExpertLayout",
+    "FetchMode",
     "GenerationResult",
     "GpuSlotPool",
     "HostExpertStore",
@@ -66,6 +68,7 @@ __all__ = [
     "LFUPolicy",
     "LRUPolicy",
     "LocalExperts",
+    "MappedFetcher",
     "MoEBlock",
     "MoECoreError",
     "MoEForCausalLM",
