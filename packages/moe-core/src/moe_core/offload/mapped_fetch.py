@@ -49,8 +49,9 @@ extern "C" __global__ void fetch_rows(const uint4* __restrict__ host,
     const long long slot = lut[e];
     const uint4* src = slot >= 0 ? pool + slot * n16 : host + e * n16;
     uint4* dst = rows + j * n16;
-    // Each block copies one contiguous chunk with 8 loads in flight per thread (measured on the
-    // H200: 49.5 GB/s from host memory against 48.9 for one load per thread).
+    // Each block copies one contiguous chunk with 8 loads in flight per thread. On the H200 it
+    // matched a one-load grid-stride loop within noise (49.5 vs 49.3 and 48.0 vs 48.2 GB/s at
+    // best, two leases; benchmarks/mapped_read.py): host-memory reads are bound by the link.
     const long long chunk = (n16 + gridDim.x - 1) / gridDim.x;
     const long long lo = blockIdx.x * chunk;
     const long long hi = lo + chunk < n16 ? lo + chunk : n16;
