@@ -8,9 +8,9 @@ Why: the copy path needs the routing on the host to pick slots and submit copies
 synchronisation per layer. At batch 1 that puts the host in the critical path of every layer:
 on the H200 a Qwen3-30B-A3B layer spent 2.8 ms on the host against a 1.45 ms copy (decision
 0004). Page-locked host memory is addressable by the GPU (unified virtual addressing), so a
-kernel can read an expert's block over PCIe itself: measured at 45 GB/s for 9.4 MB blocks on
-the H200, 93% of `cudaMemcpyAsync` for the same blocks. The whole decode step is then enqueued
-without a single synchronisation and the host runs ahead of the GPU.
+kernel can read an expert's block over PCIe itself: measured at 45-49.5 GB/s for 9.4 MB blocks
+on the H200, 0.89-0.93 x `cudaMemcpyAsync` of the same blocks. The whole decode step is then
+enqueued without a single synchronisation and the host runs ahead of the GPU.
 
 `fetch_rows` returns one row per assignment: a resident expert is copied from its slot (device
 to device), a missing one from the host store, each distinct expert once (duplicates point at
