@@ -210,8 +210,11 @@ class ExpertSlotCache:
             return
         deferred, self._deferred = self._deferred, []
         nbytes = self.store.layout.nbytes
+        flat = torch.cat([ids.reshape(-1) for _, ids, _ in deferred]).tolist()  # one host read
+        start = 0
         for layer, ids, layer_map in deferred:
-            for e in sorted(set(ids.view(-1).tolist())):
+            used, start = flat[start : start + ids.numel()], start + ids.numel()
+            for e in sorted(set(used)):
                 expert = ExpertId(layer, e)
                 if layer_map.host[e] < 0:
                     self.stats.misses += 1
