@@ -112,6 +112,9 @@ class LFUPolicy:
         self._seq += 1
         self._live[expert] = self._seq
         heapq.heappush(self._heap, (*self._key(expert), self._seq, expert))
+        if len(self._heap) > 4 * len(self._live) + 64:  # every access pushes: drop stale ones
+            self._heap = [x for x in self._heap if self._live.get(x[3]) == x[2]]
+            heapq.heapify(self._heap)
 
     def _pop_victim(self, candidates: AbstractSet[ExpertId]) -> ExpertId | None:
         """The least-keyed live entry that is a candidate; None if no live entry is."""
