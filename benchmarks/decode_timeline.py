@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=Path(os.environ.get("OUT", ".")) / "decode_timeline.json",
                         help="write the JSON record here (default: $OUT/decode_timeline.json, "
-                             "or ./diag.json without OUT)")
+                             "or ./decode_timeline.json without OUT)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_timeline: needs a CUDA GPU")
