@@ -123,8 +123,58 @@ def test_streaming_equals_local_experts(folder: Path, ring_size: int) -> None:
     expected, uses = reference(folder, ids)
     assert_close(logits(model, ids), expected)
     assert_close(logits(model, ids), expected)  # the ring carries over between passes
-    assert runtime.stats.misses == 2 * uses and runtime.stats.hits == 0
-    assert runtime.stats.bytes_copied == runtime.stats.misses * runtime.store.layout.nbytes
+    stats = runtime.stats
+    assert stats.misses == 2 * uses and stats.hits == 0
+    wasted = stats.prefetches_issued - stats.prefetches_used  # guessed ahead, not routed to
+    assert stats.bytes_copied == (stats.misses + wasted) * runtime.store.layout.nbytes
+
+
+@pytest.mark.parametrize(("share", "batch", "length"), [(0.0, 1, 1), (0.0, 3, 8), (None, 3, 8)])
+def test_streaming_lookahead_right_or_wrong_equals_local_experts(
+        folder: Path, share: float | None, batch: int, length: int) -> None:
+    """Copies of the next layer's experts issued before its routing (`share` 0: always) are
+    used when the routing wants them and skipped otherwise; the logits never change. One token
+    per step (batch 1, decode-like) makes most guesses wrong."""
+    model, runtime = offloaded(folder, num_slots=4, kind="streaming", ring_size=4,
+                               lookahead_min_share=share)
+    ids = prompt(model, batch=batch, length=length)
+    expected, uses = reference(folder, ids)
+    for _ in range(2):  # the second pass guesses from what each layer used in the first
+        assert_close(logits(model, ids), expected)
+    stats = runtime.stats
+    assert stats.misses == 2 * uses
+    if share is None:
+        assert stats.prefetches_issued == 0
+    else:
+        assert stats.prefetches_issued > 0 and stats.prefetches_used > 0
+    wasted = stats.prefetches_issued - stats.prefetches_used
+    assert stats.bytes_copied == (stats.misses + wasted) * runtime.store.layout.nbytes
+
+
+def test_streaming_lookahead_copies_the_next_layer_in_the_ring_before_its_routing() -> None:
+    """With a large batch, each layer's call ends by copying the next layer's first `ring_size`
+    guesses (all its experts in order, the first time) behind its own copies; the next layer
+    uses those its routing picked."""
+    model, runtime = offloaded(tiny_model_path(), num_slots=3, kind="streaming", ring_size=3)
+    used: dict[int, list[int]] = {}
+
+    def record(layer: int, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        used[layer] = sorted(set(expert_ids.flatten().tolist()))
+
+    for block in model.moe_blocks():
+        block.observer = record
+    logits(model, prompt(model, batch=8, length=32))  # 256 tokens x top-2 of 16 experts
+    layers = runtime.store.moe_layers
+    stats = runtime.stats
+    assert stats.prefetches_issued == 3 * len(layers)  # the last layer's are for the next pass
+    assert stats.prefetches_used == sum(len({0, 1, 2} & set(used[layer]))
+                                        for layer in layers[1:])
+    engine = runtime.engine
+    assert isinstance(engine, CpuCopyEngine)
+    first, second = layers[:2]
+    n = len(used[first])
+    assert engine.log[:n] == [ExpertId(first, e) for e in used[first]]
+    assert engine.log[n : n + 3] == [ExpertId(second, e) for e in range(3)]
 
 
 def test_streaming_with_a_planned_resident_set(folder: Path) -> None:
@@ -137,7 +187,9 @@ def test_streaming_with_a_planned_resident_set(folder: Path) -> None:
     assert_close(logits(model, ids), expected)
     stats = runtime.snapshot()
     assert stats.hits > 0 and stats.hits + stats.misses == uses
-    assert stats.bytes_copied == (stats.misses + len(resident)) * runtime.store.layout.nbytes
+    wasted = stats.prefetches_issued - stats.prefetches_used
+    assert stats.bytes_copied == ((stats.misses + wasted + len(resident))
+                                  * runtime.store.layout.nbytes)
 
 
 def test_prefetch_hints_are_used_and_stale_ones_cancelled(folder: Path) -> None:

@@ -8,10 +8,14 @@ A decode step of B sequences at context C runs layer by layer (the engine's orde
   computes; meanwhile the KV of the next layer's device micro-batches crosses the same link on
   the KV mover's own stream (gathered on the host ahead of time), so the phase takes the longer
   of the link's work (experts + next layer's KV), the expert products, and the host's gathers.
+- lookahead: when the batch uses most experts, the streaming ring is filled with the layer's
+  experts during its attention, before its routing is known (moe-core's `ExpertRing`): up to R
+  of them (`cover`, their copy time) cross the link then instead of after it.
 The first layer's KV has nothing to hide behind. Summed over layers:
 
     step = KV_0 + sum_l [max(attention_l, host_l)
-                         + max(experts_l + KV_l+1, matmuls_l, gather_l+1)]
+                         + max(experts_l + KV_l+1 - min(attention_l, cover), matmuls_l,
+                               gather_l+1)]
 
 The bound is what no schedule can beat with this memory split: the bytes that must cross PCIe
 (streamed experts and the batch's KV) over the measured bandwidth, or the FLOPs over the measured
@@ -28,7 +32,13 @@ from moe_core import ModelSpec
 from moe_gen.plan import Prediction
 from moe_gen.profile import DeviceProfile
 
-__all__ = ["Candidate", "ModelCosts", "gpu_bytes", "kv_lookahead", "predict"]
+__all__ = ["LOOKAHEAD_MIN_SHARE", "Candidate", "ModelCosts", "gpu_bytes", "kv_lookahead",
+           "predict"]
+
+# moe-core's streaming ring copies a layer's experts ahead of its routing when the previous layer
+# used at least this share of its experts (`ExpertRing.lookahead_min_share`); the engine installs
+# the ring with it.
+LOOKAHEAD_MIN_SHARE = 0.5
 
 # Device operations one micro-batch's attention issues per layer (norm, projections, rotary,
 # gathers, concatenations, mask, attention, write-back): each pays the launch latency.
@@ -45,6 +55,7 @@ class Candidate:
         num_resident: Routed experts resident on the GPU.
         prefill_tokens: Prompt tokens admitted per step.
         cpu_share: Share of the decode batch attended on the host.
+        ring: Streaming ring slots.
     """
 
     batch: int
@@ -52,6 +63,7 @@ class Candidate:
     num_resident: int
     prefill_tokens: int
     cpu_share: float = 0.0
+    ring: int = 2
 
 
 @dataclass(frozen=True)
@@ -92,13 +104,18 @@ class ModelCosts:
         """KV of one token over every layer."""
         return self.spec.num_layers * self.spec.attention.kv_elements_per_token() * self.dtype_bytes
 
+    def active_share(self, batch: int) -> float:
+        """Expected share of a layer's experts a step of `batch` tokens uses (uniform routing)."""
+        moe = self.spec.moe
+        return 1.0 - (1.0 - moe.router.top_k / moe.num_experts) ** batch
+
     def streamed_experts(self, batch: int, num_resident: int) -> list[float]:
         """Expected non-resident experts a decode step of `batch` tokens activates, per decoder
         layer (uniform routing: the worst case for caching, and what dummy weights do). The
         resident experts are spread over the MoE layers round-robin (`spread_residents`)."""
         moe = self.spec.moe
         per_layer = moe.num_experts
-        active = 1.0 - (1.0 - moe.router.top_k / per_layer) ** batch
+        active = self.active_share(batch)
         out = [0.0] * self.spec.num_layers
         layers = max(self.spec.num_moe_layers, 1)
         for i, layer in enumerate(self.spec.moe_layers):
@@ -136,20 +153,22 @@ class ModelCosts:
 
     def activation_bytes(self, num_tokens: int, num_seqs: int) -> int:
         """Peak activations of a step of `num_tokens` tokens (hidden copies, one expert's
-        intermediate products on every token in the worst case, float32 logits)."""
+        intermediate products on every token in the worst case, the streaming executor's inputs
+        and outputs per routed assignment, float32 logits)."""
         spec = self.spec
         width = max(spec.moe.expert_intermediate_size, spec.dense_intermediate_size or 0,
                     spec.moe.shared_intermediate_size or 0)
-        per_token = (8 * spec.hidden_size + 3 * width) * self.dtype_bytes
+        routed = 2 * spec.moe.router.top_k * spec.hidden_size
+        per_token = (8 * spec.hidden_size + 3 * width + routed) * self.dtype_bytes
         return num_tokens * per_token + 2 * num_seqs * spec.vocab_size * 4
 
 
-def gpu_bytes(costs: ModelCosts, c: Candidate, context: int, ring: int,
+def gpu_bytes(costs: ModelCosts, c: Candidate, context: int,
               max_context: int | None = None) -> int:
     """Device memory of a candidate: dense part, expert slots, activations, the attention work of
     one micro-batch at the mean `context`, and the KV gathered ahead (one layer's micro-batches,
     each up to `max_context` keys)."""
-    slots = (c.num_resident + ring) * costs.expert_bytes
+    slots = (c.num_resident + c.ring) * costs.expert_bytes
     act = costs.activation_bytes(c.batch + c.prefill_tokens, c.batch)
     work = c.micro_batch * context * costs.attention_work_bytes_per_key()
     ahead = (kv_lookahead(c) * c.micro_batch * (max_context or context)
@@ -191,13 +210,16 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
                     + projection_flops / profile.cpu_matmul_flops_per_s
                     + c.batch * context * costs.kv_bytes_per_token / profile.gather_bytes_per_s)
     moe_gpu = expert_gpu / max(spec.num_moe_layers, 1)
+    lookahead = costs.active_share(c.batch) >= LOOKAHEAD_MIN_SHARE and profile.device != "cpu"
+    cover = c.ring * costs.expert_bytes / bandwidth if lookahead else 0.0
     step = max(kv_layer, gather_layer)  # the first layer's KV: nothing to hide behind
     for layer in range(layers):
         last = layer + 1 == layers
-        link = streamed[layer] * costs.expert_bytes / bandwidth + (0.0 if last else kv_layer)
+        phase = max(attention, host) / layers
+        experts = streamed[layer] * costs.expert_bytes / bandwidth
+        link = experts - min(phase, cover, experts) + (0.0 if last else kv_layer)
         matmuls = moe_gpu if layer in spec.moe_layers else 0.0
-        step += (max(attention, host) / layers
-                 + max(link, matmuls, 0.0 if last else gather_layer))
+        step += phase + max(link, matmuls, 0.0 if last else gather_layer)
     expert_pcie = streamed_bytes / bandwidth
     bound = max((streamed_bytes + kv_bytes) / bandwidth, flops / profile.matmul_flops_per_s)
     return Prediction(step_s=step, pcie_s=expert_pcie + kv_layer * layers,

@@ -25,6 +25,7 @@ from moe_core import (
     make_copy_engine,
 )
 
+from moe_gen.cost_model import LOOKAHEAD_MIN_SHARE
 from moe_gen.plan import Plan
 
 __all__ = ["LoadedModel", "install_streaming", "load_for_generation", "spread_residents"]
@@ -75,6 +76,7 @@ def install_streaming(model: MoEForCausalLM, plan: Plan, device: str | torch.dev
     pool = GpuSlotPool(store.layout, len(resident) + plan.ring_size, device)
     runtime = install_offloading(model, store, pool, make_copy_engine(device), kind="streaming",
                                  resident=resident, ring_size=plan.ring_size,
+                                 lookahead_min_share=LOOKAHEAD_MIN_SHARE,
                                  drop_local_experts=True)
     return LoadedModel(model, runtime)
 

@@ -14,12 +14,12 @@ import torch
 from moe_core import ModelSpec, format_bytes
 
 from moe_gen.cost_model import Candidate, ModelCosts, gpu_bytes, kv_lookahead, predict
-from moe_gen.plan import Plan
+from moe_gen.plan import Plan, Prediction
 from moe_gen.profile import DeviceProfile
 
 __all__ = ["Budget", "make_plan"]
 
-_RING = 2
+_RINGS = (2, 4, 8, 16, 32, 64)
 _PAGE_TOKENS = 16
 _MAX_BATCH = 4096
 _MAX_PREFILL_TOKENS = 8192
@@ -80,14 +80,22 @@ def _candidates(costs: ModelCosts, budget: Budget, context: int) -> list[Candida
             break
         prefill = max(budget.prompt_tokens, min(_MAX_PREFILL_TOKENS, batch * budget.prompt_tokens))
         for micro in _powers(min(batch, 256)):
-            base = Candidate(batch, micro, 0, prefill)
-            free = (budget.gpu_bytes - budget.reserve_bytes
-                    - gpu_bytes(costs, base, context, _RING, max_tokens))
-            if free < 0:
-                continue
-            resident = min(free // costs.expert_bytes, costs.num_experts)
-            found.append(Candidate(batch, micro, int(resident), prefill))
+            for ring in _RINGS:
+                base = Candidate(batch, micro, 0, prefill, ring=ring)
+                free = (budget.gpu_bytes - budget.reserve_bytes
+                        - gpu_bytes(costs, base, context, max_tokens))
+                if free < 0:
+                    continue
+                resident = min(free // costs.expert_bytes, costs.num_experts)
+                found.append(replace(base, num_resident=int(resident)))
     return found
+
+
+def _preference(scored: tuple[Prediction, Candidate]) -> tuple[float, int, int]:
+    """Fastest predicted first; among equals, the smaller batch, then the smaller ring (its
+    slots go to resident experts)."""
+    prediction, c = scored
+    return prediction.tokens_per_s, -c.batch, -c.ring
 
 
 def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budget: Budget) -> Plan:
@@ -100,18 +108,18 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
     context = budget.prompt_tokens + budget.max_new_tokens // 2  # mean over a generation
     found = _candidates(costs, budget, context)
     if not found:
-        need = costs.dense_bytes + (_RING * costs.expert_bytes)
-        raise ValueError(f"nothing fits: the dense part and a ring of {_RING} expert slots alone "
-                         f"need {format_bytes(need)} of GPU memory (budget "
+        need = costs.dense_bytes + (_RINGS[0] * costs.expert_bytes)
+        raise ValueError(f"nothing fits: the dense part and a ring of {_RINGS[0]} expert slots "
+                         f"alone need {format_bytes(need)} of GPU memory (budget "
                          f"{format_bytes(budget.gpu_bytes)}), or the host budget "
                          f"{format_bytes(budget.host_bytes)} holds no KV cache after the experts")
     shares = ([s for s in _CPU_SHARES if s <= budget.max_cpu_attention_share]
               if profile.device != "cpu" else [0.0])  # on a CPU run the host is the device
     found = [replace(c, cpu_share=s) for c in found for s in shares]
     scored = [(predict(costs, profile, c, context), c) for c in found]
-    prediction, best = max(scored, key=lambda pc: (pc[0].tokens_per_s, -pc[1].batch))
+    prediction, best = max(scored, key=_preference)
     device_only = [pc for pc in scored if pc[1].cpu_share == 0]
-    fallback = max(device_only, key=lambda pc: (pc[0].tokens_per_s, -pc[1].batch))
+    fallback = max(device_only, key=_preference)
     if prediction.tokens_per_s < _HOST_SHARE_MARGIN * fallback[0].tokens_per_s:
         prediction, best = fallback
     all_resident = best.num_resident >= costs.num_experts
@@ -120,7 +128,7 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
                 // (costs.spec.attention.num_heads * _SCORE_BYTES), 1)
     return Plan(max_batch_size=best.batch, micro_batch_size=best.micro_batch,
                 max_prefill_tokens=best.prefill_tokens, page_tokens=_PAGE_TOKENS,
-                num_kv_pages=pages, num_resident_experts=best.num_resident, ring_size=_RING,
+                num_kv_pages=pages, num_resident_experts=best.num_resident, ring_size=best.ring,
                 max_attention_pairs=pairs, cpu_attention_share=best.cpu_share,
                 kv_lookahead=kv_lookahead(best),
                 offload=not all_resident, prediction=prediction)

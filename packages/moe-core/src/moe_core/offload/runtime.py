@@ -121,7 +121,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                        cpu_compute_rule: CpuComputeRule | None = None,
                        resident: Iterable[ExpertId] = (), ring_size: int = 2,
                        fetch: FetchMode = "copy", time_stalls: bool = True,
-                       drop_local_experts: bool = False) -> OffloadRuntime:
+                       drop_local_experts: bool = False,
+                       lookahead_min_share: float | None = 0.5) -> OffloadRuntime:
     """Run every MoE block of `model` through offloaded experts.
 
     Args:
@@ -136,6 +137,10 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             compute on the CPU from `store` instead of fetching them.
         resident: Streaming only: experts kept in their own slots for good.
         ring_size: Streaming only: slots in the ring (at least 2).
+        lookahead_min_share: Streaming only: when a layer uses at least this share of its
+            experts (a large batch), its call fills the ring's free slots with the next layer's
+            likely experts before that layer's routing is known (None: never; see
+            `ExpertRing`).
         fetch: On-demand only. `"copy"`: a miss is copied into a slot (admitted to the cache by
             the policy; one host read of the routing per layer). `"mapped"`: small calls
             (decode) read their misses straight from pinned host memory on the GPU, with no
@@ -179,7 +184,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
         if store.layout != pool.layout:
             raise ValueError(f"store layout {store.layout} differs from pool layout "
                              f"{pool.layout}")
-        ring = ExpertRing(store, pool, engine, stats, stalls, resident, ring_size)
+        ring = ExpertRing(store, pool, engine, stats, stalls, resident, ring_size,
+                          lookahead_min_share)
         for block in blocks:
             executors[block.layer] = StreamingExecutor(ring, block.layer)
     else:

@@ -16,7 +16,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TokenGroups", "expert_mlp"]
+__all__ = ["TokenGroups", "expert_mlp", "expert_mlp_into"]
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,14 @@ class TokenGroups:
         starts: Where each expert's assignments start in the sorted order `[E]`, on the host.
         token_of: `[T*K]` token index of each sorted assignment (device).
         weights: `[T*K]` routing weight of each sorted assignment, in the hidden dtype (device).
+        num_tokens: T.
     """
 
     counts: list[int]
     starts: list[int]
     token_of: torch.Tensor
     weights: torch.Tensor
+    num_tokens: int
 
     @classmethod
     def build(cls, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
@@ -44,7 +46,8 @@ class TokenGroups:
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # the host read
         starts = [0, *accumulate(counts)][:-1]
-        return cls(counts, starts, order // k, weights.reshape(-1)[order].to(dtype))
+        return cls(counts, starts, order // k, weights.reshape(-1)[order].to(dtype),
+                   expert_ids.shape[0])
 
     def experts(self) -> list[int]:
         """Experts with at least one token, ascending."""
@@ -63,6 +66,18 @@ class TokenGroups:
         """Routing weights `[N, 1]` of `expert`'s tokens."""
         return self.weights[self.span(expert), None]
 
+    def sorted_inputs(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`hidden` `[T, D]` row per assignment, in sorted order, as `dtype`: `[T*K, D]` (one
+        gather for the whole layer; each expert's inputs are then the view `[span]`)."""
+        return hidden.index_select(0, self.token_of).to(dtype)
+
+    def combine(self, outputs: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the per-assignment `outputs` `[T*K, D]` (sorted order, every row
+        written) into `[T, D]` shaped and typed like `like`: one scatter for the whole layer."""
+        out = torch.zeros_like(like)
+        weighted = outputs.to(like.dtype) * self.weights[:, None]
+        return out.index_add_(0, self.token_of, weighted)
+
 
 def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                down: torch.Tensor) -> torch.Tensor:
@@ -71,3 +86,13 @@ def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     h = x.to(gate.dtype)
     y = F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)  # [N, I] -> [N, D]
     return y.to(x.dtype)
+
+
+def expert_mlp_into(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                    out: torch.Tensor) -> None:
+    """`expert_mlp` with gate and up as one matrix `gate_up` `[2I, D]` (one product for both),
+    `x` `[N, D]` already in the weights' dtype, the result written into `out` `[N, D]`: four
+    kernels per expert."""
+    width = down.shape[1]
+    h = torch.mm(x, gate_up.t())  # [N, 2I]
+    torch.mm(F.silu(h[:, :width]) * h[:, width:], down.t(), out=out)  # [N, I] -> [N, D]
