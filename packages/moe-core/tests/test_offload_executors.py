@@ -192,6 +192,42 @@ def test_streaming_with_a_planned_resident_set(folder: Path) -> None:
                                   * runtime.store.layout.nbytes)
 
 
+@pytest.mark.parametrize("max_group", [1, 8])
+def test_streaming_groups_around_residents_in_the_middle_of_a_layer(folder: Path,
+                                                                    max_group: int) -> None:
+    """Residents 3 and 7 of every layer split the streamed experts' tokens into separate runs;
+    grouped products of any size give the same logits."""
+    layers = HostExpertStore.from_model(load_model(folder, dtype="float32"),
+                                        pin=False).moe_layers
+    resident = [ExpertId(layer, e) for layer in layers for e in (7, 3)]
+    model, runtime = offloaded(folder, num_slots=len(resident) + 8, kind="streaming",
+                               ring_size=8, resident=resident, lookahead_min_share=0.0)
+    assert runtime.ring is not None
+    runtime.ring.max_group = max_group
+    ids = prompt(model, batch=4, length=16)
+    expected, uses = reference(folder, ids)
+    for _ in range(2):
+        assert_close(logits(model, ids), expected)
+    assert runtime.stats.hits + runtime.stats.misses == 2 * uses
+
+
+def test_streaming_layer_called_out_of_order_skips_the_copies_guessed_for_another(
+        folder: Path) -> None:
+    """Copies issued ahead for the next layer are skipped (not computed) when a different
+    layer is called next; the output still equals the resident experts'."""
+    model, runtime = offloaded(folder, num_slots=4, kind="streaming", ring_size=4,
+                               lookahead_min_share=0.0)
+    reference_model = load_model(folder, dtype="float32")
+    block, local = model.moe_blocks()[0], reference_model.moe_blocks()[0]
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):  # the same layer again: its guesses were for the layer after it
+        hidden = torch.randn(24, model.spec.hidden_size, generator=generator)
+        ids = torch.randint(0, runtime.store.num_experts, (24, 2), generator=generator)
+        weights = torch.rand(24, 2, generator=generator)
+        assert_close(block.executor(hidden, ids, weights), local.experts(hidden, ids, weights))
+    assert runtime.stats.prefetches_issued > runtime.stats.prefetches_used == 0
+
+
 def test_prefetch_hints_are_used_and_stale_ones_cancelled(folder: Path) -> None:
     model, runtime = offloaded(folder, num_slots=24)
     ids = prompt(model)
@@ -430,3 +466,28 @@ def test_evicting_a_slot_read_through_the_layer_map_waits_for_its_readers() -> N
     assert runtime.prefetch(ExpertId(second, e) for e in range(store.num_experts)) > 0
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
     runtime.drain()
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_grouped_expert_mlp_equals_one_expert_at_a_time(monkeypatch: pytest.MonkeyPatch,
+                                                        fallback: bool) -> None:
+    """Experts with zero tokens in the middle and at the ends; the per-expert fallback (older
+    torch) gives the same result."""
+    from moe_core.offload import grouped_mlp
+    from moe_core.offload.layout import ExpertLayout
+    from moe_core.offload.token_groups import expert_mlp
+
+    if fallback:
+        monkeypatch.setattr(grouped_mlp, "_fallback_reason", "test")
+    layout = ExpertLayout(32, 24, torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, layout.numel, generator=generator) * 0.1
+    gate_up, down = layout.grouped_views(rows)
+    counts = [0, 3, 0, 5, 0]
+    x = torch.randn(sum(counts), 32, generator=generator)
+    offsets = torch.tensor([0, 3, 3, 8, 8], dtype=torch.int32)
+    out = torch.empty_like(x)
+    grouped_mlp.grouped_expert_mlp(x, gate_up, down, counts, offsets, out)
+    expected = torch.cat([expert_mlp(x[:3], *layout.views(rows[1])),
+                          expert_mlp(x[3:], *layout.views(rows[3]))])
+    assert_close(out, expected)

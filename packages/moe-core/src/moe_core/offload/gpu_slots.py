@@ -68,6 +68,13 @@ class GpuSlotPool:
         n = self.layout.numel
         return self.storage[index * n : (index + 1) * n]
 
+    def rows(self, first: int, count: int) -> torch.Tensor:
+        """Slots `first .. first + count - 1` as one tensor `[count, N]` (a view)."""
+        if count <= 0 or first < 0 or first + count > self.num_slots:
+            raise IndexError(f"slots {first}..{first + count - 1} out of range "
+                             f"0..{self.num_slots - 1}")
+        return self.storage.view(self.num_slots, self.layout.numel)[first : first + count]
+
     def weights(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(gate [I, D], up [I, D], down [D, I])` views of slot `index`."""
         return self.layout.views(self.slot(index))

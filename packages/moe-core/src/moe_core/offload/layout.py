@@ -56,6 +56,11 @@ class ExpertLayout:
         d, i = self.hidden_size, self.intermediate_size
         return block[: 2 * i * d].view(2 * i, d), block[2 * i * d :].view(d, i)
 
+    def grouped_views(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(gate_up [R, 2I, D], down [R, D, I])` strided views of `rows` `[R, numel]`."""
+        d, i, r = self.hidden_size, self.intermediate_size, rows.shape[0]
+        return rows[:, : 2 * i * d].view(r, 2 * i, d), rows[:, 2 * i * d :].view(r, d, i)
+
     def stacked_views(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(gate [R, I, D], up [R, I, D], down [R, D, I])` strided views of `rows` `[R, numel]`
         (one block per row), e.g. for gathering experts by row index."""

@@ -26,28 +26,41 @@ the CPU, compute and copies are ordered anyway. Slots are filled and consumed in
 i+R reuses copy i's slot, issued only once i was consumed), and a skipped copy needs no release:
 nothing reads it, and the next copy into its slot is queued behind it on the same stream.
 
-Compute per layer: the tokens' inputs are gathered once in expert order, each expert runs four
-kernels on its contiguous span (gate and up as one product) writing its outputs in place, and one
-scatter adds the weighted outputs back per token; the host work per expert is what large batches
-of small experts (DeepSeek's, 1,400 per step) wait on.
+Compute per layer: the tokens' inputs are gathered once in expert order; experts then run in
+groups, each a run of experts in consecutive slots whose tokens are contiguous (a layer's
+residents sit in consecutive slots in expert order; streamed experts land in consecutive ring
+slots), one grouped matrix product per projection for the whole group (`grouped_expert_mlp`);
+one scatter adds the weighted outputs back per token. Per expert, the host only submits its copy:
+the host's per-expert work was what large batches of small experts (DeepSeek's, 1,400 per step)
+waited on.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 
 from moe_core.expert_id import ExpertId
 from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket
 from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.grouped_mlp import grouped_expert_mlp
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.stall_timer import StallTimer
 from moe_core.offload.stats import OffloadStats
-from moe_core.offload.token_groups import TokenGroups, expert_mlp_into
+from moe_core.offload.token_groups import TokenGroups
 
-__all__ = ["ExpertRing", "StreamingExecutor"]
+__all__ = ["ExpertRing", "Flight", "StreamingExecutor"]
+
+
+class Flight(NamedTuple):
+    """A copy into the ring: which expert, its ticket, and the ring slot it fills."""
+
+    expert: ExpertId
+    ticket: CopyTicket
+    slot: int
 
 
 class ExpertRing:
@@ -56,25 +69,27 @@ class ExpertRing:
 
     Attributes:
         store: Host tier.
-        pool: Device slots: the first `len(resident)` hold the resident set, the next
-            `ring_size` form the ring.
+        pool: Device slots: the first `len(resident)` hold the resident set (each layer's in
+            consecutive slots, in expert order), the next `ring_size` form the ring.
         engine: Copy engine.
         stats: Counters: resident uses are hits, streamed uses misses; copies issued ahead of a
             layer's routing count as prefetches (issued, and used when its routing wanted them).
         stalls: Measures compute waiting for copies.
         ring_size: R.
-        lookahead_min_share: Copy the next layer's experts ahead of its routing when at least
-            this share of the current layer's streamed experts was used (None: never).
+        lookahead_min_share: Copy the next layer's experts ahead of its routing when the current
+            layer used at least this share of its experts (None: never).
+        max_group: Most experts computed by one grouped product.
     """
 
     def __init__(self, store: HostExpertStore, pool: GpuSlotPool, engine: CopyEngine,
                  stats: OffloadStats, stalls: StallTimer, resident: Iterable[ExpertId] = (),
-                 ring_size: int = 2, lookahead_min_share: float | None = 0.5) -> None:
+                 ring_size: int = 2, lookahead_min_share: float | None = 0.5,
+                 max_group: int = 8) -> None:
         """Claim the slots and start copying the resident set in (demand lane).
 
         Raises:
-            ValueError: `ring_size` < 2, the pool cannot hold the resident set plus the ring, or
-                `lookahead_min_share` outside [0, 1].
+            ValueError: `ring_size` < 2, the pool cannot hold the resident set plus the ring,
+                `lookahead_min_share` outside [0, 1], or `max_group` < 1.
         """
         resident = list(dict.fromkeys(resident))
         if ring_size < 2:
@@ -85,6 +100,8 @@ class ExpertRing:
         if lookahead_min_share is not None and not 0.0 <= lookahead_min_share <= 1.0:
             raise ValueError(f"lookahead_min_share must be in [0, 1] or None, got "
                              f"{lookahead_min_share}")
+        if max_group < 1:
+            raise ValueError(f"max_group must be at least 1, got {max_group}")
         self.store = store
         self.pool = pool
         self.engine = engine
@@ -92,10 +109,15 @@ class ExpertRing:
         self.stalls = stalls
         self.ring_size = ring_size
         self.lookahead_min_share = lookahead_min_share
-        self._resident_slot = {expert: slot for slot, expert in enumerate(resident)}
+        self.max_group = max_group
+        self._resident = resident
+        self._resident_slot = {expert: slot for slot, expert in enumerate(sorted(resident))}
         self._resident_copy: dict[ExpertId, CopyTicket] = {}
         for expert, slot in self._resident_slot.items():
             self._resident_copy[expert] = self._copy(expert, slot)
+        self._layer_residents: dict[int, list[ExpertId]] = {}
+        for expert in sorted(resident):
+            self._layer_residents.setdefault(expert.layer, []).append(expert)
         self._ring = list(range(len(resident), len(resident) + ring_size))
         self._cursor = 0  # next ring slot to fill; carried across layers
         layers = store.moe_layers
@@ -105,50 +127,41 @@ class ExpertRing:
                                     if ExpertId(layer, e) not in self._resident_slot]
                             for layer in layers}
         self._last_used: dict[int, list[ExpertId]] = {}
-        self._ahead: deque[tuple[ExpertId, CopyTicket]] = deque()  # issued for the next layer
+        self._ahead: deque[Flight] = deque()  # issued for the next layer, before its routing
         self._guesses: Iterator[ExpertId] = iter(())  # the next layer's, still to issue
 
     @property
     def resident(self) -> list[ExpertId]:
         """The planned resident set."""
-        return list(self._resident_slot)
+        return list(self._resident)
 
     def is_resident(self, expert: ExpertId) -> bool:
         """Whether `expert` has a permanent slot."""
         return expert in self._resident_slot
 
-    def resident_block(self, expert: ExpertId) -> torch.Tensor:
-        """The slot of a resident expert (waits for its first copy once)."""
+    def residents_of(self, layer: int) -> list[ExpertId]:
+        """`layer`'s resident experts in expert order (their slots are consecutive)."""
+        return self._layer_residents.get(layer, [])
+
+    def resident_slot(self, expert: ExpertId) -> int:
+        """The permanent slot of a resident expert (waits for its first copy once)."""
         ticket = self._resident_copy.pop(expert, None)
         if ticket is not None:
             self.stalls.wait(self.engine, ticket)
-        self.stats.hits += 1
-        return self.pool.slot(self._resident_slot[expert])
+        return self._resident_slot[expert]
 
-    def resident_weights(self, expert: ExpertId) -> tuple[torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
-        """Slot views of a resident expert (waits for its first copy once)."""
-        return self.pool.layout.views(self.resident_block(expert))
+    def next_slots(self, count: int) -> list[int]:
+        """The ring slots the next `count` calls of `stream` will fill, in order."""
+        return [self._ring[(self._cursor + i) % self.ring_size] for i in range(count)]
 
-    def stream(self, expert: ExpertId) -> CopyTicket:
+    def stream(self, expert: ExpertId) -> Flight:
         """Start copying `expert` into the next ring slot (the caller keeps at most `ring_size`
         copies unconsumed, consumed in the order issued)."""
         slot = self._ring[self._cursor]
         self._cursor = (self._cursor + 1) % self.ring_size
-        return self._copy(expert, slot)
+        return Flight(expert, self._copy(expert, slot), slot)
 
-    def streamed_block(self, ticket: CopyTicket) -> torch.Tensor:
-        """The ring slot of a streamed expert once its copy has landed (counts a miss)."""
-        self.stalls.wait(self.engine, ticket)
-        self.stats.misses += 1
-        return ticket.dst
-
-    def streamed_weights(self, ticket: CopyTicket) -> tuple[torch.Tensor, torch.Tensor,
-                                                            torch.Tensor]:
-        """Slot views of a streamed expert once its copy has landed."""
-        return self.pool.layout.views(self.streamed_block(ticket))
-
-    def take_ahead(self) -> list[tuple[ExpertId, CopyTicket]]:
+    def take_ahead(self) -> list[Flight]:
         """The copies issued ahead of the coming call, oldest first (the caller consumes them
         first, in this order)."""
         ahead = list(self._ahead)
@@ -175,7 +188,7 @@ class ExpertRing:
             expert = next(self._guesses, None)
             if expert is None:
                 return
-            self._ahead.append((expert, self.stream(expert)))
+            self._ahead.append(self.stream(expert))
             self.stats.prefetches_issued += 1
 
     def _copy(self, expert: ExpertId, slot: int) -> CopyTicket:
@@ -200,50 +213,106 @@ class StreamingExecutor:
     def __call__(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
         """See `ExpertExecutor`: `hidden` `[T, D]`, ids and weights `[T, K]` -> `[T, D]`."""
-        ring, layout = self.ring, self.ring.pool.layout
+        ring = self.ring
         groups = TokenGroups.build(expert_ids, weights, ring.store.num_experts, hidden.dtype)
         needed = [ExpertId(self.layer, e) for e in groups.experts()]
         streamed = [x for x in needed if not ring.is_resident(x)]
         wanted = set(streamed)
-        # Copies issued ahead (for this layer, if the ring guessed right) come first, in order;
-        # the rest of this layer's experts follow, at most `ring_size` copies unconsumed.
-        pending = deque(ring.take_ahead())
+        # This call's copies, in the order they fill the ring: those issued ahead (for this
+        # layer, if the ring guessed right), then the rest of the layer's streamed experts.
+        ahead = ring.take_ahead()
         ring.begin(self.layer, needed)
-        early = {x for x, _ in pending}
-        for x, _ in pending:
-            if x in wanted:
-                ring.stats.prefetches_used += 1
-        later = deque(x for x in streamed if x not in early)
-        while later and len(pending) < ring.ring_size:
-            x = later.popleft()
-            pending.append((x, ring.stream(x)))
-        xs = groups.sorted_inputs(hidden, layout.dtype)  # [T*K, D]
+        ring.stats.prefetches_used += sum(f.expert in wanted for f in ahead)
+        early = {f.expert for f in ahead}
+        later = [x for x in streamed if x not in early]
+        slots = [f.slot for f in ahead] + ring.next_slots(len(later))
+        order = [f.expert for f in ahead] + later
+        runs = self._runs(order, slots, groups)
+        residents = self._runs(ring.residents_of(self.layer),
+                               [ring.resident_slot(x) for x in ring.residents_of(self.layer)],
+                               groups)
+        computed = [run for run in runs + residents if run.tokens]
+        offsets = dict(zip(map(id, computed), groups.group_offsets(
+            [[x.expert for x in run.experts] for run in computed]), strict=True))
+        xs = groups.sorted_inputs(hidden, ring.pool.layout.dtype)  # [T*K, D]
         ys = torch.empty_like(xs)  # [T*K, D], every row written below
-        residents = [x for x in needed if ring.is_resident(x)]
-        ahead = any(x in wanted for x in early)
-        if not ahead:  # nothing landed yet: the residents compute while the first copies land
-            self._compute_residents(residents, xs, ys, groups)
-        while pending:
-            expert, ticket = pending.popleft()
-            if expert in wanted:
-                span = groups.span(expert.expert)
-                gate_up, down = layout.gate_up_down(ring.streamed_block(ticket))
-                expert_mlp_into(xs[span], gate_up, down, ys[span])
-                ring.engine.release(ticket)  # the copy that reuses this slot waits for this
-            if later:
-                x = later.popleft()
-                pending.append((x, ring.stream(x)))
-            else:
-                ring.top_up(len(pending))
-        ring.top_up(0)
-        if ahead:
-            self._compute_residents(residents, xs, ys, groups)
+        flights, consumed = list(ahead), 0
+        issued = iter(later)
+
+        def issue() -> None:  # keep at most ring_size copies unconsumed, in order
+            while len(flights) - consumed < ring.ring_size:
+                expert = next(issued, None)
+                if expert is None:
+                    ring.top_up(len(flights) - consumed)
+                    return
+                flights.append(ring.stream(expert))
+
+        issue()
+        lands_first = any(x in wanted for x in early)
+        if not lands_first:  # nothing landed yet: the residents compute while copies land
+            self._compute(residents, xs, ys, groups, offsets)
+        for run in runs:
+            tickets = [f.ticket for f in flights[consumed : consumed + len(run.experts)]]
+            consumed += len(run.experts)
+            if run.tokens:
+                ring.stalls.wait_all(ring.engine, tickets)
+                ring.stats.misses += sum(x in wanted for x in run.experts)
+                self._compute([run], xs, ys, groups, offsets)
+                ring.engine.release(*tickets)  # copies reusing these slots wait for this
+            issue()
+        if lands_first:
+            self._compute(residents, xs, ys, groups, offsets)
         return groups.combine(ys, hidden)
 
-    def _compute_residents(self, residents: list[ExpertId], xs: torch.Tensor, ys: torch.Tensor,
-                           groups: TokenGroups) -> None:
-        layout = self.ring.pool.layout
-        for expert in residents:
-            span = groups.span(expert.expert)
-            gate_up, down = layout.gate_up_down(self.ring.resident_block(expert))
-            expert_mlp_into(xs[span], gate_up, down, ys[span])
+    def _runs(self, experts: list[ExpertId], slots: list[int], groups: TokenGroups
+              ) -> list[_Run]:
+        """`experts` (in slot order) cut into runs computed by one grouped product each: same
+        layer as this call, consecutive slots, tokens contiguous in the sorted order, at most
+        `max_group`. Experts of another layer (a wrong guess) form runs of no tokens."""
+        runs: list[_Run] = []
+        for expert, slot in zip(experts, slots, strict=True):
+            own = expert.layer == self.layer
+            span = groups.span(expert.expert) if own else slice(0, 0)
+            last = runs[-1] if runs else None
+            if (last is not None and own and last.own and slot == last.first_slot + len(
+                    last.experts) and span.start == last.stop and len(last.experts)
+                    < self.ring.max_group):
+                last.experts.append(expert)
+                last.stop = span.stop
+            else:
+                runs.append(_Run([expert], slot, span.start, span.stop, own))
+        return runs
+
+    def _compute(self, runs: list[_Run], xs: torch.Tensor, ys: torch.Tensor,
+                 groups: TokenGroups, offsets: dict[int, torch.Tensor]) -> None:
+        ring = self.ring
+        for run in runs:
+            if not run.tokens:
+                continue
+            if ring.is_resident(run.experts[0]):
+                ring.stats.hits += sum(groups.counts[x.expert] > 0 for x in run.experts)
+            gate_up, down = ring.pool.layout.grouped_views(
+                ring.pool.rows(run.first_slot, len(run.experts)))
+            rows = slice(run.start, run.stop)
+            grouped_expert_mlp(xs[rows], gate_up, down,
+                               [groups.counts[x.expert] for x in run.experts],
+                               offsets[id(run)], ys[rows])
+
+
+class _Run:
+    """Experts in consecutive slots whose tokens are contiguous in the sorted order."""
+
+    __slots__ = ("experts", "first_slot", "own", "start", "stop")
+
+    def __init__(self, experts: list[ExpertId], first_slot: int, start: int, stop: int,
+                 own: bool) -> None:
+        self.experts = experts
+        self.first_slot = first_slot
+        self.start = start  # first sorted assignment
+        self.stop = stop
+        self.own = own  # of the calling layer (else a wrong guess: skipped)
+
+    @property
+    def tokens(self) -> int:
+        """Assignments the run computes."""
+        return self.stop - self.start if self.own else 0

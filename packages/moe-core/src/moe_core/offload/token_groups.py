@@ -66,6 +66,20 @@ class TokenGroups:
         """Routing weights `[N, 1]` of `expert`'s tokens."""
         return self.weights[self.span(expert), None]
 
+    def group_offsets(self, groups: list[list[int]]) -> list[torch.Tensor]:
+        """For each group of experts (ids whose assignments are contiguous, in order), the
+        running sums of their token counts as int32 on the device (`grouped_expert_mlp`'s
+        offsets): one host-to-device copy for all of them, from pinned memory on CUDA (no
+        host sync)."""
+        ends = [end for group in groups
+                for end in accumulate(self.counts[e] for e in group)]
+        host = torch.tensor(ends, dtype=torch.int32)
+        device = self.token_of.device
+        if device.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(device, non_blocking=True)
+        return list(flat.split([len(group) for group in groups]))
+
     def sorted_inputs(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`hidden` `[T, D]` row per assignment, in sorted order, as `dtype`: `[T*K, D]` (one
         gather for the whole layer; each expert's inputs are then the view `[span]`)."""
