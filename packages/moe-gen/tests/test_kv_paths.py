@@ -63,8 +63,43 @@ def test_mover_gathers_and_flushes_on_the_cpu(spec: ModelSpec) -> None:
         KVMover(torch.device("cpu"), ring_size=0)
 
 
+def test_planned_gathers_come_from_the_worker_and_a_mismatch_drops_the_plan() -> None:
+    """The worker gathers planned requests ahead into a ring of staging buffers (reused many
+    times over here); a gather that differs from the plan drops the rest and still returns the
+    right rows, as does a later plan."""
+    mover = KVMover(torch.device("cpu"), ring_size=2, gather_ahead=True)
+    arena = torch.randn(512, 3, 4)
+    generator = torch.Generator().manual_seed(0)
+    requests = [(arena, torch.randint(0, 512, (int(n),), generator=generator))
+                for n in torch.randint(1, 300, (20,), generator=generator)]
+    for _ in range(2):
+        mover.plan(requests)
+        for a, slots in requests:
+            assert torch.equal(mover.gather(a, slots), arena[slots])
+    mover.plan(requests)
+    for a, slots in requests[:5]:
+        assert torch.equal(mover.gather(a, slots), arena[slots])
+    other = torch.randint(0, 512, (7,), generator=generator)
+    assert torch.equal(mover.gather(arena, other), arena[other])  # not planned: dropped
+    assert torch.equal(mover.gather(*requests[5]), arena[requests[5][1]])  # no plan left
+    mover.plan(requests[:3])
+    assert [torch.equal(mover.gather(a, s), arena[s]) for a, s in requests[:3]] == [True] * 3
+    mover.close()
+    assert torch.equal(mover.gather(arena, other), arena[other])
+
+
+def test_a_failed_planned_gather_raises_in_the_caller() -> None:
+    mover = KVMover(torch.device("cpu"), ring_size=1, gather_ahead=True)
+    arena = torch.zeros(8, 2)
+    bad = torch.tensor([3, 99])
+    mover.plan([(arena, bad)])
+    with pytest.raises(IndexError):
+        mover.gather(arena, bad)
+
+
 @pytest.mark.gpu
-def test_cuda_gathers_through_a_reused_ring_on_their_own_stream() -> None:
+@pytest.mark.parametrize("planned", [False, True])
+def test_cuda_gathers_through_a_reused_ring_on_their_own_stream(planned: bool) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     device = torch.device("cuda")
@@ -72,8 +107,10 @@ def test_cuda_gathers_through_a_reused_ring_on_their_own_stream() -> None:
     arena = torch.randn(4096, 8, 16).pin_memory()
     generator = torch.Generator().manual_seed(0)
     outs, wanted = [], []
-    for _ in range(12):  # six times around the ring, never released in between some
-        slots = torch.randint(0, 4096, (1000,), generator=generator)
+    all_slots = [torch.randint(0, 4096, (1000,), generator=generator) for _ in range(12)]
+    if planned:  # the worker gathers ahead, three times around its staging ring
+        mover.plan([(arena, slots) for slots in all_slots])
+    for slots in all_slots:  # six times around the ring, never released in between some
         got = mover.gather(arena, slots)
         outs.append(got * 1)  # read on the current stream, which waits for the copy
         wanted.append(arena[slots])

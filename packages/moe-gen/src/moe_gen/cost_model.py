@@ -11,11 +11,16 @@ A decode step of B sequences at context C runs layer by layer (the engine's orde
 - lookahead: when the batch uses most experts, the streaming ring is filled with the layer's
   experts during its attention, before its routing is known (moe-core's `ExpertRing`): up to R
   of them (`cover`, their copy time) cross the link then instead of after it.
+- dispatch: the main thread issues all of that (Python and a framework call per operation) and
+  waits for each layer's routing, so a layer also takes at least its host dispatch time: per
+  attention micro-batch, per streamed expert, per MoE block, in multiples of the profiled launch
+  latency (calibrated below).
 The first layer's KV has nothing to hide behind. Summed over layers:
 
-    step = KV_0 + sum_l [max(attention_l, host_l)
-                         + max(experts_l + KV_l+1 - min(attention_l, cover), matmuls_l,
-                               gather_l+1)]
+    step = KV_0 + sum_l max(dispatch_l,
+                            max(attention_l, host_l)
+                            + max(experts_l + KV_l+1 - min(attention_l, cover), matmuls_l,
+                                  gather_l+1))
 
 The bound is what no schedule can beat with this memory split: the bytes that must cross PCIe
 (streamed experts and the batch's KV) over the measured bandwidth, or the FLOPs over the measured
@@ -32,13 +37,25 @@ from moe_core import ModelSpec
 from moe_gen.plan import Prediction
 from moe_gen.profile import DeviceProfile
 
-__all__ = ["LOOKAHEAD_MIN_SHARE", "Candidate", "ModelCosts", "gpu_bytes", "kv_lookahead",
-           "predict"]
+__all__ = ["HOST_LAUNCHES_PER_EXPERT", "HOST_LAUNCHES_PER_MICRO_BATCH",
+           "HOST_LAUNCHES_PER_MOE_LAYER", "LOOKAHEAD_MIN_SHARE", "Candidate", "ModelCosts",
+           "gpu_bytes", "kv_lookahead", "predict"]
 
 # moe-core's streaming ring copies a layer's experts ahead of its routing when the previous layer
 # used at least this share of its experts (`ExpertRing.lookahead_min_share`); the engine installs
 # the ring with it.
 LOOKAHEAD_MIN_SHARE = 0.5
+
+# The main thread's dispatch work in units of `DeviceProfile.launch_s` (7.4 us on the H200),
+# calibrated from torch-profiler traces of DeepSeek-V2-Lite decode steps there (2026-11-29, B 256,
+# micro-batches of 32 vs 128): an attention micro-batch costs ~2.2 ms of host time per layer (the
+# module's Python and ~60 operations), a streamed expert ~0.15 ms (its copy submission and its
+# share of a grouped product), an MoE block ~1.8 ms (routing read, grouping, shared experts).
+# Without this term the planner chose micro-batches of 16 (the device side predicts them free),
+# and steps ran 1.3x slower than with 128.
+HOST_LAUNCHES_PER_MICRO_BATCH = 300
+HOST_LAUNCHES_PER_EXPERT = 20
+HOST_LAUNCHES_PER_MOE_LAYER = 250
 
 # Device operations one micro-batch's attention issues per layer (norm, projections, rotary,
 # gathers, concatenations, mask, attention, write-back): each pays the launch latency.
@@ -212,18 +229,27 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
     moe_gpu = expert_gpu / max(spec.num_moe_layers, 1)
     lookahead = costs.active_share(c.batch) >= LOOKAHEAD_MIN_SHARE and profile.device != "cpu"
     cover = c.ring * costs.expert_bytes / bandwidth if lookahead else 0.0
+    micro_batches = -(-round(device_batch) // c.micro_batch) + -(-round(share * c.batch)
+                                                                  // c.micro_batch)
     step = max(kv_layer, gather_layer)  # the first layer's KV: nothing to hide behind
+    dispatch_total = 0.0
     for layer in range(layers):
         last = layer + 1 == layers
         phase = max(attention, host) / layers
         experts = streamed[layer] * costs.expert_bytes / bandwidth
         link = experts - min(phase, cover, experts) + (0.0 if last else kv_layer)
-        matmuls = moe_gpu if layer in spec.moe_layers else 0.0
-        step += phase + max(link, matmuls, 0.0 if last else gather_layer)
+        moe = layer in spec.moe_layers
+        matmuls = moe_gpu if moe else 0.0
+        dispatch = profile.launch_s * (micro_batches * HOST_LAUNCHES_PER_MICRO_BATCH
+                                       + streamed[layer] * HOST_LAUNCHES_PER_EXPERT
+                                       + moe * HOST_LAUNCHES_PER_MOE_LAYER)
+        dispatch_total += dispatch
+        step += max(dispatch, phase + max(link, matmuls, 0.0 if last else gather_layer))
     expert_pcie = streamed_bytes / bandwidth
     bound = max((streamed_bytes + kv_bytes) / bandwidth, flops / profile.matmul_flops_per_s)
     return Prediction(step_s=step, pcie_s=expert_pcie + kv_layer * layers,
                       expert_pcie_s=expert_pcie, kv_pcie_s=kv_layer * layers,
                       gpu_s=expert_gpu + attention, cpu_s=gather_layer * layers + host,
+                      dispatch_s=dispatch_total,
                       bound_s=bound, tokens_per_s=c.batch / step,
                       bound_tokens_per_s=c.batch / bound)

@@ -131,6 +131,11 @@ class BatchEngine:
         ids = torch.tensor([t for s in seqs for t in s.token_ids], device=device)  # [N]
         h = model.model.embed_tokens(ids)  # [N, D]
         on_device, on_host = self._prepare(seqs, h.dtype)
+        # Every past-KV gather of the step, in the order the attention modules will ask: the
+        # mover's worker gathers them on the host ahead of the main thread.
+        self.mover.plan([(arena, part.batch.past_slots)
+                         for i in range(len(model.model.layers)) for part in on_device
+                         if part.batch.num_past for arena in self.pages.arenas[i]])
         timing.prepare_s += time.perf_counter() - started
         for i, layer in enumerate(model.model.layers):
             t0 = time.perf_counter()

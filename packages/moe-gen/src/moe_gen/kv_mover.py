@@ -13,13 +13,29 @@ already crossing PCIe beside them; on one stream (the mover's first version) eve
 queued behind the previous layer's expert products and the link carried KV and experts in turn,
 never together.
 
-Staging buffers form a ring of `ring_size` slots. A slot is reused only once the attention that
+Device copies form a ring of `ring_size` slots. A slot is reused only once the attention that
 read its gathered copy has been enqueued and has run (`release` records that on the compute
 stream); that bounds the device memory held by copies not yet attended to `ring_size` gathers,
-which the planner counts, and keeps the host from overwriting bytes still in flight.
+which the planner counts.
+
+Gathering ahead. The host gather itself (an index_select of the arena rows into pinned staging)
+is the biggest piece of the main thread's work in a step: on the H200 with DeepSeek-V2-Lite,
+~7 ms per layer out of ~28, while the device waits for the host (2026-11-29 trace). A step knows
+every gather it will make before it starts (the micro-batches' slots are fixed), so `plan` hands
+them to a worker thread, which gathers them in order into a ring of `2 * ring_size` pinned
+staging buffers (torch releases the GIL inside the gather) while the main thread issues the
+previous layers' work; `gather` then only waits for the worker's result and issues the copy. A
+staging buffer is reused once the copy out of it has landed. A `gather` that does not match the
+plan (a different arena or slots) drops the rest of the plan and gathers on the calling thread.
 """
 
 from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import Sequence
 
 import torch
 
@@ -27,14 +43,33 @@ __all__ = ["KVMover"]
 
 
 class _Slot:
-    """One staging buffer and the events of the gather that used it last."""
+    """One device copy in flight or waiting to be attended."""
 
-    __slots__ = ("buffer", "landed", "read")
+    __slots__ = ("landed", "read")
 
     def __init__(self) -> None:
-        self.buffer: torch.Tensor | None = None
-        self.landed: torch.cuda.Event | None = None  # the copy out of the buffer has finished
+        self.landed: torch.cuda.Event | None = None  # the copy to the device has finished
         self.read: torch.cuda.Event | None = None  # compute has read the gathered copy
+
+
+class _Request:
+    """One gather: its rows, the staging buffer it fills, and how that went."""
+
+    __slots__ = ("arena", "done", "dropped", "error", "issued", "landed", "previous", "slots",
+                 "staged", "staging")
+
+    def __init__(self, arena: torch.Tensor, slots: torch.Tensor, staging: int,
+                 previous: _Request | None) -> None:
+        self.arena = arena
+        self.slots = slots
+        self.staging = staging  # index of its staging buffer
+        self.previous = previous  # the request that used that buffer before (its copy must land)
+        self.staged: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()  # gathered (or failed)
+        self.issued = threading.Event()  # its copy was issued (or it was dropped)
+        self.landed: torch.cuda.Event | None = None  # its copy out of staging, once issued
+        self.dropped = False  # no longer wanted: the worker skips it
 
 
 class KVMover:
@@ -47,7 +82,10 @@ class KVMover:
         d2h_bytes: Bytes sent device-to-host so far.
     """
 
-    def __init__(self, device: torch.device, ring_size: int = 4) -> None:
+    def __init__(self, device: torch.device, ring_size: int = 4,
+                 gather_ahead: bool | None = None) -> None:
+        """`gather_ahead` (default: on CUDA) starts the worker thread that serves `plan`; on the
+        CPU a planned gather is returned as a copy of its staging buffer (tests)."""
         if ring_size < 1:
             raise ValueError(f"ring_size must be at least 1, got {ring_size}")
         self.device = device
@@ -60,6 +98,29 @@ class KVMover:
         self._next = 0
         self._unreleased: list[_Slot] = []
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buffers: list[torch.Tensor | None] = [None] * (2 * ring_size)  # pinned staging
+        self._owner: list[_Request | None] = [None] * (2 * ring_size)
+        self._next_buffer = 0
+        self._planned: deque[_Request] = deque()
+        self._queue: queue.SimpleQueue[_Request | None] | None = None
+        if self._on_cuda if gather_ahead is None else gather_ahead:
+            self._queue = queue.SimpleQueue()
+            # The thread holds the queue and the buffers, not the mover: a mover nobody uses
+            # any more is collected, and its finaliser stops the thread.
+            threading.Thread(target=_work, args=(self._queue, self._buffers, self._on_cuda),
+                             name="kv-gather", daemon=True).start()
+            weakref.finalize(self, self._queue.put, None)
+
+    def plan(self, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The `(arena, slots)` gathers the coming calls will ask for, in order: the worker
+        starts on them now (without a worker this does nothing)."""
+        self._drop_plan()
+        if self._queue is None:
+            return
+        for arena, slots in gathers:
+            request = self._request(arena, slots)
+            self._planned.append(request)
+            self._queue.put(request)
 
     def gather(self, arena: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Rows `slots` `[N]` of `arena` `[slots, ...]` on the device: `[N, ...]`.
@@ -67,22 +128,31 @@ class KVMover:
         On CUDA the result is ready for work queued on the current stream after this call; call
         `release` once that work is queued.
         """
-        if not self._on_cuda:
+        if not self._on_cuda and self._queue is None:
             return arena.index_select(0, slots)
+        planned = self._planned[0] if self._planned else None
+        if planned is not None and planned.arena is arena and planned.slots is slots:
+            request = self._planned.popleft()
+            request.done.wait()
+        else:
+            self._drop_plan()
+            request = self._request(arena, slots)
+            _fill(request, self._buffers, self._on_cuda)
+        if request.error is not None:
+            request.issued.set()
+            raise request.error
+        staged = request.staged
+        assert staged is not None
+        if not self._on_cuda:
+            request.issued.set()
+            return staged.clone()
         assert self._stream is not None
-        numel = slots.numel() * arena[0].numel()
         slot = self._slots[self._next]
         self._next = (self._next + 1) % self.ring_size
-        # Wait until its last copy was attended (bounds device memory), or at least landed
-        # (a slot reused before its gather's `release`: the staging bytes are still needed).
+        # Wait until its last copy was attended (bounds device memory), or at least landed.
         last = slot.read or slot.landed
         if last is not None:
             last.synchronize()
-        if slot.buffer is None or slot.buffer.numel() < numel or slot.buffer.dtype != arena.dtype:
-            size = 1 << max(numel - 1, 1).bit_length()  # round up: few re-pins
-            slot.buffer = torch.empty(size, dtype=arena.dtype, pin_memory=True)
-        staged = slot.buffer[:numel].view(slots.numel(), *arena.shape[1:])
-        torch.index_select(arena, 0, slots, out=staged)
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
             out = staged.to(self.device, non_blocking=True)
@@ -91,8 +161,10 @@ class KVMover:
         compute.wait_event(landed)
         out.record_stream(compute)  # freed after the compute stream's reads, not the copy's
         slot.landed, slot.read = landed, None
+        request.landed = landed
+        request.issued.set()
         self._unreleased.append(slot)
-        self.h2d_bytes += numel * arena.element_size()
+        self.h2d_bytes += staged.numel() * staged.element_size()
         return out
 
     def release(self) -> None:
@@ -128,3 +200,67 @@ class KVMover:
             if self._on_cuda:
                 self.d2h_bytes += host.numel() * host.element_size()
             arena.index_copy_(0, slots, host)
+
+    def close(self) -> None:
+        """Stop the worker thread (the mover still gathers, on the calling thread)."""
+        self._drop_plan()
+        if self._queue is not None:
+            self._queue.put(None)
+            self._queue = None
+
+    # Internals ------------------------------------------------------------------------------
+
+    def _request(self, arena: torch.Tensor, slots: torch.Tensor) -> _Request:
+        """A request for the next staging buffer, remembering who used that buffer before."""
+        index = self._next_buffer
+        self._next_buffer = (index + 1) % len(self._buffers)
+        request = _Request(arena, slots, index, self._owner[index])
+        self._owner[index] = request
+        return request
+
+    def _drop_plan(self) -> None:
+        """Forget the planned gathers not asked for (the worker skips them; nothing will copy
+        out of their buffers) and wait until the worker is past them, so that no buffer is
+        written by two threads."""
+        dropped = list(self._planned)
+        self._planned.clear()
+        for request in dropped:
+            request.dropped = True
+            request.issued.set()
+        for request in dropped:
+            request.done.wait()
+
+
+def _fill(request: _Request, buffers: list[torch.Tensor | None], pin: bool) -> None:
+    """Gather `request` into its staging buffer (`buffers[request.staging]`, grown as needed)
+    once the previous copy out of it has landed."""
+    try:
+        if request.dropped:
+            return
+        previous = request.previous
+        if previous is not None:
+            previous.issued.wait()
+            if previous.landed is not None:
+                previous.landed.synchronize()
+            request.previous = None  # keep no chain of requests alive
+        arena, slots = request.arena, request.slots
+        numel = slots.numel() * arena[0].numel()
+        buffer = buffers[request.staging]
+        if buffer is None or buffer.numel() < numel or buffer.dtype != arena.dtype:
+            size = 1 << max(numel - 1, 1).bit_length()  # round up: few re-pins
+            buffer = torch.empty(size, dtype=arena.dtype, pin_memory=pin)
+            buffers[request.staging] = buffer
+        staged = buffer[:numel].view(slots.numel(), *arena.shape[1:])
+        torch.index_select(arena, 0, slots, out=staged)
+        request.staged = staged
+    except BaseException as exc:  # handed to the caller of `gather`
+        request.error = exc
+    finally:
+        request.done.set()
+
+
+def _work(requests: queue.SimpleQueue[_Request | None], buffers: list[torch.Tensor | None],
+          pin: bool) -> None:
+    """The worker thread: fill requests in order until told to stop."""
+    while (request := requests.get()) is not None:
+        _fill(request, buffers, pin)

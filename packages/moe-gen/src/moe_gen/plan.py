@@ -22,6 +22,8 @@ class Prediction:
             bandwidth, or the FLOPs over the measured matmul rate, whichever is larger.
         tokens_per_s: Predicted decode tokens per second (`batch / step_s`).
         bound_tokens_per_s: Decode tokens per second at the bound.
+        dispatch_s: The main thread's dispatch work (issuing every operation and copy of the
+            step); a layer takes at least its share of it.
     """
 
     step_s: float
@@ -33,6 +35,7 @@ class Prediction:
     bound_s: float
     tokens_per_s: float
     bound_tokens_per_s: float
+    dispatch_s: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         """JSON-ready."""

@@ -33,7 +33,7 @@ def plan_lines(plan: Plan, profile: DeviceProfile | None) -> list[str]:
     if p is not None:
         lines += [f"predicted decode step {_ms(p.step_s)}: PCIe {_ms(p.pcie_s)} (experts "
                   f"{_ms(p.expert_pcie_s)}, KV {_ms(p.kv_pcie_s)}), GPU {_ms(p.gpu_s)}, "
-                  f"CPU {_ms(p.cpu_s)}",
+                  f"CPU {_ms(p.cpu_s)}, host dispatch {_ms(p.dispatch_s)}",
                   f"predicted decode {p.tokens_per_s:,.0f} tok/s; bound {_ms(p.bound_s)} per "
                   f"step = {p.bound_tokens_per_s:,.0f} tok/s"]
     return lines
