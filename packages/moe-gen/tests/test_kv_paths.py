@@ -84,6 +84,12 @@ def test_planned_gathers_come_from_the_worker_and_a_mismatch_drops_the_plan() ->
     assert torch.equal(mover.gather(*requests[5]), arena[requests[5][1]])  # no plan left
     mover.plan(requests[:3])
     assert [torch.equal(mover.gather(a, s), arena[s]) for a, s in requests[:3]] == [True] * 3
+    mover.plan(requests)  # copies started ahead of the asks, some then dropped
+    mover.issue_ahead(4)
+    assert torch.equal(mover.gather(*requests[0]), arena[requests[0][1]])
+    mover.issue_ahead(2)
+    assert torch.equal(mover.gather(*requests[1]), arena[requests[1][1]])
+    assert torch.equal(mover.gather(arena, other), arena[other])
     mover.close()
     assert torch.equal(mover.gather(arena, other), arena[other])
 
@@ -110,7 +116,9 @@ def test_cuda_gathers_through_a_reused_ring_on_their_own_stream(planned: bool) -
     all_slots = [torch.randint(0, 4096, (1000,), generator=generator) for _ in range(12)]
     if planned:  # the worker gathers ahead, three times around its staging ring
         mover.plan([(arena, slots) for slots in all_slots])
-    for slots in all_slots:  # six times around the ring, never released in between some
+    for i, slots in enumerate(all_slots):  # six times around the ring, some never released
+        if planned and i % 3 == 0:
+            mover.issue_ahead(2)  # device copies start before the asks
         got = mover.gather(arena, slots)
         outs.append(got * 1)  # read on the current stream, which waits for the copy
         wanted.append(arena[slots])

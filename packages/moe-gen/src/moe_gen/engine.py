@@ -133,9 +133,9 @@ class BatchEngine:
         on_device, on_host = self._prepare(seqs, h.dtype)
         # Every past-KV gather of the step, in the order the attention modules will ask: the
         # mover's worker gathers them on the host ahead of the main thread.
-        self.mover.plan([(arena, part.batch.past_slots)
-                         for i in range(len(model.model.layers)) for part in on_device
-                         if part.batch.num_past for arena in self.pages.arenas[i]])
+        gathers = [[(arena, part.batch.past_slots) for part in on_device if part.batch.num_past
+                    for arena in self.pages.arenas[i]] for i in range(len(model.model.layers))]
+        self.mover.plan([g for layer in gathers for g in layer])
         timing.prepare_s += time.perf_counter() - started
         for i, layer in enumerate(model.model.layers):
             t0 = time.perf_counter()
@@ -154,6 +154,12 @@ class BatchEngine:
                                                      part.cache)
                 _add_rows(h, part.batch, out)
             t1 = time.perf_counter()
+            if i + 1 < len(gathers):
+                # The next layer's KV copies go out now, ahead of this layer's expert copies
+                # on the link (one DMA queue serves both): its attention then need not wait
+                # for the whole expert stream, and the experts the streaming ring copies
+                # ahead of its routing cross the link during that attention instead.
+                self.mover.issue_ahead(len(gathers[i + 1]))
             h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]  # [N, D]
             timing.attention_s += t1 - t0
             timing.moe_s += time.perf_counter() - t1

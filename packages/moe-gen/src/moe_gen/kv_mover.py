@@ -55,8 +55,8 @@ class _Slot:
 class _Request:
     """One gather: its rows, the staging buffer it fills, and how that went."""
 
-    __slots__ = ("arena", "done", "dropped", "error", "issued", "landed", "previous", "slots",
-                 "staged", "staging")
+    __slots__ = ("arena", "done", "dropped", "error", "issued", "landed", "out", "previous",
+                 "slot", "slots", "staged", "staging")
 
     def __init__(self, arena: torch.Tensor, slots: torch.Tensor, staging: int,
                  previous: _Request | None) -> None:
@@ -70,6 +70,8 @@ class _Request:
         self.issued = threading.Event()  # its copy was issued (or it was dropped)
         self.landed: torch.cuda.Event | None = None  # its copy out of staging, once issued
         self.dropped = False  # no longer wanted: the worker skips it
+        self.out: torch.Tensor | None = None  # the rows where compute reads them, once issued
+        self.slot: _Slot | None = None  # its device ring slot, once issued
 
 
 class KVMover:
@@ -122,6 +124,19 @@ class KVMover:
             self._planned.append(request)
             self._queue.put(request)
 
+    def issue_ahead(self, count: int) -> None:
+        """Start the device copies of the next `count` planned gathers not started yet, before
+        anyone asks for them (say, the next layer's KV before this layer's experts are
+        streamed: the copies then queue ahead of the expert copies instead of behind them, and
+        the next layer's attention need not wait for the whole expert stream). Waits for the
+        worker's host gathers, and for the device ring like `gather` does."""
+        for request in self._planned:
+            if count <= 0:
+                return
+            if request.out is None:
+                self._issue(request)
+                count -= 1
+
     def gather(self, arena: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Rows `slots` `[N]` of `arena` `[slots, ...]` on the device: `[N, ...]`.
 
@@ -133,19 +148,35 @@ class KVMover:
         planned = self._planned[0] if self._planned else None
         if planned is not None and planned.arena is arena and planned.slots is slots:
             request = self._planned.popleft()
-            request.done.wait()
         else:
             self._drop_plan()
             request = self._request(arena, slots)
             _fill(request, self._buffers, self._on_cuda)
+        if request.out is None:
+            self._issue(request)
+        out, slot = request.out, request.slot
+        assert out is not None
+        if not self._on_cuda:
+            return out
+        assert slot is not None and request.landed is not None
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(request.landed)
+        out.record_stream(compute)  # freed after the compute stream's reads, not the copy's
+        self._unreleased.append(slot)
+        return out
+
+    def _issue(self, request: _Request) -> None:
+        """Copy a gathered request to the device on the mover's stream (the CPU: a copy)."""
+        request.done.wait()
         if request.error is not None:
             request.issued.set()
             raise request.error
         staged = request.staged
         assert staged is not None
         if not self._on_cuda:
+            request.out = staged.clone()
             request.issued.set()
-            return staged.clone()
+            return
         assert self._stream is not None
         slot = self._slots[self._next]
         self._next = (self._next + 1) % self.ring_size
@@ -153,19 +184,15 @@ class KVMover:
         last = slot.read or slot.landed
         if last is not None:
             last.synchronize()
-        compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
-            out = staged.to(self.device, non_blocking=True)
+            request.out = staged.to(self.device, non_blocking=True)
         landed = torch.cuda.Event()
         landed.record(self._stream)
-        compute.wait_event(landed)
-        out.record_stream(compute)  # freed after the compute stream's reads, not the copy's
         slot.landed, slot.read = landed, None
+        request.slot = slot
         request.landed = landed
         request.issued.set()
-        self._unreleased.append(slot)
         self.h2d_bytes += staged.numel() * staged.element_size()
-        return out
 
     def release(self) -> None:
         """Declare that every kernel reading the gathers since the last `release` is queued on
