@@ -53,7 +53,7 @@ LOOKAHEAD_MIN_SHARE = 0.5
 # share of a grouped product), an MoE block ~1.8 ms (routing read, grouping, shared experts).
 # Without this term the planner chose micro-batches of 16 (the device side predicts them free),
 # and steps ran 1.3x slower than with 128.
-HOST_LAUNCHES_PER_MICRO_BATCH = 300
+HOST_LAUNCHES_PER_MICRO_BATCH = 200
 HOST_LAUNCHES_PER_EXPERT = 20
 HOST_LAUNCHES_PER_MOE_LAYER = 250
 

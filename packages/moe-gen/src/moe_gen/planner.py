@@ -31,6 +31,8 @@ _SCORE_BYTES = 16
 # certain input (on the H200 host a 1/4 share ran ~4x slower than the profile said, and the
 # profile itself varied 20x between two runs), and a wrong guess costs the whole step.
 _HOST_SHARE_MARGIN = 1.05
+# Predictions this close count as a tie (many plans reach the same PCIe bound).
+_TIE = 0.005
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,13 @@ def _candidates(costs: ModelCosts, budget: Budget, context: int) -> list[Candida
     return found
 
 
-def _preference(scored: tuple[Prediction, Candidate]) -> tuple[float, int, int]:
-    """Fastest predicted first; among equals, the smaller batch, then the smaller ring (its
-    slots go to resident experts)."""
-    prediction, c = scored
-    return prediction.tokens_per_s, -c.batch, -c.ring
+def _best(scored: list[tuple[Prediction, Candidate]]) -> tuple[Prediction, Candidate]:
+    """The fastest prediction; among those within `_TIE` of it, the least host dispatch work
+    (slack for a host the cost model knows least), then the smaller batch, then the smaller
+    ring (its slots go to resident experts)."""
+    fastest = max(p.tokens_per_s for p, _ in scored)
+    close = [pc for pc in scored if pc[0].tokens_per_s >= (1 - _TIE) * fastest]
+    return min(close, key=lambda pc: (pc[0].dispatch_s, pc[1].batch, pc[1].ring))
 
 
 def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budget: Budget) -> Plan:
@@ -117,9 +121,9 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
               if profile.device != "cpu" else [0.0])  # on a CPU run the host is the device
     found = [replace(c, cpu_share=s) for c in found for s in shares]
     scored = [(predict(costs, profile, c, context), c) for c in found]
-    prediction, best = max(scored, key=_preference)
+    prediction, best = _best(scored)
     device_only = [pc for pc in scored if pc[1].cpu_share == 0]
-    fallback = max(device_only, key=_preference)
+    fallback = _best(device_only)
     if prediction.tokens_per_s < _HOST_SHARE_MARGIN * fallback[0].tokens_per_s:
         prediction, best = fallback
     all_resident = best.num_resident >= costs.num_experts
