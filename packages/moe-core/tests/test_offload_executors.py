@@ -491,3 +491,35 @@ def test_grouped_expert_mlp_equals_one_expert_at_a_time(monkeypatch: pytest.Monk
     expected = torch.cat([expert_mlp(x[:3], *layout.views(rows[1])),
                           expert_mlp(x[3:], *layout.views(rows[3]))])
     assert_close(out, expected)
+
+
+def test_grouped_expert_mlp_falls_back_once_with_a_warning_when_unsupported(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grouped product that refuses its inputs (older torch, another device) switches to one
+    expert at a time for good, with one warning; running out of memory is not such a refusal."""
+    from moe_core.offload import grouped_mlp
+    from moe_core.offload.layout import ExpertLayout
+
+    def refuses(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("grouped gemm is not supported here")
+
+    monkeypatch.setattr(grouped_mlp, "_grouped_mm", refuses)
+    monkeypatch.setattr(grouped_mlp, "_fallback_reason", None)
+    layout = ExpertLayout(16, 8, torch.float32)
+    rows = torch.randn(2, layout.numel) * 0.1
+    gate_up, down = layout.grouped_views(rows)
+    x, out = torch.randn(3, 16), torch.empty(3, 16)
+    with pytest.warns(RuntimeWarning, match="one by one"):
+        grouped_mlp.grouped_expert_mlp(x, gate_up, down, [1, 2], torch.tensor([1, 3]), out)
+    assert grouped_mlp._fallback_reason == "grouped gemm is not supported here"
+    expected = torch.empty(3, 16)
+    grouped_mlp.grouped_expert_mlp(x, gate_up, down, [1, 2], torch.tensor([1, 3]), expected)
+    assert torch.equal(out, expected)
+
+    def out_of_memory(*args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(grouped_mlp, "_grouped_mm", out_of_memory)
+    monkeypatch.setattr(grouped_mlp, "_fallback_reason", None)
+    with pytest.raises(torch.OutOfMemoryError):
+        grouped_mlp.grouped_expert_mlp(x, gate_up, down, [1, 2], torch.tensor([1, 3]), out)

@@ -49,6 +49,8 @@ def grouped_expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tenso
             act = F.silu(h[:, :width]) * h[:, width:]  # [n, I]
             out.copy_(_grouped_mm(act, down.transpose(1, 2), offs=offsets))  # [n, D]
             return
+        except torch.OutOfMemoryError:
+            raise  # a real failure, not an unsupported input
         except RuntimeError as exc:  # unsupported dtype, device or layout here
             _fallback_reason = str(exc).splitlines()[0][:200]
             warnings.warn(f"grouped expert products unavailable ({_fallback_reason}); "
