@@ -109,8 +109,7 @@ class KVMover:
             self._queue = queue.SimpleQueue()
             # The thread holds the queue and the buffers, not the mover: a mover nobody uses
             # any more is collected, and its finaliser stops the thread.
-            threading.Thread(target=_work, args=(self._queue, self._buffers, self._on_cuda,
-                                                 torch.get_num_threads()),
+            threading.Thread(target=_work, args=(self._queue, self._buffers, self._on_cuda),
                              name="kv-gather", daemon=True).start()
             weakref.finalize(self, self._queue.put, None)
 
@@ -288,9 +287,7 @@ def _fill(request: _Request, buffers: list[torch.Tensor | None], pin: bool) -> N
 
 
 def _work(requests: queue.SimpleQueue[_Request | None], buffers: list[torch.Tensor | None],
-          pin: bool, threads: int) -> None:
-    """The worker thread: fill requests in order until told to stop. torch's intra-op thread
-    count is per thread; a new thread's gathers ran on one core unless it is set."""
-    torch.set_num_threads(threads)
+          pin: bool) -> None:
+    """The worker thread: fill requests in order until told to stop."""
     while (request := requests.get()) is not None:
         _fill(request, buffers, pin)
