@@ -11,11 +11,12 @@ anyway). For small batches use the on-demand executor.
 
 Copies run ahead of the routing. A layer cannot know which experts it needs until its router
 has run, and the executor reads that back to the host (one sync per layer); with copies issued
-only after it, the link idled through every layer's attention and that sync (DeepSeek-V2-Lite on
-the H200: a 810 ms step against 533 ms of copies). So when a layer's call finds most of its
-streamed experts used (`lookahead_min_share`, large batches use nearly all), the ring's last free
-slots are filled, before the call returns, with copies of the next MoE layer's experts: those it
-used last time, or all of its streamed experts the first time. They cross PCIe while that layer
+only after it, the link idled through every layer's attention and that sync (with the per-expert
+host work below, DeepSeek-V2-Lite's step took 0.81-0.94 s on the H200 against 0.53-0.62 s of
+copies; decision 0005). So when a layer's call uses at least `lookahead_min_share` of its
+experts (large batches use nearly all), the ring's last free slots are filled, before the call
+returns, with copies of the next MoE layer's experts: those it used last time, or all of its
+streamed experts the first time. They cross PCIe while that layer
 attends; its call then computes the ones its routing picked and skips the rest (their bytes are
 wasted, counted as prefetches issued but not used).
 
