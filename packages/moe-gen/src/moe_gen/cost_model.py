@@ -215,7 +215,8 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
     projection_flops = 2.0 * c.batch * layers * spec.attention.num_params(spec.hidden_size)
     expert_gpu = expert_flops / profile.matmul_flops_per_s
     other_gpu = (flops - expert_flops - share * projection_flops) / profile.matmul_flops_per_s
-    launches = -(-round(device_batch) // c.micro_batch) * layers * _OPS_PER_MICRO_BATCH
+    device_micro_batches = -(-round(device_batch) // c.micro_batch)
+    launches = device_micro_batches * layers * _OPS_PER_MICRO_BATCH
     keys = c.batch * context * layers  # (query, key, layer) triples of the step
     expansion = costs.expansion_flops_per_key()
     attention = ((1 - share) * keys * (1 / profile.attention_keys_per_s
@@ -229,8 +230,7 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
     moe_gpu = expert_gpu / max(spec.num_moe_layers, 1)
     lookahead = costs.active_share(c.batch) >= LOOKAHEAD_MIN_SHARE and profile.device != "cpu"
     cover = c.ring * costs.expert_bytes / bandwidth if lookahead else 0.0
-    micro_batches = -(-round(device_batch) // c.micro_batch) + -(-round(share * c.batch)
-                                                                  // c.micro_batch)
+    micro_batches = device_micro_batches + -(-round(share * c.batch) // c.micro_batch)
     step = max(kv_layer, gather_layer)  # the first layer's KV: nothing to hide behind
     dispatch_total = 0.0
     for layer in range(layers):

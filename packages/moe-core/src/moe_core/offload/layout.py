@@ -50,12 +50,6 @@ class ExpertLayout:
         down = block[2 * i * d :].view(d, i)
         return gate, up, down
 
-    def gate_up_down(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(gate_up [2I, D], down [D, I])` views of a 1-D `block`: gate and up are adjacent, so
-        one matrix product computes both."""
-        d, i = self.hidden_size, self.intermediate_size
-        return block[: 2 * i * d].view(2 * i, d), block[2 * i * d :].view(d, i)
-
     def grouped_views(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(gate_up [R, 2I, D], down [R, D, I])` strided views of `rows` `[R, numel]`."""
         d, i, r = self.hidden_size, self.intermediate_size, rows.shape[0]

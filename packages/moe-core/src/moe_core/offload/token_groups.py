@@ -28,14 +28,12 @@ class TokenGroups:
         starts: Where each expert's assignments start in the sorted order `[E]`, on the host.
         token_of: `[T*K]` token index of each sorted assignment (device).
         weights: `[T*K]` routing weight of each sorted assignment, in the hidden dtype (device).
-        num_tokens: T.
     """
 
     counts: list[int]
     starts: list[int]
     token_of: torch.Tensor
     weights: torch.Tensor
-    num_tokens: int
 
     @classmethod
     def build(cls, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
@@ -46,8 +44,7 @@ class TokenGroups:
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # the host read
         starts = [0, *accumulate(counts)][:-1]
-        return cls(counts, starts, order // k, weights.reshape(-1)[order].to(dtype),
-                   expert_ids.shape[0])
+        return cls(counts, starts, order // k, weights.reshape(-1)[order].to(dtype))
 
     def experts(self) -> list[int]:
         """Experts with at least one token, ascending."""
