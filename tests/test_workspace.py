@@ -51,6 +51,48 @@ def test_tools_do_not_import_each_other_or_core_internals(tool: str) -> None:
         assert top != "moe_core" or module == "moe_core", f"{tool}/{file} imports {module}"
 
 
+# moe-core's module tree (transformers' names) is its own business: the tools drive a model
+# through its step interface (`embed`, `layers[i].attend / mix / router_logits`, `logits`).
+_INTERNAL_ATTRIBUTES = ("model.layers", "self_attn", "input_layernorm",
+                        "post_attention_layernorm", "embed_tokens", "lm_head", "rotary")
+
+
+def _interface_violations(source: str) -> list[str]:
+    """The reaches into moe-core's module tree or private modules in `source`."""
+    found = []
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            parts = [node.attr]
+            inner = node.value
+            while isinstance(inner, ast.Attribute):
+                parts.append(inner.attr)
+                inner = inner.value
+            chain = ".".join(reversed(parts))  # `a.model.layers` -> `model.layers`
+            found += [f".{chain}" for name in _INTERNAL_ATTRIBUTES
+                      if chain == name or chain.endswith("." + name)]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith("moe_core."):
+                found.append(f"import from {node.module}")
+    return found
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tools_drive_models_through_the_step_interface(tool: str) -> None:
+    root = ROOT / "packages" / tool.replace("_", "-")
+    for path in [*root.glob("src/**/*.py"), *root.glob("tests/**/*.py")]:
+        bad = _interface_violations(path.read_text(encoding="utf-8"))
+        assert not bad, f"{path.relative_to(ROOT)} reaches into moe-core: {bad}"
+
+
+def test_the_interface_rule_sees_module_walks_and_private_imports() -> None:
+    source = ("from moe_core.offload.stats import OffloadStats\n"
+              "x = net.model.layers[0].self_attn.q_proj\n"
+              "y = net.layers[0].attend(h, inputs, kv)\n")
+    assert set(_interface_violations(source)) == {"import from moe_core.offload.stats",
+                                                  ".self_attn", ".model.layers"}
+
+
 def test_cupy_is_not_imported_at_import_time() -> None:
     import subprocess
     import sys

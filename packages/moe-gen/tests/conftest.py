@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from moe_core.tiny_checkpoints import build_tiny_checkpoint
+from moe_core import build_tiny_checkpoint
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -89,7 +89,7 @@ def test_host_attention_share_gives_the_same_tokens(case: tuple, share: float) -
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
 def test_every_architecture_equals_transformers(kind: str, tmp_path: Path,
                                                 reference_of: Any) -> None:
-    from moe_core.tiny_checkpoints import build_tiny_checkpoint
+    from moe_core import build_tiny_checkpoint
 
     folder = build_tiny_checkpoint(kind, tmp_path / kind)
     free = reference_of(folder, PROMPTS, [], NUM_NEW)

@@ -56,25 +56,30 @@ def test_lookahead_is_next_router_on_this_layers_hidden_state(tiny: MoEForCausal
                                                                tokenizer: object,
                                                                form: LookaheadInput) -> None:
     blocks = tiny.moe_blocks()
-    norms = [tiny.model.layers[b.layer].post_attention_layernorm for b in blocks]
-    residuals: list[torch.Tensor] = []  # each layer's residual stream before its MoE block
-    handles = [n.register_forward_pre_hook(lambda m, a: residuals.append(a[0].clone()))
-               for n in norms]
+    layers = [tiny.layers[b.layer] for b in blocks]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # each MoE layer's (residual, input)
+
+    def record(layer: int, h: torch.Tensor, x: torch.Tensor) -> None:
+        seen.append((h.clone(), x.clone()))
+
+    for layer in layers:
+        layer.mix_observer = record
     try:
         with torch.no_grad(), ActivationTracer(tiny, lookahead_input=form) as tracer:
             tracer.begin_request()
             tiny(torch.tensor([_prompt(tokenizer)]))
             trace = tracer.end_request("r")
     finally:
-        for h in handles:
-            h.remove()
-    assert len(residuals) == len(blocks)  # the tracer runs no module hooks of its own
+        for layer in layers:
+            layer.mix_observer = None
+    assert len(seen) == len(blocks)  # the tracer chains to the observers already set
     assert not trace.lookahead[:, 0].any()
     with torch.no_grad():
         for row in range(1, len(blocks)):
-            norm = norms[row - 1] if form == "block_input" else norms[row]
-            hidden = norm(residuals[row - 1]).reshape(-1, residuals[row - 1].shape[-1])
-            want = torch.softmax(blocks[row].gate.logits(hidden).float(), -1).sum(0)  # [E]
+            h, x = seen[row - 1]
+            logits = (layers[row].router_logits(x, normalised=True) if form == "block_input"
+                      else layers[row].router_logits(h))  # [T, E]
+            want = torch.softmax(logits.float(), -1).sum(0)  # [E]
             top = want.topk(tracer.lookahead_top).indices
             want = torch.zeros_like(want).index_copy(0, top, want[top])  # only the top kept
             np.testing.assert_allclose(trace.lookahead[0, row], want.numpy(), rtol=1e-5,
@@ -101,8 +106,7 @@ def test_tracer_restores_observers_and_hooks(tiny: MoEForCausalLM) -> None:
         assert blocks[0].observer is keep
         assert all(b.observer is None for b in blocks[1:])
         assert not tiny._forward_pre_hooks
-        assert not any(layer.post_attention_layernorm._forward_hooks
-                       for layer in tiny.model.layers)
+        assert all(layer.mix_observer is None for layer in tiny.layers)
     finally:
         blocks[0].observer = None
 

@@ -7,6 +7,7 @@ experts into its MoE blocks (`ExpertExecutor`), and offload experts to host memo
 """
 
 from moe_core.architectures import supported_architectures
+from moe_core.attention_inputs import AttentionInputs
 from moe_core.dtypes import DtypeError, parse_dtype
 from moe_core.embedded_model import TINY_MODEL_NAME, tiny_model_path
 from moe_core.errors import (
@@ -20,8 +21,9 @@ from moe_core.experts import ExpertExecutor, LocalExperts
 from moe_core.generation import GenerationResult, generate
 from moe_core.known_shapes import known_shapes
 from moe_core.kv_cache import KVCache
+from moe_core.kv_store import KVStore, SequenceKV
 from moe_core.loader import load_model, resolve_model_path
-from moe_core.model import MoEForCausalLM
+from moe_core.model import AttentionBranch, DecoderLayer, MixObserver, MoEForCausalLM
 from moe_core.moe_block import MoEBlock
 from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket, CpuCopyEngine
 from moe_core.offload.copy_engines import make_copy_engine
@@ -41,12 +43,17 @@ from moe_core.routing import route
 from moe_core.sampling import SamplingParams, sample_next
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpec
+from moe_core.static_kv_cache import StaticKVCache
+from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
 from moe_core.tokenizer import load_tokenizer, render_chat
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TINY_KINDS",
     "TINY_MODEL_NAME",
+    "AttentionBranch",
+    "AttentionInputs",
     "AttentionSpec",
     "CheckpointError",
     "ConfigError",
@@ -55,6 +62,7 @@ __all__ = [
     "CopyTicket",
     "CpuComputeRule",
     "CpuCopyEngine",
+    "DecoderLayer",
     "DtypeError",
     "EvictionPolicy",
     "ExpertExecutor",
@@ -65,10 +73,12 @@ __all__ = [
     "GpuSlotPool",
     "HostExpertStore",
     "KVCache",
+    "KVStore",
     "LFUPolicy",
     "LRUPolicy",
     "LocalExperts",
     "MappedFetcher",
+    "MixObserver",
     "MoEBlock",
     "MoECoreError",
     "MoEForCausalLM",
@@ -84,9 +94,12 @@ __all__ = [
     "RopeSpec",
     "RouterSpec",
     "SamplingParams",
+    "SequenceKV",
+    "StaticKVCache",
     "StreamingExecutor",
     "UnsupportedArchitectureError",
     "__version__",
+    "build_tiny_checkpoint",
     "format_bytes",
     "generate",
     "install_offloading",

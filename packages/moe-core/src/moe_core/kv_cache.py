@@ -8,8 +8,9 @@ invalid, so no query ever attends to them; each row also keeps its own next posi
 row's positions count only its real tokens. This is the scheme transformers uses for left-padded
 batches, generalised to any padding, and it keeps every write a plain slice.
 
-The cache is for the model's own `generate` and for tests; the engines keep their KV elsewhere
-(host memory, paged) and plan its traffic.
+The cache is for the model's own eager `generate` and for tests; graph-captured decode uses
+`StaticKVCache`, and the engines keep their KV elsewhere (host memory, paged) and plan its
+traffic. All of them satisfy `moe_core.kv_store.KVStore`.
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ class KVCache:
     def key_valid(self, new_valid: torch.Tensor) -> torch.Tensor:
         """Validity of every key a pass with tokens `new_valid` `[B, T]` sees: `[B, used + T]`."""
         return torch.cat((self.valid[:, : self.num_slots], new_valid), dim=1)
+
+    def begin(self, new_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """See `SequenceKV.begin`: keys `[B, used + T]`, the new tokens at slots `used + t`."""
+        num_new = new_valid.shape[1]
+        slots = torch.arange(self.num_slots, self.num_slots + num_new, device=new_valid.device)
+        return self.key_valid(new_valid), slots
 
     def nbytes(self) -> int:
         """Bytes held by the stored tensors."""

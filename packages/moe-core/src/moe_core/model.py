@@ -8,6 +8,8 @@ loader maps checkpoint names with a few per-family renames (see `architectures`)
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +18,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moe_core.attention_inputs import AttentionInputs, slot_mask
 from moe_core.kv_cache import KVCache
+from moe_core.kv_store import KVStore, SequenceKV
 from moe_core.layers.attention import GQAAttention
 from moe_core.layers.mla import MLAAttention
 from moe_core.layers.mlp import GatedMLP
@@ -28,15 +32,47 @@ from moe_core.spec import ModelSpec
 if TYPE_CHECKING:
     from moe_core.generation import GenerationResult
 
-__all__ = ["DecoderLayer", "MoEForCausalLM", "attention_mask_for"]
+__all__ = ["AttentionBranch", "DecoderLayer", "MixObserver", "MoEForCausalLM", "attention_mask_for"]
+
+
+MixObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Called as `observer(layer, h, x)` when a layer's MLP half starts: `h` `[..., D]` is the
+residual stream after attention, `x` the normalised input the MLP or MoE block receives."""
+
+
+class AttentionBranch(nn.Module):
+    """A layer's attention half, norm included: `attention(norm(h))`, the residual delta."""
+
+    def __init__(self, norm: RMSNorm, attention: MLAAttention | GQAAttention,
+                 sliding: bool) -> None:
+        super().__init__()
+        self.norm = norm
+        self.attention = attention
+        self.sliding = sliding
+
+    def forward(self, h: torch.Tensor, inputs: AttentionInputs, kv: KVStore | None
+                ) -> torch.Tensor:
+        """`h` `[B, T, D]` -> the attention output `[B, T, D]` (not yet added to `h`)."""
+        return self.attention(self.norm(h), inputs.rope, inputs.mask_for(self.sliding), kv)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: attention, then a dense MLP or a MoE block."""
+    """Pre-norm residual block: attention, then a dense MLP or a MoE block.
+
+    Engines drive it through its two halves, each returning the delta the caller adds to the
+    residual stream: `attend` and `mix`. `forward` is exactly `h + attend`, then `+ mix`.
+
+    Attributes:
+        index: Decoder-layer index.
+        sliding: Whether this layer's attention uses the sliding window.
+        mix_observer: Called at the start of every `mix` (see `MixObserver`); None: nothing.
+    """
 
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
         d = spec.hidden_size
+        self.index = layer
+        self.sliding = layer in spec.sliding_layers
         self.input_layernorm = RMSNorm(d, spec.rms_norm_eps)
         self.self_attn: MLAAttention | GQAAttention
         if spec.attention.kind == "mla":
@@ -50,12 +86,53 @@ class DecoderLayer(nn.Module):
             self.mlp = MoEBlock(spec.moe, d, layer)
         else:
             self.mlp = GatedMLP(d, spec.dense_intermediate_size, bias=spec.mlp_bias)
+        self.mix_observer: MixObserver | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """`x` `[B, T, D]` -> `[B, T, D]`."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    @property
+    def moe(self) -> MoEBlock | None:
+        """The layer's MoE block, or None for a dense layer."""
+        return self.mlp if isinstance(self.mlp, MoEBlock) else None
+
+    def attend(self, h: torch.Tensor, inputs: AttentionInputs, kv: KVStore | None
+               ) -> torch.Tensor:
+        """The attention half on `h` `[B, T, D]`: `attention(norm(h))` `[B, T, D]`, new keys and
+        values stored in `kv`."""
+        return self.self_attn(self.input_layernorm(h), inputs.rope,
+                              inputs.mask_for(self.sliding), kv)
+
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP half on `h` `[..., D]` (any leading shape): `mlp(norm(h))`."""
+        x = self.post_attention_layernorm(h)
+        if self.mix_observer is not None:
+            self.mix_observer(self.index, h, x)
+        return self.mlp(x)
+
+    def router_logits(self, h: torch.Tensor, *, normalised: bool = False) -> torch.Tensor:
+        """This layer's router logits `[N, E]` for hidden states `h` `[..., D]`: the residual
+        stream (normalised here with this layer's own norm first) or, with `normalised`, an
+        input already normalised. Used to predict a later layer's experts from an earlier
+        layer's state.
+
+        Raises:
+            ValueError: the layer is dense.
+        """
+        block = self.moe
+        if block is None:
+            raise ValueError(f"layer {self.index} is dense: it has no router")
+        x = h if normalised else self.post_attention_layernorm(h)
+        return block.gate.logits(x.reshape(-1, x.shape[-1]))
+
+    def attention_on(self, device: torch.device | str) -> AttentionBranch:
+        """A copy of this layer's attention half (norm included) on `device`: for engines that
+        attend part of a batch elsewhere (moe-gen's host attention)."""
+        branch = AttentionBranch(self.input_layernorm, self.self_attn, self.sliding)
+        return copy.deepcopy(branch).to(device)
+
+    def forward(self, h: torch.Tensor, inputs: AttentionInputs, kv: KVStore | None
+                ) -> torch.Tensor:
+        """`h` `[B, T, D]` -> `[B, T, D]`."""
+        h = h + self.attend(h, inputs, kv)
+        return h + self.mix(h)
 
 
 class Decoder(nn.Module):
@@ -79,15 +156,8 @@ def attention_mask_for(key_valid: torch.Tensor, num_past: int, num_new: int,
         sliding_window: Keys more than this many slots back are hidden, if set.
         dtype: The activation dtype (the mask uses its most negative finite value).
     """
-    device = key_valid.device
-    q_slot = torch.arange(num_past, num_past + num_new, device=device)[:, None]  # [T, 1]
-    k_slot = torch.arange(key_valid.shape[1], device=device)[None, :]  # [1, S]
-    allowed = k_slot <= q_slot  # [T, S]
-    if sliding_window is not None:
-        allowed = allowed & (q_slot - k_slot < sliding_window)
-    allowed = allowed[None] & key_valid[:, None, :]  # [B, T, S]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]  # [B, 1, T, S]
+    slots = torch.arange(num_past, num_past + num_new, device=key_valid.device)
+    return slot_mask(key_valid, slots, sliding_window, dtype)
 
 
 def _attention_backends(device: torch.device) -> AbstractContextManager[object]:
@@ -138,10 +208,41 @@ class MoEForCausalLM(nn.Module):
 
     def moe_blocks(self) -> list[MoEBlock]:
         """The MoE blocks, in layer order."""
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
+        return [block for layer in self.layers if (block := layer.moe) is not None]
+
+    # The step interface: what engines drive instead of walking the module tree ----------------
+
+    @property
+    def layers(self) -> Sequence[DecoderLayer]:
+        """The decoder layers in order; each has `attend` and `mix`."""
+        return tuple(self.model.layers)  # type: ignore[arg-type]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings `[..., D]` of `input_ids` `[...]`."""
+        return self.model.embed_tokens(input_ids)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables `(cos, sin)`, each `[B, T, R]`, for integer `positions` `[B, T]`."""
+        return self.rotary(positions, dtype)
+
+    def attention_inputs(self, positions: torch.Tensor, key_valid: torch.Tensor,
+                         query_slots: torch.Tensor, dtype: torch.dtype) -> AttentionInputs:
+        """Rotary tables and masks of a pass whose T queries sit at `query_slots` `[T]` of a
+        slot axis whose keys `[B, S]` hold real tokens where `key_valid`, at `positions`
+        `[B, T]`."""
+        mask = slot_mask(key_valid, query_slots, None, dtype)
+        window = None
+        if self.spec.sliding_layers:
+            window = slot_mask(key_valid, query_slots, self.spec.attention.sliding_window, dtype)
+        return AttentionInputs(self.rope(positions, dtype), mask, window)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits `[..., V]` of final hidden states `h` `[..., D]` (final norm, then LM head)."""
+        return self.lm_head(self.model.norm(h))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None, cache: SequenceKV | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits for `input_ids` `[B, T]`.
 
@@ -151,7 +252,8 @@ class MoEForCausalLM(nn.Module):
                 cache remembers earlier passes' padding.
             position_ids: `[B, T]`; by default each row counts its own real tokens, continuing
                 from the cache (so padding does not shift positions).
-            cache: Incremental-decoding cache; the T tokens are appended to it.
+            cache: Incremental-decoding cache (`KVCache`, or `StaticKVCache` for captured
+                decoding); the T tokens are appended to it.
             last_only: Compute logits for the last position only (`[B, 1, V]`).
 
         Returns:
@@ -164,23 +266,21 @@ class MoEForCausalLM(nn.Module):
             start = cache.next_position if cache is not None else torch.zeros(
                 b, dtype=torch.long, device=input_ids.device)
             position_ids = start[:, None] + (new_valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        h = self.model.embed_tokens(input_ids)  # [B, T, D]
-        key_valid = cache.key_valid(new_valid) if cache is not None else new_valid  # [B, S]
-        num_past = cache.num_slots if cache is not None else 0
-        mask = attention_mask_for(key_valid, num_past, t, None, h.dtype)
-        window_mask = mask
-        if self.spec.sliding_layers:
-            window_mask = attention_mask_for(key_valid, num_past, t,
-                                             self.spec.attention.sliding_window, h.dtype)
-        rope = self.rotary(position_ids, h.dtype)
+        h = self.embed(input_ids)  # [B, T, D]
+        if cache is not None:
+            key_valid, query_slots = cache.begin(new_valid)  # [B, S], [T]
+        else:
+            key_valid, query_slots = new_valid, torch.arange(t, device=input_ids.device)
+        inputs = self.attention_inputs(position_ids, key_valid, query_slots, h.dtype)
         with _attention_backends(h.device):
-            for i, layer in enumerate(self.model.layers):
-                h = layer(h, rope, window_mask if i in self.spec.sliding_layers else mask, cache)
+            for layer in self.layers:
+                h = h + layer.attend(h, inputs, cache)
+                h = h + layer.mix(h)
         if cache is not None:
             cache.commit(new_valid)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
+        return self.logits(h)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         """An empty `KVCache` on the model's device."""

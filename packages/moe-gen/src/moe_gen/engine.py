@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from moe_core import ModelSpec, MoEForCausalLM
+from moe_core import AttentionInputs, MoEForCausalLM
 
 from moe_gen.host_attention import HostAttention
 from moe_gen.kv_mover import KVMover
@@ -110,9 +110,9 @@ class BatchEngine:
             for b in batches:
                 window = (b.mask(spec.attention.sliding_window, dtype)
                           if spec.sliding_layers else None)
-                rope = model.rotary(b.positions, dtype)
-                out.append(_Part(b, b.mask(None, dtype), window,
-                                 (rope[0].to(b.attention_device), rope[1].to(b.attention_device)),
+                cos, sin = model.rope(b.positions, dtype)
+                rope = (cos.to(b.attention_device), sin.to(b.attention_device))
+                out.append(_Part(b, AttentionInputs(rope, b.mask(None, dtype), window),
                                  MicroBatchKV(b, self.pages, mover)))
         return parts
 
@@ -126,32 +126,31 @@ class BatchEngine:
         """
         started = time.perf_counter()
         timing = timing if timing is not None else StepTiming()
-        model, spec = self.model, self.model.spec
+        model = self.model
         device = model.device
+        layers = model.layers
         ids = torch.tensor([t for s in seqs for t in s.token_ids], device=device)  # [N]
-        h = model.model.embed_tokens(ids)  # [N, D]
+        h = model.embed(ids)  # [N, D]
         on_device, on_host = self._prepare(seqs, h.dtype)
         # Every past-KV gather of the step, in the order the attention modules will ask: the
         # mover's worker gathers them on the host ahead of the main thread.
         gathers = [[(arena, part.batch.past_slots) for part in on_device if part.batch.num_past
-                    for arena in self.pages.arenas[i]] for i in range(len(model.model.layers))]
+                    for arena in self.pages.arenas[i]] for i in range(len(layers))]
         self.mover.plan([g for layer in gathers for g in layer])
         timing.prepare_s += time.perf_counter() - started
-        for i, layer in enumerate(model.model.layers):
+        for i, layer in enumerate(layers):
             t0 = time.perf_counter()
             # The host's inputs leave first (they need only the previous layer), so the host
             # attends its share while the device attends the rest.
-            inputs = [_to_host(layer.input_layernorm(h[p.batch.rows])) for p in on_host]
+            inputs = [_to_host(h[p.batch.rows]) for p in on_host]
             for part in on_device:
-                x = layer.input_layernorm(h[part.batch.rows])  # [b, T, D]
-                out = layer.self_attn(x, part.rope, part.mask_for(i, spec), part.cache)
+                out = layer.attend(h[part.batch.rows], part.inputs, part.cache)  # [b, T, D]
                 _add_rows(h, part.batch, out)
             for part, (x, ready) in zip(on_host, inputs, strict=True):
                 if ready is not None:
                     ready.synchronize()
                 assert self.host_attention is not None
-                out = self.host_attention.modules[i](x, part.rope, part.mask_for(i, spec),
-                                                     part.cache)
+                out = self.host_attention.modules[i](x, part.inputs, part.cache)
                 _add_rows(h, part.batch, out)
             t1 = time.perf_counter()
             if i + 1 < len(gathers):
@@ -160,14 +159,14 @@ class BatchEngine:
                 # for the whole expert stream, and the experts the streaming ring copies
                 # ahead of its routing cross the link during that attention instead.
                 self.mover.issue_ahead(len(gathers[i + 1]))
-            h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]  # [N, D]
+            h = h + layer.mix(h)  # [N, D]
             timing.attention_s += t1 - t0
             timing.moe_s += time.perf_counter() - t1
         self.mover.flush()
         if self.host_attention is not None:
             self.host_attention.mover.flush()
         last = torch.tensor([s.first_row + len(s.token_ids) - 1 for s in seqs], device=device)
-        logits = model.lm_head(model.model.norm(h[last])).float()  # [n, V]
+        logits = model.logits(h[last]).float()  # [n, V]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timing.total_s += time.perf_counter() - started
@@ -179,16 +178,8 @@ class _Part:
     """One micro-batch of a step with what its attention needs at every layer."""
 
     batch: MicroBatch
-    mask: torch.Tensor
-    window_mask: torch.Tensor | None
-    rope: tuple[torch.Tensor, torch.Tensor]
+    inputs: AttentionInputs
     cache: MicroBatchKV
-
-    def mask_for(self, layer: int, spec: ModelSpec) -> torch.Tensor:
-        """The sliding-window mask on sliding layers, else the full causal one."""
-        if layer in spec.sliding_layers and self.window_mask is not None:
-            return self.window_mask
-        return self.mask
 
 
 def _to_host(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

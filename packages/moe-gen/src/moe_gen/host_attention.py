@@ -3,18 +3,17 @@
 A decode sequence's attention reads its whole KV cache for one query; on the host that cache is
 already where the CPU can read it, so attending there spares its KV the trip over PCIe (on
 Mixtral shapes the KV, not the weights, dominates PCIe at large batches). The host keeps its own
-copy of each layer's attention module (projections and all: a few hundred MB for Mixtral) and
-torch's CPU kernels do the work, while the GPU attends the rest of the batch.
+copy of each layer's attention half (`DecoderLayer.attention_on`: norm and projections, a few
+hundred MB for Mixtral) and torch's CPU kernels do the work, while the GPU attends the rest of
+the batch.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
-from moe_core import MoEForCausalLM
-from torch import nn
+from moe_core import AttentionBranch, MoEForCausalLM
 
 from moe_gen.kv_mover import KVMover
 from moe_gen.micro_batch import SequenceInput
@@ -28,7 +27,7 @@ class HostAttention:
 
     Attributes:
         share: Share of the step's decode sequences attended on the host.
-        modules: Layer -> its attention module on the CPU.
+        modules: Layer -> its attention half (norm and attention) on the CPU.
         mover: The host's KV reads and writes (no device copies).
     """
 
@@ -36,8 +35,7 @@ class HostAttention:
         del pages  # the host reads the arenas through its mover, like the device does
         self.share = share
         cpu = torch.device("cpu")
-        self.modules: list[nn.Module] = [copy.deepcopy(layer.self_attn).to(cpu)
-                                         for layer in model.model.layers]
+        self.modules: list[AttentionBranch] = [layer.attention_on(cpu) for layer in model.layers]
         self.mover = KVMover(cpu)
 
     def split(self, seqs: Sequence[SequenceInput]

@@ -10,10 +10,11 @@ host to size its output), and an `[L, E]` lookahead tensor.
 
 The lookahead (MoE-Infinity's released code predicts layer l+1 from layer l's expert ids; running
 layer l+1's router on layer l's hidden state works far better, see docs/moe-infinity.md): when
-layer l's MoE block receives its input, the tracer applies layer l+1's router to layer l's
-residual stream normalised by layer l+1's own `post_attention_layernorm` (`"next_norm"`, the
-default: the router was trained on inputs normalised that way, and it foresaw the tiny model's
-next layer best) or to layer l's block input as it is (`"block_input"`). Either costs one
+layer l's MoE block receives its input (moe-core's `DecoderLayer.mix_observer`), the tracer
+applies layer l+1's router to layer l's residual stream normalised by layer l+1's own
+post-attention norm (`"next_norm"`, the default: the router was trained on inputs normalised that
+way, and it foresaw the tiny model's next layer best) or to layer l's block input as it is
+(`"block_input"`); `DecoderLayer.router_logits` does either. Either costs one
 `[T, D] x [D, E]` product per layer (plus an RMSNorm for `next_norm`), and is known one layer
 before layer l+1 routes: the time a prefetch for layer l+1 has to land.
 """
@@ -26,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from moe_core import MoEBlock, MoEForCausalLM
+from moe_core import DecoderLayer, MixObserver, MoEBlock, MoEForCausalLM
 from torch import nn
 
 from moe_infinity.trace import RequestTrace
@@ -35,7 +36,6 @@ __all__ = ["ActivationTracer", "LookaheadInput"]
 
 LookaheadInput = Literal["next_norm", "block_input"]
 _Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
-_ForwardHook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]
 
 
 class ActivationTracer:
@@ -74,6 +74,7 @@ class ActivationTracer:
         self._tokens: list[int] = []
         self._recording = False
         self._previous: list[_Observer | None] = []
+        self._previous_mix: list[MixObserver | None] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # Attaching ------------------------------------------------------------------------------
@@ -83,12 +84,11 @@ class ActivationTracer:
         for block, previous in zip(self._blocks, self._previous, strict=True):
             block.observer = self._chained(previous)
         self._handles.append(self._model.register_forward_pre_hook(self._on_step))
-        layers = self._model.model.layers
+        layers = self._model.layers
+        self._previous_mix = [layer.mix_observer for layer in layers]
         for row, (block, nxt) in enumerate(zip(self._blocks, self._blocks[1:], strict=False)):
-            norm: nn.Module = layers[block.layer].post_attention_layernorm
-            next_norm: nn.Module = layers[nxt.layer].post_attention_layernorm
-            self._handles.append(norm.register_forward_hook(
-                self._lookahead_hook(row + 1, nxt, next_norm)))
+            layer = layers[block.layer]
+            layer.mix_observer = self._lookahead(row + 1, layers[nxt.layer], layer.mix_observer)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -98,6 +98,8 @@ class ActivationTracer:
         self._handles.clear()
         for block, previous in zip(self._blocks, self._previous, strict=True):
             block.observer = previous
+        for layer, previous_mix in zip(self._model.layers, self._previous_mix, strict=True):
+            layer.mix_observer = previous_mix
 
     # Requests -------------------------------------------------------------------------------
 
@@ -147,15 +149,16 @@ class ActivationTracer:
 
         return observer
 
-    def _lookahead_hook(self, row: int, nxt: MoEBlock, next_norm: nn.Module) -> _ForwardHook:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            if not (self._recording and self._looks):
-                return
-            # `.forward`, not a call: the call would run the next norm's hooks, ours included.
-            hidden = next_norm.forward(args[0]) if self.lookahead_input == "next_norm" else out
-            hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, D]
-            probs = torch.softmax(nxt.gate.logits(hidden).float(), dim=-1).sum(dim=0)  # [E]
-            values, ids = probs.topk(self.lookahead_top)
-            self._looks[-1][row].scatter_(0, ids, values)
+    def _lookahead(self, row: int, nxt: DecoderLayer, previous: MixObserver | None
+                   ) -> MixObserver:
+        def observer(layer: int, h: torch.Tensor, x: torch.Tensor) -> None:
+            if self._recording and self._looks:
+                logits = (nxt.router_logits(h) if self.lookahead_input == "next_norm"
+                          else nxt.router_logits(x, normalised=True))  # [T, E]
+                probs = torch.softmax(logits.float(), dim=-1).sum(dim=0)  # [E]
+                values, ids = probs.topk(self.lookahead_top)
+                self._looks[-1][row].scatter_(0, ids, values)
+            if previous is not None:
+                previous(layer, h, x)
 
-        return hook
+        return observer

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_core.kv_cache import KVCache
+from moe_core.kv_store import KVStore
 from moe_core.layers.norm import RMSNorm
 from moe_core.layers.rotary import apply_rotary
 from moe_core.spec import AttentionSpec
@@ -56,7 +56,7 @@ class GQAAttention(nn.Module):
         self.scale = e**-0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVStore | None) -> torch.Tensor:
         """Attend `x` `[B, T, D]`; `rope` holds `cos, sin` `[B, T, E]`; returns `[B, T, D]`."""
         spec = self.spec
         b, t, _ = x.shape

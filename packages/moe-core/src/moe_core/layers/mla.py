@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_core.kv_cache import KVCache
+from moe_core.kv_store import KVStore
 from moe_core.layers.attention import attend
 from moe_core.layers.norm import RMSNorm
 from moe_core.layers.rotary import apply_rotary, yarn_get_mscale
@@ -71,7 +71,7 @@ class MLAAttention(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVStore | None) -> torch.Tensor:
         """Attend `x` `[B, T, D]`; `rope` holds `cos, sin` `[B, T, P]`; returns `[B, T, D]`."""
         spec = self.spec
         b, t, _ = x.shape
