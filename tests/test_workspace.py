@@ -71,9 +71,9 @@ def _interface_violations(source: str) -> list[str]:
             chain = ".".join(reversed(parts))  # `a.model.layers` -> `model.layers`
             found += [f".{chain}" for name in _INTERNAL_ATTRIBUTES
                       if chain == name or chain.endswith("." + name)]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.startswith("moe_core."):
-                found.append(f"import from {node.module}")
+        elif (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+              and node.module.startswith("moe_core.")):
+            found.append(f"import from {node.module}")
     return found
 
 

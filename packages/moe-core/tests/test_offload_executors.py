@@ -523,3 +523,41 @@ def test_grouped_expert_mlp_falls_back_once_with_a_warning_when_unsupported(
     monkeypatch.setattr(grouped_mlp, "_fallback_reason", None)
     with pytest.raises(torch.OutOfMemoryError):
         grouped_mlp.grouped_expert_mlp(x, gate_up, down, [1, 2], torch.tensor([1, 3]), out)
+
+
+def test_graph_logged_uses_count_like_eager_uses() -> None:
+    """Uses logged on the device by captured steps (`GraphUseLog`, replays simulated on the CPU
+    by recording each step) give the same hits, misses and bytes as the eager deferred count,
+    and a table change between replays is counted through the old table first."""
+    steps = [torch.tensor([[0, 3], [3, 5]]), torch.tensor([[1, 2], [2, 2]])]
+    counted = []
+    for mode in ("eager", "graph"):
+        _, runtime = offloaded(tiny_model_path(), num_slots=6, fetch="mapped")
+        cache = runtime.cache
+        assert cache is not None
+        runtime.prefetch(runtime.store.experts()[::3][:6])
+        runtime.drain()
+        layers = sorted(runtime.executors)
+        for ids in steps:
+            for layer in layers:
+                if mode == "eager":
+                    cache.use_layer_map(cache.layer_map(layer), layer, ids)
+                else:
+                    cache.log_graph_use(layer, ids)
+            if mode == "graph":
+                cache.after_replay(ids.shape[0])
+        stats = runtime.snapshot()
+        counted.append((stats.hits, stats.misses, stats.mapped_bytes))
+        if mode == "graph":
+            first = runtime.store.experts()[1]
+            assert cache.is_absent(first)
+            cache.log_graph_use(first.layer, steps[0])
+            cache.after_replay(2)
+            runtime.prefetch([first])  # changes the table: the logged step is counted first
+            runtime.drain()
+            misses = runtime.snapshot().misses
+            cache.before_replay()
+            assert runtime.snapshot().misses == misses  # nothing left to count
+            table = cache.layer_map(first.layer).slots
+            assert int(table[first.expert]) >= 0  # the device table the graph reads is current
+    assert counted[0] == counted[1] and counted[0][0] > 0 and counted[0][1] > 0

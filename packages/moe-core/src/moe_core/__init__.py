@@ -8,6 +8,7 @@ experts into its MoE blocks (`ExpertExecutor`), and offload experts to host memo
 
 from moe_core.architectures import supported_architectures
 from moe_core.attention_inputs import AttentionInputs
+from moe_core.decode_runner import DecodeRunner, graph_blockers
 from moe_core.dtypes import DtypeError, parse_dtype
 from moe_core.embedded_model import TINY_MODEL_NAME, tiny_model_path
 from moe_core.errors import (
@@ -40,6 +41,7 @@ from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, ins
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import StreamingExecutor
 from moe_core.routing import route
+from moe_core.routing_control import UniformRouting, uniform_routing
 from moe_core.sampling import SamplingParams, sample_next
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpec
@@ -62,6 +64,7 @@ __all__ = [
     "CopyTicket",
     "CpuComputeRule",
     "CpuCopyEngine",
+    "DecodeRunner",
     "DecoderLayer",
     "DtypeError",
     "EvictionPolicy",
@@ -97,11 +100,13 @@ __all__ = [
     "SequenceKV",
     "StaticKVCache",
     "StreamingExecutor",
+    "UniformRouting",
     "UnsupportedArchitectureError",
     "__version__",
     "build_tiny_checkpoint",
     "format_bytes",
     "generate",
+    "graph_blockers",
     "install_offloading",
     "known_shapes",
     "load_model",
@@ -117,4 +122,5 @@ __all__ = [
     "sample_next",
     "supported_architectures",
     "tiny_model_path",
+    "uniform_routing",
 ]

@@ -137,6 +137,9 @@ def generate(
     stats: Annotated[bool, typer.Option(
         help="With --expert-memory: print the offload counters (hits, misses, bytes, copy and "
              "stall time) to stderr.")] = False,
+    graphs: Annotated[bool, typer.Option(
+        help="On CUDA, decode through captured CUDA graphs where the model allows it "
+             "(--no-graphs: launch every kernel from Python, e.g. to compare).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
 ) -> None:
     """Generate completions, with the whole model on the device or its experts offloaded."""
@@ -168,7 +171,8 @@ def generate(
         rows = [render_chat(tokenizer, [{"role": "user", "content": p}]) if chat
                 else tokenizer(p)["input_ids"] for p in prompt]
         result = net.generate_full(rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=seed)
+                                   top_k=top_k, top_p=top_p, seed=seed,
+                                   graphs=None if graphs else False)
     for i, text_prompt in enumerate(prompt):
         ids = result.tokens[i, : result.lengths[i]].tolist()
         text = tokenizer.decode(ids, skip_special_tokens=True)

@@ -16,9 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_core.device_grouped_experts import device_grouped_experts, device_grouped_supported
 from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
+from moe_core.kernels import moe_experts, moe_experts_supported
 
-__all__ = ["ExpertExecutor", "LocalExperts"]
+__all__ = ["FUSED_MAX_ASSIGNMENTS", "ExpertExecutor", "LocalExperts"]
+
+FUSED_MAX_ASSIGNMENTS = 16
+"""Most token-expert assignments (T * K) computed by the fused decode kernel on CUDA, which reads
+each assignment's weights (a shared expert's once per assignment); above it, the device-grouped
+products read each used expert once."""
 
 
 @runtime_checkable
@@ -42,7 +49,17 @@ class LocalExperts(nn.Module):
     layout `nn.Linear` uses per expert, so each expert's matrix product reads one contiguous block.
     Tokens are grouped by expert (one sort), and each used expert runs once on all its tokens; a
     few tokens (decode) instead gather their experts' matrices (`gathered_experts`).
+
+    On CUDA nothing reads the routing on the host, so a decode step can be captured as a graph:
+    a few assignments run through one fused kernel pair that reads each expert's weights in
+    place (`kernels.moe_experts`), more through grouped products with device-side group
+    boundaries (`device_grouped_experts`), and the gather path covers the rest.
+
+    Attributes:
+        graph_safe: Decode steps through it can be captured (see `decode_runner`).
     """
+
+    graph_safe = True
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -51,6 +68,7 @@ class LocalExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
+        self.fused_max_assignments = FUSED_MAX_ASSIGNMENTS  # 0: never the fused kernels
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert's MLP on `x` `[N, D]` -> `[N, D]`."""
@@ -60,8 +78,17 @@ class LocalExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        """See `ExpertExecutor`. Few tokens (decode) take the gather path: no host sync, a fixed
-        number of kernels; many take the grouped path: each used expert once on all its tokens."""
+        """See `ExpertExecutor`. On CUDA: fused kernels for a few assignments, device-grouped
+        products for more (neither reads the routing on the host). Few tokens take the gather
+        path: no host sync, a fixed number of kernels; many take the grouped path: each used
+        expert once on all its tokens."""
+        stacks = (self.gate_proj, self.up_proj, self.down_proj)
+        if hidden.is_cuda:
+            if (expert_ids.numel() <= self.fused_max_assignments
+                    and moe_experts_supported(hidden, self.gate_proj)):
+                return moe_experts(hidden, expert_ids, weights, *stacks)
+            if device_grouped_supported(hidden, self.gate_proj):
+                return device_grouped_experts(hidden, expert_ids, weights, *stacks)
         expert_bytes = 3 * self.gate_proj[0].numel() * self.gate_proj.element_size()
         if use_gather(expert_ids.numel(), expert_bytes, self.gather_limit_bytes):
             return gathered_experts(hidden, expert_ids, weights, self.gate_proj, self.up_proj,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
+from moe_core.decode_runner import DecodeRunner, graph_blockers
 from moe_core.sampling import SamplingParams, sample_next
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
              stop_strings: Sequence[str] = (), tokenizer: _Decoder | None = None,
-             pad_token_id: int | None = None) -> GenerationResult:
+             pad_token_id: int | None = None, graphs: bool | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` for each prompt.
 
     Args:
@@ -108,6 +109,9 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
         tokenizer: Decodes tokens for `stop_strings`.
         pad_token_id: Fills rows that stopped early (default: the checkpoint's pad token, else
             the smallest EOS id, else 0).
+        graphs: Decode through CUDA graphs (`DecodeRunner`): None (default) uses them on CUDA
+            whenever the model can be captured (`graph_blockers`), False never, True requires
+            them (ValueError where impossible).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -120,34 +124,87 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
     ids, mask = left_pad(rows, pad, model.device)
     b = ids.shape[0]
     generator = params.generator(model.device)
-    cache = model.new_cache(b, ids.shape[1] + max(max_new_tokens, 1))
-    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # [B, V]
+    slots = ids.shape[1] + max(max_new_tokens, 1)
+    runner = _runner(model, b, slots, graphs)
+    if runner is None:
+        cache = model.new_cache(b, slots)
+        logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # [B, V]
+
+        def step(token: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+            return model(token[:, None], attention_mask=active[:, None].long(), cache=cache,
+                         last_only=True)[:, -1]
+    else:
+        logits = runner.prefill(ids, mask)
+
+        def step(token: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+            return runner.step(token, active)[0]
 
     out: list[torch.Tensor] = []
     reasons: list[FinishReason | None] = [None] * b
     lengths = [0] * b
-    eos_tensor = torch.tensor(sorted(eos), dtype=torch.long, device=model.device)
-    done = torch.zeros(b, dtype=torch.bool, device=model.device)
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, params, generator).masked_fill(done, pad)  # [B]
+    done = [False] * b
+    done_on_device = torch.zeros(b, dtype=torch.bool, device=model.device)
+    for i in range(max_new_tokens):
+        token = sample_next(logits, params, generator).masked_fill(done_on_device, pad)  # [B]
         out.append(token)
-        hit_eos = torch.isin(token, eos_tensor) & ~done
-        newly_done = hit_eos.clone()
-        for i in (~done).nonzero()[:, 0].tolist():
-            lengths[i] += 1
-            if hit_eos[i]:
-                reasons[i] = "eos"
-            elif stop_strings and _has_stop(tokenizer, out, i, lengths[i], stop_strings):
-                reasons[i] = "stop"
-                newly_done[i] = True
-        done |= newly_done
-        if bool(done.all()):
+        seen = _HostCopy(token)
+        if i + 1 < max_new_tokens:
+            # The next step is launched before this token is looked at on the host, so the
+            # device never waits for the host's checks. A row that stops at this token takes
+            # part in one more step; its output is replaced by padding below.
+            logits = step(token, ~done_on_device)
+        newly_done = False
+        for row, value in enumerate(seen.values()):
+            if done[row]:
+                continue
+            lengths[row] += 1
+            if value in eos:
+                reasons[row] = "eos"
+            elif stop_strings and _has_stop(tokenizer, out, row, lengths[row], stop_strings):
+                reasons[row] = "stop"
+            else:
+                continue
+            done[row] = newly_done = True
+        if all(done):
             break
-        logits = model(token[:, None], attention_mask=(~done)[:, None].long(), cache=cache,
-                       last_only=True)[:, -1]
+        if newly_done:
+            done_on_device = torch.tensor(done, device=model.device)
     tokens = torch.stack(out, dim=1) if out else torch.empty(b, 0, dtype=torch.long,
                                                              device=model.device)
     return GenerationResult(tokens, lengths, [r or "length" for r in reasons])
+
+
+class _HostCopy:
+    """A device tensor's values on their way to the host (pinned, no wait until asked)."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if values.is_cuda:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+
+    def values(self) -> list[int]:
+        """The values, waiting for the copy if needed."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
+def _runner(model: MoEForCausalLM, batch_size: int, slots: int,
+            graphs: bool | None) -> DecodeRunner | None:
+    """The model's decode runner for this generation, or None to decode eagerly."""
+    if graphs is False:
+        return None
+    blockers = graph_blockers(model)
+    if blockers:
+        if graphs:
+            raise ValueError(f"graph-captured decoding is impossible here: {blockers[0]}")
+        return None
+    return model.decode_runner(batch_size, slots)
 
 
 def _has_stop(tokenizer: _Decoder | None, out: list[torch.Tensor], row: int, length: int,

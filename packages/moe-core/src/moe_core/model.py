@@ -30,7 +30,10 @@ from moe_core.moe_block import MoEBlock
 from moe_core.spec import ModelSpec
 
 if TYPE_CHECKING:
+    from moe_core.decode_runner import DecodeRunner
     from moe_core.generation import GenerationResult
+
+_RUNNER_SLOT_ROUNDING = 256  # runners are sized in steps of this many slots, to be reused
 
 __all__ = ["AttentionBranch", "DecoderLayer", "MixObserver", "MoEForCausalLM", "attention_mask_for"]
 
@@ -190,6 +193,7 @@ class MoEForCausalLM(nn.Module):
         self.tie_weights()
         self.generation_defaults: dict[str, object] = {}
         self.source: Path | None = None  # the checkpoint folder, once loaded
+        self._runner: DecodeRunner | None = None
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head where the config ties them."""
@@ -285,6 +289,25 @@ class MoEForCausalLM(nn.Module):
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         """An empty `KVCache` on the model's device."""
         return KVCache(batch_size, capacity, self.device)
+
+    def decode_runner(self, batch_size: int, slots: int) -> DecodeRunner:
+        """The model's `DecodeRunner` (graph-captured decode on CUDA), built or grown to hold
+        `batch_size` rows of `slots` slots; kept for the next generation (its captured graphs
+        and static cache are reused while they fit)."""
+        from moe_core.decode_runner import DecodeRunner
+
+        runner = self._runner
+        if runner is None or not runner.fits(batch_size, slots):
+            self._runner = None  # free the old cache and graphs before the new ones
+            rows = max(batch_size, runner.max_rows if runner is not None else 0)
+            capacity = max(slots, runner.capacity if runner is not None else 0)
+            capacity = -(-capacity // _RUNNER_SLOT_ROUNDING) * _RUNNER_SLOT_ROUNDING
+            runner = self._runner = DecodeRunner(self, rows, capacity)
+        return runner
+
+    def release_decode_runner(self) -> None:
+        """Free the decode runner's static cache and captured graphs (device memory)."""
+        self._runner = None
 
     def generate(self, input_ids: torch.Tensor | list[list[int]], **kwargs: object) -> torch.Tensor:
         """New token ids `[B, N]`; see `moe_core.generation.generate` for the arguments."""

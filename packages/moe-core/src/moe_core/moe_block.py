@@ -15,10 +15,14 @@ from moe_core.layers.mlp import GatedMLP
 from moe_core.routing import route
 from moe_core.spec import MoESpec
 
-__all__ = ["MoEBlock", "Router", "RoutingObserver"]
+__all__ = ["MoEBlock", "Router", "RoutingObserver", "RoutingOverride"]
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as `observer(layer, expert_ids [T, K], weights [T, K])` after each routing decision."""
+
+RoutingOverride = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Replaces the router for benchmarks: `override(hidden [T, D]) -> (expert_ids [T, K] int64,
+weights [T, K] float32)` (see `routing_control`)."""
 
 
 class Router(nn.Module):
@@ -64,6 +68,7 @@ class MoEBlock(nn.Module):
         self.executor: ExpertExecutor
         self.set_executor(self.experts)
         self.observer: RoutingObserver | None = None
+        self.routing_override: RoutingOverride | None = None
 
     def set_executor(self, executor: ExpertExecutor) -> None:
         """Run routed experts through `executor` from now on.
@@ -78,7 +83,8 @@ class MoEBlock(nn.Module):
         """`x` `[B, T, D]` -> `[B, T, D]`."""
         shape = x.shape
         hidden = x.reshape(-1, shape[-1])  # [B*T, D]
-        expert_ids, weights = self.gate(hidden)  # [B*T, K] x2
+        route = self.gate if self.routing_override is None else self.routing_override
+        expert_ids, weights = route(hidden)  # [B*T, K] x2
         if self.observer is not None:
             self.observer(self.layer, expert_ids, weights)
         out = self.executor(hidden, expert_ids, weights.to(hidden.dtype))

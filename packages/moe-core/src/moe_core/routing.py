@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_core.kernels import softmax_topk
 from moe_core.spec import RouterSpec
 
 __all__ = ["route"]
@@ -64,6 +65,9 @@ def route(logits: torch.Tensor, spec: RouterSpec,
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * spec.scaling_factor
 
+    if logits.is_cuda and spec.method == "softmax_topk":
+        # One fused kernel on the GPU (softmax, top-k, renormalisation: five kernels in torch).
+        return softmax_topk(logits, k, spec.normalize, spec.scaling_factor)
     scores = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
     if spec.method == "group_limited_greedy":
         t = scores.shape[0]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_core.kernels import decode_attention, decode_attention_supported
 from moe_core.kv_store import KVStore
 from moe_core.layers.norm import RMSNorm
 from moe_core.layers.rotary import apply_rotary
@@ -26,7 +27,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     `mask` is additive `[B, 1, T, S]` (0 where allowed, a large negative number elsewhere), so a
     row with nothing to attend to (a padding query) stays finite instead of turning into NaN.
+
+    A single query per row on CUDA (decode) runs a GQA-native kernel that reads each key and
+    value once per group (`kernels.decode_attention`, decision 0006); otherwise keys and values
+    are repeated per query head for SDPA, which copies the whole cache.
     """
+    if q.is_cuda and q.shape[2] == 1:
+        q1, k1, v1 = q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2)  # [B, H, E], [B, S, G, E]
+        if decode_attention_supported(q1, k1):
+            return decode_attention(q1, k1, v1, mask[:, 0, 0, :], scale)[:, :, None]
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # [B, H, S, E]

@@ -25,6 +25,9 @@ host at all: the device table sends each resident expert to its slot and each mi
 block in pinned host memory, which the GPU reads itself (`mapped_fetch`). Misses are then not
 admitted to the cache: what the cache holds is decided by prefetches (an engine's predictor) and
 by experts made resident up front; the per-layer host synchronisation is gone (decision 0004).
+That path can also be captured in a CUDA graph (`decode_runner`): under capture the call reads
+the layer's persistent device table and logs its routing on the device (`GraphUseLog`); the
+cache refreshes the tables and counts the log around each replay (its `GraphHooks`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 from moe_core.expert_id import ExpertId
 from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
 from moe_core.offload.mapped_fetch import MappedFetcher
-from moe_core.offload.slot_cache import ExpertSlotCache
+from moe_core.offload.slot_cache import ExpertSlotCache, LayerMap
 from moe_core.offload.token_groups import TokenGroups, expert_mlp
 
 __all__ = ["CpuComputeRule", "OffloadedExecutor"]
@@ -65,6 +68,21 @@ class OffloadedExecutor:
         self.fetcher = fetcher
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
 
+    @property
+    def graph_safe(self) -> bool:
+        """Decode steps through this executor can be captured: mapped fetch, no CPU compute."""
+        return self.fetcher is not None and self.cpu_compute_rule is None
+
+    @property
+    def graph_hooks(self) -> ExpertSlotCache | None:
+        """What the decode runner calls around replays (the shared cache), when graph-safe."""
+        return self.cache if self.graph_safe else None
+
+    def graph_token_limit(self, top_k: int) -> int:
+        """Most tokens per call a captured step may have: the mapped rows of all assignments
+        must fit the gather limit (above it a call reads its routing on the host)."""
+        return self.gather_limit_bytes // (top_k * self.cache.store.layout.nbytes)
+
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Prefetch hint (experts of any layer); returns the number of copies issued."""
         return self.cache.prefetch(experts)
@@ -78,6 +96,10 @@ class OffloadedExecutor:
         """See `ExpertExecutor`: `hidden` `[T, D]`, ids and weights `[T, K]` -> `[T, D]`."""
         if self.cpu_compute_rule is None and use_gather(
                 expert_ids.numel(), self.cache.store.layout.nbytes, self.gather_limit_bytes):
+            if (self.fetcher is not None and hidden.is_cuda
+                    and torch.cuda.is_current_stream_capturing()):
+                return self._mapped(hidden, expert_ids, weights,
+                                    self.cache.log_graph_use(self.layer, expert_ids))
             layer_map = self.cache.layer_map(self.layer)
             if layer_map.complete:  # every expert resident: no host read of the routing at all
                 out = gathered_experts(hidden, layer_map.slots[expert_ids], weights,
@@ -85,12 +107,7 @@ class OffloadedExecutor:
                 self.cache.use_layer_map(layer_map, self.layer, expert_ids)
                 return out
             if self.fetcher is not None:  # misses read from host memory by the GPU
-                one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
-                rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1),
-                                                      layer_map.slots, distinct=one_token)
-                out = gathered_experts(hidden, None if index is None else
-                                       index.view_as(expert_ids), weights,
-                                       *self.cache.store.layout.stacked_views(rows))
+                out = self._mapped(hidden, expert_ids, weights, layer_map)
                 self.cache.use_layer_map(layer_map, self.layer, expert_ids)
                 return out
             out = self._gathered(hidden, expert_ids, weights)
@@ -121,6 +138,16 @@ class OffloadedExecutor:
         return out
 
     # Internals ------------------------------------------------------------------------------
+
+    def _mapped(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                layer_map: LayerMap) -> torch.Tensor:
+        """Every assignment's expert read by the GPU from its slot or from host memory."""
+        assert self.fetcher is not None
+        one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
+        rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1),
+                                              layer_map.slots, distinct=one_token)
+        return gathered_experts(hidden, None if index is None else index.view_as(expert_ids),
+                                weights, *self.cache.store.layout.stacked_views(rows))
 
     def _gathered(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor | None:

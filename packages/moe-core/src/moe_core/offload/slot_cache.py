@@ -21,6 +21,7 @@ import torch
 from moe_core.expert_id import ExpertId
 from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket
 from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.graph_use_log import GraphUseLog
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.stall_timer import StallTimer
@@ -40,19 +41,22 @@ class LayerMap:
         version: The layer's slot-change count it was built at.
         host: `[E]` slot of each expert, -1 where absent or in flight (host list).
         complete: Every expert of the layer is resident and ready.
-        device: Where `slots` goes.
+        table: The layer's one device table `[E]` (the same tensor for every version, so a
+            captured step that reads it sees each later version).
     """
 
     version: int
     host: list[int]
     complete: bool
-    device: torch.device
+    table: torch.Tensor
 
     @cached_property
     def slots(self) -> torch.Tensor:
-        """The table `[E]` on the device, made on first use (the copy path never needs it for
-        a layer that is not complete, and its slots change on every call)."""
-        return torch.tensor(self.host, dtype=torch.long).to(self.device)
+        """The device table, filled with this version on first use (the copy path never needs
+        it for a layer that is not complete, and its slots change on every call). The copy is
+        ordered on the current stream after every earlier read of the table."""
+        self.table.copy_(torch.tensor(self.host, dtype=torch.long))
+        return self.table
 
 
 class ExpertSlotCache:
@@ -90,6 +94,9 @@ class ExpertSlotCache:
         self._maps: dict[int, LayerMap] = {}  # layer -> its device slot table
         self._deferred: list[tuple[int, torch.Tensor, LayerMap]] = []  # uses not yet counted
         self._map_read_layers: set[int] = set()  # layers whose slots were read via a LayerMap
+        self._tables: dict[int, torch.Tensor] = {}  # layer -> its device table [E]
+        self._graph_log = GraphUseLog(pool.device)
+        self._graph_maps: dict[int, LayerMap] = {}  # layer -> the map replays read through
 
     # Demand path ----------------------------------------------------------------------------
 
@@ -186,7 +193,11 @@ class ExpertSlotCache:
             ready = self.table.state(expert) is Residency.READY and expert not in self._in_flight
             slot = self.table.slot_of(expert) if ready else None
             host.append(-1 if slot is None else slot)
-        layer_map = LayerMap(version, host, all(s >= 0 for s in host), self.pool.device)
+        table = self._tables.get(layer)
+        if table is None:
+            table = self._tables[layer] = torch.full((self.store.num_experts,), -1,
+                                                     dtype=torch.long, device=self.pool.device)
+        layer_map = LayerMap(version, host, all(s >= 0 for s in host), table)
         self._maps[layer] = layer_map
         return layer_map
 
@@ -205,28 +216,71 @@ class ExpertSlotCache:
             self.flush_deferred()
 
     def flush_deferred(self) -> None:
-        """Count the device-routed uses: hits (and accesses for the policy), mapped misses."""
+        """Count the device-routed uses: hits (and accesses for the policy), mapped misses;
+        those of replayed graph steps too."""
+        for layer, used in self._graph_log.drain(sorted(self._graph_maps)):
+            self._count_uses(layer, used, self._graph_maps[layer])
         if not self._deferred:
             return
         deferred, self._deferred = self._deferred, []
-        nbytes = self.store.layout.nbytes
         flat = torch.cat([ids.reshape(-1) for _, ids, _ in deferred]).tolist()  # one host read
         start = 0
         for layer, ids, layer_map in deferred:
             used, start = flat[start : start + ids.numel()], start + ids.numel()
-            for e in sorted(set(used)):
-                expert = ExpertId(layer, e)
-                if layer_map.host[e] < 0:
-                    self.stats.misses += 1
-                    self.stats.bytes_copied += nbytes
-                    self.stats.mapped_bytes += nbytes
-                    continue
-                self.stats.hits += 1
-                if self.table.slot_of(expert) is not None:  # not evicted since
-                    self.table.touch(expert)
-                if expert in self._prefetched:
-                    self._prefetched.discard(expert)
-                    self.stats.prefetches_used += 1
+            self._count_uses(layer, used, layer_map)
+
+    def _count_uses(self, layer: int, used: list[int], layer_map: LayerMap) -> None:
+        """One call's uses of `layer`'s experts, read through `layer_map`."""
+        nbytes = self.store.layout.nbytes
+        for e in sorted(set(used)):
+            expert = ExpertId(layer, e)
+            if layer_map.host[e] < 0:
+                self.stats.misses += 1
+                self.stats.bytes_copied += nbytes
+                self.stats.mapped_bytes += nbytes
+                continue
+            self.stats.hits += 1
+            if self.table.slot_of(expert) is not None:  # not evicted since
+                self.table.touch(expert)
+            if expert in self._prefetched:
+                self._prefetched.discard(expert)
+                self.stats.prefetches_used += 1
+
+    # Graph-captured steps (the `GraphHooks` of decode_runner) -------------------------------
+
+    def log_graph_use(self, layer: int, expert_ids: torch.Tensor) -> LayerMap:
+        """Inside a capture: the layer's map for the captured read, and its routing logged on
+        the device for `flush_deferred` (see `GraphUseLog`)."""
+        layer_map = self.layer_map(layer)
+        self._map_read_layers.add(layer)
+        self._graph_maps[layer] = layer_map
+        self._graph_log.record(layer, expert_ids)
+        return layer_map
+
+    def before_replay(self) -> None:
+        """Bring every captured layer's device table to the cache's current state, counting the
+        logged uses first whenever a table changes (they were read through the old one)."""
+        self.settle()
+        changed = [layer for layer, seen in self._graph_maps.items()
+                   if self._version.get(layer, 0) != seen.version]
+        if changed:
+            self.flush_deferred()
+        for layer in changed:
+            layer_map = self._graph_maps[layer] = self.layer_map(layer)
+            layer_map.slots  # noqa: B018 (fills the table the graph reads)
+
+    def after_replay(self, num_tokens: int) -> None:
+        """Advance the use log; count it when it is full."""
+        if self._graph_log.replayed(num_tokens):
+            self.flush_deferred()
+
+    def before_warmup(self) -> None:
+        """Count every use so far: the warm-up runs' uses are then all that is pending."""
+        self.flush_deferred()
+
+    def after_warmup(self) -> None:
+        """Forget the uses of the eager warm-up runs before a capture."""
+        self._deferred.clear()
 
     # Prefetch path --------------------------------------------------------------------------
 
