@@ -155,6 +155,17 @@ def resident_section(args: argparse.Namespace, record: dict[str, Any], hbm: floa
                                "weights_bytes": sum(p.numel() * 2 for p in model.parameters()),
                                "runs": []}
     record[f"resident_{num_layers}"] = section
+    # Batch 1 with the model's own router too: every step reads 8 experts per layer whatever
+    # the routing, and the real router is one product and one fused top-k kernel, where the
+    # uniform override is three kernels.
+    entry = step_times(model, 1, args.prompt_tokens, args.steps, True)
+    entry["routing"] = "the model's own router (dummy weights)"
+    entry["floor"] = step_bytes(model, 1, args.prompt_tokens + args.steps // 2)
+    entry["floor"]["floor_ms"] = entry["floor"]["total_bytes"] / (hbm * 1e9) * 1e3
+    entry["over_floor"] = entry["median_ms"] / entry["floor"]["floor_ms"]
+    section["own_router_batch1"] = entry
+    print(f"resident x{num_layers} batch 1 graphs, own router: {entry['median_ms']:.3f} ms/step "
+          f"(p90 {entry['p90_ms']:.3f})", flush=True)
     with uniform_routing(model):
         runs = [(1, False)] if eager else []
         runs += [(b, True) for b in batches]
@@ -225,6 +236,7 @@ def offloaded_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
             steps = args.steps + 4 + 1  # warm-up and prefill steps are in the delta
             mapped_per_token = (after.mapped_bytes - before.mapped_bytes) / steps
             entry.update({
+                "expert_uses_per_token": uses / steps,
                 "hit_rate": (after.hits - before.hits) / max(1, uses),
                 "mapped_bytes_per_token": mapped_per_token,
                 "bound_ms": mapped_per_token / (section["pinned_gbps_64mb"] * 1e9) * 1e3,

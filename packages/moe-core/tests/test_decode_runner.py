@@ -238,18 +238,42 @@ def test_absorbed_mla_decode_matches_the_expanded_form(kind: str, tmp_path: Any)
 # --- GPU: captured graphs against eager decoding ----------------------------------------------
 
 
+def greedy(runner: DecodeRunner, ids: torch.Tensor, mask: torch.Tensor,
+           new_tokens: int) -> torch.Tensor:
+    """`new_tokens` greedy tokens per row `[B, N]` through `runner`, every row active."""
+    logits = runner.prefill(ids, mask)
+    active = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    out = []
+    for i in range(new_tokens):
+        token = logits.argmax(dim=-1)
+        out.append(token)
+        if i + 1 < new_tokens:
+            logits, _ = runner.step(token, active)
+    return torch.stack(out, dim=1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_replay_gives_eager_greedy_tokens(model: MoEForCausalLM, dtype: str) -> None:
+    """The captured step replayed gives the tokens of the same step run eagerly, at buckets 1, 4
+    and 8; `generate` (graphs by default on CUDA) gives them too, and in float32 they are the
+    tokens of eager decoding with the growing cache."""
     assert model.source is not None
     net = load_model(model.source, device="cuda", dtype=dtype)
     for batch in (1, 3, 5):  # buckets 1, 4 and 8
         ids, mask = ragged_batch((12, 8, 5, 9, 11)[:batch], 12, "left", seed=batch)
         ids, mask = ids.cuda(), mask.cuda()
-        eager = net.generate(ids, attention_mask=mask, max_new_tokens=24, graphs=False)
-        graph = net.generate(ids, attention_mask=mask, max_new_tokens=24, graphs=True)
-        assert net._runner is not None and net._runner.use_graphs
+        eager = greedy(DecodeRunner(net, batch, 48, use_graphs=False), ids, mask, 24)
+        runner = DecodeRunner(net, batch, 48)
+        graph = greedy(runner, ids, mask, 24)
+        assert runner.use_graphs and sorted(runner._graphs) == [bucket_for(batch)]
         assert graph.tolist() == eager.tolist(), f"batch {batch}"
+        generated = net.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
+        assert generated.tolist() == graph.tolist()
+        if dtype == "float32":
+            plain = net.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[],
+                                 graphs=False)
+            assert plain.tolist() == graph.tolist()
 
 
 @pytest.mark.gpu
@@ -264,9 +288,36 @@ def test_graph_replay_logits_stay_close_to_eager_on_the_embedded_model() -> None
         got = runner.prefill(ids, mask)
         for _ in range(16):
             token = want.argmax(dim=-1)
-            got, greedy = runner.step(token, torch.ones(1, dtype=torch.bool, device="cuda"))
+            got, greedy_token = runner.step(token, torch.ones(1, dtype=torch.bool, device="cuda"))
             want = net(token[:, None], cache=cache, last_only=True)[:, -1]
             assert relative_error(got.float(), want.float()) < 2e-2
-            assert torch.equal(greedy, want.argmax(dim=-1))
-    eager = net.generate(ids, max_new_tokens=48, graphs=False)
-    assert net.generate(ids, max_new_tokens=48).tolist() == eager.tolist()
+    eager = greedy(DecodeRunner(net, 1, 64, use_graphs=False), ids, mask, 48)
+    assert greedy(DecodeRunner(net, 1, 64), ids, mask, 48).tolist() == eager.tolist()
+
+
+@pytest.mark.gpu
+def test_offloaded_mapped_graph_steps_count_every_use() -> None:
+    """Captured steps through the mapped offload path: the same tokens as the eager step, and
+    every replayed step's expert uses counted (no host read per layer in either)."""
+    from moe_core import GpuSlotPool, HostExpertStore, install_offloading, make_copy_engine
+
+    net = load_model(tiny_model_path(), device="cuda", dtype="bfloat16")
+    store = HostExpertStore.from_model(net, pin=True)
+    pool = GpuSlotPool(store.layout, len(store.experts()) // 3, device="cuda")
+    runtime = install_offloading(net, store, pool, make_copy_engine("cuda"), fetch="mapped",
+                                 drop_local_experts=True)
+    runtime.prefetch(store.experts()[: pool.num_slots])
+    runtime.drain()
+    ids = torch.tensor([[1, 400, 37, 901, 12, 77, 5]], device="cuda")
+    mask = torch.ones_like(ids)
+    eager = greedy(DecodeRunner(net, 1, 64, use_graphs=False), ids, mask, 20)
+    before = runtime.snapshot(block=True)
+    runner = DecodeRunner(net, 1, 64)
+    graph = greedy(runner, ids, mask, 20)
+    after = runtime.snapshot(block=True)
+    assert runner._graphs and graph.tolist() == eager.tolist()
+    top_k = net.spec.moe.router.top_k
+    decode_uses = 19 * len(net.moe_blocks()) * top_k  # one token per step: distinct experts
+    prefill_uses = (after.expert_uses - before.expert_uses) - decode_uses
+    assert 0 < prefill_uses <= len(net.moe_blocks()) * net.spec.moe.num_experts
+    assert after.mapped_bytes > before.mapped_bytes

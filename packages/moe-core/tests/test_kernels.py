@@ -34,7 +34,8 @@ from moe_core.layers.attention import attend
 from moe_core.layers.norm import RMSNorm
 
 INTERPRETER_SUITES = ("test_kernels_experts.py", "test_kernels_attention.py",
-                      "test_kernels_norm_routing.py", "test_kernels_rotary.py")
+                      "test_kernels_norm_routing.py", "test_kernels_rotary.py",
+                      "test_kernels_qkv_rope.py")
 
 
 def test_moe_experts_reference_is_gathered_experts_and_the_definition() -> None:

@@ -57,9 +57,14 @@ class LocalExperts(nn.Module):
 
     Attributes:
         graph_safe: Decode steps through it can be captured (see `decode_runner`).
+        accepts_float32_weights: Routing weights may come in float32 (each path casts them
+            where it multiplies; the MoE block then skips a cast kernel per layer).
+        device_kernels: On CUDA, use the fused kernels and device-grouped products (False: the
+            gather and grouped torch paths only, e.g. to compare executors that use them).
     """
 
     graph_safe = True
+    accepts_float32_weights = True
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -69,6 +74,7 @@ class LocalExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
         self.fused_max_assignments = FUSED_MAX_ASSIGNMENTS  # 0: never the fused kernels
+        self.device_kernels = True
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert's MLP on `x` `[N, D]` -> `[N, D]`."""
@@ -83,7 +89,7 @@ class LocalExperts(nn.Module):
         path: no host sync, a fixed number of kernels; many take the grouped path: each used
         expert once on all its tokens."""
         stacks = (self.gate_proj, self.up_proj, self.down_proj)
-        if hidden.is_cuda:
+        if hidden.is_cuda and self.device_kernels:
             if (expert_ids.numel() <= self.fused_max_assignments
                     and moe_experts_supported(hidden, self.gate_proj)):
                 return moe_experts(hidden, expert_ids, weights, *stacks)

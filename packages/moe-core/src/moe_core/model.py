@@ -110,6 +110,25 @@ class DecoderLayer(nn.Module):
             self.mix_observer(self.index, h, x)
         return self.mlp(x)
 
+    def attend_residual(self, h: torch.Tensor, delta: torch.Tensor | None,
+                        inputs: AttentionInputs, kv: KVStore | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend` after adding the previous half's pending `delta` to `h`, the add fused with
+        this half's norm: `(h + delta, attention output)`."""
+        if delta is None:
+            return h, self.attend(h, inputs, kv)
+        h, x = self.input_layernorm.add_forward(h, delta)
+        return h, self.self_attn(x, inputs.rope, inputs.mask_for(self.sliding), kv)
+
+    def mix_residual(self, h: torch.Tensor, delta: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mix` after adding the attention output `delta` to `h`, the add fused with the norm:
+        `(h + delta, MLP output)`."""
+        h, x = self.post_attention_layernorm.add_forward(h, delta)
+        if self.mix_observer is not None:
+            self.mix_observer(self.index, h, x)
+        return h, self.mlp(x)
+
     def router_logits(self, h: torch.Tensor, *, normalised: bool = False) -> torch.Tensor:
         """This layer's router logits `[N, E]` for hidden states `h` `[..., D]`: the residual
         stream (normalised here with this layer's own norm first) or, with `normalised`, an
@@ -277,9 +296,17 @@ class MoEForCausalLM(nn.Module):
             key_valid, query_slots = new_valid, torch.arange(t, device=input_ids.device)
         inputs = self.attention_inputs(position_ids, key_valid, query_slots, h.dtype)
         with _attention_backends(h.device):
-            for layer in self.layers:
-                h = h + layer.attend(h, inputs, cache)
-                h = h + layer.mix(h)
+            if h.is_cuda:  # each residual add fused with the norm after it (decode: launches)
+                pending: torch.Tensor | None = None
+                for layer in self.layers:
+                    h, attended = layer.attend_residual(h, pending, inputs, cache)
+                    h, pending = layer.mix_residual(h, attended)
+                assert pending is not None
+                h = h + pending
+            else:
+                for layer in self.layers:
+                    h = h + layer.attend(h, inputs, cache)
+                    h = h + layer.mix(h)
         if cache is not None:
             cache.commit(new_valid)
         if last_only:

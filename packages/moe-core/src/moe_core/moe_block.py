@@ -87,7 +87,9 @@ class MoEBlock(nn.Module):
         expert_ids, weights = route(hidden)  # [B*T, K] x2
         if self.observer is not None:
             self.observer(self.layer, expert_ids, weights)
-        out = self.executor(hidden, expert_ids, weights.to(hidden.dtype))
+        if not getattr(self.executor, "accepts_float32_weights", False):
+            weights = weights.to(hidden.dtype)
+        out = self.executor(hidden, expert_ids, weights)
         if self.spec.shared_intermediate_size:
             shared = self.shared_experts(hidden)
             if self.spec.shared_gate:

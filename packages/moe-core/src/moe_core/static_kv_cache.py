@@ -70,6 +70,18 @@ class StaticKVCache:
             out.append(rows)
         return tuple(out)
 
+    def write_target(self, layer: int, tails: tuple[tuple[int, ...], ...], dtype: torch.dtype
+                     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """For kernels that write a pass's new entries themselves (`kernels.qkv_rope_store`):
+        the layer's buffers `[B, C, *tail]` (allocated on first use) and the pass's slots `[T]`.
+        What they write there is what `append` would have written."""
+        root = self._root()
+        if root._write is None:
+            raise RuntimeError("StaticKVCache.write_target outside a pass (call begin first)")
+        shapes = tuple((self.capacity, *tail) for tail in tails)
+        stored = root._allocate(layer, shapes, (dtype,) * len(tails))
+        return tuple(buffer[: self.batch_size] for buffer in stored), root._write
+
     def commit(self, new_valid: torch.Tensor) -> None:
         """See `SequenceKV.commit`; advances `slot` on the device."""
         root = self._root()
@@ -114,10 +126,17 @@ class StaticKVCache:
         return self if self._parent is None else self._parent
 
     def _buffers(self, layer: int, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The layer's buffers, allocated at full size on first use (before any capture)."""
+        """The layer's buffers for entries shaped like `like` `[B, T, ...]`."""
+        return self._allocate(layer, tuple((self.capacity, *t.shape[2:]) for t in like),
+                              tuple(t.dtype for t in like))
+
+    def _allocate(self, layer: int, shapes: tuple[tuple[int, ...], ...],
+                  dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor, ...]:
+        """The layer's buffers `[B, *shape]`, allocated at full size on first use (before any
+        capture: the prefill writes every layer first)."""
         stored = self._layers.get(layer)
         if stored is None:
-            stored = tuple(torch.zeros((self.batch_size, self.capacity, *t.shape[2:]),
-                                       dtype=t.dtype, device=self.device) for t in like)
+            stored = tuple(torch.zeros((self.batch_size, *shape), dtype=dtype, device=self.device)
+                           for shape, dtype in zip(shapes, dtypes, strict=True))
             self._layers[layer] = stored
         return stored

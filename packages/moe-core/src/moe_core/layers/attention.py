@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_core.kernels import decode_attention, decode_attention_supported
+from moe_core.kernels.qkv_rope import qkv_rope_store
 from moe_core.kv_store import KVStore
 from moe_core.layers.norm import RMSNorm
 from moe_core.layers.rotary import apply_rotary
@@ -63,12 +64,15 @@ class GQAAttention(nn.Module):
             self.q_norm = RMSNorm(h * e, rms_norm_eps)
             self.k_norm = RMSNorm(g * e, rms_norm_eps)
         self.scale = e**-0.5
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused, see below
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 cache: KVStore | None) -> torch.Tensor:
         """Attend `x` `[B, T, D]`; `rope` holds `cos, sin` `[B, T, E]`; returns `[B, T, D]`."""
         spec = self.spec
         b, t, _ = x.shape
+        if x.is_cuda and t == 1 and self._decodes_fused(cache):
+            return self._decode_fused(x, rope, mask, cache)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*E], [B, T, G*E] x2
         if spec.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -86,3 +90,54 @@ class GQAAttention(nn.Module):
             k, v = cache.append(self.layer, k, v)  # [B, S, G, E]
         out = attend(q, k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)  # [B, H, T, E]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    # The decode fast path -----------------------------------------------------------------
+
+    def _decodes_fused(self, cache: KVStore | None) -> bool:
+        """One token per row on CUDA into a cache that lets kernels write (`StaticKVCache`),
+        with the options the fused prologue handles (per-head or no qk-norm, no clipping)."""
+        spec = self.spec
+        return (hasattr(cache, "write_target") and spec.qk_norm != "full"
+                and spec.clip_qkv is None and self._fused_qkv() is not None)
+
+    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One `[(H+2G)E, D]` weight (and bias) holding the three projections, which become views
+        of it: one matrix-vector product per layer instead of three, no memory added. Made on
+        the first decode outside a graph capture; None during a capture that precedes it."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self._qkv is not None and self._qkv[0].data_ptr() == self.q_proj.weight.data_ptr():
+            return self._qkv
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in projections])
+            rows = [p.weight.shape[0] for p in projections]
+            for proj, part in zip(projections, weight.split(rows), strict=True):
+                proj.weight.data = part
+            bias = None
+            if self.spec.qkv_bias:
+                bias = torch.cat([p.bias for p in projections])
+                for proj, part in zip(projections, bias.split(rows), strict=True):
+                    proj.bias.data = part
+        self._qkv = (weight, bias)
+        return self._qkv
+
+    def _decode_fused(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                      mask: torch.Tensor, cache: KVStore | None) -> torch.Tensor:
+        """The decode step's attention in five kernels: the fused projection, the prologue
+        (qk-norm, rotary, cache write), split and combine of the attention, the output."""
+        spec = self.spec
+        b = x.shape[0]
+        fused = self._fused_qkv()
+        assert fused is not None
+        qkv = F.linear(x[:, 0], *fused)  # [B, (H+2G)E]
+        tail = (spec.num_kv_heads, spec.head_dim)
+        (k, v), slots = cache.write_target(self.layer, (tail, tail), x.dtype)  # type: ignore[union-attr]
+        norms = ((self.q_norm.weight, self.k_norm.weight) if spec.qk_norm == "per_head"
+                 else (None, None))
+        eps = self.q_norm.eps if spec.qk_norm == "per_head" else 0.0
+        cos, sin = rope
+        q = qkv_rope_store(qkv, *norms, eps, cos[:, 0], sin[:, 0], k, v, slots,
+                           spec.num_heads)  # [B, H, E]; k, v [B, C, G, E] written at the slot
+        out = decode_attention(q, k, v, mask[:, 0, 0, :], self.scale)  # [B, H, E]
+        return self.o_proj(out.reshape(b, 1, -1))

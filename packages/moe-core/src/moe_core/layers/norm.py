@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_core.kernels import rms_norm, rms_norm_supported
+from moe_core.kernels import add_rms_norm, rms_norm, rms_norm_supported
 
 __all__ = ["RMSNorm"]
 
@@ -33,3 +33,12 @@ class RMSNorm(nn.Module):
         # batch-1 decode the step is bound by kernel launches, four norms per layer).
         x32 = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.eps)
         return self.weight * x32.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(x + delta, norm(x + delta))`: a residual add and the next norm, one kernel on the
+        GPU (the sum rounds exactly as `x + delta` does)."""
+        if x.is_cuda and rms_norm_supported(x, self.weight) and delta.dtype == x.dtype:
+            return add_rms_norm(x, delta, self.weight, self.eps)
+        summed = x + delta
+        return summed, self(summed)

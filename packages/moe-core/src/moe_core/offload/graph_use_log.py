@@ -38,7 +38,9 @@ class GraphUseLog:
         key = (layer, expert_ids.shape[0])
         log = self._logs.get(key)
         if log is None:
-            log = self._logs[key] = torch.zeros(self.capacity, flat.shape[1], dtype=torch.long,
+            # `empty`, not `zeros`: allocated inside the capture, a fill would be captured too
+            # and wipe the log at every replay. Every row read back was written first.
+            log = self._logs[key] = torch.empty(self.capacity, flat.shape[1], dtype=torch.long,
                                                 device=self.step.device)
         log.index_copy_(0, self.step, flat)
 
