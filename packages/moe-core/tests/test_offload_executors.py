@@ -416,7 +416,16 @@ def test_cuda_executors_equal_resident_experts_in_bf16(kind: str) -> None:
     if kind.startswith("on_demand") or kind == "mapped":  # hints, most of them stale
         runtime.prefetch(ExpertId(layers[1], e) for e in range(4))
     for _ in range(2):
-        assert_close(logits(model, ids), expected, rtol=2e-2)
+        got = logits(model, ids)
+        if kind == "cpu_compute":
+            # Experts computed on the CPU round differently from the GPU's (bf16 either way),
+            # enough to flip a near-tied routing decision of a token now and then, which moves
+            # that token's logits by a whole expert: at most one token in 32 may do so.
+            scale = expected.abs().max()
+            far = ((got - expected).abs() > 2e-2 * (scale + expected.abs())).any(dim=-1)
+            assert int(far.sum()) <= far.numel() // 32
+        else:
+            assert_close(got, expected, rtol=2e-2)
     assert torch.equal(model.generate(ids[:, :6], max_new_tokens=4, eos_token_id=[]),
                        expected_tokens)
     summary = runtime.summary()
@@ -540,6 +549,11 @@ def test_graph_logged_uses_count_like_eager_uses() -> None:
         runtime.prefetch(runtime.store.experts()[::3][:6])
         runtime.drain()
         layers = sorted(runtime.executors)
+        if mode == "graph":  # the warm-up before a capture allocates the logs
+            cache.before_warmup()
+            for layer in layers:
+                cache.use_layer_map(cache.layer_map(layer), layer, steps[0])
+            cache.after_warmup()
         for ids in steps:
             for layer in layers:
                 if mode == "eager":
@@ -553,6 +567,8 @@ def test_graph_logged_uses_count_like_eager_uses() -> None:
         if mode == "graph":
             first = runtime.store.experts()[1]
             assert cache.is_absent(first)
+            with pytest.raises(RuntimeError, match="warmed up"):
+                cache.log_graph_use(first.layer, torch.tensor([[1, 2, 3]]))  # no log of 1x3
             cache.log_graph_use(first.layer, steps[0])
             cache.after_replay(2)
             runtime.prefetch([first])  # changes the table: the logged step is counted first

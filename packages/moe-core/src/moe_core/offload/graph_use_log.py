@@ -32,17 +32,27 @@ class GraphUseLog:
         self._logs: dict[tuple[int, int], torch.Tensor] = {}  # (layer, T) -> [capacity, J]
         self._sizes: list[int] = []  # T of each replayed step since the last drain
 
-    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """Inside a capture: copy this call's `expert_ids` into its layer's log at `step`."""
-        flat = expert_ids.reshape(1, -1)  # [1, J]
+    def allocate(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """Outside a capture (the warm-up before it): make the log a captured call of this shape
+        will write. Persistent buffers must not be allocated during a capture: the graph's
+        memory pool hands blocks freed earlier in the same capture out again, so a kernel that
+        runs before the allocation point at every replay would scribble over the log."""
         key = (layer, expert_ids.shape[0])
-        log = self._logs.get(key)
+        if key not in self._logs:
+            self._logs[key] = torch.zeros(self.capacity, expert_ids.numel(), dtype=torch.long,
+                                          device=self.step.device)
+
+    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """Inside a capture: copy this call's `expert_ids` into its layer's log at `step`.
+
+        Raises:
+            RuntimeError: no log of this shape was allocated in the warm-up (`allocate`).
+        """
+        log = self._logs.get((layer, expert_ids.shape[0]))
         if log is None:
-            # `empty`, not `zeros`: allocated inside the capture, a fill would be captured too
-            # and wipe the log at every replay. Every row read back was written first.
-            log = self._logs[key] = torch.empty(self.capacity, flat.shape[1], dtype=torch.long,
-                                                device=self.step.device)
-        log.index_copy_(0, self.step, flat)
+            raise RuntimeError(f"no use log for layer {layer} and {expert_ids.shape[0]} tokens: "
+                               f"the step was not warmed up before its capture")
+        log.index_copy_(0, self.step, expert_ids.reshape(1, -1))
 
     def replayed(self, num_tokens: int) -> bool:
         """After a replay of a step of `num_tokens` tokens: advance the counter. Returns whether

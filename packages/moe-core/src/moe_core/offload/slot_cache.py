@@ -97,6 +97,7 @@ class ExpertSlotCache:
         self._tables: dict[int, torch.Tensor] = {}  # layer -> its device table [E]
         self._graph_log = GraphUseLog(pool.device)
         self._graph_maps: dict[int, LayerMap] = {}  # layer -> the map replays read through
+        self._warming_up = False  # between before_warmup and after_warmup
 
     # Demand path ----------------------------------------------------------------------------
 
@@ -212,6 +213,8 @@ class ExpertSlotCache:
         """
         self._map_read_layers.add(layer)
         self._deferred.append((layer, expert_ids, layer_map))
+        if self._warming_up:  # a capture of this call follows: its use log must exist first
+            self._graph_log.allocate(layer, expert_ids)
         if len(self._deferred) >= _FLUSH_AFTER:  # bounded memory on long runs
             self.flush_deferred()
 
@@ -275,12 +278,15 @@ class ExpertSlotCache:
             self.flush_deferred()
 
     def before_warmup(self) -> None:
-        """Count every use so far: the warm-up runs' uses are then all that is pending."""
+        """Count every use so far: the warm-up runs' uses are then all that is pending. The
+        warm-up's calls also allocate the use logs their captures will write."""
         self.flush_deferred()
+        self._warming_up = True
 
     def after_warmup(self) -> None:
         """Forget the uses of the eager warm-up runs before a capture."""
         self._deferred.clear()
+        self._warming_up = False
 
     # Prefetch path --------------------------------------------------------------------------
 
