@@ -288,7 +288,7 @@ def test_graph_replay_logits_stay_close_to_eager_on_the_embedded_model() -> None
         got = runner.prefill(ids, mask)
         for _ in range(16):
             token = want.argmax(dim=-1)
-            got, greedy_token = runner.step(token, torch.ones(1, dtype=torch.bool, device="cuda"))
+            got, _ = runner.step(token, torch.ones(1, dtype=torch.bool, device="cuda"))
             want = net(token[:, None], cache=cache, last_only=True)[:, -1]
             assert relative_error(got.float(), want.float()) < 2e-2
     eager = greedy(DecodeRunner(net, 1, 64, use_graphs=False), ids, mask, 48)
