@@ -122,7 +122,9 @@ def generate(
     top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
     seed: int | None = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="float32, bfloat16 or float16 (default: float32 on the CPU, else the "
+             "checkpoint's).")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap each prompt in the chat template.")] = False,
     expert_memory: Annotated[str | None, typer.Option(
         help="Offload the routed experts to host memory and cache them in this much device "

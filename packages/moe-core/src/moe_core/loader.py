@@ -16,7 +16,7 @@ import torch
 
 from moe_core.architectures import CheckpointLayout, get_architecture
 from moe_core.checkpoint import CheckpointReader
-from moe_core.dtypes import parse_dtype
+from moe_core.dtypes import run_dtype
 from moe_core.errors import CheckpointError, ConfigError
 from moe_core.model import MoEForCausalLM
 from moe_core.model_path import resolve_model_path
@@ -36,7 +36,8 @@ def load_model(model: str | Path, device: str | torch.device = "cpu",
     Args:
         model: A checkpoint folder (config.json plus safetensors shards) or a hub repo id.
         device: `"cpu"`, `"cuda"` or any torch device.
-        dtype: `float32`, `bfloat16` or `float16`; default: the checkpoint's own dtype.
+        dtype: `float32`, `bfloat16` or `float16`; default: `run_dtype`'s rule (float32 on
+            the CPU, else the checkpoint's own dtype).
         dummy: Random weights from `config.json` alone (no weight files needed).
         seed: Seed of the dummy weights.
         num_layers: Keep only the first `num_layers` decoder layers (embedding, final norm and
@@ -56,7 +57,7 @@ def load_model(model: str | Path, device: str | torch.device = "cpu",
     if num_layers is not None:
         spec = spec.truncated(num_layers)
     layout = get_architecture(spec.architecture).layout
-    dtype = parse_dtype(dtype if dtype is not None else (spec.torch_dtype or "float32"))
+    dtype = run_dtype(dtype, device, spec.torch_dtype)
     device = torch.device(device)
     reader = None if dummy else CheckpointReader.open(folder)
 
