@@ -183,7 +183,8 @@ def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:
 
 
 def _gpu_name(device: str) -> str:
-    """The GPU as moe-cap's hardware table names it ("NVIDIA H200" -> "H200")."""
+    """The GPU as moe-cap's hardware table names it ("NVIDIA H200" -> "H200"); "none" for a run
+    on the CPU alone (docs/moe-cap.md)."""
     if device != "cuda":
-        return "none (CPU run)"
+        return "none"
     return torch.cuda.get_device_name().removeprefix("NVIDIA ").strip()
