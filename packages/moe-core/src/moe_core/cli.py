@@ -131,6 +131,9 @@ def generate(
              "memory, e.g. 8GiB (default: the whole model on the device).")] = None,
     store: Annotated[str | None, typer.Option(
         help="With --expert-memory: read the experts from this `moe-core pack` file.")] = None,
+    verify_store: Annotated[bool, typer.Option(
+        help="With --store: check every expert block against its checksum as the file is read "
+             "(--no-verify-store skips it: faster when the file is in the page cache).")] = True,
     policy: Annotated[str, typer.Option(help="With --expert-memory: lru or lfu.")] = "lru",
     fetch: Annotated[str, typer.Option(
         help="With --expert-memory: copy (misses are copied into the cache, which the policy "
@@ -163,7 +166,8 @@ def generate(
                 raise ValueError(f"--policy must be lru or lfu, got {policy!r}")
             loaded = load_offloaded(model, device, parse_bytes(expert_memory), dtype=dtype,
                                     store=store, policy=policies[policy](),
-                                    fetch=fetch)  # type: ignore[arg-type]
+                                    fetch=fetch,  # type: ignore[arg-type]
+                                    verify_store=verify_store)
             net, runtime = loaded.model, loaded.runtime
         assert net.source is not None
         tokenizer = load_tokenizer(net.source)

@@ -176,11 +176,13 @@ class HostExpertStore:
         return store
 
     @classmethod
-    def from_packed(cls, path: str | Path, pin: bool | None = None) -> HostExpertStore:
-        """Read a store file written by `moe-core pack` (see `moe_core.offload.packed_store`)."""
+    def from_packed(cls, path: str | Path, pin: bool | None = None,
+                    verify: bool = True) -> HostExpertStore:
+        """Read a store file written by `moe-core pack` (see `moe_core.offload.packed_store`),
+        checking each expert block's checksum unless `verify` is False."""
         from moe_core.offload.packed_store import read_packed
 
-        return read_packed(path, pin)
+        return read_packed(path, pin, verify=verify)
 
     def to_dtype(self, dtype: torch.dtype) -> HostExpertStore:
         """This store with its experts converted to `dtype` (itself when they already are),

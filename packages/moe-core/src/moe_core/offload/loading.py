@@ -59,7 +59,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                    dtype: str | torch.dtype | None = None, store: str | Path | None = None,
                    policy: EvictionPolicy | None = None, kind: OffloadKind = "on_demand",
                    resident: list[ExpertId] | None = None, fetch: FetchMode = "copy",
-                   dummy: bool = False, num_layers: int | None = None) -> OffloadedModel:
+                   dummy: bool = False, num_layers: int | None = None,
+                   verify_store: bool = True) -> OffloadedModel:
     """Load `model` with its routed experts offloaded to host memory.
 
     Args:
@@ -83,11 +84,14 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         dummy: Random weights from `config.json`, drawn on the host: the model equals
             `load_model(model, "cpu", dtype, dummy=True)` (then moved to `device`).
         num_layers: Keep only the first `num_layers` decoder layers.
+        verify_store: Check each expert block of `store` against its checksum as it is read
+            (False skips the check: faster when the file is in the page cache).
 
     Raises:
         ValueError: the budget cannot hold the slots the executor needs, or the store file does
             not match the model.
-        CheckpointError / ConfigError: as `load_model` and `HostExpertStore.from_packed`.
+        CheckpointError / ConfigError: as `load_model` and `HostExpertStore.from_packed` (a
+            damaged store file included).
     """
     device = torch.device(device)
     # Resolved here, for `device`: the dummy model is drawn on the host, and the experts are
@@ -99,7 +103,7 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         net = load_model(model, device, dtype, dummy=dummy, num_layers=num_layers,
                          load_experts=False)
         _check_store_matches(header, net, store)
-        host = HostExpertStore.from_packed(store).to_dtype(dtype)
+        host = HostExpertStore.from_packed(store, verify=verify_store).to_dtype(dtype)
     elif dummy:
         # The whole dummy model is drawn on the host (so it equals `load_model(dummy=True)` on
         # the CPU), its experts packed, then freed, and the dense rest moved to the device.
