@@ -88,10 +88,11 @@ def run_peaks(record: RunRecord, table: HardwareTable, peaks: Peaks = "datasheet
     if not names_no_gpu(gpu or record.gpu):
         spec = table.gpu(gpu or record.gpu)
         return spec.name, PeakRates.of(spec, precision, peaks, record.num_gpus)
-    if (cpu or record.cpu) is None:
+    cpu_name = cpu or record.cpu
+    if cpu_name is None:
         raise HardwareError("the run used no GPU and its record names no host CPU to divide by: "
                             "pass --cpu NAME (`moe-cap hardware` lists them)")
-    host = table.cpu(cpu or record.cpu)  # type: ignore[arg-type]
+    host = table.cpu(cpu_name)
     return host.name, PeakRates.of_cpu(host, precision)
 
 
