@@ -113,3 +113,37 @@ def test_config_validation_names_the_field() -> None:
     for field, value in (("years", 0), ("utilisation", 1.5), ("pue", 0.9), ("gpu_load", -1)):
         with pytest.raises(ValueError, match=f"CostConfig.{field}"):
             CostConfig(**{field: value})
+
+
+# --- Runs on the CPU alone ---------------------------------------------------------------------
+
+
+def test_a_cpu_run_is_charged_its_host_alone(table: HardwareTable) -> None:
+    r = price_run(record(gpu="none", gpu_energy_j=None), table, CostConfig(cpu_load=0.5))
+    life_h = 3 * 8760
+    assert set(r.usd_per_hour_parts) == {"cpu", "dram", "energy"}
+    assert r.usd_per_hour_parts["cpu"] == pytest.approx(11_805 / life_h)
+    # Energy: CPU 360 W x 0.5 x 100 s = 18,000 J; DRAM 128 GiB x 0.3 W x 100 s = 3,840 J.
+    assert set(r.energy) == {"cpu", "dram"}
+    assert r.joules_per_token == pytest.approx(21_840 / 120_000)
+    assert any("no GPU" in n for n in r.notes)
+
+
+@pytest.mark.parametrize("name", ["none", "None", "none (CPU run)", " NONE "])
+def test_every_spelling_of_no_gpu_is_a_cpu_run(table: HardwareTable, name: str) -> None:
+    assert price_run(record(gpu=name), table).usd_per_hour_parts.keys() == {"cpu", "dram",
+                                                                            "energy"}
+
+
+def test_the_gpu_option_overrides_the_record(table: HardwareTable) -> None:
+    as_recorded = price_run(record(gpu="A100 SXM 80GB"), table)
+    as_h200 = price_run(record(gpu="A100 SXM 80GB"), table, CostConfig(gpu="H200"))
+    assert as_recorded.usd_per_hour_parts["gpu"] == pytest.approx(15_000 / (3 * 8760))
+    assert as_h200.usd_per_hour_parts == price_run(record(), table).usd_per_hour_parts
+    cpu_only = price_run(record(), table, CostConfig(gpu="none"))
+    assert "gpu" not in cpu_only.usd_per_hour_parts and "gpu" not in cpu_only.energy
+
+
+def test_a_cpu_run_without_its_host_has_nothing_to_price(table: HardwareTable) -> None:
+    with pytest.raises(HardwareError, match="no GPU, so --no-host leaves nothing to price"):
+        price_run(record(gpu="none"), table, CostConfig(include_host=False))

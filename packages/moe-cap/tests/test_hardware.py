@@ -122,3 +122,26 @@ def test_bad_overrides_name_file_and_field(text: str, expected: str, tmp_path: P
 def test_missing_override_file(tmp_path: Path) -> None:
     with pytest.raises(HardwareError, match="does not exist"):
         load_hardware_table(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("name", "cores", "ghz", "flop_per_cycle"), [
+    ("Xeon Platinum 8380", 40, 2.30, 64), ("Xeon Platinum 8480+", 56, 2.00, 64),
+    ("Xeon Platinum 8592+", 64, 1.90, 64), ("EPYC 7763", 64, 2.45, 32),
+    ("EPYC 9554", 64, 3.10, 32), ("EPYC 9654", 96, 2.40, 32),
+])
+def test_cpu_fp32_peaks_are_cores_times_base_clock_times_flop_per_cycle(
+        table: HardwareTable, name: str, cores: int, ghz: float, flop_per_cycle: int) -> None:
+    cpu = table.cpu(name)
+    assert cpu.cores == cores
+    assert cpu.peak_flops("fp32") == pytest.approx(cores * ghz * 1e9 * flop_per_cycle, rel=5e-3)
+    assert f"{cores} cores x {ghz:.2f} GHz base x {flop_per_cycle} FLOP/cycle" in \
+        cpu.source.replace("\n", " ")
+
+
+def test_a_cpu_peak_can_be_added_by_override(tmp_path: Path) -> None:
+    extra = tmp_path / "hw.yaml"
+    extra.write_text("cpus:\n  - {name: EPYC 9654, peak_tflops: {bf16: 14.7}}\n")
+    cpu = load_hardware_table(extra).cpu("EPYC 9654")
+    assert cpu.peak_flops("bf16") == 14.7e12 and cpu.peak_flops("fp32") == 7.37e12
+    with pytest.raises(HardwareError, match="EPYC 9654 has no fp8 matrix rate"):
+        cpu.peak_flops("fp8")

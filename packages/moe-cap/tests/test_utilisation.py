@@ -3,10 +3,13 @@ sums (never as the mean of per-step ratios)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from moe_cap import (
+    HardwareError,
     HardwareTable,
     PeakRates,
     RunRecord,
@@ -14,6 +17,7 @@ from moe_cap import (
     StepSample,
     decode_batch,
     prefill_batch,
+    run_peaks,
     run_samples,
     step_cost,
     summarise,
@@ -104,3 +108,42 @@ def test_peaks_from_the_table(table: HardwareTable) -> None:
     assert measured.flops_per_s == 2 * 796e12
     assert measured.pcie_bytes_per_s == 2 * 54.7e9
     assert PeakRates.of(h200, "fp8", "measured").flops_per_s == 1978.9e12  # none measured
+
+
+# --- Runs on the CPU alone ---------------------------------------------------------------------
+
+
+def cpu_record() -> RunRecord:
+    """Two steps of a fp32 run on the CPU alone (`gpu: none`) on an EPYC 9654."""
+    return RunRecord(engine="test", model="mixtral-8x7b", weight_dtype="fp32", kv_dtype="fp32",
+                     gpu="none", cpu="EPYC 9654", wall_seconds=2.0, input_tokens=512,
+                     output_tokens=1, num_layers=2,
+                     steps=(StepRecord("prefill", 1.0, prefill_batch(1, 512)),
+                            StepRecord("decode", 0.5, decode_batch(1, 512), h2d_bytes=10**6)))
+
+
+def test_a_cpu_run_is_divided_by_its_cpus_rates(mixtral: ModelSpec, table: HardwareTable) -> None:
+    name, peak = run_peaks(cpu_record(), table)
+    epyc = table.cpu("EPYC 9654")
+    assert name == "EPYC 9654" and peak.pcie_bytes_per_s is None
+    assert peak.memory_bytes_per_s == 460.8e9 and peak.flops_per_s == 7.37e12
+    samples = run_samples(cpu_record(), mixtral)
+    s = summarise(samples, peak)["decode"]
+    assert s.aggregate.s_mbu == pytest.approx(samples[1].bytes_moved / 0.5 / 460.8e9)
+    assert s.aggregate.s_mfu == pytest.approx(samples[1].flops / 0.5 / epyc.peak_flops("fp32"))
+    assert s.aggregate.pcie is None and s.percentiles["p50"].pcie is None
+
+
+def test_cpu_and_gpu_overrides(table: HardwareTable) -> None:
+    assert run_peaks(cpu_record(), table, cpu="Xeon Platinum 8480+")[1].flops_per_s == 7.17e12
+    name, peak = run_peaks(cpu_record(), table, gpu="H200")
+    assert name == "H200" and peak.pcie_bytes_per_s == 63e9
+    gpu_run = dataclasses.replace(cpu_record(), gpu="H200")
+    assert run_peaks(gpu_run, table, gpu="none")[0] == "EPYC 9654"
+
+
+def test_a_cpu_run_needs_a_cpu_with_that_rate(table: HardwareTable) -> None:
+    with pytest.raises(HardwareError, match=r"names no host CPU.*--cpu NAME"):
+        run_peaks(dataclasses.replace(cpu_record(), cpu=None), table)
+    with pytest.raises(HardwareError, match=r"EPYC 9654 has no bf16 matrix rate.*lists fp32"):
+        run_peaks(dataclasses.replace(cpu_record(), weight_dtype="bf16"), table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,15 @@ def packed(qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("packed") / "experts.moepack"
     pack_model(qwen3, out)
     return out
+
+
+def edit_header(raw: bytes, **changes: object) -> bytes:
+    """A store file's bytes with header fields changed (the header must not grow)."""
+    length = struct.unpack("<Q", raw[8:16])[0]
+    data = {**json.loads(raw[16 : 16 + length]), **changes}
+    prefix = raw[:8] + struct.pack("<Q", len(body := json.dumps(data).encode())) + body
+    assert len(prefix) <= 16 + length
+    return prefix + bytes(16 + length - len(prefix)) + raw[16 + length :]
 
 
 def assert_same_store(a: HostExpertStore, b: HostExpertStore) -> None:
@@ -52,7 +63,11 @@ def test_progress_reaches_the_total(qwen3: Path, tmp_path: Path) -> None:
     (lambda raw: b"NOTAPACK" + raw[8:], "bad magic"),
     (lambda raw: raw[:-100], "truncated"),
     (lambda raw: raw[:40], "header"),
-    (lambda raw: raw.replace(b'"version": 1', b'"version": 9', 1), "version 9"),
+    (lambda raw: edit_header(raw, version=9), "version 9"),
+    (lambda raw: edit_header(raw, version=1),
+     r"version 1 \(without checksums\).*pack the model again \(moe-core pack MODEL bad.moepack\)"),
+    (lambda raw: edit_header(raw, checksums=[]), "corrupt expert store header .*checksums"),
+    (lambda raw: edit_header(raw, checksums=None), "corrupt expert store header"),
 ])
 def test_damaged_files_are_rejected_with_a_reason(packed: Path, tmp_path: Path, damage,  # type: ignore[no-untyped-def]
                                                    message: str) -> None:

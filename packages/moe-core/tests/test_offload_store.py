@@ -71,7 +71,7 @@ def test_store_from_checkpoint_equals_the_loaded_model(qwen2_folder: Path) -> No
 
 
 def test_store_of_the_embedded_model_both_ways() -> None:
-    model = load_model(tiny_model_path())
+    model = load_model(tiny_model_path(), dtype="bfloat16")  # the checkpoint's, as stored
     from_model = HostExpertStore.from_model(model, pin=False)
     assert_store_matches(from_model, model)
     from_file = HostExpertStore.from_checkpoint(tiny_model_path(), pin=False)
@@ -210,3 +210,13 @@ def test_pinned_memory_needs_cuda() -> None:
         pytest.skip("CUDA is present")
     with pytest.raises(RuntimeError, match="needs CUDA"):
         pinned_empty(4, torch.float32)
+
+
+def test_to_dtype_converts_every_block_and_keeps_a_store_already_in_it(
+        qwen2_folder: Path) -> None:
+    store = HostExpertStore.from_checkpoint(qwen2_folder, dtype="bfloat16", pin=False)
+    assert store.to_dtype(torch.bfloat16) is store
+    wide = store.to_dtype(torch.float32)
+    assert wide.layout.dtype == torch.float32 and wide.moe_layers == store.moe_layers
+    for expert in store.experts():
+        assert torch.equal(wide.block(expert), store.block(expert).float())

@@ -423,3 +423,23 @@ def test_truncated_keeps_only_the_first_layers() -> None:
     assert spec.num_layers == 5 and spec.moe_layers == (3, 4) and spec.dense_layers == (0, 1, 2)
     with pytest.raises(ValueError, match=r"num_layers must be in 1\.\.61"):
         ModelSpec.from_config(DEEPSEEK_V3).truncated(62)
+
+
+# --- Model names ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [moe_core.TINY_MODEL_NAME, *moe_core.known_shapes()])
+def test_from_pretrained_takes_every_name_a_folder_does(name: str) -> None:
+    """The README's promise: a name works wherever a folder does, `from_pretrained` included."""
+    folder = moe_core.resolve_model_path(name, weights=False)
+    assert ModelSpec.from_pretrained(name) == ModelSpec.from_pretrained(folder)
+    assert ModelSpec.from_pretrained(name) == ModelSpec.from_pretrained(folder / "config.json")
+
+
+def test_from_pretrained_mixtral_8x7b_by_name_is_mixtral() -> None:
+    assert ModelSpec.from_pretrained("mixtral-8x7b") == ModelSpec.from_config(MIXTRAL_8X7B)
+
+
+def test_from_pretrained_of_an_unknown_name_says_so() -> None:
+    with pytest.raises(ConfigError, match="no-such-model: no such model folder"):
+        ModelSpec.from_pretrained("no-such-model")

@@ -21,12 +21,14 @@ from moe_cap.detect import DeviceProperties, detect_gpu, local_device_properties
 from moe_cap.energy import NvmlEnergyMeter
 from moe_cap.errors import HardwareError, MoECapError, RunRecordError
 from moe_cap.hardware import (
+    NO_GPU,
     CpuSpec,
     DramSpec,
     GpuSpec,
     HardwareTable,
     MeasuredPeaks,
     load_hardware_table,
+    names_no_gpu,
 )
 from moe_cap.precision import bits_per_element, parse_precision, storage_bytes
 from moe_cap.roofline import MetricsRow, StepBounds, host_expert_share, metrics_sweep, step_bounds
@@ -37,6 +39,7 @@ from moe_cap.utilisation import (
     StepSample,
     Utilisation,
     UtilisationSummary,
+    run_peaks,
     run_samples,
     summarise,
     utilisation,
@@ -45,6 +48,7 @@ from moe_cap.utilisation import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "NO_GPU",
     "ActivatedExperts",
     "Chunk",
     "CostConfig",
@@ -80,9 +84,11 @@ __all__ = [
     "load_hardware_table",
     "local_device_properties",
     "metrics_sweep",
+    "names_no_gpu",
     "parse_precision",
     "prefill_batch",
     "price_run",
+    "run_peaks",
     "run_samples",
     "step_bounds",
     "step_cost",

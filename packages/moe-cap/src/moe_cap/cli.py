@@ -29,11 +29,11 @@ import moe_cap
 from moe_cap.cost import CostConfig, price_run
 from moe_cap.detect import detect_gpu
 from moe_cap.errors import MoECapError
-from moe_cap.hardware import GpuSpec, HardwareTable, Peaks, load_hardware_table
+from moe_cap.hardware import GpuSpec, HardwareTable, Peaks, load_hardware_table, names_no_gpu
 from moe_cap.render import print_cost, print_hardware, print_metrics, print_utilisation
 from moe_cap.roofline import metrics_sweep
 from moe_cap.run_record import RunRecord
-from moe_cap.utilisation import PeakRates, run_samples, summarise
+from moe_cap.utilisation import run_peaks, run_samples, summarise
 
 __all__ = ["app", "user_errors"]
 
@@ -48,6 +48,9 @@ HardwareFile = Annotated[Path | None, typer.Option(
     "--hardware-file", help="YAML file overriding or extending the hardware table "
                             "(else $MOE_CAP_HARDWARE).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+RecordGpu = Annotated[str | None, typer.Option(
+    help="GPU from the hardware table, overriding the run record's; 'none' for a run on the CPU "
+         "alone.")]
 PeaksOpt = Annotated[str, typer.Option(
     help="Peak rates to divide by: 'datasheet', or 'measured' where the table has them.")]
 
@@ -159,6 +162,7 @@ def hardware(hardware_file: HardwareFile = None, as_json: AsJson = False) -> Non
 @app.command()
 def cost(
     run_record: Annotated[Path, typer.Argument(help="Run record JSON (docs/moe-cap.md).")],
+    gpu: RecordGpu = None,
     years: Annotated[float, typer.Option(help="Amortisation period of purchases.")] = 3.0,
     utilisation: Annotated[float, typer.Option(
         help="Share of those years the machine does paid work.")] = 1.0,
@@ -184,13 +188,13 @@ def cost(
     with user_errors():
         record = RunRecord.from_json(run_record)
         config = CostConfig(years=years, utilisation=utilisation, usd_per_kwh=usd_per_kwh,
-                            pue=pue, gpu_load=gpu_load, cpu_load=cpu_load, cpu=cpu,
+                            pue=pue, gpu=gpu, gpu_load=gpu_load, cpu_load=cpu_load, cpu=cpu,
                             cpu_sockets=cpu_sockets, dram_gib=dram_gib, dram=dram,
                             include_host=not no_host, cloud_usd_per_hour=cloud_usd_per_hour)
         report = price_run(record, load_hardware_table(hardware_file), config)
     if as_json:
-        _emit({"run_record": str(run_record), "engine": record.engine, "gpu": record.gpu,
-               **report.to_dict()})
+        _emit({"run_record": str(run_record), "engine": record.engine,
+               "gpu": gpu or record.gpu, **report.to_dict()})
     else:
         print_cost(report)
 
@@ -199,6 +203,10 @@ def cost(
 def utilisation_command(
     run_record: Annotated[Path, typer.Argument(help="Run record JSON (docs/moe-cap.md).")],
     peaks: PeaksOpt = "datasheet",
+    gpu: RecordGpu = None,
+    cpu: Annotated[str | None, typer.Option(
+        help="Host CPU (overrides the record's): the rates a run on the CPU alone is divided "
+             "by.")] = None,
     hardware_file: HardwareFile = None,
     as_json: AsJson = False,
 ) -> None:
@@ -206,13 +214,15 @@ def utilisation_command(
     with user_errors():
         record = RunRecord.from_json(run_record)
         spec = _spec(record.model, None)
-        gpu = load_hardware_table(hardware_file).gpu(record.gpu)
-        peak = PeakRates.of(gpu, record.compute_dtype or record.weight_dtype, _peaks(peaks),
-                            record.num_gpus)
+        device, peak = run_peaks(record, load_hardware_table(hardware_file), _peaks(peaks),
+                                 gpu, cpu)
         summaries = summarise(run_samples(record, spec), peak)
+    on_cpu = names_no_gpu(gpu or record.gpu)
     if as_json:
-        _emit({"run_record": str(run_record), "engine": record.engine, "gpu": gpu.name,
+        _emit({"run_record": str(run_record), "engine": record.engine,
+               **({"cpu": device} if on_cpu else {"gpu": device}),
                "peaks": peaks, "phases": {k: v.to_dict() for k, v in summaries.items()}})
     else:
-        print_utilisation(summaries, f"{record.engine}: {record.model} on {record.num_gpus} x "
-                                     f"{gpu.name} ({peaks} peaks)")
+        where = f"the CPU alone, {device}" if on_cpu else f"{record.num_gpus} x {device}"
+        print_utilisation(summaries, f"{record.engine}: {record.model} on {where} ({peaks} "
+                                     f"peaks)")

@@ -7,8 +7,9 @@ it does paid work, plus the energy it draws:
                  + (gpu_w + cpu_w + dram_w) * pue / 1000 * usd_per_kwh
 
 summed over the GPUs, the host CPU (offloading engines compute there) and the host memory (which
-holds the experts). Power is measured energy over wall time where the run record has it (NVML for
-GPUs), else TDP x load. A cloud machine costs its hourly rate instead. The run's cost,
+holds the experts); a run on the CPU alone (GPU `none`) has no GPU term. Power is measured
+energy over wall time where the run record has it (NVML for GPUs), else TDP x load. A cloud
+machine costs its hourly rate instead. The run's cost,
 `usd_per_hour * wall_seconds / 3600`, is split between input and output tokens by the share of
 step time spent in prefill and in decode.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from moe_cap.errors import HardwareError
-from moe_cap.hardware import HardwareTable
+from moe_cap.hardware import GpuSpec, HardwareTable, names_no_gpu
 from moe_cap.run_record import RunRecord
 
 __all__ = ["CostConfig", "CostReport", "EnergyUse", "price_run"]
@@ -37,6 +38,8 @@ class CostConfig:
             raises the hourly cost).
         usd_per_kwh: Electricity price.
         pue: Power usage effectiveness of the room (1.0: no cooling overhead counted).
+        gpu: GPU (table name), overriding the run record's; `none` prices a run on the CPU
+            alone.
         gpu_load: Share of TDP a GPU draws when its energy was not measured.
         cpu_load: Share of TDP the CPU draws when its energy was not measured.
         cpu: Host CPU (table name), overriding the run record's.
@@ -51,6 +54,7 @@ class CostConfig:
     utilisation: float = 1.0
     usd_per_kwh: float = 0.15
     pue: float = 1.0
+    gpu: str | None = None
     gpu_load: float = 1.0
     cpu_load: float = 1.0
     cpu: str | None = None
@@ -131,6 +135,45 @@ class CostReport:
         return out
 
 
+def _charge_gpu(record: RunRecord, gpu: GpuSpec, config: CostConfig, life_h: float,
+                capex: dict[str, float], energy: dict[str, EnergyUse], notes: list[str]) -> None:
+    """Add the GPUs' purchase share and energy."""
+    capex["gpu"] = gpu.price_usd * record.num_gpus / life_h
+    if record.gpu_energy_j is not None:
+        energy["gpu"] = EnergyUse(record.gpu_energy_j, True)
+    else:
+        energy["gpu"] = EnergyUse(gpu.tdp_w * record.num_gpus * config.gpu_load
+                                  * record.wall_seconds, False)
+        notes.append(f"GPU energy estimated as TDP {gpu.tdp_w:g} W x load {config.gpu_load:g}")
+
+
+def _charge_host(record: RunRecord, table: HardwareTable, config: CostConfig, life_h: float,
+                 capex: dict[str, float], energy: dict[str, EnergyUse], notes: list[str]) -> None:
+    """Add the host CPU's and memory's purchase share and energy."""
+    cpu_name = config.cpu or record.cpu
+    dram_gib = config.dram_gib if config.dram_gib is not None else record.dram_gib
+    if cpu_name is None:
+        raise HardwareError(f"the run record names no host CPU: pass --cpu NAME "
+                            f"(`moe-cap hardware` lists them) {_NO_HOST}")
+    if dram_gib is None:
+        raise HardwareError(f"the run record gives no host memory size: pass --dram-gib N "
+                            f"{_NO_HOST}")
+    cpu, dram = table.cpu(cpu_name), table.memory(config.dram)
+    capex["cpu"] = cpu.price_usd * config.cpu_sockets / life_h
+    capex["dram"] = dram.usd_per_gib * dram_gib / life_h
+    if record.cpu_energy_j is not None:
+        energy["cpu"] = EnergyUse(record.cpu_energy_j, True)
+    else:
+        energy["cpu"] = EnergyUse(cpu.tdp_w * config.cpu_sockets * config.cpu_load
+                                  * record.wall_seconds, False)
+        notes.append(f"CPU energy estimated as TDP {cpu.tdp_w:g} W x load {config.cpu_load:g}")
+    if record.dram_energy_j is not None:
+        energy["dram"] = EnergyUse(record.dram_energy_j, True)
+    else:
+        energy["dram"] = EnergyUse(dram.watts_per_gib * dram_gib * record.wall_seconds, False)
+        notes.append(f"host memory energy estimated as {dram.watts_per_gib:g} W/GiB")
+
+
 def _per(total: float, share: float, count: int, scale: float = 1.0) -> float | None:
     return total * share / count * scale if count else None
 
@@ -139,47 +182,29 @@ def price_run(record: RunRecord, table: HardwareTable,
               config: CostConfig | None = None) -> CostReport:
     """Price `record` on the hardware it names (see the module docstring for the formulas).
 
+    A run on the CPU alone (GPU `none`, in the record or `config.gpu`) is charged its host CPU
+    and memory only.
+
     Raises:
         HardwareError: the GPU, CPU or memory kind is unknown, or the host is to be charged
-            but neither the record nor `config` names its CPU or memory size.
+            but neither the record nor `config` names its CPU or memory size, or a CPU run is
+            priced without its host.
     """
     config = config or CostConfig()
     hours = record.wall_seconds / 3600
-    gpu = table.gpu(record.gpu)
-    notes = []
+    gpu_name = config.gpu or record.gpu
+    notes: list[str] = []
     life_h = config.years * HOURS_PER_YEAR * config.utilisation
-    capex = {"gpu": gpu.price_usd * record.num_gpus / life_h}
-    if record.gpu_energy_j is not None:
-        energy = {"gpu": EnergyUse(record.gpu_energy_j, True)}
+    capex: dict[str, float] = {}
+    energy: dict[str, EnergyUse] = {}
+    if names_no_gpu(gpu_name):
+        if not config.include_host:
+            raise HardwareError("the run used no GPU, so --no-host leaves nothing to price")
+        notes.append("no GPU: the run used the host CPU alone")
     else:
-        energy = {"gpu": EnergyUse(gpu.tdp_w * record.num_gpus * config.gpu_load
-                                   * record.wall_seconds, False)}
-        notes.append(f"GPU energy estimated as TDP {gpu.tdp_w:g} W x load {config.gpu_load:g}")
+        _charge_gpu(record, table.gpu(gpu_name), config, life_h, capex, energy, notes)
     if config.include_host:
-        cpu_name = config.cpu or record.cpu
-        dram_gib = config.dram_gib if config.dram_gib is not None else record.dram_gib
-        if cpu_name is None:
-            raise HardwareError(f"the run record names no host CPU: pass --cpu NAME "
-                                f"(`moe-cap hardware` lists them) {_NO_HOST}")
-        if dram_gib is None:
-            raise HardwareError(f"the run record gives no host memory size: pass --dram-gib N "
-                                f"{_NO_HOST}")
-        cpu, dram = table.cpu(cpu_name), table.memory(config.dram)
-        capex["cpu"] = cpu.price_usd * config.cpu_sockets / life_h
-        capex["dram"] = dram.usd_per_gib * dram_gib / life_h
-        if record.cpu_energy_j is not None:
-            energy["cpu"] = EnergyUse(record.cpu_energy_j, True)
-        else:
-            energy["cpu"] = EnergyUse(cpu.tdp_w * config.cpu_sockets * config.cpu_load
-                                      * record.wall_seconds, False)
-            notes.append(f"CPU energy estimated as TDP {cpu.tdp_w:g} W x load "
-                         f"{config.cpu_load:g}")
-        if record.dram_energy_j is not None:
-            energy["dram"] = EnergyUse(record.dram_energy_j, True)
-        else:
-            energy["dram"] = EnergyUse(dram.watts_per_gib * dram_gib * record.wall_seconds,
-                                       False)
-            notes.append(f"host memory energy estimated as {dram.watts_per_gib:g} W/GiB")
+        _charge_host(record, table, config, life_h, capex, energy, notes)
     else:
         notes.append("host CPU and memory not charged (--no-host)")
     joules = sum(e.joules for e in energy.values())

@@ -5,7 +5,8 @@ The shipped table is `data/hardware.yaml`. A YAML file of the same shape overrid
 (`load_hardware_table(override)`, or the `MOE_CAP_HARDWARE` environment variable): a row whose
 name matches is merged field by field (so `{name: H200, price_usd: 25000}` reprices one GPU), a
 row with a new name must give every field. Unknown hardware is an error that names the override,
-never an empty result.
+never an empty result. A run on the CPU alone names its GPU `none` (`NO_GPU`); the host CPU's
+rows then supply the peaks.
 """
 
 from __future__ import annotations
@@ -23,19 +24,36 @@ import yaml
 from moe_cap.errors import HardwareError
 from moe_cap.precision import parse_precision
 
-__all__ = ["OVERRIDE_ENV", "CpuSpec", "DramSpec", "GpuSpec", "HardwareTable", "MeasuredPeaks",
-           "Peaks", "load_hardware_table"]
+__all__ = ["NO_GPU", "OVERRIDE_ENV", "CpuSpec", "DramSpec", "GpuSpec", "HardwareTable",
+           "MeasuredPeaks", "Peaks", "load_hardware_table", "names_no_gpu"]
 
 OVERRIDE_ENV = "MOE_CAP_HARDWARE"
 OVERRIDE_HINT = (f"add a row to a YAML hardware file (format in docs/moe-cap.md) and pass "
                  f"--hardware-file FILE or set {OVERRIDE_ENV}=FILE")
 Peaks = Literal["datasheet", "measured"]
+NO_GPU = "none"
+"""The GPU name of a run on the CPU alone."""
 _GIGA, _TERA = 1e9, 1e12
 
 
 def _key(name: str) -> str:
     """Names compare without case, spaces or punctuation: `"a100-sxm-80gb"` is `"A100 SXM 80GB"`."""
     return re.sub(r"[^a-z0-9+]", "", name.lower())
+
+
+def names_no_gpu(name: str) -> bool:
+    """Whether a run record's GPU name says the run used none: `none`, with or without a remark
+    in parentheses (moe-gen 0.1.0 wrote `none (CPU run)`)."""
+    return _key(name.split("(")[0]) == NO_GPU
+
+
+def _peak(name: str, table: Mapping[str, float], precision: str) -> float:
+    """`table[precision]`, or an error naming the hardware and the rates it has."""
+    if precision not in table:
+        listed = ", ".join(table) or "none"
+        raise HardwareError(f"{name} has no {precision} matrix rate in the hardware table "
+                            f"(it lists {listed}); {OVERRIDE_HINT}")
+    return table[precision]
 
 
 @dataclass(frozen=True)
@@ -98,10 +116,7 @@ class GpuSpec:
         p = parse_precision(precision)
         if peaks == "measured" and self.measured and p in self.measured.flops_per_s:
             return self.measured.flops_per_s[p]
-        if p not in self.peak_flops_per_s:
-            raise HardwareError(f"{self.name} has no {p} matrix rate in the hardware table "
-                                f"(it lists {', '.join(self.peak_flops_per_s)}); {OVERRIDE_HINT}")
-        return self.peak_flops_per_s[p]
+        return _peak(self.name, self.peak_flops_per_s, p)
 
     def memory_bandwidth(self, peaks: Peaks = "datasheet") -> float:
         """GPU memory bandwidth in bytes/s (measured where asked and known)."""
@@ -129,6 +144,8 @@ class CpuSpec:
         memory_bandwidth_bytes_per_s: Theoretical memory bandwidth of all channels.
         price_usd: Purchase price.
         source: Where the figures come from.
+        peak_flops_per_s: Peak FLOP/s of the socket per precision (the denominators of a run on
+            the CPU alone); may be empty.
     """
 
     name: str
@@ -139,6 +156,15 @@ class CpuSpec:
     memory_bandwidth_bytes_per_s: float
     price_usd: float
     source: str
+    peak_flops_per_s: dict[str, float] = field(default_factory=dict)
+
+    def peak_flops(self, precision: str) -> float:
+        """Peak FLOP/s of one socket in `precision`.
+
+        Raises:
+            HardwareError: the table has no such rate for this CPU.
+        """
+        return _peak(self.name, self.peak_flops_per_s, parse_precision(precision))
 
 
 @dataclass(frozen=True)
@@ -267,7 +293,8 @@ def _cpu(row: Mapping[str, object], where: str) -> CpuSpec:
         cores=int(_number(row, "cores", where)), tdp_w=_number(row, "tdp_w", where),
         memory=_text(row, "memory", where),
         memory_bandwidth_bytes_per_s=_number(row, "memory_bandwidth_gb_per_s", where) * _GIGA,
-        price_usd=_number(row, "price_usd", where), source=_text(row, "source", where))
+        price_usd=_number(row, "price_usd", where), source=_text(row, "source", where),
+        peak_flops_per_s=_tflops(row.get("peak_tflops", {}), where))
 
 
 def _dram(row: Mapping[str, object], where: str) -> DramSpec:

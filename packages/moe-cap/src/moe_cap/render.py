@@ -139,7 +139,7 @@ def print_utilisation(summaries: dict[str, UtilisationSummary], title: str) -> N
         p = s.percentiles
         table.add_row(s.phase, str(s.num_steps), f"{s.seconds:.4g}", f"{s.tokens_per_s:,.1f}",
                       f"{s.aggregate.s_mbu:.1%}", f"{s.aggregate.s_mfu:.1%}",
-                      f"{s.aggregate.pcie:.1%}",
+                      "n/a" if s.aggregate.pcie is None else f"{s.aggregate.pcie:.1%}",
                       "/".join(f"{p[k].s_mbu:.1%}" for k in ("p50", "p90", "p99")),
                       "/".join(f"{p[k].s_mfu:.1%}" for k in ("p50", "p90", "p99")))
     _console().print(table)

@@ -66,7 +66,8 @@ class StepBounds:
 def step_bounds(cost: StepCost, peak: PeakRates, h2d_bytes: float = 0.0) -> StepBounds:
     """The time bounds of a step of cost `cost` on hardware of rates `peak`."""
     return StepBounds(cost.num_tokens, cost.bytes / peak.memory_bytes_per_s,
-                      cost.flops / peak.flops_per_s, h2d_bytes / peak.pcie_bytes_per_s)
+                      cost.flops / peak.flops_per_s,
+                      0.0 if peak.pcie_bytes_per_s is None else h2d_bytes / peak.pcie_bytes_per_s)
 
 
 def host_expert_share(spec: ModelSpec, gpu_memory_bytes: int, kv_bytes: int,

@@ -11,6 +11,9 @@ the per-step values, so a step that takes ten times longer counts ten times more
 mean of per-step ratios (what MoE-CAP reports) overstates runs whose many short steps are
 efficient and whose few long ones are not. Per-step percentiles describe the spread; they are
 not the headline.
+
+A run on the CPU alone (its record's GPU is `none`) is divided by the host CPU's rates instead:
+its memory bandwidth and peak FLOP/s from the hardware table, and no host link (PCIe is None).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from dataclasses import dataclass
 
 from moe_core import ModelSpec
 
-from moe_cap.hardware import GpuSpec, Peaks
+from moe_cap.errors import HardwareError
+from moe_cap.hardware import CpuSpec, GpuSpec, HardwareTable, Peaks, names_no_gpu
 from moe_cap.run_record import RunRecord
 from moe_cap.step_cost import step_cost
 
 __all__ = ["PeakRates", "StepSample", "Utilisation", "UtilisationSummary", "percentile",
-           "run_samples", "summarise", "utilisation"]
+           "run_peaks", "run_samples", "summarise", "utilisation"]
 
 PERCENTILES = (50, 90, 99)
 
@@ -35,19 +39,21 @@ class PeakRates:
     """The denominators: what the hardware could do per second.
 
     Attributes:
-        memory_bytes_per_s: GPU memory bandwidth (all GPUs of the run).
+        memory_bytes_per_s: Memory bandwidth of the compute device (all GPUs of the run, or
+            the host CPU's).
         flops_per_s: Dense matrix-product peak at the run's compute precision (all GPUs).
-        pcie_bytes_per_s: Host-to-GPU bandwidth (all GPUs).
+        pcie_bytes_per_s: Host-to-GPU bandwidth (all GPUs); None for a run on the CPU alone.
     """
 
     memory_bytes_per_s: float
     flops_per_s: float
-    pcie_bytes_per_s: float
+    pcie_bytes_per_s: float | None
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes_per_s", "flops_per_s", "pcie_bytes_per_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PeakRates.{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value is None and name == "pcie_bytes_per_s") and not value > 0:
+                raise ValueError(f"PeakRates.{name} must be positive, got {value}")
 
     @classmethod
     def of(cls, gpu: GpuSpec, precision: str, peaks: Peaks = "datasheet",
@@ -57,6 +63,38 @@ class PeakRates:
                    gpu.peak_flops(precision, peaks) * num_gpus,
                    gpu.pcie_bandwidth(peaks) * num_gpus)
 
+    @classmethod
+    def of_cpu(cls, cpu: CpuSpec, precision: str) -> PeakRates:
+        """The rates of one socket of `cpu` computing in `precision`, with no host link."""
+        return cls(cpu.memory_bandwidth_bytes_per_s, cpu.peak_flops(precision), None)
+
+
+def run_peaks(record: RunRecord, table: HardwareTable, peaks: Peaks = "datasheet",
+              gpu: str | None = None, cpu: str | None = None) -> tuple[str, PeakRates]:
+    """What `record` ran on and its rates: its GPUs, or the host CPU for a run on the CPU alone.
+
+    Args:
+        record: The run.
+        table: The hardware table.
+        peaks: Datasheet or measured rates (GPUs only: CPUs have datasheet rates).
+        gpu: A GPU name overriding the record's (`none`: the run used the CPU alone).
+        cpu: A CPU name overriding the record's.
+
+    Raises:
+        HardwareError: unknown hardware, or a CPU run whose CPU neither the record nor `cpu`
+            names.
+    """
+    precision = record.compute_dtype or record.weight_dtype
+    if not names_no_gpu(gpu or record.gpu):
+        spec = table.gpu(gpu or record.gpu)
+        return spec.name, PeakRates.of(spec, precision, peaks, record.num_gpus)
+    cpu_name = cpu or record.cpu
+    if cpu_name is None:
+        raise HardwareError("the run used no GPU and its record names no host CPU to divide by: "
+                            "pass --cpu NAME (`moe-cap hardware` lists them)")
+    host = table.cpu(cpu_name)
+    return host.name, PeakRates.of_cpu(host, precision)
+
 
 @dataclass(frozen=True)
 class Utilisation:
@@ -65,12 +103,12 @@ class Utilisation:
     Attributes:
         s_mbu: Sparse memory-bandwidth utilisation.
         s_mfu: Sparse model-FLOPs utilisation.
-        pcie: Host-to-GPU link utilisation.
+        pcie: Host-to-GPU link utilisation (None for a run on the CPU alone).
     """
 
     s_mbu: float
     s_mfu: float
-    pcie: float
+    pcie: float | None
 
 
 def utilisation(bytes_moved: float, flops: float, seconds: float, peak: PeakRates,
@@ -82,9 +120,10 @@ def utilisation(bytes_moved: float, flops: float, seconds: float, peak: PeakRate
     """
     if not seconds > 0:
         raise ValueError(f"seconds must be positive, got {seconds}")
+    link = peak.pcie_bytes_per_s
     return Utilisation(bytes_moved / seconds / peak.memory_bytes_per_s,
                        flops / seconds / peak.flops_per_s,
-                       h2d_bytes / seconds / peak.pcie_bytes_per_s)
+                       None if link is None else h2d_bytes / seconds / link)
 
 
 @dataclass(frozen=True)
@@ -156,7 +195,7 @@ class UtilisationSummary:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
-        def util(u: Utilisation) -> dict[str, float]:
+        def util(u: Utilisation) -> dict[str, float | None]:
             return {"s_mbu": u.s_mbu, "s_mfu": u.s_mfu, "pcie": u.pcie}
 
         return {"phase": self.phase, "num_steps": self.num_steps, "seconds": self.seconds,
@@ -171,9 +210,10 @@ def _summary(phase: str, samples: Sequence[StepSample], peak: PeakRates) -> Util
     total_bytes, flops = sum(s.bytes_moved for s in samples), sum(s.flops for s in samples)
     h2d = sum(s.h2d_bytes for s in samples)
     steps = [utilisation(s.bytes_moved, s.flops, s.seconds, peak, s.h2d_bytes) for s in samples]
+    links = [u.pcie for u in steps if u.pcie is not None]
     pct = {f"p{q}": Utilisation(percentile([u.s_mbu for u in steps], q),
                                 percentile([u.s_mfu for u in steps], q),
-                                percentile([u.pcie for u in steps], q)) for q in PERCENTILES}
+                                percentile(links, q) if links else None) for q in PERCENTILES}
     return UtilisationSummary(phase, len(samples), seconds, sum(s.num_tokens for s in samples),
                               total_bytes, flops, h2d,
                               utilisation(total_bytes, flops, seconds, peak, h2d), pct)

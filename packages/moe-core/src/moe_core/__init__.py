@@ -9,7 +9,7 @@ experts into its MoE blocks (`ExpertExecutor`), and offload experts to host memo
 from moe_core.architectures import supported_architectures
 from moe_core.attention_inputs import AttentionInputs
 from moe_core.decode_runner import DecodeRunner, graph_blockers
-from moe_core.dtypes import DtypeError, parse_dtype
+from moe_core.dtypes import DtypeError, parse_dtype, run_dtype
 from moe_core.embedded_model import TINY_MODEL_NAME, tiny_model_path
 from moe_core.errors import (
     CheckpointError,
@@ -119,6 +119,7 @@ __all__ = [
     "render_chat",
     "resolve_model_path",
     "route",
+    "run_dtype",
     "sample_next",
     "supported_architectures",
     "tiny_model_path",

@@ -122,13 +122,18 @@ def generate(
     top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
     seed: int | None = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="float32, bfloat16 or float16 (default: float32 on the CPU, else the "
+             "checkpoint's).")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap each prompt in the chat template.")] = False,
     expert_memory: Annotated[str | None, typer.Option(
         help="Offload the routed experts to host memory and cache them in this much device "
              "memory, e.g. 8GiB (default: the whole model on the device).")] = None,
     store: Annotated[str | None, typer.Option(
         help="With --expert-memory: read the experts from this `moe-core pack` file.")] = None,
+    verify_store: Annotated[bool, typer.Option(
+        help="With --store: check every expert block against its checksum as the file is read "
+             "(--no-verify-store skips it: faster when the file is in the page cache).")] = True,
     policy: Annotated[str, typer.Option(help="With --expert-memory: lru or lfu.")] = "lru",
     fetch: Annotated[str, typer.Option(
         help="With --expert-memory: copy (misses are copied into the cache, which the policy "
@@ -164,7 +169,8 @@ def generate(
                 raise ValueError(f"--policy must be lru or lfu, got {policy!r}")
             loaded = load_offloaded(model, device, parse_bytes(expert_memory), dtype=dtype,
                                     store=store, policy=policies[policy](),
-                                    fetch=fetch)  # type: ignore[arg-type]
+                                    fetch=fetch,  # type: ignore[arg-type]
+                                    verify_store=verify_store)
             net, runtime = loaded.model, loaded.runtime
         assert net.source is not None
         tokenizer = load_tokenizer(net.source)

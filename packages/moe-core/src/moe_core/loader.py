@@ -16,48 +16,15 @@ import torch
 
 from moe_core.architectures import CheckpointLayout, get_architecture
 from moe_core.checkpoint import CheckpointReader
-from moe_core.dtypes import parse_dtype
-from moe_core.embedded_model import TINY_MODEL_NAME, tiny_model_path
+from moe_core.dtypes import run_dtype
 from moe_core.errors import CheckpointError, ConfigError
-from moe_core.known_shapes import known_shape_path
 from moe_core.model import MoEForCausalLM
+from moe_core.model_path import resolve_model_path
 from moe_core.spec import ModelSpec
 
 __all__ = ["load_model", "resolve_model_path"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 _STACKED_EXPERT = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj)$")
-
-
-def resolve_model_path(model: str | Path, weights: bool = True) -> Path:
-    """A local folder for `model`: the embedded model (`"tiny-moe"`), the path itself, a shipped
-    shape (`known_shapes()`, config only), or a hub snapshot when it names a hub repo.
-
-    With `weights=False` a hub snapshot holds only the small files (config, tokenizer).
-
-    Raises:
-        ConfigError: neither a local folder nor a reachable hub repository.
-    """
-    if str(model) == TINY_MODEL_NAME:
-        return tiny_model_path()
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    shape = known_shape_path(str(model))
-    if shape is not None:
-        return shape
-    if not _HUB_ID.match(str(model)):
-        raise ConfigError(f"{model}: no such model folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = (_HUB_PATTERNS if weights
-                    else [p for p in _HUB_PATTERNS if "safetensors" not in p])
-        return Path(snapshot_download(repo_id=str(model), allow_patterns=patterns))
-    except Exception as exc:  # offline, unknown repo, gated: all mean "cannot have it"
-        raise ConfigError(f"{model}: not a local folder, and fetching it from the hub failed "
-                          f"({type(exc).__name__}: {exc})") from exc
 
 
 def load_model(model: str | Path, device: str | torch.device = "cpu",
@@ -69,7 +36,8 @@ def load_model(model: str | Path, device: str | torch.device = "cpu",
     Args:
         model: A checkpoint folder (config.json plus safetensors shards) or a hub repo id.
         device: `"cpu"`, `"cuda"` or any torch device.
-        dtype: `float32`, `bfloat16` or `float16`; default: the checkpoint's own dtype.
+        dtype: `float32`, `bfloat16` or `float16`; default: `run_dtype`'s rule (float32 on
+            the CPU, else the checkpoint's own dtype).
         dummy: Random weights from `config.json` alone (no weight files needed).
         seed: Seed of the dummy weights.
         num_layers: Keep only the first `num_layers` decoder layers (embedding, final norm and
@@ -89,7 +57,7 @@ def load_model(model: str | Path, device: str | torch.device = "cpu",
     if num_layers is not None:
         spec = spec.truncated(num_layers)
     layout = get_architecture(spec.architecture).layout
-    dtype = parse_dtype(dtype if dtype is not None else (spec.torch_dtype or "float32"))
+    dtype = run_dtype(dtype, device, spec.torch_dtype)
     device = torch.device(device)
     reader = None if dummy else CheckpointReader.open(folder)
 

@@ -14,6 +14,7 @@ import torch
 
 from moe_core.dtypes import dtype_bytes
 from moe_core.hf_config import HFConfig
+from moe_core.model_path import resolve_model_path
 
 __all__ = ["AttentionSpec", "MoESpec", "ModelSpec", "RopeSpec", "RouterSpec"]
 
@@ -282,13 +283,19 @@ class ModelSpec:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelSpec:
-        """Read the spec of the checkpoint folder (or `config.json`) at `path`.
+        """Read the spec of a model from its `config.json` alone.
+
+        Args:
+            path: A checkpoint folder or a `config.json`, or any name `load_model` takes:
+                `tiny-moe`, a shipped shape (`known_shapes()`) or a hub id (its small files
+                are fetched when the machine is online).
 
         Raises:
-            ConfigError: `config.json` is missing, unreadable, or lacks a needed field.
+            ConfigError: no such model, or `config.json` is missing, unreadable, or lacks a
+                needed field.
             UnsupportedArchitectureError: the architecture is not implemented.
         """
-        return cls.from_config(HFConfig.from_file(path))
+        return cls.from_config(HFConfig.from_file(resolve_model_path(path, weights=False)))
 
     @classmethod
     def from_config(cls, config: HFConfig | dict[str, object]) -> ModelSpec:

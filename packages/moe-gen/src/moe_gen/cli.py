@@ -39,7 +39,8 @@ Model = Annotated[str, typer.Argument(
 GpuMemory = Annotated[str, typer.Option(help="GPU memory budget of the whole process.")]
 HostMemory = Annotated[str, typer.Option(help="Host memory for the expert store and KV pages.")]
 Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if present).")]
-Dtype = Annotated[str | None, typer.Option(help="Model dtype (default bf16 on GPU, fp32 on CPU).")]
+Dtype = Annotated[str | None, typer.Option(
+    help="Model dtype (default: float32 on the CPU, else the checkpoint's).")]
 Dummy = Annotated[bool, typer.Option("--dummy", help="Random weights of the model's shapes.")]
 Layers = Annotated[int | None, typer.Option(help="Keep only the first N decoder layers.")]
 CpuShare = Annotated[float, typer.Option(
@@ -134,7 +135,7 @@ def _run_with_progress(config: JobConfig) -> JobOutcome:
 
 def _report(config: JobConfig, outcome: JobOutcome) -> dict[str, object]:
     return {"engine": f"moe-gen {moe_gen.__version__}", "model": config.model,
-            "device": config.device, "dtype": str(config.torch_dtype),
+            "device": config.device, "dtype": str(outcome.dtype),
             "gpu_memory_bytes": config.gpu_memory_bytes,
             "host_memory_bytes": config.host_memory_bytes,
             "plan": outcome.plan.to_dict(),

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from moe_core import ConfigError, ModelSpec, MoEForCausalLM, load_tokenizer, parse_dtype
+from moe_core import ConfigError, ModelSpec, MoEForCausalLM, load_tokenizer, run_dtype
 
 from moe_gen.api import Defaults, eos_ids, prompt_ids, run_requests
 from moe_gen.batch_loop import StepStats
@@ -44,7 +44,8 @@ class JobConfig:
         gpu_memory_bytes: Device memory budget of the whole process.
         host_memory_bytes: Host memory budget (expert store and KV pages).
         device: `"cuda"` or `"cpu"`.
-        dtype: Model dtype (default: bf16 on CUDA, fp32 on CPU).
+        dtype: Model dtype (default: moe-core's rule, `moe_core.run_dtype`: float32 on the CPU,
+            else the checkpoint's).
         dummy: Random weights of the model's shapes.
         num_layers: Keep the first N decoder layers.
         eos: Stop at EOS (False: always run to the token limit, benchmark style).
@@ -77,10 +78,9 @@ class JobConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA GPU is available")
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The run dtype."""
-        return parse_dtype(self.dtype or ("bfloat16" if self.device == "cuda" else "float32"))
+    def run_dtype(self, spec: ModelSpec) -> torch.dtype:
+        """The dtype the job runs `spec` in: `dtype`, else moe-core's rule for `device`."""
+        return run_dtype(self.dtype, self.device, spec.torch_dtype)
 
 
 @dataclass
@@ -91,6 +91,7 @@ class JobOutcome:
         summary: Throughput and counters.
         plan: The plan it ran.
         profile: The device profile the planner used (None with a fixed plan).
+        dtype: The dtype the model ran in.
         record: moe-cap's run record (None when nothing ran).
         skipped: Requests already in the output.
     """
@@ -98,6 +99,7 @@ class JobOutcome:
     summary: JobSummary
     plan: Plan
     profile: DeviceProfile | None
+    dtype: torch.dtype
     record: dict[str, object] | None
     skipped: int
 
@@ -114,11 +116,12 @@ def _tokenizer(model_source: Path | None) -> object | None:
 def plan_job(config: JobConfig, spec: ModelSpec, prompt_tokens: int, max_new: int,
              num_requests: int) -> tuple[Plan, DeviceProfile]:
     """Profile the device and let the planner size the run."""
-    profile = profile_device(spec, config.device, config.torch_dtype)
+    dtype = config.run_dtype(spec)
+    profile = profile_device(spec, config.device, dtype)
     reserve = 3 << 29 if config.device == "cuda" else 0  # 1.5 GiB: allocator slack, kernels
     budget = Budget(config.gpu_memory_bytes, config.host_memory_bytes, prompt_tokens, max_new,
                     num_requests, reserve, config.max_cpu_attention_share)
-    return make_plan(spec, config.torch_dtype, profile, budget), profile
+    return make_plan(spec, dtype, profile, budget), profile
 
 
 def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda total, done: None,
@@ -133,7 +136,8 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
     done = finished_ids(config.output)
     todo = [(i, r) for i, r in enumerate(requests) if r.id not in done]
     on_start(len(requests), len(requests) - len(todo))
-    model = load_for_generation(config.model, config.device, config.torch_dtype,
+    dtype = config.run_dtype(ModelSpec.from_pretrained(config.model))
+    model = load_for_generation(config.model, config.device, dtype,
                                 dummy=config.dummy, num_layers=config.num_layers)
     tokenizer = _tokenizer(model.source)
     defaults = _defaults(config, model)
@@ -166,9 +170,9 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
     wall = time.perf_counter() - started
     offload = runtime.summary() if runtime is not None else {}
     summary = summarise(len(todo), steps, wall, offload, plan)
-    record = (run_record(config.model, config.torch_dtype, _gpu_name(config.device), wall, steps,
+    record = (run_record(config.model, dtype, _gpu_name(config.device), wall, steps,
                          config.num_layers) if steps else None)
-    return JobOutcome(summary, plan, profile, record, len(requests) - len(todo))
+    return JobOutcome(summary, plan, profile, dtype, record, len(requests) - len(todo))
 
 
 def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:
@@ -179,7 +183,8 @@ def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:
 
 
 def _gpu_name(device: str) -> str:
-    """The GPU as moe-cap's hardware table names it ("NVIDIA H200" -> "H200")."""
+    """The GPU as moe-cap's hardware table names it ("NVIDIA H200" -> "H200"); "none" for a run
+    on the CPU alone (docs/moe-cap.md)."""
     if device != "cuda":
-        return "none (CPU run)"
+        return "none"
     return torch.cuda.get_device_name().removeprefix("NVIDIA ").strip()

@@ -112,8 +112,6 @@ def trace(
                              lookahead_input=lookahead_input,  # type: ignore[arg-type]
                              expert_dtype=expert_dtype)
         prompts = read_prompts(input_path)
-        if dtype is None and device == "cpu":
-            dtype = "float32"
         net = moe_core.load_model(model, device=device, dtype=dtype)
         tokenizer = moe_core.load_tokenizer(moe_core.resolve_model_path(model, weights=False))
         with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),

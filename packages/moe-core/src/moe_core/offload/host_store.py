@@ -176,11 +176,24 @@ class HostExpertStore:
         return store
 
     @classmethod
-    def from_packed(cls, path: str | Path, pin: bool | None = None) -> HostExpertStore:
-        """Read a store file written by `moe-core pack` (see `moe_core.offload.packed_store`)."""
+    def from_packed(cls, path: str | Path, pin: bool | None = None,
+                    verify: bool = True) -> HostExpertStore:
+        """Read a store file written by `moe-core pack` (see `moe_core.offload.packed_store`),
+        checking each expert block's checksum unless `verify` is False."""
         from moe_core.offload.packed_store import read_packed
 
-        return read_packed(path, pin)
+        return read_packed(path, pin, verify=verify)
+
+    def to_dtype(self, dtype: torch.dtype) -> HostExpertStore:
+        """This store with its experts converted to `dtype` (itself when they already are),
+        pinned as this one is; e.g. a bf16 store file read for a float32 run on the CPU."""
+        if dtype == self.layout.dtype:
+            return self
+        layout = ExpertLayout(self.layout.hidden_size, self.layout.intermediate_size, dtype)
+        store = HostExpertStore.empty(layout, self.moe_layers, self.num_experts, self.is_pinned)
+        for layer in self.moe_layers:
+            store.arena(layer).copy_(self.arena(layer))
+        return store
 
     def _fill(self, reader: CheckpointReader, key: str, expert: ExpertId, projection: int,
               tensor: torch.Tensor) -> None:

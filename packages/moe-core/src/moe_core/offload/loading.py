@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from moe_core.dtypes import run_dtype
 from moe_core.expert_id import ExpertId
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import MoEForCausalLM
@@ -21,6 +22,7 @@ from moe_core.offload.packed_store import PackedHeader, read_header
 from moe_core.offload.policy import EvictionPolicy
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.sizes import format_bytes
+from moe_core.spec import ModelSpec
 
 __all__ = ["OffloadedModel", "dense_bytes", "load_offloaded"]
 
@@ -57,7 +59,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                    dtype: str | torch.dtype | None = None, store: str | Path | None = None,
                    policy: EvictionPolicy | None = None, kind: OffloadKind = "on_demand",
                    resident: list[ExpertId] | None = None, fetch: FetchMode = "copy",
-                   dummy: bool = False, num_layers: int | None = None) -> OffloadedModel:
+                   dummy: bool = False, num_layers: int | None = None,
+                   verify_store: bool = True) -> OffloadedModel:
     """Load `model` with its routed experts offloaded to host memory.
 
     Args:
@@ -65,9 +68,11 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         device: Where compute runs (`"cuda"`; `"cpu"` works too, for tests).
         expert_memory_bytes: Device memory for expert slots (the rest of a budget goes to the
             dense part, KV cache and activations: the caller decides the split).
-        dtype: Model dtype; default: the checkpoint's.
-        store: A store file from `moe-core pack` to read the experts from (fast start); default:
-            pack them from the checkpoint's shards (or the dummy weights) now.
+        dtype: Model dtype; default: `run_dtype`'s rule for `device` (float32 on the CPU, else
+            the checkpoint's).
+        store: A store file from `moe-core pack` to read the experts from (fast start; experts
+            stored in another dtype are converted to the model's); default: pack them from the
+            checkpoint's shards (or the dummy weights) now.
         policy: Eviction policy (on-demand); default LRU.
         kind: `"on_demand"` or `"streaming"`.
         resident: Streaming: experts kept resident. On-demand with `fetch="mapped"`: experts
@@ -79,20 +84,26 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         dummy: Random weights from `config.json`, drawn on the host: the model equals
             `load_model(model, "cpu", dtype, dummy=True)` (then moved to `device`).
         num_layers: Keep only the first `num_layers` decoder layers.
+        verify_store: Check each expert block of `store` against its checksum as it is read
+            (False skips the check: faster when the file is in the page cache).
 
     Raises:
         ValueError: the budget cannot hold the slots the executor needs, or the store file does
             not match the model.
-        CheckpointError / ConfigError: as `load_model` and `HostExpertStore.from_packed`.
+        CheckpointError / ConfigError: as `load_model` and `HostExpertStore.from_packed` (a
+            damaged store file included).
     """
     device = torch.device(device)
+    # Resolved here, for `device`: the dummy model is drawn on the host, and the experts are
+    # packed apart from the dense part, and both must end up in the same dtype.
+    dtype = run_dtype(dtype, device, ModelSpec.from_pretrained(model).torch_dtype)
     started = time.perf_counter()
     if store is not None:
         header = read_header(store)  # fail fast, before loading anything
         net = load_model(model, device, dtype, dummy=dummy, num_layers=num_layers,
                          load_experts=False)
         _check_store_matches(header, net, store)
-        host = HostExpertStore.from_packed(store)
+        host = HostExpertStore.from_packed(store, verify=verify_store).to_dtype(dtype)
     elif dummy:
         # The whole dummy model is drawn on the host (so it equals `load_model(dummy=True)` on
         # the CPU), its experts packed, then freed, and the dense rest moved to the device.
