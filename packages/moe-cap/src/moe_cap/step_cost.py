@@ -197,7 +197,7 @@ def _score_macs(spec: ModelSpec, chunk: Chunk, window: int | None) -> int:
 def _windows(spec: ModelSpec) -> list[tuple[int | None, int]]:
     """`(window, number of layers)` for the full-attention and the sliding-window layers."""
     sliding = len(spec.sliding_layers)
-    groups = [(None, spec.num_layers - sliding)]
+    groups: list[tuple[int | None, int]] = [(None, spec.num_layers - sliding)]
     if sliding:
         groups.append((spec.attention.sliding_window, sliding))
     return [(w, n) for w, n in groups if n]

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -89,7 +90,7 @@ class CheckpointReader:
                     yield name, tensor
 
 
-def _open_shard(path: Path):  # type: ignore[no-untyped-def]
+def _open_shard(path: Path) -> Any:
     """`safe_open` with errors that name the file (a truncated or corrupt shard fails here)."""
     try:
         return safe_open(str(path), framework="pt", device="cpu")

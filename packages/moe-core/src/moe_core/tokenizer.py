@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moe_core.errors import ConfigError
 
@@ -44,8 +44,8 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{tokenizer.name_or_path}: the tokenizer has no chat template")
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                        tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns an encoding
-        ids = ids["input_ids"]
-    return list(ids)
+    out: Any = tokenizer.apply_chat_template(list(messages), tokenize=True,
+                                             add_generation_prompt=add_generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):  # transformers 5 returns an encoding
+        out = out["input_ids"]
+    return [int(i) for i in out]

@@ -53,9 +53,9 @@ def print_report(report: EvaluationReport, shape: ModelShape) -> None:
                    title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("source", "recall", "coverage", "weight"):
         recall.add_column(col, justify="left" if col == "source" else "right")
-    for r in report.source_recall:
-        weight = f"{report.predictor.weight(r.source):.3g}" if r.source in SOURCES else "-"
-        recall.add_row(r.source, _pct(r.recall), _pct(r.coverage), weight)
+    for s in report.source_recall:
+        weight = f"{report.predictor.weight(s.source):.3g}" if s.source in SOURCES else "-"
+        recall.add_row(s.source, _pct(s.recall), _pct(s.coverage), weight)
     console.print(recall)
     Console(stderr=True).print("ms/token: decode bytes fetched per token over the PCIe "
                                "bandwidth (compute assumed hidden)")

@@ -145,7 +145,7 @@ def num_slots(shape: ModelShape, cache_fraction: float) -> int:
 
 def access_string(traces: Sequence[RequestTrace], shape: ModelShape) -> list[ExpertId]:
     """Every expert use of `traces`, in the order the simulator makes them."""
-    out = []
+    out: list[ExpertId] = []
     for trace in traces:
         for step in range(trace.num_steps):
             for row, layer in enumerate(shape.moe_layers):

@@ -29,7 +29,7 @@ def save_traces(traces: TraceSet, path: str | Path) -> Path:
     looks = _concat([t.lookahead for t in items], traces.shape)
     count_at = np.flatnonzero(counts)
     look_at = np.flatnonzero(looks)
-    meta = {"shape": traces.shape.to_dict(), "settings": traces.settings,
+    meta: dict[str, object] = {"shape": traces.shape.to_dict(), "settings": traces.settings,
             "requests": [{"id": t.request_id, "domain": t.domain} for t in items]}
     arrays = {
         "step_offsets": steps,

@@ -69,7 +69,7 @@ def interpreter_requested() -> bool:
 def triton_importable() -> bool:
     """Whether `import triton` succeeds (tried once, on the first call that could use it)."""
     try:
-        import triton  # type: ignore[import-untyped]  # noqa: F401
+        import triton  # noqa: F401
     except ImportError:
         return False
     return True
@@ -97,8 +97,8 @@ def prepare_interpreter() -> bool:
                 return False
     elif not triton_importable():
         return False
-    import triton.language as tl  # type: ignore[import-untyped]
-    from triton.runtime.interpreter import (  # type: ignore[import-untyped]
+    import triton.language as tl
+    from triton.runtime.interpreter import (
         InterpretedFunction,
     )
 
@@ -128,7 +128,7 @@ def jit(fns: Sequence[Callable[..., None]], mode: Mode) -> tuple[Kernel, ...]:
     Each function must be self-contained (no calls to other kernel functions) and find `tl` in its
     module's globals; the decorated copies are independent of the plain functions.
     """
-    import triton  # type: ignore[import-untyped]
+    import triton
 
     with _interpret_env(mode == "interpreted"):
         return tuple(triton.jit(fn) for fn in fns)

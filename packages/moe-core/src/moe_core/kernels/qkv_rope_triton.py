@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-import triton.language as tl  # type: ignore[import-untyped]
+import triton.language as tl
 
 from moe_core.kernels.backend import Kernel, Mode, jit
 

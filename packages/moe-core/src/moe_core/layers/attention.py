@@ -133,11 +133,12 @@ class GQAAttention(nn.Module):
         qkv = F.linear(x[:, 0], *fused)  # [B, (H+2G)E]
         tail = (spec.num_kv_heads, spec.head_dim)
         (k, v), slots = cache.write_target(self.layer, (tail, tail), x.dtype)  # type: ignore[union-attr]
-        norms = ((self.q_norm.weight, self.k_norm.weight) if spec.qk_norm == "per_head"
-                 else (None, None))
-        eps = self.q_norm.eps if spec.qk_norm == "per_head" else 0.0
+        per_head = spec.qk_norm == "per_head"
+        q_norm = self.q_norm.weight if per_head else None
+        k_norm = self.k_norm.weight if per_head else None
+        eps = self.q_norm.eps if per_head else 0.0
         cos, sin = rope
-        q = qkv_rope_store(qkv, *norms, eps, cos[:, 0], sin[:, 0], k, v, slots,
+        q = qkv_rope_store(qkv, q_norm, k_norm, eps, cos[:, 0], sin[:, 0], k, v, slots,
                            spec.num_heads)  # [B, H, E]; k, v [B, C, G, E] written at the slot
         out = decode_attention(q, k, v, mask[:, 0, 0, :], self.scale)  # [B, H, E]
         return self.o_proj(out.reshape(b, 1, -1))

@@ -64,7 +64,11 @@ class CopyEngine(Protocol):
     """Asynchronous host-to-device copies with a demand lane ahead of a prefetch lane."""
 
     bytes_copied: int
-    copy_seconds: float
+
+    @property
+    def copy_seconds(self) -> float:
+        """Seconds copies have taken so far (as measured by the engine)."""
+        ...
 
     def submit(self, src: torch.Tensor, dst: torch.Tensor, lane: CopyLane,
                key: object = None) -> CopyTicket:

@@ -110,9 +110,9 @@ class OffloadedExecutor:
                 out = self._mapped(hidden, expert_ids, weights, layer_map)
                 self.cache.use_layer_map(layer_map, self.layer, expert_ids)
                 return out
-            out = self._gathered(hidden, expert_ids, weights)
-            if out is not None:
-                return out
+            gathered = self._gathered(hidden, expert_ids, weights)
+            if gathered is not None:
+                return gathered
         groups = TokenGroups.build(expert_ids, weights, self.cache.store.num_experts,
                                    hidden.dtype)
         needed = [ExpertId(self.layer, e) for e in groups.experts()]

@@ -167,11 +167,11 @@ def write_packed(path: str | Path, layout: ExpertLayout, moe_layers: list[int], 
             f.seek(offset)
             raw = arena.view(torch.uint8).numpy()
             for start in range(0, raw.size, _CHUNK_BYTES):
-                f.write(memoryview(raw[start : start + _CHUNK_BYTES]))
+                f.write(raw[start : start + _CHUNK_BYTES].data)
                 done += min(_CHUNK_BYTES, raw.size - start)
                 if progress is not None:
                     progress(done, total)
-            checksums.append(_block_checksums(memoryview(raw), layout.nbytes, num_experts))
+            checksums.append(_block_checksums(raw.data, layout.nbytes, num_experts))
         header = PackedHeader(**{**asdict(planned), "checksums": tuple(checksums)})
         prefix = _encode(header)
         assert len(prefix) == prefix_bytes
@@ -220,8 +220,10 @@ def read_header(path: str | Path) -> PackedHeader:
 def _parse_header(path: Path, data: dict[str, object]) -> PackedHeader:
     try:
         data.pop("format", None)
-        checksums = tuple(tuple(int(c, 16) for c in layer)  # type: ignore[union-attr]
-                          for layer in data["checksums"])  # type: ignore[union-attr]
+        layers = data["checksums"]
+        if not isinstance(layers, list):
+            raise TypeError("checksums must be a list of lists")
+        checksums = tuple(tuple(int(c, 16) for c in layer) for layer in layers)
         header = PackedHeader(**{**data, "moe_layers": tuple(data["moe_layers"]),  # type: ignore[arg-type]
                                  "offsets": tuple(data["offsets"]),  # type: ignore[arg-type]
                                  "checksums": checksums})
@@ -263,7 +265,7 @@ def read_packed(path: str | Path, pin: bool | None = None,
             raw = store.arena(layer).view(torch.uint8).numpy()
             f.seek(offset)
             for start in range(0, raw.size, _CHUNK_BYTES):
-                view = memoryview(raw[start : start + _CHUNK_BYTES])
+                view = raw[start : start + _CHUNK_BYTES].data
                 while view:
                     got = f.readinto(view)
                     if not got:
@@ -275,7 +277,7 @@ def read_packed(path: str | Path, pin: bool | None = None,
             if pending is not None:
                 pending.result()  # a damaged layer stops the read one layer later at most
             if verify:
-                pending = checker.submit(_check_layer, path, layer, memoryview(raw),
+                pending = checker.submit(_check_layer, path, layer, raw.data,
                                          header.layout.nbytes, expected)
         if pending is not None:
             pending.result()

@@ -92,7 +92,9 @@ def evaluate(
     with user_errors():
         report = evaluate_tiny_model(model, data, out, config=EvaluationConfig(
             seq_len=seq_len, max_tokens_per_domain=max_tokens_per_domain))
+    per_domain = report["per_domain"]
+    assert isinstance(per_domain, dict)
     summary = {d: {k: round(v, 3) for k, v in r.items() if k != "tokens"}
-               for d, r in report["per_domain"].items()}  # type: ignore[union-attr]
+               for d, r in per_domain.items()}
     print(json.dumps({"per_domain": summary,
                       "mean_js": report["routing"]["mean_js"]}))  # type: ignore[index]

@@ -200,8 +200,9 @@ def sample_generations(model: MoEForCausalLM, tokenizer: PreTrainedTokenizerBase
     samples = {}
     for i, name in enumerate(names):
         new_ids = result.tokens[i, : result.lengths[i]].tolist()
-        samples[name] = GeneratedSample(prompts[name],
-                                        tokenizer.decode(new_ids, skip_special_tokens=True),
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence decodes to one string
+        samples[name] = GeneratedSample(prompts[name], text,
                                         result.lengths[i], result.finish_reasons[i])
     return samples
 

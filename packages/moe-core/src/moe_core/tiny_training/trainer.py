@@ -53,7 +53,7 @@ class TinyModelConfig:
         """The transformers `Qwen3MoeConfig` of this shape."""
         from transformers import Qwen3MoeConfig
 
-        return Qwen3MoeConfig(
+        return Qwen3MoeConfig(  # type: ignore[call-arg]  # the stubs lag the config's fields
             vocab_size=vocab_size, hidden_size=self.hidden_size,
             intermediate_size=4 * self.hidden_size, num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
