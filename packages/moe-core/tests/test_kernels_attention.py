@@ -7,6 +7,8 @@ Dimension key: B batch, H query heads, G key/value heads, R = H/G, S keys, E hea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from moe_core.kernels import attention as attention_module
@@ -16,29 +18,14 @@ from moe_core.kernels import (
     decode_attention_supported,
 )
 from moe_core.kernels.attention import attention_launch
-from moe_core.kernels.backend import prepare_interpreter
 
 NEG = torch.finfo(torch.float32).min
 
 
 @pytest.fixture
-def device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Where the kernels run: CUDA (compiled) if present, else the CPU under Triton's
-    interpreter. Taking the torch fallback fails the test."""
-    if torch.cuda.is_available():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        where = torch.device("cuda")
-    elif prepare_interpreter():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        where = torch.device("cpu")
-    else:
-        pytest.skip("no CUDA, and Triton is missing or was imported without its interpreter")
-
-    def no_fallback(*args: object) -> torch.Tensor:
-        raise AssertionError("decode_attention fell back to the torch reference")
-
-    monkeypatch.setattr(attention_module, "decode_attention_reference", no_fallback)
-    return where
+def device(kernel_device: Callable[..., torch.device]) -> torch.device:
+    """Where the kernels run (see conftest); a fallback to a torch reference fails the test."""
+    return kernel_device(attention_module, ("decode_attention_reference",))
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ Dimension key: T tokens, K experts per token, D hidden, I expert width, W stacke
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from moe_core.kernels import experts as experts_module
 from moe_core.kernels import moe_experts, moe_experts_reference, moe_experts_supported
-from moe_core.kernels.backend import prepare_interpreter
 from moe_core.kernels.experts import ExpertsLaunch, experts_launch
 from moe_core.offload.layout import ExpertLayout
 
@@ -25,23 +26,9 @@ TARGETS = {  # name: (D, I, K, W)
 
 
 @pytest.fixture
-def device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Where the kernels run: CUDA (compiled) if present, else the CPU under Triton's
-    interpreter. Taking the torch fallback fails the test."""
-    if torch.cuda.is_available():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        where = torch.device("cuda")
-    elif prepare_interpreter():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        where = torch.device("cpu")
-    else:
-        pytest.skip("no CUDA, and Triton is missing or was imported without its interpreter")
-
-    def no_fallback(*args: object) -> torch.Tensor:
-        raise AssertionError("moe_experts fell back to the torch reference")
-
-    monkeypatch.setattr(experts_module, "moe_experts_reference", no_fallback)
-    return where
+def device(kernel_device: Callable[..., torch.device]) -> torch.device:
+    """Where the kernels run (see conftest); a fallback to a torch reference fails the test."""
+    return kernel_device(experts_module, ("moe_experts_reference",))
 
 
 def pool_views(w: int, d: int, i: int, dtype: torch.dtype, device: torch.device,

@@ -9,12 +9,13 @@ Dimension key: N rows, D hidden, T tokens, E routed experts, K experts per token
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from moe_core.kernels import add_rms_norm, rms_norm, rms_norm_supported, softmax_topk
 from moe_core.kernels import norm as norm_module
 from moe_core.kernels import routing as routing_module
-from moe_core.kernels.backend import prepare_interpreter
 from moe_core.kernels.reference import (
     add_rms_norm_reference,
     rms_norm_reference,
@@ -23,24 +24,10 @@ from moe_core.kernels.reference import (
 
 
 @pytest.fixture
-def device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Where the kernels run: CUDA (compiled) if present, else the CPU under Triton's
-    interpreter. Taking a torch fallback fails the test."""
-    if torch.cuda.is_available():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        where = torch.device("cuda")
-    elif prepare_interpreter():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        where = torch.device("cpu")
-    else:
-        pytest.skip("no CUDA, and Triton is missing or was imported without its interpreter")
-
-    def no_fallback(*args: object) -> torch.Tensor:
-        raise AssertionError("a kernel fell back to its torch reference")
-
-    for name in ("rms_norm_reference", "add_rms_norm_reference"):
-        monkeypatch.setattr(norm_module, name, no_fallback)
-    monkeypatch.setattr(routing_module, "softmax_topk_reference", no_fallback)
+def device(kernel_device: Callable[..., torch.device]) -> torch.device:
+    """Where the kernels run (see conftest); a fallback to a torch reference fails the test."""
+    where = kernel_device(norm_module, ("rms_norm_reference", "add_rms_norm_reference"))
+    kernel_device(routing_module, ("softmax_topk_reference",))
     return where
 
 

@@ -8,10 +8,10 @@ Dimension key: B batch, H query heads, G key/value heads, E head channels, C cac
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import pytest
 import torch
-from moe_core.kernels.backend import prepare_interpreter
 from moe_core.kernels.qkv_rope import qkv_rope_store, qkv_rope_store_reference
 from moe_core.layers.norm import RMSNorm
 from moe_core.layers.rotary import apply_rotary
@@ -34,23 +34,9 @@ def operands(device: torch.device | str, dtype: torch.dtype, seed: int = 0
 
 
 @pytest.fixture
-def device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """CUDA (compiled) if present, else the CPU under Triton's interpreter; a fallback to the
-    torch reference fails the test."""
-    if torch.cuda.is_available():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        where = torch.device("cuda")
-    elif prepare_interpreter():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        where = torch.device("cpu")
-    else:
-        pytest.skip("no CUDA, and Triton is missing or was imported without its interpreter")
-
-    def no_fallback(*args: object) -> torch.Tensor:
-        raise AssertionError("the kernel fell back to its torch reference")
-
-    monkeypatch.setattr(qkv_rope_module, "qkv_rope_store_reference", no_fallback)
-    return where
+def device(kernel_device: Callable[..., torch.device]) -> torch.device:
+    """Where the kernels run (see conftest); a fallback to a torch reference fails the test."""
+    return kernel_device(qkv_rope_module, ("qkv_rope_store_reference",))
 
 
 @pytest.mark.parametrize("norm", [True, False])

@@ -7,10 +7,10 @@ Dimension key: B batch, H heads, T tokens, R rotary channels.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import pytest
 import torch
-from moe_core.kernels.backend import prepare_interpreter
 from moe_core.kernels.rotary import rotary, rotary_reference, rotary_supported
 from moe_core.layers.rotary import apply_rotary
 
@@ -19,23 +19,9 @@ rotary_module = importlib.import_module("moe_core.kernels.rotary")  # the packag
 
 
 @pytest.fixture
-def device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """CUDA (compiled) if present, else the CPU under Triton's interpreter; a fallback to the
-    torch reference fails the test."""
-    if torch.cuda.is_available():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        where = torch.device("cuda")
-    elif prepare_interpreter():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        where = torch.device("cpu")
-    else:
-        pytest.skip("no CUDA, and Triton is missing or was imported without its interpreter")
-
-    def no_fallback(*args: object) -> torch.Tensor:
-        raise AssertionError("the kernel fell back to its torch reference")
-
-    monkeypatch.setattr(rotary_module, "rotary_reference", no_fallback)
-    return where
+def device(kernel_device: Callable[..., torch.device]) -> torch.device:
+    """Where the kernels run (see conftest); a fallback to a torch reference fails the test."""
+    return kernel_device(rotary_module, ("rotary_reference",))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
