@@ -7,16 +7,27 @@ experts into its MoE blocks (`ExpertExecutor`), and offload experts to host memo
 """
 
 from moe_core.architectures import supported_architectures
+from moe_core.cli_app import tool_app
+from moe_core.devices import check_device
 from moe_core.dtypes import DtypeError, parse_dtype
 from moe_core.embedded_model import TINY_MODEL_NAME, tiny_model_path
 from moe_core.errors import (
     CheckpointError,
     ConfigError,
+    DeviceError,
+    InputFileError,
     MoECoreError,
+    MoEError,
+    OutputError,
+    OutputInUseError,
+    RequestError,
+    SettingError,
     UnsupportedArchitectureError,
+    bad_lines_message,
 )
 from moe_core.expert_id import ExpertId
 from moe_core.experts import ExpertExecutor, LocalExperts
+from moe_core.file_lock import lock_holder, open_locked
 from moe_core.generation import GenerationResult, generate
 from moe_core.known_shapes import known_shapes
 from moe_core.kv_cache import KVCache
@@ -37,16 +48,20 @@ from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import StreamingExecutor
+from moe_core.output_path import check_output_path, write_output_text
+from moe_core.request_limits import TRUNCATE_SIDES, Truncate, fit_prompt, parse_truncate
 from moe_core.routing import route
 from moe_core.sampling import SamplingParams, sample_next
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpec
+from moe_core.staged_output import StagedOutput
 from moe_core.tokenizer import load_tokenizer, render_chat
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TINY_MODEL_NAME",
+    "TRUNCATE_SIDES",
     "AttentionSpec",
     "CheckpointError",
     "ConfigError",
@@ -55,6 +70,7 @@ __all__ = [
     "CopyTicket",
     "CpuComputeRule",
     "CpuCopyEngine",
+    "DeviceError",
     "DtypeError",
     "EvictionPolicy",
     "ExpertExecutor",
@@ -64,6 +80,7 @@ __all__ = [
     "GenerationResult",
     "GpuSlotPool",
     "HostExpertStore",
+    "InputFileError",
     "KVCache",
     "LFUPolicy",
     "LRUPolicy",
@@ -71,6 +88,7 @@ __all__ = [
     "MappedFetcher",
     "MoEBlock",
     "MoECoreError",
+    "MoEError",
     "MoEForCausalLM",
     "MoESpec",
     "ModelSpec",
@@ -79,14 +97,24 @@ __all__ = [
     "OffloadStats",
     "OffloadedExecutor",
     "OffloadedModel",
+    "OutputError",
+    "OutputInUseError",
+    "RequestError",
     "Residency",
     "ResidencyTable",
     "RopeSpec",
     "RouterSpec",
     "SamplingParams",
+    "SettingError",
+    "StagedOutput",
     "StreamingExecutor",
+    "Truncate",
     "UnsupportedArchitectureError",
     "__version__",
+    "bad_lines_message",
+    "check_device",
+    "check_output_path",
+    "fit_prompt",
     "format_bytes",
     "generate",
     "install_offloading",
@@ -94,14 +122,19 @@ __all__ = [
     "load_model",
     "load_offloaded",
     "load_tokenizer",
+    "lock_holder",
     "make_copy_engine",
+    "open_locked",
     "pack_model",
     "parse_bytes",
     "parse_dtype",
+    "parse_truncate",
     "render_chat",
     "resolve_model_path",
     "route",
     "sample_next",
     "supported_architectures",
     "tiny_model_path",
+    "tool_app",
+    "write_output_text",
 ]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
+from moe_core.request_limits import check_fits_context
 from moe_core.sampling import SamplingParams, sample_next
 
 if TYPE_CHECKING:
@@ -108,6 +109,10 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
         tokenizer: Decodes tokens for `stop_strings`.
         pad_token_id: Fills rows that stopped early (default: the checkpoint's pad token, else
             the smallest EOS id, else 0).
+
+    Raises:
+        RequestError: an empty prompt, or one that with `max_new_tokens` exceeds the model's
+            context (`max_position_embeddings`): past it the model only generates junk.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -117,6 +122,7 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
     eos = _eos_ids(model, eos_token_id)
     pad = pad_token_for(model, pad_token_id)
     rows = _rows_of(input_ids, attention_mask)
+    check_fits_context([len(r) for r in rows], max_new_tokens, model.spec.max_position_embeddings)
     ids, mask = left_pad(rows, pad, model.device)
     b = ids.shape[0]
     generator = params.generator(model.device)
