@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from moe_core import ModelSpec
 
+from moe_cap.errors import MoECapError
 from moe_cap.hardware import GpuSpec, Peaks
 from moe_cap.run_record import RunRecord
 from moe_cap.step_cost import step_cost
@@ -47,7 +48,7 @@ class PeakRates:
     def __post_init__(self) -> None:
         for name in ("memory_bytes_per_s", "flops_per_s", "pcie_bytes_per_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"PeakRates.{name} must be positive, got {getattr(self, name)}")
+                raise MoECapError(f"the peak {name} must be positive, got {getattr(self, name)}")
 
     @classmethod
     def of(cls, gpu: GpuSpec, precision: str, peaks: Peaks = "datasheet",
