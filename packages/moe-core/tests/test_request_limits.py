@@ -7,7 +7,15 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from moe_core import RequestError, SettingError, fit_prompt, generate, load_model, parse_truncate
+from moe_core import (
+    RequestError,
+    SettingError,
+    fit_prompt,
+    fit_prompts,
+    generate,
+    load_model,
+    parse_truncate,
+)
 from moe_core.tiny_checkpoints import build_tiny_checkpoint
 
 sides = st.sampled_from([None, "left", "right"])
@@ -50,3 +58,14 @@ def test_generate_refuses_prompts_past_the_context(tmp_path_factory: pytest.Temp
     with pytest.raises(RequestError, match="prompt 1: the prompt is 250 tokens"):
         generate(model, [[5, 6], [7] * 250], max_new_tokens=8)
     assert generate(model, [[7] * 248], max_new_tokens=8).tokens.shape == torch.Size([1, 8])
+
+
+def test_every_prompt_that_cannot_run_is_reported_at_once() -> None:
+    def no_template() -> list[int]:
+        raise SettingError("the tokenizer has no chat template")
+
+    fitted, problems = fit_prompts([("line 1", lambda: [1, 2], 4), ("line 2", lambda: [], 4),
+                                    ("line 3", no_template, 4), ("line 4", lambda: [9] * 20, 4)],
+                                   context_tokens=16, truncate=None)
+    assert fitted == [[1, 2], [], [], []]
+    assert [p.split(":")[0] for p in problems] == ["line 2", "line 3", "line 4"]

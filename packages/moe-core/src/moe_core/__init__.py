@@ -49,7 +49,13 @@ from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, ins
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import StreamingExecutor
 from moe_core.output_path import check_output_path, write_output_text
-from moe_core.request_limits import TRUNCATE_SIDES, Truncate, fit_prompt, parse_truncate
+from moe_core.request_limits import (
+    TRUNCATE_SIDES,
+    Truncate,
+    fit_prompt,
+    fit_prompts,
+    parse_truncate,
+)
 from moe_core.routing import route
 from moe_core.sampling import SamplingParams, sample_next
 from moe_core.sizes import format_bytes, parse_bytes
@@ -115,6 +121,7 @@ __all__ = [
     "check_device",
     "check_output_path",
     "fit_prompt",
+    "fit_prompts",
     "format_bytes",
     "generate",
     "install_offloading",

@@ -9,12 +9,13 @@ end, `right` its start).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
-from moe_core.errors import RequestError, SettingError
+from moe_core.errors import MoEError, RequestError, SettingError
 
-__all__ = ["TRUNCATE_SIDES", "Truncate", "check_fits_context", "fit_prompt", "parse_truncate"]
+__all__ = ["TRUNCATE_SIDES", "Truncate", "check_fits_context", "fit_prompt", "fit_prompts",
+           "parse_truncate"]
 
 Truncate = Literal["left", "right"]
 TRUNCATE_SIDES: tuple[Truncate, ...] = ("left", "right")
@@ -72,3 +73,28 @@ def check_fits_context(lengths: Sequence[int], max_new_tokens: int, context_toke
             fit_prompt(range(length), max_new_tokens, context_tokens)
         except RequestError as exc:
             raise RequestError(f"prompt {index}: {exc}") from None
+
+
+def fit_prompts(prompts: Iterable[tuple[str, Callable[[], Sequence[int]], int]],
+                context_tokens: int, truncate: Truncate | None = None
+                ) -> tuple[list[list[int]], list[str]]:
+    """Every prompt of a job fitted at once, so that all that cannot run are reported together.
+
+    Args:
+        prompts: `(where, tokens, max_new_tokens)` each: how the user finds it (`"line 3"`), a
+            function giving its token ids (tokenising may fail with a `MoEError` too), its limit.
+        context_tokens: The model's context length.
+        truncate: As `fit_prompt`.
+
+    Returns:
+        Each prompt's fitted token ids (empty for one that cannot run), and the problems,
+        `"<where>: <why>"`, of those that cannot.
+    """
+    fitted, problems = [], []
+    for where, tokens, max_new_tokens in prompts:
+        try:
+            fitted.append(fit_prompt(tokens(), max_new_tokens, context_tokens, truncate))
+        except MoEError as exc:
+            fitted.append([])
+            problems.append(f"{where}: {exc}")
+    return fitted, problems

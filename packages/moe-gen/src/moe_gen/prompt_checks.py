@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
-from moe_core import MoEError, Truncate, bad_lines_message, fit_prompt
+from moe_core import Truncate, bad_lines_message, fit_prompts
 
 from moe_gen.api import Tokenizer, prompt_ids
 from moe_gen.errors import InputError
@@ -39,17 +40,10 @@ def checked_requests(requests: Sequence[tuple[int, GenRequest]], tokenizer: Toke
     Raises:
         InputError: requests that cannot run, listed by line.
     """
-    checked, problems = [], []
-    for index, request in requests:
-        limit = request.max_new_tokens or max_new_tokens
-        try:
-            ids = fit_prompt(prompt_ids(request, tokenizer), limit, context_tokens, truncate)
-        except MoEError as exc:
-            where = f"line {request.line}" if request.line else f"request {request.id!r}"
-            problems.append(f"{where}: {exc}")
-            continue
-        checked.append((index, replace(request, prompt=None, messages=None,
-                                       token_ids=tuple(ids))))
+    fitted, problems = fit_prompts(
+        ((f"line {r.line}" if r.line else f"request {r.id!r}", partial(prompt_ids, r, tokenizer),
+          r.max_new_tokens or max_new_tokens) for _, r in requests), context_tokens, truncate)
     if problems:
         raise InputError(bad_lines_message(source, problems))
-    return checked
+    return [(index, replace(request, prompt=None, messages=None, token_ids=tuple(ids)))
+            for (index, request), ids in zip(requests, fitted, strict=True)]

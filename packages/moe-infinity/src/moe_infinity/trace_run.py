@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 from moe_core import (
-    MoEError,
     MoEForCausalLM,
     RequestError,
     SettingError,
     Truncate,
     bad_lines_message,
-    fit_prompt,
+    fit_prompts,
     render_chat,
 )
 
@@ -83,19 +83,14 @@ def checked_prompts(prompts: Sequence[Prompt], tokenizer: _Tokenizer, context_to
     Raises:
         MoEInfinityError: prompts that cannot run (no tokens, too long), listed by line.
     """
-    checked, problems = [], []
-    for prompt in prompts:
-        limit = config.max_new_tokens if prompt.max_new_tokens is None else prompt.max_new_tokens
-        try:
-            ids = fit_prompt(_token_ids(tokenizer, prompt), limit, context_tokens, truncate)
-        except MoEError as exc:
-            where = f"line {prompt.line}" if prompt.line else f"prompt {prompt.request_id!r}"
-            problems.append(f"{where}: {exc}")
-            continue
-        checked.append(replace(prompt, token_ids=tuple(ids)))
+    fitted, problems = fit_prompts(
+        ((f"line {p.line}" if p.line else f"prompt {p.request_id!r}",
+          partial(_token_ids, tokenizer, p),
+          config.max_new_tokens if p.max_new_tokens is None else p.max_new_tokens)
+         for p in prompts), context_tokens, truncate)
     if problems:
         raise MoEInfinityError(bad_lines_message(source, problems))
-    return checked
+    return [replace(p, token_ids=tuple(ids)) for p, ids in zip(prompts, fitted, strict=True)]
 
 
 def trace_prompts(model: MoEForCausalLM, tokenizer: _Tokenizer, prompts: Sequence[Prompt],
