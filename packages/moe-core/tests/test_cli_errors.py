@@ -73,6 +73,13 @@ def test_sigterm_ends_a_command_like_ctrl_c() -> None:
     assert signal.getsignal(signal.SIGTERM) == before  # restored after the command
 
 
+def test_an_option_that_does_not_parse_is_one_line_too() -> None:
+    result = CliRunner().invoke(make_app(None), ["go", "--colour"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: No such option: --colour (see moe-demo go --help)"]
+
+
 def test_the_cli_framework_exits_pass_through() -> None:
     assert run(typer.Exit(3)) == (3, "")
     assert run(None)[0] == 0

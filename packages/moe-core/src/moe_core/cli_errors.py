@@ -3,6 +3,7 @@
 One handler for all four command lines (`moe-core`, `moe-gen`, `moe-infinity`, `moe-cap`):
 
 - a user's mistake (any `MoEError`) prints `error: <message>` as one line on stderr, exit 1;
+  an option value the command line cannot parse (`--context -1`) likewise, exit 2;
 - Ctrl-C (SIGINT) prints `interrupted` (with "rerun the same command to resume" where the
   command resumes), exit 130; SIGTERM likewise, exit 143, so `kill` and a batch scheduler's
   time limit leave the same tidy state as Ctrl-C;
@@ -76,6 +77,15 @@ def _is_control_flow(exc: BaseException) -> bool:
     return isinstance(exc, typer.Exit | typer.Abort) or hasattr(exc, "exit_code")
 
 
+def _usage_error_line(exc: BaseException) -> str | None:
+    """A usage error's message with where to find help (None for other framework exits)."""
+    format_message = getattr(exc, "format_message", None)
+    if format_message is None or type(exc).__name__ == "NoArgsIsHelpError":  # that one is help
+        return None
+    ctx = getattr(exc, "ctx", None)
+    return format_message() + (f" (see {ctx.command_path} --help)" if ctx is not None else "")
+
+
 @contextmanager
 def reported_errors(tool: str, resumable: Callable[[], bool] = lambda: False) -> Iterator[None]:
     """Run a command's body; end it as the module docstring says.
@@ -99,6 +109,10 @@ def reported_errors(tool: str, resumable: Callable[[], bool] = lambda: False) ->
         code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
         raise typer.Exit(code) from None
     except Exception as exc:
+        usage = _usage_error_line(exc) if _is_control_flow(exc) else None
+        if usage is not None:
+            print_error(usage)
+            raise typer.Exit(int(exc.exit_code)) from None  # type: ignore[attr-defined]
         if _is_control_flow(exc):
             raise
         traceback.print_exc(file=sys.stderr)
