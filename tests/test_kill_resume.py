@@ -2,9 +2,10 @@
 with every request in its output exactly once, with the text an uninterrupted run gives.
 
 Hypothesis picks the kills: how many results the run writes before it (0 or 1 more), how long
-after that it lands, and the signal. The job is the embedded tiny model on the CPU, greedy, with
-ragged per-request token limits, so runs end with requests at every stage (queued, prefilled,
-half decoded, written). Each run is a real process (the fork server of conftest.py).
+after that it lands (a share of an uninterrupted run's time, so that kills land mid-run on a fast
+machine as on a slow one), and the signal. The job is the embedded tiny model on the CPU,
+greedy, with ragged per-request token limits, so runs end with requests at every stage (queued,
+prefilled, half decoded, written). Each run is a real process (the fork server of conftest.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ ARGS = ("run", "--input", "requests.jsonl", "--output", OUTPUT, "--device", "cpu
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}
 MIN_INTERRUPTIONS = 20
 
-Kill = tuple[signal.Signals, int, float]
+Kill = tuple[signal.Signals, int, float]  # signal, results first, delay (share of a run)
 kills = st.tuples(st.sampled_from(list(EXIT_STATUS)), st.integers(0, 1), st.floats(0.0, 0.4))
 
 
@@ -54,24 +55,27 @@ def complete_lines(path: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(cli: CliServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Each request's text from one uninterrupted run."""
+def reference(cli: CliServer, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[dict[str, object], float]:
+    """Each request's text from one uninterrupted run, and how long the run took."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     write_requests(folder)
+    started = time.monotonic()
     finished = cli.run("moe-gen", *ARGS, cwd=folder)
     assert finished.status == 0, finished.stderr
-    return {str(r["id"]): r["text"] for r in results(folder / OUTPUT)}
+    return ({str(r["id"]): r["text"] for r in results(folder / OUTPUT)},
+            time.monotonic() - started)
 
 
-def interrupt(cli: CliServer, folder: Path, kill: Kill) -> bool:
+def interrupt(cli: CliServer, folder: Path, kill: Kill, run_s: float) -> bool:
     """One run of the job in `folder`, killed as `kill` says; whether the kill landed."""
-    sig, more_results, delay_s = kill
+    sig, more_results, delay = kill
     output = folder / OUTPUT
     before = complete_lines(output)
     running = cli.start("moe-gen", *ARGS, cwd=folder)
     cli.wait_until(lambda: not running.is_running()
                    or complete_lines(output) >= before + more_results)
-    time.sleep(delay_s)
+    time.sleep(delay * run_s)
     landed = running.is_running()
     if landed:
         os.kill(running.pid, sig)
@@ -89,7 +93,8 @@ def interrupt(cli: CliServer, folder: Path, kill: Kill) -> bool:
 
 
 def test_killed_and_resumed_job_writes_every_request_once(
-        cli: CliServer, reference: dict[str, object], tmp_path: Path) -> None:
+        cli: CliServer, reference: tuple[dict[str, object], float], tmp_path: Path) -> None:
+    texts, run_s = reference
     landed: list[Kill] = []
 
     @settings(max_examples=12, deadline=None, derandomize=True, database=None,
@@ -98,12 +103,12 @@ def test_killed_and_resumed_job_writes_every_request_once(
     def killed_then_finished(plan: list[Kill]) -> None:
         folder = Path(tempfile.mkdtemp(dir=tmp_path))
         write_requests(folder)
-        landed.extend(kill for kill in plan if interrupt(cli, folder, kill))
+        landed.extend(kill for kill in plan if interrupt(cli, folder, kill, run_s))
         finished = cli.run("moe-gen", *ARGS, cwd=folder)
         assert finished.status == 0, finished.stderr
         out = results(folder / OUTPUT)
-        assert sorted(str(r["id"]) for r in out) == sorted(reference)  # each id exactly once
-        assert {str(r["id"]): r["text"] for r in out} == reference
+        assert sorted(str(r["id"]) for r in out) == sorted(texts)  # each id exactly once
+        assert {str(r["id"]): r["text"] for r in out} == texts
 
     killed_then_finished()
     assert len(landed) >= MIN_INTERRUPTIONS, f"only {len(landed)} kills landed mid-run"
