@@ -153,7 +153,7 @@ def test_cost_table_and_options(run_record: Path) -> None:
     no_host = json.loads(run("cost", str(run_record), "--no-host", "--json").stdout)
     assert set(no_host["energy"]) == {"gpu"}
     assert_one_line_error(run("cost", str(run_record), "--utilisation", "2"),
-                          "CostConfig.utilisation must be in (0, 1]")
+                          "utilisation must be in (0, 1]")
     assert_one_line_error(run("cost", str(run_record), "--cpu", "Z80"), "unknown CPU 'Z80'")
 
 

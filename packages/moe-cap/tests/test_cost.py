@@ -10,6 +10,7 @@ from moe_cap import (
     CostConfig,
     HardwareError,
     HardwareTable,
+    MoECapError,
     RunRecord,
     StepRecord,
     decode_batch,
@@ -110,8 +111,9 @@ def test_a_run_without_decode_has_no_output_price(table: HardwareTable) -> None:
 
 
 def test_config_validation_names_the_field() -> None:
+    """In the user's words: the field, not the class (`CostConfig.years`)."""
     for field, value in (("years", 0), ("utilisation", 1.5), ("pue", 0.9), ("gpu_load", -1)):
-        with pytest.raises(ValueError, match=f"CostConfig.{field}"):
+        with pytest.raises(MoECapError, match=f"^{field} must be"):
             CostConfig(**{field: value})
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moe_core import SamplingParams
+from moe_core import SamplingParams, SettingError
 from moe_core.sampling import sample_next
 
 PROPERTY_SETTINGS = settings(max_examples=50, deadline=None)
@@ -53,7 +53,8 @@ def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> set[int]:
     ({"top_p": -0.2}, r"top_p must be in \(0, 1\], got -0.2"),
 ])
 def test_invalid_params(fields: dict[str, float], message: str) -> None:
-    with pytest.raises(ValueError, match=rf"SamplingParams\.{message}"):
+    """A setting error (a `ValueError`) in the user's words: the field, not the class."""
+    with pytest.raises(SettingError, match=rf"^{message}$"):
         SamplingParams(**fields)  # type: ignore[arg-type]
 
 

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from moe_core import TINY_MODEL_NAME
-from moe_gen import Defaults
+from moe_core import TINY_MODEL_NAME, OutputError
+from moe_gen import Defaults, InputError
 from moe_gen.cli import app
 from moe_gen.job import JobConfig, run_job, sample_input
 from typer.testing import CliRunner
@@ -113,3 +113,45 @@ def test_cli_reports_bad_input_lines(tmp_path: Path) -> None:
                                       str(tmp_path / "o.jsonl")])
     assert result.exit_code == 1
     assert "line 2: duplicate id 'a'" in result.output
+
+
+def test_requests_are_checked_before_the_model_loads(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request that cannot run is reported, by line, and nothing is loaded or written."""
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("moe_gen.job.load_for_generation", no_load)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "ok", "prompt": "fine"}\n'
+                   '{"id": "t", "prompt": "x", "temperature": -1}\n'
+                   '{"id": "e", "prompt": ""}\n'
+                   + json.dumps({"id": "long", "prompt": "word " * 1100}) + "\n")
+    job = JobConfig(TINY_MODEL_NAME, bad, tmp_path / "out.jsonl", Defaults(max_new_tokens=NEW))
+    with pytest.raises(InputError, match="2 bad line") as info:
+        run_job(job)
+    assert "line 2: request 't': temperature must be >= 0" in str(info.value)
+    assert "line 3: request 'e': the prompt is empty" in str(info.value)
+    bad.write_text('{"id": "ok", "prompt": "fine"}\n'
+                   + json.dumps({"id": "long", "prompt": "word " * 1100}) + "\n")
+    with pytest.raises(InputError, match=r"line 2: the prompt is \d+ tokens.*context of 1024"):
+        run_job(job)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_rerun_of_a_finished_job_still_has_its_run_record(tmp_path: Path,
+                                                            full_run: tuple) -> None:
+    first = run_job(config(tmp_path))
+    again = run_job(config(tmp_path))
+    assert again.skipped == len(full_run[0]) and again.summary.requests == 0
+    assert again.record == first.record
+    assert RunRecord.from_dict(again.record).output_tokens == sum(
+        r["completion_tokens"] for r in full_run[0])
+
+
+def test_a_run_record_moe_gen_did_not_write_is_never_overwritten(tmp_path: Path) -> None:
+    foreign = tmp_path / "out.jsonl.run-record.json"
+    foreign.write_text('{"mine": true}\n')
+    with pytest.raises(OutputError, match="not a moe-gen run record"):
+        run_job(config(tmp_path))
+    assert foreign.read_text() == '{"mine": true}\n'

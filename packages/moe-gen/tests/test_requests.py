@@ -54,7 +54,7 @@ def test_every_bad_line_is_listed(tmp_path: Path) -> None:
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="no such input file"):
         read_requests(tmp_path / "nope.jsonl")
     with pytest.raises(InputError, match="empty"):
         read_requests(write(tmp_path, "\n\n"))

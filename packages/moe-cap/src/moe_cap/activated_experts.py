@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from moe_core import ModelSpec
 
+from moe_cap.errors import MoECapError
+
 __all__ = [
     "ActivatedExperts",
     "activated_experts",
@@ -103,12 +105,12 @@ def activated_experts(spec: ModelSpec, num_tokens: int,
     if measured is not None:
         measured = tuple(int(m) for m in measured)
         if len(measured) != spec.num_moe_layers:
-            raise ValueError(f"measured experts: {len(measured)} layers given, the model has "
+            raise MoECapError(f"measured experts: {len(measured)} layers given, the model has "
                              f"{spec.num_moe_layers} MoE layers")
         ceiling = min(moe.num_experts, num_tokens * moe.router.top_k)
         bad = [m for m in measured if not 0 <= m <= ceiling]
         if bad:
-            raise ValueError(f"measured experts {bad} outside 0..{ceiling} for {num_tokens} "
+            raise MoECapError(f"measured experts {bad} outside 0..{ceiling} for {num_tokens} "
                              f"tokens, {moe.num_experts} experts, top-{moe.router.top_k}")
     return ActivatedExperts(num_tokens, expected, measured, moe.num_shared_experts)
 

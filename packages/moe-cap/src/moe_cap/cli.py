@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
+import moe_core
 import typer
 from moe_core import (
     TINY_MODEL_NAME,
     ModelSpec,
-    MoECoreError,
     known_shapes,
     parse_bytes,
     resolve_model_path,
+    tool_app,
 )
-from rich.console import Console
 
 import moe_cap
 from moe_cap.cost import CostConfig, price_run
@@ -35,14 +33,14 @@ from moe_cap.roofline import metrics_sweep
 from moe_cap.run_record import RunRecord
 from moe_cap.utilisation import run_peaks, run_samples, summarise
 
-__all__ = ["app", "user_errors"]
+__all__ = ["app"]
 
-app = typer.Typer(
-    help="moe-cap: sparsity-aware metrics, hardware tables and cost of MoE inference.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-_err = Console(stderr=True)
+app = tool_app(
+    "moe-cap", moe_cap.__version__,
+    "moe-cap: sparsity-aware metrics, hardware tables and cost of MoE inference.", [
+        "moe-cap metrics mixtral-8x7b --gpu H200 --batch 1,32,256",
+        "moe-cap cost run-record.json    (price a run record from moe-gen run --json)",
+    ], runtime_version=moe_core.__version__)
 
 HardwareFile = Annotated[Path | None, typer.Option(
     "--hardware-file", help="YAML file overriding or extending the hardware table "
@@ -55,16 +53,6 @@ PeaksOpt = Annotated[str, typer.Option(
     help="Peak rates to divide by: 'datasheet', or 'measured' where the table has them.")]
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user mistake into one line on stderr and exit status 1."""
-    try:
-        yield
-    except (MoECapError, MoECoreError, ValueError, FileNotFoundError) as exc:
-        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
 def _emit(data: object) -> None:
     json.dump(data, sys.stdout)
     sys.stdout.write("\n")
@@ -72,7 +60,7 @@ def _emit(data: object) -> None:
 
 def _peaks(value: str) -> Peaks:
     if value not in ("datasheet", "measured"):
-        raise ValueError(f"--peaks must be 'datasheet' or 'measured', got {value!r}")
+        raise MoECapError(f"--peaks must be 'datasheet' or 'measured', got {value!r}")
     return value  # type: ignore[return-value]
 
 
@@ -89,19 +77,12 @@ def _batches(text: str) -> list[int]:
     try:
         return [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise ValueError(f"--batch takes comma-separated integers, got {text!r}") from None
-
-
-@app.callback()
-def main() -> None:
-    """Keep `moe-cap` a command group."""
+        raise MoECapError(f"--batch takes comma-separated integers, got {text!r}") from None
 
 
 @app.command()
 def version() -> None:
-    """Print the versions of moe-cap and the moe-core runtime."""
-    import moe_core
-
+    """Print the versions of moe-cap and the moe-core runtime (as --version does)."""
     typer.echo(f"moe-cap {moe_cap.__version__} (moe-core {moe_core.__version__})")
 
 
@@ -131,15 +112,14 @@ def metrics(
     as_json: AsJson = False,
 ) -> None:
     """Bytes, FLOPs, activated experts, bounds and tokens/s ceilings per batch size."""
-    with user_errors():
-        spec = _spec(model, num_layers)
-        table = load_hardware_table(hardware_file)
-        target = _gpu(table, gpu)
-        rows = metrics_sweep(spec, _batches(batch), context, target, weight_dtype=dtype,
-                             kv_dtype=kv_dtype, expert_dtype=expert_dtype,
-                             compute_dtype=compute_dtype, peaks=_peaks(peaks),
-                             gpu_memory_bytes=None if gpu_memory is None
-                             else parse_bytes(gpu_memory))
+    spec = _spec(model, num_layers)
+    table = load_hardware_table(hardware_file)
+    target = _gpu(table, gpu)
+    rows = metrics_sweep(spec, _batches(batch), context, target, weight_dtype=dtype,
+                         kv_dtype=kv_dtype, expert_dtype=expert_dtype,
+                         compute_dtype=compute_dtype, peaks=_peaks(peaks),
+                         gpu_memory_bytes=None if gpu_memory is None
+                         else parse_bytes(gpu_memory))
     if as_json:
         _emit({"model": model, "gpu": target.name, "peaks": peaks, "context": context,
                "rows": [r.to_dict() for r in rows]})
@@ -150,8 +130,7 @@ def metrics(
 @app.command()
 def hardware(hardware_file: HardwareFile = None, as_json: AsJson = False) -> None:
     """List the hardware table: GPUs, CPUs and host memory, each row with its source."""
-    with user_errors():
-        table = load_hardware_table(hardware_file)
+    table = load_hardware_table(hardware_file)
     if as_json:
         _emit({"sources": list(table.sources), "gpus": [asdict(g) for g in table.gpus],
                "cpus": [asdict(c) for c in table.cpus], "dram": [asdict(d) for d in table.dram]})
@@ -185,13 +164,12 @@ def cost(
     as_json: AsJson = False,
 ) -> None:
     """Price a run record: $/hour, $ per 1M input and output tokens, joules per token."""
-    with user_errors():
-        record = RunRecord.from_json(run_record)
-        config = CostConfig(years=years, utilisation=utilisation, usd_per_kwh=usd_per_kwh,
-                            pue=pue, gpu=gpu, gpu_load=gpu_load, cpu_load=cpu_load, cpu=cpu,
-                            cpu_sockets=cpu_sockets, dram_gib=dram_gib, dram=dram,
-                            include_host=not no_host, cloud_usd_per_hour=cloud_usd_per_hour)
-        report = price_run(record, load_hardware_table(hardware_file), config)
+    config = CostConfig(years=years, utilisation=utilisation, usd_per_kwh=usd_per_kwh,
+                        pue=pue, gpu=gpu, gpu_load=gpu_load, cpu_load=cpu_load, cpu=cpu,
+                        cpu_sockets=cpu_sockets, dram_gib=dram_gib, dram=dram,
+                        include_host=not no_host, cloud_usd_per_hour=cloud_usd_per_hour)
+    record = RunRecord.from_json(run_record)
+    report = price_run(record, load_hardware_table(hardware_file), config)
     if as_json:
         _emit({"run_record": str(run_record), "engine": record.engine,
                "gpu": gpu or record.gpu, **report.to_dict()})
@@ -211,12 +189,10 @@ def utilisation_command(
     as_json: AsJson = False,
 ) -> None:
     """S-MBU, S-MFU and PCIe utilisation of a run record: time-weighted, plus percentiles."""
-    with user_errors():
-        record = RunRecord.from_json(run_record)
-        spec = _spec(record.model, None)
-        device, peak = run_peaks(record, load_hardware_table(hardware_file), _peaks(peaks),
-                                 gpu, cpu)
-        summaries = summarise(run_samples(record, spec), peak)
+    record = RunRecord.from_json(run_record)
+    spec = _spec(record.model, None)
+    device, peak = run_peaks(record, load_hardware_table(hardware_file), _peaks(peaks), gpu, cpu)
+    summaries = summarise(run_samples(record, spec), peak)
     on_cpu = names_no_gpu(gpu or record.gpu)
     if as_json:
         _emit({"run_record": str(run_record), "engine": record.engine,

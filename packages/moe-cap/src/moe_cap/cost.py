@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from moe_cap.errors import HardwareError
+from moe_cap.errors import HardwareError, MoECapError
 from moe_cap.hardware import GpuSpec, HardwareTable, names_no_gpu
 from moe_cap.run_record import RunRecord
 
@@ -77,7 +77,7 @@ class CostConfig:
                  "cpu_sockets": "> 0", "dram_gib": ">= 0", "cloud_usd_per_hour": ">= 0"}
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"CostConfig.{name} must be {rules[name]}, "
+                raise MoECapError(f"{name} must be {rules[name]}, "
                                  f"got {getattr(self, name)}")
 
 

@@ -3,10 +3,12 @@ so the CLI prints them as they are and exits 1 instead of showing a traceback.""
 
 from __future__ import annotations
 
+from moe_core import MoEError
+
 __all__ = ["HardwareError", "MoECapError", "RunRecordError"]
 
 
-class MoECapError(ValueError):
+class MoECapError(MoEError, ValueError):
     """Base class of every error that reports a user mistake."""
 
 

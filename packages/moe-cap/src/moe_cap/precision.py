@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from moe_cap.errors import MoECapError
+
 __all__ = ["PRECISIONS", "Precision", "bits_per_element", "parse_precision", "storage_bytes"]
 
 Precision = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4", "fp4"]
@@ -34,7 +36,7 @@ def parse_precision(name: str) -> Precision:
     key = str(name).strip().lower().removeprefix("torch.")
     key = _ALIASES.get(key, key)
     if key not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
+        raise MoECapError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
     return key  # type: ignore[return-value]
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 
 from moe_core import ModelSpec
 
+from moe_cap.errors import MoECapError
 from moe_cap.hardware import GpuSpec, Peaks
 from moe_cap.precision import storage_bytes
 from moe_cap.step_cost import StepCost, decode_batch, prefill_batch, step_cost
@@ -83,7 +84,7 @@ def host_expert_share(spec: ModelSpec, gpu_memory_bytes: int, kv_bytes: int,
     dense = storage_bytes(spec.dense_params, weight_dtype)
     free = gpu_memory_bytes - dense - kv_bytes
     if free < 0:
-        raise ValueError(f"the dense weights ({dense / 2**30:.2f} GiB) and KV cache "
+        raise MoECapError(f"the dense weights ({dense / 2**30:.2f} GiB) and KV cache "
                          f"({kv_bytes / 2**30:.2f} GiB) exceed the GPU memory budget "
                          f"({gpu_memory_bytes / 2**30:.2f} GiB)")
     total = spec.moe.num_experts * spec.num_moe_layers
@@ -133,7 +134,7 @@ def metrics_sweep(spec: ModelSpec, batches: Sequence[int], context: int, gpu: Gp
         ValueError: a batch size or context below 1, or a budget too small for the dense part.
     """
     if context < 1 or any(b < 1 for b in batches):
-        raise ValueError(f"batch sizes and context must be at least 1 (got {list(batches)}, "
+        raise MoECapError(f"batch sizes and context must be at least 1 (got {list(batches)}, "
                          f"{context})")
     peak = PeakRates.of(gpu, compute_dtype or weight_dtype, peaks)
     rows = []

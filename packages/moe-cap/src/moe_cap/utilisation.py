@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from moe_core import ModelSpec
 
-from moe_cap.errors import HardwareError
+from moe_cap.errors import HardwareError, MoECapError
 from moe_cap.hardware import CpuSpec, GpuSpec, HardwareTable, Peaks, names_no_gpu
 from moe_cap.run_record import RunRecord
 from moe_cap.step_cost import step_cost
@@ -53,7 +53,7 @@ class PeakRates:
         for name in ("memory_bytes_per_s", "flops_per_s", "pcie_bytes_per_s"):
             value = getattr(self, name)
             if not (value is None and name == "pcie_bytes_per_s") and not value > 0:
-                raise ValueError(f"PeakRates.{name} must be positive, got {value}")
+                raise MoECapError(f"the peak {name} must be positive, got {value}")
 
     @classmethod
     def of(cls, gpu: GpuSpec, precision: str, peaks: Peaks = "datasheet",

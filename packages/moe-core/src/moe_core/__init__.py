@@ -8,17 +8,28 @@ experts into its MoE blocks (`ExpertExecutor`), and offload experts to host memo
 
 from moe_core.architectures import supported_architectures
 from moe_core.attention_inputs import AttentionInputs
+from moe_core.cli_app import tool_app
 from moe_core.decode_runner import DecodeRunner, graph_blockers
+from moe_core.devices import check_device
 from moe_core.dtypes import DtypeError, parse_dtype, run_dtype
 from moe_core.embedded_model import TINY_MODEL_NAME, tiny_model_path
 from moe_core.errors import (
     CheckpointError,
     ConfigError,
+    DeviceError,
+    InputFileError,
     MoECoreError,
+    MoEError,
+    OutputError,
+    OutputInUseError,
+    RequestError,
+    SettingError,
     UnsupportedArchitectureError,
+    bad_lines_message,
 )
 from moe_core.expert_id import ExpertId
 from moe_core.experts import ExpertExecutor, LocalExperts
+from moe_core.file_lock import lock_holder, open_locked
 from moe_core.generation import GenerationResult, generate
 from moe_core.known_shapes import known_shapes
 from moe_core.kv_cache import KVCache
@@ -40,11 +51,20 @@ from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import StreamingExecutor
+from moe_core.output_path import check_output_path, write_output_text
+from moe_core.request_limits import (
+    TRUNCATE_SIDES,
+    Truncate,
+    fit_prompt,
+    fit_prompts,
+    parse_truncate,
+)
 from moe_core.routing import route
 from moe_core.routing_control import UniformRouting, uniform_routing
 from moe_core.sampling import SamplingParams, sample_next
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpec
+from moe_core.staged_output import StagedOutput
 from moe_core.static_kv_cache import StaticKVCache
 from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
 from moe_core.tokenizer import load_tokenizer, render_chat
@@ -54,6 +74,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TINY_KINDS",
     "TINY_MODEL_NAME",
+    "TRUNCATE_SIDES",
     "AttentionBranch",
     "AttentionInputs",
     "AttentionSpec",
@@ -66,6 +87,7 @@ __all__ = [
     "CpuCopyEngine",
     "DecodeRunner",
     "DecoderLayer",
+    "DeviceError",
     "DtypeError",
     "EvictionPolicy",
     "ExpertExecutor",
@@ -75,6 +97,7 @@ __all__ = [
     "GenerationResult",
     "GpuSlotPool",
     "HostExpertStore",
+    "InputFileError",
     "KVCache",
     "KVStore",
     "LFUPolicy",
@@ -84,6 +107,7 @@ __all__ = [
     "MixObserver",
     "MoEBlock",
     "MoECoreError",
+    "MoEError",
     "MoEForCausalLM",
     "MoESpec",
     "ModelSpec",
@@ -92,18 +116,29 @@ __all__ = [
     "OffloadStats",
     "OffloadedExecutor",
     "OffloadedModel",
+    "OutputError",
+    "OutputInUseError",
+    "RequestError",
     "Residency",
     "ResidencyTable",
     "RopeSpec",
     "RouterSpec",
     "SamplingParams",
     "SequenceKV",
+    "SettingError",
+    "StagedOutput",
     "StaticKVCache",
     "StreamingExecutor",
+    "Truncate",
     "UniformRouting",
     "UnsupportedArchitectureError",
     "__version__",
+    "bad_lines_message",
     "build_tiny_checkpoint",
+    "check_device",
+    "check_output_path",
+    "fit_prompt",
+    "fit_prompts",
     "format_bytes",
     "generate",
     "graph_blockers",
@@ -112,10 +147,13 @@ __all__ = [
     "load_model",
     "load_offloaded",
     "load_tokenizer",
+    "lock_holder",
     "make_copy_engine",
+    "open_locked",
     "pack_model",
     "parse_bytes",
     "parse_dtype",
+    "parse_truncate",
     "render_chat",
     "resolve_model_path",
     "route",
@@ -123,5 +161,7 @@ __all__ = [
     "sample_next",
     "supported_architectures",
     "tiny_model_path",
+    "tool_app",
     "uniform_routing",
+    "write_output_text",
 ]

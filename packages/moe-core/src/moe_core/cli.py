@@ -7,25 +7,33 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+import moe_core
+from moe_core.cli_app import tool_app
+from moe_core.devices import check_device
 from moe_core.embedded_model import TINY_MODEL_NAME
-from moe_core.errors import MoECoreError
+from moe_core.errors import RequestError, SettingError
 from moe_core.loader import resolve_model_path
+from moe_core.request_limits import Truncate, fit_prompt, parse_truncate
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import ModelSpec
 from moe_core.spec_report import spec_report
 
-__all__ = ["app", "user_errors"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-app = typer.Typer(help="moe-core: inspect and run mixture-of-experts checkpoints.",
-                  no_args_is_help=True, add_completion=False)
+__all__ = ["app"]
+
+app = tool_app("moe-core", moe_core.__version__,
+               "moe-core: inspect and run mixture-of-experts checkpoints.", [
+                   'moe-core generate -p "Once upon a time"    (the embedded tiny-moe, on the CPU)',
+                   "moe-core inspect qwen3-30b-a3b --gpu-memory 16GiB    (how a model fits a GPU)",
+               ])
 _err = Console(stderr=True)
 
 
@@ -33,16 +41,6 @@ def _add_training_commands() -> None:
     from moe_core.tiny_training.cli import train_app
 
     app.add_typer(train_app, name="train-tiny")
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user mistake (a `MoECoreError` or `ValueError`) into one line on stderr, exit 1."""
-    try:
-        yield
-    except (MoECoreError, ValueError, FileNotFoundError) as exc:
-        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 def _count(n: int) -> str:
@@ -95,14 +93,14 @@ def inspect(
     dtype: Annotated[str, typer.Option(help="Storage dtype for the memory figures.")] = "bfloat16",
     gpu_memory: Annotated[str | None, typer.Option(
         help="GPU memory budget, e.g. 12GiB: say how the model can run within it.")] = None,
-    context: Annotated[int, typer.Option(help="Sequence length for the KV-cache figure.")] = 4096,
+    context: Annotated[int, typer.Option(
+        min=1, help="Sequence length for the KV-cache figure.")] = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print a model's shape and the memory each part needs, from its config.json alone."""
-    with user_errors():
-        spec = ModelSpec.from_pretrained(resolve_model_path(model, weights=False))
-        budget = parse_bytes(gpu_memory) if gpu_memory is not None else None
-        report = spec_report(spec, dtype, budget, context)
+    spec = ModelSpec.from_pretrained(resolve_model_path(model, weights=False))
+    budget = parse_bytes(gpu_memory) if gpu_memory is not None else None
+    report = spec_report(spec, dtype, budget, context)
     if as_json:
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
@@ -145,40 +143,39 @@ def generate(
     graphs: Annotated[bool, typer.Option(
         help="On CUDA, decode through captured CUDA graphs where the model allows it "
              "(--no-graphs: launch every kernel from Python, e.g. to compare).")] = True,
+    truncate: Annotated[str | None, typer.Option(
+        help="A prompt too long for the model's context (with --max-new-tokens): left drops "
+             "its start, right its end (default: refuse it).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
 ) -> None:
     """Generate completions, with the whole model on the device or its experts offloaded."""
     from moe_core.loader import load_model
-    from moe_core.tokenizer import load_tokenizer, render_chat
 
-    with user_errors():
-        if (store is not None or stats or fetch != "copy") and expert_memory is None:
-            raise ValueError("--store, --fetch and --stats need --expert-memory (offloaded "
-                             "experts)")
-        if fetch not in ("copy", "mapped"):
-            raise ValueError(f"--fetch must be copy or mapped, got {fetch!r}")
-        runtime = None
-        if expert_memory is None:
-            net = load_model(model, device=device, dtype=dtype)
-        else:
-            from moe_core.offload.loading import load_offloaded
-            from moe_core.offload.policy import LFUPolicy, LRUPolicy
+    if (store is not None or stats or fetch != "copy") and expert_memory is None:
+        raise SettingError("--store, --fetch and --stats need --expert-memory (offloaded "
+                           "experts)")
+    if fetch not in ("copy", "mapped"):
+        raise SettingError(f"--fetch must be copy or mapped, got {fetch!r}")
+    check_device(device)
+    tokenizer, rows = _prompt_rows(model, prompt, chat, max_new_tokens, parse_truncate(truncate))
+    runtime = None
+    if expert_memory is None:
+        net = load_model(model, device=device, dtype=dtype)
+    else:
+        from moe_core.offload.loading import load_offloaded
+        from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
 
-            policies = {"lru": LRUPolicy, "lfu": LFUPolicy}
-            if policy not in policies:
-                raise ValueError(f"--policy must be lru or lfu, got {policy!r}")
-            loaded = load_offloaded(model, device, parse_bytes(expert_memory), dtype=dtype,
-                                    store=store, policy=policies[policy](),
-                                    fetch=fetch,  # type: ignore[arg-type]
-                                    verify_store=verify_store)
-            net, runtime = loaded.model, loaded.runtime
-        assert net.source is not None
-        tokenizer = load_tokenizer(net.source)
-        rows = [render_chat(tokenizer, [{"role": "user", "content": p}]) if chat
-                else tokenizer(p)["input_ids"] for p in prompt]
-        result = net.generate_full(rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=seed,
-                                   graphs=None if graphs else False)
+        policies: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "lfu": LFUPolicy}
+        if policy not in policies:
+            raise SettingError(f"--policy must be lru or lfu, got {policy!r}")
+        loaded = load_offloaded(model, device, parse_bytes(expert_memory), dtype=dtype,
+                                store=store, policy=policies[policy](),
+                                fetch=fetch,  # type: ignore[arg-type]
+                                verify_store=verify_store)
+        net, runtime = loaded.model, loaded.runtime
+    result = net.generate_full(rows, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed,
+                               graphs=None if graphs else False)
     for i, text_prompt in enumerate(prompt):
         ids = result.tokens[i, : result.lengths[i]].tolist()
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -190,6 +187,26 @@ def generate(
             print(f"user: {text_prompt}\nassistant: {text}" if chat else f"{text_prompt}{text}")
     if stats and runtime is not None:
         _print_stats(runtime.summary())
+
+
+def _prompt_rows(model: str, prompts: list[str], chat: bool, max_new_tokens: int,
+                 truncate: Truncate | None) -> tuple[PreTrainedTokenizerBase, list[list[int]]]:
+    """The tokenizer and each prompt's tokens, checked against the model's context before any
+    weight is read."""
+    from moe_core.tokenizer import load_tokenizer, render_chat
+
+    folder = resolve_model_path(model, weights=False)
+    tokenizer = load_tokenizer(folder)
+    context = ModelSpec.from_pretrained(folder).max_position_embeddings
+    rows = []
+    for number, text in enumerate(prompts, start=1):
+        ids = (render_chat(tokenizer, [{"role": "user", "content": text}]) if chat
+               else tokenizer(text)["input_ids"])
+        try:
+            rows.append(fit_prompt(ids, max_new_tokens, context, truncate))
+        except RequestError as exc:
+            raise RequestError(f"--prompt {number}: {exc}") from None
+    return tokenizer, rows
 
 
 def _print_stats(summary: dict[str, int | float]) -> None:
@@ -231,8 +248,8 @@ def pack(
     from moe_core.offload.packing import pack_model
 
     started = time.perf_counter()
-    with user_errors(), Progress("{task.description}", BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), console=_err, transient=True) as bar:
+    with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=_err, transient=True) as bar:
         task = bar.add_task("packing experts", total=None)
         header = pack_model(model, out, dtype=dtype, num_layers=num_layers, dummy=dummy,
                             seed=seed,
@@ -255,8 +272,7 @@ def make_tiny(
     """Write a tiny random checkpoint of an architecture with transformers (for tests and demos)."""
     from moe_core.tiny_checkpoints import build_tiny_checkpoint
 
-    with user_errors():
-        folder = build_tiny_checkpoint(kind, out, seed=seed)
+    folder = build_tiny_checkpoint(kind, out, seed=seed)
     _err.print(f"wrote a tiny {kind} checkpoint to {folder}")
 
 
@@ -273,10 +289,9 @@ def verify(
     """Compare our logits and greedy tokens with transformers' on this checkpoint (fp32, CPU)."""
     from moe_core.verification import verify_against_transformers
 
-    with user_errors():
-        report = verify_against_transformers(resolve_model_path(model), batch=batch,
-                                             prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                                             tolerance=tolerance)
+    report = verify_against_transformers(resolve_model_path(model), batch=batch,
+                                         prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                                         tolerance=tolerance)
     if as_json:
         print(json.dumps(report.to_dict()))
     else:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 
 from moe_core.decode_runner import DecodeRunner, graph_blockers
+from moe_core.errors import SettingError
+from moe_core.request_limits import check_fits_context
 from moe_core.sampling import SamplingParams, sample_next
 
 if TYPE_CHECKING:
@@ -111,7 +113,11 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
             the smallest EOS id, else 0).
         graphs: Decode through CUDA graphs (`DecodeRunner`): None (default) uses them on CUDA
             whenever the model can be captured (`graph_blockers`), False never, True requires
-            them (ValueError where impossible).
+            them (SettingError where impossible).
+
+    Raises:
+        RequestError: an empty prompt, or one that with `max_new_tokens` exceeds the model's
+            context (`max_position_embeddings`): past it the model only generates junk.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -121,6 +127,7 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
     eos = _eos_ids(model, eos_token_id)
     pad = pad_token_for(model, pad_token_id)
     rows = _rows_of(input_ids, attention_mask)
+    check_fits_context([len(r) for r in rows], max_new_tokens, model.spec.max_position_embeddings)
     ids, mask = left_pad(rows, pad, model.device)
     b = ids.shape[0]
     generator = params.generator(model.device)
@@ -202,7 +209,7 @@ def _runner(model: MoEForCausalLM, batch_size: int, slots: int,
     blockers = graph_blockers(model)
     if blockers:
         if graphs:
-            raise ValueError(f"graph-captured decoding is impossible here: {blockers[0]}")
+            raise SettingError(f"graph-captured decoding is impossible here: {blockers[0]}")
         return None
     return model.decode_runner(batch_size, slots)
 

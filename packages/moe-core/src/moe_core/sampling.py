@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_core.errors import SettingError
+
 __all__ = ["SamplingParams", "sample_next"]
 
 
@@ -27,12 +29,13 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        """Raises `SettingError` (a `ValueError`) naming the field out of range."""
         if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+            raise SettingError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k <= 0:
-            raise ValueError(f"SamplingParams.top_k must be positive, got {self.top_k}")
+            raise SettingError(f"top_k must be positive, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+            raise SettingError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def is_greedy(self) -> bool:

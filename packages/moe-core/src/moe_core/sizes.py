@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from moe_core.errors import SettingError
+
 __all__ = ["format_bytes", "parse_bytes"]
 
 _UNITS = {
@@ -21,16 +23,16 @@ def parse_bytes(text: str | int) -> int:
     decimal, `KiB`/`MiB`/`GiB`/`TiB` binary.
 
     Raises:
-        ValueError: not a size.
+        SettingError: not a size (a `ValueError`).
     """
     if isinstance(text, int):
         if text < 0:
-            raise ValueError(f"size must be non-negative, got {text}")
+            raise SettingError(f"size must be non-negative, got {text}")
         return text
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 12GiB, 500MB, 1.5G)")
+        raise SettingError(f"not a size: {text!r} (examples: 12GiB, 500MB, 1.5G)")
     return int(float(match.group(1)) * _UNITS[unit])
 
 

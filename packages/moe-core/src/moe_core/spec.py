@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from moe_core.dtypes import dtype_bytes
+from moe_core.errors import SettingError
 from moe_core.hf_config import HFConfig
 from moe_core.model_path import resolve_model_path
 
@@ -310,10 +311,10 @@ class ModelSpec:
         """The same model with only its first `num_layers` decoder layers.
 
         Raises:
-            ValueError: `num_layers` is not in 1..`self.num_layers`.
+            SettingError: `num_layers` is not in 1..`self.num_layers` (a `ValueError`).
         """
         if not 1 <= num_layers <= self.num_layers:
-            raise ValueError(f"num_layers must be in 1..{self.num_layers}, got {num_layers}")
+            raise SettingError(f"num_layers must be in 1..{self.num_layers}, got {num_layers}")
         return replace(self, num_layers=num_layers,
                        moe_layers=tuple(i for i in self.moe_layers if i < num_layers),
                        sliding_layers=tuple(i for i in self.sliding_layers if i < num_layers))

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from moe_core.dtypes import dtype_bytes, dtype_name, parse_dtype
+from moe_core.errors import SettingError
 from moe_core.spec import ModelSpec
 
 __all__ = ["GpuFit", "gpu_fit", "spec_report"]
@@ -70,7 +71,15 @@ def gpu_fit(spec: ModelSpec, dtype: str | torch.dtype, budget_bytes: int) -> Gpu
 def spec_report(spec: ModelSpec, dtype: str | torch.dtype = "bfloat16",
                 gpu_memory_bytes: int | None = None,
                 context_tokens: int = 4096) -> dict[str, object]:
-    """Everything `inspect` shows, as one JSON-ready dict."""
+    """Everything `inspect` shows, as one JSON-ready dict.
+
+    Raises:
+        SettingError: a negative GPU budget or a context of less than one token.
+    """
+    if context_tokens < 1:
+        raise SettingError(f"context must be at least 1 token, got {context_tokens}")
+    if gpu_memory_bytes is not None and gpu_memory_bytes < 0:
+        raise SettingError(f"GPU memory must be non-negative, got {gpu_memory_bytes}")
     dtype = parse_dtype(dtype)
     att, moe = spec.attention, spec.moe
     report: dict[str, object] = {

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from moe_core.errors import OutputError, SettingError
+
 __all__ = ["TINY_KINDS", "TINY_VOCAB", "build_tiny_checkpoint", "ragged_batch", "tiny_config"]
 
 TINY_VOCAB = 96
@@ -69,7 +71,7 @@ def tiny_config(kind: str, **overrides: Any) -> Any:
     import transformers
 
     if kind not in _KINDS:
-        raise ValueError(f"unknown tiny kind {kind!r}; choose from {', '.join(_KINDS)}")
+        raise SettingError(f"unknown tiny kind {kind!r}; choose from {', '.join(_KINDS)}")
     class_name, fields = _KINDS[kind]
     values = {**_COMMON, **fields, **overrides}
     return getattr(transformers, class_name)(**values)
@@ -99,21 +101,29 @@ def build_tiny_checkpoint(kind: str, folder: str | Path, *, seed: int = 0, std: 
 
     Args:
         kind: One of `TINY_KINDS`.
-        folder: Where to write (created if needed).
+        folder: Where to write: a new or empty folder (created if needed).
         seed: Seed of the random weights.
         std: Standard deviation of the weight matrices.
         **overrides: Config fields to change (e.g. `num_hidden_layers=2`).
 
     Returns:
         The folder.
+
+    Raises:
+        SettingError: an unknown `kind`.
+        OutputError: `folder` is a file, or a folder that is not empty (nothing is overwritten).
     """
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(kind, **overrides)
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: is a file, not a folder; give a new or empty folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise OutputError(f"{folder}: the folder is not empty; give a new or empty folder")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize(model, seed, std)
-    folder = Path(folder)
     model.save_pretrained(folder)
     return folder
 

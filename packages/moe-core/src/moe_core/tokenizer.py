@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +31,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ConfigError(f"{path}: no usable tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: no usable tokenizer ({exc})") from exc
+    # Whether a prompt fits the model is decided, and said in one clear line, by
+    # moe_core.request_limits; without this, transformers also warns on every long prompt.
+    tokenizer.model_max_length = sys.maxsize
+    return tokenizer
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]],

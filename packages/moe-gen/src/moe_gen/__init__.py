@@ -6,11 +6,12 @@ profile.
 """
 
 from moe_gen.api import Defaults, generate
+from moe_gen.errors import MoEGenError
 from moe_gen.plan import Plan, Prediction
 from moe_gen.requests import GenRequest, InputError, read_requests
 from moe_gen.sequence import GenResult
 
 __version__ = "0.1.0"
 
-__all__ = ["Defaults", "GenRequest", "GenResult", "InputError", "Plan", "Prediction",
+__all__ = ["Defaults", "GenRequest", "GenResult", "InputError", "MoEGenError", "Plan", "Prediction",
            "__version__", "generate", "read_requests"]

@@ -7,7 +7,14 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
-from moe_core import MoEForCausalLM, SamplingParams, render_chat
+from moe_core import (
+    MoEForCausalLM,
+    RequestError,
+    SamplingParams,
+    SettingError,
+    fit_prompt,
+    render_chat,
+)
 
 from moe_gen.batch_loop import StepStats, run_loop
 from moe_gen.engine import BatchEngine
@@ -48,7 +55,7 @@ class Defaults:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise SettingError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)  # validates
 
 
@@ -63,30 +70,39 @@ def default_plan(num_requests: int, max_tokens: int, *, max_batch_size: int = 64
 
 
 def prompt_ids(request: GenRequest, tokenizer: Tokenizer | None) -> list[int]:
-    """The prompt tokens of `request` (text encoded, chats rendered with the template)."""
+    """The prompt tokens of `request` (text encoded, chats rendered with the template).
+
+    Raises:
+        RequestError: a text prompt without a tokenizer, or one with no tokens.
+        ConfigError: a chat, and the tokenizer has no chat template.
+    """
     if request.token_ids is not None:
         return list(request.token_ids)
     if tokenizer is None:
-        raise ValueError(f"request {request.id!r}: text prompts need a tokenizer")
+        raise RequestError("text prompts need a tokenizer (this model folder has none)")
     if request.messages is not None:
         return render_chat(tokenizer, request.messages)  # type: ignore[arg-type]
     ids = tokenizer.encode(request.prompt, add_special_tokens=True)  # type: ignore[attr-defined]
     if not ids:
-        raise ValueError(f"request {request.id!r}: the prompt has no tokens")
+        raise RequestError("the prompt has no tokens")
     return list(ids)
 
 
 def _sequence(index: int, request: GenRequest, defaults: Defaults, tokenizer: Tokenizer | None,
-              device: torch.device) -> Sequence:
+              device: torch.device, context_tokens: int) -> Sequence:
     params = SamplingParams(
         defaults.temperature if request.temperature is None else request.temperature,
         defaults.top_k if request.top_k is None else request.top_k,
         defaults.top_p if request.top_p is None else request.top_p,
         defaults.seed + index if request.seed is None else request.seed)
     generator = None if params.is_greedy else params.generator(device)
-    return Sequence(request.id, index, prompt_ids(request, tokenizer),
-                    request.max_new_tokens or defaults.max_new_tokens, params,
-                    request.stop + defaults.stop, generator)
+    limit = request.max_new_tokens or defaults.max_new_tokens
+    try:
+        ids = fit_prompt(prompt_ids(request, tokenizer), limit, context_tokens)
+    except RequestError as exc:
+        raise RequestError(f"request {request.id!r}: {exc}") from None
+    return Sequence(request.id, index, ids, limit, params, request.stop + defaults.stop,
+                    generator)
 
 
 def _as_request(index: int, prompt: PromptLike) -> GenRequest:
@@ -107,7 +123,8 @@ def run_requests(model: MoEForCausalLM, requests: Seq[tuple[int, GenRequest]], p
     Returns:
         The engine (its KV mover holds the KV copy counters).
     """
-    sequences = [_sequence(i, r, defaults, tokenizer, model.device) for i, r in requests]
+    context = model.spec.max_position_embeddings
+    sequences = [_sequence(i, r, defaults, tokenizer, model.device, context) for i, r in requests]
     pages = PagedKV(model.spec, plan.num_kv_pages, plan.page_tokens, model.dtype,
                     pin=model.device.type == "cuda")
     engine = BatchEngine(model, pages, plan.micro_batch_size, plan.max_attention_pairs,
@@ -147,7 +164,8 @@ def generate(model: MoEForCausalLM, prompts: Seq[PromptLike], *, max_new_tokens:
         plan: Batch sizes and KV pages; default: `default_plan` for these prompts.
 
     Raises:
-        ValueError: a bad setting or request.
+        SettingError / RequestError: a bad setting, or a request that cannot run (both are
+            `ValueError`s).
     """
     requests = [(i, _as_request(i, p)) for i, p in enumerate(prompts)]
     if not requests:

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import moe_core
 import torch
 import typer
-from moe_core import TINY_MODEL_NAME, ModelSpec, MoECoreError, parse_bytes, resolve_model_path
+from moe_core import (
+    TINY_MODEL_NAME,
+    ModelSpec,
+    check_output_path,
+    parse_bytes,
+    parse_truncate,
+    resolve_model_path,
+    tool_app,
+    write_output_text,
+)
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -24,13 +32,14 @@ from moe_gen.api import Defaults
 from moe_gen.job import JobConfig, JobOutcome, plan_job, run_job, sample_input
 from moe_gen.render import plan_lines, summary_lines
 
-__all__ = ["app", "user_errors"]
+__all__ = ["app"]
 
-app = typer.Typer(
-    help="moe-gen: offline, throughput-first batch generation with module-based batching.",
-    no_args_is_help=True,
-    add_completion=False,
-)
+app = tool_app(
+    "moe-gen", moe_gen.__version__,
+    "moe-gen: offline, throughput-first batch generation with module-based batching.", [
+        "moe-gen run --output out.jsonl    (tiny-moe, sample prompts; rerun to resume)",
+        "moe-gen run MODEL --input prompts.jsonl --output out.jsonl --json record.json",
+    ], resumable=("run",), runtime_version=moe_core.__version__)
 _err = Console(stderr=True)
 
 Model = Annotated[str, typer.Argument(
@@ -42,35 +51,18 @@ Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if 
 Dtype = Annotated[str | None, typer.Option(
     help="Model dtype (default: float32 on the CPU, else the checkpoint's).")]
 Dummy = Annotated[bool, typer.Option("--dummy", help="Random weights of the model's shapes.")]
-Layers = Annotated[int | None, typer.Option(help="Keep only the first N decoder layers.")]
+Layers = Annotated[int | None, typer.Option(min=1, help="Keep only the first N decoder layers.")]
 CpuShare = Annotated[float, typer.Option(
     help="Most of a decode batch the planner may attend on the host (0: GPU only).")]
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user mistake into one line on stderr and exit status 1."""
-    try:
-        yield
-    except (MoECoreError, ValueError, FileNotFoundError) as exc:
-        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@app.callback()
-def main() -> None:
-    """Keep `moe-gen` a command group."""
-
-
 @app.command()
 def version() -> None:
-    """Print the versions of moe-gen and the moe-core runtime."""
-    import moe_core
-
+    """Print the versions of moe-gen and the moe-core runtime (as --version does)."""
     typer.echo(f"moe-gen {moe_gen.__version__} (moe-core {moe_core.__version__})")
 
 
@@ -82,7 +74,7 @@ def run(
         "text, one prompt per line. Default: an embedded sample.")] = None,
     output: Annotated[Path, typer.Option(help="Results JSONL (resumes: finished ids are "
                                               "skipped).")] = Path("moe-gen-out.jsonl"),
-    max_new_tokens: Annotated[int, typer.Option(help="Token limit per request.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Token limit per request.")] = 64,
     gpu_memory: GpuMemory = "12GiB",
     host_memory: HostMemory = "64GiB",
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
@@ -96,41 +88,57 @@ def run(
         "--json", help="Write the run record moe-cap reads to this file.")] = None,
     report: Annotated[Path | None, typer.Option(
         help="Write the full report (plan, profile, predicted vs measured, counters).")] = None,
+    truncate: Annotated[str | None, typer.Option(
+        help="A prompt too long for the model's context (with its token limit): left drops "
+             "its start, right its end (default: the job refuses to start).")] = None,
 ) -> None:
-    """Complete every request of --input into --output."""
-    with user_errors():
-        config = JobConfig(model, input or sample_input(), output,
-                           Defaults(max_new_tokens, temperature, top_p, None, seed),
-                           parse_bytes(gpu_memory), parse_bytes(host_memory), _device(device),
-                           dtype, dummy, num_layers, eos=not ignore_eos,
-                           max_cpu_attention_share=max_cpu_attention_share)
-        outcome = _run_with_progress(config)
+    """Complete every request of --input into --output (rerun the same command to resume).
+
+    Every request is checked before the model loads; a request that cannot run (a bad value,
+    an empty prompt, too long for the model's context) stops the job before it starts, listed
+    with its line number.
+    """
+    config = JobConfig(model, input or sample_input(), output,
+                       Defaults(max_new_tokens, temperature, top_p, None, seed),
+                       parse_bytes(gpu_memory), parse_bytes(host_memory), _device(device),
+                       dtype, dummy, num_layers, eos=not ignore_eos,
+                       max_cpu_attention_share=max_cpu_attention_share,
+                       truncate=parse_truncate(truncate))
+    for path, option in ((json_path, "--json"), (report, "--report")):
+        if path is not None:
+            check_output_path(path, option)
+    outcome = _run_with_progress(config)
     for line in summary_lines(outcome):
         typer.echo(line)
     if json_path is not None and outcome.record is not None:
-        json_path.write_text(json.dumps(outcome.record, indent=1) + "\n", encoding="utf-8")
+        write_output_text(json_path, json.dumps(outcome.record, indent=1) + "\n", "--json")
     if report is not None:
-        report.write_text(json.dumps(_report(config, outcome), indent=1) + "\n",
-                          encoding="utf-8")
+        write_output_text(report, json.dumps(_report(config, outcome), indent=1) + "\n",
+                          "--report")
 
 
 def _run_with_progress(config: JobConfig) -> JobOutcome:
+    """Run the job with a progress bar on stderr, shown once the job's checks have passed."""
     columns = (TextColumn("[bold]moe-gen"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, console=_err, transient=False) as progress:
-        task = progress.add_task("requests", total=None, rate="")
-        tokens = [0, 0.0]
+    progress = Progress(*columns, console=_err, transient=False)
+    task = progress.add_task("requests", total=None, rate="")
+    tokens = [0, 0.0]
 
-        def start(total: int, done: int) -> None:
-            progress.update(task, total=total, completed=done)
+    def start(total: int, done: int) -> None:
+        progress.update(task, total=total, completed=done)
+        progress.start()
 
-        def step(stats: object) -> None:
-            tokens[0] += len(stats.chunks)  # type: ignore[attr-defined]
-            tokens[1] += stats.seconds  # type: ignore[attr-defined]
-            rate = tokens[0] / tokens[1] if tokens[1] else 0.0
-            progress.update(task, rate=f"{rate:,.0f} tok/s")
+    def step(stats: object) -> None:
+        tokens[0] += len(stats.chunks)  # type: ignore[attr-defined]
+        tokens[1] += stats.seconds  # type: ignore[attr-defined]
+        rate = tokens[0] / tokens[1] if tokens[1] else 0.0
+        progress.update(task, rate=f"{rate:,.0f} tok/s")
 
+    try:
         return run_job(config, start, lambda _: progress.advance(task), step)
+    finally:
+        progress.stop()
 
 
 def _report(config: JobConfig, outcome: JobOutcome) -> dict[str, object]:
@@ -138,7 +146,7 @@ def _report(config: JobConfig, outcome: JobOutcome) -> dict[str, object]:
             "device": config.device, "dtype": str(outcome.dtype),
             "gpu_memory_bytes": config.gpu_memory_bytes,
             "host_memory_bytes": config.host_memory_bytes,
-            "plan": outcome.plan.to_dict(),
+            "plan": outcome.plan.to_dict() if outcome.plan else None,
             "profile": outcome.profile.to_dict() if outcome.profile else None,
             "summary": outcome.summary.to_dict(), "skipped": outcome.skipped}
 
@@ -148,21 +156,21 @@ def plan(
     model: Model = TINY_MODEL_NAME,
     gpu_memory: GpuMemory = "12GiB",
     host_memory: HostMemory = "64GiB",
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length to plan for.")] = 512,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation length to plan for.")] = 256,
-    num_requests: Annotated[int, typer.Option(help="Requests in the job.")] = 4096,
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length to plan for.")] = 512,
+    max_new_tokens: Annotated[int, typer.Option(
+        min=1, help="Generation length to plan for.")] = 256,
+    num_requests: Annotated[int, typer.Option(min=1, help="Requests in the job.")] = 4096,
     device: Device = None, dtype: Dtype = None, num_layers: Layers = None,
     max_cpu_attention_share: CpuShare = 0.75,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Profile this machine and print the plan, its predicted step time and the bound."""
-    with user_errors():
-        spec = ModelSpec.from_pretrained(resolve_model_path(model, weights=False))
-        spec = spec if num_layers is None else spec.truncated(num_layers)
-        config = JobConfig(model, Path(), Path(), gpu_memory_bytes=parse_bytes(gpu_memory),
-                           host_memory_bytes=parse_bytes(host_memory), device=_device(device),
-                           dtype=dtype, max_cpu_attention_share=max_cpu_attention_share)
-        chosen, profile = plan_job(config, spec, prompt_tokens, max_new_tokens, num_requests)
+    spec = ModelSpec.from_pretrained(resolve_model_path(model, weights=False))
+    spec = spec if num_layers is None else spec.truncated(num_layers)
+    config = JobConfig(model, Path(), Path(), gpu_memory_bytes=parse_bytes(gpu_memory),
+                       host_memory_bytes=parse_bytes(host_memory), device=_device(device),
+                       dtype=dtype, max_cpu_attention_share=max_cpu_attention_share)
+    chosen, profile = plan_job(config, spec, prompt_tokens, max_new_tokens, num_requests)
     if as_json:
         json.dump({"model": model, "plan": chosen.to_dict(), "profile": profile.to_dict()},
                   sys.stdout)

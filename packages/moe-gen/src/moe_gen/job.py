@@ -10,16 +10,28 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from moe_core import ConfigError, ModelSpec, MoEForCausalLM, load_tokenizer, run_dtype
+from moe_core import (
+    ConfigError,
+    ModelSpec,
+    MoEForCausalLM,
+    SettingError,
+    Truncate,
+    check_device,
+    load_tokenizer,
+    resolve_model_path,
+    run_dtype,
+)
 
-from moe_gen.api import Defaults, eos_ids, prompt_ids, run_requests
+from moe_gen.api import Defaults, eos_ids, run_requests
 from moe_gen.batch_loop import StepStats
+from moe_gen.job_record import JobRecord
 from moe_gen.model_setup import install_streaming, load_for_generation
-from moe_gen.output_file import ResultWriter, finished_ids
+from moe_gen.output_file import JobOutput
 from moe_gen.plan import Plan
 from moe_gen.planner import Budget, make_plan
 from moe_gen.profile import DeviceProfile, profile_device
-from moe_gen.requests import read_requests
+from moe_gen.prompt_checks import checked_requests
+from moe_gen.requests import GenRequest, read_requests
 from moe_gen.run_record import run_record
 from moe_gen.sequence import GenResult
 from moe_gen.summary import JobSummary, summarise
@@ -51,6 +63,8 @@ class JobConfig:
         eos: Stop at EOS (False: always run to the token limit, benchmark style).
         plan: A fixed plan instead of the planner's.
         max_cpu_attention_share: The most of a decode batch the planner may attend on the host.
+        truncate: Cut prompts too long for the model's context on this side (None: such a
+            request stops the job before it starts).
     """
 
     model: str
@@ -66,17 +80,20 @@ class JobConfig:
     eos: bool = True
     plan: Plan | None = None
     max_cpu_attention_share: float = 0.75
+    truncate: Truncate | None = None
 
     def __post_init__(self) -> None:
+        """Raises `SettingError` naming the option at fault, `DeviceError` for a missing GPU."""
         if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"JobConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
+            raise SettingError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.gpu_memory_bytes <= 0 or self.host_memory_bytes <= 0:
-            raise ValueError("JobConfig: memory budgets must be positive")
+            raise SettingError("--gpu-memory and --host-memory must be positive")
         if not 0.0 <= self.max_cpu_attention_share <= 1.0:
-            raise ValueError(f"--max-cpu-attention-share must be in [0, 1], got "
-                             f"{self.max_cpu_attention_share}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is available")
+            raise SettingError(f"--max-cpu-attention-share must be in [0, 1], got "
+                               f"{self.max_cpu_attention_share}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise SettingError(f"--num-layers must be at least 1, got {self.num_layers}")
+        check_device(self.device)
 
     def run_dtype(self, spec: ModelSpec) -> torch.dtype:
         """The dtype the job runs `spec` in: `dtype`, else moe-core's rule for `device`."""
@@ -89,26 +106,24 @@ class JobOutcome:
 
     Attributes:
         summary: Throughput and counters.
-        plan: The plan it ran.
+        plan: The plan it ran (None when nothing was left to run).
         profile: The device profile the planner used (None with a fixed plan).
         dtype: The dtype the model ran in.
-        record: moe-cap's run record (None when nothing ran).
+        record: moe-cap's run record of the job, all its runs (None when none ran a step).
         skipped: Requests already in the output.
     """
 
     summary: JobSummary
-    plan: Plan
+    plan: Plan | None
     profile: DeviceProfile | None
     dtype: torch.dtype
     record: dict[str, object] | None
     skipped: int
 
 
-def _tokenizer(model_source: Path | None) -> object | None:
-    if model_source is None:
-        return None
+def _tokenizer(folder: Path) -> object | None:
     try:
-        return load_tokenizer(model_source)
+        return load_tokenizer(folder)
     except ConfigError:
         return None  # shapes and tiny test checkpoints have no tokenizer: token-id prompts only
 
@@ -129,50 +144,88 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
             on_step: Callable[[StepStats], None] = lambda _: None) -> JobOutcome:
     """Run the job to the end (rerun it to resume after an interruption).
 
+    Every request is read and checked (`checked_requests`) and the output locked and checked
+    (`JobOutput`) before the model loads, so a bad input stops the job before any work.
+
     Raises:
-        InputError / ValueError / MoECoreError: user mistakes (bad input, model, budget).
+        MoEError: user mistakes (bad input, model, budget, output), before the model loads.
     """
     requests = read_requests(config.input)
-    done = finished_ids(config.output)
-    todo = [(i, r) for i, r in enumerate(requests) if r.id not in done]
-    on_start(len(requests), len(requests) - len(todo))
-    dtype = config.run_dtype(ModelSpec.from_pretrained(config.model))
-    model = load_for_generation(config.model, config.device, dtype,
-                                dummy=config.dummy, num_layers=config.num_layers)
-    tokenizer = _tokenizer(model.source)
-    defaults = _defaults(config, model)
-    lengths = [len(prompt_ids(r, tokenizer)) for _, r in todo] or [1]
-    max_new = max([r.max_new_tokens or defaults.max_new_tokens for _, r in todo] or [1])
-    profile = None
-    plan = config.plan
-    if plan is None:
-        plan, profile = plan_job(config, model.spec, max(lengths), max_new, max(len(todo), 1))
-    loaded = install_streaming(model, plan, config.device)
-    steps: list[StepStats] = []
-    writer = ResultWriter(config.output)
-    started = time.perf_counter()
+    with JobOutput(config.output) as output:
+        record = JobRecord(config.output, fresh=not output.finished)
+        todo = [(i, r) for i, r in enumerate(requests) if r.id not in output.finished]
+        folder = resolve_model_path(config.model, weights=False)
+        tokenizer = _tokenizer(folder)
+        spec = ModelSpec.from_pretrained(folder)
+        dtype = config.run_dtype(spec)
+        todo = checked_requests(todo, tokenizer, spec.max_position_embeddings,
+                                config.defaults.max_new_tokens, config.truncate, config.input)
+        on_start(len(requests), len(requests) - len(todo))
+        run = _Run(config, dtype, output, on_result, on_step)
+        try:
+            if todo:
+                run.generate(todo, tokenizer)
+        finally:
+            this_run = run.record()
+            record.save(record.joined(this_run))
+    return JobOutcome(run.summary(len(todo)), run.plan, run.profile, dtype,
+                      record.joined(this_run), len(requests) - len(todo))
 
-    def finished(result: GenResult) -> None:
-        writer.write(result)
-        on_result(result)
 
-    def stepped(stats: StepStats) -> None:
-        steps.append(stats)
-        on_step(stats)
+class _Run:
+    """One run of a job: load, plan, generate; what it measured."""
 
-    runtime = loaded.runtime
-    try:
-        if todo:
-            run_requests(loaded.model, todo, plan, defaults, tokenizer, finished, stepped,
+    def __init__(self, config: JobConfig, dtype: torch.dtype, output: JobOutput,
+                 on_result: Callable[[GenResult], None],
+                 on_step: Callable[[StepStats], None]) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.plan = config.plan
+        self.profile: DeviceProfile | None = None
+        self.steps: list[StepStats] = []
+        self.offload: dict[str, int | float] = {}
+        self.wall = 0.0
+        self._output, self._on_result, self._on_step = output, on_result, on_step
+
+    def generate(self, todo: list[tuple[int, GenRequest]], tokenizer: object | None) -> None:
+        """Load the model, plan, and run `todo` (requests with token-id prompts)."""
+        config = self.config
+        model = load_for_generation(config.model, config.device, self.dtype,
+                                    dummy=config.dummy, num_layers=config.num_layers)
+        defaults = _defaults(config, model)
+        longest = max(len(r.token_ids or ()) for _, r in todo)
+        max_new = max(r.max_new_tokens or defaults.max_new_tokens for _, r in todo)
+        if config.plan is None:
+            self.plan, self.profile = plan_job(config, model.spec, longest, max_new, len(todo))
+        assert self.plan is not None
+        loaded = install_streaming(model, self.plan, config.device)
+        runtime = loaded.runtime
+        started = time.perf_counter()
+        try:
+            run_requests(loaded.model, todo, self.plan, defaults, tokenizer, self._finished,
+                         self._stepped,
                          (lambda: runtime.stats.bytes_copied) if runtime else (lambda: 0))
-    finally:
-        writer.close()
-    wall = time.perf_counter() - started
-    offload = runtime.summary() if runtime is not None else {}
-    summary = summarise(len(todo), steps, wall, offload, plan)
-    record = (run_record(config.model, dtype, _gpu_name(config.device), wall, steps,
-                         config.num_layers) if steps else None)
-    return JobOutcome(summary, plan, profile, dtype, record, len(requests) - len(todo))
+        finally:
+            self.wall = time.perf_counter() - started
+            self.offload = runtime.summary() if runtime is not None else {}
+
+    def _finished(self, result: GenResult) -> None:
+        self._output.write(result)
+        self._on_result(result)
+
+    def _stepped(self, stats: StepStats) -> None:
+        self.steps.append(stats)
+        self._on_step(stats)
+
+    def summary(self, requests: int) -> JobSummary:
+        """Throughput and counters of this run."""
+        return summarise(requests, self.steps, self.wall, self.offload, self.plan)
+
+    def record(self) -> dict[str, object] | None:
+        """moe-cap's run record of this run (None when it ran no step)."""
+        config = self.config
+        return (run_record(config.model, self.dtype, _gpu_name(config.device), self.wall,
+                           self.steps, config.num_layers) if self.steps else None)
 
 
 def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:

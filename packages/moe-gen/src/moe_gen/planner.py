@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from moe_core import ModelSpec, format_bytes
+from moe_core import ModelSpec, SettingError, format_bytes
 
 from moe_gen.cost_model import Candidate, ModelCosts, gpu_bytes, kv_lookahead, predict
 from moe_gen.plan import Plan, Prediction
@@ -106,14 +106,14 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
     """The plan with the highest predicted decode tokens/s.
 
     Raises:
-        ValueError: nothing fits (the message says what the dense part and one slot need).
+        SettingError: nothing fits (the message says what the dense part and one slot need).
     """
     costs = ModelCosts.of(spec, dtype)
     context = budget.prompt_tokens + budget.max_new_tokens // 2  # mean over a generation
     found = _candidates(costs, budget, context)
     if not found:
         need = costs.dense_bytes + (_RINGS[0] * costs.expert_bytes)
-        raise ValueError(f"nothing fits: the dense part and a ring of {_RINGS[0]} expert slots "
+        raise SettingError(f"nothing fits: the dense part and a ring of {_RINGS[0]} expert slots "
                          f"alone need {format_bytes(need)} of GPU memory (budget "
                          f"{format_bytes(budget.gpu_bytes)}), or the host budget "
                          f"{format_bytes(budget.host_bytes)} holds no KV cache after the experts")

@@ -12,14 +12,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_core import SamplingParams, bad_lines_message
+
+from moe_gen.errors import InputError
+
 __all__ = ["GenRequest", "InputError", "read_requests"]
 
 _FIELDS = {"id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
            "stop"}
-
-
-class InputError(ValueError):
-    """A malformed or duplicate input line (the message names the file and line)."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class GenRequest:
         top_k: Top-k filter (None: the job's).
         seed: Sampling seed (None: derived from the job's seed and the request's position).
         stop: Stop strings: generation ends once the text contains one.
+        line: Its line in the requests file (None for requests made in Python).
     """
 
     id: str
@@ -49,8 +50,10 @@ class GenRequest:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
+    line: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        """Raises `ValueError` naming the request and the field at fault."""
         given = sum(x is not None for x in (self.prompt, self.messages, self.token_ids))
         if given != 1:
             raise ValueError(f"request {self.id!r}: needs exactly one of prompt, messages or "
@@ -60,6 +63,12 @@ class GenRequest:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"request {self.id!r}: max_new_tokens must be >= 1, got "
                              f"{self.max_new_tokens}")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError(f"request {self.id!r}: the prompt is empty")
+        try:
+            SamplingParams(self.temperature or 0.0, self.top_k, self.top_p)
+        except ValueError as exc:
+            raise ValueError(f"request {self.id!r}: {exc}") from None
 
 
 def _is_int(value: object) -> bool:
@@ -78,7 +87,7 @@ def _check_messages(value: object) -> tuple[dict[str, str], ...]:
     return tuple({"role": m["role"], "content": m["content"]} for m in value)
 
 
-def _from_object(data: object) -> GenRequest:
+def _from_object(data: object, line: int) -> GenRequest:
     """A request from one parsed JSON line (ValueError names the bad field)."""
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
@@ -104,7 +113,7 @@ def _from_object(data: object) -> GenRequest:
         raise ValueError("'stop' must be a string or a list of non-empty strings")
     return GenRequest(str(rid), prompt, messages, None, data.get("max_new_tokens"),
                       data.get("temperature"), data.get("top_p"), data.get("top_k"),
-                      data.get("seed"), tuple(stop))
+                      data.get("seed"), tuple(stop), line)
 
 
 def _is_jsonl(lines: list[str]) -> bool:
@@ -116,13 +125,13 @@ def read_requests(path: str | Path) -> list[GenRequest]:
     """Every request of a JSONL or plain-text file, in file order.
 
     Raises:
-        FileNotFoundError: no such file.
-        InputError: malformed lines or ids seen before (the message lists them by line
-            number; nothing is dropped silently).
+        InputError: no such file; malformed lines, values out of range (a negative temperature,
+            an empty prompt) or ids seen before (the message lists them by line number;
+            nothing is dropped silently).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such input file")
+        raise InputError(f"{path}: no such input file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -135,8 +144,8 @@ def read_requests(path: str | Path) -> list[GenRequest]:
         if not line.strip():
             continue
         try:
-            request = (_from_object(json.loads(line)) if jsonl
-                       else GenRequest(f"line-{number}", prompt=line))
+            request = (_from_object(json.loads(line), number) if jsonl
+                       else GenRequest(f"line-{number}", prompt=line, line=number))
         except json.JSONDecodeError as exc:
             problems.append(f"line {number}: not valid JSON ({exc.msg})")
             continue
@@ -150,9 +159,7 @@ def read_requests(path: str | Path) -> list[GenRequest]:
         seen[request.id] = number
         requests.append(request)
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
-                                           if len(problems) > 5 else "")
-        raise InputError(f"{path}: {len(problems)} bad line(s): {shown}")
+        raise InputError(bad_lines_message(path, problems))
     if not requests:
         raise InputError(f"{path}: no requests (the file is empty)")
     return requests

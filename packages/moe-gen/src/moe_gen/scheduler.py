@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from moe_core import SettingError
+
 from moe_gen.paged_kv import PagedKV
 from moe_gen.sequence import Sequence
 
@@ -38,7 +40,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         for seq in self.queue:
             if pages.pages_for(seq.max_tokens) > pages.num_pages:
-                raise ValueError(f"request {seq.id!r} needs {seq.max_tokens} KV tokens; the "
+                raise SettingError(f"request {seq.id!r} needs {seq.max_tokens} KV tokens; the "
                                  f"host KV cache holds {pages.num_pages * pages.page_tokens}")
 
     @property

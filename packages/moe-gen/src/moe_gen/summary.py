@@ -56,14 +56,14 @@ def _rate(tokens: int, seconds: float) -> float:
 
 
 def summarise(num_requests: int, steps: Sequence[StepStats], wall_s: float,
-              offload: dict[str, int | float], plan: Plan) -> JobSummary:
-    """Sum the steps of a job."""
+              offload: dict[str, int | float], plan: Plan | None) -> JobSummary:
+    """Sum the steps of a job (`plan` None: nothing was planned, nothing ran)."""
     prefill = [s for s in steps if s.phase == "prefill"]
     decode = [s for s in steps if s.phase == "decode"]
     prompt_tokens = sum(n for s in prefill for p, n in s.chunks if p == 0)
     output_tokens = sum(len(s.chunks) for s in steps)
     step_s = sum(s.seconds for s in steps)
-    full = [s.seconds for s in decode if len(s.chunks) == plan.max_batch_size]
+    full = [s.seconds for s in decode if plan and len(s.chunks) == plan.max_batch_size]
     return JobSummary(
         requests=num_requests, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
         wall_s=wall_s,
@@ -75,4 +75,4 @@ def summarise(num_requests: int, steps: Sequence[StepStats], wall_s: float,
         expert_bytes=int(offload.get("bytes_copied", 0)),
         stall_share=float(offload.get("stall_seconds", 0.0)) / step_s if step_s else 0.0,
         measured_decode_step_s=statistics.median(full) if full else None,
-        predicted_decode_step_s=plan.prediction.step_s if plan.prediction else None)
+        predicted_decode_step_s=plan.prediction.step_s if plan and plan.prediction else None)

@@ -9,43 +9,41 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import moe_core
 import typer
-from moe_core import TINY_MODEL_NAME, MoECoreError
+from moe_core import (
+    TINY_MODEL_NAME,
+    ModelSpec,
+    SettingError,
+    StagedOutput,
+    check_device,
+    check_output_path,
+    parse_truncate,
+    tool_app,
+)
 from rich.console import Console
 
 import moe_infinity
-from moe_infinity.errors import MoEInfinityError
 from moe_infinity.evaluation import EvaluationPlan, evaluate
 from moe_infinity.policy_setup import DEFAULT_POLICIES, parse_policies
 from moe_infinity.prompts import read_prompts
 from moe_infinity.render import plot_hit_rates, print_report, report_dict
 from moe_infinity.trace_file import load_traces, save_traces
-from moe_infinity.trace_run import TraceConfig
+from moe_infinity.trace_run import TraceConfig, checked_prompts
 
-__all__ = ["app", "user_errors"]
+__all__ = ["app"]
 
-app = typer.Typer(
-    help="moe-infinity: activation-aware expert offloading: trace requests, simulate caches.",
-    no_args_is_help=True,
-    add_completion=False,
-)
+app = tool_app(
+    "moe-infinity", moe_infinity.__version__,
+    "moe-infinity: activation-aware expert offloading: trace requests, simulate caches.", [
+        "moe-infinity trace --input prompts.jsonl --output traces.bin    (tiny-moe, on the CPU)",
+        "moe-infinity simulate traces.bin --cache-fraction 0.1,0.25 --plot hit-rate.png",
+    ], runtime_version=moe_core.__version__)
 _err = Console(stderr=True)
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user mistake into one line on stderr and exit status 1."""
-    try:
-        yield
-    except (MoEInfinityError, MoECoreError, ValueError, FileNotFoundError) as exc:
-        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 def _emit(data: object) -> None:
@@ -57,22 +55,16 @@ def _fractions(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--cache-fraction takes comma-separated numbers, got {text!r}") from None
+        raise SettingError(f"--cache-fraction takes comma-separated numbers, got {text!r}"
+                           ) from None
     if not values:
-        raise ValueError("--cache-fraction needs at least one value")
+        raise SettingError("--cache-fraction needs at least one value")
     return values
-
-
-@app.callback()
-def main() -> None:
-    """Keep `moe-infinity` a command group."""
 
 
 @app.command()
 def version() -> None:
-    """Print the versions of moe-infinity and the moe-core runtime."""
-    import moe_core
-
+    """Print the versions of moe-infinity and the moe-core runtime (as --version does)."""
     typer.echo(f"moe-infinity {moe_infinity.__version__} (moe-core {moe_core.__version__})")
 
 
@@ -98,28 +90,38 @@ def trace(
         help="What layer l+1's router sees for the lookahead: next_norm (layer l's residual "
         "stream under layer l+1's norm) or block_input (layer l's MoE-block input).")
     ] = "next_norm",
+    truncate: Annotated[str | None, typer.Option(
+        help="A prompt too long for the model's context (with its token limit): left drops "
+             "its start, right its end (default: refuse it before tracing starts).")] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Run prompts one at a time and record each request's expert activations."""
+    """Run prompts one at a time and record each request's expert activations.
+
+    Every prompt is checked against the model's context before the model loads.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from moe_infinity.trace_run import trace_prompts
 
-    with user_errors():
-        import moe_core
-
-        config = TraceConfig(max_new_tokens, temperature, seed,
-                             lookahead_input=lookahead_input,  # type: ignore[arg-type]
-                             expert_dtype=expert_dtype)
-        prompts = read_prompts(input_path)
+    config = TraceConfig(max_new_tokens, temperature, seed,
+                         lookahead_input=lookahead_input,  # type: ignore[arg-type]
+                         expert_dtype=expert_dtype)
+    sides = parse_truncate(truncate)
+    prompts = read_prompts(input_path)
+    check_device(device)
+    with StagedOutput(output, "--output") as staged:
+        folder = moe_core.resolve_model_path(model, weights=False)
+        tokenizer = moe_core.load_tokenizer(folder)
+        prompts = checked_prompts(prompts, tokenizer,  # type: ignore[arg-type]
+                                  ModelSpec.from_pretrained(folder).max_position_embeddings,
+                                  config, sides, input_path)
         net = moe_core.load_model(model, device=device, dtype=dtype)
-        tokenizer = moe_core.load_tokenizer(moe_core.resolve_model_path(model, weights=False))
         with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=_err) as progress:
             task = progress.add_task("tracing", total=len(prompts))
             traces = trace_prompts(net, tokenizer, prompts, model, config,  # type: ignore[arg-type]
                                    lambda done: progress.update(task, completed=done))
-        save_traces(traces, output)
+        save_traces(traces, staged.partial)
     summary = {"output": str(output), "requests": len(traces),
                "prompt_tokens": sum(t.num_prompt_tokens for t in traces),
                "decode_tokens": sum(t.num_decode_tokens for t in traces),
@@ -154,21 +156,22 @@ def simulate(
     as_json: AsJson = False,
 ) -> None:
     """Replay traces through a simulated GPU expert cache under each policy and cache size."""
-    with user_errors():
-        if pcie_gbps <= 0:
-            raise ValueError(f"--pcie-gbps must be positive, got {pcie_gbps}")
-        plan = EvaluationPlan(_fractions(cache_fraction), tuple(parse_policies(policy)),
-                              build_share, capacity, prefetch_budget=prefetch_budget,
-                              bandwidth_bytes_per_s=pcie_gbps * 1e9)
-        traces = load_traces(traces_path)
-        _err.print(f"{traces.shape.describe()}; {len(traces)} requests", highlight=False)
-        report = evaluate(traces, plan, lambda r: _err.print(
-            f"  {r.policy} at {r.cache_fraction:.0%}: hit rate {r.hit_rate:.1%}",
-            highlight=False))
-        if plot is not None:
-            plot_hit_rates(report, plot)
-        if collection_out is not None:
-            report.collection.save(collection_out)
+    if pcie_gbps <= 0:
+        raise SettingError(f"--pcie-gbps must be positive, got {pcie_gbps}")
+    for path, option in ((plot, "--plot"), (collection_out, "--collection-out")):
+        if path is not None:
+            check_output_path(path, option)
+    plan = EvaluationPlan(_fractions(cache_fraction), tuple(parse_policies(policy)),
+                          build_share, capacity, prefetch_budget=prefetch_budget,
+                          bandwidth_bytes_per_s=pcie_gbps * 1e9)
+    traces = load_traces(traces_path)
+    _err.print(f"{traces.shape.describe()}; {len(traces)} requests", highlight=False)
+    report = evaluate(traces, plan, lambda r: _err.print(
+        f"  {r.policy} at {r.cache_fraction:.0%}: hit rate {r.hit_rate:.1%}", highlight=False))
+    if plot is not None:
+        plot_hit_rates(report, plot)
+    if collection_out is not None:
+        report.collection.save(collection_out)
     if as_json:
         _emit({**report_dict(report, traces.shape), "plot": str(plot) if plot else None,
                "collection": str(collection_out) if collection_out else None})

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from moe_core import MoEError
+
 __all__ = ["MoEInfinityError", "TraceFileError"]
 
 
-class MoEInfinityError(Exception):
+class MoEInfinityError(MoEError):
     """Base of moe-infinity's user-facing errors."""
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from moe_core import SettingError
+
 from moe_infinity.collection import TraceCollection
 from moe_infinity.policy_setup import PolicySetup
 from moe_infinity.predictor import PredictorConfig
@@ -50,14 +52,16 @@ class EvaluationPlan:
 
     def __post_init__(self) -> None:
         if not self.cache_fractions or not self.policies:
-            raise ValueError("EvaluationPlan needs at least one cache fraction and one policy")
-        for fraction in self.cache_fractions:
-            SimulationConfig(fraction)  # validates the fraction
+            raise SettingError("give at least one cache fraction and one policy")
+        for fraction in self.cache_fractions:  # validates the fractions and the budgets
+            SimulationConfig(fraction, self.prefetch_budget, self.bandwidth_bytes_per_s)
+        if not 0.0 < self.build_share < 1.0:
+            raise SettingError(f"build share must be in (0, 1), got {self.build_share}")
         if not 0.0 < self.calibration_share < 1.0:
-            raise ValueError(f"calibration share must be in (0, 1), got "
-                             f"{self.calibration_share}")
+            raise SettingError(f"calibration share must be in (0, 1), got "
+                               f"{self.calibration_share}")
         if self.capacity is not None and self.capacity <= 0:
-            raise ValueError(f"collection capacity must be positive, got {self.capacity}")
+            raise SettingError(f"collection capacity must be positive, got {self.capacity}")
 
 
 @dataclass(frozen=True)

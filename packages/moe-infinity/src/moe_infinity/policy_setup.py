@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from moe_core import SettingError
+
 __all__ = ["DEFAULT_POLICIES", "EVICTIONS", "Eviction", "PolicySetup", "parse_policies"]
 
 Eviction = Literal["lru", "lfu", "aware", "belady"]
@@ -35,10 +37,10 @@ class PolicySetup:
 
     def __post_init__(self) -> None:
         if self.eviction not in EVICTIONS:
-            raise ValueError(f"unknown eviction {self.eviction!r}; choose from "
+            raise SettingError(f"unknown eviction {self.eviction!r}; choose from "
                              f"{', '.join(EVICTIONS)}")
         if self.eviction == "belady" and self.prefetch:
-            raise ValueError("belady is the demand-fetching optimum; it does not prefetch")
+            raise SettingError("belady is the demand-fetching optimum; it does not prefetch")
 
     @property
     def name(self) -> str:
@@ -59,10 +61,10 @@ class PolicySetup:
         name = name.removesuffix("-nolookahead")
         eviction, _, extra = name.partition("+")
         if extra not in ("", "prefetch"):
-            raise ValueError(f"policy {text!r}: expected EVICTION[+prefetch][-nolookahead]")
+            raise SettingError(f"policy {text!r}: expected EVICTION[+prefetch][-nolookahead]")
         setup = cls(cast(Eviction, eviction), extra == "prefetch", lookahead)
         if not lookahead and not setup.uses_predictor:
-            raise ValueError(f"policy {text!r}: -nolookahead only applies to 'aware' or "
+            raise SettingError(f"policy {text!r}: -nolookahead only applies to 'aware' or "
                              "'+prefetch' policies")
         return setup
 
@@ -71,5 +73,5 @@ def parse_policies(text: str) -> list[PolicySetup]:
     """Comma-separated policy names; raises `ValueError` for an empty list or a bad name."""
     setups = [PolicySetup.parse(part) for part in text.split(",") if part.strip()]
     if not setups:
-        raise ValueError("no policy given")
+        raise SettingError("no policy given")
     return setups

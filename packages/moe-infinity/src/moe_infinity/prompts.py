@@ -8,7 +8,7 @@ One JSON object per line: `{"prompt": "raw text"}` or `{"messages": [{"role": "u
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +27,8 @@ class Prompt:
         messages: Chat turns (None for a raw prompt).
         domain: Optional label kept in the trace.
         max_new_tokens: Per-prompt limit, overriding the run's.
+        line: Its line in the prompts file (None for prompts made in Python).
+        token_ids: Its tokens, once checked against the model's context (`checked_prompts`).
     """
 
     request_id: str
@@ -34,6 +36,8 @@ class Prompt:
     messages: tuple[tuple[str, str], ...] | None = None
     domain: str | None = None
     max_new_tokens: int | None = None
+    line: int | None = field(default=None, compare=False)
+    token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.messages is None):
@@ -91,4 +95,4 @@ def _prompt(path: Path, number: int, line: str) -> Prompt:
         raise MoEInfinityError(f"{where}: 'max_new_tokens' must be a non-negative integer")
     domain = item.get("domain")
     return Prompt(str(item.get("id", number)), text, messages,
-                  None if domain is None else str(domain), limit)
+                  None if domain is None else str(domain), limit, number)

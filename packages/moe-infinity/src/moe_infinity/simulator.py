@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from moe_core import EvictionPolicy, ExpertId, LFUPolicy, LRUPolicy
+from moe_core import EvictionPolicy, ExpertId, LFUPolicy, LRUPolicy, SettingError
 
 from moe_infinity.cache_model import ExpertCache
 from moe_infinity.collection import TraceCollection
@@ -54,13 +54,13 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         if self.prefetch_horizon <= 0:
-            raise ValueError(f"prefetch horizon must be positive, got {self.prefetch_horizon}")
+            raise SettingError(f"prefetch horizon must be positive, got {self.prefetch_horizon}")
         if not 0.0 < self.cache_fraction <= 1.0:
-            raise ValueError(f"cache fraction must be in (0, 1], got {self.cache_fraction}")
+            raise SettingError(f"cache fraction must be in (0, 1], got {self.cache_fraction}")
         if self.prefetch_budget is not None and self.prefetch_budget <= 0:
-            raise ValueError(f"prefetch budget must be positive, got {self.prefetch_budget}")
+            raise SettingError(f"prefetch budget must be positive, got {self.prefetch_budget}")
         if self.bandwidth_bytes_per_s <= 0:
-            raise ValueError(f"bandwidth must be positive, got {self.bandwidth_bytes_per_s}")
+            raise SettingError(f"bandwidth must be positive, got {self.bandwidth_bytes_per_s}")
 
 
 @dataclass(frozen=True)

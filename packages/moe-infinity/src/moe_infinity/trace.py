@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from moe_core import SettingError
 
 from moe_infinity.model_shape import ModelShape
 
@@ -119,12 +120,12 @@ class TraceSet:
         """`(build, evaluate)`: the first `build_share` of the requests, and the rest.
 
         Raises:
-            ValueError: a share outside (0, 1), or a split that leaves either part empty.
+            SettingError: a share outside (0, 1), or a split that leaves either part empty.
         """
         if not 0.0 < build_share < 1.0:
-            raise ValueError(f"build share must be in (0, 1), got {build_share}")
+            raise SettingError(f"build share must be in (0, 1), got {build_share}")
         cut = round(len(self.traces) * build_share)
         if cut == 0 or cut == len(self.traces):
-            raise ValueError(f"{len(self.traces)} traces cannot be split {build_share:.0%} / "
+            raise SettingError(f"{len(self.traces)} traces cannot be split {build_share:.0%} / "
                              f"{1 - build_share:.0%} with both parts non-empty")
         return list(self.traces[:cut]), list(self.traces[cut:])

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
 from typing import Protocol
 
-from moe_core import MoEForCausalLM, render_chat
+from moe_core import (
+    MoEForCausalLM,
+    RequestError,
+    SettingError,
+    Truncate,
+    bad_lines_message,
+    fit_prompts,
+    render_chat,
+)
 
+from moe_infinity.errors import MoEInfinityError
 from moe_infinity.model_shape import ModelShape
 from moe_infinity.prompts import Prompt
 from moe_infinity.trace import TraceSet
 from moe_infinity.tracer import ActivationTracer, LookaheadInput
 
-__all__ = ["TraceConfig", "trace_prompts"]
+__all__ = ["TraceConfig", "checked_prompts", "trace_prompts"]
 
 
 class _Tokenizer(Protocol):
@@ -42,23 +53,44 @@ class TraceConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
-            raise ValueError(f"TraceConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise SettingError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"TraceConfig.temperature must be >= 0, got {self.temperature}")
+            raise SettingError(f"temperature must be >= 0, got {self.temperature}")
         if self.lookahead_input not in ("next_norm", "block_input"):
-            raise ValueError(f"TraceConfig.lookahead_input must be 'next_norm' or 'block_input', "
+            raise SettingError(f"lookahead_input must be 'next_norm' or 'block_input', "
                              f"got {self.lookahead_input!r}")
         if self.lookahead_top is not None and self.lookahead_top <= 0:
-            raise ValueError(f"TraceConfig.lookahead_top must be positive, got "
+            raise SettingError(f"lookahead_top must be positive, got "
                              f"{self.lookahead_top}")
 
 
 def _token_ids(tokenizer: _Tokenizer, prompt: Prompt) -> list[int]:
+    if prompt.token_ids is not None:
+        return list(prompt.token_ids)
     if prompt.messages is not None:
         return render_chat(tokenizer, [{"role": r, "content": c}  # type: ignore[arg-type]
                                        for r, c in prompt.messages])
     assert prompt.text is not None
     return list(tokenizer(prompt.text)["input_ids"])
+
+
+def checked_prompts(prompts: Sequence[Prompt], tokenizer: _Tokenizer, context_tokens: int,
+                    config: TraceConfig, truncate: Truncate | None = None,
+                    source: str | Path = "prompts") -> list[Prompt]:
+    """`prompts` with their tokens, each checked to fit the model's context with its token limit
+    (cut on the `truncate` side if given), before any model is loaded.
+
+    Raises:
+        MoEInfinityError: prompts that cannot run (no tokens, too long), listed by line.
+    """
+    fitted, problems = fit_prompts(
+        ((f"line {p.line}" if p.line else f"prompt {p.request_id!r}",
+          partial(_token_ids, tokenizer, p),
+          config.max_new_tokens if p.max_new_tokens is None else p.max_new_tokens)
+         for p in prompts), context_tokens, truncate)
+    if problems:
+        raise MoEInfinityError(bad_lines_message(source, problems))
+    return [replace(p, token_ids=tuple(ids)) for p, ids in zip(prompts, fitted, strict=True)]
 
 
 def trace_prompts(model: MoEForCausalLM, tokenizer: _Tokenizer, prompts: Sequence[Prompt],
@@ -81,7 +113,7 @@ def trace_prompts(model: MoEForCausalLM, tokenizer: _Tokenizer, prompts: Sequenc
         for index, prompt in enumerate(prompts):
             ids = _token_ids(tokenizer, prompt)
             if not ids:
-                raise ValueError(f"prompt {prompt.request_id!r} has no tokens")
+                raise RequestError(f"prompt {prompt.request_id!r} has no tokens")
             limit = prompt.max_new_tokens if prompt.max_new_tokens is not None \
                 else config.max_new_tokens
             tracer.begin_request()

@@ -30,7 +30,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     row with nothing to attend to (a padding query) stays finite instead of turning into NaN.
 
     A single query per row on CUDA (decode) runs a GQA-native kernel that reads each key and
-    value once per group (`kernels.decode_attention`, decision 0006); otherwise keys and values
+    value once per group (`kernels.decode_attention`, decision 0007); otherwise keys and values
     are repeated per query head for SDPA, which copies the whole cache.
     """
     if q.is_cuda and q.shape[2] == 1:

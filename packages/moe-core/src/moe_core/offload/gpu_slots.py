@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_core.errors import SettingError
 from moe_core.offload.layout import ExpertLayout
 from moe_core.sizes import format_bytes
 
@@ -50,13 +51,13 @@ class GpuSlotPool:
         """As many slots as `budget_bytes` holds (at most `max_slots`, e.g. every expert).
 
         Raises:
-            ValueError: the budget cannot hold a single expert block.
+            SettingError: the budget cannot hold a single expert block (a `ValueError`).
         """
         num_slots = budget_bytes // layout.nbytes
         if max_slots is not None:
             num_slots = min(num_slots, max_slots)
         if num_slots < 1:
-            raise ValueError(f"a GPU expert budget of {format_bytes(budget_bytes)} "
+            raise SettingError(f"a GPU expert budget of {format_bytes(budget_bytes)} "
                              f"({budget_bytes} bytes) cannot hold one expert block of "
                              f"{format_bytes(layout.nbytes)} ({layout.nbytes} bytes)")
         return cls(layout, num_slots, device)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from moe_core.dtypes import run_dtype
+from moe_core.errors import SettingError
 from moe_core.expert_id import ExpertId
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import MoEForCausalLM
@@ -124,7 +125,7 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
     pool = GpuSlotPool.for_budget(layout, expert_memory_bytes, device,
                                   max_slots=len(host.experts()) + (2 if kind == "streaming" else 0))
     if pool.num_slots < needed:
-        raise ValueError(f"{format_bytes(expert_memory_bytes)} of expert memory holds "
+        raise SettingError(f"{format_bytes(expert_memory_bytes)} of expert memory holds "
                          f"{pool.num_slots} expert slots of {format_bytes(layout.nbytes)}; the "
                          f"{kind} executor needs at least {needed}")
     mapped = kind == "on_demand" and fetch == "mapped"
@@ -142,6 +143,6 @@ def _check_store_matches(header: PackedHeader, net: MoEForCausalLM, path: str | 
     got = (header.hidden_size, header.intermediate_size, header.num_experts)
     missing = [layer for layer in spec.moe_layers if layer not in header.moe_layers]
     if got != expected or missing:
-        raise ValueError(f"{path}: the store holds experts of shape (hidden, width, experts) "
+        raise SettingError(f"{path}: the store holds experts of shape (hidden, width, experts) "
                          f"{got} for layers {list(header.moe_layers)}; the model needs "
                          f"{expected} for layers {list(spec.moe_layers)}")

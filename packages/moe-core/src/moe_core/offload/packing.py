@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 
 from moe_core.dtypes import parse_dtype
+from moe_core.errors import SettingError
 from moe_core.known_shapes import known_shapes
 from moe_core.loader import resolve_model_path
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.packed_store import PackedHeader, Progress, write_packed
 from moe_core.spec import ModelSpec
+from moe_core.staged_output import StagedOutput
 
 __all__ = ["pack_model"]
 
@@ -39,18 +41,26 @@ def pack_model(model: str | Path, out: str | Path, *, dtype: str | torch.dtype |
         progress: `progress(done_bytes, total_bytes)`.
 
     Raises:
-        ValueError: the model has no MoE layers.
+        SettingError: a shipped shape without `dummy`, or a model without MoE layers.
+        OutputError: `out` cannot be written, or another process is writing it.
         CheckpointError: missing or misshapen expert tensors.
     """
     if not dummy and str(model) in known_shapes():
-        raise ValueError(f"{model} is a shipped shape without weights: pass --dummy (random "
-                         f"experts) or a checkpoint folder")
+        raise SettingError(f"{model} is a shipped shape without weights: pass --dummy (random "
+                           f"experts) or a checkpoint folder")
+    with StagedOutput(out, "store file"):  # write_packed writes <out>.partial and renames it
+        return _pack(model, out, dtype, num_layers, dummy, seed, progress)
+
+
+def _pack(model: str | Path, out: str | Path, dtype: str | torch.dtype | None,
+          num_layers: int | None, dummy: bool, seed: int,
+          progress: Progress | None) -> PackedHeader:
     folder = resolve_model_path(model, weights=not dummy)
     spec = ModelSpec.from_pretrained(folder)
     if num_layers is not None:
         spec = spec.truncated(num_layers)
     if not spec.moe_layers:
-        raise ValueError(f"{model}: the model has no MoE layers to pack")
+        raise SettingError(f"{model}: the model has no MoE layers to pack")
     storage = parse_dtype(dtype if dtype is not None else (spec.torch_dtype or "float32"))
     layout = ExpertLayout(spec.hidden_size, spec.moe.expert_intermediate_size, storage)
     num_experts = spec.moe.num_experts

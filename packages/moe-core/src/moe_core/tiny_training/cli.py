@@ -32,16 +32,14 @@ def prepare(
     max_chars_per_domain: Annotated[int, typer.Option(min=10_000)] = 6_000_000,
 ) -> None:
     """Read the corpus and the standard library, train the tokenizer, write token arrays."""
-    from moe_core.cli import user_errors
     from moe_core.tiny_training.corpus import read_corpus
     from moe_core.tiny_training.dataset import write_token_data
     from moe_core.tiny_training.tokenizer_training import train_tokenizer
 
-    with user_errors():
-        texts = read_corpus(corpus, max_chars_per_domain=max_chars_per_domain)
-        _log(f"read {len(texts)} domains; training a {vocab_size}-token BPE tokenizer")
-        tokenizer = train_tokenizer(texts, out / "tokenizer", vocab_size=vocab_size)
-        manifest = write_token_data(texts, tokenizer, out)
+    texts = read_corpus(corpus, max_chars_per_domain=max_chars_per_domain)
+    _log(f"read {len(texts)} domains; training a {vocab_size}-token BPE tokenizer")
+    tokenizer = train_tokenizer(texts, out / "tokenizer", vocab_size=vocab_size)
+    manifest = write_token_data(texts, tokenizer, out)
     print(json.dumps(manifest["tokens"]))
 
 
@@ -59,19 +57,17 @@ def fit(
     device: str = "cuda",
 ) -> None:
     """Train the tiny model (a seeded run of a fixed number of steps) and save it."""
-    from moe_core.cli import user_errors
     from moe_core.tiny_training.trainer import TrainConfig, measure_step_seconds, train_tiny_model
 
-    with user_errors():
-        config = TrainConfig(batch_size=batch_size, seq_len=seq_len, seed=seed)
-        if steps is None:
-            step_s = measure_step_seconds(data, train_config=config, device=device)
-            steps = max(1, int(time_budget / step_s))
-            _log(f"{step_s * 1e3:.1f} ms per step: planning {steps} steps for {time_budget:.0f} s")
-        config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                             warmup_steps=min(150, max(1, steps // 10)),
-                             time_budget_s=1.15 * time_budget)
-        log = train_tiny_model(data, out, train_config=config, device=device, progress=_log)
+    config = TrainConfig(batch_size=batch_size, seq_len=seq_len, seed=seed)
+    if steps is None:
+        step_s = measure_step_seconds(data, train_config=config, device=device)
+        steps = max(1, int(time_budget / step_s))
+        _log(f"{step_s * 1e3:.1f} ms per step: planning {steps} steps for {time_budget:.0f} s")
+    config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                         warmup_steps=min(150, max(1, steps // 10)),
+                         time_budget_s=1.15 * time_budget)
+    log = train_tiny_model(data, out, train_config=config, device=device, progress=_log)
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "tokens_seen",
                                           "parameters", "device", "stopped_early")}))
 
@@ -86,12 +82,10 @@ def evaluate(
 ) -> None:
     """Held-out perplexity per domain against a unigram baseline, routing per domain (heat map,
     Jensen-Shannon divergence) and sample generations."""
-    from moe_core.cli import user_errors
     from moe_core.tiny_training.evaluation import EvaluationConfig, evaluate_tiny_model
 
-    with user_errors():
-        report = evaluate_tiny_model(model, data, out, config=EvaluationConfig(
-            seq_len=seq_len, max_tokens_per_domain=max_tokens_per_domain))
+    report = evaluate_tiny_model(model, data, out, config=EvaluationConfig(
+        seq_len=seq_len, max_tokens_per_domain=max_tokens_per_domain))
     per_domain = report["per_domain"]
     assert isinstance(per_domain, dict)
     summary = {d: {k: round(v, 3) for k, v in r.items() if k != "tokens"}

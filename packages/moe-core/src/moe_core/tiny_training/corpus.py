@@ -15,6 +15,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe_core.errors import InputFileError
+
 __all__ = ["DOMAINS", "DomainText", "read_corpus"]
 
 DOMAINS: tuple[str, ...] = ("stories", "math", "plays", "de", "fr", "es", "code")
@@ -140,14 +142,14 @@ def read_corpus(corpus_dir: str | Path, *, code_dir: str | Path | None = None,
         doc_chars: Target document length for long texts.
 
     Raises:
-        FileNotFoundError: a domain's folder or file is missing.
+        InputFileError: a domain's folder or file is missing.
     """
     root = Path(corpus_dir)
     out: dict[str, DomainText] = {}
     for domain, sub in _TEXT_DIRS.items():
         paths = sorted((root / sub).rglob("*.txt"))
         if not paths:
-            raise FileNotFoundError(f"{root / sub}: no .txt files for domain {domain!r}")
+            raise InputFileError(f"{root / sub}: no .txt files for domain {domain!r}")
         train, heldout = _split_files(paths, max_chars_per_domain, heldout_share, doc_chars)
         out[domain] = DomainText(domain, train, heldout)
     math_train = _gsm8k(root / "math" / "gsm8k_train.jsonl")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from moe_core.errors import InputFileError
 from moe_core.tiny_training.corpus import DomainText
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class TokenData:
         folder = Path(folder)
         path = folder / "manifest.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: not a token data folder (run the prepare step)")
+            raise InputFileError(f"{path}: not a token data folder (run the prepare step)")
         return cls(folder, json.loads(path.read_text()))
 
     @property

@@ -281,7 +281,7 @@ def evaluate_tiny_model(model_dir: str | Path, data_dir: str | Path, out_dir: st
         `model_dir`, `data_dir`, `elapsed_s`.
 
     Raises:
-        FileNotFoundError: no manifest in `data_dir`.
+        InputFileError: no manifest in `data_dir`.
         ValueError: the data's vocabulary does not fit the model, or a held-out array is too
             short for one window.
     """
