@@ -21,11 +21,14 @@ run: setup
 	$(UV) run moe-core generate --max-new-tokens 48 -p "Once upon a time, there was a little fox who" -p "def fibonacci(n):"
 	$(UV) run moe-core generate --chat --max-new-tokens 64 -p "Tom has 3 apples and buys 5 more. How many apples does he have now?"
 
+# The type checker first (zero errors over every package's source), then every test.
 test: setup
+	$(UV) run mypy
 	HF_HUB_OFFLINE=1 $(UV) run pytest
 
 lint: setup
 	$(UV) run ruff check .
+	$(UV) run mypy
 
 clean:
 	rm -rf .cache .tools .venv

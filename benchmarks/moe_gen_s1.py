@@ -86,9 +86,10 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
     profile = profile_device(model.spec, device, dtype)
     reserve = parse_bytes("1.5GiB") if device == "cuda" else 0
     plan = make_plan(model.spec, dtype, profile,
-                     Budget(parse_bytes(budget), parse_bytes(args.host_memory), args.prompt_tokens,
-                            args.new_tokens, args.num_prompts, reserve,
-                            args.max_cpu_attention_share))
+                     Budget(gpu_bytes=parse_bytes(budget), host_bytes=parse_bytes(args.host_memory),
+                            prompt_tokens=args.prompt_tokens, max_new_tokens=args.new_tokens,
+                            num_requests=args.num_prompts, reserve_bytes=reserve,
+                            max_cpu_attention_share=args.max_cpu_attention_share))
     print(f"ours {name}: plan {plan.to_dict()}", flush=True)
     loaded = install_streaming(model, plan, device, store)
     runtime = loaded.runtime

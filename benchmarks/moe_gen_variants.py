@@ -85,8 +85,9 @@ dtype = torch.bfloat16 if CUDA else torch.float32
 model = load_model(NAME, "cpu", dtype, dummy=True, num_layers=LAYERS or None, load_experts=False)
 store = dummy_store(model.spec, dtype, pin=CUDA)
 profile = profile_device(model.spec, DEV, dtype)
-budget = Budget(parse_bytes(BUDGET), parse_bytes("100GiB"), CONTEXT, 256, 256,
-                parse_bytes("1.5GiB") * CUDA, 0.75)
+budget = Budget(gpu_bytes=parse_bytes(BUDGET), host_bytes=parse_bytes("100GiB"),
+                prompt_tokens=CONTEXT, max_new_tokens=256, num_requests=256,
+                reserve_bytes=parse_bytes("1.5GiB") * CUDA, max_cpu_attention_share=0.75)
 plan = make_plan(model.spec, dtype, profile, budget)
 loaded = install_streaming(model, plan, DEV, store)
 model, runtime = loaded.model, loaded.runtime

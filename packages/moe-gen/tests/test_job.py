@@ -24,8 +24,8 @@ class Interrupt(Exception):
 
 
 def config(tmp_path: Path, output: str = "out.jsonl") -> JobConfig:
-    return JobConfig(TINY_MODEL_NAME, sample_input(), tmp_path / output,
-                     Defaults(max_new_tokens=NEW), gpu_memory_bytes=1 << 30)
+    return JobConfig(model=TINY_MODEL_NAME, input=sample_input(), output=tmp_path / output,
+                     defaults=Defaults(max_new_tokens=NEW), gpu_memory_bytes=1 << 30)
 
 
 def lines(path: Path) -> list[dict[str, object]]:
@@ -127,7 +127,8 @@ def test_requests_are_checked_before_the_model_loads(tmp_path: Path,
                    '{"id": "t", "prompt": "x", "temperature": -1}\n'
                    '{"id": "e", "prompt": ""}\n'
                    + json.dumps({"id": "long", "prompt": "word " * 1100}) + "\n")
-    job = JobConfig(TINY_MODEL_NAME, bad, tmp_path / "out.jsonl", Defaults(max_new_tokens=NEW))
+    job = JobConfig(model=TINY_MODEL_NAME, input=bad, output=tmp_path / "out.jsonl",
+                    defaults=Defaults(max_new_tokens=NEW))
     with pytest.raises(InputError, match="2 bad line") as info:
         run_job(job)
     assert "line 2: request 't': temperature must be >= 0" in str(info.value)

@@ -27,7 +27,8 @@ def mixtral() -> ModelSpec:
 
 
 def budget(gpu: str, host: str = "100GiB", requests: int = 4096) -> Budget:
-    return Budget(parse_bytes(gpu), parse_bytes(host), 512, 256, requests, parse_bytes("1GiB"))
+    return Budget(gpu_bytes=parse_bytes(gpu), host_bytes=parse_bytes(host), prompt_tokens=512,
+                  max_new_tokens=256, num_requests=requests, reserve_bytes=parse_bytes("1GiB"))
 
 
 @pytest.mark.parametrize("gpu", ["6GiB", "12GiB", "24GiB"])
@@ -78,7 +79,7 @@ def test_nothing_fits_is_a_clear_error(mixtral: ModelSpec) -> None:
 
 def test_budget_is_validated() -> None:
     with pytest.raises(ValueError, match=r"Budget\.gpu_bytes"):
-        Budget(0, 1, 1, 1)
+        Budget(gpu_bytes=0, host_bytes=1, prompt_tokens=1, max_new_tokens=1)
 
 
 def test_cpu_profile_is_quick_and_positive(mixtral: ModelSpec) -> None:
@@ -99,8 +100,9 @@ def test_host_attention_share_follows_the_host_rate(mixtral: ModelSpec) -> None:
     slow = replace(PROFILE, cpu_attention_keys_per_s=1e3, cpu_matmul_flops_per_s=1e6)
     assert make_plan(mixtral, BF16, fast, budget("12GiB")).cpu_attention_share > 0
     assert make_plan(mixtral, BF16, slow, budget("12GiB")).cpu_attention_share == 0
-    capped = Budget(parse_bytes("12GiB"), parse_bytes("100GiB"), 512, 256, 4096,
-                    parse_bytes("1GiB"), max_cpu_attention_share=0.0)
+    capped = Budget(gpu_bytes=parse_bytes("12GiB"), host_bytes=parse_bytes("100GiB"),
+                    prompt_tokens=512, max_new_tokens=256, num_requests=4096,
+                    reserve_bytes=parse_bytes("1GiB"), max_cpu_attention_share=0.0)
     assert make_plan(mixtral, BF16, fast, capped).cpu_attention_share == 0
     on_cpu = replace(fast, device="cpu")  # the host is the device: nothing to split
     assert make_plan(mixtral, BF16, on_cpu, budget("12GiB")).cpu_attention_share == 0

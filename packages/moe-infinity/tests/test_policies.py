@@ -59,7 +59,7 @@ def test_belady_is_never_beaten_in_the_simulator(synthetic: Callable[..., TraceS
     traces = synthetic(seed, num_requests=3)
     collection = TraceCollection(traces.shape, 4)
     collection.add(traces.traces[0].eam)
-    config = SimulationConfig(fraction)
+    config = SimulationConfig(cache_fraction=fraction)
     run = {name: simulate(traces.traces, traces.shape, PolicySetup.parse(name), config,
                           collection)
            for name in ("belady", "lru", "lfu", "aware", "aware-nolookahead", "aware+prefetch",

@@ -27,7 +27,7 @@ def test_counts_add_up(synthetic: Synthetic, name: str) -> None:
     collection = TraceCollection(traces.shape, 2)
     collection.add(traces.traces[0].eam)
     result = simulate(traces.traces, traces.shape, PolicySetup.parse(name),
-                      SimulationConfig(0.3), collection)
+                      SimulationConfig(cache_fraction=0.3), collection)
     uses = access_string(traces.traces, traces.shape)
     assert result.accesses == result.hits + result.misses == len(uses)
     assert result.decode_accesses == sum(len(access_string([t], traces.shape))
@@ -46,13 +46,14 @@ def test_a_cache_holding_everything_only_misses_once(synthetic: Synthetic) -> No
     distinct = len(set(access_string(traces.traces, traces.shape)))
     for name in ("lru", "lfu", "aware", "belady"):
         result = simulate(traces.traces, traces.shape, PolicySetup.parse(name),
-                          SimulationConfig(1.0))
+                          SimulationConfig(cache_fraction=1.0))
         assert result.misses == distinct, name
 
 
 def test_policy_names() -> None:
-    assert PolicySetup.parse("aware+prefetch-nolookahead") == PolicySetup("aware", True, False)
-    assert PolicySetup.parse(" LRU ") == PolicySetup("lru")
+    assert PolicySetup.parse("aware+prefetch-nolookahead") == PolicySetup(
+        eviction="aware", prefetch=True, lookahead=False)
+    assert PolicySetup.parse(" LRU ") == PolicySetup(eviction="lru")
     assert [p.name for p in parse_policies(",".join(DEFAULT_POLICIES))] == list(DEFAULT_POLICIES)
     for bad, message in [("fifo", "unknown eviction"), ("belady+prefetch", "does not prefetch"),
                          ("lru-nolookahead", "only applies"), ("lru+x", "expected"),
@@ -71,7 +72,8 @@ def test_config_validation() -> None:
 
 
 def test_evaluation_on_real_traces(sample_traces: TraceSet) -> None:
-    plan = EvaluationPlan((0.25, 0.5), tuple(parse_policies("lru,aware+prefetch,belady")))
+    plan = EvaluationPlan(cache_fractions=(0.25, 0.5),
+                          policies=tuple(parse_policies("lru,aware+prefetch,belady")))
     report = evaluate(sample_traces, plan)
     assert (report.build_requests, report.eval_requests) == (14, 14)
     assert [r.policy for r in report.results] == ["lru", "lru", "aware+prefetch",

@@ -28,7 +28,7 @@ HOURS_PER_YEAR = 8760
 _NO_HOST = "or pass --no-host to price the GPUs alone"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CostConfig:
     """How to price a run.
 

@@ -123,7 +123,7 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    params = SamplingParams(temperature, top_k, top_p, seed)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     eos = _eos_ids(model, eos_token_id)
     pad = pad_token_for(model, pad_token_id)
     rows = _rows_of(input_ids, attention_mask)

@@ -27,8 +27,11 @@ def parse_truncate(value: str | None) -> Truncate | None:
     Raises:
         SettingError: any other value.
     """
-    if value is None or value in TRUNCATE_SIDES:
-        return value  # type: ignore[return-value]
+    if value is None:
+        return None
+    for side in TRUNCATE_SIDES:
+        if value == side:
+            return side
     raise SettingError(f"--truncate must be left or right, got {value!r}")
 
 

@@ -11,7 +11,7 @@ from moe_core.errors import SettingError
 __all__ = ["SamplingParams", "sample_next"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to pick each next token.
 

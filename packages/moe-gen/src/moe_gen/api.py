@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from moe_core import (
+    ConfigError,
     MoEForCausalLM,
     RequestError,
     SamplingParams,
@@ -31,7 +32,7 @@ PromptLike = str | Seq[int] | GenRequest
 Tokenizer = object  # a transformers tokenizer (encode, decode, chat template)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Defaults:
     """The job-wide generation settings each request may override.
 
@@ -56,7 +57,8 @@ class Defaults:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise SettingError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)  # validates
+        SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                       seed=self.seed)  # validates
 
 
 def default_plan(num_requests: int, max_tokens: int, *, max_batch_size: int = 64,
@@ -91,10 +93,10 @@ def prompt_ids(request: GenRequest, tokenizer: Tokenizer | None) -> list[int]:
 def _sequence(index: int, request: GenRequest, defaults: Defaults, tokenizer: Tokenizer | None,
               device: torch.device, context_tokens: int) -> Sequence:
     params = SamplingParams(
-        defaults.temperature if request.temperature is None else request.temperature,
-        defaults.top_k if request.top_k is None else request.top_k,
-        defaults.top_p if request.top_p is None else request.top_p,
-        defaults.seed + index if request.seed is None else request.seed)
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        top_k=defaults.top_k if request.top_k is None else request.top_k,
+        top_p=defaults.top_p if request.top_p is None else request.top_p,
+        seed=defaults.seed + index if request.seed is None else request.seed)
     generator = None if params.is_greedy else params.generator(device)
     limit = request.max_new_tokens or defaults.max_new_tokens
     try:
@@ -170,8 +172,9 @@ def generate(model: MoEForCausalLM, prompts: Seq[PromptLike], *, max_new_tokens:
     requests = [(i, _as_request(i, p)) for i, p in enumerate(prompts)]
     if not requests:
         return []
-    defaults = Defaults(max_new_tokens, temperature, top_p, top_k, seed,
-                        frozenset(eos_ids(model, eos_token_id)), tuple(stop))
+    defaults = Defaults(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, seed=seed,
+                        eos_token_ids=frozenset(eos_ids(model, eos_token_id)), stop=tuple(stop))
     if plan is None:
         longest = max(len(prompt_ids(r, tokenizer)) for _, r in requests)
         limit = max(r.max_new_tokens or max_new_tokens for _, r in requests)
@@ -194,4 +197,7 @@ def eos_ids(model: MoEForCausalLM, eos_token_id: int | Seq[int] | None = None) -
         value = model.spec.eos_token_ids
     if isinstance(value, int):
         return {value}
-    return {int(v) for v in value}  # type: ignore[union-attr]
+    if not isinstance(value, (list, tuple, set)):
+        raise ConfigError(f"the model's eos_token_id is neither an id nor a list of ids: "
+                          f"{value!r}")
+    return {int(v) for v in value}

@@ -98,10 +98,12 @@ def run(
     an empty prompt, too long for the model's context) stops the job before it starts, listed
     with its line number.
     """
-    config = JobConfig(model, input or sample_input(), output,
-                       Defaults(max_new_tokens, temperature, top_p, None, seed),
-                       parse_bytes(gpu_memory), parse_bytes(host_memory), _device(device),
-                       dtype, dummy, num_layers, eos=not ignore_eos,
+    config = JobConfig(model=model, input=input or sample_input(), output=output,
+                       defaults=Defaults(max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, seed=seed),
+                       gpu_memory_bytes=parse_bytes(gpu_memory),
+                       host_memory_bytes=parse_bytes(host_memory), device=_device(device),
+                       dtype=dtype, dummy=dummy, num_layers=num_layers, eos=not ignore_eos,
                        max_cpu_attention_share=max_cpu_attention_share,
                        truncate=parse_truncate(truncate))
     for path, option in ((json_path, "--json"), (report, "--report")):
@@ -167,7 +169,8 @@ def plan(
     """Profile this machine and print the plan, its predicted step time and the bound."""
     spec = ModelSpec.from_pretrained(resolve_model_path(model, weights=False))
     spec = spec if num_layers is None else spec.truncated(num_layers)
-    config = JobConfig(model, Path(), Path(), gpu_memory_bytes=parse_bytes(gpu_memory),
+    config = JobConfig(model=model, input=Path(), output=Path(),
+                       gpu_memory_bytes=parse_bytes(gpu_memory),
                        host_memory_bytes=parse_bytes(host_memory), device=_device(device),
                        dtype=dtype, max_cpu_attention_share=max_cpu_attention_share)
     chosen, profile = plan_job(config, spec, prompt_tokens, max_new_tokens, num_requests)

@@ -44,7 +44,7 @@ def sample_input() -> Path:
     return Path(str(resources.files("moe_gen") / "data" / "sample_prompts.jsonl"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """Everything a job needs.
 
@@ -134,8 +134,10 @@ def plan_job(config: JobConfig, spec: ModelSpec, prompt_tokens: int, max_new: in
     dtype = config.run_dtype(spec)
     profile = profile_device(spec, config.device, dtype)
     reserve = 3 << 29 if config.device == "cuda" else 0  # 1.5 GiB: allocator slack, kernels
-    budget = Budget(config.gpu_memory_bytes, config.host_memory_bytes, prompt_tokens, max_new,
-                    num_requests, reserve, config.max_cpu_attention_share)
+    budget = Budget(gpu_bytes=config.gpu_memory_bytes, host_bytes=config.host_memory_bytes,
+                    prompt_tokens=prompt_tokens, max_new_tokens=max_new,
+                    num_requests=num_requests, reserve_bytes=reserve,
+                    max_cpu_attention_share=config.max_cpu_attention_share)
     return make_plan(spec, dtype, profile, budget), profile
 
 

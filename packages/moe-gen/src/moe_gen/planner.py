@@ -35,7 +35,7 @@ _HOST_SHARE_MARGIN = 1.05
 _TIE = 0.005
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Budget:
     """What the plan must fit in.
 

@@ -66,7 +66,7 @@ class GenRequest:
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError(f"request {self.id!r}: the prompt is empty")
         try:
-            SamplingParams(self.temperature or 0.0, self.top_k, self.top_p)
+            SamplingParams(temperature=self.temperature or 0.0, top_k=self.top_k, top_p=self.top_p)
         except ValueError as exc:
             raise ValueError(f"request {self.id!r}: {exc}") from None
 

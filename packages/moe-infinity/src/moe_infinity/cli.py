@@ -103,7 +103,7 @@ def trace(
 
     from moe_infinity.trace_run import trace_prompts
 
-    config = TraceConfig(max_new_tokens, temperature, seed,
+    config = TraceConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                          lookahead_input=lookahead_input,  # type: ignore[arg-type]
                          expert_dtype=expert_dtype)
     sides = parse_truncate(truncate)
@@ -112,14 +112,14 @@ def trace(
     with StagedOutput(output, "--output") as staged:
         folder = moe_core.resolve_model_path(model, weights=False)
         tokenizer = moe_core.load_tokenizer(folder)
-        prompts = checked_prompts(prompts, tokenizer,  # type: ignore[arg-type]
+        prompts = checked_prompts(prompts, tokenizer,
                                   ModelSpec.from_pretrained(folder).max_position_embeddings,
                                   config, sides, input_path)
         net = moe_core.load_model(model, device=device, dtype=dtype)
         with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=_err) as progress:
             task = progress.add_task("tracing", total=len(prompts))
-            traces = trace_prompts(net, tokenizer, prompts, model, config,  # type: ignore[arg-type]
+            traces = trace_prompts(net, tokenizer, prompts, model, config,
                                    lambda done: progress.update(task, completed=done))
         save_traces(traces, staged.partial)
     summary = {"output": str(output), "requests": len(traces),
@@ -161,8 +161,9 @@ def simulate(
     for path, option in ((plot, "--plot"), (collection_out, "--collection-out")):
         if path is not None:
             check_output_path(path, option)
-    plan = EvaluationPlan(_fractions(cache_fraction), tuple(parse_policies(policy)),
-                          build_share, capacity, prefetch_budget=prefetch_budget,
+    plan = EvaluationPlan(cache_fractions=_fractions(cache_fraction),
+                          policies=tuple(parse_policies(policy)), build_share=build_share,
+                          capacity=capacity, prefetch_budget=prefetch_budget,
                           bandwidth_bytes_per_s=pcie_gbps * 1e9)
     traces = load_traces(traces_path)
     _err.print(f"{traces.shape.describe()}; {len(traces)} requests", highlight=False)

@@ -24,7 +24,7 @@ from moe_infinity.trace import RequestTrace, TraceSet
 __all__ = ["EvaluationPlan", "EvaluationReport", "evaluate"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluationPlan:
     """What `evaluate` runs.
 
@@ -54,7 +54,8 @@ class EvaluationPlan:
         if not self.cache_fractions or not self.policies:
             raise SettingError("give at least one cache fraction and one policy")
         for fraction in self.cache_fractions:  # validates the fractions and the budgets
-            SimulationConfig(fraction, self.prefetch_budget, self.bandwidth_bytes_per_s)
+            SimulationConfig(cache_fraction=fraction, prefetch_budget=self.prefetch_budget,
+                             bandwidth_bytes_per_s=self.bandwidth_bytes_per_s)
         if not 0.0 < self.build_share < 1.0:
             raise SettingError(f"build share must be in (0, 1), got {self.build_share}")
         if not 0.0 < self.calibration_share < 1.0:
@@ -114,7 +115,9 @@ def evaluate(traceset: TraceSet, plan: EvaluationPlan,
     results = []
     for setup in plan.policies:
         for fraction in plan.cache_fractions:
-            config = SimulationConfig(fraction, budget, plan.bandwidth_bytes_per_s, predictor)
+            config = SimulationConfig(cache_fraction=fraction, prefetch_budget=budget,
+                                      bandwidth_bytes_per_s=plan.bandwidth_bytes_per_s,
+                                      predictor=predictor)
             result = simulate(replay, traceset.shape, setup, config, collection)
             results.append(result)
             if on_result is not None:

@@ -21,7 +21,7 @@ DEFAULT_POLICIES = ("lru", "lfu", "aware-nolookahead", "aware", "aware+prefetch-
                     "aware+prefetch", "lru+prefetch", "belady")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PolicySetup:
     """One simulated policy.
 
@@ -62,7 +62,8 @@ class PolicySetup:
         eviction, _, extra = name.partition("+")
         if extra not in ("", "prefetch"):
             raise SettingError(f"policy {text!r}: expected EVICTION[+prefetch][-nolookahead]")
-        setup = cls(cast(Eviction, eviction), extra == "prefetch", lookahead)
+        setup = cls(eviction=cast(Eviction, eviction), prefetch=extra == "prefetch",
+                    lookahead=lookahead)
         if not lookahead and not setup.uses_predictor:
             raise SettingError(f"policy {text!r}: -nolookahead only applies to 'aware' or "
                              "'+prefetch' policies")

@@ -48,7 +48,7 @@ def layer_distance(num_layers: int, current: int) -> np.ndarray:
     return d
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PredictorConfig:
     """How the predictor scores experts.
 

@@ -32,7 +32,7 @@ H200_PCIE_BYTES_PER_S = 54.7e9
 """Pinned host-to-GPU copy bandwidth measured on the H200 test machine (docs: DESIGN.md)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SimulationConfig:
     """One simulated configuration.
 
@@ -168,8 +168,9 @@ def _predictor_config(setup: PolicySetup, config: PredictorConfig) -> PredictorC
     if setup.lookahead:
         return config
     sources = tuple(s for s in config.sources if s != "lookahead") or SOURCES[:1]
-    return PredictorConfig(sources, config.weights, config.num_matches, config.layer_decay,
-                           config.own_decay)
+    return PredictorConfig(sources=sources, weights=config.weights,
+                           num_matches=config.num_matches, layer_decay=config.layer_decay,
+                           own_decay=config.own_decay)
 
 
 class _Prefetcher:

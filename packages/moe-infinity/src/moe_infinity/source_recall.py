@@ -80,5 +80,6 @@ def calibrated_config(traces: Sequence[RequestTrace], collection: TraceCollectio
     collection does not hold, so a request never matches itself)."""
     recalls = {r.source: r.recall for r in measure_recall(traces, collection, config, budget)}
     weights = tuple(max(recalls.get(s, 0.0), 1e-3) for s in SOURCES)
-    return PredictorConfig(config.sources, weights, config.num_matches,  # type: ignore[arg-type]
-                           config.layer_decay, config.own_decay)
+    return PredictorConfig(sources=config.sources, weights=weights,  # type: ignore[arg-type]
+                           num_matches=config.num_matches, layer_decay=config.layer_decay,
+                           own_decay=config.own_decay)

@@ -31,7 +31,7 @@ class _Tokenizer(Protocol):
     def __call__(self, text: str) -> dict[str, list[int]]: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TraceConfig:
     """How prompts are run while tracing.
 

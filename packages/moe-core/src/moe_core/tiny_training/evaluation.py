@@ -55,7 +55,7 @@ DEFAULT_PROMPTS: dict[str, str] = {
 """One prompt per domain of the corpus (the math one in the chat format of its training data)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluationConfig:
     """Settings of `evaluate_tiny_model`.
 

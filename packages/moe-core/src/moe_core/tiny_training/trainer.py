@@ -24,7 +24,7 @@ from moe_core.tiny_training.dataset import TokenData, WindowSampler
 __all__ = ["TinyModelConfig", "TrainConfig", "measure_step_seconds", "train_tiny_model"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TinyModelConfig:
     """Shape of the tiny model (defaults: the shipped one, about 14M parameters, 28 MB in bf16)."""
 
@@ -67,7 +67,7 @@ class TinyModelConfig:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Optimisation settings.
 
