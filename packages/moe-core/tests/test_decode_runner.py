@@ -179,6 +179,24 @@ def test_runner_refuses_what_does_not_fit(model: MoEForCausalLM) -> None:
         runner.step(torch.tensor([5, 6]), torch.ones(2, dtype=torch.bool))
 
 
+def test_runner_forgets_its_graphs_when_the_blocks_change(model: MoEForCausalLM) -> None:
+    """A captured step replays the executor it captured: installing another one (or a routing
+    override) must drop the graphs before the next batch."""
+    runner = DecodeRunner(model, 1, 16)
+    ids = torch.tensor([[5, 6, 7]])
+    runner.prefill(ids, torch.ones_like(ids))
+    runner._graphs[1] = object()  # type: ignore[assignment]  # stands in for a capture
+    runner.prefill(ids, torch.ones_like(ids))
+    assert 1 in runner._graphs  # nothing changed: kept
+    block = model.moe_blocks()[0]
+    block.routing_override = lambda hidden: block.gate(hidden)
+    try:
+        runner.prefill(ids, torch.ones_like(ids))
+    finally:
+        block.routing_override = None
+    assert not runner._graphs
+
+
 def test_buckets() -> None:
     assert [bucket_for(b) for b in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 65]
 

@@ -130,9 +130,11 @@ class DecodeRunner:
         self._graphs: dict[int, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._batch = 0
-        self._hooks = _hooks_of(model)
-        self._token_limit = _graph_token_limit(model)
+        self._hooks: list[GraphHooks] = []
+        self._token_limit = 0
         self._eager_buckets: set[int] = set()  # buckets whose capture failed
+        self._signature: tuple[int, ...] = ()
+        self._check_model()
 
     def fits(self, batch_size: int, slots: int) -> bool:
         """Whether a generation of `batch_size` rows needing `slots` slots fits this runner."""
@@ -146,6 +148,7 @@ class DecodeRunner:
         if not self.fits(b, t):
             raise ValueError(f"a batch of {b} prompts of {t} slots does not fit this runner "
                              f"({self.max_rows} rows, {self.capacity} slots)")
+        self._check_model()
         self.cache.reset()
         self._active.zero_()
         self._batch = b
@@ -196,6 +199,18 @@ class DecodeRunner:
                             cache=self.cache.rows(bucket), last_only=True)
         return logits[:, -1]
 
+    def _check_model(self) -> None:
+        """Forget every captured graph if the model's MoE blocks changed since they were
+        captured (another executor installed, an observer or routing override set): a graph
+        replays the kernels and addresses of the step it captured, not the model as it is."""
+        signature = _signature(self.model)
+        if signature != self._signature:
+            self._graphs.clear()
+            self._eager_buckets.clear()
+            self._hooks = _hooks_of(self.model)
+            self._token_limit = _graph_token_limit(self.model)
+            self._signature = signature
+
     def _capturable(self, bucket: int) -> bool:
         return (self.use_graphs and bucket <= self.buckets[-1] and bucket <= self._token_limit
                 and bucket not in self._eager_buckets)
@@ -236,6 +251,13 @@ class DecodeRunner:
         self.cache.slot.copy_(slot)
         self.cache.valid.copy_(valid)
         self.cache.next_position.copy_(next_position)
+
+
+def _signature(model: MoEForCausalLM) -> tuple[int, ...]:
+    """What a captured step depends on beyond its tensors: each MoE block's executor, routing
+    override and observer (by identity)."""
+    return tuple(id(x) for block in model.moe_blocks()
+                 for x in (block.executor, block.routing_override, block.observer))
 
 
 def _graph_token_limit(model: MoEForCausalLM) -> int:
