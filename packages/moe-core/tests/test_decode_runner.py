@@ -133,6 +133,14 @@ def test_static_cache_rows_share_buffers_and_slot() -> None:
     assert keys.shape == (2, 8, 5)
     assert int(cache.slot) == 3 and cache.valid[:2, :3].all() and not cache.valid[2:].any()
     assert cache.nbytes() == 4 * 8 * 5 * 4  # allocated once at full size
+    saved = view.state()
+    view.begin(new_valid[:, :1])
+    view.append(0, torch.ones(2, 1, 5))
+    view.commit(new_valid[:, :1])
+    assert int(cache.slot) == 4
+    view.restore(saved)  # a warm-up run leaves no trace in the fill state
+    assert int(cache.slot) == 3 and not cache.valid[:, 3].any()
+    assert torch.equal(cache.next_position, torch.tensor([3, 3, 0, 0]))
     cache.reset()
     assert int(cache.slot) == 0 and not cache.valid.any()
     with pytest.raises(ValueError, match="rows"):

@@ -219,7 +219,7 @@ class DecodeRunner:
         """Warm the step up eagerly (lazy allocations, kernel compilation), put the cache back
         as it was, then capture it. None (and eager steps from then on) if capture fails."""
         cache = self.cache
-        saved = (cache.slot.clone(), cache.valid.clone(), cache.next_position.clone())
+        saved = cache.state()
         for hooks in self._hooks:
             hooks.before_warmup()
         side = torch.cuda.Stream(device=cache.device)
@@ -228,7 +228,7 @@ class DecodeRunner:
             for _ in range(2):
                 self._run(bucket)
         torch.cuda.current_stream(cache.device).wait_stream(side)
-        self._restore(saved)
+        cache.restore(saved)
         for hooks in self._hooks:
             hooks.after_warmup()
         graph = torch.cuda.CUDAGraph()
@@ -238,19 +238,13 @@ class DecodeRunner:
                 tokens = logits.argmax(dim=-1)
         except RuntimeError as exc:  # an operation that cannot be captured: decode eagerly
             self._eager_buckets.add(bucket)
-            self._restore(saved)
+            cache.restore(saved)
             _log.warning("decode step of bucket %d not captured, running it eagerly: %s",
                          bucket, str(exc).splitlines()[0][:200])
             return None
         captured = self._graphs[bucket] = _Captured(graph, logits, tokens)
         _log.info("captured the decode step of bucket %d", bucket)
         return captured
-
-    def _restore(self, saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        slot, valid, next_position = saved
-        self.cache.slot.copy_(slot)
-        self.cache.valid.copy_(valid)
-        self.cache.next_position.copy_(next_position)
 
 
 def _signature(model: MoEForCausalLM) -> tuple[int, ...]:

@@ -149,6 +149,7 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
     out: list[torch.Tensor] = []
     reasons: list[FinishReason | None] = [None] * b
     lengths = [0] * b
+    generated: list[list[int]] = [[] for _ in range(b)]  # each row's tokens, on the host
     done = [False] * b
     done_on_device = torch.zeros(b, dtype=torch.bool, device=model.device)
     for i in range(max_new_tokens):
@@ -165,9 +166,10 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[
             if done[row]:
                 continue
             lengths[row] += 1
+            generated[row].append(value)
             if value in eos:
                 reasons[row] = "eos"
-            elif stop_strings and _has_stop(tokenizer, out, row, lengths[row], stop_strings):
+            elif stop_strings and _has_stop(tokenizer, generated[row], stop_strings):
                 reasons[row] = "stop"
             else:
                 continue
@@ -214,9 +216,8 @@ def _runner(model: MoEForCausalLM, batch_size: int, slots: int,
     return model.decode_runner(batch_size, slots)
 
 
-def _has_stop(tokenizer: _Decoder | None, out: list[torch.Tensor], row: int, length: int,
+def _has_stop(tokenizer: _Decoder | None, generated: list[int],
               stop_strings: Sequence[str]) -> bool:
     assert tokenizer is not None
-    generated = [int(step[row]) for step in out[:length]]
     text = tokenizer.decode(generated, skip_special_tokens=True)
     return any(s in text for s in stop_strings)

@@ -100,15 +100,11 @@ class DecoderLayer(nn.Module):
                ) -> torch.Tensor:
         """The attention half on `h` `[B, T, D]`: `attention(norm(h))` `[B, T, D]`, new keys and
         values stored in `kv`."""
-        return self.self_attn(self.input_layernorm(h), inputs.rope,
-                              inputs.mask_for(self.sliding), kv)
+        return self._attention(self.input_layernorm(h), inputs, kv)
 
     def mix(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP half on `h` `[..., D]` (any leading shape): `mlp(norm(h))`."""
-        x = self.post_attention_layernorm(h)
-        if self.mix_observer is not None:
-            self.mix_observer(self.index, h, x)
-        return self.mlp(x)
+        return self._mlp(h, self.post_attention_layernorm(h))
 
     def attend_residual(self, h: torch.Tensor, delta: torch.Tensor | None,
                         inputs: AttentionInputs, kv: KVStore | None
@@ -118,16 +114,14 @@ class DecoderLayer(nn.Module):
         if delta is None:
             return h, self.attend(h, inputs, kv)
         h, x = self.input_layernorm.add_forward(h, delta)
-        return h, self.self_attn(x, inputs.rope, inputs.mask_for(self.sliding), kv)
+        return h, self._attention(x, inputs, kv)
 
     def mix_residual(self, h: torch.Tensor, delta: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """`mix` after adding the attention output `delta` to `h`, the add fused with the norm:
         `(h + delta, MLP output)`."""
         h, x = self.post_attention_layernorm.add_forward(h, delta)
-        if self.mix_observer is not None:
-            self.mix_observer(self.index, h, x)
-        return h, self.mlp(x)
+        return h, self._mlp(h, x)
 
     def router_logits(self, h: torch.Tensor, *, normalised: bool = False) -> torch.Tensor:
         """This layer's router logits `[N, E]` for hidden states `h` `[..., D]`: the residual
@@ -143,6 +137,17 @@ class DecoderLayer(nn.Module):
             raise ValueError(f"layer {self.index} is dense: it has no router")
         x = h if normalised else self.post_attention_layernorm(h)
         return block.gate.logits(x.reshape(-1, x.shape[-1]))
+
+    def _attention(self, x: torch.Tensor, inputs: AttentionInputs, kv: KVStore | None
+                   ) -> torch.Tensor:
+        """Attention of the normalised input `x`."""
+        return self.self_attn(x, inputs.rope, inputs.mask_for(self.sliding), kv)
+
+    def _mlp(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The MLP or MoE block on the normalised input `x` of residual `h` (observer first)."""
+        if self.mix_observer is not None:
+            self.mix_observer(self.index, h, x)
+        return self.mlp(x)
 
     def attention_on(self, device: torch.device | str) -> AttentionBranch:
         """A copy of this layer's attention half (norm included) on `device`: for engines that

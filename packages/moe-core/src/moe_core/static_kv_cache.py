@@ -107,6 +107,19 @@ class StaticKVCache:
         view._layers, view._write, view._parent = root._layers, None, root
         return view
 
+    def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A copy of the fill state (slot, valid, positions) for `restore`: what a run that is
+        to leave no trace (a warm-up before a capture) must put back; buffer entries past the
+        fill level need no restoring, they are masked and rewritten."""
+        root = self._root()
+        return root.slot.clone(), root.valid.clone(), root.next_position.clone()
+
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Put back a fill state taken with `state`."""
+        root = self._root()
+        for mine, saved in zip((root.slot, root.valid, root.next_position), state, strict=True):
+            mine.copy_(saved)
+
     def reset(self) -> None:
         """Forget every sequence (the buffers keep their memory; stale entries are masked)."""
         root = self._root()
