@@ -34,6 +34,22 @@ def make_app(exc: BaseException | None) -> typer.Typer:
         """Receive SIGTERM."""
         os.kill(os.getpid(), signal.SIGTERM)
 
+    @app.command()
+    def disguised() -> None:
+        """Receive SIGTERM inside a library that turns it into its own error (torch does)."""
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except BaseException as inner:
+            raise MoEError(f"model.safetensors: cannot read tensor 'w' ({inner!r})") from inner
+
+    @app.command()
+    def disguised_int() -> None:
+        """Receive SIGINT the same way, disguised as a library's ValueError."""
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except BaseException:
+            raise ValueError("could not determine the shape of object type") from None
+
     return app
 
 
@@ -71,6 +87,16 @@ def test_sigterm_ends_a_command_like_ctrl_c() -> None:
     code, err = run(None, "terminate")
     assert code == 143 and err.strip() == "interrupted"
     assert signal.getsignal(signal.SIGTERM) == before  # restored after the command
+
+
+@pytest.mark.parametrize(("command", "code"), [("disguised", 143), ("disguised-int", 130)])
+def test_an_interrupt_a_library_disguised_as_its_own_error_still_ends_as_interrupted(
+        command: str, code: int) -> None:
+    """CI saw SIGTERM during checkpoint reading reported as a corrupt tensor (exit 1)."""
+    before = signal.getsignal(signal.SIGINT)
+    assert run(None, command) == (code, "\ninterrupted\n")
+    assert signal.getsignal(signal.SIGINT) == before
+    assert run(MoEError("a real mistake"), "once")[0] == 1  # the signal is forgotten after
 
 
 def test_an_option_that_does_not_parse_is_one_line_too() -> None:

@@ -55,21 +55,44 @@ def print_error(message: str) -> None:
     _stderr().print(Text("error: ", style="red") + Text(" ".join(message.split())))
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
+class _Signals:
+    """The interrupting signal the running command received, if any.
+
+    An interrupt raised inside a C extension's callback (torch building a tensor while a
+    checkpoint is read) can come back out as that extension's own error ("could not determine the
+    shape of object type ..."), which a reader then reports as a corrupt file. Remembering the
+    signal lets the command still end as interrupted, not as a user's or the file's fault.
+    """
+
+    received: signal.Signals | None = None
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    _Signals.received = signal.Signals(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises `Terminated` in the main thread (elsewhere: no change)."""
+def _signals_raise() -> Iterator[None]:
+    """Within the block, SIGINT raises `KeyboardInterrupt` and SIGTERM `Terminated` in the main
+    thread, each remembered in `_Signals.received` (elsewhere: no change)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _Signals.received = None
+    previous = {sig: signal.signal(sig, _raise_interrupt)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted(resumable: Callable[[], bool], sig: signal.Signals) -> typer.Exit:
+    hint = ": rerun the same command to resume" if resumable() else ""
+    _stderr().print(Text(f"\ninterrupted{hint}", style="yellow"))
+    return typer.Exit(EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_TERMINATED)
 
 
 def _is_control_flow(exc: BaseException) -> bool:
@@ -98,17 +121,19 @@ def reported_errors(tool: str, resumable: Callable[[], bool] = lambda: False) ->
         typer.Exit: always, when the body raised (with the exit status above).
     """
     try:
-        with _sigterm_raises():
+        with _signals_raise():
             yield
+    except (KeyboardInterrupt, Terminated) as exc:
+        sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+        raise _interrupted(resumable, sig) from None
     except MoEError as exc:
+        if _Signals.received is not None:  # the error is the interrupt, disguised (see _Signals)
+            raise _interrupted(resumable, _Signals.received) from None
         print_error(str(exc))
         raise typer.Exit(EXIT_ERROR) from None
-    except (KeyboardInterrupt, Terminated) as exc:
-        hint = ": rerun the same command to resume" if resumable() else ""
-        _stderr().print(Text(f"\ninterrupted{hint}", style="yellow"))
-        code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
-        raise typer.Exit(code) from None
     except Exception as exc:
+        if _Signals.received is not None and not _is_control_flow(exc):
+            raise _interrupted(resumable, _Signals.received) from None
         usage = _usage_error_line(exc) if _is_control_flow(exc) else None
         if usage is not None:
             print_error(usage)
