@@ -137,6 +137,13 @@ def generate(
         help="With --expert-memory: copy (misses are copied into the cache, which the policy "
              "manages) or mapped (the GPU reads misses from pinned host memory, no host sync "
              "per layer; the cache holds the experts loaded at start).")] = "copy",
+    lanes: Annotated[int, typer.Option(
+        help="With --fetch mapped: 1 (the GPU reads every miss) or 2 (each layer's misses are "
+             "split between the GPU's reads and the CPU, which computes its share from host "
+             "memory at the same time).")] = 1,
+    cpu_kernel: Annotated[str, typer.Option(
+        help="With --lanes 2: the CPU expert kernel, auto (the fastest, measured at start), "
+             "torch or numba.")] = "auto",
     stats: Annotated[bool, typer.Option(
         help="With --expert-memory: print the offload counters (hits, misses, bytes, copy and "
              "stall time) to stderr.")] = False,
@@ -156,6 +163,12 @@ def generate(
                            "experts)")
     if fetch not in ("copy", "mapped"):
         raise SettingError(f"--fetch must be copy or mapped, got {fetch!r}")
+    if lanes not in (1, 2):
+        raise SettingError(f"--lanes must be 1 or 2, got {lanes}")
+    if lanes == 2 and fetch != "mapped":
+        raise SettingError("--lanes 2 needs --fetch mapped (and --expert-memory)")
+    if cpu_kernel not in ("auto", "torch", "numba"):
+        raise SettingError(f"--cpu-kernel must be auto, torch or numba, got {cpu_kernel!r}")
     check_device(device)
     tokenizer, rows = _prompt_rows(model, prompt, chat, max_new_tokens, parse_truncate(truncate))
     runtime = None
@@ -171,7 +184,8 @@ def generate(
         loaded = load_offloaded(model, device, parse_bytes(expert_memory), dtype=dtype,
                                 store=store, policy=policies[policy](),
                                 fetch=fetch,  # type: ignore[arg-type]
-                                verify_store=verify_store)
+                                verify_store=verify_store, two_lanes=lanes == 2,
+                                cpu_kernel=cpu_kernel)
         net, runtime = loaded.model, loaded.runtime
     result = net.generate_full(rows, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed,
@@ -187,6 +201,8 @@ def generate(
             print(f"user: {text_prompt}\nassistant: {text}" if chat else f"{text_prompt}{text}")
     if stats and runtime is not None:
         _print_stats(runtime.summary())
+    if runtime is not None:
+        runtime.close()
 
 
 def _prompt_rows(model: str, prompts: list[str], chat: bool, max_new_tokens: int,

@@ -61,7 +61,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                    policy: EvictionPolicy | None = None, kind: OffloadKind = "on_demand",
                    resident: list[ExpertId] | None = None, fetch: FetchMode = "copy",
                    dummy: bool = False, num_layers: int | None = None,
-                   verify_store: bool = True) -> OffloadedModel:
+                   verify_store: bool = True, two_lanes: bool = False,
+                   cpu_kernel: str = "auto") -> OffloadedModel:
     """Load `model` with its routed experts offloaded to host memory.
 
     Args:
@@ -87,6 +88,10 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         num_layers: Keep only the first `num_layers` decoder layers.
         verify_store: Check each expert block of `store` against its checksum as it is read
             (False skips the check: faster when the file is in the page cache).
+        two_lanes: With `fetch="mapped"`: decode splits each layer's misses between the GPU's
+            reads over PCIe and the CPU, which computes its share from the host store at the
+            same time (see `install_offloading`).
+        cpu_kernel: With `two_lanes`: `"auto"`, `"torch"` or `"numba"`.
 
     Raises:
         ValueError: the budget cannot hold the slots the executor needs, or the store file does
@@ -129,8 +134,12 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                          f"{pool.num_slots} expert slots of {format_bytes(layout.nbytes)}; the "
                          f"{kind} executor needs at least {needed}")
     mapped = kind == "on_demand" and fetch == "mapped"
+    if two_lanes and not mapped:
+        raise SettingError("two-lane decode needs on-demand offloading with the mapped fetch "
+                           "(--fetch mapped)")
     runtime = install_offloading(net, host, pool, make_copy_engine(device), policy, kind,
-                                 resident=() if mapped else resident or (), fetch=fetch)
+                                 resident=() if mapped else resident or (), fetch=fetch,
+                                 two_lanes=two_lanes, cpu_kernel=cpu_kernel)
     if mapped:  # the cache holds what is loaded now (misses are not admitted)
         runtime.prefetch((resident or host.experts())[: pool.num_slots])
         runtime.drain()

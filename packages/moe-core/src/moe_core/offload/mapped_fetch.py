@@ -15,7 +15,8 @@ enqueued without a single synchronisation and the host runs ahead of the GPU.
 `fetch_rows` returns one row per assignment: a resident expert is copied from its slot (device
 to device), a missing one from the host store, each distinct expert once (duplicates point at
 the first occurrence through `index`; one token's experts are distinct and need no index). The
-rows feed `gathered_experts`.
+rows feed `gathered_experts`. An expert marked -2 (computed by the CPU lane, `two_lanes`) gets a
+zero row, read from nowhere.
 
 Two implementations with the same result: a CuPy kernel on CUDA (`_CudaRowCopier`), torch
 indexing on the CPU (for CI, where "host" and "device" are the same memory).
@@ -47,8 +48,15 @@ extern "C" __global__ void fetch_rows(const uint4* __restrict__ host,
     if (first != nullptr && first[j] != j) return;   // a duplicate: the first copy serves it
     const long long e = ids[j];
     const long long slot = lut[e];
-    const uint4* src = slot >= 0 ? pool + slot * n16 : host + e * n16;
     uint4* dst = rows + j * n16;
+    if (slot == -2) {   // computed by the CPU lane: a zero row contributes nothing
+        const long long chunk = (n16 + gridDim.x - 1) / gridDim.x;
+        const long long lo = blockIdx.x * chunk;
+        const long long hi = lo + chunk < n16 ? lo + chunk : n16;
+        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) dst[i] = make_uint4(0, 0, 0, 0);
+        return;
+    }
+    const uint4* src = slot >= 0 ? pool + slot * n16 : host + e * n16;
     // Each block copies one contiguous chunk with 8 loads in flight per thread. On the H200 it
     // matched a one-load grid-stride loop within noise (49.5 vs 49.3 and 48.0 vs 48.2 GB/s at
     // best, two leases; benchmarks/mapped_read.py): host-memory reads are bound by the link.
@@ -124,7 +132,8 @@ class MappedFetcher:
         Args:
             layer: Decoder-layer index.
             ids: `[J]` expert ids of the assignments (device).
-            lut: `[E]` slot of each expert of `layer`, -1 where it is not resident and ready.
+            lut: `[E]` slot of each expert of `layer`, -1 where it is not resident and ready,
+                -2 where another lane computes it (its row is zeros: `two_lanes`).
             distinct: The ids are known to be distinct (one token's top-k): every row is its
                 own assignment's, and no de-duplication runs.
 
@@ -147,6 +156,7 @@ class MappedFetcher:
             host = self.store.arena(layer).view(self.store.num_experts, -1)[ids]  # [J, N]
             pool = self.pool.storage.view(self.pool.num_slots, -1)[slots.clamp(min=0)]
             rows.copy_(torch.where((slots >= 0)[:, None], pool, host))
+            rows[slots == -2] = 0
         return rows, index
 
 

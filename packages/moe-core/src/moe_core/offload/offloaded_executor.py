@@ -41,6 +41,7 @@ from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.slot_cache import ExpertSlotCache, LayerMap
 from moe_core.offload.token_groups import TokenGroups, expert_mlp
+from moe_core.offload.two_lanes import TwoLanes
 
 __all__ = ["CpuComputeRule", "OffloadedExecutor"]
 
@@ -57,15 +58,21 @@ class OffloadedExecutor:
         cpu_compute_rule: Picks absent experts to compute on the CPU; None: always fetch.
         fetcher: Reads small calls' missing experts from host memory on the device (no host
             synchronisation, no admission); None: misses are copied into slots.
+        two_lanes: With `fetcher`: small calls split their misses between the GPU's mapped
+            reads and the CPU lane (`two_lanes`); None: the GPU reads every miss.
     """
 
     def __init__(self, cache: ExpertSlotCache, layer: int,
                  cpu_compute_rule: CpuComputeRule | None = None,
-                 fetcher: MappedFetcher | None = None) -> None:
+                 fetcher: MappedFetcher | None = None,
+                 two_lanes: TwoLanes | None = None) -> None:
+        if two_lanes is not None and fetcher is None:
+            raise ValueError("two lanes need the mapped fetch (fetch='mapped')")
         self.cache = cache
         self.layer = layer
         self.cpu_compute_rule = cpu_compute_rule
         self.fetcher = fetcher
+        self.two_lanes = two_lanes
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
 
     @property
@@ -141,8 +148,12 @@ class OffloadedExecutor:
 
     def _mapped(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                 layer_map: LayerMap) -> torch.Tensor:
-        """Every assignment's expert read by the GPU from its slot or from host memory."""
+        """Every assignment's expert read by the GPU from its slot or from host memory (or,
+        with two lanes, the misses the split gives the CPU computed there)."""
         assert self.fetcher is not None
+        if self.two_lanes is not None:
+            return self.two_lanes(self.fetcher, self.layer, hidden, expert_ids, weights,
+                                  layer_map.slots)
         one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
         rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1),
                                               layer_map.slots, distinct=one_token)

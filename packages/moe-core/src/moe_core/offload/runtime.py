@@ -14,7 +14,7 @@ Typical use::
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -34,6 +34,8 @@ from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.stall_timer import StallTimer
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import ExpertRing, StreamingExecutor
+from moe_core.offload.lane_split import LaneRates
+from moe_core.offload.two_lanes import TwoLanes, calibrate_lanes
 
 __all__ = ["FetchMode", "OffloadKind", "OffloadRuntime", "install_offloading"]
 
@@ -55,6 +57,7 @@ class OffloadRuntime:
         cache: The shared slot cache (on-demand), else None.
         ring: The shared ring (streaming), else None.
         dropped_local_experts: The blocks' own expert weights were freed (no way back).
+        two_lanes: Two-lane decode's CPU lane and measured rates (on-demand, mapped), else None.
     """
 
     kind: OffloadKind
@@ -69,6 +72,7 @@ class OffloadRuntime:
     ring: ExpertRing | None = None
     dropped_local_experts: bool = False
     _copy_seconds_at_start: float = 0.0
+    two_lanes: TwoLanes | None = None
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Prefetch hint (on-demand only; streaming ignores hints and returns 0)."""
@@ -93,6 +97,10 @@ class OffloadRuntime:
         out = self.snapshot(block=True).summary()
         out["num_slots"] = self.pool.num_slots
         out["pool_bytes"] = self.pool.nbytes
+        if self.two_lanes is not None:
+            for key, value in self.two_lanes.calibration.summary().items():
+                if not isinstance(value, str):
+                    out[f"lanes_{key}"] = float(value)
         return out
 
     def drain(self) -> None:
@@ -113,6 +121,12 @@ class OffloadRuntime:
         self.drain()
         for block in self.blocks:
             block.set_executor(block.experts)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the CPU lane's worker thread, if there is one (after everything enqueued)."""
+        if self.two_lanes is not None:
+            self.two_lanes.close()
 
 
 def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuSlotPool,
@@ -122,7 +136,9 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                        resident: Iterable[ExpertId] = (), ring_size: int = 2,
                        fetch: FetchMode = "copy", time_stalls: bool = True,
                        drop_local_experts: bool = False,
-                       lookahead_min_share: float | None = 0.5) -> OffloadRuntime:
+                       lookahead_min_share: float | None = 0.5,
+                       two_lanes: bool = False, cpu_kernel: str = "auto",
+                       lane_rates: LaneRates | None = None) -> OffloadRuntime:
     """Run every MoE block of `model` through offloaded experts.
 
     Args:
@@ -151,11 +167,20 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             so the model stops holding the experts: the point of offloading when the model was
             loaded whole. Build `store` first; afterwards `uninstall` is impossible and the
             model's state dict no longer carries expert weights.
+        two_lanes: With `fetch="mapped"`: split each small call's misses between the GPU's
+            mapped reads and a CPU lane that computes the rest from `store` at the same time
+            (`two_lanes`; the rates are measured here, a few milliseconds).
+        cpu_kernel: With `two_lanes`: the CPU expert kernel, `"auto"` (the fastest measured),
+            `"torch"` or `"numba"`.
+        lane_rates: With `two_lanes`: the split's rates as given (tests, what-if runs) instead
+            of the measured ones (the CPU kernel is still chosen by measurement).
 
     Raises:
         ValueError: no MoE blocks, a block missing from the store, mismatched layouts, an
-            unknown `kind` or `fetch`, or `fetch="mapped"` with a `cpu_compute_rule`.
-        RuntimeError: `fetch="mapped"` where the GPU cannot read the store (the reason given).
+            unknown `kind` or `fetch`, `fetch="mapped"` with a `cpu_compute_rule`, or
+            `two_lanes` without `fetch="mapped"` or with an unknown `cpu_kernel`.
+        RuntimeError: `fetch="mapped"` where the GPU cannot read the store, or `two_lanes`
+            where the host cannot signal the stream (the reason given).
     """
     blocks = model.moe_blocks()
     if not blocks:
@@ -173,13 +198,22 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     if fetch == "mapped" and cpu_compute_rule is not None:
         raise ValueError("fetch='mapped' reads misses on the GPU; it does not combine with a "
                          "cpu_compute_rule (use fetch='copy')")
+    if two_lanes and (kind != "on_demand" or fetch != "mapped"):
+        raise ValueError("two_lanes needs kind='on_demand' and fetch='mapped'")
+    lanes: TwoLanes | None = None
     if kind == "on_demand":
         table = ResidencyTable(pool.num_slots, policy if policy is not None else LRUPolicy())
         cache = ExpertSlotCache(store, pool, engine, table, stats, stalls)
         fetcher = MappedFetcher(store, pool) if fetch == "mapped" else None
+        if two_lanes:
+            calibration = calibrate_lanes(store, pool, cpu_kernel)
+            if lane_rates is not None:
+                calibration = replace(calibration, rates=lane_rates)
+            lanes = TwoLanes(store, pool, calibration)
+            cache.cpu_lane = lanes.lane
         for block in blocks:
             executors[block.layer] = OffloadedExecutor(cache, block.layer, cpu_compute_rule,
-                                                       fetcher)
+                                                       fetcher, lanes)
     elif kind == "streaming":
         if store.layout != pool.layout:
             raise ValueError(f"store layout {store.layout} differs from pool layout "
@@ -195,7 +229,7 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     if drop_local_experts:
         _drop_local_experts(blocks)
     return OffloadRuntime(kind, store, pool, engine, stats, executors, blocks, stalls, cache,
-                          ring, drop_local_experts, engine.copy_seconds)
+                          ring, drop_local_experts, engine.copy_seconds, lanes)
 
 
 def _drop_local_experts(blocks: list[MoEBlock]) -> None:

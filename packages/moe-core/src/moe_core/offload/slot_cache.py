@@ -20,6 +20,7 @@ import torch
 
 from moe_core.expert_id import ExpertId
 from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket
+from moe_core.offload.cpu_lane import CpuLane
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.graph_use_log import GraphUseLog
 from moe_core.offload.host_store import HostExpertStore
@@ -98,6 +99,7 @@ class ExpertSlotCache:
         self._graph_log = GraphUseLog(pool.device)
         self._graph_maps: dict[int, LayerMap] = {}  # layer -> the map replays read through
         self._warming_up = False  # between before_warmup and after_warmup
+        self.cpu_lane: CpuLane | None = None  # two-lane decode's CPU lane, counted at flushes
 
     # Demand path ----------------------------------------------------------------------------
 
@@ -223,14 +225,28 @@ class ExpertSlotCache:
         those of replayed graph steps too."""
         for layer, used in self._graph_log.drain(sorted(self._graph_maps)):
             self._count_uses(layer, used, self._graph_maps[layer])
-        if not self._deferred:
-            return
-        deferred, self._deferred = self._deferred, []
-        flat = torch.cat([ids.reshape(-1) for _, ids, _ in deferred]).tolist()  # one host read
-        start = 0
-        for layer, ids, layer_map in deferred:
-            used, start = flat[start : start + ids.numel()], start + ids.numel()
-            self._count_uses(layer, used, layer_map)
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            flat = torch.cat([ids.reshape(-1) for _, ids, _ in deferred]).tolist()  # host read
+            start = 0
+            for layer, ids, layer_map in deferred:
+                used, start = flat[start : start + ids.numel()], start + ids.numel()
+                self._count_uses(layer, used, layer_map)
+        if self.cpu_lane is not None:
+            self._count_cpu_lane(self.cpu_lane)
+
+    def _count_cpu_lane(self, lane: CpuLane) -> None:
+        """Move the CPU lane's uses from misses to CPU computations. They were counted as mapped
+        misses above (absent from the map they were routed through); every one of them ran
+        before the host read that counted them, so the lane's counts match."""
+        counts = lane.take_counts()
+        self.stats.misses -= counts.experts
+        self.stats.bytes_copied -= counts.bytes
+        self.stats.mapped_bytes -= counts.bytes
+        self.stats.cpu_experts += counts.experts
+        self.stats.cpu_tokens += counts.tokens
+        self.stats.cpu_bytes += counts.bytes
+        self.stats.cpu_seconds += counts.seconds
 
     def _count_uses(self, layer: int, used: list[int], layer_map: LayerMap) -> None:
         """One call's uses of `layer`'s experts, read through `layer_map`."""

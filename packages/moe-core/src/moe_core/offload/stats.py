@@ -34,6 +34,9 @@ class OffloadStats:
             CPU engine; on CUDA, the compute stream's idle gap measured with events.
         cpu_experts: Expert uses computed on the CPU from the host store instead of fetched.
         cpu_tokens: Token-expert pairs computed on the CPU.
+        cpu_bytes: Expert bytes the CPU lane of two-lane decode read from host memory (not in
+            `bytes_copied`: they never cross PCIe).
+        cpu_seconds: Time the CPU lane's worker spent computing experts (it overlaps the GPU).
     """
 
     hits: int = 0
@@ -48,6 +51,8 @@ class OffloadStats:
     stall_seconds: float = 0.0
     cpu_experts: int = 0
     cpu_tokens: int = 0
+    cpu_bytes: int = 0
+    cpu_seconds: float = 0.0
 
     @property
     def expert_uses(self) -> int:

@@ -1,0 +1,216 @@
+"""The CPU lane of two-lane decode: a worker thread that computes, for each MoE layer call, the
+missed experts the split gave it, from the host store, while the GPU reads the others over PCIe.
+
+Dimension key: T tokens, K experts per token, D hidden, E experts per layer.
+
+Protocol per layer call (`LaneJob` holds one call shape's pinned buffers, `[T, ...]`):
+
+1. the executor stages the call on the stream: the job's id, the layer's input rows (float32),
+   routing and the `[E]` CPU mask are copied device -> pinned host memory;
+2. `start`: the stream posts the lane's `ready` semaphore (a CUDA host function, so it runs
+   when the copies have landed; on the CPU the host posts it);
+3. the worker, blocked on `ready` without the GIL, reads the job id from the mailbox, runs the
+   CPU expert kernel into the job's pinned `out`, counts, and posts `done`;
+4. meanwhile the GPU computes its share; `finish`: the stream waits on `done` (host function),
+   then copies `out` back and the executor adds it.
+
+Layer calls are strictly ordered on one stream, so one mailbox, one `ready` and one `done`
+serve every job, in eager steps and in replays of captured ones (a capture records the copies
+and the two host functions; nothing runs until a replay). A worker error is kept, `done` is still
+posted (the stream never hangs), and the error is raised on the host at the next `check`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from moe_core.offload.cpu_experts import CpuExpertKernel
+from moe_core.offload.host_semaphore import HostSemaphore
+from moe_core.offload.host_store import HostExpertStore
+
+__all__ = ["CpuLane", "CpuLaneCounts", "LaneJob"]
+
+_STOP = -1
+
+
+@dataclass
+class CpuLaneCounts:
+    """What the CPU lane computed since the counts were last taken.
+
+    Attributes:
+        experts: Expert uses computed (each distinct expert of a layer call once).
+        tokens: Token-expert pairs computed.
+        bytes: Expert bytes read from host memory (each expert's block once per call).
+        seconds: Worker time spent in the kernel.
+    """
+
+    experts: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class LaneJob:
+    """The pinned host buffers of one (layer, tokens) call shape, and its device-side id.
+
+    Attributes:
+        index: The job's number (what the mailbox carries).
+        layer: Decoder-layer index.
+        hidden: `[T, D]` float32 input rows.
+        ids: `[T, K]` int64 routing.
+        weights: `[T, K]` float32 routing weights.
+        on_cpu: `[E]` bool, the experts this lane computes.
+        out: `[T, D]` float32 result.
+        device_index: `[1]` int64 on the compute device: `index`, copied into the mailbox.
+    """
+
+    index: int
+    layer: int
+    hidden: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    on_cpu: torch.Tensor
+    out: torch.Tensor
+    device_index: torch.Tensor
+
+
+class CpuLane:
+    """The worker thread and its jobs, for one host store and one compute device.
+
+    Attributes:
+        store: The host tier the kernel reads.
+        kernel: The CPU expert kernel.
+        device: The compute device (`cuda`: the stream signals; `cpu`: the host does).
+    """
+
+    def __init__(self, store: HostExpertStore, kernel: CpuExpertKernel,
+                 device: torch.device) -> None:
+        self.store = store
+        self.kernel = kernel
+        self.device = device
+        self._pin = device.type == "cuda"
+        self._jobs: list[LaneJob] = []
+        self._by_shape: dict[tuple[int, int, int], LaneJob] = {}
+        self._mailbox = torch.full((1,), _STOP, dtype=torch.long, pin_memory=self._pin)
+        self._ready = HostSemaphore()
+        self._done = HostSemaphore()
+        self._counts = CpuLaneCounts()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="moe-cpu-lane", daemon=True)
+        self._thread.start()
+
+    # The executor's side ----------------------------------------------------------------------
+
+    def job(self, layer: int, tokens: int, top_k: int) -> LaneJob:
+        """The job of this call shape (made on first use: before a capture, by its warm-up)."""
+        key = (layer, tokens, top_k)
+        job = self._by_shape.get(key)
+        if job is None:
+            d, e = self.store.layout.hidden_size, self.store.num_experts
+
+            def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+                return torch.zeros(*shape, dtype=dtype, pin_memory=self._pin)
+
+            index = len(self._jobs)
+            job = LaneJob(index, layer, host(tokens, d, dtype=torch.float32),
+                          host(tokens, top_k, dtype=torch.long),
+                          host(tokens, top_k, dtype=torch.float32),
+                          host(e, dtype=torch.bool), host(tokens, d, dtype=torch.float32),
+                          torch.tensor([index], dtype=torch.long, device=self.device))
+            self._jobs.append(job)
+            self._by_shape[key] = job
+        return job
+
+    def start(self, job: LaneJob, hidden: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor, on_cpu: torch.Tensor) -> None:
+        """Stage one call (device tensors) into `job` and let the worker start on it when the
+        copies have landed: on CUDA, enqueued on the current stream; on the CPU, at once."""
+        self.check()
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            job.hidden.copy_(hidden, non_blocking=True)
+            job.ids.copy_(ids, non_blocking=True)
+            job.weights.copy_(weights, non_blocking=True)
+            job.on_cpu.copy_(on_cpu, non_blocking=True)
+            self._mailbox.copy_(job.device_index, non_blocking=True)
+            self._ready.post_on_stream(stream)
+            return
+        job.hidden.copy_(hidden)
+        job.ids.copy_(ids)
+        job.weights.copy_(weights)
+        job.on_cpu.copy_(on_cpu)
+        self._mailbox[0] = job.index
+        self._ready.post()
+
+    def finish(self, job: LaneJob) -> torch.Tensor:
+        """`[T, D]` float32 on the device: the lane's result for `job`, ordered after the
+        worker finished (on CUDA the stream waits for it; on the CPU the host does)."""
+        if self.device.type == "cuda":
+            self._done.wait_on_stream(torch.cuda.current_stream(self.device).cuda_stream)
+            return job.out.to(self.device, non_blocking=True)
+        self._done.wait()
+        self.check()
+        return job.out.clone()
+
+    def check(self) -> None:
+        """Raise the worker's error, if it had one (once)."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise RuntimeError(f"the CPU expert lane failed: {error!r}") from error
+
+    def take_counts(self) -> CpuLaneCounts:
+        """What the lane computed since the last call (call when the device is idle, or after
+        a synchronisation, for counts that match the uses counted so far)."""
+        with self._lock:
+            counts, self._counts = self._counts, CpuLaneCounts()
+        return counts
+
+    def close(self) -> None:
+        """Stop the worker (after everything enqueued has run)."""
+        if self._thread.is_alive():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._mailbox[0] = _STOP
+            self._ready.post()
+            self._thread.join()
+
+    # The worker -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            self._ready.wait()
+            index = int(self._mailbox[0])
+            if index == _STOP:
+                return
+            job = self._jobs[index]
+            try:
+                start = time.perf_counter()
+                blocks = self.store.arena(job.layer).view(self.store.num_experts, -1)
+                self.kernel(blocks, self.store.layout, job.hidden, job.ids, job.weights,
+                            job.on_cpu, job.out)
+                seconds = time.perf_counter() - start
+                experts = int(job.on_cpu.sum())
+                tokens = int(job.on_cpu[job.ids].sum())
+                with self._lock:
+                    self._counts.experts += experts
+                    self._counts.tokens += tokens
+                    self._counts.bytes += experts * self.store.layout.nbytes
+                    self._counts.seconds += seconds
+            except BaseException as exc:  # noqa: BLE001 (kept, raised on the host by `check`)
+                job.out.zero_()
+                self._error = exc
+            finally:
+                self._done.post()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (interpreter shutdown)
+            pass

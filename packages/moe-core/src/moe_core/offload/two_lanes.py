@@ -1,0 +1,177 @@
+"""Two-lane decode: a layer call's missed experts split between the GPU's mapped reads over PCIe
+and the CPU lane, both running at once, their results added on the GPU.
+
+Dimension key: T tokens, K experts per token, D hidden, E experts per layer.
+
+Per call (few tokens, the mapped path of `OffloadedExecutor`): the device splits the misses
+(`LaneSplit`); the CPU lane is staged and started (`CpuLane.start`); the GPU reads its misses and
+its resident experts and computes them (`MappedFetcher` + `gathered_experts`, the CPU's experts
+read as zero rows); the stream waits for the CPU lane and adds its result. Nothing reads the
+routing on the host, so the call is captured in a CUDA graph like the one-lane mapped path.
+
+`calibrate_lanes` measures both lanes on the store at start-up (a few milliseconds): the CPU
+kernel's rate (and which kernel, `choose_cpu_kernel`) and the GPU's mapped-read rate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moe_core.gathered_experts import gathered_experts
+from moe_core.offload.cpu_experts import (CpuExpertKernel, KernelTiming, choose_cpu_kernel,
+                                          cpu_kernels, time_cpu_kernel)
+from moe_core.offload.cpu_lane import CpuLane
+from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.host_semaphore import host_semaphores_unsupported
+from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table
+from moe_core.offload.mapped_fetch import MappedFetcher
+
+__all__ = ["LaneCalibration", "TwoLanes", "calibrate_lanes", "two_lanes_unsupported"]
+
+_DEFAULT_GPU_RATE = 48e9
+"""Mapped reads of pinned host memory on the H200 (decision 0004), when not measured (CPU)."""
+
+
+def two_lanes_unsupported(pool: GpuSlotPool) -> str | None:
+    """Why two-lane decode cannot run for `pool`'s device, or None."""
+    return host_semaphores_unsupported(cuda=pool.device.type == "cuda")
+
+
+@dataclass(frozen=True)
+class LaneCalibration:
+    """What `calibrate_lanes` measured.
+
+    Attributes:
+        rates: The split's cost-model inputs.
+        kernel: The CPU kernel chosen.
+        timings: Every CPU kernel's timing at one token (the choice was made on these).
+        gpu_measured: Whether the GPU rate was measured (False: the default for the device).
+    """
+
+    rates: LaneRates
+    kernel: CpuExpertKernel
+    timings: list[KernelTiming]
+    gpu_measured: bool
+
+    def summary(self) -> dict[str, float | str | bool]:
+        """JSON-ready: the rates in GB/s, the kernel and each candidate's GB/s."""
+        out: dict[str, float | str | bool] = {
+            "gpu_gb_per_s": self.rates.gpu_bytes_per_s / 1e9,
+            "cpu_gb_per_s": self.rates.cpu_bytes_per_s / 1e9,
+            "cpu_fixed_us": self.rates.cpu_fixed_s * 1e6,
+            "cpu_token_cost": self.rates.cpu_token_cost,
+            "cpu_kernel": self.kernel.name,
+            "gpu_measured": self.gpu_measured,
+        }
+        for timing in self.timings:
+            out[f"cpu_{timing.name}_gb_per_s"] = timing.gb_per_s
+        return out
+
+
+def calibrate_lanes(store: HostExpertStore, pool: GpuSlotPool, kernel: str = "auto",
+                    experts: int = 4) -> LaneCalibration:
+    """Measure the two lanes on `store`'s first MoE layer.
+
+    Args:
+        store: The host tier.
+        pool: The device slots (their device's mapped reads are timed on CUDA).
+        kernel: `"auto"` (the fastest CPU kernel), or a kernel's name (`"torch"`, `"numba"`).
+        experts: Experts per timed call (the misses of one layer call, typically).
+
+    Raises:
+        ValueError: an unknown or unavailable kernel name.
+    """
+    layer = store.moe_layers[0]
+    blocks = store.arena(layer).view(store.num_experts, -1)
+    candidates = cpu_kernels()
+    if kernel != "auto":
+        named = [k for k in candidates if k.name == kernel]
+        if not named:
+            raise ValueError(f"CPU expert kernel {kernel!r} is not available here (have: "
+                             f"{', '.join(k.name for k in candidates)})")
+        candidates = named
+    chosen, timings = choose_cpu_kernel(blocks, store.layout, candidates, experts)
+    one = next(t for t in timings if t.name == chosen.name)
+    four = time_cpu_kernel(chosen, blocks, store.layout, experts, tokens=4)
+    token_cost = max(0.0, (four.seconds / one.seconds - 1.0) / 3.0)
+    gpu_rate, measured = _DEFAULT_GPU_RATE, False
+    if pool.device.type == "cuda":
+        gpu_rate, measured = _mapped_rate(store, pool, layer, experts), True
+    rates = LaneRates(gpu_bytes_per_s=gpu_rate, cpu_bytes_per_s=one.gb_per_s * 1e9,
+                      cpu_token_cost=token_cost)
+    return LaneCalibration(rates, chosen, timings, measured)
+
+
+def _mapped_rate(store: HostExpertStore, pool: GpuSlotPool, layer: int, experts: int) -> float:
+    """Bytes per second of the GPU reading `experts` absent experts from host memory."""
+    fetcher = MappedFetcher(store, pool)
+    ids = torch.arange(experts, device=pool.device)
+    lut = torch.full((store.num_experts,), -1, dtype=torch.long, device=pool.device)
+    fetcher.fetch_rows(layer, ids, lut, distinct=True)  # compiles the kernel
+    torch.cuda.synchronize(pool.device)
+    start = time.perf_counter()
+    repeats = 5
+    for _ in range(repeats):
+        fetcher.fetch_rows(layer, ids, lut, distinct=True)
+    torch.cuda.synchronize(pool.device)
+    return experts * store.layout.nbytes * repeats / (time.perf_counter() - start)
+
+
+class TwoLanes:
+    """The two-lane path of the on-demand executors of one runtime (shared by every layer).
+
+    Attributes:
+        lane: The CPU lane (worker thread, pinned job buffers).
+        calibration: The measured rates and the CPU kernel.
+    """
+
+    def __init__(self, store: HostExpertStore, pool: GpuSlotPool,
+                 calibration: LaneCalibration) -> None:
+        reason = two_lanes_unsupported(pool)
+        if reason is not None:
+            raise RuntimeError(f"two-lane decode unavailable: {reason}")
+        self.calibration = calibration
+        self.lane = CpuLane(store, calibration.kernel, pool.device)
+        self._store = store
+        self._device = pool.device
+        self._splits: dict[tuple[int, int], LaneSplit | None] = {}
+
+    def split(self, tokens: int, top_k: int) -> LaneSplit | None:
+        """The device split of one call shape (made on first use); None when the cost model
+        never gives the CPU an expert at this shape (the call then uses the GPU lane alone)."""
+        key = (tokens, top_k)
+        if key not in self._splits:
+            table = cpu_share_table(self.calibration.rates, self._store.layout.nbytes,
+                                    self._store.num_experts, tokens, top_k)
+            self._splits[key] = LaneSplit(table, self._store.num_experts, self._device) \
+                if any(table) else None
+        return self._splits[key]
+
+    def __call__(self, fetcher: MappedFetcher, layer: int, hidden: torch.Tensor,
+                 expert_ids: torch.Tensor, weights: torch.Tensor,
+                 lut: torch.Tensor) -> torch.Tensor:
+        """`[T, D]`: the layer's routed experts over both lanes (`lut` `[E]`: resident slots,
+        -1 absent)."""
+        tokens, top_k = expert_ids.shape
+        split = self.split(tokens, top_k)
+        if split is None:  # the GPU lane alone is faster at this shape
+            rows, index = fetcher.fetch_rows(layer, expert_ids.reshape(-1), lut,
+                                             distinct=tokens == 1)
+            return gathered_experts(hidden, None if index is None else index.view_as(expert_ids),
+                                    weights, *self._store.layout.stacked_views(rows))
+        on_cpu, gpu_lut = split(expert_ids, lut)
+        job = self.lane.job(layer, tokens, top_k)
+        self.lane.start(job, hidden.float(), expert_ids, weights.float(), on_cpu)
+        rows, index = fetcher.fetch_rows(layer, expert_ids.reshape(-1), gpu_lut,
+                                         distinct=tokens == 1)
+        out = gathered_experts(hidden, None if index is None else index.view_as(expert_ids),
+                               weights, *self._store.layout.stacked_views(rows))
+        return (out.float() + self.lane.finish(job)).to(hidden.dtype)
+
+    def close(self) -> None:
+        """Stop the CPU lane's worker."""
+        self.lane.close()

@@ -1,0 +1,216 @@
+"""Two-lane decode: the CPU expert kernels equal the reference expert MLP, the cost model never
+makes a call slower than fetching everything, the device split picks what the model says, and
+a model decoding over both lanes gives the resident model's greedy tokens, with every expert use
+counted once (as a hit, a GPU-lane miss or a CPU computation).
+
+On the CPU, "device" and host are the same memory: the GPU lane is the mapped fetch's torch path
+and the CPU lane's worker runs in its thread at the same time, through the same semaphores a CUDA
+stream posts and waits on. The `gpu` tests repeat the equivalence on CUDA, eager and captured.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from moe_core import MoEForCausalLM, load_model, tiny_model_path
+from moe_core.offload.copy_engine import CpuCopyEngine
+from moe_core.offload.cpu_experts import (NumbaCpuExperts, TorchCpuExperts, choose_cpu_kernel,
+                                          cpu_kernels)
+from moe_core.offload.executors import OffloadRuntime, install_offloading
+from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.host_semaphore import HostSemaphore
+from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table
+from moe_core.offload.layout import ExpertLayout
+from moe_core.offload.token_groups import expert_mlp
+from moe_core.tiny_checkpoints import build_tiny_checkpoint
+
+ALL_CPU = LaneRates(gpu_bytes_per_s=1e9, cpu_bytes_per_s=1e13, cpu_fixed_s=0.0)
+BALANCED = LaneRates(gpu_bytes_per_s=20e9, cpu_bytes_per_s=20e9, cpu_fixed_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def deepseek_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("dsv3"))
+
+
+@pytest.fixture(scope="module", params=["tiny", "deepseek_v3"])
+def folder(request: pytest.FixtureRequest, deepseek_folder: Path) -> Path:
+    return tiny_model_path() if request.param == "tiny" else deepseek_folder
+
+
+def reference_layer(blocks: torch.Tensor, layout: ExpertLayout, hidden: torch.Tensor,
+                    ids: torch.Tensor, weights: torch.Tensor,
+                    on_cpu: torch.Tensor) -> torch.Tensor:
+    """The weighted sum of the chosen experts' MLPs, one assignment at a time, in float32."""
+    out = torch.zeros(hidden.shape[0], layout.hidden_size)
+    for t in range(ids.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if on_cpu[e]:
+                gate, up, down = (w.float() for w in layout.views(blocks[e]))
+                out[t] += weights[t, k] * expert_mlp(hidden[t : t + 1], gate, up, down)[0]
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(1, 6), top_k=st.integers(1, 4), seed=st.integers(0, 2**16),
+       bf16=st.booleans())
+def test_cpu_kernels_equal_the_reference_expert_mlp(tokens: int, top_k: int, seed: int,
+                                                    bf16: bool) -> None:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    layout = ExpertLayout(hidden_size=48, intermediate_size=40, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    num_experts = 8
+    blocks = (torch.randn(num_experts, layout.numel, generator=gen) * 0.2).to(dtype)
+    hidden = torch.randn(tokens, layout.hidden_size, generator=gen)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k]
+                       for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen)
+    on_cpu = torch.rand(num_experts, generator=gen) < 0.6
+    want = reference_layer(blocks, layout, hidden, ids, weights, on_cpu)
+    for kernel in cpu_kernels():
+        out = torch.full((tokens, layout.hidden_size), float("nan"))
+        kernel(blocks, layout, hidden, ids, weights, on_cpu, out)
+        # torch's kernel rounds its intermediate products to the store's dtype (bf16: ~2^-8)
+        tol = 2e-2 if bf16 and kernel.name == "torch" else 1e-5
+        torch.testing.assert_close(out, want, rtol=tol, atol=tol * (1 + want.abs().max().item()))
+
+
+def test_both_kernels_are_available_and_the_choice_is_timed() -> None:
+    names = [k.name for k in cpu_kernels()]
+    assert names == ["torch", "numba"]  # numba is a dependency of moe-core
+    layout = ExpertLayout(hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+    blocks = torch.randn(6, layout.numel).to(torch.bfloat16)
+    chosen, timings = choose_cpu_kernel(blocks, layout, [TorchCpuExperts(), NumbaCpuExperts()])
+    assert [t.name for t in timings] == ["torch", "numba"]
+    assert chosen.name == min(timings, key=lambda t: t.seconds).name
+    assert all(t.gb_per_s > 0 for t in timings)
+
+
+@settings(max_examples=60, deadline=None)
+@given(gpu=st.floats(1e9, 100e9), cpu=st.floats(1e9, 100e9), fixed=st.floats(0, 2e-4),
+       tokens=st.integers(1, 64), top_k=st.integers(1, 8))
+def test_the_split_is_never_slower_than_fetching_everything(gpu: float, cpu: float, fixed: float,
+                                                            tokens: int, top_k: int) -> None:
+    rates = LaneRates(gpu_bytes_per_s=gpu, cpu_bytes_per_s=cpu, cpu_fixed_s=fixed)
+    expert_bytes, num_experts = 9_437_184, 128
+    table = cpu_share_table(rates, expert_bytes, num_experts, tokens, top_k)
+    assert len(table) == min(num_experts, tokens * top_k) + 1 and table[0] == 0
+    for m, n in enumerate(table):
+        assert 0 <= n <= m
+        gpu_only = m * expert_bytes / gpu
+        gpu_part = (m - n) * expert_bytes / gpu
+        assert gpu_part <= gpu_only  # the GPU lane never does more than alone
+        if n:  # the CPU share is used only when the model says it finishes sooner
+            assert fixed + n * expert_bytes / cpu <= gpu_only + 1e-12
+
+
+def test_equal_lanes_split_the_misses_in_half_and_a_slow_cpu_gets_none() -> None:
+    equal = LaneRates(gpu_bytes_per_s=50e9, cpu_bytes_per_s=50e9, cpu_fixed_s=0.0)
+    assert cpu_share_table(equal, 10**7, 128, 1, 8) == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    slow = LaneRates(gpu_bytes_per_s=50e9, cpu_bytes_per_s=5e9, cpu_fixed_s=1e-3)
+    assert not any(cpu_share_table(slow, 10**6, 128, 1, 8))
+
+
+def test_the_device_split_gives_the_cpu_the_missed_experts_with_fewest_tokens() -> None:
+    split = LaneSplit([0, 1, 1, 2, 2], num_experts=8, device=torch.device("cpu"))
+    ids = torch.tensor([[1, 3], [1, 5], [1, 6], [3, 0]])  # tokens: e1 3, e3 2, e5 1, e6 1, e0 1
+    lut = torch.tensor([-1, -1, 4, -1, 2, -1, -1, 7])  # e2, e4, e7 resident
+    on_cpu, gpu_lut = split(ids, lut)
+    # missed: e0 (1 token), e1 (3), e3 (2), e5 (1), e6 (1): m = 5 -> table[4] clamps to 2
+    assert on_cpu.nonzero().view(-1).tolist() == [0, 5]
+    assert gpu_lut.tolist() == [-2, -1, 4, -1, 2, -2, -1, 7]
+
+
+def test_host_semaphores_hand_over_between_threads_without_the_gil() -> None:
+    ready, done = HostSemaphore(), HostSemaphore()
+    seen: list[int] = []
+
+    def worker() -> None:
+        for _ in range(3):
+            ready.wait()
+            seen.append(len(seen))
+            done.post()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for i in range(3):
+        ready.post()
+        done.wait()
+        assert seen == list(range(i + 1))
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def offloaded(folder: Path, rates: LaneRates, num_slots: int) -> tuple[MoEForCausalLM,
+                                                                       OffloadRuntime]:
+    model = load_model(folder, dtype="float32")
+    store = HostExpertStore.from_model(model, pin=False)
+    pool = GpuSlotPool(store.layout, num_slots, device="cpu")
+    runtime = install_offloading(model, store, pool, CpuCopyEngine(), fetch="mapped",
+                                 two_lanes=True, lane_rates=rates, drop_local_experts=True)
+    runtime.prefetch(store.experts()[:num_slots])
+    runtime.drain()
+    return model, runtime
+
+
+@pytest.mark.parametrize("rates", [ALL_CPU, BALANCED], ids=["all_cpu", "balanced"])
+def test_two_lane_decode_gives_the_resident_greedy_tokens(folder: Path, rates: LaneRates) -> None:
+    vocab = load_model(folder, dtype="float32").spec.vocab_size
+    ids = torch.randint(3, vocab, (1, 7), generator=torch.Generator().manual_seed(1))
+    expected = load_model(folder, dtype="float32").generate(ids, max_new_tokens=10,
+                                                            eos_token_id=[])
+    model, runtime = offloaded(folder, rates, num_slots=6)
+    try:
+        assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=[]), expected)
+        stats = runtime.snapshot()
+    finally:
+        runtime.close()
+    assert stats.cpu_experts > 0 and stats.cpu_bytes == stats.cpu_experts * runtime.store.layout.nbytes
+    if rates is ALL_CPU:
+        assert stats.misses == 0  # every miss was computed by the CPU lane
+    else:
+        assert stats.misses > 0  # both lanes worked
+    assert stats.mapped_bytes == stats.misses * runtime.store.layout.nbytes
+    assert stats.cpu_tokens >= stats.cpu_experts
+
+
+def test_the_cli_decodes_over_two_lanes_and_refuses_them_without_the_mapped_fetch(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from moe_core.cli import app
+    from typer.testing import CliRunner
+
+    base = ["generate", "-p", "Once upon a time", "--max-new-tokens", "6", "--json"]
+    plain = CliRunner().invoke(app, base)
+    two = CliRunner().invoke(app, [*base, "--expert-memory", "2MiB", "--fetch", "mapped",
+                                   "--lanes", "2", "--cpu-kernel", "numba", "--stats"])
+    assert plain.exit_code == 0 and two.exit_code == 0, two.output
+    assert two.stdout == plain.stdout
+    assert "cpu_gb_per_s" in two.stderr
+    bad = CliRunner().invoke(app, [*base, "--expert-memory", "2MiB", "--lanes", "2"])
+    assert bad.exit_code == 1 and bad.stderr.strip() == (
+        "error: --lanes 2 needs --fetch mapped (and --expert-memory)")
+
+
+def test_a_failing_cpu_lane_raises_on_the_host_and_never_hangs() -> None:
+    model, runtime = offloaded(tiny_model_path(), ALL_CPU, num_slots=4)
+    assert runtime.two_lanes is not None
+
+    def broken(*args: object) -> None:
+        raise MemoryError("simulated")
+
+    runtime.two_lanes.lane.kernel = broken  # type: ignore[assignment]
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="CPU expert lane failed.*simulated"):
+            model(torch.tensor([[5, 6, 7]]))
+    finally:
+        runtime.close()
+    assert time.monotonic() - started < 30
