@@ -214,3 +214,72 @@ def test_a_failing_cpu_lane_raises_on_the_host_and_never_hangs() -> None:
     finally:
         runtime.close()
     assert time.monotonic() - started < 30
+
+
+def cuda_offloaded(dtype: str, rates: LaneRates, num_slots: int) -> tuple[MoEForCausalLM,
+                                                                          OffloadRuntime]:
+    from moe_core.offload.copy_engines import make_copy_engine
+
+    model = load_model(tiny_model_path(), device="cuda", dtype=dtype)
+    store = HostExpertStore.from_model(model, pin=True)
+    pool = GpuSlotPool(store.layout, num_slots, device="cuda")
+    runtime = install_offloading(model, store, pool, make_copy_engine("cuda"), fetch="mapped",
+                                 two_lanes=True, lane_rates=rates, drop_local_experts=True)
+    runtime.prefetch(store.experts()[:num_slots])
+    runtime.drain()
+    return model, runtime
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rates", [ALL_CPU, BALANCED], ids=["all_cpu", "balanced"])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "captured"])
+def test_cuda_two_lane_decode_gives_the_resident_greedy_tokens(rates: LaneRates,
+                                                               graphs: bool) -> None:
+    """float32 on CUDA (both lanes then compute what the resident model computes, up to the
+    order of additions): the resident greedy tokens, eager and through captured steps, and
+    every CPU-lane use counted in both."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("cupy")
+    ids = torch.tensor([[1, 400, 37, 901, 12, 77, 5]], device="cuda")
+    resident = load_model(tiny_model_path(), device="cuda", dtype="float32")
+    expected = resident.generate(ids, max_new_tokens=24, eos_token_id=[], graphs=False)
+    model, runtime = cuda_offloaded("float32", rates, num_slots=8)
+    try:
+        got = model.generate(ids, max_new_tokens=24, eos_token_id=[], graphs=graphs)
+        stats = runtime.snapshot(block=True)
+        if graphs:
+            runner = model.decode_runner(1, 64)
+            assert runner.use_graphs and runner._graphs  # the two-lane step was captured
+    finally:
+        model.release_decode_runner()
+        runtime.close()
+    assert got.tolist() == expected.tolist()
+    assert stats.cpu_experts > 0 and stats.misses >= 0
+    assert stats.mapped_bytes == stats.misses * runtime.store.layout.nbytes
+    if rates is ALL_CPU:
+        assert stats.misses == 0
+
+
+@pytest.mark.gpu
+def test_cuda_two_lane_bf16_logits_stay_close_to_resident() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("cupy")
+    ids = torch.randint(3, 900, (1, 16), generator=torch.Generator().manual_seed(2)).cuda()
+    resident = load_model(tiny_model_path(), device="cuda", dtype="bfloat16")
+    for block in resident.moe_blocks():
+        block.experts.device_kernels = False
+    with torch.no_grad():
+        want = resident(ids).float()
+    model, runtime = cuda_offloaded("bfloat16", BALANCED, num_slots=8)
+    try:
+        with torch.no_grad():
+            got = model(ids).float()
+        stats = runtime.snapshot(block=True)
+    finally:
+        runtime.close()
+    assert stats.cpu_experts > 0
+    scale = want.abs().max()
+    far = ((got - want).abs() > 2e-2 * (scale + want.abs())).any(dim=-1)
+    assert int(far.sum()) <= max(1, far.numel() // 16)  # a near-tied routing may flip

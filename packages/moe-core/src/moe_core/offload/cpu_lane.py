@@ -22,6 +22,7 @@ posted (the stream never hangs), and the error is raised on the host at the next
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -34,6 +35,10 @@ from moe_core.offload.host_store import HostExpertStore
 __all__ = ["CpuLane", "CpuLaneCounts", "LaneJob"]
 
 _STOP = -1
+_SWITCH_INTERVAL_S = 2e-4
+"""The interpreter's thread switch interval while a lane runs (default 5 ms): the worker needs
+the GIL for a few lines between its semaphore and its kernel, and an eager decode step keeps the
+main thread busy launching kernels; without this the worker can wait up to 5 ms per layer."""
 
 
 @dataclass
@@ -101,6 +106,8 @@ class CpuLane:
         self._counts = CpuLaneCounts()
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, _SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run, name="moe-cpu-lane", daemon=True)
         self._thread.start()
 
@@ -178,6 +185,7 @@ class CpuLane:
             self._mailbox[0] = _STOP
             self._ready.post()
             self._thread.join()
+            sys.setswitchinterval(self._switch_interval)
 
     # The worker -------------------------------------------------------------------------------
 

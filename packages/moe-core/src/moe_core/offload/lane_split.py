@@ -90,7 +90,8 @@ class LaneSplit:
         e = self._experts.numel()
         counts = torch.zeros(e, dtype=torch.long, device=flat.device).index_add_(0, flat, ones)
         missing = (counts > 0) & (lut < 0)  # [E]
-        n_cpu = self.table[missing.sum().clamp(max=self.table.numel() - 1)]
+        # [1]: gathered on the device (indexing with a 0-d tensor would read it on the host)
+        n_cpu = self.table.gather(0, missing.sum().clamp(max=self.table.numel() - 1).view(1))
         key = torch.where(missing, counts * e + self._experts, (flat.numel() + 1) * e)
         rank = torch.empty_like(key).scatter_(0, key.argsort(), self._experts)  # [E]
         on_cpu = missing & (rank < n_cpu)
