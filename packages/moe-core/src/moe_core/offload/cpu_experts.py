@@ -13,7 +13,7 @@ A kernel computes every expert of one layer call that the split gave to the CPU,
 
     out[t] = sum over (t, k) with ids[t, k] in experts of weights[t, k] * expert_ids[t,k](h[t])
 
-Two implementations, chosen by measurement (`choose_cpu_kernel`, decision 0008):
+Two implementations, chosen by measurement (`choose_cpu_kernel`, decision 0009):
 
 - `TorchCpuExperts`: per expert, torch's own CPU products over the bf16 store (oneDNN; AMX where
   the CPU has it), threads from torch's pool. Torch releases the GIL inside each operator.
