@@ -283,3 +283,24 @@ def test_cuda_two_lane_bf16_logits_stay_close_to_resident() -> None:
     scale = want.abs().max()
     far = ((got - want).abs() > 2e-2 * (scale + want.abs())).any(dim=-1)
     assert int(far.sum()) <= max(1, far.numel() // 16)  # a near-tied routing may flip
+
+
+def test_closing_the_runtime_returns_every_miss_to_the_gpu_lane() -> None:
+    model, runtime = offloaded(tiny_model_path(), ALL_CPU, num_slots=4)
+    lanes = runtime.two_lanes
+    assert lanes is not None
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(ids)
+    keys = [ex.capture_key for ex in runtime.executors.values()]  # type: ignore[attr-defined]
+    runtime.close()
+    assert runtime.two_lanes is None and all(k is lanes for k in keys)
+    assert all(ex.capture_key is None for ex in runtime.executors.values())  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="closed"):
+        lanes.lane.start(lanes.lane.job(1, 1, 2), torch.zeros(1, 4), torch.zeros(1, 2,
+                         dtype=torch.long), torch.zeros(1, 2), torch.zeros(8, dtype=torch.bool))
+    with torch.no_grad():
+        after = model(ids)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    stats = runtime.snapshot()
+    assert stats.misses > 0 and stats.cpu_experts > 0

@@ -249,9 +249,11 @@ class DecodeRunner:
 
 def _signature(model: MoEForCausalLM) -> tuple[int, ...]:
     """What a captured step depends on beyond its tensors: each MoE block's executor, routing
-    override and observer (by identity)."""
+    override and observer, and what the executor says its captured calls depend on (its
+    `capture_key`, e.g. the CPU lane whose semaphores the graph posts), all by identity."""
     return tuple(id(x) for block in model.moe_blocks()
-                 for x in (block.executor, block.routing_override, block.observer))
+                 for x in (block.executor, block.routing_override, block.observer,
+                           getattr(block.executor, "capture_key", None)))
 
 
 def _graph_token_limit(model: MoEForCausalLM) -> int:

@@ -136,7 +136,13 @@ class CpuLane:
     def start(self, job: LaneJob, hidden: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor, on_cpu: torch.Tensor) -> None:
         """Stage one call (device tensors) into `job` and let the worker start on it when the
-        copies have landed: on CUDA, enqueued on the current stream; on the CPU, at once."""
+        copies have landed: on CUDA, enqueued on the current stream; on the CPU, at once.
+
+        Raises:
+            RuntimeError: the lane was closed, or its worker failed on an earlier call.
+        """
+        if not self._thread.is_alive():
+            raise RuntimeError("the CPU expert lane was closed")
         self.check()
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device).cuda_stream

@@ -81,6 +81,12 @@ class OffloadedExecutor:
         return self.fetcher is not None and self.cpu_compute_rule is None
 
     @property
+    def capture_key(self) -> object:
+        """What a captured call depends on besides this executor: the two-lane path (its CPU
+        lane's semaphores are posted and awaited by the graph), or None."""
+        return self.two_lanes
+
+    @property
     def graph_hooks(self) -> ExpertSlotCache | None:
         """What the decode runner calls around replays (the shared cache), when graph-safe."""
         return self.cache if self.graph_safe else None

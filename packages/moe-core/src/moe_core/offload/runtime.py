@@ -124,9 +124,15 @@ class OffloadRuntime:
         self.close()
 
     def close(self) -> None:
-        """Stop the CPU lane's worker thread, if there is one (after everything enqueued)."""
+        """Stop the CPU lane's worker thread, if there is one (after everything enqueued); the
+        executors then read every miss on the GPU (and a decode runner drops the steps it
+        captured with the lane: the executors' `capture_key` changed)."""
         if self.two_lanes is not None:
+            for executor in self.executors.values():
+                if isinstance(executor, OffloadedExecutor):
+                    executor.two_lanes = None
             self.two_lanes.close()
+            self.two_lanes = None
 
 
 def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuSlotPool,
