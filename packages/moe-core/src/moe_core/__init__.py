@@ -52,6 +52,7 @@ from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, ins
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import StreamingExecutor
 from moe_core.output_path import check_output_path, write_output_text
+from moe_core.replay_routing import ReplayRouting, RoutingTape
 from moe_core.request_limits import (
     TRUNCATE_SIDES,
     Truncate,
@@ -60,7 +61,14 @@ from moe_core.request_limits import (
     parse_truncate,
 )
 from moe_core.routing import route
-from moe_core.routing_control import UniformRouting, uniform_routing
+from moe_core.routing_control import (
+    TapeLoader,
+    UniformRouting,
+    replay_routing,
+    routing_for,
+    uniform_routing,
+    zipf_routing,
+)
 from moe_core.sampling import SamplingParams, sample_next
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpec
@@ -68,6 +76,7 @@ from moe_core.staged_output import StagedOutput
 from moe_core.static_kv_cache import StaticKVCache
 from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
 from moe_core.tokenizer import load_tokenizer, render_chat
+from moe_core.zipf_routing import ZipfRouting
 
 __version__ = "0.1.0"
 
@@ -118,20 +127,24 @@ __all__ = [
     "OffloadedModel",
     "OutputError",
     "OutputInUseError",
+    "ReplayRouting",
     "RequestError",
     "Residency",
     "ResidencyTable",
     "RopeSpec",
     "RouterSpec",
+    "RoutingTape",
     "SamplingParams",
     "SequenceKV",
     "SettingError",
     "StagedOutput",
     "StaticKVCache",
     "StreamingExecutor",
+    "TapeLoader",
     "Truncate",
     "UniformRouting",
     "UnsupportedArchitectureError",
+    "ZipfRouting",
     "__version__",
     "bad_lines_message",
     "build_tiny_checkpoint",
@@ -155,8 +168,10 @@ __all__ = [
     "parse_dtype",
     "parse_truncate",
     "render_chat",
+    "replay_routing",
     "resolve_model_path",
     "route",
+    "routing_for",
     "run_dtype",
     "sample_next",
     "supported_architectures",
@@ -164,4 +179,5 @@ __all__ = [
     "tool_app",
     "uniform_routing",
     "write_output_text",
+    "zipf_routing",
 ]
