@@ -43,12 +43,16 @@ from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.loading import OffloadedModel, load_offloaded
+from moe_core.offload.lookahead_prefetcher import LookaheadPrefetcher
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
 from moe_core.offload.packing import pack_model
 from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
+from moe_core.offload.prefetch_counts import LayerPrefetches
+from moe_core.offload.prefetcher import Prefetcher
 from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
+from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import StreamingExecutor
 from moe_core.output_path import check_output_path, write_output_text
@@ -102,6 +106,7 @@ __all__ = [
     "ExpertExecutor",
     "ExpertId",
     "ExpertLayout",
+    "ExpertSlotCache",
     "FetchMode",
     "GenerationResult",
     "GpuSlotPool",
@@ -111,7 +116,9 @@ __all__ = [
     "KVStore",
     "LFUPolicy",
     "LRUPolicy",
+    "LayerPrefetches",
     "LocalExperts",
+    "LookaheadPrefetcher",
     "MappedFetcher",
     "MixObserver",
     "MoEBlock",
@@ -127,6 +134,7 @@ __all__ = [
     "OffloadedModel",
     "OutputError",
     "OutputInUseError",
+    "Prefetcher",
     "ReplayRouting",
     "RequestError",
     "Residency",

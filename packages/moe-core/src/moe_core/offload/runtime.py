@@ -29,6 +29,8 @@ from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
 from moe_core.offload.policy import EvictionPolicy, LRUPolicy
+from moe_core.offload.prefetch_counts import LayerPrefetches
+from moe_core.offload.prefetcher import Prefetcher
 from moe_core.offload.residency import ResidencyTable
 from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.stall_timer import StallTimer
@@ -55,6 +57,7 @@ class OffloadRuntime:
         cache: The shared slot cache (on-demand), else None.
         ring: The shared ring (streaming), else None.
         dropped_local_experts: The blocks' own expert weights were freed (no way back).
+        prefetcher: What guesses later layers' experts (on-demand), else None.
     """
 
     kind: OffloadKind
@@ -69,6 +72,7 @@ class OffloadRuntime:
     ring: ExpertRing | None = None
     dropped_local_experts: bool = False
     _copy_seconds_at_start: float = 0.0
+    prefetcher: Prefetcher | None = None
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Prefetch hint (on-demand only; streaming ignores hints and returns 0)."""
@@ -77,6 +81,15 @@ class OffloadRuntime:
     def cancel_prefetches(self) -> int:
         """Cancel every stale prefetch; returns how many were cancelled."""
         return self.cache.cancel_prefetches() if self.cache is not None else 0
+
+    def begin_sequence(self) -> None:
+        """A new request starts: the prefetcher forgets the last one (nothing without one)."""
+        if self.prefetcher is not None:
+            self.prefetcher.begin_sequence()
+
+    def prefetch_by_layer(self) -> dict[int, LayerPrefetches]:
+        """Prefetches issued, used and wasted per layer so far (empty for streaming)."""
+        return self.cache.prefetch_counts.by_layer() if self.cache is not None else {}
 
     def snapshot(self, block: bool = False) -> OffloadStats:
         """The counters so far, with `copy_seconds` from the engine and the stalls measured so
@@ -122,7 +135,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                        resident: Iterable[ExpertId] = (), ring_size: int = 2,
                        fetch: FetchMode = "copy", time_stalls: bool = True,
                        drop_local_experts: bool = False,
-                       lookahead_min_share: float | None = 0.5) -> OffloadRuntime:
+                       lookahead_min_share: float | None = 0.5,
+                       prefetcher: Prefetcher | None = None) -> OffloadRuntime:
     """Run every MoE block of `model` through offloaded experts.
 
     Args:
@@ -151,10 +165,14 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             so the model stops holding the experts: the point of offloading when the model was
             loaded whole. Build `store` first; afterwards `uninstall` is impossible and the
             model's state dict no longer carries expert weights.
+        prefetcher: On-demand only: asked around every MoE layer call which experts of later
+            layers to prefetch (e.g. `LookaheadPrefetcher(model)`), and between replayed
+            decode steps (see `Prefetcher`); a prefetch never changes results.
 
     Raises:
         ValueError: no MoE blocks, a block missing from the store, mismatched layouts, an
-            unknown `kind` or `fetch`, or `fetch="mapped"` with a `cpu_compute_rule`.
+            unknown `kind` or `fetch`, `fetch="mapped"` with a `cpu_compute_rule`, or a
+            `prefetcher` for streaming.
         RuntimeError: `fetch="mapped"` where the GPU cannot read the store (the reason given).
     """
     blocks = model.moe_blocks()
@@ -173,13 +191,17 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     if fetch == "mapped" and cpu_compute_rule is not None:
         raise ValueError("fetch='mapped' reads misses on the GPU; it does not combine with a "
                          "cpu_compute_rule (use fetch='copy')")
+    if prefetcher is not None and kind != "on_demand":
+        raise ValueError("a prefetcher drives the on-demand cache; streaming fills its ring "
+                         "from its own lookahead")
     if kind == "on_demand":
         table = ResidencyTable(pool.num_slots, policy if policy is not None else LRUPolicy())
         cache = ExpertSlotCache(store, pool, engine, table, stats, stalls)
+        cache.prefetcher = prefetcher
         fetcher = MappedFetcher(store, pool) if fetch == "mapped" else None
         for block in blocks:
             executors[block.layer] = OffloadedExecutor(cache, block.layer, cpu_compute_rule,
-                                                       fetcher)
+                                                       fetcher, prefetcher)
     elif kind == "streaming":
         if store.layout != pool.layout:
             raise ValueError(f"store layout {store.layout} differs from pool layout "
@@ -195,7 +217,7 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     if drop_local_experts:
         _drop_local_experts(blocks)
     return OffloadRuntime(kind, store, pool, engine, stats, executors, blocks, stalls, cache,
-                          ring, drop_local_experts, engine.copy_seconds)
+                          ring, drop_local_experts, engine.copy_seconds, prefetcher=prefetcher)
 
 
 def _drop_local_experts(blocks: list[MoEBlock]) -> None:
