@@ -37,6 +37,14 @@ from moe_core.kv_store import KVStore, SequenceKV
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import AttentionBranch, DecoderLayer, MixObserver, MoEForCausalLM
 from moe_core.moe_block import MoEBlock
+from moe_core.offload.cache_plans import (
+    PREFETCH_MODES,
+    CachePlan,
+    CachePlanFactory,
+    PrefetcherFactory,
+    cache_plan,
+    parse_named,
+)
 from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket, CpuCopyEngine
 from moe_core.offload.copy_engines import make_copy_engine
 from moe_core.offload.gpu_slots import GpuSlotPool
@@ -85,12 +93,15 @@ from moe_core.zipf_routing import ZipfRouting
 __version__ = "0.1.0"
 
 __all__ = [
+    "PREFETCH_MODES",
     "TINY_KINDS",
     "TINY_MODEL_NAME",
     "TRUNCATE_SIDES",
     "AttentionBranch",
     "AttentionInputs",
     "AttentionSpec",
+    "CachePlan",
+    "CachePlanFactory",
     "CheckpointError",
     "ConfigError",
     "CopyEngine",
@@ -135,6 +146,7 @@ __all__ = [
     "OutputError",
     "OutputInUseError",
     "Prefetcher",
+    "PrefetcherFactory",
     "ReplayRouting",
     "RequestError",
     "Residency",
@@ -156,6 +168,7 @@ __all__ = [
     "__version__",
     "bad_lines_message",
     "build_tiny_checkpoint",
+    "cache_plan",
     "check_device",
     "check_output_path",
     "fit_prompt",
@@ -174,6 +187,7 @@ __all__ = [
     "pack_model",
     "parse_bytes",
     "parse_dtype",
+    "parse_named",
     "parse_truncate",
     "render_chat",
     "replay_routing",
