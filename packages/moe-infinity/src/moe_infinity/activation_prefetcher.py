@@ -20,6 +20,9 @@ It is a `moe_core.Prefetcher`: the on-demand executor calls it around every MoE 
   the most needed absent experts of every layer, `budget` per layer, from what was observed
   eagerly (the prefill) and the matched traces. Replayed steps are not observed (their routing
   is logged on the device and counted later), so these guesses stay the prefill's.
+- The sources are mixed by their recall measured so far on this model's own decode steps
+  (`OnlineRecall`, the live form of the simulator's calibration; `calibrate=False` keeps the
+  config's weights).
 - A new request starts at `begin_sequence` (engines call `OffloadRuntime.begin_sequence`) or
   when a step has more tokens than the one before (a prefill after decode steps). The finished
   request's EAM joins the trace collection (`learn`), so matching improves as requests are
@@ -33,6 +36,7 @@ reads its routing on the host anyway) and the predictor's numpy work (a matching
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import pairwise
 
 import numpy as np
@@ -40,6 +44,7 @@ import torch
 from moe_core import ExpertId, ExpertSlotCache, MoEBlock, MoEForCausalLM, Residency
 
 from moe_infinity.collection import TraceCollection
+from moe_infinity.online_recall import OnlineRecall
 from moe_infinity.policies import ActivationAwarePolicy
 from moe_infinity.predictor import PredictorConfig, RequestPredictor, layer_distance
 
@@ -56,12 +61,13 @@ class ActivationPrefetcher:
         config: The predictor's settings.
         budget: Experts prefetched per layer call (0: only feed the policy).
         learn: Add each finished request's EAM to the collection.
+        recall: Each source's recall so far (None: the config's weights are kept).
         requests: Requests seen so far (finished and running).
     """
 
     def __init__(self, model: MoEForCausalLM, policy: ActivationAwarePolicy,
                  collection: TraceCollection, config: PredictorConfig | None = None,
-                 budget: int = 0, learn: bool = True) -> None:
+                 budget: int = 0, learn: bool = True, calibrate: bool = True) -> None:
         blocks = model.moe_blocks()
         if len(blocks) != collection.shape.num_moe_layers or \
                 blocks[0].spec.num_experts != collection.shape.num_experts:
@@ -75,6 +81,7 @@ class ActivationPrefetcher:
         self.config = config if config is not None else PredictorConfig()
         self.budget = budget
         self.learn = learn
+        self.recall = OnlineRecall(max(budget, collection.shape.top_k)) if calibrate else None
         self.requests = 0
         self._layers = [b.layer for b in blocks]
         self._row = {layer: row for row, layer in enumerate(self._layers)}
@@ -85,6 +92,7 @@ class ActivationPrefetcher:
         self._step_tokens = 0  # tokens of the running step
         self._seen = np.zeros((len(blocks), self._num_experts), dtype=np.float32)  # [L, E]
         self._pending: tuple[int, np.ndarray, np.ndarray] | None = None  # row, counts, need
+        self._foreseen: dict[str, np.ndarray] = {}  # each source's [E] for the next layer
 
     # The Prefetcher protocol ------------------------------------------------------------------
 
@@ -104,7 +112,9 @@ class ActivationPrefetcher:
             look = (torch.softmax(nxt.gate.logits(hidden).float(), dim=-1).sum(dim=0)
                     if use_look and nxt is not None else torch.zeros_like(counts))  # [E]
             both = torch.stack([counts, look.to(counts.device)]).cpu().numpy()  # [2, E]
-        need = self._predictor.need(row, both[1] if use_look else None)  # [L, E]
+        look_np = both[1] if use_look else None
+        self._calibrate(both[0], row, look_np)
+        need = self._predictor.need(row, look_np)  # [L, E]
         in_use = frozenset(ExpertId(layer, int(e)) for e in np.flatnonzero(both[0]))
         self.policy.update(need, in_use)
         self._pending = (row, both[0], need)
@@ -147,6 +157,19 @@ class ActivationPrefetcher:
         self._step += 1
         self._step_tokens = tokens
 
+    def _calibrate(self, counts: np.ndarray, row: int, look: np.ndarray | None) -> None:
+        """Score the sources' last prediction (for this layer) against its routing `counts`,
+        re-weight the predictor, and keep the sources' prediction for the next layer."""
+        if self.recall is None:
+            return
+        if self._step >= 1 and self._foreseen:
+            self.recall.update(self._foreseen, counts)
+            config = replace(self._predictor.config, weights=self.recall.weights())
+            self.config = self._predictor.config = config
+        following = int(np.flatnonzero(layer_distance(len(self._layers), row) == 1)[0])
+        shares = self._predictor.source_shares(row, look)
+        self._foreseen = {source: value[following] for source, value in shares.items()}
+
     def _finish_request(self) -> None:
         if self.learn and self._seen.any():
             self.collection.add(self._seen)
@@ -155,6 +178,7 @@ class ActivationPrefetcher:
         self._step = -1
         self._step_tokens = 0
         self._pending = None
+        self._foreseen = {}
 
     def _worth_fetching(self, cache: ExpertSlotCache, need: np.ndarray, rows: Sequence[int],
                         per_row: int) -> list[ExpertId]:
