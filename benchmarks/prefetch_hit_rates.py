@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--routing", default=",".join(WORKLOADS))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()  # the code that runs
     torch.set_num_threads(1)  # steadier on a shared 2-core machine; counts do not depend on it
     prompts = prompt_ids(args.prompts)
     tiny = load_model(tiny_model_path(), dtype="float32")
@@ -142,8 +144,6 @@ def main() -> None:
                       f"prefetch used/wasted {row['prefetches_used']}/"
                       f"{row['prefetches_wasted']}  {row['host_ms_per_token']:.2f} ms/token",
                       flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
     record = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
               "machine": f"{platform.processor() or platform.machine()}, "
                          f"{torch.get_num_threads()} torch thread(s), CPU only",

@@ -33,6 +33,7 @@ from moe_core import (
 from moe_infinity import (
     ActivationAwarePolicy,
     ActivationPrefetcher,
+    OnlineRecall,
     TraceFileError,
     TraceSet,
     activation_plan,
@@ -215,3 +216,27 @@ def test_a_trace_without_decode_steps_is_refused(sample_traces: TraceSet, tmp_pa
     path = save_traces(TraceSet(sample_traces.shape, prefill_only), tmp_path / "p.bin")
     with pytest.raises(TraceFileError, match="no decode step"):
         load_routing_tape(path)
+
+
+def test_online_recall_weights_each_source_by_what_it_foresaw() -> None:
+    recall = OnlineRecall(budget=2)
+    assert recall.weights() == (0.5, 0.5, 0.5)  # the prior
+    used = np.array([0, 3, 0, 1, 0, 0])  # experts 1 and 3
+    for _ in range(20):
+        recall.update({"trace": np.array([0, 0.5, 0, 0.5, 0, 0]),  # both right
+                       "lookahead": np.array([0.9, 0.1, 0, 0, 0, 0]),  # one of two
+                       "own": np.zeros(6)}, used)  # no prediction: not scored
+    trace, lookahead, own = recall.weights()
+    assert trace == pytest.approx(41 / 42) and lookahead == pytest.approx(21 / 42)
+    assert own == 0.5
+
+
+def test_the_live_prefetcher_calibrates_its_mixing_weights(prompts: list[list[int]]) -> None:
+    model, runtime = offloaded(moe_core.tiny_model_path(), 24, "activation", "lookahead")
+    prefetcher = runtime.prefetcher
+    assert isinstance(prefetcher, ActivationPrefetcher) and prefetcher.recall is not None
+    generate_each(model, runtime, prompts[:2], new_tokens=12)
+    _, lookahead, own = prefetcher.config.weights
+    assert prefetcher.config.weights == prefetcher.recall.weights()
+    assert lookahead > 0.6  # the tiny model's lookahead foresees ~78% (docs/moe-infinity.md)
+    assert lookahead > own

@@ -16,6 +16,7 @@ from moe_infinity.collection import Match, TraceCollection
 from moe_infinity.errors import MoEInfinityError, TraceFileError
 from moe_infinity.evaluation import EvaluationPlan, EvaluationReport, evaluate
 from moe_infinity.model_shape import ModelShape
+from moe_infinity.online_recall import OnlineRecall
 from moe_infinity.policies import ActivationAwarePolicy, BeladyPolicy
 from moe_infinity.policy_setup import DEFAULT_POLICIES, PolicySetup, parse_policies
 from moe_infinity.predictor import SOURCES, PredictorConfig, RequestPredictor
@@ -50,6 +51,7 @@ __all__ = [
     "Match",
     "MoEInfinityError",
     "ModelShape",
+    "OnlineRecall",
     "PolicySetup",
     "PredictorConfig",
     "Prompt",
