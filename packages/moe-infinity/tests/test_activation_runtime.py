@@ -240,3 +240,26 @@ def test_the_live_prefetcher_calibrates_its_mixing_weights(prompts: list[list[in
     assert prefetcher.config.weights == prefetcher.recall.weights()
     assert lookahead > 0.6  # the tiny model's lookahead foresees ~78% (docs/moe-infinity.md)
     assert lookahead > own
+
+
+def test_between_graph_steps_it_prefetches_from_the_prefill(prompts: list[list[int]]) -> None:
+    """The mapped path (what decode graphs capture): after an eager prefill, the replay hook
+    asks the prefetcher, which prefetches each layer's most needed absent experts."""
+    model = load_model(moe_core.tiny_model_path(), dtype="float32")
+    plan = cache_plan("activation", "lookahead", model.spec)
+    store = HostExpertStore.from_model(model, pin=False)
+    pool = GpuSlotPool(store.layout, 24, device="cpu")
+    assert plan.prefetcher is not None
+    prefetcher = plan.prefetcher(model)
+    runtime = install_offloading(model, store, pool, CpuCopyEngine(), plan.policy,
+                                 fetch="mapped", prefetcher=prefetcher)
+    assert runtime.cache is not None
+    assert prefetcher.between_steps(runtime.cache) == []  # nothing observed yet
+    with torch.no_grad():
+        model(torch.tensor([prompts[0]]))  # the prefill, eager
+    before = runtime.snapshot().prefetches_issued
+    runtime.cache.before_replay()
+    issued = runtime.snapshot().prefetches_issued - before
+    assert 0 < issued <= 2 * len(model.moe_blocks())
+    runtime.cache.before_replay()  # nothing new was observed: nothing more to fetch
+    assert runtime.snapshot().prefetches_issued - before == issued
