@@ -51,7 +51,7 @@ from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.loading import OffloadedModel, load_offloaded
-from moe_core.offload.lookahead_prefetcher import LookaheadPrefetcher
+from moe_core.offload.lookahead_prefetcher import LookaheadPrefetcher, lookahead_scores
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
 from moe_core.offload.packing import pack_model
@@ -182,6 +182,7 @@ __all__ = [
     "load_offloaded",
     "load_tokenizer",
     "lock_holder",
+    "lookahead_scores",
     "make_copy_engine",
     "open_locked",
     "pack_model",

@@ -112,8 +112,10 @@ def replay_routing(model: MoEForCausalLM, tape: RoutingTape, seed: int = 0,
         raise ValueError("the model has no MoE blocks to route")
     moe = blocks[0].spec
     fitted = tape.mapped(len(blocks), moe.num_experts, moe.router.top_k, seed)
-    return _overriding(model, lambda row, _: ReplayRouting(fitted.ids[:, row], row_stride,
-                                                           model.device))
+    look = fitted.lookahead
+    return _overriding(model, lambda row, _: ReplayRouting(
+        fitted.ids[:, row], row_stride, model.device,
+        None if look is None else look[:, row]))
 
 
 def routing_for(model: MoEForCausalLM, spec: str, *, seed: int = 0,

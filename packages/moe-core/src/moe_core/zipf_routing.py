@@ -95,6 +95,18 @@ class ZipfRouting:
         weights = torch.full((n, self.top_k), 1.0 / self.top_k, device=hidden.device)
         return ids, weights
 
+    def lookahead_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[N, E]` how likely each expert is at the next call for `hidden`'s `N` tokens (asked
+        by a lookahead prefetcher while the layer before runs): `reuse` for each expert the row
+        holds now, plus `(1 - reuse) * min(1, K * p_e)` for a fresh draw. What a perfectly
+        calibrated router would say; not the draw itself."""
+        n = hidden.shape[0]
+        held = self._memory(n, hidden.device)[:n]  # [N, K]
+        fresh = (self.top_k * self.log_probs.exp()).clamp(max=1.0) * (1.0 - self.reuse)  # [E]
+        scores = fresh.expand(n, -1).clone()  # [N, E]
+        return scores.scatter_add_(1, held, torch.full(held.shape, self.reuse,
+                                                       device=hidden.device))
+
     # Internals --------------------------------------------------------------------------------
 
     def _gumbel_scores(self, n: int, device: torch.device) -> torch.Tensor:

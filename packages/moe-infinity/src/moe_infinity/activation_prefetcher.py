@@ -41,7 +41,14 @@ from itertools import pairwise
 
 import numpy as np
 import torch
-from moe_core import ExpertId, ExpertSlotCache, MoEBlock, MoEForCausalLM, Residency
+from moe_core import (
+    ExpertId,
+    ExpertSlotCache,
+    MoEBlock,
+    MoEForCausalLM,
+    Residency,
+    lookahead_scores,
+)
 
 from moe_infinity.collection import TraceCollection
 from moe_infinity.online_recall import OnlineRecall
@@ -109,7 +116,7 @@ class ActivationPrefetcher:
                                                   device=flat.device))  # [E]
             nxt = self._next.get(layer)
             use_look = nxt is not None and "lookahead" in self.config.sources
-            look = (torch.softmax(nxt.gate.logits(hidden).float(), dim=-1).sum(dim=0)
+            look = (lookahead_scores(nxt, hidden).sum(dim=0)
                     if use_look and nxt is not None else torch.zeros_like(counts))  # [E]
             both = torch.stack([counts, look.to(counts.device)]).cpu().numpy()  # [2, E]
         look_np = both[1] if use_look else None

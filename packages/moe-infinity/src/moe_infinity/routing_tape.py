@@ -7,7 +7,8 @@ where it came from; this reads one from a `moe-infinity trace` file and is regis
 Only decode steps are taken (one token each at batch 1, so exactly top-k experts per layer), all
 requests one after another in file order: a prefill step's many tokens have no order to replay.
 A decode step whose layers do not each hold exactly top-k experts (a trace recorded at batch > 1)
-is refused.
+is refused. The tape carries the trace's recorded lookahead too (layer l's router on layer l-1's
+hidden state at each step), which a lookahead prefetcher reads while the tape replays.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def routing_tape(traces: TraceSet) -> RoutingTape:
         ValueError: no decode step, or a decode step without exactly top-k experts per layer.
     """
     top_k = traces.shape.top_k
-    steps = []
+    steps, looks = [], []
     for trace in traces:
         decode = trace.step_counts[1:] > 0  # [S, L, E]
         if not decode.size:
@@ -41,10 +42,12 @@ def routing_tape(traces: TraceSet) -> RoutingTape:
             raise ValueError(f"request {trace.request_id!r} has decode steps without exactly "
                              f"{top_k} experts per layer (traced at batch > 1?)")
         steps.append(np.nonzero(decode)[2].reshape(decode.shape[0], decode.shape[1], top_k))
+        looks.append(trace.lookahead[1:])
     if not steps:
         raise ValueError("the traces hold no decode step to replay")
     ids = torch.from_numpy(np.concatenate(steps).astype(np.int64))
-    return RoutingTape(ids, traces.shape.num_experts)
+    lookahead = torch.from_numpy(np.concatenate(looks).astype(np.float32))
+    return RoutingTape(ids, traces.shape.num_experts, lookahead)
 
 
 def load_routing_tape(path: Path) -> RoutingTape:

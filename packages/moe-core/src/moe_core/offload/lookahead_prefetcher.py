@@ -9,7 +9,9 @@ on the tiny model with this input, 92.8% at 4), where layer l's own ids are wors
 The executor sees layer l's MoE-block input (normalised by layer l's norm), so that is what the
 router of layer l+1 (`MoEBlock.gate.logits`) is applied to (moe-infinity's `block_input` form).
 The softmax scores are summed over the call's tokens and the top k' experts of layer l+1 are
-prefetched when the call of layer l ends.
+prefetched when the call of layer l ends. Under routing set by hand (benchmarks) the router no
+longer routes, so the next layer's override is asked instead where it can say (a replayed
+tape's recorded lookahead; a Zipf law's distribution): `lookahead_scores`.
 
 Cost: one `[T, D] x [D, E]` product, a softmax and a top-k per layer on the device, and one read
 of k' ids on the host. That read is a synchronisation: on CUDA the ids are copied to pinned
@@ -35,7 +37,20 @@ if TYPE_CHECKING:
     from moe_core.moe_block import MoEBlock
     from moe_core.offload.slot_cache import ExpertSlotCache
 
-__all__ = ["LookaheadPrefetcher"]
+__all__ = ["LookaheadPrefetcher", "lookahead_scores"]
+
+
+def lookahead_scores(block: MoEBlock, hidden: torch.Tensor) -> torch.Tensor:
+    """`[T, E]` float32: how likely each expert of `block` is for the tokens whose earlier
+    layer's input is `hidden` `[T, D]`: the softmax of `block`'s router on `hidden`, or, when the
+    block's routing is set by hand and says (`lookahead_scores` of a replayed tape or a Zipf
+    law, see `routing_control`), that: the router no longer routes there."""
+    override = getattr(block.routing_override, "lookahead_scores", None)
+    if override is not None:
+        scores = override(hidden)
+        if scores is not None:
+            return scores.float()
+    return torch.softmax(block.gate.logits(hidden).float(), dim=-1)
 
 
 class LookaheadPrefetcher:
@@ -72,7 +87,7 @@ class LookaheadPrefetcher:
             self.skipped_layers += 1
             return
         with torch.no_grad():
-            scores = torch.softmax(nxt.gate.logits(hidden).float(), dim=-1).sum(dim=0)  # [E]
+            scores = lookahead_scores(nxt, hidden).sum(dim=0)  # [E]
             top = scores.topk(self.top).indices  # [k']
         if not top.is_cuda:
             self._pending = (nxt.layer, top, None)
