@@ -21,10 +21,12 @@ from moe_core import (
     MoEForCausalLM,
     OffloadRuntime,
     Prefetcher,
+    RoutingTape,
     install_offloading,
     load_model,
     load_offloaded,
     load_tokenizer,
+    replay_routing,
     tiny_model_path,
 )
 from moe_core.offload.slot_cache import ExpertSlotCache
@@ -226,3 +228,19 @@ def test_a_prefetcher_for_streaming_is_refused() -> None:
     with pytest.raises(ValueError, match="on-demand"):
         install_offloading(model, store, pool, CpuCopyEngine(), kind="streaming",
                            prefetcher=LookaheadPrefetcher(model))
+
+
+def test_under_a_replayed_tape_the_lookahead_reads_the_recording() -> None:
+    """A tape whose recorded lookahead names exactly the experts each step uses: every guess is
+    right, so every prefetch is used (the model's own router would guess blindly here)."""
+    model, runtime = offloaded(tiny_model_path(), 8, prefetch=2)
+    blocks = model.moe_blocks()
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.stack([torch.randperm(16, generator=generator)[:2] for _ in blocks])
+                       for _ in range(12)])  # [S, L, K]
+    look = torch.zeros(12, len(blocks), 16)
+    look.scatter_(2, ids, 1.0)
+    with replay_routing(model, RoutingTape(ids, 16, look), row_stride=1):
+        model.generate([[5]], max_new_tokens=10, eos_token_id=[])
+    stats = runtime.snapshot()
+    assert stats.prefetches_used > 0 and stats.prefetches_wasted == 0

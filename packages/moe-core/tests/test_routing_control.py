@@ -241,3 +241,43 @@ def test_zipf_and_replay_routing_replay_inside_a_captured_graph() -> None:
         seen_r.append(r_ids[0, 0].item())
     assert seen_r == [0, 2, 4, 6, 8]
     assert len({tuple(x.tolist()[0]) for x in seen_z}) > 1
+
+
+def test_a_tape_lookahead_is_mapped_with_its_experts_and_replayed_ahead() -> None:
+    ids = torch.tensor([[[0, 1]], [[2, 3]], [[1, 2]]])  # [S=3, L=1, K=2]
+    look = torch.zeros(3, 1, 4)
+    look[0, 0, 3], look[1, 0, 0], look[2, 0, 2] = 0.9, 0.8, 0.7
+    fitted = RoutingTape(ids, 4, look).mapped(num_layers=2, num_experts=16, top_k=4, seed=1)
+    assert fitted.lookahead is not None and fitted.lookahead.shape == (3, 2, 16)
+    for j in range(2):
+        perm_of = {}  # source expert -> its target group, read off the mapped ids
+        for s in range(3):
+            for e, group in zip(ids[s, 0].tolist(), fitted.ids[s, j].view(2, 2).tolist(),
+                                strict=True):
+                perm_of[e] = set(group)
+        for s, e in ((0, 3), (1, 0), (2, 2)):
+            best = set(torch.nonzero(fitted.lookahead[s, j] == fitted.lookahead[s, j].max())
+                       .reshape(-1).tolist())
+            assert best == perm_of[e]
+    routing = ReplayRouting(fitted.ids[:, 0], row_stride=1, lookahead=fitted.lookahead[:, 0])
+    hidden = torch.zeros(1, 4)
+    for s in range(3):  # asked before the call: the step the call will replay
+        scores = routing.lookahead_scores(hidden)
+        assert scores is not None and torch.equal(scores[0], fitted.lookahead[s, 0])
+        routing(hidden)
+
+
+def test_zipf_lookahead_ranks_held_experts_then_popular_ones() -> None:
+    torch.manual_seed(0)
+    perm = torch.randperm(32)
+    routing = ZipfRouting(32, 2, 1.5, 0.6, perm)
+    hidden = torch.zeros(3, 4)
+    ids, _ = routing(hidden)
+    scores = routing.lookahead_scores(hidden)
+    assert scores.shape == (3, 32)
+    for row in range(3):
+        held = set(ids[row].tolist())
+        top = set(scores[row].topk(2).indices.tolist())
+        assert top == held  # reuse 0.6 outweighs any fresh share
+        others = [e for e in perm.tolist() if e not in held]
+        assert scores[row, others[0]] >= scores[row, others[-1]]
