@@ -21,8 +21,9 @@ Under set routing the router no longer decides, so the lookahead (the next layer
 this layer's input) guesses from a router that is not used: what it is worth there is what the
 numbers show. Plans: `lru`, `lru+lookahead`, `activation` (activation-aware eviction fed live,
 no prefetch), `activation+lookahead` (and its predictor's prefetches). Prints a table (hit rate,
-prefetches used / wasted, host wall time per token relative to LRU's in the same run) and writes
-the raw numbers as JSON with `--json`.
+prefetches used / wasted, experts copied per decoded token (demand and prefetch, cancelled ones
+excluded: what PCIe would carry), host wall time per token) and writes the raw numbers as JSON
+with `--json`.
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ def run(plan_name: str, workload: str, num_slots: int, prompts: list[list[int]],
             "hit_rate": stats.hit_rate, "hits": stats.hits, "misses": stats.misses,
             "prefetches_issued": stats.prefetches_issued,
             "prefetches_used": stats.prefetches_used,
-            "prefetches_wasted": stats.prefetches_wasted, "tokens": tokens,
+            "prefetches_wasted": stats.prefetches_wasted,
+            "prefetches_cancelled": stats.prefetches_cancelled,
+            "fetches_per_token": stats.bytes_copied / store.layout.nbytes / tokens,
+            "tokens": tokens,
             "host_ms_per_token": 1e3 * seconds / tokens}
 
 
@@ -142,7 +146,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"{workload:8s} {share:5.0%} {plan_name:22s} hit {row['hit_rate']:6.1%}  "
                       f"prefetch used/wasted {row['prefetches_used']}/"
-                      f"{row['prefetches_wasted']}  {row['host_ms_per_token']:.2f} ms/token",
+                      f"{row['prefetches_wasted']}  fetches/token "
+                      f"{row['fetches_per_token']:.2f}  {row['host_ms_per_token']:.2f} ms/token",
                       flush=True)
     record = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
               "machine": f"{platform.processor() or platform.machine()}, "
