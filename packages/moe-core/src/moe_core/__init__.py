@@ -37,21 +37,34 @@ from moe_core.kv_store import KVStore, SequenceKV
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import AttentionBranch, DecoderLayer, MixObserver, MoEForCausalLM
 from moe_core.moe_block import MoEBlock
+from moe_core.offload.cache_plans import (
+    PREFETCH_MODES,
+    CachePlan,
+    CachePlanFactory,
+    PrefetcherFactory,
+    cache_plan,
+    parse_named,
+)
 from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket, CpuCopyEngine
 from moe_core.offload.copy_engines import make_copy_engine
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.loading import OffloadedModel, load_offloaded
+from moe_core.offload.lookahead_prefetcher import LookaheadPrefetcher, lookahead_scores
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
 from moe_core.offload.packing import pack_model
 from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
+from moe_core.offload.prefetch_counts import LayerPrefetches
+from moe_core.offload.prefetcher import Prefetcher
 from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
+from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import StreamingExecutor
 from moe_core.output_path import check_output_path, write_output_text
+from moe_core.replay_routing import ReplayRouting, RoutingTape
 from moe_core.request_limits import (
     TRUNCATE_SIDES,
     Truncate,
@@ -60,7 +73,14 @@ from moe_core.request_limits import (
     parse_truncate,
 )
 from moe_core.routing import route
-from moe_core.routing_control import UniformRouting, uniform_routing
+from moe_core.routing_control import (
+    TapeLoader,
+    UniformRouting,
+    replay_routing,
+    routing_for,
+    uniform_routing,
+    zipf_routing,
+)
 from moe_core.sampling import SamplingParams, sample_next
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpec
@@ -68,16 +88,20 @@ from moe_core.staged_output import StagedOutput
 from moe_core.static_kv_cache import StaticKVCache
 from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
 from moe_core.tokenizer import load_tokenizer, render_chat
+from moe_core.zipf_routing import ZipfRouting
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PREFETCH_MODES",
     "TINY_KINDS",
     "TINY_MODEL_NAME",
     "TRUNCATE_SIDES",
     "AttentionBranch",
     "AttentionInputs",
     "AttentionSpec",
+    "CachePlan",
+    "CachePlanFactory",
     "CheckpointError",
     "ConfigError",
     "CopyEngine",
@@ -93,6 +117,7 @@ __all__ = [
     "ExpertExecutor",
     "ExpertId",
     "ExpertLayout",
+    "ExpertSlotCache",
     "FetchMode",
     "GenerationResult",
     "GpuSlotPool",
@@ -102,7 +127,9 @@ __all__ = [
     "KVStore",
     "LFUPolicy",
     "LRUPolicy",
+    "LayerPrefetches",
     "LocalExperts",
+    "LookaheadPrefetcher",
     "MappedFetcher",
     "MixObserver",
     "MoEBlock",
@@ -118,23 +145,30 @@ __all__ = [
     "OffloadedModel",
     "OutputError",
     "OutputInUseError",
+    "Prefetcher",
+    "PrefetcherFactory",
+    "ReplayRouting",
     "RequestError",
     "Residency",
     "ResidencyTable",
     "RopeSpec",
     "RouterSpec",
+    "RoutingTape",
     "SamplingParams",
     "SequenceKV",
     "SettingError",
     "StagedOutput",
     "StaticKVCache",
     "StreamingExecutor",
+    "TapeLoader",
     "Truncate",
     "UniformRouting",
     "UnsupportedArchitectureError",
+    "ZipfRouting",
     "__version__",
     "bad_lines_message",
     "build_tiny_checkpoint",
+    "cache_plan",
     "check_device",
     "check_output_path",
     "fit_prompt",
@@ -148,15 +182,19 @@ __all__ = [
     "load_offloaded",
     "load_tokenizer",
     "lock_holder",
+    "lookahead_scores",
     "make_copy_engine",
     "open_locked",
     "pack_model",
     "parse_bytes",
     "parse_dtype",
+    "parse_named",
     "parse_truncate",
     "render_chat",
+    "replay_routing",
     "resolve_model_path",
     "route",
+    "routing_for",
     "run_dtype",
     "sample_next",
     "supported_architectures",
@@ -164,4 +202,5 @@ __all__ = [
     "tool_app",
     "uniform_routing",
     "write_output_text",
+    "zipf_routing",
 ]

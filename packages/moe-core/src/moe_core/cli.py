@@ -27,6 +27,8 @@ from moe_core.spec_report import spec_report
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from moe_core.offload.prefetch_counts import LayerPrefetches
+
 __all__ = ["app"]
 
 app = tool_app("moe-core", moe_core.__version__,
@@ -132,7 +134,15 @@ def generate(
     verify_store: Annotated[bool, typer.Option(
         help="With --store: check every expert block against its checksum as the file is read "
              "(--no-verify-store skips it: faster when the file is in the page cache).")] = True,
-    policy: Annotated[str, typer.Option(help="With --expert-memory: lru or lfu.")] = "lru",
+    policy: Annotated[str, typer.Option(
+        help="With --expert-memory: the eviction policy, lru or lfu, or activation "
+             "(activation-aware, fed live by moe-infinity's predictor; needs moe-infinity "
+             "installed; options: activation:collection=FILE,budget=N).")] = "lru",
+    prefetch: Annotated[str, typer.Option(
+        help="With --expert-memory: none, or lookahead (layer l+1's router on layer l's input "
+             "guesses l+1's experts, prefetched while l runs; lookahead:top=N guesses N, "
+             "default top-k). With --policy activation, lookahead prefetches its predictor's "
+             "best guesses.")] = "none",
     fetch: Annotated[str, typer.Option(
         help="With --expert-memory: copy (misses are copied into the cache, which the policy "
              "manages) or mapped (the GPU reads misses from pinned host memory, no host sync "
@@ -158,9 +168,10 @@ def generate(
     """Generate completions, with the whole model on the device or its experts offloaded."""
     from moe_core.loader import load_model
 
-    if (store is not None or stats or fetch != "copy") and expert_memory is None:
-        raise SettingError("--store, --fetch and --stats need --expert-memory (offloaded "
-                           "experts)")
+    if (store is not None or stats or fetch != "copy" or prefetch != "none") \
+            and expert_memory is None:
+        raise SettingError("--store, --fetch, --prefetch and --stats need --expert-memory "
+                           "(offloaded experts)")
     if fetch not in ("copy", "mapped"):
         raise SettingError(f"--fetch must be copy or mapped, got {fetch!r}")
     if lanes not in (1, 2):
@@ -175,17 +186,16 @@ def generate(
     if expert_memory is None:
         net = load_model(model, device=device, dtype=dtype)
     else:
+        from moe_core.offload.cache_plans import cache_plan
         from moe_core.offload.loading import load_offloaded
-        from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
 
-        policies: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "lfu": LFUPolicy}
-        if policy not in policies:
-            raise SettingError(f"--policy must be lru or lfu, got {policy!r}")
+        plan = cache_plan(policy, prefetch, ModelSpec.from_pretrained(
+            resolve_model_path(model, weights=False)))
         loaded = load_offloaded(model, device, parse_bytes(expert_memory), dtype=dtype,
-                                store=store, policy=policies[policy](),
+                                store=store, policy=plan.policy,
                                 fetch=fetch,  # type: ignore[arg-type]
-                                verify_store=verify_store, two_lanes=lanes == 2,
-                                cpu_kernel=cpu_kernel)
+                                verify_store=verify_store, prefetcher=plan.prefetcher,
+                                two_lanes=lanes == 2, cpu_kernel=cpu_kernel)
         net, runtime = loaded.model, loaded.runtime
     result = net.generate_full(rows, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed,
@@ -201,6 +211,7 @@ def generate(
             print(f"user: {text_prompt}\nassistant: {text}" if chat else f"{text_prompt}{text}")
     if stats and runtime is not None:
         _print_stats(runtime.summary())
+        _print_prefetch_layers(runtime.prefetch_by_layer())
     if runtime is not None:
         runtime.close()
 
@@ -240,6 +251,18 @@ def _print_stats(summary: dict[str, int | float]) -> None:
         else:
             shown = str(value)
         table.add_row(name, shown)
+    _err.print(table)
+
+
+def _print_prefetch_layers(layers: dict[int, LayerPrefetches]) -> None:
+    """Prefetches issued, used and wasted per layer, on stderr (nothing when none were)."""
+    if not layers:
+        return
+    table = Table(title="prefetches by layer", title_justify="left")
+    for column in ("layer", "issued", "used", "wasted"):
+        table.add_column(column, justify="right")
+    for layer, counts in layers.items():
+        table.add_row(str(layer), str(counts.issued), str(counts.used), str(counts.wasted))
     _err.print(table)
 
 

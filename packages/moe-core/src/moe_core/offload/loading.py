@@ -6,6 +6,7 @@ and engines use to run a model larger than the GPU.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.packed_store import PackedHeader, read_header
 from moe_core.offload.policy import EvictionPolicy
+from moe_core.offload.prefetcher import Prefetcher
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.sizes import format_bytes
 from moe_core.spec import ModelSpec
@@ -61,8 +63,9 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                    policy: EvictionPolicy | None = None, kind: OffloadKind = "on_demand",
                    resident: list[ExpertId] | None = None, fetch: FetchMode = "copy",
                    dummy: bool = False, num_layers: int | None = None,
-                   verify_store: bool = True, two_lanes: bool = False,
-                   cpu_kernel: str = "auto") -> OffloadedModel:
+                   verify_store: bool = True, two_lanes: bool = False, cpu_kernel: str = "auto",
+                   prefetcher: Callable[[MoEForCausalLM], Prefetcher] | None = None
+                   ) -> OffloadedModel:
     """Load `model` with its routed experts offloaded to host memory.
 
     Args:
@@ -92,6 +95,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
             reads over PCIe and the CPU, which computes its share from the host store at the
             same time (see `install_offloading`).
         cpu_kernel: With `two_lanes`: `"auto"`, `"torch"` or `"numba"`.
+        prefetcher: On-demand only: builds the prefetcher for the loaded model (e.g.
+            `LookaheadPrefetcher`, the class itself; see `install_offloading`).
 
     Raises:
         ValueError: the budget cannot hold the slots the executor needs, or the store file does
@@ -139,7 +144,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                            "(--fetch mapped)")
     runtime = install_offloading(net, host, pool, make_copy_engine(device), policy, kind,
                                  resident=() if mapped else resident or (), fetch=fetch,
-                                 two_lanes=two_lanes, cpu_kernel=cpu_kernel)
+                                 two_lanes=two_lanes, cpu_kernel=cpu_kernel,
+                                 prefetcher=prefetcher(net) if prefetcher is not None else None)
     if mapped:  # the cache holds what is loaded now (misses are not admitted)
         runtime.prefetch((resident or host.experts())[: pool.num_slots])
         runtime.drain()

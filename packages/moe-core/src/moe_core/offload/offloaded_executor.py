@@ -39,6 +39,7 @@ import torch
 from moe_core.expert_id import ExpertId
 from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
 from moe_core.offload.mapped_fetch import MappedFetcher
+from moe_core.offload.prefetcher import Prefetcher
 from moe_core.offload.slot_cache import ExpertSlotCache, LayerMap
 from moe_core.offload.token_groups import TokenGroups, expert_mlp
 from moe_core.offload.two_lanes import TwoLanes
@@ -60,12 +61,15 @@ class OffloadedExecutor:
             synchronisation, no admission); None: misses are copied into slots.
         two_lanes: With `fetcher`: small calls split their misses between the GPU's mapped
             reads and the CPU lane (`two_lanes`); None: the GPU reads every miss.
+        prefetcher: Guesses later layers' experts around each call (`Prefetcher`); None: no
+            prefetching.
     """
 
     def __init__(self, cache: ExpertSlotCache, layer: int,
                  cpu_compute_rule: CpuComputeRule | None = None,
                  fetcher: MappedFetcher | None = None,
-                 two_lanes: TwoLanes | None = None) -> None:
+                 two_lanes: TwoLanes | None = None,
+                 prefetcher: Prefetcher | None = None) -> None:
         if two_lanes is not None and fetcher is None:
             raise ValueError("two lanes need the mapped fetch (fetch='mapped')")
         self.cache = cache
@@ -73,6 +77,7 @@ class OffloadedExecutor:
         self.cpu_compute_rule = cpu_compute_rule
         self.fetcher = fetcher
         self.two_lanes = two_lanes
+        self.prefetcher = prefetcher
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
 
     @property
@@ -107,6 +112,15 @@ class OffloadedExecutor:
     def __call__(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
         """See `ExpertExecutor`: `hidden` `[T, D]`, ids and weights `[T, K]` -> `[T, D]`."""
+        prefetching = self._begin_prefetch(hidden, expert_ids)  # prefetch: see the end
+        out = self._compute(hidden, expert_ids, weights)
+        if prefetching:
+            self._end_prefetch()
+        return out
+
+    def _compute(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        """The layer's experts on `hidden` (what `__call__` does besides prefetching)."""
         if self.cpu_compute_rule is None and use_gather(
                 expert_ids.numel(), self.cache.store.layout.nbytes, self.gather_limit_bytes):
             if (self.fetcher is not None and hidden.is_cuda
@@ -223,3 +237,23 @@ class OffloadedExecutor:
             while todo and (todo[0] in pending or len(wave) < capacity):
                 wave.append(todo.pop(0))
             yield wave
+
+    # Prefetching (a `Prefetcher` around each call) ----------------------------------------------
+
+    def _begin_prefetch(self, hidden: torch.Tensor, expert_ids: torch.Tensor) -> bool:
+        """Let the prefetcher start its guess; False (and nothing done) without one, inside a
+        CUDA-graph capture (no Python runs at replay: the cache's `before_replay` asks it
+        between steps instead) and in the warm-up runs before a capture."""
+        if (self.prefetcher is None or self.cache.warming_up
+                or (hidden.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return False
+        self.prefetcher.begin_layer(self.layer, hidden, expert_ids, self.cache)
+        return True
+
+    def _end_prefetch(self) -> None:
+        """Submit the prefetcher's guesses once this layer's compute is enqueued (its own
+        experts were acquired first, so a guess cannot evict one of them)."""
+        assert self.prefetcher is not None
+        experts = self.prefetcher.end_layer(self.layer, self.cache)
+        if experts:
+            self.cache.prefetch(experts)

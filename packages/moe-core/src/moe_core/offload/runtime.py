@@ -29,6 +29,8 @@ from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
 from moe_core.offload.policy import EvictionPolicy, LRUPolicy
+from moe_core.offload.prefetch_counts import LayerPrefetches
+from moe_core.offload.prefetcher import Prefetcher
 from moe_core.offload.residency import ResidencyTable
 from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.stall_timer import StallTimer
@@ -58,6 +60,7 @@ class OffloadRuntime:
         ring: The shared ring (streaming), else None.
         dropped_local_experts: The blocks' own expert weights were freed (no way back).
         two_lanes: Two-lane decode's CPU lane and measured rates (on-demand, mapped), else None.
+        prefetcher: What guesses later layers' experts (on-demand), else None.
     """
 
     kind: OffloadKind
@@ -73,6 +76,7 @@ class OffloadRuntime:
     dropped_local_experts: bool = False
     _copy_seconds_at_start: float = 0.0
     two_lanes: TwoLanes | None = None
+    prefetcher: Prefetcher | None = None
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Prefetch hint (on-demand only; streaming ignores hints and returns 0)."""
@@ -81,6 +85,15 @@ class OffloadRuntime:
     def cancel_prefetches(self) -> int:
         """Cancel every stale prefetch; returns how many were cancelled."""
         return self.cache.cancel_prefetches() if self.cache is not None else 0
+
+    def begin_sequence(self) -> None:
+        """A new request starts: the prefetcher forgets the last one (nothing without one)."""
+        if self.prefetcher is not None:
+            self.prefetcher.begin_sequence()
+
+    def prefetch_by_layer(self) -> dict[int, LayerPrefetches]:
+        """Prefetches issued, used and wasted per layer so far (empty for streaming)."""
+        return self.cache.prefetch_counts.by_layer() if self.cache is not None else {}
 
     def snapshot(self, block: bool = False) -> OffloadStats:
         """The counters so far, with `copy_seconds` from the engine and the stalls measured so
@@ -144,7 +157,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                        drop_local_experts: bool = False,
                        lookahead_min_share: float | None = 0.5,
                        two_lanes: bool = False, cpu_kernel: str = "auto",
-                       lane_rates: LaneRates | None = None) -> OffloadRuntime:
+                       lane_rates: LaneRates | None = None,
+                       prefetcher: Prefetcher | None = None) -> OffloadRuntime:
     """Run every MoE block of `model` through offloaded experts.
 
     Args:
@@ -180,11 +194,15 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             `"torch"` or `"numba"`.
         lane_rates: With `two_lanes`: the split's rates as given (tests, what-if runs) instead
             of the measured ones (the CPU kernel is still chosen by measurement).
+        prefetcher: On-demand only: asked around every MoE layer call which experts of later
+            layers to prefetch (e.g. `LookaheadPrefetcher(model)`), and between replayed
+            decode steps (see `Prefetcher`); a prefetch never changes results.
 
     Raises:
         ValueError: no MoE blocks, a block missing from the store, mismatched layouts, an
-            unknown `kind` or `fetch`, `fetch="mapped"` with a `cpu_compute_rule`, or
-            `two_lanes` without `fetch="mapped"` or with an unknown `cpu_kernel`.
+            unknown `kind` or `fetch`, `fetch="mapped"` with a `cpu_compute_rule`,
+            `two_lanes` without `fetch="mapped"` or with an unknown `cpu_kernel`, or a
+            `prefetcher` for streaming.
         RuntimeError: `fetch="mapped"` where the GPU cannot read the store, or `two_lanes`
             where the host cannot signal the stream (the reason given).
     """
@@ -207,9 +225,13 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     if two_lanes and (kind != "on_demand" or fetch != "mapped"):
         raise ValueError("two_lanes needs kind='on_demand' and fetch='mapped'")
     lanes: TwoLanes | None = None
+    if prefetcher is not None and kind != "on_demand":
+        raise ValueError("a prefetcher drives the on-demand cache; streaming fills its ring "
+                         "from its own lookahead")
     if kind == "on_demand":
         table = ResidencyTable(pool.num_slots, policy if policy is not None else LRUPolicy())
         cache = ExpertSlotCache(store, pool, engine, table, stats, stalls)
+        cache.prefetcher = prefetcher
         fetcher = MappedFetcher(store, pool) if fetch == "mapped" else None
         if two_lanes:
             calibration = calibrate_lanes(store, pool, cpu_kernel)
@@ -219,7 +241,7 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             cache.cpu_lane = lanes.lane
         for block in blocks:
             executors[block.layer] = OffloadedExecutor(cache, block.layer, cpu_compute_rule,
-                                                       fetcher, lanes)
+                                                       fetcher, lanes, prefetcher)
     elif kind == "streaming":
         if store.layout != pool.layout:
             raise ValueError(f"store layout {store.layout} differs from pool layout "
@@ -235,7 +257,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     if drop_local_experts:
         _drop_local_experts(blocks)
     return OffloadRuntime(kind, store, pool, engine, stats, executors, blocks, stalls, cache,
-                          ring, drop_local_experts, engine.copy_seconds, lanes)
+                          ring, drop_local_experts, engine.copy_seconds, lanes,
+                          prefetcher=prefetcher)
 
 
 def _drop_local_experts(blocks: list[MoEBlock]) -> None:

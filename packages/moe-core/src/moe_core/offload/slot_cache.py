@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,9 +25,13 @@ from moe_core.offload.cpu_lane import CpuLane
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.graph_use_log import GraphUseLog
 from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.prefetch_counts import PrefetchCounts
 from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.stall_timer import StallTimer
 from moe_core.offload.stats import OffloadStats
+
+if TYPE_CHECKING:
+    from moe_core.offload.prefetcher import Prefetcher
 
 __all__ = ["ExpertSlotCache", "LayerMap"]
 
@@ -73,6 +78,9 @@ class ExpertSlotCache:
         table: Which expert is in which slot; shared with whoever plugs in a policy.
         stats: Counters (shared by every layer).
         stalls: Measures compute waiting for copies.
+        prefetch_counts: Prefetches issued, used and wasted per layer.
+        prefetcher: Asked before every replayed (graph-captured) step what to prefetch for it
+            (`Prefetcher.between_steps`); None: nothing.
     """
 
     def __init__(self, store: HostExpertStore, pool: GpuSlotPool, engine: CopyEngine,
@@ -100,6 +108,8 @@ class ExpertSlotCache:
         self._graph_maps: dict[int, LayerMap] = {}  # layer -> the map replays read through
         self._warming_up = False  # between before_warmup and after_warmup
         self.cpu_lane: CpuLane | None = None  # two-lane decode's CPU lane, counted at flushes
+        self.prefetch_counts = PrefetchCounts()
+        self.prefetcher: Prefetcher | None = None
 
     # Demand path ----------------------------------------------------------------------------
 
@@ -131,6 +141,7 @@ class ExpertSlotCache:
             if expert in self._prefetched:
                 self._prefetched.discard(expert)
                 self.stats.prefetches_used += 1
+                self.prefetch_counts.of(expert.layer).used += 1
             (coming if expert in self._in_flight else ready).append(expert)
         return ready + coming + fetched
 
@@ -264,6 +275,7 @@ class ExpertSlotCache:
             if expert in self._prefetched:
                 self._prefetched.discard(expert)
                 self.stats.prefetches_used += 1
+                self.prefetch_counts.of(expert.layer).used += 1
 
     # Graph-captured steps (the `GraphHooks` of decode_runner) -------------------------------
 
@@ -280,6 +292,10 @@ class ExpertSlotCache:
         """Bring every captured layer's device table to the cache's current state, counting the
         logged uses first whenever a table changes (they were read through the old one)."""
         self.settle()
+        if self.prefetcher is not None:  # the next token's guesses, while no layer runs
+            experts = self.prefetcher.between_steps(self)
+            if experts:
+                self.prefetch(experts)
         changed = [layer for layer, seen in self._graph_maps.items()
                    if self._version.get(layer, 0) != seen.version]
         if changed:
@@ -304,6 +320,12 @@ class ExpertSlotCache:
         self._deferred.clear()
         self._warming_up = False
 
+    @property
+    def warming_up(self) -> bool:
+        """Between `before_warmup` and `after_warmup`: the eager runs before a capture (a
+        prefetcher must not learn from them)."""
+        return self._warming_up
+
     # Prefetch path --------------------------------------------------------------------------
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
@@ -324,6 +346,7 @@ class ExpertSlotCache:
             self._submit(expert, grant.slot, CopyLane.PREFETCH)
             self._prefetched.add(expert)
             self.stats.prefetches_issued += 1
+            self.prefetch_counts.of(expert.layer).issued += 1
             issued += 1
         return issued
 
@@ -350,6 +373,8 @@ class ExpertSlotCache:
                 self.table.cancel(expert)
                 self._prefetched.discard(expert)
                 self.stats.prefetches_cancelled += 1
+                self.stats.prefetches_wasted += 1
+                self.prefetch_counts.of(expert.layer).wasted += 1
                 self.stats.bytes_copied -= ticket.nbytes
                 cancelled += 1
             else:
@@ -384,4 +409,7 @@ class ExpertSlotCache:
             self.engine.fence_current_stream()
         self._version[expert.layer] = self._version.get(expert.layer, 0) + 1
         self.stats.evictions += 1
-        self._prefetched.discard(expert)
+        if expert in self._prefetched:  # prefetched, never used
+            self._prefetched.discard(expert)
+            self.stats.prefetches_wasted += 1
+            self.prefetch_counts.of(expert.layer).wasted += 1

@@ -24,6 +24,7 @@ class OffloadStats:
         prefetches_issued: Prefetch copies submitted.
         prefetches_used: Prefetched experts later used before being evicted.
         prefetches_cancelled: Prefetches cancelled before their copy started.
+        prefetches_wasted: Prefetched experts evicted or cancelled without a use.
         evictions: Experts pushed out of a slot to make room.
         bytes_copied: Host-to-device bytes of every copy that was not cancelled, mapped reads
             included.
@@ -44,6 +45,7 @@ class OffloadStats:
     prefetches_issued: int = 0
     prefetches_used: int = 0
     prefetches_cancelled: int = 0
+    prefetches_wasted: int = 0
     evictions: int = 0
     bytes_copied: int = 0
     mapped_bytes: int = 0
