@@ -24,6 +24,7 @@ from moe_core import (
 )
 
 import moe_cap
+from moe_cap.cli_run import run
 from moe_cap.cost import CostConfig, price_run
 from moe_cap.detect import detect_gpu
 from moe_cap.errors import MoECapError
@@ -40,7 +41,13 @@ app = tool_app(
     "moe-cap: sparsity-aware metrics, hardware tables and cost of MoE inference.", [
         "moe-cap metrics mixtral-8x7b --gpu H200 --batch 1,32,256",
         "moe-cap cost run-record.json    (price a run record from moe-gen run --json)",
+        "moe-cap run --url http://127.0.0.1:8000/v1 --model qwen3 --input-len 512 "
+        "--output-len 128 --concurrency 4 --out c4.json",
+        "moe-cap run --engine moe-gen tiny-moe --task gsm8k --data gsm8k_test.jsonl --out g.json",
+        "moe-cap report c1.json c4.json g.json --out report/",
     ], runtime_version=moe_core.__version__)
+
+app.command()(run)
 
 HardwareFile = Annotated[Path | None, typer.Option(
     "--hardware-file", help="YAML file overriding or extending the hardware table "

@@ -42,4 +42,4 @@ def moe_infinity_engine(options: EngineOptions) -> StreamingEngine:
     moe-infinity's own engine is a change to this function only."""
     package = import_engine_package("moe-infinity")
     return CoreStreamingEngine.load(
-        options, f"moe-infinity {package.__version__} (moe-core offloaded generation)")
+        options, f"moe-infinity {package.__version__} (interim: moe-core generation at batch 1)")
