@@ -66,7 +66,8 @@ class StubServer:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode().split("\r\n")
             method, path, _ = lines[0].split(" ", 2)
-            headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
+            pairs = (h.partition(":") for h in lines[1:] if h)
+            headers = {k.lower(): v.strip() for k, _, v in pairs}
             body = await reader.readexactly(int(headers.get("content-length", 0)))
             if path == "/v1/models":
                 await self._send(writer, 200, "application/json",

@@ -17,7 +17,7 @@ from moe_cap.target import GenerationSettings
 from moe_cap.workload import WorkItem
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stub_server import Script, StubServer  # noqa: E402
+from stub_server import Script, StubServer
 
 # Delays long enough that the loopback and event-loop overhead (a few ms, more on a busy CI
 # machine) stays well inside the 5% the figures must match to.
@@ -102,7 +102,7 @@ def test_duration_stops_sending(tmp_path: Path) -> None:
 
 def test_failed_requests_are_rows_and_all_failed_is_an_error(tmp_path: Path) -> None:
     with StubServer(Script(status=500)) as server, \
-            pytest.raises(TargetError, match="no request succeeded.*HTTP 500"):
+            pytest.raises(TargetError, match=r"no request succeeded.*HTTP 500"):
         run_benchmark(ServerSpec(server.url, "stub"), _items(2),
                       RunConfig(record_path=tmp_path / "r.json"))
     rows = (tmp_path / "r.requests.jsonl").read_text().splitlines()
@@ -110,7 +110,7 @@ def test_failed_requests_are_rows_and_all_failed_is_an_error(tmp_path: Path) -> 
 
 
 def test_unreachable_server(tmp_path: Path) -> None:
-    with pytest.raises(TargetError, match="cannot reach http://127.0.0.1:9/v1"):
+    with pytest.raises(TargetError, match=r"cannot reach http://127\.0\.0\.1:9/v1"):
         run_benchmark(ServerSpec("http://127.0.0.1:9/v1", "x"), _items(1),
                       RunConfig(record_path=tmp_path / "r.json",
                                 settings=GenerationSettings(max_tokens=4)))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -183,7 +183,8 @@ def run(
         raise WorkloadError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if engine is None and model is not None:
         raise WorkloadError(f"MODEL ({model!r}) is for --engine; a server's is --model NAME")
-    options: dict[str, Any] = {"device": device, "dtype": dtype, "dummy": dummy, "num_layers": num_layers,
+    options: dict[str, Any] = {"device": device, "dtype": dtype, "dummy": dummy,
+               "num_layers": num_layers,
                "gpu_memory_bytes": None if gpu_memory is None else parse_bytes(gpu_memory),
                "expert_memory_bytes": None if expert_memory is None
                else parse_bytes(expert_memory)}

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moe_cap.errors import WorkloadError
-from moe_cap.request_result import RequestResult
 from moe_cap.percentile import percentile
+from moe_cap.request_result import RequestResult
 
 __all__ = ["Percentiles", "Slo", "goodput_count", "percentiles"]
 
@@ -82,7 +82,7 @@ class Slo:
         if self.ttft_s is not None and (row.ttft_s is None or row.ttft_s > self.ttft_s):
             return False
         tpot = row.tpot_s
-        return self.tpot_s is None or tpot is None and row.output_tokens <= 1 or (
+        return self.tpot_s is None or (tpot is None and row.output_tokens <= 1) or (
             tpot is not None and tpot <= self.tpot_s)
 
     def to_dict(self) -> dict[str, float | None]:

@@ -9,7 +9,6 @@ and the prompt's log-probabilities summed (the server's own tokenizer decides th
 
 from __future__ import annotations
 
-import asyncio
 import math
 from pathlib import Path
 
@@ -17,10 +16,11 @@ import torch
 
 from moe_cap.accuracy_result import AccuracyResult
 from moe_cap.errors import WorkloadError
+from moe_cap.interruptible import run_interruptible
 from moe_cap.model_scorer import ModelScorer
 from moe_cap.openai_target import OpenAITarget
 
-__all__ = ["read_text", "token_windows", "perplexity_in_process", "perplexity_via_server"]
+__all__ = ["perplexity_in_process", "perplexity_via_server", "read_text", "token_windows"]
 
 
 def read_text(path: str | Path) -> str:
@@ -95,7 +95,7 @@ def perplexity_via_server(target: OpenAITarget, text: str, seq_len: int, data: s
             await target.aclose()
         return nats, count
 
-    nats, count = asyncio.run(score())
+    nats, count = run_interruptible(score())
     if count == 0:
         raise WorkloadError(f"{data}: the server scored no tokens")
     return _result(nats, count, data, seq_len, "the server's")

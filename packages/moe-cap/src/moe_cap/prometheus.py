@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["counter_deltas", "parse_metrics", "RECORDED"]
+__all__ = ["RECORDED", "counter_deltas", "parse_metrics"]
 
 RECORDED = re.compile(r"expert|h2d|pcie", re.IGNORECASE)
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")

@@ -4,7 +4,6 @@ the record then covers what was measured and says `interrupted`)."""
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from moe_cap.energy import NvmlEnergyMeter
 from moe_cap.engine_options import EngineOptions
 from moe_cap.engines import moe_gen_engine, moe_infinity_engine
 from moe_cap.errors import TargetError
+from moe_cap.interruptible import run_interruptible
 from moe_cap.latency_stats import Slo
 from moe_cap.load_pattern import LoadPattern
 from moe_cap.openai_target import OpenAITarget
@@ -241,7 +241,7 @@ def _run_server(spec: ServerSpec, items: Sequence[WorkItem], config: RunConfig,
     gathered.label, gathered.model = target.label, spec.model
     gathered.weight_dtype, gathered.num_layers = config.weight_dtype, config.num_layers
     progress.start(_total(items, config.load), config.load.duration_s)
-    asyncio.run(_drive_target(target, items, config, keep, gathered))
+    run_interruptible(_drive_target(target, items, config, keep, gathered))
 
 
 def _run_streaming(options: EngineOptions, items: Sequence[WorkItem], config: RunConfig,
@@ -254,7 +254,7 @@ def _run_streaming(options: EngineOptions, items: Sequence[WorkItem], config: Ru
     target = EngineTarget(engine)
     progress.start(_total(items, config.load), config.load.duration_s)
     try:
-        asyncio.run(_drive_target(target, items, config, keep, gathered))
+        run_interruptible(_drive_target(target, items, config, keep, gathered))
     finally:
         target.close()
         gathered.steps, gathered.counters = engine.steps(), engine.counters()

@@ -5,7 +5,6 @@ per forward pass)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from moe_cap.core_engine import CoreStreamingEngine, gpu_name
 from moe_cap.engine_options import EngineOptions, precision_name
 from moe_cap.engines import import_engine_package, moe_infinity_engine
 from moe_cap.errors import TargetError
+from moe_cap.interruptible import run_interruptible
 from moe_cap.model_scorer import ModelScorer
 from moe_cap.multiple_choice import read_choice_questions, score_choices
 from moe_cap.openai_target import OpenAITarget
@@ -100,12 +100,12 @@ def _score_server(target: OpenAITarget, config: ScoringConfig) -> AccuracyResult
     def loglikelihood(context: str, continuation: str) -> float:
         async def both() -> float:
             return await total(context + continuation) - await total(context)
-        return asyncio.run(both())
+        return run_interruptible(both())
 
     try:
         return score_choices(questions, loglikelihood, str(config.data))
     finally:
-        asyncio.run(target.aclose())
+        run_interruptible(target.aclose())
 
 
 def run_scoring(target: ServerSpec | EngineOptions, config: ScoringConfig) -> RunRecord:
@@ -123,7 +123,7 @@ def run_scoring(target: ServerSpec | EngineOptions, config: ScoringConfig) -> Ru
     started = time.perf_counter()
     if isinstance(target, ServerSpec):
         server = OpenAITarget(target.url, target.model, target.api_key)
-        asyncio.run(server.check())
+        run_interruptible(server.check())
         steps: tuple[StepRecord, ...] = ()
         accuracy, label = _score_server(server, config), server.label
         model, dtype, gpu = target.model, config.weight_dtype, config.gpu or "none"

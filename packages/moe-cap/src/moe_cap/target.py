@@ -51,7 +51,7 @@ class Target(Protocol):
 
     @property
     def label(self) -> str:
-        """What the record names as the engine (`"http://host:8000/v1 qwen3"`, `"moe-gen 0.1.0"`)."""
+        """The record's engine (`"http://host:8000/v1 qwen3"`, `"moe-gen 0.1.0"`)."""
         ...
 
     async def complete(self, item: WorkItem, settings: GenerationSettings) -> Completion:
