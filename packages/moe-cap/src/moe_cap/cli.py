@@ -30,6 +30,7 @@ from moe_cap.detect import detect_gpu
 from moe_cap.errors import MoECapError
 from moe_cap.hardware import GpuSpec, HardwareTable, Peaks, load_hardware_table, names_no_gpu
 from moe_cap.render import print_cost, print_hardware, print_metrics, print_utilisation
+from moe_cap.report import write_report
 from moe_cap.roofline import metrics_sweep
 from moe_cap.run_record import RunRecord
 from moe_cap.utilisation import run_peaks, run_samples, summarise
@@ -209,3 +210,23 @@ def utilisation_command(
         where = f"the CPU alone, {device}" if on_cpu else f"{record.num_gpus} x {device}"
         print_utilisation(summaries, f"{record.engine}: {record.model} on {where} ({peaks} "
                                      f"peaks)")
+
+
+@app.command()
+def report(
+    run_records: Annotated[list[Path], typer.Argument(
+        help="Run records (from moe-cap run, moe-gen run --json, ...).")],
+    out: Annotated[Path, typer.Option(help="Folder for report.md and its PNG figures.")],
+    title: Annotated[str, typer.Option(help="The page's title.")] = "CAP report",
+    peaks: PeaksOpt = "datasheet",
+    hardware_file: HardwareFile = None,
+) -> None:
+    """A Markdown page with the CAP radar, throughput-latency curves, S-MBU / S-MFU vs batch,
+    measured vs bound, and a table of every run."""
+    written = write_report(run_records, out, load_hardware_table(hardware_file), _peaks(peaks),
+                           title)
+    typer.echo(str(written.page))
+    for figure in written.figures:
+        typer.echo(str(figure))
+    for reason in written.skipped:
+        typer.echo(f"left out: {reason}", err=True)
