@@ -76,6 +76,11 @@ class CoreStreamingEngine:
         return cls(model, load_tokenizer(folder), info, runtime)
 
     @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Tokens that end a generation (unless a request ignores EOS)."""
+        return frozenset(self._eos)
+
+    @property
     def info(self) -> EngineInfo:
         """The model and engine, for the record."""
         return self._info
