@@ -79,6 +79,8 @@ class StubServer:
                         f"moe_h2d_bytes_total {self.tokens_served * 1000}\n"
                         f"process_cpu_seconds_total 1.5\n")
                 await self._send(writer, 200, "text/plain", text.encode())
+            elif method == "POST" and path == "/v1/completions" and json.loads(body).get("echo"):
+                await self._echo(writer, json.loads(body))
             elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
                 await self._generate(writer, json.loads(body), path.endswith("chat/completions"))
             else:
@@ -87,6 +89,19 @@ class StubServer:
             pass
         finally:
             writer.close()
+
+    async def _echo(self, writer: asyncio.StreamWriter, request: dict[str, object]) -> None:
+        """Prompt log-probs (vLLM's `echo` + `max_tokens: 0`): one token per word, each but the
+        first at log-probability -1 (so perplexity is e)."""
+        if self.script.status != 200:
+            await self._send(writer, self.script.status, "application/json",
+                             b'{"error": "scripted failure"}')
+            return
+        words = str(request["prompt"]).split()
+        logprobs = [None] + [-1.0] * (len(words) - 1)
+        answer = {"choices": [{"text": request["prompt"],
+                               "logprobs": {"tokens": words, "token_logprobs": logprobs}}]}
+        await self._send(writer, 200, "application/json", json.dumps(answer).encode())
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, kind: str,
                     body: bytes) -> None:

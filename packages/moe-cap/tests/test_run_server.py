@@ -22,6 +22,7 @@ from stub_server import Script, StubServer
 # Delays long enough that the loopback and event-loop overhead (a few ms, more on a busy CI
 # machine) stays well inside the 5% the figures must match to.
 TTFT, TPOT, TOKENS = 1.0, 0.1, 8
+DATA = Path(__file__).parent / "data"
 
 
 def _items(n: int, chat: bool = False) -> list[WorkItem]:
@@ -114,3 +115,36 @@ def test_unreachable_server(tmp_path: Path) -> None:
         run_benchmark(ServerSpec("http://127.0.0.1:9/v1", "x"), _items(1),
                       RunConfig(record_path=tmp_path / "r.json",
                                 settings=GenerationSettings(max_tokens=4)))
+
+
+def test_perplexity_and_choice_through_prompt_logprobs(tmp_path: Path) -> None:
+    import math
+
+    from moe_cap.scoring_run import ScoringConfig, run_scoring
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(25)))
+    with StubServer() as server:
+        spec = ServerSpec(server.url, "stub")
+        ppl = run_scoring(spec, ScoringConfig(task="perplexity", data=text, seq_len=10,
+                                              record_path=tmp_path / "p.json"))
+        choice = run_scoring(spec, ScoringConfig(task="choice", data=DATA / "choice.jsonl",
+                                                 record_path=tmp_path / "c.json"))
+    assert ppl.accuracy is not None and ppl.accuracy.score == pytest.approx(math.e)
+    assert ppl.accuracy.num_examples == 25 - 3  # three windows, each first word unscored
+    assert ppl.steps == () and RunRecord.from_json(tmp_path / "p.json") == ppl
+    # A choice costs -1 per word, so each question's choices tie and the first one is picked:
+    # right in questions 1 and 4 of 4.
+    assert choice.accuracy is not None and choice.accuracy.score == pytest.approx(0.5)
+
+
+def test_server_without_prompt_logprobs(tmp_path: Path) -> None:
+    from moe_cap.scoring_run import ScoringConfig, run_scoring
+
+    text = tmp_path / "t.txt"
+    text.write_text("a b c d e")
+    with StubServer(Script(status=404)) as server, \
+            pytest.raises(TargetError, match="returns no prompt log-probs"):
+        run_scoring(ServerSpec(server.url, "stub"),
+                    ScoringConfig(task="perplexity", data=text, seq_len=2,
+                                  record_path=tmp_path / "p.json"))
