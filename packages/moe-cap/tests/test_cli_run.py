@@ -46,6 +46,9 @@ def test_synthetic_run_prints_json(tmp_path: Path) -> None:
     assert printed == RunRecord.from_json(out)
     assert printed.serving is not None and printed.serving.num_requests == 5
     assert printed.output_tokens == 30
+    # A server's record has no steps: utilisation says so in one line.
+    assert_one_line_error(CliRunner().invoke(app, ["utilisation", str(out)]),
+                          "the record has no engine steps")
 
 
 def test_table_output(tmp_path: Path) -> None:

@@ -198,6 +198,9 @@ def utilisation_command(
 ) -> None:
     """S-MBU, S-MFU and PCIe utilisation of a run record: time-weighted, plus percentiles."""
     record = RunRecord.from_json(run_record)
+    if not record.steps:
+        raise MoECapError(f"{run_record}: the record has no engine steps (a server measured "
+                          f"from outside shows none), so there is no utilisation to compute")
     spec = _spec(record.model, None)
     device, peak = run_peaks(record, load_hardware_table(hardware_file), _peaks(peaks), gpu, cpu)
     summaries = summarise(run_samples(record, spec), peak)
