@@ -51,11 +51,14 @@ class MoEGenOffline:
                 out.write(json.dumps(line) + "\n")
 
     def run(self, items: Sequence[WorkItem], settings: GenerationSettings, workdir: Path,
-            on_result: OnResult) -> tuple[RunRecord | None, EngineInfo]:
-        """Run `items` (indices are their positions); `on_result(index, completion, seconds)`
-        as each finishes (seconds from the start of the job's first step: loading the model
-        and planning are not counted). Returns moe-gen's run record (None if
-        it ran no step; on an interruption, the record it saved) and the engine's info."""
+            on_result: OnResult, on_first_step: Callable[[], None] = lambda: None
+            ) -> tuple[RunRecord | None, EngineInfo]:
+        """Run `items` (indices are their positions).
+
+        `on_result(index, completion, seconds)` as each finishes (seconds from the start of the
+        job's first step: loading the model and planning are not counted); `on_first_step()`
+        once the first step ran. Returns moe-gen's run record (None if it ran no step; on an
+        interruption, the record it saved) and the engine's info."""
         mg, options = self._moe_gen, self.options
         requests, output = workdir / "requests.jsonl", workdir / "results.jsonl"
         self._write_requests(items, settings, requests)
@@ -72,6 +75,7 @@ class MoEGenOffline:
         def stepped(stats: object) -> None:
             if not started:
                 started.append(time.perf_counter() - stats.seconds)  # type: ignore[attr-defined]
+                on_first_step()
 
         def finished(result: object) -> None:
             done = time.perf_counter() - started[0]

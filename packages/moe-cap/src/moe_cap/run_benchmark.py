@@ -126,6 +126,7 @@ class _Measured:
     steps: list[StepRecord] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
     engine_record: RunRecord | None = None
+    meter: NvmlEnergyMeter | None = None
     label: str = ""
     model: str = ""
     weight_dtype: str = "bf16"
@@ -134,6 +135,19 @@ class _Measured:
 
     def elapsed(self) -> float:
         return self.wall_s if self.wall_s is not None else time.perf_counter() - self.started
+
+    def start_energy(self) -> None:
+        """Read the GPU's energy counter from now (generation starts; loading is over)."""
+        if self.meter is None:
+            self.meter = NvmlEnergyMeter().__enter__()
+
+    def stop_energy(self) -> float | None:
+        """Joules since `start_energy` (None: not started, or NVML cannot measure)."""
+        if self.meter is None:
+            return None
+        if self.meter.joules is None:
+            self.meter.__exit__(None, None, None)
+        return self.meter.joules
 
 
 def _record(measured_: _Measured, config: RunConfig, items: Sequence[WorkItem], kind: str,
@@ -177,8 +191,10 @@ async def _drive_target(target: Target, items: Sequence[WorkItem], config: RunCo
         if server is not None:
             await server.check()
         before = await server.metrics() if server is not None else None
+        gathered.start_energy()
         gathered.started = time.perf_counter()
         gathered.wall_s = await drive(target, items, config.load, config.settings, keep)
+        gathered.stop_energy()
         if server is not None:
             gathered.counters = server.metric_deltas(before, await server.metrics())
     finally:
@@ -205,7 +221,7 @@ def run_benchmark(target: ServerSpec | EngineOptions, items: Sequence[WorkItem],
     kind = "server" if isinstance(target, ServerSpec) else (
         "offline" if target.engine == "moe-gen" else "engine")
     completed = False
-    with RowsFile(config.rows) as rows_file, NvmlEnergyMeter() as meter:
+    with RowsFile(config.rows) as rows_file:
         def keep(row: RequestResult) -> None:
             gathered.rows.append(row)
             rows_file.write(row)
@@ -220,9 +236,10 @@ def run_benchmark(target: ServerSpec | EngineOptions, items: Sequence[WorkItem],
                 _run_streaming(target, items, config, keep, gathered, progress)
             completed = True
         finally:
-            if not completed and gathered.rows:  # interrupted: keep what was measured
-                _record(gathered, config, items, kind, None, True).to_json(config.record_path)
-    energy = meter.joules if local else None
+            energy = gathered.stop_energy() if local else None
+            if not completed and any(r.ok for r in gathered.rows):
+                # Interrupted (or failed): keep what was measured, then let the cause through.
+                _record(gathered, config, items, kind, energy, True).to_json(config.record_path)
     record = _record(gathered, config, items, kind, energy, False)
     record.to_json(config.record_path)
     return RunOutcome(record, sorted(gathered.rows, key=lambda r: r.index))
@@ -276,9 +293,11 @@ def _run_offline(options: EngineOptions, items: Sequence[WorkItem], config: RunC
 
     with tempfile.TemporaryDirectory(prefix="moe-cap-moe-gen-") as workdir:
         try:
-            record, info = engine.run(todo, config.settings, Path(workdir), finished)
+            record, info = engine.run(todo, config.settings, Path(workdir), finished,
+                                      gathered.start_energy)
         finally:
             # The job's duration: its first step to its last result (loading not counted).
             gathered.wall_s = max((r.e2e_s or 0.0 for r in gathered.rows), default=0.0)
+            gathered.stop_energy()
     gathered.engine_record = record
     gathered.weight_dtype, gathered.gpu = info.weight_dtype, info.gpu

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,8 +83,6 @@ class EngineTarget:
         times: list[float] = []
 
         def run() -> Completion:
-            import time
-
             out = self.engine.generate(item, settings,
                                        lambda: times.append(time.perf_counter()), self._cancelled)
             out.token_times = times
