@@ -51,6 +51,23 @@ def test_synthetic_run_prints_json(tmp_path: Path) -> None:
                           "the record has no engine steps")
 
 
+def test_gsm8k_through_a_server(tmp_path: Path) -> None:
+    out = tmp_path / "g.json"
+    with StubServer(Script(ttft_s=0.01, tpot_s=0.001)) as server:
+        result = run("--url", server.url, "--model", "stub", "--task", "gsm8k", "--data",
+                     str(DATA / "gsm8k_test_20.jsonl"), "--limit", "3", "--shots", "2",
+                     "--shots-data", str(DATA / "gsm8k_train_5.jsonl"), "--prompt-style",
+                     "completion", "--max-tokens", "5", "--out", str(out), "--json")
+        prompts = [str(r["prompt"]) for r in server.requests]
+    assert result.exit_code == 0, result.output
+    assert len(prompts) == 3 and all(p.count("Question:") == 3 for p in prompts)
+    assert all(p.endswith("Answer:") and "<<" not in p for p in prompts)
+    accuracy = RunRecord.from_json(out).accuracy
+    # The stub answers " t0 t1 t2 t3 t4": no number, so nothing matches.
+    assert accuracy is not None and accuracy.num_examples == 3 and accuracy.score == 0.0
+    assert accuracy.details["shots"] == 2 and accuracy.details["prompt_style"] == "completion"
+
+
 def test_table_output(tmp_path: Path) -> None:
     workload = tmp_path / "w.jsonl"
     workload.write_text('{"prompt": "a b"}\n{"messages": [{"role": "user", "content": "c"}]}\n')

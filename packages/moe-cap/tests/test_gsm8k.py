@@ -32,6 +32,7 @@ DATA = Path(__file__).parent / "data"
     ("#### 7\nlater text with 99", "7"),                     # #### wins over later numbers
     ("The answer is 12.\n\nQuestion: Ann has 5 #### 5", "12"),  # cut at the next question
     ("no number at all", None),
+    ("tokens t0 t1 t2", None),                               # digits inside words are not numbers
 ])
 def test_final_number(text: str, number: str | None) -> None:
     assert extract_final_number(text) == number

@@ -31,7 +31,8 @@ PromptStyle = Literal["chat", "completion"]
 _NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\$?\s*\.\d+"
 _MARKED = re.compile(r"####\s*(" + _NUMBER + ")")
 _SAID = re.compile(r"answer is[:\s]*\$?\s*(" + _NUMBER + ")", re.IGNORECASE)
-_ANY = re.compile(_NUMBER)
+# A bare number must not be the tail of a word ("t3", "x2"); after "####" anything goes.
+_ANY = re.compile(r"(?<![A-Za-z_])(?:" + _NUMBER + ")")
 # A completion-style answer runs on into the next made-up question: cut it there.
 _NEXT_QUESTION = re.compile(r"\n\s*Question:")
 
