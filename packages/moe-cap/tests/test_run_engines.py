@@ -111,3 +111,15 @@ def test_engine_not_installed_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     assert result.stderr.strip() == ("error: --engine moe-gen needs the moe-gen package, which "
                                      "is not installed (install it beside moe-cap: pip install "
                                      "moe-gen)")
+
+
+def test_requests_that_cannot_run_stop_the_run_first(tmp_path: Path) -> None:
+    from moe_cap.errors import WorkloadError
+
+    items = [*ITEMS, WorkItem("huge", prompt="Once", max_tokens=10**7),
+             WorkItem("huge2", prompt="Twice", max_tokens=10**7)]
+    with pytest.raises(WorkloadError, match=r"2 request\(s\) cannot run.*'huge'.*'huge2'"):
+        run_benchmark(EngineOptions(engine="moe-infinity", model="tiny-moe"), items,
+                      RunConfig(record_path=tmp_path / "r.json"))
+    assert (tmp_path / "r.requests.jsonl").read_text() == ""  # nothing ran
+    assert not (tmp_path / "r.json").exists()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from moe_core import (
 )
 
 from moe_cap.engine_options import EngineOptions, precision_name
-from moe_cap.errors import TargetError
+from moe_cap.errors import TargetError, WorkloadError
 from moe_cap.run_record import StepRecord
 from moe_cap.step_cost import Chunk
 from moe_cap.streaming_engine import EngineInfo
@@ -90,6 +90,30 @@ class CoreStreamingEngine:
         if item.messages is not None:
             return render_chat(self.tokenizer, item.messages)
         return list(self.tokenizer.encode(item.prompt, add_special_tokens=True))
+
+    def check(self, items: Sequence[WorkItem], settings: GenerationSettings) -> None:
+        """Refuse a workload with a request that cannot run (an empty prompt, or one that with
+        its limit exceeds the model's context), listing every such request, before any runs.
+
+        Raises:
+            WorkloadError: naming the requests at fault.
+        """
+        context = self.model.spec.max_position_embeddings
+        problems = []
+        for item in items:
+            limit = item.max_tokens or settings.max_tokens
+            try:
+                ids = self.prompt_ids(item)
+                if not ids:
+                    raise WorkloadError("the prompt has no tokens")
+                fit_prompt(ids, limit, context)
+            except ValueError as exc:
+                problems.append(f"request {item.id!r}: {exc}")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                               if len(problems) > 5 else "")
+            raise WorkloadError(f"{len(problems)} request(s) cannot run on {self._info.model}: "
+                                f"{shown}")
 
     def _copied(self) -> int:
         return 0 if self.runtime is None else int(self.runtime.stats.bytes_copied)

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 from moe_core import check_output_path
 
 from moe_cap.accuracy_result import AccuracyResult
-from moe_cap.core_engine import gpu_name
+from moe_cap.core_engine import CoreStreamingEngine, gpu_name
 from moe_cap.energy import NvmlEnergyMeter
 from moe_cap.engine_options import EngineOptions
 from moe_cap.engines import moe_gen_engine, moe_infinity_engine
@@ -265,6 +265,8 @@ def _run_streaming(options: EngineOptions, items: Sequence[WorkItem], config: Ru
                    keep: Callable[[RequestResult], None], gathered: _Measured,
                    progress: Progress) -> None:
     engine = moe_infinity_engine(options)
+    if isinstance(engine, CoreStreamingEngine):
+        engine.check(items, config.settings)  # every request fits before any runs
     info = engine.info
     gathered.label, gathered.model, gathered.gpu = info.label, info.model, info.gpu
     gathered.weight_dtype, gathered.num_layers = info.weight_dtype, info.num_layers
