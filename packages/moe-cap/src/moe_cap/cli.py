@@ -24,11 +24,13 @@ from moe_core import (
 )
 
 import moe_cap
+from moe_cap.cli_run import run
 from moe_cap.cost import CostConfig, price_run
 from moe_cap.detect import detect_gpu
 from moe_cap.errors import MoECapError
 from moe_cap.hardware import GpuSpec, HardwareTable, Peaks, load_hardware_table, names_no_gpu
 from moe_cap.render import print_cost, print_hardware, print_metrics, print_utilisation
+from moe_cap.report import write_report
 from moe_cap.roofline import metrics_sweep
 from moe_cap.run_record import RunRecord
 from moe_cap.utilisation import run_peaks, run_samples, summarise
@@ -40,7 +42,13 @@ app = tool_app(
     "moe-cap: sparsity-aware metrics, hardware tables and cost of MoE inference.", [
         "moe-cap metrics mixtral-8x7b --gpu H200 --batch 1,32,256",
         "moe-cap cost run-record.json    (price a run record from moe-gen run --json)",
+        "moe-cap run --url http://127.0.0.1:8000/v1 --model qwen3 --input-len 512 "
+        "--output-len 128 --concurrency 4 --out c4.json",
+        "moe-cap run --engine moe-gen tiny-moe --task gsm8k --data gsm8k_test.jsonl --out g.json",
+        "moe-cap report c1.json c4.json g.json --out report/",
     ], runtime_version=moe_core.__version__)
+
+app.command()(run)
 
 HardwareFile = Annotated[Path | None, typer.Option(
     "--hardware-file", help="YAML file overriding or extending the hardware table "
@@ -190,6 +198,9 @@ def utilisation_command(
 ) -> None:
     """S-MBU, S-MFU and PCIe utilisation of a run record: time-weighted, plus percentiles."""
     record = RunRecord.from_json(run_record)
+    if not record.steps:
+        raise MoECapError(f"{run_record}: the record has no engine steps (a server measured "
+                          f"from outside shows none), so there is no utilisation to compute")
     spec = _spec(record.model, None)
     device, peak = run_peaks(record, load_hardware_table(hardware_file), _peaks(peaks), gpu, cpu)
     summaries = summarise(run_samples(record, spec), peak)
@@ -202,3 +213,23 @@ def utilisation_command(
         where = f"the CPU alone, {device}" if on_cpu else f"{record.num_gpus} x {device}"
         print_utilisation(summaries, f"{record.engine}: {record.model} on {where} ({peaks} "
                                      f"peaks)")
+
+
+@app.command()
+def report(
+    run_records: Annotated[list[Path], typer.Argument(
+        help="Run records (from moe-cap run, moe-gen run --json, ...).")],
+    out: Annotated[Path, typer.Option(help="Folder for report.md and its PNG figures.")],
+    title: Annotated[str, typer.Option(help="The page's title.")] = "CAP report",
+    peaks: PeaksOpt = "datasheet",
+    hardware_file: HardwareFile = None,
+) -> None:
+    """A Markdown page with the CAP radar, throughput-latency curves, S-MBU / S-MFU vs batch,
+    measured vs bound, and a table of every run."""
+    written = write_report(run_records, out, load_hardware_table(hardware_file), _peaks(peaks),
+                           title)
+    typer.echo(str(written.page))
+    for figure in written.figures:
+        typer.echo(str(figure))
+    for reason in written.skipped:
+        typer.echo(f"left out: {reason}", err=True)

@@ -216,8 +216,7 @@ def price_run(record: RunRecord, table: HardwareTable,
         parts = {**capex, "energy": watts * config.pue / 1000 * config.usd_per_kwh}
     per_hour = sum(parts.values())
     run_usd = per_hour * hours
-    steps_s = sum(s.seconds for s in record.steps)
-    prefill = record.phase_seconds("prefill") / steps_s
+    prefill = record.prefill_share()
     tokens = record.input_tokens + record.output_tokens
     return CostReport(
         usd_per_hour=per_hour, usd_per_hour_parts=parts, run_usd=run_usd,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from moe_core import MoEError
 
-__all__ = ["HardwareError", "MoECapError", "RunRecordError"]
+__all__ = ["HardwareError", "MoECapError", "RunRecordError", "TargetError", "WorkloadError"]
 
 
 class MoECapError(MoEError, ValueError):
@@ -18,3 +18,11 @@ class HardwareError(MoECapError):
 
 class RunRecordError(MoECapError):
     """A run record that is unreadable, or whose fields are missing or out of range."""
+
+
+class WorkloadError(MoECapError):
+    """A workload, task data file or load setting that cannot be run (bad lines by number)."""
+
+
+class TargetError(MoECapError):
+    """A target that cannot be reached or used: an unreachable URL, an engine not installed."""

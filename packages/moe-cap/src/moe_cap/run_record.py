@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from moe_core import write_output_text
+
+from moe_cap.accuracy_result import AccuracyResult
 from moe_cap.errors import RunRecordError
 from moe_cap.precision import parse_precision
+from moe_cap.serving_summary import ServingSummary
 from moe_cap.step_cost import Chunk
 
 __all__ = ["FORMAT", "VERSION", "RunRecord", "StepRecord"]
@@ -116,7 +120,9 @@ class StepRecord:
 _REQUIRED = ("engine", "model", "weight_dtype", "kv_dtype", "gpu", "wall_seconds",
              "input_tokens", "output_tokens", "steps")
 _OPTIONAL = ("num_layers", "expert_dtype", "compute_dtype", "num_gpus", "cpu", "dram_gib",
-             "gpu_energy_j", "cpu_energy_j", "dram_energy_j")
+             "gpu_energy_j", "cpu_energy_j", "dram_energy_j", "energy_source", "counters",
+             "serving", "accuracy")
+_ENERGY_SOURCES = ("nvml", "tdp")
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,15 @@ class RunRecord:
         gpu_energy_j: GPU energy measured over the run (NVML), joules.
         cpu_energy_j: CPU energy measured over the run (e.g. RAPL), joules.
         dram_energy_j: Host memory energy measured over the run, joules.
+        energy_source: `"nvml"` when `gpu_energy_j` was measured, `"tdp"` when the runner
+            could not measure it (cost then estimates TDP x load).
+        counters: Counters the target exposed over the run (expert hits and misses, bytes
+            copied host-to-GPU: a server's `/metrics` deltas, an engine's offload counters).
+        serving: What `moe-cap run` measured from the client's side (latency, throughput).
+        accuracy: The score of an accuracy task run through the target.
+
+    `steps` may be empty only for a record that has `serving` or `accuracy` (a server measured
+    from outside shows no steps); utilisation needs steps.
     """
 
     engine: str
@@ -162,6 +177,10 @@ class RunRecord:
     gpu_energy_j: float | None = None
     cpu_energy_j: float | None = None
     dram_energy_j: float | None = None
+    energy_source: str | None = None
+    counters: dict[str, float] | None = None
+    serving: ServingSummary | None = None
+    accuracy: AccuracyResult | None = None
     format: str = field(default=FORMAT)
     version: int = field(default=VERSION)
 
@@ -195,7 +214,15 @@ class RunRecord:
             value = getattr(self, name)
             _check(value is None or (_is_number(value) and value >= 0), f"RunRecord.{name}",
                    f"must be a non-negative number, got {value!r}")
-        _check(len(self.steps) > 0, "RunRecord.steps", "must list at least one step")
+        _check(len(self.steps) > 0 or self.serving is not None or self.accuracy is not None,
+               "RunRecord.steps", "must list at least one step (or the record needs serving "
+               "or accuracy)")
+        _check(self.energy_source is None or self.energy_source in _ENERGY_SOURCES,
+               "RunRecord.energy_source", f"must be one of {_ENERGY_SOURCES}, got "
+               f"{self.energy_source!r}")
+        _check(self.counters is None or (isinstance(self.counters, dict) and all(
+            isinstance(k, str) and _is_number(v) for k, v in self.counters.items())),
+            "RunRecord.counters", "must map names to numbers")
         total = sum(s.seconds for s in self.steps)
         _check(total <= self.wall_seconds * (1 + _SLACK), "RunRecord.wall_seconds",
                f"({self.wall_seconds}) is less than the steps' total ({total})")
@@ -203,6 +230,18 @@ class RunRecord:
     def phase_seconds(self, phase: Phase) -> float:
         """Time the steps of `phase` took."""
         return sum(s.seconds for s in self.steps if s.phase == phase)
+
+    def prefill_share(self) -> float:
+        """Share of the work's time spent in prefill: from the steps, else from the client's
+        TTFT against decode time (`serving`), else 1 (a scoring run only reads prompts)."""
+        steps_s = sum(s.seconds for s in self.steps)
+        if steps_s > 0:
+            return self.phase_seconds("prefill") / steps_s
+        if self.serving is not None:
+            total = self.serving.prefill_seconds + self.serving.decode_seconds
+            if total > 0:
+                return self.serving.prefill_seconds / total
+        return 1.0
 
     @classmethod
     def from_dict(cls, data: object) -> RunRecord:
@@ -222,6 +261,10 @@ class RunRecord:
         steps = tuple(StepRecord.from_dict(s, f"steps[{i}]") for i, s in enumerate(data["steps"]))
         fields = {k: data[k] for k in (*_REQUIRED, *_OPTIONAL, "format", "version") if k in data}
         fields["steps"] = steps
+        if "serving" in fields:
+            fields["serving"] = ServingSummary.from_dict(fields["serving"])
+        if "accuracy" in fields:
+            fields["accuracy"] = AccuracyResult.from_dict(fields["accuracy"])
         try:
             return cls(**fields)
         except RunRecordError as exc:
@@ -254,7 +297,9 @@ class RunRecord:
         out["steps"] = [s.to_dict() for s in self.steps]
         for key in _OPTIONAL:
             value = getattr(self, key)
-            if value is not None and not (key == "num_gpus" and value == 1):
+            if isinstance(value, ServingSummary | AccuracyResult):
+                out[key] = value.to_dict()
+            elif value is not None and not (key == "num_gpus" and value == 1):
                 out[key] = value
         return out
 
@@ -262,5 +307,5 @@ class RunRecord:
         """The record as JSON text; also written to `path` when given."""
         text = json.dumps(self.to_dict(), indent=1) + "\n"
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            write_output_text(path, text, "the run record")
         return text

@@ -25,6 +25,7 @@ from moe_core import ModelSpec
 
 from moe_cap.errors import HardwareError, MoECapError
 from moe_cap.hardware import CpuSpec, GpuSpec, HardwareTable, Peaks, names_no_gpu
+from moe_cap.percentile import percentile
 from moe_cap.run_record import RunRecord
 from moe_cap.step_cost import step_cost
 
@@ -145,21 +146,6 @@ class StepSample:
     flops: float
     h2d_bytes: float
     num_tokens: int
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The `q`-th percentile (0-100) with linear interpolation between ranks (numpy's default).
-
-    Raises:
-        ValueError: no values, or `q` outside 0..100.
-    """
-    if not values or not 0 <= q <= 100:
-        raise ValueError(f"percentile needs values and 0 <= q <= 100 (got {len(values)}, {q})")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 @dataclass(frozen=True)

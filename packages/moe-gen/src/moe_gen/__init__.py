@@ -7,6 +7,7 @@ profile.
 
 from moe_gen.api import Defaults, generate
 from moe_gen.errors import MoEGenError
+from moe_gen.job import JobConfig, JobOutcome, run_job
 from moe_gen.plan import Plan, Prediction
 from moe_gen.requests import GenRequest, InputError, read_requests
 from moe_gen.sequence import GenResult
