@@ -21,6 +21,7 @@ from moe_core import (
     resolve_model_path,
     run_dtype,
 )
+
 from moe_infinity.model_shape import ModelShape
 from moe_infinity.serving.memory_plan import MemoryPlan, plan_memory
 from moe_infinity.serving.runtime_policy import ServePolicy, eviction_policy
