@@ -66,6 +66,8 @@ class Engine:
         served: The model, tokenizer and offload runtime.
         config: Batching and queue limits.
         keeper: The trace collection.
+        listener: Told of first tokens, later tokens and finished requests (set it before
+            `start`).
     """
 
     def __init__(self, served: ServingModel, config: EngineConfig, keeper: TraceKeeper,
@@ -73,7 +75,7 @@ class Engine:
         self.served = served
         self.config = config
         self.keeper = keeper
-        self._listener = listener or NullListener()
+        self.listener: EngineListener = listener or NullListener()
         model = served.model
         blocks = KVPool.blocks_for_budget(model.spec, config.kv_bytes, config.block_tokens,
                                           model.dtype)
@@ -156,12 +158,17 @@ class Engine:
         """Whether the engine thread runs."""
         return self._thread.is_alive()
 
-    def drain(self, grace_s: float) -> bool:
-        """Stop accepting requests and wait up to `grace_s` for the running and queued ones to
-        finish; returns whether they all did."""
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on (they get `ShuttingDownError`); running and queued
+        ones carry on."""
         with self._cond:
             self._accepting = False
             self._cond.notify()
+
+    def drain(self, grace_s: float) -> bool:
+        """Stop accepting requests and wait up to `grace_s` for the running and queued ones to
+        finish; returns whether they all did."""
+        self.stop_accepting()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and self._thread.is_alive():
             snap = self._snapshot
@@ -251,15 +258,15 @@ class Engine:
         now = time.perf_counter()
         if seq.first_token_s is None:
             seq.first_token_s = now
-            self._listener.on_first_token(now - seq.arrival_s)
+            self.listener.on_first_token(now - seq.arrival_s)
         elif seq.last_token_s is not None:
-            self._listener.on_next_token(now - seq.last_token_s)
+            self.listener.on_next_token(now - seq.last_token_s)
         seq.last_token_s = now
         seq.output_ids.append(token)
         logprobs = None if request.logprobs is None else (
             _logprob(logits, token, request.logprobs),)
         reason: FinishReason | None = None
-        if token in self._eos:
+        if token in self._eos and not request.ignore_eos:
             text, reason = seq.text.flush(), "stop"
         else:
             text = seq.text.push(token)
@@ -287,7 +294,7 @@ class Engine:
                 _log.error("saving the trace collection failed: %s", exc)
         if self._feed is not None:
             self._feed.forget(seq.request_id)
-        self._listener.on_finished(reason, time.perf_counter() - seq.arrival_s,
+        self.listener.on_finished(reason, time.perf_counter() - seq.arrival_s,
                                    seq.num_prompt_tokens, len(seq.output_ids))
         seq.emit(text, token_ids, logprobs, reason, error)
 

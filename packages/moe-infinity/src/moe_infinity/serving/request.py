@@ -29,6 +29,7 @@ class GenerationRequest:
         sampling: Temperature, top-k, top-p, seed.
         stop: Strings that end the generation (not included in the text).
         logprobs: None: no log-probabilities; k >= 0: the chosen token's and the k most likely.
+        ignore_eos: Keep generating past end-of-sequence tokens (benchmarks: a fixed length).
     """
 
     request_id: str
@@ -37,6 +38,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
