@@ -119,17 +119,18 @@ def test_scheduler_invariants(shapes: list[tuple[int, int]], max_batch: int, chu
         for s in scheduler.running:
             assert len(s.table or []) * 4 >= s.request.num_reserved_tokens
         assert sum(n for _, n in plan.prefill) <= chunk
-        for s, n in plan.prefill:  # the engine's side of a step, without a model
-            s.num_cached += n
-        for s in plan.decode:
-            s.num_cached += 1 if s.output_ids else 0
+        assert all(len(s.pending_ids()) == 1 for s in plan.decode)
+        for s in plan.decode:  # the engine's side of a step, without a model
+            s.num_cached += 1
             s.output_ids.append(7)
-        for s in list(scheduler.running):
-            if not s.is_prefilling and not s.output_ids:
+        for s, n in plan.prefill:
+            s.num_cached += n
+            if not s.is_prefilling:
                 s.output_ids.append(7)
-            if len(s.output_ids) >= s.request.max_tokens or data.draw(st.booleans()):
-                if not s.is_prefilling and s.output_ids:
-                    scheduler.remove(s)
+        for s in list(scheduler.running):
+            ended = len(s.output_ids) >= s.request.max_tokens or data.draw(st.booleans())
+            if s.output_ids and ended:
+                scheduler.remove(s)
     assert scheduler.is_idle and allocator.num_free == allocator.num_blocks
     assert admitted == [s.request_id for s in seqs]
 
