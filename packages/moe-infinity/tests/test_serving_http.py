@@ -244,7 +244,7 @@ _CONTENT_TYPES = st.sampled_from(["application/json", "application/json; charset
 _TRIED: list[int] = []
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
        body=st.one_of(_near_valid(), _near_valid(), _JSON_BODY, _RAW_BODY),
        content_type=st.one_of(st.just("application/json"), _CONTENT_TYPES),
@@ -270,7 +270,7 @@ def test_fuzz_figure() -> None:
     statuses = sorted(set(_TRIED))
     print(f"\nfuzzed requests: {len(_TRIED)}, statuses {statuses}, "
           f"{sum(s < 300 for s in _TRIED)} accepted")
-    assert len(_TRIED) >= 400 and all(s < 500 for s in _TRIED)
+    assert len(_TRIED) >= 300 and all(s < 500 for s in _TRIED)
 
 
 # Load, disconnects ------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def serve(
     typer.echo(f"serving {name} on http://{bound_host}:{bound_port}/v1", )
     sys.stdout.flush()
     try:
-        run_server(app_, sock, grace, engine.stop_accepting)
+        run_server(app_, sock, grace, engine.stop_accepting, engine.cancel_all)
     finally:
         engine.stop()
         sock.close()

@@ -14,13 +14,15 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from moe_core import RequestError
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moe_infinity.serving.api_errors import (
     ApiError,
@@ -93,21 +95,7 @@ def create_app(engine: Engine, model_name: str, metrics: ServingMetrics,
                            engine.context_tokens)
     created = int(time.time())
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                    ) -> Response:
-        path = request.url.path
-        if api_key is not None and path.startswith("/v1/") and not _authorised(request, api_key):
-            response: Response = error_response(401, "a valid API key is needed: send "
-                                                "Authorization: Bearer <key>",
-                                                code="invalid_api_key")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # already logged by the error handler
-                response = error_response(500, "internal server error", code="internal_error")
-        metrics.on_http(_endpoint(path), response.status_code)
-        return response
+    app.add_middleware(_Guard, metrics=metrics, api_key=api_key)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -167,8 +155,42 @@ def create_app(engine: Engine, model_name: str, metrics: ServingMetrics,
     return app
 
 
-def _authorised(request: Request, api_key: str) -> bool:
-    header = request.headers.get("authorization", "")
+class _Guard:
+    """Pure ASGI middleware (streams pass through untouched): the API key on /v1/*, and every
+    response counted by endpoint and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, api_key: str | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = _endpoint(path)
+        if self.api_key is not None and path.startswith("/v1/") and \
+                not _authorised(Headers(scope=scope).get("authorization", ""), self.api_key):
+            refusal = error_response(401, "a valid API key is needed: send Authorization: "
+                                     "Bearer <key>", code="invalid_api_key")
+            self.metrics.on_http(endpoint, 401)
+            await refusal(scope, receive, send)
+            return
+        status = [500]
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.metrics.on_http(endpoint, status[0])
+
+
+def _authorised(header: str, api_key: str) -> bool:
     scheme, _, token = header.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
                                                               api_key.encode())

@@ -93,6 +93,7 @@ class Engine:
         self._queued = 0  # submitted and not yet admitted or dropped
         self._accepting = True
         self._stopping = False
+        self._cancel_everything = False
         self._steps = 0
         self._snapshot = EngineSnapshot(kv_blocks_total=blocks,
                                         expert_slots=served.runtime.pool.num_slots,
@@ -165,6 +166,13 @@ class Engine:
             self._accepting = False
             self._cond.notify()
 
+    def cancel_all(self) -> None:
+        """Cancel every running and queued request at the next step (the end of a shutdown's
+        grace period): each gets its last event, with finish reason `cancelled`."""
+        with self._cond:
+            self._cancel_everything = True
+            self._cond.notify()
+
     def drain(self, grace_s: float) -> bool:
         """Stop accepting requests and wait up to `grace_s` for the running and queued ones to
         finish; returns whether they all did."""
@@ -197,6 +205,10 @@ class Engine:
                 with self._cond:
                     if self._stopping:
                         break
+                    if self._cancel_everything:
+                        self._cancels.update(s.request_id for s in (
+                            *self.scheduler.running, *self.scheduler.waiting, *self._inbox))
+                        self._cancel_everything = False
                     if not self._inbox and not self._cancels and self.scheduler.is_idle:
                         self._cond.wait(_IDLE_WAIT_S)
                         continue
@@ -217,7 +229,7 @@ class Engine:
     def _step(self, tracer: LiveTracer, arrivals: list[Sequence], cancels: set[str]) -> None:
         for seq in arrivals:
             self.scheduler.add(seq)
-        if cancels:
+        if cancels:  # arrivals included: a request cancelled before it was queued
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 if seq.request_id in cancels:
                     self._finish(seq, "cancelled")
