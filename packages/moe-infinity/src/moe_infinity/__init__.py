@@ -4,7 +4,9 @@ After the MoE-Infinity paper (Xue et al., arXiv:2401.14361). Part 1: trace which
 request activates (`ActivationTracer`, `trace_prompts`), keep past traces (`TraceCollection`),
 predict the experts a running request will need (`RequestPredictor`), and replay traces through
 a simulated GPU expert cache under LRU, LFU, activation-aware and Belady policies (`simulate`,
-`evaluate`).
+`evaluate`). Part 2: `moe-infinity serve` (an OpenAI-compatible server with continuous
+batching over offloaded experts, traces recorded live) and `moe-infinity chat`, in
+`moe_infinity.serving`.
 """
 
 from moe_infinity.cache_model import ExpertCache
