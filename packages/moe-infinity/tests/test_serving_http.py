@@ -360,18 +360,26 @@ def test_disconnected_stream_is_cancelled_and_its_slot_freed(server: Server) -> 
 
 
 def test_metrics_expose_latencies_tokens_and_the_offload_runtime(server: Server) -> None:
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    response = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                          json={"model": MODEL, "prompt": STORY, "max_tokens": 4})
+    assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    while server.engine.snapshot().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the step that finished it is published after its last event
     for name in ("moe_infinity_time_to_first_token_seconds_count",
                  "moe_infinity_inter_token_seconds_count", "moe_infinity_request_seconds_count",
                  "moe_infinity_prompt_tokens_total", "moe_infinity_generation_tokens_total",
-                 "moe_infinity_queue_depth", "moe_infinity_expert_hits_total",
-                 "moe_infinity_expert_misses_total", "moe_infinity_expert_bytes_to_device_total",
+                 "moe_infinity_expert_hits_total", "moe_infinity_expert_bytes_to_device_total",
                  "moe_infinity_expert_cache_occupancy", "moe_infinity_kv_blocks_total",
+                 "moe_infinity_engine_steps_total", "moe_infinity_trace_collection_size",
                  'moe_infinity_http_requests_total{endpoint="/v1/completions",status="200"}'):
-        assert _metric(server, name) > 0 or name == "moe_infinity_queue_depth", name
-    assert _metric(server, "moe_infinity_expert_hits_total") + _metric(
-        server, "moe_infinity_expert_misses_total") == server.served.runtime.snapshot(
-        ).expert_uses or "moe_infinity_expert_hits_total" in text
+        assert _metric(server, name) > 0, name
+    runtime = server.served.runtime.snapshot()  # the engine is idle: nothing changes it now
+    assert _metric(server, "moe_infinity_expert_hits_total") == runtime.hits
+    assert _metric(server, "moe_infinity_expert_misses_total") == runtime.misses
+    assert _metric(server, "moe_infinity_expert_bytes_to_device_total") == runtime.bytes_copied
+    assert _metric(server, "moe_infinity_queue_depth") == 0
 
 
 # Queue limit and API key (an engine that never runs: its queue only fills) ---------------------
@@ -398,3 +406,16 @@ def test_full_queue_gets_429_and_the_api_key_is_required(served: ServingModel) -
             assert (await http.get("/health")).status_code == 503  # the engine is not running
 
     asyncio.run(main())
+
+
+def test_metrics_table_in_the_docs_matches_the_exposition(server: Server) -> None:
+    """Every metric docs/moe-infinity.md names is exported, and every exported one is named."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "moe-infinity.md").read_text()
+    documented = set(re.findall(r"`(moe_infinity_[a-z_]+)", doc))
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    families = re.findall(r"^# TYPE (moe_infinity_[a-z_]+) \w+$", text, re.MULTILINE)
+    # prometheus-client adds a `_created` timestamp beside each counter and histogram.
+    exported = {name for name in families if not name.endswith("_created")}
+    assert documented == exported

@@ -95,9 +95,8 @@ class Engine:
         self._stopping = False
         self._cancel_everything = False
         self._steps = 0
-        self._snapshot = EngineSnapshot(kv_blocks_total=blocks,
-                                        expert_slots=served.runtime.pool.num_slots,
-                                        traces_collected=len(keeper.collection))
+        self._snapshot = EngineSnapshot()
+        self._publish()  # the runtime's counters from the start, before any step
         self._thread = threading.Thread(target=self._run, name="moe-infinity-engine",
                                         daemon=True)
 
