@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from moe_core import MoEError, SamplingParams, render_chat
+from moe_core import MoEError, SamplingParams, SettingError, render_chat
 from rich.console import Console
 from rich.text import Text
 
@@ -48,8 +48,6 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            from moe_core import SettingError
-
             raise SettingError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         SamplingParams(temperature=self.temperature, top_p=self.top_p)  # range checks
 
@@ -74,7 +72,13 @@ def run_chat(engine: Engine, session: ChatSession, console: Console | None = Non
         console: Where to write (default: stdout).
         read: Reads a line after showing a prompt (default: the console's input); raises
             `EOFError` on Ctrl-D and `KeyboardInterrupt` on Ctrl-C.
+
+    Raises:
+        SettingError: `max_tokens` leaves no room for a prompt.
     """
+    if session.max_tokens >= engine.max_request_tokens:
+        raise SettingError(f"--max-tokens {session.max_tokens} leaves no room for a message in "
+                           f"the {engine.max_request_tokens} tokens a request may hold")
     console = console or Console(highlight=False)
     read = read or (lambda prompt: console.input(prompt))
     history: list[dict[str, str]] = []

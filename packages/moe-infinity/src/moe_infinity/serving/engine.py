@@ -172,20 +172,6 @@ class Engine:
             self._cancel_everything = True
             self._cond.notify()
 
-    def drain(self, grace_s: float) -> bool:
-        """Stop accepting requests and wait up to `grace_s` for the running and queued ones to
-        finish; returns whether they all did."""
-        self.stop_accepting()
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and self._thread.is_alive():
-            snap = self._snapshot
-            with self._cond:
-                pending = bool(self._inbox) or self._queued > 0
-            if not pending and snap.running == 0 and snap.queued == 0:
-                return True
-            time.sleep(0.02)
-        return False
-
     def stop(self) -> None:
         """Cancel whatever still runs, stop the thread, save the trace collection."""
         with self._cond:
@@ -251,6 +237,7 @@ class Engine:
         tracer.begin_pass(batch.row_of_token, batch.num_rows)
         logits = run_pass(model, batch, self.pool)  # [b, V]
         counts, looks = tracer.end_pass()
+        greedy = logits.argmax(dim=-1).tolist()  # one host read for every greedy row
         for i, (seq, ids) in enumerate(rows):
             seq.num_cached += len(ids)
             recorder = self._recorders.setdefault(seq.request_id, TraceRecorder(
@@ -260,12 +247,15 @@ class Engine:
             if self._feed is not None:
                 self._feed.observe(seq.request_id, counts[i], prefill)
             if not seq.is_prefilling:
-                self._next_token(seq, logits[i])
+                sampling = seq.request.sampling
+                token = greedy[i] if sampling.is_greedy else int(
+                    sample_next(logits[i : i + 1], sampling, seq.generator)[0])
+                self._next_token(seq, token, logits[i])
 
-    def _next_token(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample `seq`'s next token from its `logits` `[V]`, stream it, finish if it ended."""
+    def _next_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        """Take `seq`'s next `token` (sampled from its `logits` `[V]`), stream it, finish the
+        request if it ended."""
         request = seq.request
-        token = int(sample_next(logits[None], request.sampling, seq.generator)[0])
         now = time.perf_counter()
         if seq.first_token_s is None:
             seq.first_token_s = now

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from moe_core import StagedOutput, check_output_path
+from moe_core import SettingError, StagedOutput, check_output_path
 
 from moe_infinity.collection import TraceCollection
 from moe_infinity.model_shape import ModelShape
@@ -38,8 +38,6 @@ class TraceKeeper:
             OutputError: `path` cannot be written (checked now, not at the first save).
             SettingError: a negative `save_every`.
         """
-        from moe_core import SettingError
-
         if save_every < 0:
             raise SettingError(f"--save-every must be >= 0, got {save_every}")
         self.path = path
