@@ -7,6 +7,7 @@ are one line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -280,6 +281,11 @@ def serve(
                                 save_every, trace_capacity, max_batch, max_queue, prefill_chunk)
     sock = bind_socket(host, port)
     engine = build_engine(settings)
+    # The model, tokenizer and libraries are loaded for good: keep the garbage collector from
+    # scanning them in every full collection, a pause every thread (the event loop's included)
+    # would wait out.
+    gc.collect()
+    gc.freeze()
     metrics = ServingMetrics(engine.snapshot)
     engine.listener = metrics
     name = served_model_name or model
