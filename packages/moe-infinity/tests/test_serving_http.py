@@ -5,26 +5,29 @@ fuzzed bad input (never a 5xx), 64 concurrent streams, disconnects, 401 and 429.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import moe_core
 import openai
 import pytest
-import uvicorn
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moe_core import MoEForCausalLM
 from moe_infinity.serving.app import create_app
 from moe_infinity.serving.engine import Engine
 from moe_infinity.serving.engine_config import EngineConfig
-from moe_infinity.serving.http_server import bind_socket
 from moe_infinity.serving.request import GenerationRequest
 from moe_infinity.serving.serving_metrics import ServingMetrics
 from moe_infinity.serving.serving_model import ServingModel, load_serving_model
@@ -38,46 +41,43 @@ QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have now?"
 @dataclass
 class Server:
     url: str
-    engine: Engine
-    served: ServingModel
+    process: subprocess.Popen[str]
 
 
 @pytest.fixture(scope="module")
 def served() -> ServingModel:
+    """The model in this process (for the engine that never runs, and the tokenizer)."""
     return load_serving_model(MODEL, "cpu", moe_core.parse_bytes("64MiB"), "activation",
-                              max_batch=64, kv_bytes=48 << 20)
+                              max_batch=64, kv_bytes=4 << 20)
 
 
 @pytest.fixture(scope="module")
-def server(served: ServingModel) -> Iterator[Server]:
-    """The app on 127.0.0.1, a free port, uvicorn in a thread (its own event loop)."""
-    engine = Engine(served, EngineConfig(max_batch=64, max_queue=256,
-                                         kv_bytes=served.memory.kv_bytes),
-                    TraceKeeper(served.shape, None, 100, 0))
-    metrics = ServingMetrics(engine.snapshot)
-    engine.listener = metrics
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL, metrics), log_level="warning",
-                                       lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    gc.collect()
-    gc.freeze()  # as `moe-infinity serve` does: full collections skip the loaded model
-    engine.start()
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`moe-infinity serve` as a user starts it: its own process, 127.0.0.1, a free port (the
+    ready line names it), stopped with SIGTERM."""
+    script = Path(sys.executable).parent / "moe-infinity"
+    command = ([str(script)] if script.exists()
+               else [sys.executable, "-c", "from moe_infinity.cli import app; app()"])
+    log = tmp_path_factory.mktemp("server") / "stderr.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [*command, "serve", "--port", "0", "--device", "cpu", "--gpu-memory", "128MiB",
+             "--kv-memory", "48MiB", "--max-batch", "64", "--policy", "activation"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+    assert match, line + log.read_text()
+    try:
+        yield Server(f"http://127.0.0.1:{match.group(1)}", process)
+    finally:
+        process.send_signal(signal.SIGTERM)
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield Server(url, engine, served)
-    uv.should_exit = True
-    thread.join(timeout=10)
-    engine.stop()
-    sock.close()
-    gc.unfreeze()
+            assert process.wait(timeout=60) == 0, log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,7 @@ def client(server: Server) -> openai.OpenAI:
 
 
 def _greedy(tiny: MoEForCausalLM, served: ServingModel, ids: list[int], n: int) -> str:
+    """`moe_core.generate`'s greedy text on the plain (not offloaded) model, in this process."""
     result = moe_core.generate(tiny, [ids], max_new_tokens=n)
     return served.decode(result.tokens[0, : result.lengths[0]].tolist())
 
@@ -174,6 +175,16 @@ def test_refusals_through_the_client(client: openai.OpenAI) -> None:
         client.completions.create(model=MODEL, prompt="a", max_tokens=1024)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="a", max_tokens=2)
+
+
+def test_a_vanishing_temperature_is_greedy(served: ServingModel) -> None:
+    """5e-324 would divide the logits into inf and NaN (Hypothesis found it): it is greedy."""
+    from moe_infinity.serving.openai_schema import CompletionBody
+    from moe_infinity.serving.request_builder import RequestLimits, completion_request
+
+    body = CompletionBody.model_validate({"model": MODEL, "prompt": "a", "temperature": 5e-324})
+    request = completion_request(body, "r", served.tokenizer, RequestLimits(4096, 1024, 1024))
+    assert request.sampling.is_greedy
 
 
 # Fuzzed bodies -----------------------------------------------------------------------------------
@@ -305,28 +316,30 @@ def test_64_concurrent_streams_complete_while_health_stays_fast(server: Server,
                                              temperature=0, extra_body={"ignore_eos": True}
                                              ).choices[0].text for p in prompts}
 
-    async def main() -> tuple[list[tuple[str, int, int]], list[float]]:
+    health: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:  # its own thread and connection, not the clients' event loop
+        with httpx.Client(base_url=server.url, timeout=5) as http:
+            while not done.is_set():
+                started = time.perf_counter()
+                assert http.get("/health").status_code == 200
+                health.append(time.perf_counter() - started)
+                time.sleep(0.05)
+
+    async def main() -> list[tuple[str, int, int]]:
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as http:
-            done = asyncio.Event()
-            health: list[float] = []
+            return list(await asyncio.gather(*(_stream_one(http, prompts[i % 4], 12)
+                                               for i in range(64))))
 
-            async def poll() -> None:
-                while not done.is_set():
-                    started = time.perf_counter()
-                    response = await http.get("/health", timeout=5)
-                    assert response.status_code == 200
-                    health.append(time.perf_counter() - started)
-                    await asyncio.sleep(0.05)
-
-            poller = asyncio.create_task(poll())
-            results = await asyncio.gather(*(_stream_one(http, prompts[i % 4], 12)
-                                             for i in range(64)))
-            done.set()
-            await poller
-            return list(results), health
-
-    results, health = asyncio.run(main())
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        results = asyncio.run(main())
+    finally:
+        done.set()
+        poller.join()
     assert len(results) == 64
     for i, (text, chunks, usage) in enumerate(results):
         assert usage == 12 and 1 <= chunks <= 12
@@ -369,9 +382,8 @@ def test_metrics_expose_latencies_tokens_and_the_offload_runtime(server: Server)
                           json={"model": MODEL, "prompt": STORY, "max_tokens": 4})
     assert response.status_code == 200
     deadline = time.monotonic() + 10
-    while server.engine.snapshot().running and time.monotonic() < deadline:
+    while _metric(server, "moe_infinity_running_requests") and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.1)  # the step that finished it is published after its last event
     for name in ("moe_infinity_time_to_first_token_seconds_count",
                  "moe_infinity_inter_token_seconds_count", "moe_infinity_request_seconds_count",
                  "moe_infinity_prompt_tokens_total", "moe_infinity_generation_tokens_total",
@@ -380,10 +392,12 @@ def test_metrics_expose_latencies_tokens_and_the_offload_runtime(server: Server)
                  "moe_infinity_engine_steps_total", "moe_infinity_trace_collection_size",
                  'moe_infinity_http_requests_total{endpoint="/v1/completions",status="200"}'):
         assert _metric(server, name) > 0, name
-    runtime = server.served.runtime.snapshot()  # the engine is idle: nothing changes it now
-    assert _metric(server, "moe_infinity_expert_hits_total") == runtime.hits
-    assert _metric(server, "moe_infinity_expert_misses_total") == runtime.misses
-    assert _metric(server, "moe_infinity_expert_bytes_to_device_total") == runtime.bytes_copied
+    # Offloaded experts on the CPU: every miss copies one fp32 expert, nothing else is copied.
+    expert_bytes = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).expert_bytes(
+        torch.float32)
+    misses = _metric(server, "moe_infinity_expert_misses_total")
+    assert misses > 0
+    assert _metric(server, "moe_infinity_expert_bytes_to_device_total") == misses * expert_bytes
     assert _metric(server, "moe_infinity_queue_depth") == 0
 
 
@@ -415,8 +429,6 @@ def test_full_queue_gets_429_and_the_api_key_is_required(served: ServingModel) -
 
 def test_metrics_table_in_the_docs_matches_the_exposition(server: Server) -> None:
     """Every metric docs/moe-infinity.md names is exported, and every exported one is named."""
-    from pathlib import Path
-
     doc = (Path(__file__).resolve().parents[3] / "docs" / "moe-infinity.md").read_text()
     documented = set(re.findall(r"`(moe_infinity_[a-z_]+)", doc))
     text = httpx.get(f"{server.url}/metrics", timeout=5).text

@@ -248,8 +248,15 @@ class Engine:
                 self._feed.observe(seq.request_id, counts[i], prefill)
             if not seq.is_prefilling:
                 sampling = seq.request.sampling
-                token = greedy[i] if sampling.is_greedy else int(
-                    sample_next(logits[i : i + 1], sampling, seq.generator)[0])
+                if sampling.is_greedy:
+                    self._next_token(seq, greedy[i], logits[i])
+                    continue
+                try:
+                    token = int(sample_next(logits[i : i + 1], sampling, seq.generator)[0])
+                except RuntimeError as exc:  # its sampling alone failed: fail it alone
+                    _log.error("sampling request %s failed: %s", seq.request_id, exc)
+                    self._finish(seq, "cancelled", error=f"sampling failed: {exc}")
+                    continue
                 self._next_token(seq, token, logits[i])
 
     def _next_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 __all__ = ["RequestLimits", "chat_request", "completion_request"]
 
 _OPENAI_TEMPERATURE = 1.0  # OpenAI's default when a request names none
+# Below this a temperature is greedy: dividing logits by 5e-324 overflows to inf and NaN.
+_GREEDY_BELOW = 1e-5
 
 
 class RequestLimits:
@@ -118,6 +120,8 @@ def _request(body: CompletionBody | ChatCompletionBody, request_id: str, ids: li
                        f"{limits.context_tokens})", param=field, code="context_length_exceeded")
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else None
     temperature = body.temperature if body.temperature is not None else _OPENAI_TEMPERATURE
+    if temperature < _GREEDY_BELOW:
+        temperature = 0.0
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=body.top_p,
                               seed=body.seed)
     return GenerationRequest(request_id=request_id, prompt_ids=tuple(ids), max_tokens=max_tokens,
