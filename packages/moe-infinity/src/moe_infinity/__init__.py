@@ -4,9 +4,11 @@ After the MoE-Infinity paper (Xue et al., arXiv:2401.14361). Part 1: trace which
 request activates (`ActivationTracer`, `trace_prompts`), keep past traces (`TraceCollection`),
 predict the experts a running request will need (`RequestPredictor`), and replay traces through
 a simulated GPU expert cache under LRU, LFU, activation-aware and Belady policies (`simulate`,
-`evaluate`). Part 2: the predictor and the activation-aware policy drive moe-core's real offload
-runtime (`ActivationPrefetcher`, `activation_plan`: `moe-core generate --policy activation`),
-and trace files replay as benchmark routing (`load_routing_tape`).
+`evaluate`). Part 2: the predictor and the activation-aware policy drive moe-core's real
+offload runtime (`ActivationPrefetcher`, `activation_plan`: `moe-core generate --policy
+activation`), trace files replay as benchmark routing (`load_routing_tape`), and
+`moe-infinity serve` (an OpenAI-compatible server with continuous batching over offloaded
+experts, traces recorded live) and `moe-infinity chat` live in `moe_infinity.serving`.
 """
 
 from moe_infinity.activation_prefetcher import ActivationPrefetcher

@@ -1,4 +1,4 @@
-"""`moe-infinity`: activation tracing and cache simulation (the serving engine comes later).
+"""`moe-infinity`: serving (`serve`, `chat`), activation tracing and cache simulation.
 
 Thin commands: each parses its options, builds a config, calls one library function and prints.
 Results go to stdout (`--json`: one JSON object); progress and notes to stderr; user mistakes
@@ -7,6 +7,7 @@ are one line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ from moe_infinity.evaluation import EvaluationPlan, evaluate
 from moe_infinity.policy_setup import DEFAULT_POLICIES, parse_policies
 from moe_infinity.prompts import read_prompts
 from moe_infinity.render import plot_hit_rates, print_report, report_dict
+from moe_infinity.serving.engine_setup import EngineSettings, resolve_device
+from moe_infinity.serving.runtime_policy import parse_serve_policy
 from moe_infinity.trace_file import load_traces, save_traces
 from moe_infinity.trace_run import TraceConfig, checked_prompts
 
@@ -38,7 +41,11 @@ __all__ = ["app"]
 
 app = tool_app(
     "moe-infinity", moe_infinity.__version__,
-    "moe-infinity: activation-aware expert offloading: trace requests, simulate caches.", [
+    "moe-infinity: activation-aware expert offloading: serve, chat, trace requests, simulate "
+    "caches.", [
+        "moe-infinity serve --gpu-memory 16GiB --port 8000    (tiny-moe; OpenAI API at /v1)",
+        "moe-infinity serve path/to/model --policy lru --traces traces.collection --api-key KEY",
+        "moe-infinity chat    (the same engine in the terminal)",
         "moe-infinity trace --input prompts.jsonl --output traces.bin    (tiny-moe, on the CPU)",
         "moe-infinity simulate traces.bin --cache-fraction 0.1,0.25 --plot hit-rate.png",
     ], runtime_version=moe_core.__version__)
@@ -180,3 +187,157 @@ def simulate(
         print_report(report, traces.shape)
         if plot is not None:
             _err.print(f"plot: {plot}", highlight=False)
+
+
+Model = Annotated[str, typer.Argument(
+    help=f"Checkpoint folder, hub id, or {TINY_MODEL_NAME} (the embedded model, the default).")]
+GpuMemory = Annotated[str, typer.Option(
+    help="The whole device budget: dense weights, KV pool and expert slots (e.g. 16GiB).")]
+Device = Annotated[str, typer.Option(help="auto (a GPU if there is one), cpu, cuda, cuda:1 ...")]
+Dtype = Annotated[str | None, typer.Option(
+    help="float32, bfloat16 or float16 (default: float32 on the CPU, else the checkpoint's).")]
+KvMemory = Annotated[str | None, typer.Option(
+    help="KV pool size (default: a quarter of the budget left after the dense weights, at most "
+         "--max-batch full contexts).")]
+Policy = Annotated[str, typer.Option(
+    help="Expert cache eviction: activation (activation-aware, fed by the trace collection), "
+         "lru or lfu.")]
+Traces = Annotated[Path | None, typer.Option(
+    help="Trace collection file: loaded at start if it exists, every request's expert "
+         "activations added, saved atomically every --save-every requests and at shutdown.")]
+SaveEvery = Annotated[int, typer.Option(help="Requests between saves of --traces (0: only at "
+                                        "shutdown).")]
+TraceCapacity = Annotated[int, typer.Option(help="Most requests a new trace collection keeps.")]
+MaxBatch = Annotated[int, typer.Option(help="Most requests decoding or prefilling at once.")]
+MaxQueue = Annotated[int, typer.Option(help="Most requests waiting; more get HTTP 429.")]
+PrefillChunk = Annotated[int, typer.Option(
+    help="Most prompt tokens prefilled per engine step (long prompts do not stall streams).")]
+
+
+def _engine_settings(model: str, gpu_memory: str, device: str, dtype: str | None,
+                     kv_memory: str | None, policy: str, traces: Path | None, save_every: int,
+                     trace_capacity: int, max_batch: int, max_queue: int, prefill_chunk: int
+                     ) -> EngineSettings:
+    return EngineSettings(
+        model=model, device=resolve_device(device), dtype=dtype,
+        gpu_memory_bytes=_bytes(gpu_memory, "--gpu-memory"),
+        kv_memory_bytes=None if kv_memory is None else _bytes(kv_memory, "--kv-memory"),
+        policy=parse_serve_policy(policy), traces=traces, save_every=save_every,
+        trace_capacity=trace_capacity, max_batch=max_batch, max_queue=max_queue,
+        prefill_chunk=prefill_chunk)
+
+
+def _bytes(text: str, option: str) -> int:
+    try:
+        value = moe_core.parse_bytes(text)
+    except ValueError as exc:
+        raise SettingError(f"{option}: {exc}") from None
+    if value <= 0:
+        raise SettingError(f"{option} must be positive, got {text!r}")
+    return value
+
+
+@app.command()
+def serve(
+    model: Model = TINY_MODEL_NAME,
+    gpu_memory: GpuMemory = "16GiB",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port, named on stdout).")] = 8000,
+    policy: Policy = "activation",
+    traces: Traces = None,
+    save_every: SaveEvery = 100,
+    trace_capacity: TraceCapacity = 1000,
+    max_batch: MaxBatch = 64,
+    max_queue: MaxQueue = 256,
+    prefill_chunk: PrefillChunk = 256,
+    kv_memory: KvMemory = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="MOE_INFINITY_API_KEY",
+        help="Require `Authorization: Bearer KEY` on /v1/* (also from MOE_INFINITY_API_KEY).")
+    ] = None,
+    grace: Annotated[float, typer.Option(
+        help="Seconds running requests get to finish after SIGTERM or SIGINT.")] = 30.0,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="The model's name in the API (default: MODEL as given).")] = None,
+    device: Device = "auto",
+    dtype: Dtype = None,
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health, /metrics) with continuous batching and offloaded experts.
+
+    Stops on SIGTERM or SIGINT: new requests are refused, running ones get --grace seconds,
+    the trace collection is saved, and the exit status is 0.
+    """
+    from moe_infinity.serving.app import create_app
+    from moe_infinity.serving.engine_setup import build_engine
+    from moe_infinity.serving.http_server import bind_socket, run_server
+    from moe_infinity.serving.serving_metrics import ServingMetrics
+
+    if grace < 0:
+        raise SettingError(f"--grace must be >= 0, got {grace}")
+    if api_key is not None and not api_key.strip():
+        raise SettingError("--api-key must not be empty")
+    settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
+                                save_every, trace_capacity, max_batch, max_queue, prefill_chunk)
+    sock = bind_socket(host, port)
+    engine = build_engine(settings)
+    # The model, tokenizer and libraries are loaded for good: keep the garbage collector from
+    # scanning them in every full collection, a pause every thread (the event loop's included)
+    # would wait out.
+    gc.collect()
+    gc.freeze()
+    metrics = ServingMetrics(engine.snapshot)
+    engine.listener = metrics
+    name = served_model_name or model
+    app_ = create_app(engine, name, metrics, api_key)
+    engine.start()
+    bound_host, bound_port = sock.getsockname()[:2]
+    memory = engine.served.memory
+    _err.print(f"{name} on {settings.device}: dense {moe_core.format_bytes(memory.dense_bytes)}, "
+               f"KV {moe_core.format_bytes(memory.kv_bytes)} ({engine.pool.num_blocks} blocks), "
+               f"{engine.served.runtime.pool.num_slots} expert slots, policy {settings.policy}",
+               highlight=False)
+    typer.echo(f"serving {name} on http://{bound_host}:{bound_port}/v1", )
+    sys.stdout.flush()
+    try:
+        run_server(app_, sock, grace, engine.stop_accepting, engine.cancel_all)
+    finally:
+        engine.stop()
+        sock.close()
+    saved = f"; traces saved to {traces}" if traces is not None else ""
+    _err.print(f"stopped after {engine.keeper.num_added} requests{saved}", highlight=False)
+
+
+@app.command()
+def chat(
+    model: Model = TINY_MODEL_NAME,
+    gpu_memory: GpuMemory = "16GiB",
+    policy: Policy = "activation",
+    traces: Traces = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    kv_memory: KvMemory = None,
+    device: Device = "auto",
+    dtype: Dtype = None,
+) -> None:
+    """Chat with MODEL in the terminal, through the serving engine in this process.
+
+    Answers stream as they are generated; tokens per second and the expert cache's hit rate
+    follow each one. /exit, Ctrl-D or Ctrl-C ends the chat.
+    """
+    from moe_infinity.serving.chat_session import ChatSession, run_chat
+    from moe_infinity.serving.engine_setup import build_engine
+
+    session = ChatSession(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, system=system)
+    settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
+                                100, 1000, 1, 1, 256)
+    engine = build_engine(settings)
+    engine.start()
+    try:
+        run_chat(engine, session)
+    finally:
+        engine.stop()

@@ -1,0 +1,84 @@
+"""Building an engine from the command line's settings: the trace collection first (a bad
+`--traces` file fails before the model loads), then the offloaded model, then the engine.
+Shared by `moe-infinity serve` and `moe-infinity chat`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from moe_core import ModelSpec, SettingError, check_device, resolve_model_path
+
+from moe_infinity.model_shape import ModelShape
+from moe_infinity.serving.engine import Engine
+from moe_infinity.serving.engine_config import EngineConfig
+from moe_infinity.serving.runtime_policy import ServePolicy
+from moe_infinity.serving.serving_model import load_serving_model
+from moe_infinity.serving.trace_keeper import TraceKeeper
+
+__all__ = ["EngineSettings", "build_engine", "resolve_device"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    """Everything `build_engine` needs.
+
+    Attributes:
+        model: Checkpoint folder, hub id or `tiny-moe`.
+        device: `cpu`, `cuda`, `cuda:1`, ...
+        dtype: Model dtype name, or None for the workspace rule.
+        gpu_memory_bytes: The whole device budget.
+        kv_memory_bytes: The KV pool's share, or None for the default split.
+        policy: The expert cache's eviction policy.
+        traces: Trace collection file (loaded if present, saved at shutdown), or None.
+        save_every: Requests between collection saves (0: only at shutdown).
+        trace_capacity: Most EAMs a new collection holds.
+        max_batch: Most running requests.
+        max_queue: Most waiting requests.
+        prefill_chunk: Most prompt tokens prefilled per step.
+    """
+
+    model: str
+    device: str
+    dtype: str | None
+    gpu_memory_bytes: int
+    kv_memory_bytes: int | None
+    policy: ServePolicy
+    traces: Path | None
+    save_every: int
+    trace_capacity: int
+    max_batch: int
+    max_queue: int
+    prefill_chunk: int
+
+
+def resolve_device(device: str) -> str:
+    """`auto` is the GPU where there is one, else the CPU; other names are checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
+    return device
+
+
+def build_engine(settings: EngineSettings) -> Engine:
+    """The engine (not started yet).
+
+    Raises:
+        MoEError: a bad setting, device, trace file or model, each before the work it guards.
+    """
+    if settings.trace_capacity <= 0:
+        raise SettingError(f"--trace-capacity must be positive, got {settings.trace_capacity}")
+    # Validated before anything loads (EngineConfig names the bad option).
+    EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
+                 prefill_chunk=settings.prefill_chunk)
+    spec = ModelSpec.from_pretrained(resolve_model_path(settings.model, weights=False))
+    keeper = TraceKeeper(ModelShape.from_spec(settings.model, spec), settings.traces,
+                         settings.trace_capacity, settings.save_every)
+    served = load_serving_model(settings.model, settings.device, settings.gpu_memory_bytes,
+                                settings.policy, max_batch=settings.max_batch,
+                                dtype=settings.dtype, kv_bytes=settings.kv_memory_bytes)
+    config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
+                          prefill_chunk=settings.prefill_chunk, kv_bytes=served.memory.kv_bytes)
+    return Engine(served, config, keeper)
