@@ -39,6 +39,7 @@ def _one_error_line(result_output: str) -> str:
     (["--max-batch", "0", "--device", "cpu"], "--max-batch must be positive"),
     (["--grace", "-1"], "--grace must be >= 0"),
     (["--device", "tpu"], "tpu"),
+    (["--prefetch", "bogus", "--device", "cpu"], "--prefetch must be none or lookahead"),
 ])
 def test_serve_refuses_bad_options_in_one_line(args: list[str], says: str) -> None:
     result = CliRunner().invoke(app, ["serve", "--port", "0", *args])

@@ -223,6 +223,31 @@ def test_engine_greedy_equals_generate_in_a_ragged_chunked_batch(served: Serving
     assert served.runtime.snapshot().evictions > 0  # the cache really was too small
 
 
+def test_lookahead_prefetch_in_the_engine_keeps_greedy_output_and_is_used(
+        tiny: MoEForCausalLM) -> None:
+    """`--prefetch lookahead`: the next layer's likely experts are copied ahead inside ragged
+    batches; outputs stay `generate`'s, and the prefetches are used."""
+    layout_bytes = 491_520
+    spec = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path())
+    budget = spec.dense_bytes(torch.float32) + (8 << 20) + 24 * layout_bytes
+    plan = moe_core.cache_plan("lru", "lookahead", spec)
+    served = load_serving_model("tiny-moe", "cpu", budget, "lru", max_batch=8,
+                                kv_bytes=8 << 20, prefetcher=plan.prefetcher)
+    engine = _engine(served, max_batch=8, prefill_chunk=8)
+    try:
+        requests = [GenerationRequest(request_id=str(i), prompt_ids=_ids(served, p),
+                                      max_tokens=12) for i, p in enumerate(PROMPTS[:3])]
+        events = _run(engine, requests)
+    finally:
+        engine.stop()
+    for request in requests:
+        got = [t for e in events[request.request_id] for t in e.token_ids]
+        result = moe_core.generate(tiny, [list(request.prompt_ids)], max_new_tokens=12)
+        assert got == result.tokens[0, : result.lengths[0]].tolist()
+    stats = served.runtime.snapshot()
+    assert stats.prefetches_issued > 0 and stats.prefetches_used > 0
+
+
 def test_long_prompt_prefill_does_not_stall_a_running_stream(served: ServingModel) -> None:
     engine = _engine(served, max_batch=4, prefill_chunk=16)
     events: queue.Queue[SequenceEvent] = queue.Queue()

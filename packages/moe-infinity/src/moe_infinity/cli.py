@@ -202,6 +202,9 @@ KvMemory = Annotated[str | None, typer.Option(
 Policy = Annotated[str, typer.Option(
     help="Expert cache eviction: activation (activation-aware, fed by the trace collection), "
          "lru or lfu.")]
+Prefetch = Annotated[str, typer.Option(
+    help="none, or lookahead[:top=N]: each MoE layer's input also goes through the next layer's "
+         "router, and that layer's likely experts are copied to the GPU before it routes.")]
 Traces = Annotated[Path | None, typer.Option(
     help="Trace collection file: loaded at start if it exists, every request's expert "
          "activations added, saved atomically every --save-every requests and at shutdown.")]
@@ -216,15 +219,15 @@ PrefillChunk = Annotated[int, typer.Option(
 
 def _engine_settings(model: str, gpu_memory: str, device: str, dtype: str | None,
                      kv_memory: str | None, policy: str, traces: Path | None, save_every: int,
-                     trace_capacity: int, max_batch: int, max_queue: int, prefill_chunk: int
-                     ) -> EngineSettings:
+                     trace_capacity: int, max_batch: int, max_queue: int, prefill_chunk: int,
+                     prefetch: str = "none") -> EngineSettings:
     return EngineSettings(
         model=model, device=resolve_device(device), dtype=dtype,
         gpu_memory_bytes=_bytes(gpu_memory, "--gpu-memory"),
         kv_memory_bytes=None if kv_memory is None else _bytes(kv_memory, "--kv-memory"),
         policy=parse_serve_policy(policy), traces=traces, save_every=save_every,
         trace_capacity=trace_capacity, max_batch=max_batch, max_queue=max_queue,
-        prefill_chunk=prefill_chunk)
+        prefill_chunk=prefill_chunk, prefetch=prefetch)
 
 
 def _bytes(text: str, option: str) -> int:
@@ -244,6 +247,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free port, named on stdout).")] = 8000,
     policy: Policy = "activation",
+    prefetch: Prefetch = "none",
     traces: Traces = None,
     save_every: SaveEvery = 100,
     trace_capacity: TraceCapacity = 1000,
@@ -278,7 +282,8 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise SettingError("--api-key must not be empty")
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
-                                save_every, trace_capacity, max_batch, max_queue, prefill_chunk)
+                                save_every, trace_capacity, max_batch, max_queue, prefill_chunk,
+                                prefetch)
     sock = bind_socket(host, port)
     engine = build_engine(settings)
     # The model, tokenizer and libraries are loaded for good: keep the garbage collector from
@@ -313,6 +318,7 @@ def chat(
     model: Model = TINY_MODEL_NAME,
     gpu_memory: GpuMemory = "16GiB",
     policy: Policy = "activation",
+    prefetch: Prefetch = "none",
     traces: Traces = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
@@ -334,7 +340,7 @@ def chat(
     session = ChatSession(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, system=system)
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
-                                100, 1000, 1, 1, 256)
+                                100, 1000, 1, 1, 256, prefetch)
     engine = build_engine(settings)
     engine.start()
     try:

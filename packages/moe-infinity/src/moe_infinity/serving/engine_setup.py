@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from moe_core import ModelSpec, SettingError, check_device, resolve_model_path
+from moe_core import ModelSpec, SettingError, cache_plan, check_device, resolve_model_path
 
 from moe_infinity.model_shape import ModelShape
 from moe_infinity.serving.engine import Engine
@@ -38,6 +38,7 @@ class EngineSettings:
         max_batch: Most running requests.
         max_queue: Most waiting requests.
         prefill_chunk: Most prompt tokens prefilled per step.
+        prefetch: `none`, or `lookahead[:top=N]` (moe-core's `LookaheadPrefetcher`).
     """
 
     model: str
@@ -52,6 +53,7 @@ class EngineSettings:
     max_batch: int
     max_queue: int
     prefill_chunk: int
+    prefetch: str = "none"
 
 
 def resolve_device(device: str) -> str:
@@ -74,11 +76,13 @@ def build_engine(settings: EngineSettings) -> Engine:
     EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
                  prefill_chunk=settings.prefill_chunk)
     spec = ModelSpec.from_pretrained(resolve_model_path(settings.model, weights=False))
+    prefetcher = cache_plan("lru", settings.prefetch, spec).prefetcher  # checked before loading
     keeper = TraceKeeper(ModelShape.from_spec(settings.model, spec), settings.traces,
                          settings.trace_capacity, settings.save_every)
     served = load_serving_model(settings.model, settings.device, settings.gpu_memory_bytes,
                                 settings.policy, max_batch=settings.max_batch,
-                                dtype=settings.dtype, kv_bytes=settings.kv_memory_bytes)
+                                dtype=settings.dtype, kv_bytes=settings.kv_memory_bytes,
+                                prefetcher=prefetcher)
     config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
                           prefill_chunk=settings.prefill_chunk, kv_bytes=served.memory.kv_bytes)
     return Engine(served, config, keeper)

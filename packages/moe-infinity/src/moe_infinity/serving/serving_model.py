@@ -15,6 +15,7 @@ from moe_core import (
     ModelSpec,
     MoEForCausalLM,
     OffloadRuntime,
+    PrefetcherFactory,
     check_device,
     load_offloaded,
     load_tokenizer,
@@ -60,9 +61,10 @@ class ServingModel:
 
 
 def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServePolicy, *,
-                       max_batch: int, dtype: str | None = None, kv_bytes: int | None = None
-                       ) -> ServingModel:
-    """Check the device and the budget, then load `name` offloaded.
+                       max_batch: int, dtype: str | None = None, kv_bytes: int | None = None,
+                       prefetcher: PrefetcherFactory | None = None) -> ServingModel:
+    """Check the device and the budget, then load `name` offloaded (with `prefetcher`'s
+    prefetches, e.g. moe-core's lookahead, where given).
 
     Raises:
         DeviceError, SettingError, ConfigError, CheckpointError: as the checks and
@@ -76,5 +78,6 @@ def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServeP
     memory = plan_memory(spec, torch_dtype, budget_bytes, max_batch, kv_bytes)
     shape = ModelShape.from_spec(name, spec)
     chosen = eviction_policy(policy, shape)
-    loaded = load_offloaded(name, device, memory.expert_bytes, dtype=torch_dtype, policy=chosen)
+    loaded = load_offloaded(name, device, memory.expert_bytes, dtype=torch_dtype, policy=chosen,
+                            prefetcher=prefetcher)
     return ServingModel(name, loaded.model, tokenizer, loaded.runtime, chosen, shape, memory)
