@@ -20,8 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe_core import MoEForCausalLM, load_model, tiny_model_path
 from moe_core.offload.copy_engine import CpuCopyEngine
-from moe_core.offload.cpu_experts import (NumbaCpuExperts, TorchCpuExperts, choose_cpu_kernel,
-                                          cpu_kernels)
+from moe_core.offload.cpu_experts import (
+    NumbaCpuExperts,
+    TorchCpuExperts,
+    choose_cpu_kernel,
+    cpu_kernels,
+)
 from moe_core.offload.executors import OffloadRuntime, install_offloading
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_semaphore import HostSemaphore
@@ -173,7 +177,8 @@ def test_two_lane_decode_gives_the_resident_greedy_tokens(folder: Path, rates: L
         stats = runtime.snapshot()
     finally:
         runtime.close()
-    assert stats.cpu_experts > 0 and stats.cpu_bytes == stats.cpu_experts * runtime.store.layout.nbytes
+    nbytes = runtime.store.layout.nbytes
+    assert stats.cpu_experts > 0 and stats.cpu_bytes == stats.cpu_experts * nbytes
     if rates is ALL_CPU:
         assert stats.misses == 0  # every miss was computed by the CPU lane
     else:
@@ -209,7 +214,7 @@ def test_a_failing_cpu_lane_raises_on_the_host_and_never_hangs() -> None:
     runtime.two_lanes.lane.kernel = broken  # type: ignore[assignment]
     started = time.monotonic()
     try:
-        with pytest.raises(RuntimeError, match="CPU expert lane failed.*simulated"):
+        with pytest.raises(RuntimeError, match=r"CPU expert lane failed.*simulated"):
             model(torch.tensor([[5, 6, 7]]))
     finally:
         runtime.close()

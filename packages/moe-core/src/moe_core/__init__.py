@@ -7,7 +7,7 @@ experts into its MoE blocks (`ExpertExecutor`), and offload experts to host memo
 """
 
 from moe_core.architectures import supported_architectures
-from moe_core.attention_inputs import AttentionInputs
+from moe_core.attention_inputs import AttentionInputs, position_mask
 from moe_core.cli_app import tool_app
 from moe_core.decode_runner import DecodeRunner, graph_blockers
 from moe_core.devices import check_device
@@ -190,6 +190,7 @@ __all__ = [
     "parse_dtype",
     "parse_named",
     "parse_truncate",
+    "position_mask",
     "render_chat",
     "replay_routing",
     "resolve_model_path",

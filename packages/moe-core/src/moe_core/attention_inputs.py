@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionInputs", "slot_mask"]
+__all__ = ["AttentionInputs", "position_mask", "slot_mask"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,26 @@ def slot_mask(key_valid: torch.Tensor, query_slots: torch.Tensor, sliding_window
     allowed = allowed[None] & key_valid[:, None, :]  # [B, T, S]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]  # [B, 1, T, S]
+
+
+def position_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
+                  sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask `[B, 1, T, S]` of a batch whose rows keep their keys in their own order
+    (paged or ragged KV): causal by token position, keys that hold no real token hidden, keys
+    `sliding_window` or more positions back hidden if a window is set.
+
+    Args:
+        query_pos: `[B, T]` position of each query token.
+        key_pos: `[B, S]` position of each key.
+        key_valid: `[B, S]` whether each key holds a real token (every row needs one at or
+            before each of its queries, or that query row is all masked).
+        sliding_window: Window length in positions, or None.
+        dtype: The activation dtype (its most negative finite value hides a key).
+    """
+    q = query_pos[:, :, None]  # [B, T, 1]
+    k = key_pos[:, None, :]  # [B, 1, S]
+    allowed = (k <= q) & key_valid[:, None, :]  # [B, T, S]
+    if sliding_window is not None:
+        allowed &= q - k < sliding_window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

@@ -145,6 +145,15 @@ class AttentionSpec:
             return self.kv_lora_rank + self.qk_rope_head_dim  # type: ignore[operator]
         return 2 * self.num_kv_heads * self.head_dim
 
+    def kv_token_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-token shapes of the tensors one layer caches: GQA keys and values
+        `(H_kv, d)` each; MLA the latent `(kv_lora_rank,)` and the rotary key
+        `(qk_rope_head_dim,)`."""
+        if self.kind == "mla":
+            assert self.kv_lora_rank is not None and self.qk_rope_head_dim is not None
+            return (self.kv_lora_rank,), (self.qk_rope_head_dim,)
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+
 
 @dataclass(frozen=True)
 class RouterSpec:

@@ -14,5 +14,6 @@ from moe_gen.sequence import GenResult
 
 __version__ = "0.1.0"
 
-__all__ = ["Defaults", "GenRequest", "GenResult", "InputError", "MoEGenError", "Plan", "Prediction",
-           "__version__", "generate", "read_requests"]
+__all__ = ["Defaults", "GenRequest", "GenResult", "InputError", "JobConfig", "JobOutcome",
+           "MoEGenError", "Plan", "Prediction", "__version__", "generate", "read_requests",
+           "run_job"]

@@ -24,7 +24,7 @@ from moe_core import AttentionInputs, MoEForCausalLM
 from moe_gen.host_attention import HostAttention
 from moe_gen.kv_mover import KVMover
 from moe_gen.micro_batch import MicroBatch, MicroBatchKV, SequenceInput
-from moe_gen.paged_kv import PagedKV, kv_token_shapes
+from moe_gen.paged_kv import PagedKV
 
 __all__ = ["BatchEngine", "StepTiming"]
 
@@ -69,7 +69,8 @@ class BatchEngine:
             raise ValueError(f"cpu_attention_share must be in [0, 1], got {cpu_attention_share}")
         self.model = model
         self.pages = pages
-        self.mover = KVMover(model.device, kv_lookahead * len(kv_token_shapes(model.spec)))
+        entries = len(model.spec.attention.kv_token_shapes())
+        self.mover = KVMover(model.device, kv_lookahead * entries)
         self.micro_batch_size = micro_batch_size
         self.max_attention_pairs = max_attention_pairs
         self.host_attention = (HostAttention(model, pages, cpu_attention_share)

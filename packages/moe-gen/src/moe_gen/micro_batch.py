@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from moe_core import position_mask
 
 from moe_gen.kv_mover import KVMover
 from moe_gen.paged_kv import PagedKV
@@ -92,14 +93,7 @@ class MicroBatch:
 
     def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask `[b, 1, T, S]`: causal by position, padding hidden, optional window."""
-        q = self._query_pos[:, :, None]  # [b, T, 1]
-        k = self._key_pos[:, None, :]  # [b, 1, S]
-        allowed = (k <= q) & self._key_valid[:, None, :]  # [b, T, S]
-        if sliding_window is not None:
-            allowed &= q - k < sliding_window
-        # Every sequence has a real first token, so no query row is all masked (no NaN).
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        return position_mask(self._query_pos, self._key_pos, self._key_valid, sliding_window, dtype)
 
 
 class MicroBatchKV:

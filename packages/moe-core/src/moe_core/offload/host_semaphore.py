@@ -16,6 +16,7 @@ for the call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -103,7 +104,5 @@ class HostSemaphore:
             raise RuntimeError(f"cuLaunchHostFunc({function}) failed with CUDA error {status}")
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: libc may be gone
             _libc().sem_destroy(self._address)
-        except Exception:  # noqa: BLE001 (interpreter shutdown: libc may be gone)
-            pass

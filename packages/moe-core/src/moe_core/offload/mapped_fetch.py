@@ -53,7 +53,8 @@ extern "C" __global__ void fetch_rows(const uint4* __restrict__ host,
         const long long chunk = (n16 + gridDim.x - 1) / gridDim.x;
         const long long lo = blockIdx.x * chunk;
         const long long hi = lo + chunk < n16 ? lo + chunk : n16;
-        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) dst[i] = make_uint4(0, 0, 0, 0);
+        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x)
+            dst[i] = make_uint4(0, 0, 0, 0);
         return;
     }
     const uint4* src = slot >= 0 ? pool + slot * n16 : host + e * n16;

@@ -26,6 +26,7 @@ from moe_core.moe_block import MoEBlock
 from moe_core.offload.copy_engine import CopyEngine
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.lane_split import LaneRates
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
 from moe_core.offload.policy import EvictionPolicy, LRUPolicy
@@ -36,7 +37,6 @@ from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.stall_timer import StallTimer
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import ExpertRing, StreamingExecutor
-from moe_core.offload.lane_split import LaneRates
 from moe_core.offload.two_lanes import TwoLanes, calibrate_lanes
 
 __all__ = ["FetchMode", "OffloadKind", "OffloadRuntime", "install_offloading"]

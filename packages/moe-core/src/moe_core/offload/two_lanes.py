@@ -21,8 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from moe_core.gathered_experts import gathered_experts
-from moe_core.offload.cpu_experts import (CpuExpertKernel, KernelTiming, choose_cpu_kernel,
-                                          cpu_kernels, time_cpu_kernel)
+from moe_core.offload.cpu_experts import (
+    CpuExpertKernel,
+    KernelTiming,
+    choose_cpu_kernel,
+    cpu_kernels,
+    time_cpu_kernel,
+)
 from moe_core.offload.cpu_lane import CpuLane
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_semaphore import host_semaphores_unsupported

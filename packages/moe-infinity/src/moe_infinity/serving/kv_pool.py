@@ -15,16 +15,7 @@ from __future__ import annotations
 import torch
 from moe_core import ModelSpec, SettingError, format_bytes
 
-__all__ = ["KVPool", "kv_token_shapes"]
-
-
-def kv_token_shapes(spec: ModelSpec) -> tuple[tuple[int, ...], ...]:
-    """Per-token shapes of the tensors one attention layer caches."""
-    att = spec.attention
-    if att.kind == "mla":
-        assert att.kv_lora_rank is not None and att.qk_rope_head_dim is not None
-        return (att.kv_lora_rank,), (att.qk_rope_head_dim,)
-    return (att.num_kv_heads, att.head_dim), (att.num_kv_heads, att.head_dim)
+__all__ = ["KVPool"]
 
 
 class KVPool:
@@ -46,7 +37,7 @@ class KVPool:
         slots = num_blocks * block_tokens
         self.arenas: dict[int, tuple[torch.Tensor, ...]] = {
             layer: tuple(torch.zeros((slots, *shape), dtype=dtype, device=device)
-                         for shape in kv_token_shapes(spec))
+                         for shape in spec.attention.kv_token_shapes())
             for layer in range(spec.num_layers)}
 
     @staticmethod

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from moe_core import AttentionInputs, MoEForCausalLM
+from moe_core import AttentionInputs, MoEForCausalLM, position_mask
 
 from moe_infinity.serving.kv_pool import KVPool
 
@@ -98,14 +98,7 @@ class RaggedPass:
 
     def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask `[b, 1, T, S]`: causal by position, padding hidden, optional window."""
-        q = self.positions[:, :, None]  # [b, T, 1]
-        k = self._key_pos[:, None, :]  # [b, 1, S]
-        allowed = (k <= q) & self._key_valid[:, None, :]  # [b, T, S]
-        if sliding_window is not None:
-            allowed &= q - k < sliding_window
-        # Every row has a real first token, so no query row is all masked (no NaN).
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        return position_mask(self.positions, self._key_pos, self._key_valid, sliding_window, dtype)
 
     def attention_inputs(self, model: MoEForCausalLM, dtype: torch.dtype) -> AttentionInputs:
         """Rotary tables and masks of this pass for `model`."""
