@@ -33,7 +33,7 @@ from moe_core.file_lock import lock_holder, open_locked
 from moe_core.generation import GenerationResult, generate
 from moe_core.known_shapes import known_shapes
 from moe_core.kv_cache import KVCache
-from moe_core.kv_store import KVStore, SequenceKV
+from moe_core.kv_store import DecodeAttentionStore, KVStore, SequenceKV
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import AttentionBranch, DecoderLayer, MixObserver, MoEForCausalLM
 from moe_core.moe_block import MoEBlock
@@ -85,6 +85,7 @@ __all__ = [
     "CopyTicket",
     "CpuComputeRule",
     "CpuCopyEngine",
+    "DecodeAttentionStore",
     "DecodeRunner",
     "DecoderLayer",
     "DeviceError",

@@ -130,7 +130,8 @@ def run_requests(model: MoEForCausalLM, requests: Seq[tuple[int, GenRequest]], p
     pages = PagedKV(model.spec, plan.num_kv_pages, plan.page_tokens, model.dtype,
                     pin=model.device.type == "cuda")
     engine = BatchEngine(model, pages, plan.micro_batch_size, plan.max_attention_pairs,
-                         plan.cpu_attention_share, plan.kv_lookahead)
+                         plan.cpu_attention_share, plan.kv_lookahead,
+                         plan.host_attention_kernel)
     scheduler = Scheduler(sequences, pages, plan.max_batch_size, plan.max_prefill_tokens)
     decode = None
     if tokenizer is not None:

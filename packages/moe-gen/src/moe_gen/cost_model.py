@@ -222,11 +222,13 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
     attention = ((1 - share) * keys * (1 / profile.attention_keys_per_s
                                        + expansion / profile.matmul_flops_per_s)
                  + other_gpu + launches * profile.launch_s)
-    # The host gathers its share's pages from the arenas too, then attends them.
+    # torch's host path gathers its share's pages from the arenas first, then attends them; the
+    # paged kernel reads them in place (its measured rate includes the reading).
+    gathers = (c.batch * context * costs.kv_bytes_per_token / profile.gather_bytes_per_s
+               if profile.cpu_attention_kernel == "torch" else 0.0)
     host = share * (keys * (1 / profile.cpu_attention_keys_per_s
                             + expansion / profile.cpu_matmul_flops_per_s)
-                    + projection_flops / profile.cpu_matmul_flops_per_s
-                    + c.batch * context * costs.kv_bytes_per_token / profile.gather_bytes_per_s)
+                    + projection_flops / profile.cpu_matmul_flops_per_s + gathers)
     moe_gpu = expert_gpu / max(spec.num_moe_layers, 1)
     lookahead = costs.active_share(c.batch) >= LOOKAHEAD_MIN_SHARE and profile.device != "cpu"
     cover = c.ring * costs.expert_bytes / bandwidth if lookahead else 0.0

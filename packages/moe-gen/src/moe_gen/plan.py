@@ -60,6 +60,9 @@ class Plan:
             fewer sequences, so their score matrices fit where a decode micro-batch's KV does.
         cpu_attention_share: Share of each decode step's sequences attended on the host (their
             KV never crosses PCIe).
+        host_attention_kernel: How the host attends its share: `"torch"` (the modules' own
+            CPU path) or `"numba"` (the paged kernel reading the pages in place), whichever the
+            profile measured faster.
         kv_lookahead: Micro-batches whose KV may be gathered to the device before their
             attention runs (the copies overlap the previous layer's expert stream; each holds
             device memory until attended).
@@ -77,6 +80,7 @@ class Plan:
     ring_size: int = 2
     max_attention_pairs: int = 1 << 62
     cpu_attention_share: float = 0.0
+    host_attention_kernel: str = "torch"
     kv_lookahead: int = 2
     offload: bool = True
     prediction: Prediction | None = None
@@ -92,6 +96,9 @@ class Plan:
         if not 0.0 <= self.cpu_attention_share <= 1.0:
             raise ValueError(f"Plan.cpu_attention_share must be in [0, 1], got "
                              f"{self.cpu_attention_share}")
+        if self.host_attention_kernel not in ("torch", "numba"):
+            raise ValueError(f"Plan.host_attention_kernel must be 'torch' or 'numba', got "
+                             f"{self.host_attention_kernel!r}")
         if self.ring_size < 2:
             raise ValueError(f"Plan.ring_size must be at least 2, got {self.ring_size}")
 

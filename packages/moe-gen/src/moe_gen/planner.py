@@ -134,5 +134,7 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
                 max_prefill_tokens=best.prefill_tokens, page_tokens=_PAGE_TOKENS,
                 num_kv_pages=pages, num_resident_experts=best.num_resident, ring_size=best.ring,
                 max_attention_pairs=pairs, cpu_attention_share=best.cpu_share,
+                host_attention_kernel=(profile.cpu_attention_kernel if best.cpu_share > 0
+                                       else "torch"),
                 kv_lookahead=kv_lookahead(best),
                 offload=not all_resident, prediction=prediction)

@@ -23,12 +23,16 @@ def plan_lines(plan: Plan, profile: DeviceProfile | None) -> list[str]:
              + (f"the rest streamed through a ring of {plan.ring_size}" if plan.offload
                 else "all resident (nothing streamed)"),
              f"KV cache: {plan.num_kv_pages} host pages of {plan.page_tokens} tokens; "
-             f"{plan.cpu_attention_share:.0%} of each decode batch attended on the host; KV of "
+             f"{plan.cpu_attention_share:.0%} of each decode batch attended on the host"
+             + (f" ({plan.host_attention_kernel})" if plan.cpu_attention_share else "")
+             + f"; KV of "
              f"{plan.kv_lookahead} micro-batches gathered ahead"]
     if profile is not None:
         lines.append(f"profile ({profile.device}): PCIe {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, "
                      f"KV gather {profile.gather_bytes_per_s / 1e9:.1f} GB/s, matmul "
-                     f"{profile.matmul_flops_per_s / 1e12:.1f} TFLOP/s")
+                     f"{profile.matmul_flops_per_s / 1e12:.1f} TFLOP/s, host attention "
+                     f"{profile.cpu_attention_keys_per_s / 1e6:.1f} M keys/s "
+                     f"({profile.cpu_attention_kernel})")
     p = plan.prediction
     if p is not None:
         lines += [f"predicted decode step {_ms(p.step_s)}: PCIe {_ms(p.pcie_s)} (experts "
