@@ -39,6 +39,7 @@ from moe_core.model import AttentionBranch, DecoderLayer, MixObserver, MoEForCau
 from moe_core.moe_block import MoEBlock
 from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket, CpuCopyEngine
 from moe_core.offload.copy_engines import make_copy_engine
+from moe_core.offload.fp8 import FP8
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
@@ -50,7 +51,7 @@ from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
 from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.offload.stats import OffloadStats
-from moe_core.offload.streaming_executor import StreamingExecutor
+from moe_core.offload.streaming_executor import FP8_WORKSPACE_BYTES, StreamingExecutor
 from moe_core.output_path import check_output_path, write_output_text
 from moe_core.request_limits import (
     TRUNCATE_SIDES,
@@ -72,6 +73,8 @@ from moe_core.tokenizer import load_tokenizer, render_chat
 __version__ = "0.1.0"
 
 __all__ = [
+    "FP8",
+    "FP8_WORKSPACE_BYTES",
     "TINY_KINDS",
     "TINY_MODEL_NAME",
     "TRUNCATE_SIDES",

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from moe_core import ModelSpec
+from moe_core import FP8, FP8_WORKSPACE_BYTES, ExpertLayout, ModelSpec
 
 from moe_gen.plan import Prediction
 from moe_gen.profile import DeviceProfile
@@ -90,21 +90,35 @@ class ModelCosts:
     Attributes:
         spec: The model.
         dtype_bytes: Bytes per element.
+        fp8_experts: Routed experts stored (and streamed) as FP8 with their scales.
     """
 
     spec: ModelSpec
     dtype_bytes: int
+    fp8_experts: bool = False
 
     @classmethod
-    def of(cls, spec: ModelSpec, dtype: torch.dtype) -> ModelCosts:
-        """Costs of `spec` stored as `dtype`."""
-        return cls(spec, torch.empty(0, dtype=dtype).element_size())
+    def of(cls, spec: ModelSpec, dtype: torch.dtype, fp8_experts: bool = False) -> ModelCosts:
+        """Costs of `spec` stored as `dtype` (its routed experts as FP8 with `fp8_experts`)."""
+        return cls(spec, torch.empty(0, dtype=dtype).element_size(), fp8_experts)
 
     @property
     def expert_bytes(self) -> int:
-        """One routed expert."""
+        """One routed expert (FP8: its e4m3 weights and float32 scales)."""
         moe = self.spec.moe
+        if self.fp8_experts:
+            return ExpertLayout(self.spec.hidden_size, moe.expert_intermediate_size, FP8).nbytes
         return 3 * self.spec.hidden_size * moe.expert_intermediate_size * self.dtype_bytes
+
+    @property
+    def dequantize_workspace_bytes(self) -> int:
+        """Device memory FP8 experts are dequantised into before their products (moe-core's
+        streaming executor dequantises a run of up to `FP8_WORKSPACE_BYTES`, at least one
+        expert); 0 for other experts."""
+        if not self.fp8_experts:
+            return 0
+        wide = 3 * self.spec.hidden_size * self.spec.moe.expert_intermediate_size * 2
+        return max(wide, min(FP8_WORKSPACE_BYTES, 8 * wide))
 
     @property
     def num_experts(self) -> int:
@@ -190,7 +204,7 @@ def gpu_bytes(costs: ModelCosts, c: Candidate, context: int,
     work = c.micro_batch * context * costs.attention_work_bytes_per_key()
     ahead = (kv_lookahead(c) * c.micro_batch * (max_context or context)
              * costs.kv_bytes_per_token // costs.spec.num_layers)
-    return costs.dense_bytes + slots + act + work + ahead
+    return costs.dense_bytes + slots + act + work + ahead + costs.dequantize_workspace_bytes
 
 
 def kv_lookahead(c: Candidate) -> int:

@@ -65,6 +65,9 @@ class JobConfig:
         max_cpu_attention_share: The most of a decode batch the planner may attend on the host.
         truncate: Cut prompts too long for the model's context on this side (None: such a
             request stops the job before it starts).
+        expert_dtype: `"fp8"`: routed experts stored and streamed as e4m3 with per-output-
+            channel scales, dequantised on the device (never silent: the summary, the run
+            record and the report say so); None: the model dtype.
     """
 
     model: str
@@ -81,6 +84,7 @@ class JobConfig:
     plan: Plan | None = None
     max_cpu_attention_share: float = 0.75
     truncate: Truncate | None = None
+    expert_dtype: str | None = None
 
     def __post_init__(self) -> None:
         """Raises `SettingError` naming the option at fault, `DeviceError` for a missing GPU."""
@@ -91,6 +95,9 @@ class JobConfig:
         if not 0.0 <= self.max_cpu_attention_share <= 1.0:
             raise SettingError(f"--max-cpu-attention-share must be in [0, 1], got "
                                f"{self.max_cpu_attention_share}")
+        if self.expert_dtype not in (None, "fp8"):
+            raise SettingError(f"--expert-dtype must be fp8 (or omitted: the model dtype), got "
+                               f"{self.expert_dtype!r}")
         if self.num_layers is not None and self.num_layers < 1:
             raise SettingError(f"--num-layers must be at least 1, got {self.num_layers}")
         check_device(self.device)
@@ -111,6 +118,7 @@ class JobOutcome:
         dtype: The dtype the model ran in.
         record: moe-cap's run record of the job, all its runs (None when none ran a step).
         skipped: Requests already in the output.
+        expert_dtype: The routed experts' storage when it is not the model dtype (`"fp8"`).
     """
 
     summary: JobSummary
@@ -119,6 +127,7 @@ class JobOutcome:
     dtype: torch.dtype
     record: dict[str, object] | None
     skipped: int
+    expert_dtype: str | None = None
 
 
 def _tokenizer(folder: Path) -> object | None:
@@ -138,7 +147,7 @@ def plan_job(config: JobConfig, spec: ModelSpec, prompt_tokens: int, max_new: in
                     prompt_tokens=prompt_tokens, max_new_tokens=max_new,
                     num_requests=num_requests, reserve_bytes=reserve,
                     max_cpu_attention_share=config.max_cpu_attention_share)
-    return make_plan(spec, dtype, profile, budget), profile
+    return make_plan(spec, dtype, profile, budget, config.expert_dtype == "fp8"), profile
 
 
 def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda total, done: None,
@@ -171,7 +180,7 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
             this_run = run.record()
             record.save(record.joined(this_run))
     return JobOutcome(run.summary(len(todo)), run.plan, run.profile, dtype,
-                      record.joined(this_run), len(requests) - len(todo))
+                      record.joined(this_run), len(requests) - len(todo), config.expert_dtype)
 
 
 class _Run:
@@ -200,7 +209,8 @@ class _Run:
         if config.plan is None:
             self.plan, self.profile = plan_job(config, model.spec, longest, max_new, len(todo))
         assert self.plan is not None
-        loaded = install_streaming(model, self.plan, config.device)
+        loaded = install_streaming(model, self.plan, config.device,
+                                   fp8_experts=config.expert_dtype == "fp8")
         runtime = loaded.runtime
         started = time.perf_counter()
         try:
@@ -227,7 +237,8 @@ class _Run:
         """moe-cap's run record of this run (None when it ran no step)."""
         config = self.config
         return (run_record(config.model, self.dtype, _gpu_name(config.device), self.wall,
-                           self.steps, config.num_layers) if self.steps else None)
+                           self.steps, config.num_layers, config.expert_dtype)
+                if self.steps else None)
 
 
 def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:

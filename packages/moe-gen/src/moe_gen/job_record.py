@@ -17,7 +17,7 @@ from moe_core import OutputError, write_output_text
 
 __all__ = ["JobRecord"]
 
-_SAME_RUN = ("model", "weight_dtype", "kv_dtype", "gpu", "num_layers")
+_SAME_RUN = ("model", "weight_dtype", "kv_dtype", "expert_dtype", "gpu", "num_layers")
 _SUMMED = ("wall_seconds", "input_tokens", "output_tokens")
 
 

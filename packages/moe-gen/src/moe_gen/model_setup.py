@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from moe_core import (
+    FP8,
     ExpertId,
     GpuSlotPool,
     HostExpertStore,
@@ -53,19 +54,25 @@ def load_for_generation(name: str, device: str, dtype: torch.dtype | None, *, du
 
 
 def install_streaming(model: MoEForCausalLM, plan: Plan, device: str | torch.device,
-                      store: HostExpertStore | None = None) -> LoadedModel:
+                      store: HostExpertStore | None = None, fp8_experts: bool = False
+                      ) -> LoadedModel:
     """Pack the routed experts into a host store, free them from the model, move the dense part
     to `device`, and stream experts per the plan (or keep them all when `plan.offload` is off).
     With `store` given (a model loaded without experts), the experts come from it instead.
+    With `fp8_experts` they are quantised to FP8 (moe-core's `FP8` store: e4m3, a scale per
+    output channel) and always streamed, even when the plan keeps them all resident.
 
     Raises:
         ValueError: the plan's resident set plus ring exceeds the experts there are.
     """
     device = torch.device(device)
-    if (not plan.offload and store is None) or not model.moe_blocks():
+    if (not plan.offload and store is None and not fp8_experts) or not model.moe_blocks():
         return LoadedModel(model.to(device), None)
     if store is None:
-        store = HostExpertStore.from_model(model, pin=device.type == "cuda")
+        store = HostExpertStore.from_model(model, dtype=FP8 if fp8_experts else None,
+                                           pin=device.type == "cuda")
+    elif fp8_experts:
+        store = store.to_dtype(FP8)
     for block in model.moe_blocks():
         for param in block.experts.parameters():
             param.data = torch.empty(0, dtype=param.dtype)

@@ -52,6 +52,10 @@ def summary_lines(outcome: JobOutcome) -> list[str]:
              f"tok/s, end-to-end {s.end_to_end_tokens_per_s:,.0f} tok/s",
              f"host-to-device {format_bytes(s.h2d_bytes)} (experts {format_bytes(s.expert_bytes)})"
              f", compute waiting on expert copies {s.stall_share:.0%} of step time"]
+    if outcome.expert_dtype is not None:
+        lines.append(f"experts: {outcome.expert_dtype} (e4m3, a float32 scale per output "
+                     f"channel), dequantised to {str(outcome.dtype).removeprefix('torch.')} "
+                     f"on the device")
     if s.predicted_decode_step_s is not None:
         measured = ("n/a (no full-batch decode step)" if s.measured_decode_step_s is None
                     else _ms(s.measured_decode_step_s))
