@@ -170,7 +170,8 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
         spec = ModelSpec.from_pretrained(folder)
         dtype = config.run_dtype(spec)
         todo = checked_requests(todo, tokenizer, spec.max_position_embeddings,
-                                config.defaults.max_new_tokens, config.truncate, config.input)
+                                config.defaults.max_new_tokens, config.truncate, config.input,
+                                spec.vocab_size)
         on_start(len(requests), len(requests) - len(todo))
         run = _Run(config, dtype, output, on_result, on_step)
         try:
