@@ -24,6 +24,8 @@ from moe_core import (
 
 from moe_gen.api import Defaults, eos_ids, run_requests
 from moe_gen.batch_loop import StepStats
+from moe_gen.energy_meter import EnergyMeter
+from moe_gen.host_machine import cpu_model, cpu_table_name, host_memory_bytes
 from moe_gen.job_record import JobRecord
 from moe_gen.model_setup import install_streaming, load_for_generation
 from moe_gen.output_file import JobOutput
@@ -197,6 +199,7 @@ class _Run:
         self.steps: list[StepStats] = []
         self.offload: dict[str, int | float] = {}
         self.wall = 0.0
+        self.energy: dict[str, float | None] = {}
         self._output, self._on_result, self._on_step = output, on_result, on_step
 
     def generate(self, todo: list[tuple[int, GenRequest]], tokenizer: object | None) -> None:
@@ -214,12 +217,15 @@ class _Run:
                                    fp8_experts=config.expert_dtype == "fp8")
         runtime = loaded.runtime
         started = time.perf_counter()
+        meter = EnergyMeter(0 if config.device == "cuda" else None)
         try:
-            run_requests(loaded.model, todo, self.plan, defaults, tokenizer, self._finished,
-                         self._stepped,
-                         (lambda: runtime.stats.bytes_copied) if runtime else (lambda: 0))
+            with meter:
+                run_requests(loaded.model, todo, self.plan, defaults, tokenizer, self._finished,
+                             self._stepped,
+                             (lambda: runtime.stats.bytes_copied) if runtime else (lambda: 0))
         finally:
             self.wall = time.perf_counter() - started
+            self.energy = {"gpu_energy_j": meter.gpu_j, "cpu_energy_j": meter.cpu_j}
             self.offload = runtime.summary() if runtime is not None else {}
 
     def _finished(self, result: GenResult) -> None:
@@ -237,9 +243,20 @@ class _Run:
     def record(self) -> dict[str, object] | None:
         """moe-cap's run record of this run (None when it ran no step)."""
         config = self.config
-        return (run_record(config.model, self.dtype, _gpu_name(config.device), self.wall,
-                           self.steps, config.num_layers, config.expert_dtype)
-                if self.steps else None)
+        if not self.steps:
+            return None
+        record = run_record(config.model, self.dtype, _gpu_name(config.device), self.wall,
+                            self.steps, config.num_layers, config.expert_dtype)
+        model = cpu_model()
+        if model is not None:
+            record["cpu"] = cpu_table_name(model)
+        memory = host_memory_bytes()
+        # The host memory charged: the job's budget, or the machine's memory if that is less.
+        charged = config.host_memory_bytes if memory is None else min(memory,
+                                                                     config.host_memory_bytes)
+        record["dram_gib"] = round(charged / 2**30, 3)
+        record.update({k: v for k, v in self.energy.items() if v is not None})
+        return record
 
 
 def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:

@@ -33,9 +33,7 @@ def run_record(model: str, dtype: torch.dtype, gpu: str, wall_seconds: float,
         "input_tokens": sum(n for s in steps if s.phase == "prefill" for p, n in s.chunks
                             if p == 0),
         "output_tokens": sum(len(s.chunks) for s in steps),
-        "steps": [{"phase": s.phase, "seconds": max(s.seconds, 1e-9),
-                   "chunks": [list(c) for c in s.chunks], "h2d_bytes": s.h2d_bytes}
-                  for s in steps],
+        "steps": [_step(s) for s in steps],
     }
     if num_layers is not None:
         record["num_layers"] = num_layers
@@ -43,3 +41,12 @@ def run_record(model: str, dtype: torch.dtype, gpu: str, wall_seconds: float,
         record["expert_dtype"] = expert_dtype
         record["compute_dtype"] = precision_name(dtype)
     return record
+
+
+def _step(s: StepStats) -> dict[str, object]:
+    """One step's entry (its measured `experts_activated` where it was measured)."""
+    step: dict[str, object] = {"phase": s.phase, "seconds": max(s.seconds, 1e-9),
+                               "chunks": [list(c) for c in s.chunks], "h2d_bytes": s.h2d_bytes}
+    if s.experts_activated is not None:
+        step["experts_activated"] = list(s.experts_activated)
+    return step
