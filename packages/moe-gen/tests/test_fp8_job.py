@@ -27,6 +27,7 @@ def test_fp8_run_says_fp8_in_summary_record_and_report(tmp_path: Path) -> None:
                                       "--json", str(record), "--report", str(report)])
     assert result.exit_code == 0, result.output
     assert "experts: fp8 (e4m3" in result.stdout
+    assert "host memory: process peak" in result.stdout
     data = json.loads(record.read_text())
     assert (data["expert_dtype"], data["compute_dtype"], data["weight_dtype"]) == (
         "fp8", "fp32", "fp32")

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 import torch
 from moe_core import FP8, FP8_WORKSPACE_BYTES, ExpertLayout, ModelSpec
 
-from moe_gen.plan import Prediction
+from moe_gen.plan import HostMemory, Prediction
 from moe_gen.profile import DeviceProfile
 
 __all__ = ["HOST_LAUNCHES_PER_EXPERT", "HOST_LAUNCHES_PER_MICRO_BATCH",
-           "HOST_LAUNCHES_PER_MOE_LAYER", "LOOKAHEAD_MIN_SHARE", "Candidate", "ModelCosts",
-           "gpu_bytes", "kv_lookahead", "predict"]
+           "HOST_LAUNCHES_PER_MOE_LAYER", "LOOKAHEAD_MIN_SHARE", "Candidate", "HostMemory",
+           "ModelCosts", "gpu_bytes", "host_memory", "kv_lookahead", "predict"]
 
 # moe-core's streaming ring copies a layer's experts ahead of its routing when the previous layer
 # used at least this share of its experts (`ExpertRing.lookahead_min_share`); the engine installs
@@ -108,6 +108,12 @@ class ModelCosts:
         moe = self.spec.moe
         if self.fp8_experts:
             return ExpertLayout(self.spec.hidden_size, moe.expert_intermediate_size, FP8).nbytes
+        return 3 * self.spec.hidden_size * moe.expert_intermediate_size * self.dtype_bytes
+
+    @property
+    def expert_run_bytes(self) -> int:
+        """One routed expert in the run dtype (as the loaded model holds it)."""
+        moe = self.spec.moe
         return 3 * self.spec.hidden_size * moe.expert_intermediate_size * self.dtype_bytes
 
     @property
@@ -205,6 +211,20 @@ def gpu_bytes(costs: ModelCosts, c: Candidate, context: int,
     ahead = (kv_lookahead(c) * c.micro_batch * (max_context or context)
              * costs.kv_bytes_per_token // costs.spec.num_layers)
     return costs.dense_bytes + slots + act + work + ahead + costs.dequantize_workspace_bytes
+
+
+def host_memory(costs: ModelCosts, c: Candidate, max_tokens: int) -> HostMemory:
+    """Host memory of candidate `c` whose sequences hold up to `max_tokens` tokens."""
+    spec = costs.spec
+    per_layer = costs.kv_bytes_per_token // max(spec.num_layers, 1)
+    experts = costs.num_experts * costs.expert_bytes
+    full = costs.dense_bytes + costs.num_experts * costs.expert_run_bytes
+    return HostMemory(
+        experts=experts, kv_pages=c.batch * max_tokens * costs.kv_bytes_per_token,
+        staging=2 * kv_lookahead(c) * c.micro_batch * max_tokens * per_layer,
+        host_attention=(spec.num_layers * spec.attention.num_params(spec.hidden_size)
+                        * costs.dtype_bytes if c.cpu_share > 0 else 0),
+        loading=full + spec.moe.num_experts * costs.expert_bytes)
 
 
 def kv_lookahead(c: Candidate) -> int:

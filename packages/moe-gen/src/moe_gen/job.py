@@ -3,6 +3,7 @@ it finishes, and sum up what happened (the summary, the report and moe-cap's run
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -238,7 +239,9 @@ class _Run:
 
     def summary(self, requests: int) -> JobSummary:
         """Throughput and counters of this run."""
-        return summarise(requests, self.steps, self.wall, self.offload, self.plan)
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+                if self.steps else None)
+        return summarise(requests, self.steps, self.wall, self.offload, self.plan, peak)
 
     def record(self) -> dict[str, object] | None:
         """moe-cap's run record of this run (None when it ran no step)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["Plan", "Prediction"]
+__all__ = ["HostMemory", "Plan", "Prediction"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,42 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class HostMemory:
+    """Host memory of a plan (bytes).
+
+    Attributes:
+        experts: The expert store (every routed expert, in its storage dtype).
+        kv_pages: The KV cache: `B x (prompt + limit)` tokens of pages.
+        staging: The KV mover's pinned staging buffers (two per gather in flight, each up to a
+            micro-batch's keys of one cached tensor of one layer).
+        host_attention: The host's copies of every layer's attention weights (share > 0).
+        loading: While loading: the whole model in the run dtype plus one layer of the store
+            (moe-gen packs a layer at a time and frees its weights from the model at once).
+    """
+
+    experts: int
+    kv_pages: int
+    staging: int
+    host_attention: int
+    loading: int
+
+    @property
+    def running(self) -> int:
+        """While generating."""
+        return self.experts + self.kv_pages + self.staging + self.host_attention
+
+    @property
+    def peak(self) -> int:
+        """The larger of loading and generating."""
+        return max(self.running, self.loading)
+
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-ready, with the running and peak totals."""
+        return {**asdict(self), "running": self.running, "peak": self.peak}
+
+
+@dataclass(frozen=True)
 class Plan:
     """Batch sizes and memory split of a run.
 
@@ -69,6 +105,7 @@ class Plan:
         offload: Whether routed experts run through the streaming executor at all (False:
             every expert stays in the model, the all-resident case).
         prediction: The cost model's prediction, when a planner made the plan.
+        host_memory: The planner's host memory of the plan (its peak within `--host-memory`).
     """
 
     max_batch_size: int
@@ -84,6 +121,7 @@ class Plan:
     kv_lookahead: int = 2
     offload: bool = True
     prediction: Prediction | None = None
+    host_memory: HostMemory | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "micro_batch_size", "max_prefill_tokens", "page_tokens",
@@ -104,6 +142,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready (the prediction nested)."""
-        out: dict[str, object] = {k: v for k, v in asdict(self).items() if k != "prediction"}
+        out: dict[str, object] = {k: v for k, v in asdict(self).items()
+                                  if k not in ("prediction", "host_memory")}
         out["prediction"] = None if self.prediction is None else self.prediction.to_dict()
+        out["host_memory"] = None if self.host_memory is None else self.host_memory.to_dict()
         return out

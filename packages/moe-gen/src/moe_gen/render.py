@@ -27,6 +27,14 @@ def plan_lines(plan: Plan, profile: DeviceProfile | None) -> list[str]:
              + (f" ({plan.host_attention_kernel})" if plan.cpu_attention_share else "")
              + f"; KV of "
              f"{plan.kv_lookahead} micro-batches gathered ahead"]
+    memory = plan.host_memory
+    if memory is not None:
+        lines.append(f"host memory: peak {format_bytes(memory.peak)} (generating "
+                     f"{format_bytes(memory.running)}: experts {format_bytes(memory.experts)}, "
+                     f"KV pages {format_bytes(memory.kv_pages)}, staging "
+                     f"{format_bytes(memory.staging)}, host attention "
+                     f"{format_bytes(memory.host_attention)}; loading "
+                     f"{format_bytes(memory.loading)})")
     if profile is not None:
         lines.append(f"profile ({profile.device}): PCIe {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, "
                      f"KV gather {profile.gather_bytes_per_s / 1e9:.1f} GB/s, matmul "
@@ -52,6 +60,10 @@ def summary_lines(outcome: JobOutcome) -> list[str]:
              f"tok/s, end-to-end {s.end_to_end_tokens_per_s:,.0f} tok/s",
              f"host-to-device {format_bytes(s.h2d_bytes)} (experts {format_bytes(s.expert_bytes)})"
              f", compute waiting on expert copies {s.stall_share:.0%} of step time"]
+    if s.peak_host_bytes is not None:
+        planned = outcome.plan.host_memory if outcome.plan is not None else None
+        lines.append(f"host memory: process peak {format_bytes(s.peak_host_bytes)}"
+                     + (f" (planned {format_bytes(planned.peak)})" if planned else ""))
     if outcome.expert_dtype is not None:
         lines.append(f"experts: {outcome.expert_dtype} (e4m3, a float32 scale per output "
                      f"channel), dequantised to {str(outcome.dtype).removeprefix('torch.')} "
