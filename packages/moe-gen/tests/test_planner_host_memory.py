@@ -67,5 +67,5 @@ def test_large_host_budgets_plan_thousands_of_sequences(qwen: ModelSpec) -> None
 
 
 def test_a_budget_that_cannot_hold_the_loading_model_is_refused(qwen: ModelSpec) -> None:
-    with pytest.raises(SettingError, match="loading the model takes .* raise --host-memory"):
+    with pytest.raises(SettingError, match=r"loading the model takes .* raise --host-memory"):
         make_plan(qwen, BF16, PROFILE, budget(20 * GIB))
