@@ -158,3 +158,12 @@ def test_pack_cli_writes_fp8_and_refuses_unknown_dtypes(tmp_path: Path) -> None:
     assert bad.exit_code != 0
     assert bad.output.strip().splitlines()[-1].startswith("error:")
     assert "fp8" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_generate_refuses_an_fp8_store_in_one_line(fp8_file: Path) -> None:
+    result = CliRunner().invoke(app, ["generate", "--expert-memory", "16MiB", "--store",
+                                      str(fp8_file), "-p", "hi", "--max-new-tokens", "2"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error:") and "FP8 experts" in lines[-1]
+    assert "Traceback" not in result.output
