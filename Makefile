@@ -13,13 +13,18 @@ setup: $(if $(filter .tools/bin/uv,$(UV)),.tools/bin/uv)
 	$(UV) sync --all-packages --locked
 
 # The main job on the embedded tiny MoE (the default model of every command): its plan for a
-# small GPU budget, a check against transformers, and generations from a story, a chat turn and
-# code. (moe-gen's batch job takes this over once it lands.)
+# small GPU budget and a check against transformers, then moe-gen's batch job on the embedded
+# sample prompts (a story, a chat turn, code, math), written afresh to .cache/make-run/ with
+# its run record, and the results printed.
+RUN_OUT := .cache/make-run/out.jsonl
+
 run: setup
 	$(UV) run moe-core inspect --gpu-memory 16MiB
 	$(UV) run moe-core verify
-	$(UV) run moe-core generate --max-new-tokens 48 -p "Once upon a time, there was a little fox who" -p "def fibonacci(n):"
-	$(UV) run moe-core generate --chat --max-new-tokens 64 -p "Tom has 3 apples and buys 5 more. How many apples does he have now?"
+	mkdir -p .cache/make-run
+	rm -f $(RUN_OUT) $(RUN_OUT).run-record.json
+	$(UV) run moe-gen run --max-new-tokens 48 --output $(RUN_OUT) --json .cache/make-run/record.json
+	cat $(RUN_OUT)
 
 # The type checker first (zero errors over every package's source), then every test.
 test: setup

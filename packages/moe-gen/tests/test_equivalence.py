@@ -21,11 +21,11 @@ SIZES = [(1, 1, 64, 4), (3, 2, 6, 4), (8, 3, 64, 16), (8, 8, 12, 3)]
 
 
 def plan(batch: int, micro: int, prefill: int, page: int, offload: bool = False,
-         pairs: int = 1 << 62, cpu_share: float = 0.0) -> Plan:
+         pairs: int = 1 << 62, cpu_share: float = 0.0, kernel: str = "torch") -> Plan:
     return Plan(max_batch_size=batch, micro_batch_size=micro, max_prefill_tokens=prefill,
                 page_tokens=page, num_kv_pages=batch * (-(-(9 + NUM_NEW) // page)),
                 num_resident_experts=3, max_attention_pairs=pairs,
-                cpu_attention_share=cpu_share, offload=offload)
+                cpu_attention_share=cpu_share, host_attention_kernel=kernel, offload=offload)
 
 
 def eos_for(free: list[list[int]]) -> list[int]:
@@ -34,9 +34,11 @@ def eos_for(free: list[list[int]]) -> list[int]:
 
 
 def check(model: MoEForCausalLM, expected: list[list[int]], eos: list[int], sizes: tuple[int, ...],
-          offload: bool = False, pairs: int = 1 << 62, cpu_share: float = 0.0) -> None:
+          offload: bool = False, pairs: int = 1 << 62, cpu_share: float = 0.0,
+          kernel: str = "torch") -> None:
     results = generate(model, PROMPTS, max_new_tokens=NUM_NEW, eos_token_id=eos,
-                       plan=plan(*sizes, offload=offload, pairs=pairs, cpu_share=cpu_share))
+                       plan=plan(*sizes, offload=offload, pairs=pairs, cpu_share=cpu_share,
+                                 kernel=kernel))
     assert [r.id for r in results] == [str(i) for i in range(len(PROMPTS))]
     for i, (result, want) in enumerate(zip(results, expected, strict=True)):
         assert list(result.token_ids) == want, f"request {i}"
@@ -79,11 +81,13 @@ def test_attention_pair_cap_splits_prefill_micro_batches(case: tuple) -> None:
     check(model, with_eos, eos, (8, 8, 64, 4), pairs=40)  # prompts alone or in twos
 
 
-@pytest.mark.parametrize("share", [0.5, 1.0])
-def test_host_attention_share_gives_the_same_tokens(case: tuple, share: float) -> None:
+@pytest.mark.parametrize(("share", "kernel"), [(0.5, "torch"), (1.0, "torch"), (0.5, "numba"),
+                                               (1.0, "numba")])
+def test_host_attention_share_gives_the_same_tokens(case: tuple, share: float,
+                                                    kernel: str) -> None:
     folder, _, with_eos, eos = case
     model = load_model(folder, dtype="float32")
-    check(model, with_eos, eos, (8, 3, 12, 4), cpu_share=share)
+    check(model, with_eos, eos, (8, 3, 12, 4), cpu_share=share, kernel=kernel)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])

@@ -97,7 +97,10 @@ def test_cli_run_and_plan(tmp_path: Path) -> None:
     (["run", "--input", "MISSING"], "no such input file"),
     (["run", "--gpu-memory", "lots"], "error:"),
     (["plan", "no-such-model"], "no such model folder"),
-    (["plan", "mixtral-8x7b", "--gpu-memory", "1GiB", "--device", "cpu"], "nothing fits"),
+    (["plan", "mixtral-8x7b", "--gpu-memory", "1GiB", "--host-memory", "1TiB", "--device",
+      "cpu"], "nothing fits"),
+    (["plan", "mixtral-8x7b", "--host-memory", "64GiB", "--device", "cpu"],
+     "raise --host-memory"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, args)

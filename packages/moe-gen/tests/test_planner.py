@@ -108,6 +108,31 @@ def test_host_attention_share_follows_the_host_rate(mixtral: ModelSpec) -> None:
     assert make_plan(mixtral, BF16, on_cpu, budget("12GiB")).cpu_attention_share == 0
 
 
+def test_the_plan_attends_the_host_share_with_the_profiled_kernel(mixtral: ModelSpec) -> None:
+    from dataclasses import replace
+
+    fast = replace(PROFILE, cpu_attention_keys_per_s=1e9, cpu_matmul_flops_per_s=1e14,
+                   gather_bytes_per_s=1e12)
+    for kernel in ("torch", "numba"):
+        plan = make_plan(mixtral, BF16, replace(fast, cpu_attention_kernel=kernel),
+                         budget("12GiB"))
+        assert plan.cpu_attention_share > 0 and plan.host_attention_kernel == kernel
+    # The paged kernel reads the pages in place: no gather of its share's pages is charged.
+    slow_gather = replace(fast, gather_bytes_per_s=1e8)
+    c = Candidate(256, 32, 16, 8192, cpu_share=0.5, ring=4)
+    costs = ModelCosts.of(mixtral, BF16)
+    torch_step = predict(costs, slow_gather, c, 640)
+    numba_step = predict(costs, replace(slow_gather, cpu_attention_kernel="numba"), c, 640)
+    assert numba_step.cpu_s < torch_step.cpu_s
+
+
+def test_host_attention_rates_measure_both_kernels(mixtral: ModelSpec) -> None:
+    from moe_gen.profile import host_attention_rates
+
+    rates = host_attention_rates(mixtral, BF16, batch=2, keys=64)
+    assert set(rates) == {"torch", "numba"} and all(r > 0 for r in rates.values())
+
+
 def test_kv_copies_overlap_the_expert_stream(mixtral: ModelSpec) -> None:
     from dataclasses import replace
 

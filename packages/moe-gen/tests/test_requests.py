@@ -32,7 +32,10 @@ def test_plain_text_is_one_prompt_per_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("line", "message"), [
     ('{"id": "b", "prompt": 3}', "line 2: 'prompt' must be a string"),
-    ('{"id": "b"}', "line 2: needs exactly one of 'prompt' or 'messages'"),
+    ('{"id": "b"}', "line 2: needs exactly one of 'prompt', 'messages' or 'token_ids'"),
+    ('{"id": "b", "token_ids": []}', "line 2: 'token_ids' must be a non-empty list"),
+    ('{"id": "b", "token_ids": [1, -2]}', "line 2: 'token_ids' must be a non-empty list"),
+    ('{"id": "b", "token_ids": [1], "prompt": "x"}', "line 2: needs exactly one of"),
     ('{"id": "b", "prompt": "x", "colour": 1}', "line 2: unknown field(s) ['colour']"),
     ('{"id": "b", "prompt": "x"', "line 2: not valid JSON"),
     ('{"id": "a", "prompt": "again"}', "line 2: duplicate id 'a' (first on line 1)"),

@@ -33,7 +33,7 @@ from moe_core.file_lock import lock_holder, open_locked
 from moe_core.generation import GenerationResult, generate
 from moe_core.known_shapes import known_shapes
 from moe_core.kv_cache import KVCache
-from moe_core.kv_store import KVStore, SequenceKV
+from moe_core.kv_store import DecodeAttentionStore, KVStore, SequenceKV
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import AttentionBranch, DecoderLayer, MixObserver, MoEForCausalLM
 from moe_core.moe_block import MoEBlock
@@ -47,6 +47,7 @@ from moe_core.offload.cache_plans import (
 )
 from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket, CpuCopyEngine
 from moe_core.offload.copy_engines import make_copy_engine
+from moe_core.offload.fp8 import FP8
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
@@ -62,7 +63,7 @@ from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.stats import OffloadStats
-from moe_core.offload.streaming_executor import StreamingExecutor
+from moe_core.offload.streaming_executor import FP8_WORKSPACE_BYTES, StreamingExecutor
 from moe_core.output_path import check_output_path, write_output_text
 from moe_core.replay_routing import ReplayRouting, RoutingTape
 from moe_core.request_limits import (
@@ -93,6 +94,8 @@ from moe_core.zipf_routing import ZipfRouting
 __version__ = "0.1.0"
 
 __all__ = [
+    "FP8",
+    "FP8_WORKSPACE_BYTES",
     "PREFETCH_MODES",
     "TINY_KINDS",
     "TINY_MODEL_NAME",
@@ -109,6 +112,7 @@ __all__ = [
     "CopyTicket",
     "CpuComputeRule",
     "CpuCopyEngine",
+    "DecodeAttentionStore",
     "DecodeRunner",
     "DecoderLayer",
     "DeviceError",

@@ -277,6 +277,9 @@ def pack(
         min=1, help="Keep only the first N decoder layers.")] = None,
     dummy: Annotated[bool, typer.Option(help="Random experts from config.json alone.")] = False,
     seed: int = 0,
+    expert_dtype: Annotated[str | None, typer.Option(
+        help="fp8: quantise the experts to e4m3 with a scale per output channel (half of bf16's "
+             "bytes over PCIe; moe-gen runs them).")] = None,
 ) -> None:
     """Pack a model's routed experts into one aligned store file, for fast offloaded starts."""
     import resource
@@ -291,12 +294,13 @@ def pack(
                   console=_err, transient=True) as bar:
         task = bar.add_task("packing experts", total=None)
         header = pack_model(model, out, dtype=dtype, num_layers=num_layers, dummy=dummy,
-                            seed=seed,
+                            seed=seed, expert_dtype=expert_dtype,
                             progress=lambda done, total: bar.update(task, completed=done,
                                                                     total=total))
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    _err.print(f"wrote {out}: {len(header.moe_layers)} MoE layers x {header.num_experts} experts, "
+    _err.print(f"wrote {out}: {len(header.moe_layers)} MoE layers x {header.num_experts} "
+               f"{header.dtype} experts, "
                f"{format_bytes(header.file_bytes)} in {seconds:.1f} s (peak host memory "
                f"{format_bytes(peak)})")
 

@@ -8,6 +8,10 @@ fixed and driven from the device for graph capture) and moe-gen's micro-batch vi
 pages all satisfy it, so the same layer code serves `generate`, graph-captured decode and
 module-based batching.
 
+`DecodeAttentionStore` is for stores that attend one query per row themselves, where the keys
+lie (moe-gen's host pages, read in place by a CPU kernel): at decode an attention layer hands
+them its queries and new entries instead of asking for every key back.
+
 `SequenceKV` adds what `MoEForCausalLM.forward` needs to build masks and positions itself: which
 key slots hold real tokens, which slots the new queries occupy, and where each row's positions
 continue.
@@ -19,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["KVStore", "SequenceKV"]
+__all__ = ["DecodeAttentionStore", "KVStore", "SequenceKV"]
 
 
 @runtime_checkable
@@ -55,4 +59,34 @@ class SequenceKV(KVStore, Protocol):
     def commit(self, new_valid: torch.Tensor) -> None:
         """Finish the pass begun with the same `new_valid`: its real tokens become visible to
         later passes and advance their rows' positions."""
+        ...
+
+
+@runtime_checkable
+class DecodeAttentionStore(KVStore, Protocol):
+    """A `KVStore` that attends a single new token per row over its own keys.
+
+    Attention layers call `attend_decode` instead of `append` when a pass has one token per row
+    and the store has the method; the store keeps the new entries exactly as `append` would.
+    """
+
+    def attend_decode(self, layer: int, queries: tuple[torch.Tensor, ...],
+                      new: tuple[torch.Tensor, ...], value_index: int, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+        """Store `layer`'s new entries and attend.
+
+        Args:
+            layer: Decoder-layer index.
+            queries: Per key part `[B, H, E_i]`: `queries[i]` scores against stored tensor
+                `i` (GQA: the rotated queries against the keys; MLA: the absorbed no-rope
+                query against the latent, and the rotated query against the rotary key).
+            new: The new entries, as `append` takes them (each `[B, 1, ...]`).
+            value_index: Which stored tensor holds the values (GQA: 1; MLA: 0, the latent).
+            mask: Additive `[B, S]`, the last column the new token's, as `append`'s result
+                would be masked.
+            scale: Softmax scale.
+
+        Returns:
+            The attended values `[B, H, V]` in float32.
+        """
         ...

@@ -19,6 +19,7 @@ from moe_core import (
 
 from moe_gen.batch_loop import StepStats, run_loop
 from moe_gen.engine import BatchEngine
+from moe_gen.expert_usage import ExpertUsage
 from moe_gen.paged_kv import PagedKV
 from moe_gen.plan import Plan
 from moe_gen.requests import GenRequest
@@ -130,7 +131,8 @@ def run_requests(model: MoEForCausalLM, requests: Seq[tuple[int, GenRequest]], p
     pages = PagedKV(model.spec, plan.num_kv_pages, plan.page_tokens, model.dtype,
                     pin=model.device.type == "cuda")
     engine = BatchEngine(model, pages, plan.micro_batch_size, plan.max_attention_pairs,
-                         plan.cpu_attention_share, plan.kv_lookahead)
+                         plan.cpu_attention_share, plan.kv_lookahead,
+                         plan.host_attention_kernel)
     scheduler = Scheduler(sequences, pages, plan.max_batch_size, plan.max_prefill_tokens)
     decode = None
     if tokenizer is not None:
@@ -140,7 +142,9 @@ def run_requests(model: MoEForCausalLM, requests: Seq[tuple[int, GenRequest]], p
     def moved() -> int:
         return h2d_bytes() + engine.mover.h2d_bytes
 
-    run_loop(engine, scheduler, set(defaults.eos_token_ids), decode, on_result, on_step, moved)
+    with ExpertUsage(model) as usage:
+        run_loop(engine, scheduler, set(defaults.eos_token_ids), decode, on_result, on_step,
+                 moved, usage)
     return engine
 
 

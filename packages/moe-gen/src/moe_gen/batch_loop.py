@@ -10,6 +10,7 @@ import torch
 from moe_core import sample_next
 
 from moe_gen.engine import BatchEngine, StepTiming
+from moe_gen.expert_usage import ExpertUsage
 from moe_gen.micro_batch import SequenceInput
 from moe_gen.scheduler import Scheduler
 from moe_gen.sequence import FinishReason, GenResult, Sequence
@@ -30,6 +31,8 @@ class StepStats:
         h2d_bytes: Host-to-device bytes (experts and KV).
         attention_s: Attention share of the step.
         moe_s: MoE share of the step.
+        experts_activated: Distinct routed experts each MoE layer used (measured; None: not
+            measured).
     """
 
     phase: str
@@ -38,6 +41,7 @@ class StepStats:
     h2d_bytes: int
     attention_s: float
     moe_s: float
+    experts_activated: tuple[int, ...] | None = None
 
 
 def _inputs(seqs: list[Sequence]) -> list[SequenceInput]:
@@ -81,7 +85,8 @@ def _result(seq: Sequence, reason: FinishReason, decode: Decode | None) -> GenRe
 
 def run_loop(engine: BatchEngine, scheduler: Scheduler, eos_ids: set[int],
              decode: Decode | None, on_result: Callable[[GenResult], None],
-             on_step: Callable[[StepStats], None], h2d_bytes: Callable[[], int]) -> None:
+             on_step: Callable[[StepStats], None], h2d_bytes: Callable[[], int],
+             usage: ExpertUsage | None = None) -> None:
     """Run every queued sequence to its end.
 
     Args:
@@ -92,6 +97,7 @@ def run_loop(engine: BatchEngine, scheduler: Scheduler, eos_ids: set[int],
         on_result: Called with each finished sequence's result, as it finishes.
         on_step: Called after each step.
         h2d_bytes: Host-to-device bytes moved so far (all copies), for per-step accounting.
+        usage: Measures the experts each step used (None: not measured).
     """
     while not scheduler.is_done:
         seqs = scheduler.next_step()
@@ -110,4 +116,5 @@ def run_loop(engine: BatchEngine, scheduler: Scheduler, eos_ids: set[int],
             scheduler.retire(seq)
             on_result(_result(seq, reason, decode))
         on_step(StepStats(phase, timing.total_s, chunks, h2d_bytes() - before,
-                          timing.attention_s, timing.moe_s))
+                          timing.attention_s, timing.moe_s,
+                          usage.take() if usage is not None else None))

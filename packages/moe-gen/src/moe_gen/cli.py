@@ -52,6 +52,9 @@ Dtype = Annotated[str | None, typer.Option(
     help="Model dtype (default: float32 on the CPU, else the checkpoint's).")]
 Dummy = Annotated[bool, typer.Option("--dummy", help="Random weights of the model's shapes.")]
 Layers = Annotated[int | None, typer.Option(min=1, help="Keep only the first N decoder layers.")]
+ExpertDtype = Annotated[str | None, typer.Option(
+    help="fp8: store and stream the routed experts as e4m3 with a scale per output channel "
+         "(half of bf16's PCIe bytes; dequantised on the device; default: the model dtype).")]
 CpuShare = Annotated[float, typer.Option(
     help="Most of a decode batch the planner may attend on the host (0: GPU only).")]
 
@@ -84,6 +87,7 @@ def run(
                           ] = False,
     device: Device = None, dtype: Dtype = None, dummy: Dummy = False, num_layers: Layers = None,
     max_cpu_attention_share: CpuShare = 0.75,
+    expert_dtype: ExpertDtype = None,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Write the run record moe-cap reads to this file.")] = None,
     report: Annotated[Path | None, typer.Option(
@@ -105,7 +109,7 @@ def run(
                        host_memory_bytes=parse_bytes(host_memory), device=_device(device),
                        dtype=dtype, dummy=dummy, num_layers=num_layers, eos=not ignore_eos,
                        max_cpu_attention_share=max_cpu_attention_share,
-                       truncate=parse_truncate(truncate))
+                       truncate=parse_truncate(truncate), expert_dtype=expert_dtype)
     for path, option in ((json_path, "--json"), (report, "--report")):
         if path is not None:
             check_output_path(path, option)
@@ -146,6 +150,7 @@ def _run_with_progress(config: JobConfig) -> JobOutcome:
 def _report(config: JobConfig, outcome: JobOutcome) -> dict[str, object]:
     return {"engine": f"moe-gen {moe_gen.__version__}", "model": config.model,
             "device": config.device, "dtype": str(outcome.dtype),
+            "expert_dtype": config.expert_dtype or str(outcome.dtype).removeprefix("torch."),
             "gpu_memory_bytes": config.gpu_memory_bytes,
             "host_memory_bytes": config.host_memory_bytes,
             "plan": outcome.plan.to_dict() if outcome.plan else None,
@@ -164,6 +169,7 @@ def plan(
     num_requests: Annotated[int, typer.Option(min=1, help="Requests in the job.")] = 4096,
     device: Device = None, dtype: Dtype = None, num_layers: Layers = None,
     max_cpu_attention_share: CpuShare = 0.75,
+    expert_dtype: ExpertDtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Profile this machine and print the plan, its predicted step time and the bound."""
@@ -172,7 +178,8 @@ def plan(
     config = JobConfig(model=model, input=Path(), output=Path(),
                        gpu_memory_bytes=parse_bytes(gpu_memory),
                        host_memory_bytes=parse_bytes(host_memory), device=_device(device),
-                       dtype=dtype, max_cpu_attention_share=max_cpu_attention_share)
+                       dtype=dtype, max_cpu_attention_share=max_cpu_attention_share,
+                       expert_dtype=expert_dtype)
     chosen, profile = plan_job(config, spec, prompt_tokens, max_new_tokens, num_requests)
     if as_json:
         json.dump({"model": model, "plan": chosen.to_dict(), "profile": profile.to_dict()},

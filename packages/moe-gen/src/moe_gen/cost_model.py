@@ -32,14 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from moe_core import ModelSpec
+from moe_core import FP8, FP8_WORKSPACE_BYTES, ExpertLayout, ModelSpec
 
-from moe_gen.plan import Prediction
+from moe_gen.plan import HostMemory, Prediction
 from moe_gen.profile import DeviceProfile
 
 __all__ = ["HOST_LAUNCHES_PER_EXPERT", "HOST_LAUNCHES_PER_MICRO_BATCH",
-           "HOST_LAUNCHES_PER_MOE_LAYER", "LOOKAHEAD_MIN_SHARE", "Candidate", "ModelCosts",
-           "gpu_bytes", "kv_lookahead", "predict"]
+           "HOST_LAUNCHES_PER_MOE_LAYER", "LOOKAHEAD_MIN_SHARE", "Candidate", "HostMemory",
+           "ModelCosts", "gpu_bytes", "host_memory", "kv_lookahead", "predict"]
 
 # moe-core's streaming ring copies a layer's experts ahead of its routing when the previous layer
 # used at least this share of its experts (`ExpertRing.lookahead_min_share`); the engine installs
@@ -90,21 +90,41 @@ class ModelCosts:
     Attributes:
         spec: The model.
         dtype_bytes: Bytes per element.
+        fp8_experts: Routed experts stored (and streamed) as FP8 with their scales.
     """
 
     spec: ModelSpec
     dtype_bytes: int
+    fp8_experts: bool = False
 
     @classmethod
-    def of(cls, spec: ModelSpec, dtype: torch.dtype) -> ModelCosts:
-        """Costs of `spec` stored as `dtype`."""
-        return cls(spec, torch.empty(0, dtype=dtype).element_size())
+    def of(cls, spec: ModelSpec, dtype: torch.dtype, fp8_experts: bool = False) -> ModelCosts:
+        """Costs of `spec` stored as `dtype` (its routed experts as FP8 with `fp8_experts`)."""
+        return cls(spec, torch.empty(0, dtype=dtype).element_size(), fp8_experts)
 
     @property
     def expert_bytes(self) -> int:
-        """One routed expert."""
+        """One routed expert (FP8: its e4m3 weights and float32 scales)."""
+        moe = self.spec.moe
+        if self.fp8_experts:
+            return ExpertLayout(self.spec.hidden_size, moe.expert_intermediate_size, FP8).nbytes
+        return 3 * self.spec.hidden_size * moe.expert_intermediate_size * self.dtype_bytes
+
+    @property
+    def expert_run_bytes(self) -> int:
+        """One routed expert in the run dtype (as the loaded model holds it)."""
         moe = self.spec.moe
         return 3 * self.spec.hidden_size * moe.expert_intermediate_size * self.dtype_bytes
+
+    @property
+    def dequantize_workspace_bytes(self) -> int:
+        """Device memory FP8 experts are dequantised into before their products (moe-core's
+        streaming executor dequantises a run of up to `FP8_WORKSPACE_BYTES`, at least one
+        expert); 0 for other experts."""
+        if not self.fp8_experts:
+            return 0
+        wide = 3 * self.spec.hidden_size * self.spec.moe.expert_intermediate_size * 2
+        return max(wide, min(FP8_WORKSPACE_BYTES, 8 * wide))
 
     @property
     def num_experts(self) -> int:
@@ -190,7 +210,21 @@ def gpu_bytes(costs: ModelCosts, c: Candidate, context: int,
     work = c.micro_batch * context * costs.attention_work_bytes_per_key()
     ahead = (kv_lookahead(c) * c.micro_batch * (max_context or context)
              * costs.kv_bytes_per_token // costs.spec.num_layers)
-    return costs.dense_bytes + slots + act + work + ahead
+    return costs.dense_bytes + slots + act + work + ahead + costs.dequantize_workspace_bytes
+
+
+def host_memory(costs: ModelCosts, c: Candidate, max_tokens: int) -> HostMemory:
+    """Host memory of candidate `c` whose sequences hold up to `max_tokens` tokens."""
+    spec = costs.spec
+    per_layer = costs.kv_bytes_per_token // max(spec.num_layers, 1)
+    experts = costs.num_experts * costs.expert_bytes
+    full = costs.dense_bytes + costs.num_experts * costs.expert_run_bytes
+    return HostMemory(
+        experts=experts, kv_pages=c.batch * max_tokens * costs.kv_bytes_per_token,
+        staging=2 * kv_lookahead(c) * c.micro_batch * max_tokens * per_layer,
+        host_attention=(spec.num_layers * spec.attention.num_params(spec.hidden_size)
+                        * costs.dtype_bytes if c.cpu_share > 0 else 0),
+        loading=full + spec.moe.num_experts * costs.expert_bytes)
 
 
 def kv_lookahead(c: Candidate) -> int:
@@ -222,11 +256,13 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
     attention = ((1 - share) * keys * (1 / profile.attention_keys_per_s
                                        + expansion / profile.matmul_flops_per_s)
                  + other_gpu + launches * profile.launch_s)
-    # The host gathers its share's pages from the arenas too, then attends them.
+    # torch's host path gathers its share's pages from the arenas first, then attends them; the
+    # paged kernel reads them in place (its measured rate includes the reading).
+    gathers = (c.batch * context * costs.kv_bytes_per_token / profile.gather_bytes_per_s
+               if profile.cpu_attention_kernel == "torch" else 0.0)
     host = share * (keys * (1 / profile.cpu_attention_keys_per_s
                             + expansion / profile.cpu_matmul_flops_per_s)
-                    + projection_flops / profile.cpu_matmul_flops_per_s
-                    + c.batch * context * costs.kv_bytes_per_token / profile.gather_bytes_per_s)
+                    + projection_flops / profile.cpu_matmul_flops_per_s + gathers)
     moe_gpu = expert_gpu / max(spec.num_moe_layers, 1)
     lookahead = costs.active_share(c.batch) >= LOOKAHEAD_MIN_SHARE and profile.device != "cpu"
     cover = c.ring * costs.expert_bytes / bandwidth if lookahead else 0.0

@@ -58,9 +58,11 @@ class BatchEngine:
 
     def __init__(self, model: MoEForCausalLM, pages: PagedKV, micro_batch_size: int,
                  max_attention_pairs: int = 1 << 62, cpu_attention_share: float = 0.0,
-                 kv_lookahead: int = 2) -> None:
+                 kv_lookahead: int = 2, host_attention_kernel: str = "torch") -> None:
         """`kv_lookahead` micro-batches' KV may be gathered before their attention runs (their
-        copies overlap earlier work; each holds device memory until attended)."""
+        copies overlap earlier work; each holds device memory until attended);
+        `host_attention_kernel` attends the host's share (`host_attention.HOST_ATTENTION_KERNELS`).
+        """
         if micro_batch_size <= 0 or max_attention_pairs <= 0 or kv_lookahead <= 0:
             raise ValueError(f"micro_batch_size, max_attention_pairs and kv_lookahead must be "
                              f"positive, got {micro_batch_size}, {max_attention_pairs} and "
@@ -73,7 +75,8 @@ class BatchEngine:
         self.mover = KVMover(model.device, kv_lookahead * entries)
         self.micro_batch_size = micro_batch_size
         self.max_attention_pairs = max_attention_pairs
-        self.host_attention = (HostAttention(model, pages, cpu_attention_share)
+        self.host_attention = (HostAttention(model, pages, cpu_attention_share,
+                                             host_attention_kernel)
                                if cpu_attention_share > 0 else None)
 
     def _micro_batches(self, seqs: Sequence[SequenceInput],
@@ -105,16 +108,17 @@ class BatchEngine:
         model, spec, host = self.model, self.model.spec, self.host_attention
         on_host, on_device = host.split(seqs) if host is not None else ([], list(seqs))
         parts: tuple[list[_Part], list[_Part]] = ([], [])
-        for batches, mover, out in ((self._micro_batches(on_device), self.mover, parts[0]),
-                                    (self._micro_batches(on_host, torch.device("cpu")),
-                                     host.mover if host else self.mover, parts[1])):
+        for batches, on_cpu, out in ((self._micro_batches(on_device), False, parts[0]),
+                                     (self._micro_batches(on_host, torch.device("cpu")), True,
+                                      parts[1])):
             for b in batches:
                 window = (b.mask(spec.attention.sliding_window, dtype)
                           if spec.sliding_layers else None)
                 cos, sin = model.rope(b.positions, dtype)
                 rope = (cos.to(b.attention_device), sin.to(b.attention_device))
-                out.append(_Part(b, AttentionInputs(rope, b.mask(None, dtype), window),
-                                 MicroBatchKV(b, self.pages, mover)))
+                cache = (host.cache(b, self.pages) if on_cpu and host is not None
+                         else MicroBatchKV(b, self.pages, self.mover))
+                out.append(_Part(b, AttentionInputs(rope, b.mask(None, dtype), window), cache))
         return parts
 
     @torch.no_grad()

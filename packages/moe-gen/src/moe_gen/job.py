@@ -3,6 +3,7 @@ it finishes, and sum up what happened (the summary, the report and moe-cap's run
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,8 @@ from moe_core import (
 
 from moe_gen.api import Defaults, eos_ids, run_requests
 from moe_gen.batch_loop import StepStats
+from moe_gen.energy_meter import EnergyMeter
+from moe_gen.host_machine import cpu_model, cpu_table_name, host_memory_bytes
 from moe_gen.job_record import JobRecord
 from moe_gen.model_setup import install_streaming, load_for_generation
 from moe_gen.output_file import JobOutput
@@ -65,6 +68,9 @@ class JobConfig:
         max_cpu_attention_share: The most of a decode batch the planner may attend on the host.
         truncate: Cut prompts too long for the model's context on this side (None: such a
             request stops the job before it starts).
+        expert_dtype: `"fp8"`: routed experts stored and streamed as e4m3 with per-output-
+            channel scales, dequantised on the device (never silent: the summary, the run
+            record and the report say so); None: the model dtype.
     """
 
     model: str
@@ -81,6 +87,7 @@ class JobConfig:
     plan: Plan | None = None
     max_cpu_attention_share: float = 0.75
     truncate: Truncate | None = None
+    expert_dtype: str | None = None
 
     def __post_init__(self) -> None:
         """Raises `SettingError` naming the option at fault, `DeviceError` for a missing GPU."""
@@ -91,6 +98,9 @@ class JobConfig:
         if not 0.0 <= self.max_cpu_attention_share <= 1.0:
             raise SettingError(f"--max-cpu-attention-share must be in [0, 1], got "
                                f"{self.max_cpu_attention_share}")
+        if self.expert_dtype not in (None, "fp8"):
+            raise SettingError(f"--expert-dtype must be fp8 (or omitted: the model dtype), got "
+                               f"{self.expert_dtype!r}")
         if self.num_layers is not None and self.num_layers < 1:
             raise SettingError(f"--num-layers must be at least 1, got {self.num_layers}")
         check_device(self.device)
@@ -111,6 +121,7 @@ class JobOutcome:
         dtype: The dtype the model ran in.
         record: moe-cap's run record of the job, all its runs (None when none ran a step).
         skipped: Requests already in the output.
+        expert_dtype: The routed experts' storage when it is not the model dtype (`"fp8"`).
     """
 
     summary: JobSummary
@@ -119,6 +130,7 @@ class JobOutcome:
     dtype: torch.dtype
     record: dict[str, object] | None
     skipped: int
+    expert_dtype: str | None = None
 
 
 def _tokenizer(folder: Path) -> object | None:
@@ -138,7 +150,7 @@ def plan_job(config: JobConfig, spec: ModelSpec, prompt_tokens: int, max_new: in
                     prompt_tokens=prompt_tokens, max_new_tokens=max_new,
                     num_requests=num_requests, reserve_bytes=reserve,
                     max_cpu_attention_share=config.max_cpu_attention_share)
-    return make_plan(spec, dtype, profile, budget), profile
+    return make_plan(spec, dtype, profile, budget, config.expert_dtype == "fp8"), profile
 
 
 def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda total, done: None,
@@ -161,7 +173,8 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
         spec = ModelSpec.from_pretrained(folder)
         dtype = config.run_dtype(spec)
         todo = checked_requests(todo, tokenizer, spec.max_position_embeddings,
-                                config.defaults.max_new_tokens, config.truncate, config.input)
+                                config.defaults.max_new_tokens, config.truncate, config.input,
+                                spec.vocab_size)
         on_start(len(requests), len(requests) - len(todo))
         run = _Run(config, dtype, output, on_result, on_step)
         try:
@@ -171,7 +184,7 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
             this_run = run.record()
             record.save(record.joined(this_run))
     return JobOutcome(run.summary(len(todo)), run.plan, run.profile, dtype,
-                      record.joined(this_run), len(requests) - len(todo))
+                      record.joined(this_run), len(requests) - len(todo), config.expert_dtype)
 
 
 class _Run:
@@ -187,6 +200,7 @@ class _Run:
         self.steps: list[StepStats] = []
         self.offload: dict[str, int | float] = {}
         self.wall = 0.0
+        self.energy: dict[str, float | None] = {}
         self._output, self._on_result, self._on_step = output, on_result, on_step
 
     def generate(self, todo: list[tuple[int, GenRequest]], tokenizer: object | None) -> None:
@@ -200,15 +214,19 @@ class _Run:
         if config.plan is None:
             self.plan, self.profile = plan_job(config, model.spec, longest, max_new, len(todo))
         assert self.plan is not None
-        loaded = install_streaming(model, self.plan, config.device)
+        loaded = install_streaming(model, self.plan, config.device,
+                                   fp8_experts=config.expert_dtype == "fp8")
         runtime = loaded.runtime
         started = time.perf_counter()
+        meter = EnergyMeter(0 if config.device == "cuda" else None)
         try:
-            run_requests(loaded.model, todo, self.plan, defaults, tokenizer, self._finished,
-                         self._stepped,
-                         (lambda: runtime.stats.bytes_copied) if runtime else (lambda: 0))
+            with meter:
+                run_requests(loaded.model, todo, self.plan, defaults, tokenizer, self._finished,
+                             self._stepped,
+                             (lambda: runtime.stats.bytes_copied) if runtime else (lambda: 0))
         finally:
             self.wall = time.perf_counter() - started
+            self.energy = {"gpu_energy_j": meter.gpu_j, "cpu_energy_j": meter.cpu_j}
             self.offload = runtime.summary() if runtime is not None else {}
 
     def _finished(self, result: GenResult) -> None:
@@ -221,13 +239,27 @@ class _Run:
 
     def summary(self, requests: int) -> JobSummary:
         """Throughput and counters of this run."""
-        return summarise(requests, self.steps, self.wall, self.offload, self.plan)
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+                if self.steps else None)
+        return summarise(requests, self.steps, self.wall, self.offload, self.plan, peak)
 
     def record(self) -> dict[str, object] | None:
         """moe-cap's run record of this run (None when it ran no step)."""
         config = self.config
-        return (run_record(config.model, self.dtype, _gpu_name(config.device), self.wall,
-                           self.steps, config.num_layers) if self.steps else None)
+        if not self.steps:
+            return None
+        record = run_record(config.model, self.dtype, _gpu_name(config.device), self.wall,
+                            self.steps, config.num_layers, config.expert_dtype)
+        model = cpu_model()
+        if model is not None:
+            record["cpu"] = cpu_table_name(model)
+        memory = host_memory_bytes()
+        # The host memory charged: the job's budget, or the machine's memory if that is less.
+        charged = config.host_memory_bytes if memory is None else min(memory,
+                                                                     config.host_memory_bytes)
+        record["dram_gib"] = round(charged / 2**30, 3)
+        record.update({k: v for k, v in self.energy.items() if v is not None})
+        return record
 
 
 def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:

@@ -17,8 +17,11 @@ from moe_core import OutputError, write_output_text
 
 __all__ = ["JobRecord"]
 
-_SAME_RUN = ("model", "weight_dtype", "kv_dtype", "gpu", "num_layers")
+_SAME_RUN = ("model", "weight_dtype", "kv_dtype", "expert_dtype", "gpu", "cpu", "num_layers")
 _SUMMED = ("wall_seconds", "input_tokens", "output_tokens")
+# Measured energy adds up only where every run measured it; otherwise it is left out (moe-cap
+# then estimates the whole job's, and says so).
+_ENERGY = ("gpu_energy_j", "cpu_energy_j", "dram_energy_j")
 
 
 class JobRecord:
@@ -65,6 +68,11 @@ class JobRecord:
         joined = dict(run)
         for key in _SUMMED:
             joined[key] = self.stored[key] + run[key]  # type: ignore[operator]
+        for key in _ENERGY:
+            if key in self.stored and key in run:
+                joined[key] = self.stored[key] + run[key]  # type: ignore[operator]
+            else:
+                joined.pop(key, None)
         joined["steps"] = [*self.stored["steps"], *run["steps"]]  # type: ignore[misc]
         return joined
 

@@ -66,6 +66,7 @@ class MicroBatch:
         rows = torch.tensor([s.first_row for s in seqs])[:, None] + steps[None, :]  # [b, T]
         new_pos = past[:, None] + steps[None, :]  # [b, T]
         self.num_past = p
+        self.past_lengths = past  # [b] int64, on the host
         self.num_valid = int(valid.sum())
         # Flat [b*T] indices of the real tokens; None when there is no padding (decode).
         self.valid_index = (None if self.num_valid == b * t

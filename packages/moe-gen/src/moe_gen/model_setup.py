@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from moe_core import (
+    FP8,
     ExpertId,
+    ExpertLayout,
     GpuSlotPool,
     HostExpertStore,
     MoEForCausalLM,
@@ -28,7 +30,8 @@ from moe_core import (
 from moe_gen.cost_model import LOOKAHEAD_MIN_SHARE
 from moe_gen.plan import Plan
 
-__all__ = ["LoadedModel", "install_streaming", "load_for_generation", "spread_residents"]
+__all__ = ["LoadedModel", "install_streaming", "load_for_generation", "pack_experts",
+           "spread_residents"]
 
 
 @dataclass
@@ -53,19 +56,24 @@ def load_for_generation(name: str, device: str, dtype: torch.dtype | None, *, du
 
 
 def install_streaming(model: MoEForCausalLM, plan: Plan, device: str | torch.device,
-                      store: HostExpertStore | None = None) -> LoadedModel:
+                      store: HostExpertStore | None = None, fp8_experts: bool = False
+                      ) -> LoadedModel:
     """Pack the routed experts into a host store, free them from the model, move the dense part
     to `device`, and stream experts per the plan (or keep them all when `plan.offload` is off).
     With `store` given (a model loaded without experts), the experts come from it instead.
+    With `fp8_experts` they are quantised to FP8 (moe-core's `FP8` store: e4m3, a scale per
+    output channel) and always streamed, even when the plan keeps them all resident.
 
     Raises:
         ValueError: the plan's resident set plus ring exceeds the experts there are.
     """
     device = torch.device(device)
-    if (not plan.offload and store is None) or not model.moe_blocks():
+    if (not plan.offload and store is None and not fp8_experts) or not model.moe_blocks():
         return LoadedModel(model.to(device), None)
     if store is None:
-        store = HostExpertStore.from_model(model, pin=device.type == "cuda")
+        store = pack_experts(model, FP8 if fp8_experts else None, pin=device.type == "cuda")
+    elif fp8_experts:
+        store = store.to_dtype(FP8)
     for block in model.moe_blocks():
         for param in block.experts.parameters():
             param.data = torch.empty(0, dtype=param.dtype)
@@ -79,6 +87,30 @@ def install_streaming(model: MoEForCausalLM, plan: Plan, device: str | torch.dev
                                  lookahead_min_share=LOOKAHEAD_MIN_SHARE,
                                  drop_local_experts=True)
     return LoadedModel(model, runtime)
+
+
+def pack_experts(model: MoEForCausalLM, dtype: torch.dtype | None, pin: bool
+                 ) -> HostExpertStore:
+    """The routed experts of `model` in a host store (`dtype`, default theirs; pinned with
+    `pin`), packed a layer at a time, each layer's expert weights freed from the model as soon
+    as its arena is written: the host then holds the model plus one layer of the store at
+    most while packing, not the experts twice (the planner's `load_host_bytes`)."""
+    blocks = model.moe_blocks()
+    experts = blocks[0].experts
+    num_experts, inter, hidden = experts.gate_proj.shape
+    layout = ExpertLayout(hidden, inter, dtype or experts.gate_proj.dtype)
+    arenas: dict[int, torch.Tensor] = {}
+    pin = pin and torch.cuda.is_available()
+    with torch.no_grad():
+        for block in blocks:
+            arena = torch.empty(num_experts * layout.numel, dtype=layout.dtype, pin_memory=pin)
+            local = block.experts
+            layout.pack_layer(local.gate_proj, local.up_proj, local.down_proj,
+                              arena.view(num_experts, layout.numel))
+            for param in local.parameters():
+                param.data = torch.empty(0, dtype=param.dtype)
+            arenas[block.layer] = arena
+    return HostExpertStore(layout, arenas, num_experts)
 
 
 def spread_residents(experts: list[ExpertId], count: int) -> list[ExpertId]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["Plan", "Prediction"]
+__all__ = ["HostMemory", "Plan", "Prediction"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,42 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class HostMemory:
+    """Host memory of a plan (bytes).
+
+    Attributes:
+        experts: The expert store (every routed expert, in its storage dtype).
+        kv_pages: The KV cache: `B x (prompt + limit)` tokens of pages.
+        staging: The KV mover's pinned staging buffers (two per gather in flight, each up to a
+            micro-batch's keys of one cached tensor of one layer).
+        host_attention: The host's copies of every layer's attention weights (share > 0).
+        loading: While loading: the whole model in the run dtype plus one layer of the store
+            (moe-gen packs a layer at a time and frees its weights from the model at once).
+    """
+
+    experts: int
+    kv_pages: int
+    staging: int
+    host_attention: int
+    loading: int
+
+    @property
+    def running(self) -> int:
+        """While generating."""
+        return self.experts + self.kv_pages + self.staging + self.host_attention
+
+    @property
+    def peak(self) -> int:
+        """The larger of loading and generating."""
+        return max(self.running, self.loading)
+
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-ready, with the running and peak totals."""
+        return {**asdict(self), "running": self.running, "peak": self.peak}
+
+
+@dataclass(frozen=True)
 class Plan:
     """Batch sizes and memory split of a run.
 
@@ -60,12 +96,16 @@ class Plan:
             fewer sequences, so their score matrices fit where a decode micro-batch's KV does.
         cpu_attention_share: Share of each decode step's sequences attended on the host (their
             KV never crosses PCIe).
+        host_attention_kernel: How the host attends its share: `"torch"` (the modules' own
+            CPU path) or `"numba"` (the paged kernel reading the pages in place), whichever the
+            profile measured faster.
         kv_lookahead: Micro-batches whose KV may be gathered to the device before their
             attention runs (the copies overlap the previous layer's expert stream; each holds
             device memory until attended).
         offload: Whether routed experts run through the streaming executor at all (False:
             every expert stays in the model, the all-resident case).
         prediction: The cost model's prediction, when a planner made the plan.
+        host_memory: The planner's host memory of the plan (its peak within `--host-memory`).
     """
 
     max_batch_size: int
@@ -77,9 +117,11 @@ class Plan:
     ring_size: int = 2
     max_attention_pairs: int = 1 << 62
     cpu_attention_share: float = 0.0
+    host_attention_kernel: str = "torch"
     kv_lookahead: int = 2
     offload: bool = True
     prediction: Prediction | None = None
+    host_memory: HostMemory | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "micro_batch_size", "max_prefill_tokens", "page_tokens",
@@ -92,11 +134,16 @@ class Plan:
         if not 0.0 <= self.cpu_attention_share <= 1.0:
             raise ValueError(f"Plan.cpu_attention_share must be in [0, 1], got "
                              f"{self.cpu_attention_share}")
+        if self.host_attention_kernel not in ("torch", "numba"):
+            raise ValueError(f"Plan.host_attention_kernel must be 'torch' or 'numba', got "
+                             f"{self.host_attention_kernel!r}")
         if self.ring_size < 2:
             raise ValueError(f"Plan.ring_size must be at least 2, got {self.ring_size}")
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready (the prediction nested)."""
-        out: dict[str, object] = {k: v for k, v in asdict(self).items() if k != "prediction"}
+        out: dict[str, object] = {k: v for k, v in asdict(self).items()
+                                  if k not in ("prediction", "host_memory")}
         out["prediction"] = None if self.prediction is None else self.prediction.to_dict()
+        out["host_memory"] = None if self.host_memory is None else self.host_memory.to_dict()
         return out

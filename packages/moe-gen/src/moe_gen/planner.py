@@ -13,7 +13,14 @@ from dataclasses import dataclass, replace
 import torch
 from moe_core import ModelSpec, SettingError, format_bytes
 
-from moe_gen.cost_model import Candidate, ModelCosts, gpu_bytes, kv_lookahead, predict
+from moe_gen.cost_model import (
+    Candidate,
+    ModelCosts,
+    gpu_bytes,
+    host_memory,
+    kv_lookahead,
+    predict,
+)
 from moe_gen.plan import Plan, Prediction
 from moe_gen.profile import DeviceProfile
 
@@ -75,11 +82,10 @@ def _powers(limit: int) -> list[int]:
 def _candidates(costs: ModelCosts, budget: Budget, context: int) -> list[Candidate]:
     """Every feasible candidate, each with as many resident experts as its memory leaves."""
     max_tokens = budget.prompt_tokens + budget.max_new_tokens
-    host_kv = budget.host_bytes - costs.num_experts * costs.expert_bytes
     found = []
     for batch in _powers(min(_MAX_BATCH, budget.num_requests)):
-        if batch * max_tokens * costs.kv_bytes_per_token > host_kv:
-            break
+        if host_memory(costs, Candidate(batch, 1, 0, 1), max_tokens).running > budget.host_bytes:
+            break  # the KV pages alone outgrow the host budget
         prefill = max(budget.prompt_tokens, min(_MAX_PREFILL_TOKENS, batch * budget.prompt_tokens))
         for micro in _powers(min(batch, 256)):
             for ring in _RINGS:
@@ -89,7 +95,9 @@ def _candidates(costs: ModelCosts, budget: Budget, context: int) -> list[Candida
                 if free < 0:
                     continue
                 resident = min(free // costs.expert_bytes, costs.num_experts)
-                found.append(replace(base, num_resident=int(resident)))
+                candidate = replace(base, num_resident=int(resident))
+                if host_memory(costs, candidate, max_tokens).running <= budget.host_bytes:
+                    found.append(candidate)
     return found
 
 
@@ -102,14 +110,22 @@ def _best(scored: list[tuple[Prediction, Candidate]]) -> tuple[Prediction, Candi
     return min(close, key=lambda pc: (pc[0].dispatch_s, pc[1].batch, pc[1].ring))
 
 
-def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budget: Budget) -> Plan:
-    """The plan with the highest predicted decode tokens/s.
+def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budget: Budget,
+              fp8_experts: bool = False) -> Plan:
+    """The plan with the highest predicted decode tokens/s (with `fp8_experts`, for routed
+    experts stored and streamed as FP8).
 
     Raises:
         SettingError: nothing fits (the message says what the dense part and one slot need).
     """
-    costs = ModelCosts.of(spec, dtype)
+    costs = ModelCosts.of(spec, dtype, fp8_experts)
     context = budget.prompt_tokens + budget.max_new_tokens // 2  # mean over a generation
+    max_tokens = budget.prompt_tokens + budget.max_new_tokens
+    loading = host_memory(costs, Candidate(1, 1, 0, 1), max_tokens).loading
+    if loading > budget.host_bytes:
+        raise SettingError(f"loading the model takes {format_bytes(loading)} of host memory (the "
+                           f"model in {dtype} plus one layer of its expert store), more than the "
+                           f"host budget {format_bytes(budget.host_bytes)}: raise --host-memory")
     found = _candidates(costs, budget, context)
     if not found:
         need = costs.dense_bytes + (_RINGS[0] * costs.expert_bytes)
@@ -119,7 +135,9 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
                          f"{format_bytes(budget.host_bytes)} holds no KV cache after the experts")
     shares = ([s for s in _CPU_SHARES if s <= budget.max_cpu_attention_share]
               if profile.device != "cpu" else [0.0])  # on a CPU run the host is the device
-    found = [replace(c, cpu_share=s) for c in found for s in shares]
+    found = [replace(c, cpu_share=s) for c in found for s in shares
+             if s == 0 or host_memory(costs, replace(c, cpu_share=s),
+                                      max_tokens).running <= budget.host_bytes]
     scored = [(predict(costs, profile, c, context), c) for c in found]
     prediction, best = _best(scored)
     device_only = [pc for pc in scored if pc[1].cpu_share == 0]
@@ -134,5 +152,8 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
                 max_prefill_tokens=best.prefill_tokens, page_tokens=_PAGE_TOKENS,
                 num_kv_pages=pages, num_resident_experts=best.num_resident, ring_size=best.ring,
                 max_attention_pairs=pairs, cpu_attention_share=best.cpu_share,
+                host_attention_kernel=(profile.cpu_attention_kernel if best.cpu_share > 0
+                                       else "torch"),
                 kv_lookahead=kv_lookahead(best),
-                offload=not all_resident, prediction=prediction)
+                offload=not all_resident, prediction=prediction,
+                host_memory=host_memory(costs, best, max_tokens))

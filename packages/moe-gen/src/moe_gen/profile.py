@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from moe_core import ModelSpec
 
-__all__ = ["DeviceProfile", "profile_device"]
+from moe_gen.paged_attention import NumbaPagedAttention, time_paged_attention
+
+__all__ = ["DeviceProfile", "host_attention_rates", "profile_device"]
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,13 @@ class DeviceProfile:
         matmul_flops_per_s: Matrix-product rate at expert-like shapes.
         attention_keys_per_s: Decode attention: (query token, key, layer) triples per second on
             the device, at the model's head shape.
-        cpu_attention_keys_per_s: The same with torch's CPU kernels (for planning CPU attention).
+        cpu_attention_keys_per_s: The same on the host, with the faster of the host attention
+            kernels (`cpu_attention_kernel`), measured the way the engine runs it.
         cpu_matmul_flops_per_s: Host matrix-product rate (the host's attention projections).
         launch_s: Fixed cost of one small device operation (launch and dispatch latency); a
             micro-batch pays some tens of them per layer.
+        cpu_attention_kernel: The host attention kernel measured fastest (`"torch"` or
+            `"numba"`; see `host_attention.py`).
     """
 
     device: str
@@ -42,6 +47,7 @@ class DeviceProfile:
     cpu_attention_keys_per_s: float
     cpu_matmul_flops_per_s: float
     launch_s: float
+    cpu_attention_kernel: str = "torch"
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready."""
@@ -89,6 +95,28 @@ def _attention_rate(spec: ModelSpec, device: torch.device, dtype: torch.dtype, b
     return batch * keys / seconds
 
 
+def host_attention_rates(spec: ModelSpec, dtype: torch.dtype, batch: int = 16,
+                         keys: int = 512) -> dict[str, float]:
+    """Decode attention keys per second on the host, per host attention kernel, each measured
+    the way the engine runs it: torch's path as `_attention_rate` does; the paged kernel over
+    `batch` sequences of `keys` keys in shuffled 16-token pages of arenas in `dtype`, the new key
+    apart (MLA: the latent and rotary key as its two key parts, the latent as the values)."""
+    rates = {"torch": _attention_rate(spec, torch.device("cpu"), dtype, batch, keys)}
+    att = spec.attention
+    if att.kind == "mla":
+        assert att.kv_lora_rank is not None and att.qk_rope_head_dim is not None
+        parts, value, groups = [att.kv_lora_rank, att.qk_rope_head_dim], 0, 1
+    else:
+        parts, value, groups = [att.head_dim], 1, att.num_kv_heads
+    try:
+        seconds, _ = time_paged_attention(NumbaPagedAttention(), att.num_heads, parts, value,
+                                          groups, dtype, batch, keys)
+    except ImportError:  # numba missing: torch's path only
+        return rates
+    rates["numba"] = batch * keys / seconds
+    return rates
+
+
 def profile_device(spec: ModelSpec, device: str | torch.device, dtype: torch.dtype
                    ) -> DeviceProfile:
     """Measure the rates the cost model needs for `spec` on `device`."""
@@ -111,7 +139,10 @@ def profile_device(spec: ModelSpec, device: str | torch.device, dtype: torch.dty
     batch, keys = (64, 1024) if cuda else (4, 128)
     attention = _attention_rate(spec, device, dtype, batch, keys)
     cpu = torch.device("cpu")
-    cpu_attention = _attention_rate(spec, cpu, dtype, 16, 512) if cuda else attention
+    # The host attends only on GPU runs (on a CPU run the host is the device: share 0).
+    host_rates = host_attention_rates(spec, dtype) if cuda else {"torch": attention}
+    host_kernel = max(host_rates, key=lambda name: host_rates[name])
+    cpu_attention = host_rates[host_kernel]
     if cuda:
         x = torch.randn(64, 1024, dtype=dtype)
         w = torch.randn(1024, 1024, dtype=dtype)
@@ -121,4 +152,5 @@ def profile_device(spec: ModelSpec, device: str | torch.device, dtype: torch.dty
     tiny = torch.ones(8, device=device, dtype=dtype)
     launch = _best(lambda: [tiny.add_(0) for _ in range(20)], device) / 20
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    return DeviceProfile(name, h2d, gather, flops, attention, cpu_attention, cpu_flops, launch)
+    return DeviceProfile(name, h2d, gather, flops, attention, cpu_attention, cpu_flops, launch,
+                         host_kernel)

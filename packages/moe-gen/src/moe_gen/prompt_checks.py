@@ -26,7 +26,8 @@ __all__ = ["checked_requests"]
 
 def checked_requests(requests: Sequence[tuple[int, GenRequest]], tokenizer: Tokenizer | None,
                      context_tokens: int, max_new_tokens: int, truncate: Truncate | None,
-                     source: str | Path) -> list[tuple[int, GenRequest]]:
+                     source: str | Path, vocab_size: int | None = None
+                     ) -> list[tuple[int, GenRequest]]:
     """`(index, request)` pairs with each request's prompt as token ids that fit the context.
 
     Args:
@@ -36,10 +37,17 @@ def checked_requests(requests: Sequence[tuple[int, GenRequest]], tokenizer: Toke
         max_new_tokens: The job's token limit (a request's own wins).
         truncate: Cut over-long prompts on this side instead of refusing them.
         source: The requests file, named in the error.
+        vocab_size: Token ids given as such must be below it (None: unchecked).
 
     Raises:
         InputError: requests that cannot run, listed by line.
     """
+    if vocab_size is not None:
+        outside = [f"{f'line {r.line}' if r.line else f'request {r.id!r}'}: token id "
+                   f"{max(r.token_ids)} is outside the model's vocabulary (0..{vocab_size - 1})"
+                   for _, r in requests if r.token_ids and max(r.token_ids) >= vocab_size]
+        if outside:
+            raise InputError(bad_lines_message(source, outside))
     fitted, problems = fit_prompts(
         ((f"line {r.line}" if r.line else f"request {r.id!r}", partial(prompt_ids, r, tokenizer),
           r.max_new_tokens or max_new_tokens) for _, r in requests), context_tokens, truncate)

@@ -23,12 +23,24 @@ def plan_lines(plan: Plan, profile: DeviceProfile | None) -> list[str]:
              + (f"the rest streamed through a ring of {plan.ring_size}" if plan.offload
                 else "all resident (nothing streamed)"),
              f"KV cache: {plan.num_kv_pages} host pages of {plan.page_tokens} tokens; "
-             f"{plan.cpu_attention_share:.0%} of each decode batch attended on the host; KV of "
+             f"{plan.cpu_attention_share:.0%} of each decode batch attended on the host"
+             + (f" ({plan.host_attention_kernel})" if plan.cpu_attention_share else "")
+             + f"; KV of "
              f"{plan.kv_lookahead} micro-batches gathered ahead"]
+    memory = plan.host_memory
+    if memory is not None:
+        lines.append(f"host memory: peak {format_bytes(memory.peak)} (generating "
+                     f"{format_bytes(memory.running)}: experts {format_bytes(memory.experts)}, "
+                     f"KV pages {format_bytes(memory.kv_pages)}, staging "
+                     f"{format_bytes(memory.staging)}, host attention "
+                     f"{format_bytes(memory.host_attention)}; loading "
+                     f"{format_bytes(memory.loading)})")
     if profile is not None:
         lines.append(f"profile ({profile.device}): PCIe {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, "
                      f"KV gather {profile.gather_bytes_per_s / 1e9:.1f} GB/s, matmul "
-                     f"{profile.matmul_flops_per_s / 1e12:.1f} TFLOP/s")
+                     f"{profile.matmul_flops_per_s / 1e12:.1f} TFLOP/s, host attention "
+                     f"{profile.cpu_attention_keys_per_s / 1e6:.1f} M keys/s "
+                     f"({profile.cpu_attention_kernel})")
     p = plan.prediction
     if p is not None:
         lines += [f"predicted decode step {_ms(p.step_s)}: PCIe {_ms(p.pcie_s)} (experts "
@@ -48,6 +60,14 @@ def summary_lines(outcome: JobOutcome) -> list[str]:
              f"tok/s, end-to-end {s.end_to_end_tokens_per_s:,.0f} tok/s",
              f"host-to-device {format_bytes(s.h2d_bytes)} (experts {format_bytes(s.expert_bytes)})"
              f", compute waiting on expert copies {s.stall_share:.0%} of step time"]
+    if s.peak_host_bytes is not None:
+        planned = outcome.plan.host_memory if outcome.plan is not None else None
+        lines.append(f"host memory: process peak {format_bytes(s.peak_host_bytes)}"
+                     + (f" (planned {format_bytes(planned.peak)})" if planned else ""))
+    if outcome.expert_dtype is not None:
+        lines.append(f"experts: {outcome.expert_dtype} (e4m3, a float32 scale per output "
+                     f"channel), dequantised to {str(outcome.dtype).removeprefix('torch.')} "
+                     f"on the device")
     if s.predicted_decode_step_s is not None:
         measured = ("n/a (no full-batch decode step)" if s.measured_decode_step_s is None
                     else _ms(s.measured_decode_step_s))

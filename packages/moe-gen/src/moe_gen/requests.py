@@ -1,8 +1,9 @@
 """Generation requests and how they are read from a JSONL or plain-text file.
 
-A JSONL line is an object with an `id` and either `prompt` (text) or `messages` (a chat, rendered
-with the model's template); optional `max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`
-and `stop` override the job's defaults. A file whose first non-blank line is not a JSON object is
+A JSONL line is an object with an `id` and one of `prompt` (text), `messages` (a chat, rendered
+with the model's template) or `token_ids` (the prompt's token ids, for models without a
+tokenizer, e.g. shipped shapes run with `--dummy`); optional `max_new_tokens`, `temperature`,
+`top_p`, `top_k`, `seed` and `stop` override the job's defaults. A file whose first non-blank line is not a JSON object is
 plain text: one prompt per line, ids `line-<n>`. Every mistake names its line.
 """
 
@@ -18,8 +19,8 @@ from moe_gen.errors import InputError
 
 __all__ = ["GenRequest", "InputError", "read_requests"]
 
-_FIELDS = {"id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-           "stop"}
+_FIELDS = {"id", "prompt", "messages", "token_ids", "max_new_tokens", "temperature", "top_p",
+           "top_k", "seed", "stop"}
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class GenRequest:
         id: Unique id, echoed in the output.
         prompt: Text prompt (tokenised as is), or None.
         messages: Chat messages (`{"role", "content"}`), rendered with the chat template.
-        token_ids: Prompt token ids (API use), or None.
+        token_ids: Prompt token ids, or None.
         max_new_tokens: Limit for this request (None: the job's).
         temperature: Sampling temperature (None: the job's; 0 is greedy).
         top_p: Nucleus threshold (None: the job's).
@@ -87,6 +88,13 @@ def _check_messages(value: object) -> tuple[dict[str, str], ...]:
     return tuple({"role": m["role"], "content": m["content"]} for m in value)
 
 
+def _check_token_ids(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(
+            _is_int(t) and t >= 0 for t in value):
+        raise ValueError("'token_ids' must be a non-empty list of non-negative integers")
+    return tuple(value)
+
+
 def _from_object(data: object, line: int) -> GenRequest:
     """A request from one parsed JSON line (ValueError names the bad field)."""
     if not isinstance(data, dict):
@@ -101,8 +109,9 @@ def _from_object(data: object, line: int) -> GenRequest:
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError("'prompt' must be a string")
     messages = _check_messages(data["messages"]) if "messages" in data else None
-    if (prompt is None) == (messages is None):
-        raise ValueError("needs exactly one of 'prompt' or 'messages'")
+    token_ids = _check_token_ids(data["token_ids"]) if "token_ids" in data else None
+    if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
+        raise ValueError("needs exactly one of 'prompt', 'messages' or 'token_ids'")
     for key, ok in (("max_new_tokens", _is_int), ("top_k", _is_int), ("seed", _is_int),
                     ("temperature", _is_number), ("top_p", _is_number)):
         if data.get(key) is not None and not ok(data[key]):
@@ -111,7 +120,7 @@ def _from_object(data: object, line: int) -> GenRequest:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise ValueError("'stop' must be a string or a list of non-empty strings")
-    return GenRequest(str(rid), prompt, messages, None, data.get("max_new_tokens"),
+    return GenRequest(str(rid), prompt, messages, token_ids, data.get("max_new_tokens"),
                       data.get("temperature"), data.get("top_p"), data.get("top_k"),
                       data.get("seed"), tuple(stop), line)
 

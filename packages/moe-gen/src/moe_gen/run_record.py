@@ -21,8 +21,11 @@ def precision_name(dtype: torch.dtype) -> str:
 
 
 def run_record(model: str, dtype: torch.dtype, gpu: str, wall_seconds: float,
-               steps: Sequence[StepStats], num_layers: int | None) -> dict[str, object]:
-    """The JSON-ready run record (only the fields moe-cap knows: it rejects others)."""
+               steps: Sequence[StepStats], num_layers: int | None,
+               expert_dtype: str | None = None) -> dict[str, object]:
+    """The JSON-ready run record (only the fields moe-cap knows: it rejects others); with
+    `expert_dtype` (`"fp8"`) the routed experts' storage differs from the model dtype, and
+    the products still run in the model dtype (`compute_dtype`)."""
     record: dict[str, object] = {
         "format": "moe-cap/run-record", "version": 1, "engine": f"moe-gen {moe_gen.__version__}",
         "model": model, "weight_dtype": precision_name(dtype), "kv_dtype": precision_name(dtype),
@@ -30,10 +33,20 @@ def run_record(model: str, dtype: torch.dtype, gpu: str, wall_seconds: float,
         "input_tokens": sum(n for s in steps if s.phase == "prefill" for p, n in s.chunks
                             if p == 0),
         "output_tokens": sum(len(s.chunks) for s in steps),
-        "steps": [{"phase": s.phase, "seconds": max(s.seconds, 1e-9),
-                   "chunks": [list(c) for c in s.chunks], "h2d_bytes": s.h2d_bytes}
-                  for s in steps],
+        "steps": [_step(s) for s in steps],
     }
     if num_layers is not None:
         record["num_layers"] = num_layers
+    if expert_dtype is not None:
+        record["expert_dtype"] = expert_dtype
+        record["compute_dtype"] = precision_name(dtype)
     return record
+
+
+def _step(s: StepStats) -> dict[str, object]:
+    """One step's entry (its measured `experts_activated` where it was measured)."""
+    step: dict[str, object] = {"phase": s.phase, "seconds": max(s.seconds, 1e-9),
+                               "chunks": [list(c) for c in s.chunks], "h2d_bytes": s.h2d_bytes}
+    if s.experts_activated is not None:
+        step["experts_activated"] = list(s.experts_activated)
+    return step

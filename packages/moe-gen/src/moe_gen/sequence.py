@@ -39,9 +39,14 @@ class GenResult:
         return len(self.token_ids)
 
     def to_dict(self) -> dict[str, object]:
-        """The output-file line."""
-        return {"id": self.id, "text": self.text, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason}
+        """The output-file line (with the generated `token_ids` where there is no text: a model
+        without a tokenizer, e.g. a shipped shape run with `--dummy`)."""
+        line: dict[str, object] = {
+            "id": self.id, "text": self.text, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason}
+        if self.text is None:
+            line["token_ids"] = list(self.token_ids)
+        return line
 
 
 @dataclass

@@ -31,6 +31,7 @@ class JobSummary:
             estimate).
         measured_decode_step_s: Median decode step time at full batch.
         predicted_decode_step_s: The planner's prediction (None with a fixed plan).
+        peak_host_bytes: The process's peak resident host memory (None: not measured).
     """
 
     requests: int
@@ -45,6 +46,7 @@ class JobSummary:
     stall_share: float
     measured_decode_step_s: float | None
     predicted_decode_step_s: float | None
+    peak_host_bytes: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready."""
@@ -56,7 +58,8 @@ def _rate(tokens: int, seconds: float) -> float:
 
 
 def summarise(num_requests: int, steps: Sequence[StepStats], wall_s: float,
-              offload: dict[str, int | float], plan: Plan | None) -> JobSummary:
+              offload: dict[str, int | float], plan: Plan | None,
+              peak_host_bytes: int | None = None) -> JobSummary:
     """Sum the steps of a job (`plan` None: nothing was planned, nothing ran)."""
     prefill = [s for s in steps if s.phase == "prefill"]
     decode = [s for s in steps if s.phase == "decode"]
@@ -75,4 +78,5 @@ def summarise(num_requests: int, steps: Sequence[StepStats], wall_s: float,
         expert_bytes=int(offload.get("bytes_copied", 0)),
         stall_share=float(offload.get("stall_seconds", 0.0)) / step_s if step_s else 0.0,
         measured_decode_step_s=statistics.median(full) if full else None,
-        predicted_decode_step_s=plan.prediction.step_s if plan and plan.prediction else None)
+        predicted_decode_step_s=plan.prediction.step_s if plan and plan.prediction else None,
+        peak_host_bytes=peak_host_bytes)

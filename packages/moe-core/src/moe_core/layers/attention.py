@@ -86,6 +86,11 @@ class GQAAttention(nn.Module):
         cos, sin = rope
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, E]
         k = apply_rotary(k.transpose(1, 2), cos, sin).transpose(1, 2)  # [B, T, G, E]
+        if cache is not None and t == 1 and hasattr(cache, "attend_decode"):
+            # A store that attends in place (`DecodeAttentionStore`): no keys come back.
+            attended = cache.attend_decode(self.layer, (q[:, :, 0],), (k, v), 1,
+                                           mask[:, 0, 0], self.scale)  # [B, H, E] float32
+            return self.o_proj(attended.to(x.dtype).reshape(b, 1, -1))
         if cache is not None:
             k, v = cache.append(self.layer, k, v)  # [B, S, G, E]
         out = attend(q, k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)  # [B, H, T, E]

@@ -93,6 +93,15 @@ class MLAAttention(nn.Module):
         cos, sin = rope
         q_pe = apply_rotary(q_pe, cos, sin, self.interleaved_rope)  # [B, H, T, P]
         k_pe = apply_rotary(k_pe[:, None], cos, sin, self.interleaved_rope)[:, 0]  # [B, T, P]
+        if (cache is not None and t == 1 and self.absorb_at_decode
+                and hasattr(cache, "attend_decode")):
+            # A store that attends in place (`DecodeAttentionStore`): the latent is the key
+            # of the absorbed query and the value.
+            q_latent = self._absorb_query(q_nope[:, :, 0])  # [B, H, R]
+            attended = cache.attend_decode(self.layer, (q_latent, q_pe[:, :, 0]),
+                                           (latent, k_pe), 0, mask[:, 0, 0], self.scale)
+            out = self._absorb_output(attended.to(latent.dtype))  # [B, H, V]
+            return self.o_proj(out.reshape(b, 1, -1))  # [B, 1, D]
         if cache is not None:
             latent, k_pe = cache.append(self.layer, latent, k_pe)  # [B, S, R], [B, S, P]
         if t == 1 and self.absorb_at_decode:
@@ -118,15 +127,28 @@ class MLAAttention(nn.Module):
         Returns:
             The attended values `[B, H, V]` in the model dtype.
         """
-        spec = self.spec
-        h, nope = spec.num_heads, spec.qk_nope_head_dim
-        assert nope is not None and spec.kv_lora_rank is not None
-        w = self.kv_b_proj.weight.view(h, nope + spec.v_head_dim, spec.kv_lora_rank)
-        w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, N, R], [H, V, R]
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]
+        q_latent = self._absorb_query(q_nope)  # [B, H, R]
         f32 = torch.float32
         scores = (torch.bmm(q_latent.to(f32), latent.to(f32).transpose(1, 2))
                   + torch.bmm(q_pe.to(f32), k_pe.to(f32).transpose(1, 2)))  # [B, H, S]
         probs = torch.softmax(scores * self.scale + mask.to(f32), dim=-1)  # [B, H, S]
         attended = torch.bmm(probs, latent.to(f32)).to(latent.dtype)  # [B, H, R]
+        return self._absorb_output(attended)
+
+    def _absorb_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's key and value halves of `kv_b_proj`: `[H, N, R]`, `[H, V, R]`."""
+        spec = self.spec
+        h, nope = spec.num_heads, spec.qk_nope_head_dim
+        assert nope is not None and spec.kv_lora_rank is not None
+        w = self.kv_b_proj.weight.view(h, nope + spec.v_head_dim, spec.kv_lora_rank)
+        return w[:, :nope], w[:, nope:]
+
+    def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """The no-rope query `[B, H, N]` mapped into the latent space `[B, H, R]`."""
+        w_uk = self._absorb_halves()[0]
+        return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+
+    def _absorb_output(self, attended: torch.Tensor) -> torch.Tensor:
+        """The attended latent `[B, H, R]` mapped out to each head's values `[B, H, V]`."""
+        w_uv = self._absorb_halves()[1]
         return torch.bmm(attended.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)

@@ -102,6 +102,10 @@ class HostExpertStore:
         with torch.no_grad():
             for block in blocks:
                 local = block.experts
+                if layout.is_fp8:  # quantised per output channel, scales in each block
+                    layout.pack_layer(local.gate_proj, local.up_proj, local.down_proj,
+                                      store.arena(block.layer).view(num_experts, layout.numel))
+                    continue
                 # One layer packed where the experts are, then one large copy into the arena
                 # (per-expert copies from a GPU were 18k small transfers for Qwen3-30B-A3B).
                 packed = torch.cat([p.reshape(num_experts, -1).to(layout.dtype) for p in
@@ -186,13 +190,26 @@ class HostExpertStore:
 
     def to_dtype(self, dtype: torch.dtype) -> HostExpertStore:
         """This store with its experts converted to `dtype` (itself when they already are),
-        pinned as this one is; e.g. a bf16 store file read for a float32 run on the CPU."""
+        pinned as this one is; e.g. a bf16 store file read for a float32 run on the CPU, or
+        quantised to FP8 (`fp8.FP8`).
+
+        Raises:
+            ValueError: converting an FP8 store to another dtype.
+        """
         if dtype == self.layout.dtype:
             return self
+        if self.layout.is_fp8:
+            raise ValueError("an FP8 store stays FP8 (the streaming executor dequantises it on "
+                             "the device); it cannot be converted to " + str(dtype))
         layout = ExpertLayout(self.layout.hidden_size, self.layout.intermediate_size, dtype)
         store = HostExpertStore.empty(layout, self.moe_layers, self.num_experts, self.is_pinned)
         for layer in self.moe_layers:
-            store.arena(layer).copy_(self.arena(layer))
+            if layout.is_fp8:  # quantised from this store's stacked views, a layer at a time
+                source = self.arena(layer).view(self.num_experts, self.layout.numel)
+                layout.pack_layer(*self.layout.stacked_views(source),
+                                  store.arena(layer).view(self.num_experts, layout.numel))
+            else:
+                store.arena(layer).copy_(self.arena(layer))
         return store
 
     def _fill(self, reader: CheckpointReader, key: str, expert: ExpertId, projection: int,

@@ -111,6 +111,10 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
     started = time.perf_counter()
     if store is not None:
         header = read_header(store)  # fail fast, before loading anything
+        if header.layout.is_fp8:
+            raise SettingError(f"{store} holds FP8 experts, which only moe-gen's streaming "
+                               f"engine runs (moe-gen run --expert-dtype fp8); pack the model "
+                               f"without --expert-dtype for this command")
         net = load_model(model, device, dtype, dummy=dummy, num_layers=num_layers,
                          load_experts=False)
         _check_store_matches(header, net, store)

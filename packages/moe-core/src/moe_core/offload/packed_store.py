@@ -11,12 +11,18 @@ File layout (little-endian):
     arena of MoE layer l0            E * N elements of the storage dtype, then zero padding
     arena of MoE layer l1 ...        each arena starts at a multiple of ALIGNMENT
 
-Integrity (format version 2): the header holds a CRC-32 of every expert block, written at pack
-time and checked as the file is read, so a damaged or overwritten payload is refused with the
-file, layer and expert named instead of generating garbage. CRC-32 because zlib's runs at
-3.8 GiB/s on one core of the 2-core EPYC dev machine (adler32 3.0, blake2b 0.8, sha256 1.5) and
-releases the GIL, so each layer is checked on a second thread while the next one is read. The
-check still costs up to half again a read from the page cache (docs/benchmarks.md), so
+FP8 experts (format version 3): the header's `dtype` is `float8_e4m3fn` and `scales` names how
+the blocks carry their scales (`per_output_channel`: see `fp8.py`; each block is the FP8
+`ExpertLayout`'s, weights then scales). Stores of other dtypes are still written as version 2,
+and both versions are read, so files packed before FP8 existed keep working and older readers
+keep reading everything but FP8 files (which they refuse with the "pack again" error).
+
+Integrity (format version 2 and later): the header holds a CRC-32 of every expert block,
+written at pack time and checked as the file is read, so a damaged or overwritten payload is
+refused with the file, layer and expert named instead of generating garbage. CRC-32 because
+zlib's runs at 3.8 GiB/s on one core of the 2-core EPYC dev machine (adler32 3.0, blake2b 0.8,
+sha256 1.5) and releases the GIL, so each layer is checked on a second thread while the next one
+is read. The check still costs up to half again a read from the page cache (docs/benchmarks.md), so
 `read_packed(verify=False)` (`moe-core generate --no-verify-store`) skips it. Version 1 files (no
 checksums) are refused with a "pack again" error rather than read unchecked: their payload cannot
 be checked, and packing again takes no longer than reading the checkpoint once.
@@ -42,6 +48,7 @@ import torch
 
 from moe_core.dtypes import parse_dtype
 from moe_core.errors import CheckpointError
+from moe_core.offload.fp8 import FP8
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
 
@@ -49,8 +56,11 @@ __all__ = ["ALIGNMENT", "FORMAT_VERSION", "PackedHeader", "read_header", "read_p
            "write_packed"]
 
 MAGIC = b"MOEPACK1"
-FORMAT_VERSION = 2  # 2: a CRC-32 per expert block in the header
+FORMAT_VERSION = 3  # 2: a CRC-32 per expert block in the header; 3: FP8 blocks with scales
+_READABLE_VERSIONS = (2, 3)
+SCALES_PER_OUTPUT_CHANNEL = "per_output_channel"
 ALIGNMENT = 4096  # page size: arenas can be read with direct I/O and mapped page-aligned
+_FP8_NAME = str(FP8).removeprefix("torch.")
 _CHUNK_BYTES = 256 * 2**20  # read/write granularity (one Python call per chunk)
 
 Progress = Callable[[int, int], None]
@@ -62,7 +72,7 @@ class PackedHeader:
     """What a store file holds.
 
     Attributes:
-        version: `FORMAT_VERSION` of the writer.
+        version: Format version: 2, or 3 for FP8 experts.
         hidden_size: D.
         intermediate_size: I.
         dtype: Storage dtype name (`bfloat16`, ...).
@@ -72,6 +82,8 @@ class PackedHeader:
         source: Where the experts came from (checkpoint folder or known shape), informative.
         checksums: CRC-32 of each expert block, `[layer][expert]` in `moe_layers` order (empty
             while the file is being planned).
+        scales: How FP8 blocks carry their scales (`"per_output_channel"`); `""` for other
+            dtypes.
     """
 
     version: int
@@ -83,10 +95,16 @@ class PackedHeader:
     offsets: tuple[int, ...]
     source: str = ""
     checksums: tuple[tuple[int, ...], ...] = ()
+    scales: str = ""
 
     @property
     def layout(self) -> ExpertLayout:
         """The expert block layout."""
+        if self.dtype == _FP8_NAME:
+            if self.scales != SCALES_PER_OUTPUT_CHANNEL:
+                raise ValueError(f"FP8 experts with scales {self.scales!r}: this moe-core reads "
+                                 f"{SCALES_PER_OUTPUT_CHANNEL!r}")
+            return ExpertLayout(self.hidden_size, self.intermediate_size, FP8)
         return ExpertLayout(self.hidden_size, self.intermediate_size, parse_dtype(self.dtype))
 
     @property
@@ -110,8 +128,10 @@ def _plan(layout: ExpertLayout, moe_layers: list[int], num_experts: int,
     length of its encoded prefix (magic + length + JSON), which the final header keeps."""
     dtype = str(layout.dtype).removeprefix("torch.")
     zeros = ((0,) * num_experts,) * len(moe_layers)
-    draft = PackedHeader(FORMAT_VERSION, layout.hidden_size, layout.intermediate_size, dtype,
-                         num_experts, tuple(moe_layers), (), source, zeros)
+    fp8 = layout.is_fp8  # version 3 only where it is needed: older readers keep the rest
+    draft = PackedHeader(FORMAT_VERSION if fp8 else 2, layout.hidden_size,
+                         layout.intermediate_size, dtype, num_experts, tuple(moe_layers), (),
+                         source, zeros, SCALES_PER_OUTPUT_CHANNEL if fp8 else "")
     # Room for the offsets' digits (at most 20 each, plus a separator) before the first arena.
     start = _aligned(len(_encode(draft)) + 22 * len(moe_layers))
     step = _aligned(num_experts * layout.nbytes)
@@ -204,10 +224,11 @@ def read_header(path: str | Path) -> PackedHeader:
             raise
         raise CheckpointError(f"{path}: unreadable expert store header ({exc})") from exc
     version = data.get("version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         why = " (without checksums)" if version == 1 else ""
         raise CheckpointError(f"{path}: store format version {version}{why}, this moe-core "
-                              f"reads version {FORMAT_VERSION}; pack the model again "
+                              f"reads versions {' and '.join(map(str, _READABLE_VERSIONS))}; "
+                              f"pack the model again "
                               f"(moe-core pack MODEL {path.name})")
     header = _parse_header(path, data)
     size = path.stat().st_size

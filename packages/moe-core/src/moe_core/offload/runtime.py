@@ -222,6 +222,9 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     if fetch == "mapped" and cpu_compute_rule is not None:
         raise ValueError("fetch='mapped' reads misses on the GPU; it does not combine with a "
                          "cpu_compute_rule (use fetch='copy')")
+    if store.layout.is_fp8 and kind != "streaming":
+        raise ValueError("FP8 experts run only through the streaming executor (kind="
+                         "'streaming'), which dequantises them on the device")
     if two_lanes and (kind != "on_demand" or fetch != "mapped"):
         raise ValueError("two_lanes needs kind='on_demand' and fetch='mapped'")
     lanes: TwoLanes | None = None

@@ -34,6 +34,10 @@ slots), one grouped matrix product per projection for the whole group (`grouped_
 one scatter adds the weighted outputs back per token. Per expert, the host only submits its copy:
 the host's per-expert work was what large batches of small experts (DeepSeek's, 1,400 per step)
 waited on.
+
+FP8 stores (`fp8.py`): blocks cross PCIe as e4m3 weights plus their scales (half of bf16's
+bytes), and each run is dequantised on the device into the activations' dtype just before its
+grouped product (a workspace of at most `FP8_WORKSPACE_BYTES`).
 """
 
 from __future__ import annotations
@@ -53,7 +57,11 @@ from moe_core.offload.stall_timer import StallTimer
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.token_groups import TokenGroups
 
-__all__ = ["ExpertRing", "Flight", "StreamingExecutor"]
+__all__ = ["FP8_WORKSPACE_BYTES", "ExpertRing", "Flight", "StreamingExecutor"]
+
+# FP8 experts are dequantised a run at a time on the device: a run holds at most this many bytes
+# of 16-bit weights (at least one expert), which a planner counts as workspace.
+FP8_WORKSPACE_BYTES = 256 * 2**20
 
 
 class Flight(NamedTuple):
@@ -235,7 +243,9 @@ class StreamingExecutor:
         computed = [run for run in runs + residents if run.tokens]
         offsets = dict(zip(map(id, computed), groups.group_offsets(
             [[x.expert for x in run.experts] for run in computed]), strict=True))
-        xs = groups.sorted_inputs(hidden, ring.pool.layout.dtype)  # [T*K, D]
+        layout = ring.pool.layout
+        # FP8 blocks are dequantised to the activations' dtype: the products run in it.
+        xs = groups.sorted_inputs(hidden, hidden.dtype if layout.is_fp8 else layout.dtype)
         ys = torch.empty_like(xs)  # [T*K, D], every row written below
         flights, consumed = list(ahead), 0
         issued = iter(later)
@@ -271,13 +281,18 @@ class StreamingExecutor:
         layer as this call, consecutive slots, tokens contiguous in the sorted order, at most
         `max_group`. Experts of another layer (a wrong guess) form runs of no tokens."""
         runs: list[_Run] = []
+        longest = self.ring.max_group
+        layout = self.ring.pool.layout
+        if layout.is_fp8:  # a run is dequantised whole: bound that workspace
+            wide = 3 * layout.hidden_size * layout.intermediate_size * 2
+            longest = max(1, min(longest, FP8_WORKSPACE_BYTES // wide))
         for expert, slot in zip(experts, slots, strict=True):
             own = expert.layer == self.layer
             span = groups.span(expert.expert) if own else slice(0, 0)
             last = runs[-1] if runs else None
             if (last is not None and own and last.own and slot == last.first_slot + len(
                     last.experts) and span.start == last.stop and len(last.experts)
-                    < self.ring.max_group):
+                    < longest):
                 last.experts.append(expert)
                 last.stop = span.stop
             else:
@@ -292,8 +307,10 @@ class StreamingExecutor:
                 continue
             if ring.is_resident(run.experts[0]):
                 ring.stats.hits += sum(groups.counts[x.expert] > 0 for x in run.experts)
-            gate_up, down = ring.pool.layout.grouped_views(
-                ring.pool.rows(run.first_slot, len(run.experts)))
+            layout = ring.pool.layout
+            rows_of_run = ring.pool.rows(run.first_slot, len(run.experts))
+            gate_up, down = (layout.dequantized_grouped(rows_of_run, xs.dtype) if layout.is_fp8
+                             else layout.grouped_views(rows_of_run))
             rows = slice(run.start, run.stop)
             grouped_expert_mlp(xs[rows], gate_up, down,
                                [groups.counts[x.expert] for x in run.experts],
