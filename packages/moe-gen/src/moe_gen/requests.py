@@ -3,8 +3,9 @@
 A JSONL line is an object with an `id` and one of `prompt` (text), `messages` (a chat, rendered
 with the model's template) or `token_ids` (the prompt's token ids, for models without a
 tokenizer, e.g. shipped shapes run with `--dummy`); optional `max_new_tokens`, `temperature`,
-`top_p`, `top_k`, `seed` and `stop` override the job's defaults. A file whose first non-blank line is not a JSON object is
-plain text: one prompt per line, ids `line-<n>`. Every mistake names its line.
+`top_p`, `top_k`, `seed` and `stop` override the job's defaults. A file whose first non-blank
+line is not a JSON object is plain text: one prompt per line, ids `line-<n>`. Every mistake
+names its line.
 """
 
 from __future__ import annotations
