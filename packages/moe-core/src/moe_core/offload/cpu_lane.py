@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -197,8 +198,6 @@ class CpuLane:
     # The worker -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        import time
-
         while True:
             self._ready.wait()
             index = int(self._mailbox[0])
