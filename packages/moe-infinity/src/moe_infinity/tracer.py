@@ -30,6 +30,7 @@ import torch
 from moe_core import DecoderLayer, MixObserver, MoEBlock, MoEForCausalLM
 from torch import nn
 
+from moe_infinity.lookahead_observers import attach_lookahead, detach_lookahead
 from moe_infinity.trace import RequestTrace
 
 __all__ = ["ActivationTracer", "LookaheadInput"]
@@ -84,11 +85,7 @@ class ActivationTracer:
         for block, previous in zip(self._blocks, self._previous, strict=True):
             block.observer = self._chained(previous)
         self._handles.append(self._model.register_forward_pre_hook(self._on_step))
-        layers = self._model.layers
-        self._previous_mix = [layer.mix_observer for layer in layers]
-        for row, (block, nxt) in enumerate(zip(self._blocks, self._blocks[1:], strict=False)):
-            layer = layers[block.layer]
-            layer.mix_observer = self._lookahead(row + 1, layers[nxt.layer], layer.mix_observer)
+        self._previous_mix = attach_lookahead(self._model, self._blocks, self._lookahead)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -98,8 +95,7 @@ class ActivationTracer:
         self._handles.clear()
         for block, previous in zip(self._blocks, self._previous, strict=True):
             block.observer = previous
-        for layer, previous_mix in zip(self._model.layers, self._previous_mix, strict=True):
-            layer.mix_observer = previous_mix
+        detach_lookahead(self._model, self._previous_mix)
 
     # Requests -------------------------------------------------------------------------------
 

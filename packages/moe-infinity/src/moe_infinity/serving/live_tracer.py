@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from moe_core import DecoderLayer, MixObserver, MoEBlock, MoEForCausalLM
 
+from moe_infinity.lookahead_observers import attach_lookahead, detach_lookahead
+
 __all__ = ["LiveTracer", "PassRouting"]
 
 _Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -53,19 +55,14 @@ class LiveTracer:
         self._previous = [block.observer for block in self._blocks]
         for block, previous in zip(self._blocks, self._previous, strict=True):
             block.observer = self._counting(previous)
-        layers = self._model.layers
-        self._previous_mix = [layer.mix_observer for layer in layers]
-        for row, (block, nxt) in enumerate(zip(self._blocks, self._blocks[1:], strict=False)):
-            layer = layers[block.layer]
-            layer.mix_observer = self._lookahead(row + 1, layers[nxt.layer], layer.mix_observer)
+        self._previous_mix = attach_lookahead(self._model, self._blocks, self._lookahead)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         for block, previous in zip(self._blocks, self._previous, strict=True):
             block.observer = previous
-        for layer, previous_mix in zip(self._model.layers, self._previous_mix, strict=True):
-            layer.mix_observer = previous_mix
+        detach_lookahead(self._model, self._previous_mix)
 
     def begin_pass(self, row_of_token: torch.Tensor, num_rows: int) -> None:
         """Start a pass whose real tokens belong to rows `row_of_token` `[n]`."""
