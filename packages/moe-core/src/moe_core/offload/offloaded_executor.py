@@ -28,6 +28,10 @@ by experts made resident up front; the per-layer host synchronisation is gone (d
 That path can also be captured in a CUDA graph (`decode_runner`): under capture the call reads
 the layer's persistent device table and logs its routing on the device (`GraphUseLog`); the
 cache refreshes the tables and counts the log around each replay (its `GraphHooks`).
+
+With `TwoLanes` (`two_lanes=True` at install) the mapped path splits each call's misses between
+the GPU's reads and a CPU lane computing its share from the host store at the same time, still
+without a host read of the routing, so it is captured too (`two_lanes`, decision 0009).
 """
 
 from __future__ import annotations
