@@ -9,7 +9,6 @@ digit groups and a leading `$` dropped). Two numbers match when they are equal a
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +16,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Literal
 
-from moe_core import bad_lines_message
-
 from moe_cap.accuracy_result import AccuracyResult
 from moe_cap.errors import WorkloadError
+from moe_cap.jsonl_records import read_jsonl_records
 from moe_cap.request_result import RequestResult
 from moe_cap.workload import WorkItem
 
@@ -92,31 +90,17 @@ def read_math_problems(path: str | Path) -> list[MathProblem]:
     Raises:
         WorkloadError: no such file, or bad lines (listed by number).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WorkloadError(f"{path}: no such data file")
-    problems, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(f"line {number}: not valid JSON ({exc.msg})")
-            continue
-        if not (isinstance(data, dict) and isinstance(data.get("question"), str)
-                and isinstance(data.get("answer"), str)):
-            bad.append(f"line {number}: needs string question and answer")
-        elif extract_final_number(data["answer"].split("####")[-1]) is None \
-                or "####" not in data["answer"]:
-            bad.append(f"line {number}: the answer has no final number after ####")
-        else:
-            problems.append(MathProblem(data["question"], data["answer"]))
-    if bad:
-        raise WorkloadError(bad_lines_message(path, bad))
-    if not problems:
-        raise WorkloadError(f"{path}: no problems in the file")
-    return problems
+    return read_jsonl_records(path, _problem, "data file", "problems")
+
+
+def _problem(data: object, number: int) -> MathProblem:
+    if not (isinstance(data, dict) and isinstance(data.get("question"), str)
+            and isinstance(data.get("answer"), str)):
+        raise WorkloadError("needs string question and answer")
+    if extract_final_number(data["answer"].split("####")[-1]) is None \
+            or "####" not in data["answer"]:
+        raise WorkloadError("the answer has no final number after ####")
+    return MathProblem(data["question"], data["answer"])
 
 
 def _clean(solution: str) -> str:

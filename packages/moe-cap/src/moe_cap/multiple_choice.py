@@ -9,15 +9,13 @@ index of the right choice, or its text).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_core import bad_lines_message
-
 from moe_cap.accuracy_result import AccuracyResult
 from moe_cap.errors import WorkloadError
+from moe_cap.jsonl_records import read_jsonl_records
 
 __all__ = ["ChoiceQuestion", "read_choice_questions", "score_choices"]
 
@@ -61,24 +59,8 @@ def read_choice_questions(path: str | Path) -> list[ChoiceQuestion]:
     Raises:
         WorkloadError: no such file, or bad lines (listed by number).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WorkloadError(f"{path}: no such data file")
-    out, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(_question(json.loads(line)))
-        except json.JSONDecodeError as exc:
-            bad.append(f"line {number}: not valid JSON ({exc.msg})")
-        except WorkloadError as exc:
-            bad.append(f"line {number}: {exc}")
-    if bad:
-        raise WorkloadError(bad_lines_message(path, bad))
-    if not out:
-        raise WorkloadError(f"{path}: no questions in the file")
-    return out
+    return read_jsonl_records(path, lambda data, number: _question(data), "data file",
+                              "questions")
 
 
 def score_choices(questions: Sequence[ChoiceQuestion], loglikelihood: LogLikelihood,

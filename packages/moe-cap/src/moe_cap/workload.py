@@ -7,14 +7,12 @@ A JSONL line is an object with `prompt` (text, sent to a completions endpoint) o
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_core import bad_lines_message
-
 from moe_cap.errors import WorkloadError
+from moe_cap.jsonl_records import read_jsonl_records
 from moe_cap.length_distribution import LengthDistribution
 
 __all__ = ["SyntheticSpec", "WorkItem", "read_workload", "synthetic_workload"]
@@ -94,37 +92,16 @@ def read_workload(path: str | Path) -> list[WorkItem]:
         WorkloadError: no such file, not UTF-8, no requests, or bad lines (all listed by line
             number: not JSON, a missing or wrong field, a repeated id).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WorkloadError(f"{path}: no such workload file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise WorkloadError(f"{path}: not UTF-8 text ({exc})") from None
-    items: list[WorkItem] = []
-    problems: list[str] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = _item(json.loads(line), number)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not valid JSON ({exc.msg})")
-            continue
-        except WorkloadError as exc:
-            problems.append(f"line {number}: {exc}")
-            continue
-        if item.id in seen:
-            problems.append(f"line {number}: id {item.id!r} already used on line {seen[item.id]}")
-            continue
-        seen[item.id] = number
-        items.append(item)
-    if problems:
-        raise WorkloadError(bad_lines_message(path, problems))
-    if not items:
-        raise WorkloadError(f"{path}: no requests in the file")
-    return items
+
+    def item(data: object, number: int) -> WorkItem:
+        parsed = _item(data, number)
+        if parsed.id in seen:
+            raise WorkloadError(f"id {parsed.id!r} already used on line {seen[parsed.id]}")
+        seen[parsed.id] = number
+        return parsed
+
+    return read_jsonl_records(path, item, "workload file", "requests")
 
 
 @dataclass(frozen=True)
