@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from decode_latency import pinned_gbps  # the same measurement as the other decode records
 
 GiB = 2**30
 MODEL = "qwen3-30b-a3b"
@@ -39,23 +40,6 @@ def save(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
-
-
-def pinned_gbps(block_bytes: int, count: int = 16) -> float:
-    src = torch.empty(block_bytes * count, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty_like(src, device="cuda")
-    rates = []
-    for _ in range(4):
-        torch.cuda._sleep(20_000_000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(count):
-            part = slice(i * block_bytes, (i + 1) * block_bytes)
-            dst[part].copy_(src[part], non_blocking=True)
-        end.record()
-        end.synchronize()
-        rates.append(block_bytes * count / (start.elapsed_time(end) / 1e3) / 1e9)
-    return statistics.median(rates[1:])
 
 
 def cpu_kernel_section(store: Any) -> dict[str, Any]:
@@ -172,7 +156,7 @@ def s3_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
         for batch, lanes, graphs in plan:
             try:
                 entry = run(model, runtime, batch, lanes, graphs, args.prompt_tokens, args.steps)
-            except Exception as exc:  # noqa: BLE001 (record and go on)
+            except Exception as exc:
                 section["runs"].append({"batch": batch, "lanes": lanes, "graphs": graphs,
                                         "error": repr(exc), "trace": traceback.format_exc()})
                 save(args.out, record)
@@ -208,7 +192,7 @@ def main() -> None:
     save(args.out, record)
     try:
         s3_section(args, record)
-    except Exception:  # noqa: BLE001
+    except Exception:
         record["error"] = traceback.format_exc()
         print(record["error"], flush=True)
     save(args.out, record)
