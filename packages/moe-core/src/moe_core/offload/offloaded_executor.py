@@ -173,14 +173,23 @@ class OffloadedExecutor:
     def _mapped(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                 layer_map: LayerMap) -> torch.Tensor:
         """Every assignment's expert read by the GPU from its slot or from host memory (or,
-        with two lanes, the misses the split gives the CPU computed there)."""
+        with two lanes, the misses the split gives the CPU computed there at the same time)."""
+        lut = layer_map.slots
+        lanes = self.two_lanes
+        split = None if lanes is None else lanes.split(*expert_ids.shape)
+        if lanes is None or split is None:  # one lane (or the GPU alone is faster here)
+            return self._gpu_lane(hidden, expert_ids, weights, lut)
+        job, gpu_lut = lanes.start(self.layer, hidden, expert_ids, weights, lut, split)
+        return lanes.finish(job, self._gpu_lane(hidden, expert_ids, weights, gpu_lut))
+
+    def _gpu_lane(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                  lut: torch.Tensor) -> torch.Tensor:
+        """The experts `lut` `[E]` sends to a slot (>= 0) or to host memory (-1), read by the
+        GPU; those it marks -2 (the CPU lane's) contribute zero."""
         assert self.fetcher is not None
-        if self.two_lanes is not None:
-            return self.two_lanes(self.fetcher, self.layer, hidden, expert_ids, weights,
-                                  layer_map.slots)
         one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
-        rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1),
-                                              layer_map.slots, distinct=one_token)
+        rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1), lut,
+                                              distinct=one_token)
         return gathered_experts(hidden, None if index is None else index.view_as(expert_ids),
                                 weights, *self.cache.store.layout.stacked_views(rows))
 

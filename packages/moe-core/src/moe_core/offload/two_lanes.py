@@ -4,10 +4,11 @@ and the CPU lane, both running at once, their results added on the GPU.
 Dimension key: T tokens, K experts per token, D hidden, E experts per layer.
 
 Per call (few tokens, the mapped path of `OffloadedExecutor`): the device splits the misses
-(`LaneSplit`); the CPU lane is staged and started (`CpuLane.start`); the GPU reads its misses and
-its resident experts and computes them (`MappedFetcher` + `gathered_experts`, the CPU's experts
-read as zero rows); the stream waits for the CPU lane and adds its result. Nothing reads the
-routing on the host, so the call is captured in a CUDA graph like the one-lane mapped path.
+(`LaneSplit`) and the CPU lane is staged and started (`start`); the executor's GPU lane reads
+its misses and its resident experts and computes them (the CPU's experts marked -2 in its table,
+read as zero rows); the stream waits for the CPU lane and adds its result (`finish`). Nothing
+reads the routing on the host, so the call is captured in a CUDA graph like the one-lane mapped
+path.
 
 `calibrate_lanes` measures both lanes on the store at start-up (a few milliseconds): the CPU
 kernel's rate (and which kernel, `choose_cpu_kernel`) and the GPU's mapped-read rate.
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_core.gathered_experts import gathered_experts
 from moe_core.offload.cpu_experts import (
     CpuExpertKernel,
     KernelTiming,
@@ -28,7 +28,7 @@ from moe_core.offload.cpu_experts import (
     cpu_kernels,
     time_cpu_kernel,
 )
-from moe_core.offload.cpu_lane import CpuLane
+from moe_core.offload.cpu_lane import CpuLane, LaneJob
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_semaphore import host_semaphores_unsupported
 from moe_core.offload.host_store import HostExpertStore
@@ -156,26 +156,19 @@ class TwoLanes:
                 if any(table) else None
         return self._splits[key]
 
-    def __call__(self, fetcher: MappedFetcher, layer: int, hidden: torch.Tensor,
-                 expert_ids: torch.Tensor, weights: torch.Tensor,
-                 lut: torch.Tensor) -> torch.Tensor:
-        """`[T, D]`: the layer's routed experts over both lanes (`lut` `[E]`: resident slots,
-        -1 absent)."""
-        tokens, top_k = expert_ids.shape
-        split = self.split(tokens, top_k)
-        if split is None:  # the GPU lane alone is faster at this shape
-            rows, index = fetcher.fetch_rows(layer, expert_ids.reshape(-1), lut,
-                                             distinct=tokens == 1)
-            return gathered_experts(hidden, None if index is None else index.view_as(expert_ids),
-                                    weights, *self._store.layout.stacked_views(rows))
+    def start(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+              weights: torch.Tensor, lut: torch.Tensor,
+              split: LaneSplit) -> tuple[LaneJob, torch.Tensor]:
+        """Split one call's misses (`lut` `[E]`: resident slots, -1 absent) and start the CPU
+        lane on its share; returns the job and the GPU lane's table (the CPU's experts -2)."""
         on_cpu, gpu_lut = split(expert_ids, lut)
-        job = self.lane.job(layer, tokens, top_k)
+        job = self.lane.job(layer, *expert_ids.shape)
         self.lane.start(job, hidden.float(), expert_ids, weights.float(), on_cpu)
-        rows, index = fetcher.fetch_rows(layer, expert_ids.reshape(-1), gpu_lut,
-                                         distinct=tokens == 1)
-        out = gathered_experts(hidden, None if index is None else index.view_as(expert_ids),
-                               weights, *self._store.layout.stacked_views(rows))
-        return (out.float() + self.lane.finish(job)).to(hidden.dtype)
+        return job, gpu_lut
+
+    def finish(self, job: LaneJob, gpu_out: torch.Tensor) -> torch.Tensor:
+        """`[T, D]`: the GPU lane's result `gpu_out` plus the CPU lane's, once it is written."""
+        return (gpu_out.float() + self.lane.finish(job)).to(gpu_out.dtype)
 
     def close(self) -> None:
         """Stop the CPU lane's worker."""
