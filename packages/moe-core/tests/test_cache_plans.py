@@ -4,6 +4,7 @@ not installed."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 import pytest
@@ -72,9 +73,22 @@ def test_a_plugin_policy_is_found_through_its_entry_point(spec: ModelSpec,
     assert seen == {"prefetch": "lookahead", "options": {"x": "1"}}
 
 
+def test_from_a_source_tree_the_known_provider_is_imported(spec: ModelSpec,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    # No entry points (PYTHONPATH=packages/*/src, nothing installed), moe_infinity importable.
+    monkeypatch.setattr(plugins_module, "entry_points", lambda group: [])
+    from moe_infinity.cache_plan import activation_plan
+
+    loaded = plugins_module.load_plugin("moe_core.policies", "activation", "--policy activation")
+    assert loaded is activation_plan
+    assert cache_plan("activation", "none", spec).policy is not None
+
+
 def test_without_moe_infinity_the_activation_policy_names_the_package(
         spec: ModelSpec, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plugins_module, "entry_points", lambda group: [])
+    monkeypatch.setitem(sys.modules, "moe_infinity.cache_plan", None)  # not importable
     with pytest.raises(SettingError, match="install the moe-infinity package"):
         cache_plan("activation", "none", spec)
     result = CliRunner().invoke(app, ["generate", "-p", "x", "--expert-memory", "4MiB",

@@ -11,23 +11,44 @@ Two groups:
   files).
 
 A package declares them in its `pyproject.toml` (`[project.entry-points."moe_core.policies"]`),
-and installing it (`uv sync` installs the workspace's packages) makes them visible.
+and installing it (`uv sync` installs the workspace's packages) makes them visible. The plug-ins
+this workspace ships are also found without installing, when their package is importable from
+a source tree (`PYTHONPATH=packages/moe-infinity/src`, as on a machine with no package
+installer): `KNOWN_PROVIDERS` names the object each entry point would.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from moe_core.errors import SettingError
 
-__all__ = ["KNOWN_PROVIDERS", "load_plugin", "plugin_names"]
+__all__ = ["KNOWN_PROVIDERS", "Provider", "load_plugin", "plugin_names"]
 
-KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
-    ("moe_core.policies", "activation"): "moe-infinity",
-    ("moe_core.routing_tapes", "traces"): "moe-infinity",
+
+@dataclass(frozen=True)
+class Provider:
+    """Where a known plug-in comes from.
+
+    Attributes:
+        package: The distribution that registers it (named in the error when it is missing).
+        target: `module:attribute`, the object its entry point names.
+    """
+
+    package: str
+    target: str
+
+
+KNOWN_PROVIDERS: dict[tuple[str, str], Provider] = {
+    ("moe_core.policies", "activation"): Provider("moe-infinity",
+                                                  "moe_infinity.cache_plan:activation_plan"),
+    ("moe_core.routing_tapes", "traces"): Provider("moe-infinity",
+                                                   "moe_infinity.routing_tape:load_routing_tape"),
 }
-"""The package that provides each plug-in the workspace knows of: named in the error when it is
-not installed."""
+"""The plug-ins the workspace ships: loaded from `target` when no entry point is registered
+(a source tree on `PYTHONPATH`), else named in the error."""
 
 
 def plugin_names(group: str) -> list[str]:
@@ -44,14 +65,19 @@ def load_plugin(group: str, name: str, what: str) -> object:
         what: How the user named it, for the error (e.g. `--policy activation`).
 
     Raises:
-        SettingError: no installed package registers it (naming the package that would, if
-            known).
+        SettingError: no installed package registers it and its known provider (if any) cannot
+            be imported (naming the package that would provide it).
     """
     found = [ep for ep in entry_points(group=group) if ep.name == name]
-    if not found:
-        provider = KNOWN_PROVIDERS.get((group, name))
-        hint = (f"install the {provider} package (e.g. `uv sync --all-packages` in this "
-                f"workspace, or `pip install {provider}`)" if provider is not None
-                else "no installed package provides it")
-        raise SettingError(f"{what}: {hint}")
-    return found[0].load()
+    if found:
+        return found[0].load()
+    provider = KNOWN_PROVIDERS.get((group, name))
+    if provider is None:
+        raise SettingError(f"{what}: no installed package provides it")
+    module, _, attribute = provider.target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except ImportError:
+        raise SettingError(f"{what}: install the {provider.package} package (e.g. `uv sync "
+                           f"--all-packages` in this workspace, or `pip install "
+                           f"{provider.package}`)") from None
