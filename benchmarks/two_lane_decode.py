@@ -12,6 +12,12 @@ sequence to the same experts). Sections, each written to the JSON as it finishes
   batches 4 and 16 (one and two lanes, captured); per run the hit rate, bytes per token of each
   lane, each lane's GB/s over the step, and the bounds: one lane = missed bytes / pinned
   bandwidth; two lanes = missed bytes / (pinned + CPU rate), the best split of a perfect overlap.
+- `policies`: the cache plans of `POLICY_PLANS` (LRU admitting every miss, the cache as loaded,
+  lookahead, activation-aware + lookahead, eager and captured) on the same S3 model under
+  skewed routing (`zipf:s=1.1,reuse=0.5`) and under the embedded model's traced routing replayed
+  onto S3's layers and experts; `--requests` batch-1 requests one after another so the
+  activation-aware plan learns from finished ones: ms/token, hit rate, prefetches used/wasted.
+- `s2`: scenario S2 (the same shapes, 48 layers, 16 GiB), batch 1, one and two lanes, captured.
 
 Run on the GPU machine (needs CuPy; ~20 GB of GPU memory, ~35 GB of host):
     PYTHONPATH=packages/moe-core/src python3 benchmarks/two_lane_decode.py --out $OUT/two.json
@@ -34,6 +40,24 @@ from decode_latency import pinned_gbps  # the same measurement as the other deco
 
 GiB = 2**30
 MODEL = "qwen3-30b-a3b"
+DEVICE = "cuda"  # --smoke: the script's own check on the CPU (tiny model, no timings worth reading)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bounded(budget: int | None) -> None:
+    """Hold the process to `budget` bytes of GPU memory (None: the whole GPU again)."""
+    if DEVICE == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(1.0 if budget is None else budget / total)
 
 
 def save(path: Path, record: dict[str, Any]) -> None:
@@ -68,20 +92,20 @@ def run(model: Any, runtime: Any, batch: int, lanes: int, graphs: bool, prompt_t
         for ex in runtime.executors.values():
             ex.two_lanes = None
     try:
-        prompt = torch.randint(3, model.spec.vocab_size, (batch, prompt_tokens), device="cuda")
+        prompt = torch.randint(3, model.spec.vocab_size, (batch, prompt_tokens), device=DEVICE)
         runner = DecodeRunner(model, batch, prompt_tokens + warmup + steps + 1,
-                              use_graphs=graphs)
+                              use_graphs=graphs and DEVICE == "cuda")
         token = runner.prefill(prompt, torch.ones_like(prompt)).argmax(dim=-1)
-        active = torch.ones(batch, dtype=torch.bool, device="cuda")
+        active = torch.ones(batch, dtype=torch.bool, device=DEVICE)
         for _ in range(warmup):
             _, token = runner.step(token, active)
         before = runtime.snapshot(block=True)
         times = []
         for _ in range(steps):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             _, token = runner.step(token, active)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t0)
         after = runtime.snapshot(block=True)
         captured = sorted(runner._graphs)
@@ -109,49 +133,74 @@ def run(model: Any, runtime: Any, batch: int, lanes: int, graphs: bool, prompt_t
             "cpu_lane_gbps_while_working": per["cpu_bytes"] / max(per["cpu_seconds"], 1e-9) / 1e9}
 
 
-def s3_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
-    from moe_core import GpuSlotPool, HostExpertStore, install_offloading, load_model
-    from moe_core.offload.copy_engines import make_copy_engine
-    from moe_core.offload.lane_split import cpu_share_table
-    from moe_core.routing_control import uniform_routing
+def load_s(num_layers: int, args: argparse.Namespace) -> tuple[Any, Any, Any, float]:
+    """S3's (or S2's) dummy model on the GPU with its experts moved to a pinned host store, and
+    the slot pool that the budget leaves: `(model, store, pool, setup seconds)`."""
+    from moe_core import GpuSlotPool, HostExpertStore, load_model
 
     t0 = time.perf_counter()
-    model = load_model(MODEL, "cuda", torch.bfloat16, dummy=True, seed=0, num_layers=24)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    model = load_model(MODEL, DEVICE, dtype, dummy=True, seed=0, num_layers=num_layers)
     store = HostExpertStore.from_model(model)
     for block in model.moe_blocks():
         for param in block.experts.parameters():
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     gc.collect()
-    torch.cuda.empty_cache()
-    record["cpu_kernels"] = cpu_kernel_section(store)
-    save(args.out, record)
+    empty_cache()
     budget = int(args.gpu_memory_gib * GiB)
-    expert_memory = budget - torch.cuda.memory_allocated() - int(args.reserve_gib * GiB)
-    pool = GpuSlotPool.for_budget(store.layout, expert_memory, "cuda",
+    used = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+    expert_memory = budget - used - int(args.reserve_gib * GiB)
+    pool = GpuSlotPool.for_budget(store.layout, expert_memory, DEVICE,
                                   max_slots=len(store.experts()))
-    runtime = install_offloading(model, store, pool, make_copy_engine("cuda"), fetch="mapped",
-                                 two_lanes=True, cpu_kernel=args.cpu_kernel)
+    return model, store, pool, time.perf_counter() - t0
+
+
+def install(model: Any, store: Any, pool: Any, *, fetch: str = "mapped", two_lanes: bool = True,
+            cpu_kernel: str = "auto", policy: str = "lru", prefetch: str = "none") -> Any:
+    """The on-demand runtime over `pool`, filled with the store's first experts."""
+    from moe_core import cache_plan, install_offloading
+    from moe_core.offload.copy_engines import make_copy_engine
+
+    plan = cache_plan(policy, prefetch, model.spec)
+    runtime = install_offloading(
+        model, store, pool, make_copy_engine(DEVICE), plan.policy, fetch=fetch,  # type: ignore[arg-type]
+        two_lanes=two_lanes, cpu_kernel=cpu_kernel,
+        prefetcher=plan.prefetcher(model) if plan.prefetcher is not None else None)
     runtime.prefetch(store.experts()[: pool.num_slots])
     runtime.drain()
-    torch.cuda.set_per_process_memory_fraction(
-        budget / torch.cuda.get_device_properties(0).total_memory)
+    return runtime
+
+
+def uniform_section(model: Any, store: Any, pool: Any, runtime: Any, setup_s: float,
+                    args: argparse.Namespace) -> dict[str, Any]:
+    """The set-up of a uniform-routing section: slots, pinned bandwidth, lane calibration and
+    the split table (`fill_uniform` adds the runs)."""
+    from moe_core.offload.lane_split import cpu_share_table
+
     assert runtime.two_lanes is not None
     calibration = runtime.two_lanes.calibration
-    pinned = pinned_gbps(store.layout.nbytes)
+    pinned = pinned_gbps(store.layout.nbytes) if DEVICE == "cuda" else 1.0
     spec = model.spec.moe
-    section: dict[str, Any] = {
-        "gpu_memory_bytes": budget, "num_slots": pool.num_slots,
+    return {
+        "gpu_memory_bytes": int(args.gpu_memory_gib * GiB), "num_slots": pool.num_slots,
+        "num_layers": len(model.moe_blocks()),
         "cached_share": pool.num_slots / len(store.experts()),
-        "setup_s": time.perf_counter() - t0, "pinned_gbps_expert_block": pinned,
+        "setup_s": setup_s, "pinned_gbps_expert_block": pinned,
         "calibration": calibration.summary(),
         "split_table_batch1": cpu_share_table(calibration.rates, store.layout.nbytes,
                                               spec.num_experts, 1, spec.router.top_k),
         "routing": "uniform random top-k (moe_core.routing_control.uniform_routing)",
         "runs": []}
-    record["s3"] = section
-    save(args.out, record)
-    plan = [(1, 2, True), (1, 1, True), (1, 2, False), (4, 2, True), (4, 1, True),
-            (16, 2, True), (16, 1, True)]
+
+
+def fill_uniform(section: dict[str, Any], model: Any, runtime: Any, args: argparse.Namespace,
+                 record: dict[str, Any], plan: list[tuple[int, int, bool]]) -> None:
+    """ms/token under uniform routing for each `(batch, lanes, graphs)` of `plan`, with the
+    bounds, saved as each run finishes."""
+    from moe_core.routing_control import uniform_routing
+
+    calibration = runtime.two_lanes.calibration
+    pinned = section["pinned_gbps_expert_block"]
     with uniform_routing(model):
         for batch, lanes, graphs in plan:
             try:
@@ -166,12 +215,170 @@ def s3_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
             entry["bound_two_lanes_ms"] = missed / (
                 pinned * 1e9 + calibration.rates.cpu_bytes_per_s) * 1e3
             section["runs"].append(entry)
-            print(f"batch {batch} lanes {lanes} graphs {graphs}: {entry['median_ms']:.2f} ms "
-                  f"(hit {entry['hit_rate']:.1%}, cpu {entry['cpu_lane_experts_per_step']:.1f} "
-                  f"experts, bounds 1-lane {entry['bound_one_lane_ms']:.2f} 2-lane "
-                  f"{entry['bound_two_lanes_ms']:.2f})", flush=True)
+            print(f"{section['num_layers']} layers batch {batch} lanes {lanes} graphs {graphs}: "
+                  f"{entry['median_ms']:.2f} ms (hit {entry['hit_rate']:.1%}, cpu "
+                  f"{entry['cpu_lane_experts_per_step']:.1f} experts, bounds 1-lane "
+                  f"{entry['bound_one_lane_ms']:.2f} 2-lane {entry['bound_two_lanes_ms']:.2f})",
+                  flush=True)
             save(args.out, record)
-    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def s3_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    model, store, pool, setup_s = load_s(args.s3_layers, args)
+    record["cpu_kernels"] = cpu_kernel_section(store)
+    save(args.out, record)
+    runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel)
+    bounded(int(args.gpu_memory_gib * GiB))
+    section = uniform_section(model, store, pool, runtime, setup_s, args)
+    record["s3"] = section
+    save(args.out, record)
+    fill_uniform(section, model, runtime, args, record,
+                 [(1, 2, True), (1, 1, True), (1, 2, False), (4, 2, True), (4, 1, True),
+                  (16, 2, True), (16, 1, True)])
+    runtime.uninstall()
+    if "policies" in args.sections:
+        try:
+            record["policies"] = {"runs": []}
+            policies_section(model, store, pool, args, record)
+        except Exception:
+            record["policies"]["error"] = traceback.format_exc()
+            print(record["policies"]["error"], flush=True)
+        save(args.out, record)
+    bounded(None)
+    del model, store, pool, runtime
+    gc.collect()
+    empty_cache()
+
+
+POLICY_PLANS = [  # (name, policy, prefetch, fetch, lanes, graphs)
+    ("lru copy (admits every miss), eager", "lru", "none", "copy", 1, False),
+    ("lru mapped 2 lanes (cache as loaded), graphs", "lru", "none", "mapped", 2, True),
+    ("lru+lookahead mapped 2 lanes, eager", "lru", "lookahead", "mapped", 2, False),
+    ("activation+lookahead mapped 2 lanes, eager", "activation", "lookahead", "mapped", 2,
+     False),
+    ("activation+lookahead mapped 2 lanes, graphs", "activation", "lookahead", "mapped", 2,
+     True),
+]
+
+
+def routing_tape_of_tiny_model(prompts: int, new_tokens: int) -> Any:
+    """The embedded model's own routing on the sample prompts, traced on the CPU (the tape the
+    replay maps onto the target's layers and experts)."""
+    import moe_core
+    from moe_infinity import TraceConfig, routing_tape, trace_prompts
+    from prefetch_hit_rates import moe_core_prompt, prompt_ids
+
+    tiny = moe_core.load_model(moe_core.tiny_model_path(), dtype="float32")
+    tokenizer = moe_core.load_tokenizer(moe_core.tiny_model_path())
+    ids = prompt_ids(prompts)
+    traced = trace_prompts(tiny, tokenizer, [moe_core_prompt(p, i) for i, p in enumerate(ids)],
+                           moe_core.TINY_MODEL_NAME, TraceConfig(max_new_tokens=new_tokens))
+    return routing_tape(traced)
+
+
+def requests_run(model: Any, runtime: Any, graphs: bool, args: argparse.Namespace
+                 ) -> dict[str, Any]:
+    """`args.requests` batch-1 requests one after another (`begin_sequence` between them, so
+    the activation-aware plan learns from the finished ones): each a prompt of
+    `args.policy_prompt_tokens` and `args.policy_steps` decode steps; ms/token and hit rate of
+    the decode steps (the first two of each request left out as warm-up)."""
+    from moe_core.decode_runner import DecodeRunner
+
+    times: list[float] = []
+    counted = {"hits": 0, "misses": 0, "cpu_experts": 0, "mapped_bytes": 0, "cpu_bytes": 0,
+               "prefetches_used": 0, "prefetches_wasted": 0, "prefetches_issued": 0}
+    per_request = []
+    for _ in range(args.requests):
+        runtime.begin_sequence()
+        prompt = torch.randint(3, model.spec.vocab_size, (1, args.policy_prompt_tokens),
+                               device=DEVICE)
+        runner = DecodeRunner(model, 1, args.policy_prompt_tokens + args.policy_steps + 2,
+                              use_graphs=graphs and DEVICE == "cuda")
+        token = runner.prefill(prompt, torch.ones_like(prompt)).argmax(dim=-1)
+        active = torch.ones(1, dtype=torch.bool, device=DEVICE)
+        request_times = []
+        for i in range(args.policy_steps):
+            if i == 2:
+                before = runtime.snapshot(block=True)
+            sync()
+            t0 = time.perf_counter()
+            _, token = runner.step(token, active)
+            sync()
+            if i >= 2:
+                request_times.append(time.perf_counter() - t0)
+        after = runtime.snapshot(block=True)
+        for name in counted:
+            counted[name] += getattr(after, name) - getattr(before, name)
+        uses = (after.hits - before.hits) + (after.misses - before.misses) + (
+            after.cpu_experts - before.cpu_experts)
+        per_request.append({"median_ms": statistics.median(request_times) * 1e3,
+                            "hit_rate": (after.hits - before.hits) / max(uses, 1)})
+        times += request_times
+        del runner
+        gc.collect()
+    uses = counted["hits"] + counted["misses"] + counted["cpu_experts"]
+    steps = len(times)
+    return {"median_ms": statistics.median(times) * 1e3, "mean_ms": statistics.fmean(times) * 1e3,
+            "hit_rate": counted["hits"] / max(uses, 1), "steps": steps,
+            "gpu_lane_bytes_per_step": counted["mapped_bytes"] / steps,
+            "cpu_lane_bytes_per_step": counted["cpu_bytes"] / steps,
+            "cpu_lane_experts_per_step": counted["cpu_experts"] / steps,
+            "prefetches_issued": counted["prefetches_issued"],
+            "prefetches_used": counted["prefetches_used"],
+            "prefetches_wasted": counted["prefetches_wasted"], "per_request": per_request}
+
+
+def policies_section(model: Any, store: Any, pool: Any, args: argparse.Namespace,
+                     record: dict[str, Any]) -> None:
+    """Each cache plan of `POLICY_PLANS` under skewed (Zipf with re-use) and replayed
+    (the tiny model's traced routing) routing, batch 1, requests one after another."""
+    from moe_core import replay_routing, routing_for
+
+    section = record["policies"]
+    section.update({"requests": args.requests, "prompt_tokens": args.policy_prompt_tokens,
+                    "decode_steps_per_request": args.policy_steps,
+                    "zipf": "zipf:s=1.1,reuse=0.5", "num_slots": pool.num_slots,
+                    "cached_share": pool.num_slots / len(store.experts())})
+    tape = routing_tape_of_tiny_model(14, 32)
+    section["tape_steps"] = int(tape.ids.shape[0]) if hasattr(tape, "ids") else None
+    routings = {"zipf": lambda: routing_for(model, section["zipf"]),
+                "replay": lambda: replay_routing(model, tape, row_stride=1)}
+    for routing_name, routing in routings.items():
+        for name, policy, prefetch, fetch, lanes, graphs in POLICY_PLANS:
+            entry: dict[str, Any] = {"routing": routing_name, "plan": name, "policy": policy,
+                                     "prefetch": prefetch, "fetch": fetch, "lanes": lanes,
+                                     "graphs": graphs}
+            runtime = None
+            try:
+                runtime = install(model, store, pool, fetch=fetch, two_lanes=lanes == 2,
+                                  cpu_kernel=args.cpu_kernel, policy=policy, prefetch=prefetch)
+                bounded(int(args.gpu_memory_gib * GiB))
+                torch.manual_seed(0)  # the same draws for every plan
+                with routing():
+                    entry.update(requests_run(model, runtime, graphs, args))
+                print(f"{routing_name:6s} {name:46s} {entry['median_ms']:7.2f} ms  hit "
+                      f"{entry['hit_rate']:.1%}  prefetch used/wasted "
+                      f"{entry['prefetches_used']}/{entry['prefetches_wasted']}", flush=True)
+            except Exception as exc:
+                entry.update(error=repr(exc), trace=traceback.format_exc())
+                print(entry["trace"], flush=True)
+            finally:
+                bounded(None)
+                if runtime is not None:
+                    runtime.uninstall()
+            section["runs"].append(entry)
+            save(args.out, record)
+
+
+def s2_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    model, store, pool, setup_s = load_s(args.s2_layers, args)
+    runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel)
+    bounded(int(args.gpu_memory_gib * GiB))
+    section = uniform_section(model, store, pool, runtime, setup_s, args)
+    record["s2"] = section
+    save(args.out, record)
+    fill_uniform(section, model, runtime, args, record, [(1, 2, True), (1, 1, True)])
+    bounded(None)
     runtime.close()
 
 
@@ -183,19 +390,38 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--cpu-kernel", default="auto")
+    parser.add_argument("--sections", default="s3,policies,s2",
+                        help="comma-separated: s3 (with the CPU kernels), policies, s2")
+    parser.add_argument("--requests", type=int, default=4, help="policies: requests per plan")
+    parser.add_argument("--policy-prompt-tokens", type=int, default=128)
+    parser.add_argument("--policy-steps", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script on the CPU: the embedded tiny model, 2 and 4 "
+                             "layers, a few slots, short runs (no figures worth reading)")
     args = parser.parse_args()
+    args.s3_layers, args.s2_layers = 24, 48
+    if args.smoke:
+        global DEVICE, MODEL
+        DEVICE, MODEL = "cpu", "tiny-moe"
+        args.s3_layers, args.s2_layers = 2, 4
+        args.gpu_memory_gib, args.reserve_gib = 0.002, 0.0
+        args.prompt_tokens, args.steps = 8, 3
+        args.policy_prompt_tokens, args.policy_steps, args.requests = 8, 5, 2
     record: dict[str, Any] = {
         "script": "benchmarks/two_lane_decode.py", "date": time.strftime("%Y-%m-%d"),
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": MODEL,
-        "num_layers": 24, "dtype": "bfloat16", "prompt_tokens": args.prompt_tokens,
+        "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "none (--smoke)",
+        "torch": torch.__version__, "model": MODEL, "num_layers": args.s3_layers, "dtype": "bfloat16", "prompt_tokens": args.prompt_tokens,
         "steps": args.steps, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     save(args.out, record)
-    try:
-        s3_section(args, record)
-    except Exception:
-        record["error"] = traceback.format_exc()
-        print(record["error"], flush=True)
-    save(args.out, record)
+    for name, section in (("s3", s3_section), ("s2", s2_section)):
+        if name not in args.sections:
+            continue
+        try:
+            section(args, record)
+        except Exception:
+            record[f"{name}_error"] = traceback.format_exc()
+            print(record[f"{name}_error"], flush=True)
+        save(args.out, record)
 
 
 if __name__ == "__main__":
