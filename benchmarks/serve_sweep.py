@@ -467,6 +467,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # An outer `timeout` sends SIGTERM: unwind (stop the server, pack, print) instead of dying.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="serve-sweep-") as work:
         sweep = Sweep(args, args.out, Path(work))
