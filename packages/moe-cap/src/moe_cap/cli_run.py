@@ -168,6 +168,18 @@ def run(
     expert_memory: Annotated[str | None, typer.Option(
         help="moe-infinity: GPU memory for expert slots (experts offloaded to host memory).")
     ] = None,
+    fetch: Annotated[str, typer.Option(
+        help="moe-infinity, with --expert-memory: copy (misses copied into the cache) or mapped "
+             "(the GPU reads decode misses from pinned host memory, no host sync per layer).")
+    ] = "copy",
+    lanes: Annotated[int, typer.Option(
+        help="moe-infinity, with --fetch mapped: 1, or 2 (the CPU computes a share of each "
+             "layer's misses at the same time).")] = 1,
+    routing: Annotated[str | None, typer.Option(
+        help="moe-infinity: benchmark routing, uniform (uniform random top-k), "
+             "zipf:s=S,reuse=R or replay:TRACES (dummy weights otherwise route every decode "
+             "token to the same experts); a server sets its own (moe-infinity serve --routing).")
+    ] = None,
     gpu: Annotated[str | None, typer.Option(
         help="GPU for the record (hardware-table name; default: this machine's, 'none' "
              "without CUDA).")] = None,
@@ -187,7 +199,11 @@ def run(
                "num_layers": num_layers,
                "gpu_memory_bytes": None if gpu_memory is None else parse_bytes(gpu_memory),
                "expert_memory_bytes": None if expert_memory is None
-               else parse_bytes(expert_memory)}
+               else parse_bytes(expert_memory), "fetch": fetch, "lanes": lanes,
+               "routing": routing}
+    if url is not None and (routing is not None or fetch != "copy" or lanes != 1):
+        raise WorkloadError("--routing, --fetch and --lanes are for --engine; a server sets its "
+                            "own (e.g. moe-infinity serve --routing uniform)")
     target = _target(url, server_model or model, engine, api_key, options)
     if task in ("perplexity", "choice"):
         if data is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from moe_core import (
     load_tokenizer,
     render_chat,
     resolve_model_path,
+    routing_for,
     sample_next,
 )
 
@@ -55,6 +57,7 @@ class CoreStreamingEngine:
         self.runtime = runtime
         self._info = info
         self._steps: list[StepRecord] = []
+        self._routing = ExitStack()  # benchmark routing, entered by `load`
         eos: Any = model.generation_defaults.get("eos_token_id") or model.spec.eos_token_ids
         self._eos: set[int] = {eos} if isinstance(eos, int) else {int(e) for e in eos or ()}
 
@@ -66,14 +69,22 @@ class CoreStreamingEngine:
         if options.expert_memory_bytes is not None:
             loaded = load_offloaded(options.model, options.device, options.expert_memory_bytes,
                                     dtype=options.dtype, dummy=options.dummy,
-                                    num_layers=options.num_layers)
+                                    num_layers=options.num_layers,
+                                    fetch="mapped" if options.fetch == "mapped" else "copy",
+                                    two_lanes=options.lanes == 2)
             model, runtime = loaded.model, loaded.runtime
         else:
             model = load_model(options.model, options.device, options.dtype,
                                dummy=options.dummy, num_layers=options.num_layers)
         info = EngineInfo(label, options.model, precision_name(model.dtype), options.num_layers,
                           gpu_name(options.device))
-        return cls(model, load_tokenizer(folder), info, runtime)
+        tokenizer = load_tokenizer(folder, model.spec.vocab_size if options.dummy else None)
+        engine = cls(model, tokenizer, info, runtime)
+        if options.routing is not None:
+            # Set for the engine's life: the override is an attribute of each MoE block, read
+            # by whichever thread runs the model.
+            engine._routing.enter_context(routing_for(model, options.routing))
+        return engine
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from moe_core import check_device
+from moe_core import SettingError, check_device, check_routing
 
 from moe_cap.errors import TargetError
 
@@ -35,6 +35,10 @@ class EngineOptions:
         gpu_memory_bytes: moe-gen: the process's GPU memory budget (None: its default).
         expert_memory_bytes: moe-infinity: GPU memory for expert slots (None: every expert on
             the device, no offloading).
+        fetch: moe-infinity, offloaded: `copy` or `mapped` (moe-core's `load_offloaded`).
+        lanes: moe-infinity, with `mapped`: 1 or 2 (the CPU computes a share of the misses).
+        routing: moe-infinity: benchmark routing for the engine's life (`uniform`,
+            `zipf:s=S,reuse=R`, `replay:TRACES`; `moe_core.routing_for`), or None.
     """
 
     engine: str
@@ -45,6 +49,9 @@ class EngineOptions:
     num_layers: int | None = None
     gpu_memory_bytes: int | None = None
     expert_memory_bytes: int | None = None
+    fetch: str = "copy"
+    lanes: int = 1
+    routing: str | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -54,4 +61,20 @@ class EngineOptions:
             raise TargetError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.num_layers is not None and self.num_layers < 1:
             raise TargetError(f"--num-layers must be >= 1, got {self.num_layers}")
+        if self.fetch not in ("copy", "mapped"):
+            raise TargetError(f"--fetch must be copy or mapped, got {self.fetch!r}")
+        if self.lanes not in (1, 2):
+            raise TargetError(f"--lanes must be 1 or 2, got {self.lanes}")
+        if (self.fetch != "copy" or self.lanes != 1 or self.routing is not None) \
+                and self.engine != "moe-infinity":
+            raise TargetError("--fetch, --lanes and --routing are for --engine moe-infinity")
+        if self.fetch == "mapped" and self.expert_memory_bytes is None:
+            raise TargetError("--fetch mapped needs --expert-memory (offloaded experts)")
+        if self.lanes == 2 and self.fetch != "mapped":
+            raise TargetError("--lanes 2 needs --fetch mapped")
+        if self.routing is not None:
+            try:
+                check_routing(self.routing)
+            except SettingError as exc:
+                raise TargetError(f"--{exc}") from None
         check_device(self.device)

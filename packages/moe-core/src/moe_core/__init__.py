@@ -77,6 +77,7 @@ from moe_core.routing import route
 from moe_core.routing_control import (
     TapeLoader,
     UniformRouting,
+    check_routing,
     replay_routing,
     routing_for,
     uniform_routing,
@@ -88,7 +89,7 @@ from moe_core.spec import AttentionSpec, ModelSpec, MoESpec, RopeSpec, RouterSpe
 from moe_core.staged_output import StagedOutput
 from moe_core.static_kv_cache import StaticKVCache
 from moe_core.tiny_checkpoints import TINY_KINDS, build_tiny_checkpoint
-from moe_core.tokenizer import load_tokenizer, render_chat
+from moe_core.tokenizer import load_tokenizer, render_chat, word_tokenizer
 from moe_core.zipf_routing import ZipfRouting
 
 __version__ = "0.1.0"
@@ -175,6 +176,7 @@ __all__ = [
     "cache_plan",
     "check_device",
     "check_output_path",
+    "check_routing",
     "fit_prompt",
     "fit_prompts",
     "format_bytes",
@@ -206,6 +208,7 @@ __all__ = [
     "tiny_model_path",
     "tool_app",
     "uniform_routing",
+    "word_tokenizer",
     "write_output_text",
     "zipf_routing",
 ]

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from moe_core.model import MoEForCausalLM
     from moe_core.moe_block import MoEBlock, RoutingOverride
 
-__all__ = ["ROUTING_KINDS", "TapeLoader", "UniformRouting", "replay_routing", "routing_for",
-           "uniform_routing", "zipf_routing"]
+__all__ = ["ROUTING_KINDS", "TapeLoader", "UniformRouting", "check_routing", "replay_routing",
+           "routing_for", "uniform_routing", "zipf_routing"]
 
 ROUTING_KINDS = ("uniform", "zipf", "replay")
 """The kinds `routing_for` takes: `uniform`, `zipf:s=S,reuse=R`, `replay:PATH`."""
@@ -133,17 +133,37 @@ def routing_for(model: MoEForCausalLM, spec: str, *, seed: int = 0,
     Raises:
         SettingError: a malformed spec, or `replay:` without a loader installed.
     """
+    kind, params = _parsed(spec)
+    if kind == "uniform":
+        return uniform_routing(model)
+    if kind == "zipf":
+        return zipf_routing(model, params["s"], params["reuse"], seed)
+    loader = tape_loader if tape_loader is not None else _installed_loader(spec)
+    return replay_routing(model, loader(Path(spec.strip().partition(":")[2])), seed)
+
+
+def check_routing(spec: str) -> None:
+    """Check a routing spec as `routing_for` reads it, without a model (so a command can refuse
+    a bad `--routing` before it loads anything; a replay file is read only by `routing_for`).
+
+    Raises:
+        SettingError: a malformed spec.
+    """
+    _parsed(spec)
+
+
+def _parsed(spec: str) -> tuple[str, dict[str, float]]:
+    """The kind of `spec` and its numeric parameters (zipf's, defaults filled in)."""
     kind, _, arg = spec.strip().partition(":")
     if kind == "uniform" and not arg:
-        return uniform_routing(model)
+        return kind, {}
     if kind == "zipf":
         params = _params(spec, arg, {"s": 1.0, "reuse": 0.0})
         if params["s"] < 0 or not 0.0 <= params["reuse"] <= 1.0:
             raise SettingError(f"routing {spec!r}: s must be >= 0 and reuse in [0, 1]")
-        return zipf_routing(model, params["s"], params["reuse"], seed)
+        return kind, params
     if kind == "replay" and arg:
-        loader = tape_loader if tape_loader is not None else _installed_loader(spec)
-        return replay_routing(model, loader(Path(arg)), seed)
+        return kind, {}
     raise SettingError(f"routing {spec!r}: expected uniform, zipf:s=S,reuse=R or replay:PATH")
 
 

@@ -133,9 +133,11 @@ class JobOutcome:
     expert_dtype: str | None = None
 
 
-def _tokenizer(folder: Path) -> object | None:
+def _tokenizer(folder: Path, stand_in_vocab: int | None) -> object | None:
     try:
-        return load_tokenizer(folder)
+        # A dummy run of a shape without a tokenizer gets a word-level stand-in, so text
+        # prompts (a benchmark's synthetic ones) run too.
+        return load_tokenizer(folder, stand_in_vocab)
     except ConfigError:
         return None  # shapes and tiny test checkpoints have no tokenizer: token-id prompts only
 
@@ -169,8 +171,8 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
         record = JobRecord(config.output, fresh=not output.finished)
         todo = [(i, r) for i, r in enumerate(requests) if r.id not in output.finished]
         folder = resolve_model_path(config.model, weights=False)
-        tokenizer = _tokenizer(folder)
         spec = ModelSpec.from_pretrained(folder)
+        tokenizer = _tokenizer(folder, spec.vocab_size if config.dummy else None)
         dtype = config.run_dtype(spec)
         todo = checked_requests(todo, tokenizer, spec.max_position_embeddings,
                                 config.defaults.max_new_tokens, config.truncate, config.input,

@@ -33,6 +33,7 @@ from moe_infinity.policy_setup import DEFAULT_POLICIES, parse_policies
 from moe_infinity.prompts import read_prompts
 from moe_infinity.render import plot_hit_rates, print_report, report_dict
 from moe_infinity.serving.engine_setup import EngineSettings, resolve_device
+from moe_infinity.serving.expert_settings import ExpertSettings
 from moe_infinity.serving.runtime_policy import parse_serve_policy
 from moe_infinity.trace_file import load_traces, save_traces
 from moe_infinity.trace_run import TraceConfig, checked_prompts
@@ -46,6 +47,8 @@ app = tool_app(
         "moe-infinity serve --gpu-memory 16GiB --port 8000    (tiny-moe; OpenAI API at /v1)",
         "moe-infinity serve path/to/model --policy lru --traces traces.collection --api-key KEY",
         "moe-infinity chat    (the same engine in the terminal)",
+        "moe-infinity serve qwen3-30b-a3b --dummy --num-layers 24 --routing uniform "
+        "--fetch mapped --port 0    (benchmark S3)",
         "moe-infinity trace --input prompts.jsonl --output traces.bin    (tiny-moe, on the CPU)",
         "moe-infinity simulate traces.bin --cache-fraction 0.1,0.25 --plot hit-rate.png",
     ], runtime_version=moe_core.__version__)
@@ -215,19 +218,50 @@ MaxBatch = Annotated[int, typer.Option(help="Most requests decoding or prefillin
 MaxQueue = Annotated[int, typer.Option(help="Most requests waiting; more get HTTP 429.")]
 PrefillChunk = Annotated[int, typer.Option(
     help="Most prompt tokens prefilled per engine step (long prompts do not stall streams).")]
+Dummy = Annotated[bool, typer.Option(
+    "--dummy", help="Random weights of the model's shapes (e.g. a shipped shape such as "
+    "qwen3-30b-a3b; a shape without a tokenizer gets a word-level stand-in).")]
+NumLayers = Annotated[int | None, typer.Option(help="Keep only the first N decoder layers.")]
+Fetch = Annotated[str, typer.Option(
+    help="copy (misses are copied into the cache, which the policy manages) or mapped (the GPU "
+         "reads decode misses from pinned host memory, no host sync per layer; the cache holds "
+         "the experts loaded at start).")]
+Lanes = Annotated[int, typer.Option(
+    help="With --fetch mapped: 1 (the GPU reads every miss) or 2 (each layer's misses are split "
+         "between the GPU's reads and the CPU, which computes its share from host memory at "
+         "the same time).")]
+Routing = Annotated[str | None, typer.Option(
+    help="Benchmarks only: replace the routers by uniform (uniform random top-k), "
+         "zipf:s=S,reuse=R (skewed, with temporal re-use) or replay:TRACES (a trace file); "
+         "dummy weights otherwise route every decode token to the same experts.")]
 
 
 def _engine_settings(model: str, gpu_memory: str, device: str, dtype: str | None,
                      kv_memory: str | None, policy: str, traces: Path | None, save_every: int,
                      trace_capacity: int, max_batch: int, max_queue: int, prefill_chunk: int,
-                     prefetch: str = "none") -> EngineSettings:
+                     prefetch: str, experts: ExpertSettings) -> EngineSettings:
     return EngineSettings(
         model=model, device=resolve_device(device), dtype=dtype,
         gpu_memory_bytes=_bytes(gpu_memory, "--gpu-memory"),
         kv_memory_bytes=None if kv_memory is None else _bytes(kv_memory, "--kv-memory"),
         policy=parse_serve_policy(policy), traces=traces, save_every=save_every,
         trace_capacity=trace_capacity, max_batch=max_batch, max_queue=max_queue,
-        prefill_chunk=prefill_chunk, prefetch=prefetch)
+        prefill_chunk=prefill_chunk, prefetch=prefetch, experts=experts)
+
+
+def _experts(dummy: bool, num_layers: int | None, fetch: str, lanes: int,
+             routing: str | None) -> ExpertSettings:
+    return ExpertSettings(dummy=dummy, num_layers=num_layers,
+                          fetch=fetch,  # type: ignore[arg-type]  # checked by ExpertSettings
+                          lanes=lanes, routing=routing)
+
+
+def _expert_path(experts: ExpertSettings) -> str:
+    """How experts reach the GPU, for the start-up line (the engine decodes eagerly: its ragged
+    passes over the paged KV pool are not captured as CUDA graphs)."""
+    fetch = f"fetch {experts.fetch}" + (", 2 lanes" if experts.lanes == 2 else "")
+    routing = f", routing {experts.routing}" if experts.routing else ""
+    return f"{fetch}, eager decode{routing}"
 
 
 def _bytes(text: str, option: str) -> int:
@@ -265,6 +299,11 @@ def serve(
         help="The model's name in the API (default: MODEL as given).")] = None,
     device: Device = "auto",
     dtype: Dtype = None,
+    dummy: Dummy = False,
+    num_layers: NumLayers = None,
+    fetch: Fetch = "copy",
+    lanes: Lanes = 1,
+    routing: Routing = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics) with continuous batching and offloaded experts.
@@ -283,7 +322,7 @@ def serve(
         raise SettingError("--api-key must not be empty")
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
                                 save_every, trace_capacity, max_batch, max_queue, prefill_chunk,
-                                prefetch)
+                                prefetch, _experts(dummy, num_layers, fetch, lanes, routing))
     sock = bind_socket(host, port)
     engine = build_engine(settings)
     # The model, tokenizer and libraries are loaded for good: keep the garbage collector from
@@ -300,8 +339,8 @@ def serve(
     memory = engine.served.memory
     _err.print(f"{name} on {settings.device}: dense {moe_core.format_bytes(memory.dense_bytes)}, "
                f"KV {moe_core.format_bytes(memory.kv_bytes)} ({engine.pool.num_blocks} blocks), "
-               f"{engine.served.runtime.pool.num_slots} expert slots, policy {settings.policy}",
-               highlight=False)
+               f"{engine.served.runtime.pool.num_slots} expert slots, policy {settings.policy}, "
+               f"{_expert_path(settings.experts)}", highlight=False)
     typer.echo(f"serving {name} on http://{bound_host}:{bound_port}/v1", )
     sys.stdout.flush()
     try:
@@ -328,6 +367,11 @@ def chat(
     kv_memory: KvMemory = None,
     device: Device = "auto",
     dtype: Dtype = None,
+    dummy: Dummy = False,
+    num_layers: NumLayers = None,
+    fetch: Fetch = "copy",
+    lanes: Lanes = 1,
+    routing: Routing = None,
 ) -> None:
     """Chat with MODEL in the terminal, through the serving engine in this process.
 
@@ -340,7 +384,8 @@ def chat(
     session = ChatSession(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, system=system)
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
-                                100, 1000, 1, 1, 256, prefetch)
+                                100, 1000, 1, 1, 256, prefetch,
+                                _experts(dummy, num_layers, fetch, lanes, routing))
     engine = build_engine(settings)
     engine.start()
     try:

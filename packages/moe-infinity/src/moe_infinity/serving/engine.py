@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from moe_core import MoEError, RequestError, sample_next
@@ -68,11 +69,17 @@ class Engine:
         keeper: The trace collection.
         listener: Told of first tokens, later tokens and finished requests (set it before
             `start`).
+
+    `routing`, where given, replaces the model's routers while the engine thread runs
+    (benchmarks on dummy weights: `ExpertSettings.routing_context`).
     """
 
     def __init__(self, served: ServingModel, config: EngineConfig, keeper: TraceKeeper,
-                 listener: EngineListener | None = None) -> None:
+                 listener: EngineListener | None = None,
+                 routing: AbstractContextManager[None] | None = None) -> None:
         self.served = served
+        # Benchmark routing (`moe_core.routing_for`): entered by the engine thread for its life.
+        self._routing = routing if routing is not None else nullcontext()
         self.config = config
         self.keeper = keeper
         self.listener: EngineListener = listener or NullListener()
@@ -185,7 +192,7 @@ class Engine:
     # The engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with LiveTracer(self.served.model) as tracer:
+        with self._routing, LiveTracer(self.served.model) as tracer:
             while True:
                 with self._cond:
                     if self._stopping:

@@ -5,7 +5,7 @@ Shared by `moe-infinity serve` and `moe-infinity chat`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from moe_core import ModelSpec, SettingError, cache_plan, check_device, resolve_
 from moe_infinity.model_shape import ModelShape
 from moe_infinity.serving.engine import Engine
 from moe_infinity.serving.engine_config import EngineConfig
+from moe_infinity.serving.expert_settings import ExpertSettings
 from moe_infinity.serving.runtime_policy import ServePolicy
 from moe_infinity.serving.serving_model import load_serving_model
 from moe_infinity.serving.trace_keeper import TraceKeeper
@@ -39,6 +40,7 @@ class EngineSettings:
         max_queue: Most waiting requests.
         prefill_chunk: Most prompt tokens prefilled per step.
         prefetch: `none`, or `lookahead[:top=N]` (moe-core's `LookaheadPrefetcher`).
+        experts: Dummy weights, truncation, fetch path and benchmark routing.
     """
 
     model: str
@@ -54,6 +56,7 @@ class EngineSettings:
     max_queue: int
     prefill_chunk: int
     prefetch: str = "none"
+    experts: ExpertSettings = field(default_factory=ExpertSettings)
 
 
 def resolve_device(device: str) -> str:
@@ -75,14 +78,16 @@ def build_engine(settings: EngineSettings) -> Engine:
     # Validated before anything loads (EngineConfig names the bad option).
     EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
                  prefill_chunk=settings.prefill_chunk)
-    spec = ModelSpec.from_pretrained(resolve_model_path(settings.model, weights=False))
+    experts = settings.experts
+    spec = experts.spec_of(ModelSpec.from_pretrained(resolve_model_path(settings.model,
+                                                                        weights=False)))
     prefetcher = cache_plan("lru", settings.prefetch, spec).prefetcher  # checked before loading
     keeper = TraceKeeper(ModelShape.from_spec(settings.model, spec), settings.traces,
                          settings.trace_capacity, settings.save_every)
     served = load_serving_model(settings.model, settings.device, settings.gpu_memory_bytes,
                                 settings.policy, max_batch=settings.max_batch,
                                 dtype=settings.dtype, kv_bytes=settings.kv_memory_bytes,
-                                prefetcher=prefetcher)
+                                prefetcher=prefetcher, experts=experts)
     config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
                           prefill_chunk=settings.prefill_chunk, kv_bytes=served.memory.kv_bytes)
-    return Engine(served, config, keeper)
+    return Engine(served, config, keeper, routing=experts.routing_context(served.model))

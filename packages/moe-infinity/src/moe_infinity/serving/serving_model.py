@@ -24,6 +24,7 @@ from moe_core import (
 )
 
 from moe_infinity.model_shape import ModelShape
+from moe_infinity.serving.expert_settings import ExpertSettings
 from moe_infinity.serving.memory_plan import MemoryPlan, plan_memory
 from moe_infinity.serving.runtime_policy import ServePolicy, eviction_policy
 
@@ -62,22 +63,27 @@ class ServingModel:
 
 def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServePolicy, *,
                        max_batch: int, dtype: str | None = None, kv_bytes: int | None = None,
-                       prefetcher: PrefetcherFactory | None = None) -> ServingModel:
+                       prefetcher: PrefetcherFactory | None = None,
+                       experts: ExpertSettings | None = None) -> ServingModel:
     """Check the device and the budget, then load `name` offloaded (with `prefetcher`'s
-    prefetches, e.g. moe-core's lookahead, where given).
+    prefetches, e.g. moe-core's lookahead, where given; `experts` says how: dummy weights,
+    truncation, the fetch path).
 
     Raises:
         DeviceError, SettingError, ConfigError, CheckpointError: as the checks and
             `load_offloaded` raise them, before or while loading.
     """
+    experts = experts or ExpertSettings()
     check_device(device)
     folder = resolve_model_path(name, weights=False)
-    spec = ModelSpec.from_pretrained(folder)
-    tokenizer = load_tokenizer(folder)
+    spec = experts.spec_of(ModelSpec.from_pretrained(folder))
+    tokenizer = load_tokenizer(folder, spec.vocab_size if experts.dummy else None)
     torch_dtype = run_dtype(dtype, torch.device(device), spec.torch_dtype)
     memory = plan_memory(spec, torch_dtype, budget_bytes, max_batch, kv_bytes)
     shape = ModelShape.from_spec(name, spec)
     chosen = eviction_policy(policy, shape)
     loaded = load_offloaded(name, device, memory.expert_bytes, dtype=torch_dtype, policy=chosen,
-                            prefetcher=prefetcher)
+                            prefetcher=prefetcher, dummy=experts.dummy,
+                            num_layers=experts.num_layers, fetch=experts.fetch,
+                            two_lanes=experts.lanes == 2)
     return ServingModel(name, loaded.model, tokenizer, loaded.runtime, chosen, shape, memory)

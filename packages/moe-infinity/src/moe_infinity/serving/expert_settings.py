@@ -1,0 +1,86 @@
+"""How the served model's weights and experts are set up beyond the budget: dummy weights of a
+shape, truncation, the offload runtime's fetch path, and benchmark routing.
+
+Why these exist: `moe-infinity serve qwen3-30b-a3b --dummy --num-layers 24 --routing uniform`
+is benchmark scenario S3 (BENCHMARKS.md). Dummy weights route almost every decode token to the
+same experts, which flatters the expert cache, so a benchmark sets the routing explicitly
+(`moe_core.routing_for`). `--fetch mapped` (optionally `--lanes 2`) is moe-core's fastest
+batch-1 path for the decode rows: the GPU reads missed experts from pinned host memory with no
+host synchronisation per layer (prefill chunks still copy through the cache). The names and help
+texts mirror `moe-core generate`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+from moe_core import ModelSpec, MoEForCausalLM, SettingError, check_routing, routing_for
+
+from moe_infinity.routing_tape import load_routing_tape
+
+__all__ = ["ExpertSettings"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertSettings:
+    """Weights, truncation, fetch path and routing of a served model.
+
+    Attributes:
+        dummy: Random weights of the model's shapes (a shipped shape needs no files; one that
+            ships no tokenizer gets `moe_core.word_tokenizer`).
+        num_layers: Keep only the first N decoder layers (None: all).
+        fetch: `copy` (misses copied into the cache, which the policy manages) or `mapped`
+            (decode rows read misses from pinned host memory on the GPU; the cache holds the
+            experts loaded at start).
+        lanes: With `mapped`: 1 (the GPU reads every miss) or 2 (each layer's misses split
+            between the GPU's reads and the CPU).
+        routing: Benchmark routing (`uniform`, `zipf:s=S,reuse=R`, `replay:TRACES`) replacing
+            the routers while the engine runs, or None (the model's own routers).
+    """
+
+    dummy: bool = False
+    num_layers: int | None = None
+    fetch: Literal["copy", "mapped"] = "copy"
+    lanes: int = 1
+    routing: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_layers is not None and self.num_layers < 1:
+            raise SettingError(f"--num-layers must be at least 1, got {self.num_layers}")
+        if self.fetch not in ("copy", "mapped"):
+            raise SettingError(f"--fetch must be copy or mapped, got {self.fetch!r}")
+        if self.lanes not in (1, 2):
+            raise SettingError(f"--lanes must be 1 or 2, got {self.lanes}")
+        if self.lanes == 2 and self.fetch != "mapped":
+            raise SettingError("--lanes 2 needs --fetch mapped")
+        if self.routing is not None:
+            try:
+                check_routing(self.routing)
+            except SettingError as exc:
+                raise SettingError(f"--{exc}") from None
+
+    def spec_of(self, spec: ModelSpec) -> ModelSpec:
+        """`spec` as served (truncated to `num_layers`).
+
+        Raises:
+            SettingError: `num_layers` exceeds the model's layers.
+        """
+        if self.num_layers is None:
+            return spec
+        if self.num_layers > spec.num_layers:
+            raise SettingError(f"--num-layers {self.num_layers}: the model has "
+                               f"{spec.num_layers} layers")
+        return spec.truncated(self.num_layers)
+
+    def routing_context(self, model: MoEForCausalLM) -> AbstractContextManager[None]:
+        """The benchmark routing over `model`'s MoE blocks (entered by the engine thread for
+        its whole life), or a context that changes nothing.
+
+        Raises:
+            SettingError / TraceFileError: a bad spec or an unreadable replay file.
+        """
+        if self.routing is None:
+            return nullcontext()
+        return routing_for(model, self.routing, tape_loader=load_routing_tape)
