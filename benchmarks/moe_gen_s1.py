@@ -211,7 +211,8 @@ def full_run(args: argparse.Namespace, name: str, model: Any, runtime: Any, plan
         steps.append(stats)
         if time.perf_counter() - last_save > args.save_every_s:
             last_save = time.perf_counter()
-            partial = summarise(args.num_prompts, steps, last_save - t0, {}, plan).to_dict()
+            partial = summarise(args.num_prompts, steps, last_save - t0, {}, plan,
+                                host_memory_now()["peak_rss_bytes"]).to_dict()
             ours["full_run_partial"] = {**partial, "steps": len(steps),
                                         "decode_steps": sum(s.phase == "decode" for s in steps)}
             save()
@@ -232,7 +233,8 @@ def full_run(args: argparse.Namespace, name: str, model: Any, runtime: Any, plan
 
     ours.pop("full_run_partial", None)
     ours.update({
-        "summary": summarise(args.num_prompts, steps, wall, offload, plan).to_dict(),
+        "summary": summarise(args.num_prompts, steps, wall, offload, plan,
+                             host_memory_now()["peak_rss_bytes"]).to_dict(),
         "offload": offload, "decode_steps": len(decode),
         "decode_step_median_s": median([s.seconds for s in decode]),
         "decode_attention_median_s": median([s.attention_s for s in decode]),
@@ -388,8 +390,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         pred = ours.get("plan_breakdown") or {}
         if "summary" in ours:
             s = ours["summary"]
-            share = (ours.get("full_run_plan") or {}).get("cpu_attention_share", 0.0)
-            lines.append((f"full run share {share:g}", s.get("decode_tokens_per_s"), pred,
+            run = ours.get("full_run_plan") or {}
+            lines.append((f"full run share {run.get('cpu_attention_share', 0.0):g}",
+                          s.get("decode_tokens_per_s"), run.get("predicted", pred),
                           ours.get("decode_step_median_s"), s.get("prefill_tokens_per_s")))
         if not lines:
             lines.append((ours.get("error", "no result")[-22:], None, pred, None, None))
