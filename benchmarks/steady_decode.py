@@ -82,7 +82,8 @@ def plan_breakdown(costs: ModelCosts, profile: DeviceProfile, plan: Plan, contex
     return {**prediction, "cpu_attention_share": share,
             "streamed_experts": streamed,
             "expert_bytes": streamed * costs.expert_bytes,
-            "kv_bytes_over_pcie": device_batch * context * costs.kv_bytes_per_token,
+            "kv_bytes_over_pcie": (device_batch * context * costs.kv_bytes_per_token
+                                   if profile.device != "cpu" else 0.0),  # as the model says
             "kv_bytes_on_host": share * plan.max_batch_size * context * costs.kv_bytes_per_token,
             "h2d_bytes_per_s": profile.h2d_bytes_per_s}
 

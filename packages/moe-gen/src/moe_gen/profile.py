@@ -77,8 +77,9 @@ def _attention_rate(spec: ModelSpec, device: torch.device, dtype: torch.dtype, b
     additive mask. (Plain attention over ready-made heads overstated the host's rate 6x on a
     2-core runner and ~4x on the H200 host; re-implementing `attend` here went stale when
     decision 0007 gave CUDA decode its kernel: the profile measured 3.4e7 keys/s on the H200 for
-    Mixtral shapes, where the kernel alone attends ~1.9e9.) MLA attends its re-expanded heads with SDPA here; the
-    latent's re-expansion is a matrix product, counted apart in the cost model."""
+    Mixtral shapes, where the kernel alone attends ~1.9e9.) MLA attends its re-expanded heads
+    with SDPA here; the latent's re-expansion is a matrix product, counted apart in the cost
+    model."""
     att = spec.attention
     heads = att.num_heads
     kv_heads = heads if att.kind == "mla" else att.num_kv_heads
