@@ -1,98 +1,200 @@
-"""Scenario S1 of BENCHMARKS.md: moe-gen's module-based batching against transformers + accelerate
-(`device_map="auto"`, same GPU budget, its largest batch that fits), with the planner's bound.
+"""Scenarios S1 and S3 of BENCHMARKS.md for moe-gen: module-based batching with the planner's
+prediction and bound, steady-state decode at the planned batch beside a full run, and
+transformers + accelerate (`device_map="auto"`, same GPU budget, its largest batch that fits).
 
-Mixtral-8x7B shapes truncated to 8 layers (12 GiB budget) and DeepSeek-V2-Lite shapes (10 GiB),
-bf16 dummy weights (random, tiled: routing is near-uniform, the worst case for caching), random
-512-token prompts, EOS ignored. The budget is the whole process's GPU memory, enforced with
+- `mixtral`: S1, Mixtral-8x7B shapes truncated to 8 layers, 12 GiB;
+- `dsv2-lite`: S1, DeepSeek-V2-Lite shapes, 10 GiB;
+- `s3`: S3, Qwen3-30B-A3B shapes truncated to 24 layers, 16 GiB (issue 18: 512 prompts of 512
+  tokens, 192 new tokens);
+- `tiny`: the embedded tiny model, a CPU smoke test of the script itself.
+
+Dummy weights (tiled uniform noise; `--expert-dtype fp8`: that noise quantised to FP8 with real
+per-channel scales), random prompts, EOS ignored, routing set explicitly (`--routing`, default
+uniform random top-k). The budget is the whole process's GPU memory, enforced with
 `torch.cuda.set_per_process_memory_fraction` for both systems.
 
-    PYTHONPATH=packages/moe-core/src:packages/moe-gen/src python3 benchmarks/moe_gen_s1.py \
-        --out results/ [--new-tokens 256] [--num-prompts 512]
+Per scenario, in order: load, profile, plan; steady-state decode (`--steady-steps` timed steps
+at a fixed context per host-attention share of `--steady-shares`, `steady_decode.py`); unless
+`--steady-only`, the full run (its plan's host share: `--full-share`); the peer unless
+`--skip-peer`. The record is rewritten after every phase (and every `--save-every-s` seconds of
+the full run), so a run cut short keeps what it measured.
 
-Writes one JSON per scenario into --out and prints a compact table last.
+    PYTHONPATH=packages/moe-core/src:packages/moe-gen/src python3 benchmarks/moe_gen_s1.py \\
+        --out results/ --scenarios s3 --num-prompts 512 --new-tokens 192 --skip-peer
+
+Writes `moe-gen-<scenario>[-fp8][-steady].json` per scenario into --out and prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
 import subprocess
+import sys
 import time
+import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from moe_core import (
-    ExpertLayout,
-    HostExpertStore,
-    ModelSpec,
-    load_model,
-    parse_bytes,
-    resolve_model_path,
-)
+from dummy_weights import dummy_store
+from moe_core import load_model, parse_bytes, routing_for
 from moe_gen import Defaults, GenRequest
 from moe_gen.api import run_requests
 from moe_gen.batch_loop import StepStats
+from moe_gen.cost_model import ModelCosts
 from moe_gen.engine import BatchEngine
 from moe_gen.micro_batch import SequenceInput
 from moe_gen.model_setup import install_streaming
+from moe_gen.plan import Plan
 from moe_gen.planner import Budget, make_plan
 from moe_gen.profile import profile_device
 from moe_gen.summary import summarise
+from steady_decode import SteadyConfig, plan_breakdown, run_steady, share_list
+from step_trace import profile_steps
 
-SCENARIOS = {"mixtral": ("mixtral-8x7b", 8, "12GiB"),
-             "dsv2-lite": ("deepseek-v2-lite", None, "10GiB"),
-             "tiny": ("tiny-moe", None, "1GiB")}  # CPU smoke test of the script itself
-_NOISE = 32 << 20
+__all__ = ["SCENARIOS", "set_budget"]
 
-
-def noise() -> torch.Tensor:
-    """One block of uniform bf16 noise, tiled into every weight (drawing tens of billions of
-    numbers on the host would take minutes; speed does not depend on the values)."""
-    return torch.empty(_NOISE, dtype=torch.bfloat16).uniform_(
-        -0.02, 0.02, generator=torch.Generator().manual_seed(0))
-
-
-def tile_into(flat: torch.Tensor, block: torch.Tensor) -> None:
-    for start in range(0, flat.numel(), block.numel()):
-        chunk = flat[start : start + block.numel()]
-        chunk.copy_(block[: chunk.numel()].to(chunk.dtype))
-
-
-def dummy_store(spec: ModelSpec, dtype: torch.dtype, pin: bool) -> HostExpertStore:
-    """A pinned host store of random experts for `spec`."""
-    layout = ExpertLayout(spec.hidden_size, spec.moe.expert_intermediate_size, dtype)
-    store = HostExpertStore.empty(layout, spec.moe_layers, spec.moe.num_experts, pin)
-    block = noise()
-    for layer in spec.moe_layers:
-        tile_into(store.arena(layer), block)
-    return store
+# key: (standard scenario, model shape, decoder layers kept, GPU budget)
+SCENARIOS = {"mixtral": ("S1", "mixtral-8x7b", 8, "12GiB"),
+             "dsv2-lite": ("S1", "deepseek-v2-lite", None, "10GiB"),
+             "s3": ("S3", "qwen3-30b-a3b", 24, "16GiB"),
+             "tiny": ("smoke", "tiny-moe", None, "1GiB")}
+ROUTING_NOTE = {"uniform": "uniform random top-k (moe_core.uniform_routing: each MoE layer draws "
+                           "torch.rand [T, E] + topk on the device instead of its router)",
+                "model": "the dummy model's own routers (random weights)"}
 
 
 def set_budget(budget: str) -> None:
+    """Cap the whole process's GPU memory at `budget`."""
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(parse_bytes(budget) / total, 1.0))
 
 
+def host_memory_now() -> dict[str, int]:
+    """The process's peak and current resident host memory (bytes): `/proc/self/status` VmHWM
+    and VmRSS (page-locked arenas included), else `getrusage`'s peak."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines()
+                      if ":" in line)
+        found = {key: int(fields[name].split()[0]) * 1024
+                 for key, name in (("peak_rss_bytes", "VmHWM"), ("rss_bytes", "VmRSS"))
+                 if name in fields}
+        if found:
+            return found
+    import resource
+
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def gpu_memory_now(device: str) -> dict[str, int] | None:
+    """Peak allocated and reserved GPU memory since the last reset (None on the CPU)."""
+    if device != "cuda":
+        return None
+    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
+def routing(model: Any, spec: str) -> contextlib.AbstractContextManager[None]:
+    """The benchmark's routing over `model` (`model`: its own routers)."""
+    torch.manual_seed(0)  # uniform and Zipf draws repeat run to run
+    return contextlib.nullcontext() if spec == "model" else routing_for(model, spec)
+
+
 def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: str,
-             device: str) -> dict[str, Any]:
+             ours: dict[str, Any], save: Any) -> None:
+    """Load, plan, steady-state and full run of our engine, filling `ours` (saved as it goes)."""
+    device, fp8 = args.device, args.expert_dtype == "fp8"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.perf_counter()
     model = load_model(name, "cpu", dtype, dummy=True, num_layers=layers, load_experts=False)
-    store = dummy_store(model.spec, dtype, pin=device == "cuda")
-    load_s = time.perf_counter() - t0
+    store = dummy_store(model.spec, dtype, pin=device == "cuda", fp8=fp8)
+    ours.update(load_s=time.perf_counter() - t0, store_bytes=store.nbytes,
+                host_memory_after_load=host_memory_now())
     profile = profile_device(model.spec, device, dtype)
-    reserve = parse_bytes("1.5GiB") if device == "cuda" else 0
-    plan = make_plan(model.spec, dtype, profile,
-                     Budget(gpu_bytes=parse_bytes(budget), host_bytes=parse_bytes(args.host_memory),
-                            prompt_tokens=args.prompt_tokens, max_new_tokens=args.new_tokens,
-                            num_requests=args.num_prompts, reserve_bytes=reserve,
-                            max_cpu_attention_share=args.max_cpu_attention_share))
+    host_budget = parse_bytes(args.host_memory)
+    plan = make_plan(model.spec, dtype, profile, Budget(
+        gpu_bytes=parse_bytes(budget), host_bytes=host_budget,
+        prompt_tokens=args.prompt_tokens, max_new_tokens=args.new_tokens,
+        num_requests=args.num_prompts, reserve_bytes=parse_bytes("1.5GiB") * (device == "cuda"),
+        max_cpu_attention_share=args.max_cpu_attention_share), fp8)
+    costs = ModelCosts.of(model.spec, dtype, fp8)
+    context = args.prompt_tokens + args.new_tokens // 2  # the planner's mean context
+    kernel = args.host_kernel if args.host_kernel != "profile" else (
+        plan.host_attention_kernel if plan.cpu_attention_share > 0
+        else profile.cpu_attention_kernel)
+    ours.update(profile=profile.to_dict(), plan=plan.to_dict(), plan_context=context,
+                plan_breakdown=plan_breakdown(costs, profile, plan, context,
+                                              plan.cpu_attention_share),
+                host_attention_kernel=kernel, setup_s=time.perf_counter() - t0)
     print(f"ours {name}: plan {plan.to_dict()}", flush=True)
-    loaded = install_streaming(model, plan, device, store)
+    save()
+    loaded = install_streaming(model, plan, device, store, fp8_experts=fp8)
     runtime = loaded.runtime
+    with routing(loaded.model, args.routing):
+        if args.steady_steps > 0:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            config = SteadyConfig(args.steady_context or context,
+                                  share_list(args.steady_shares, plan.cpu_attention_share),
+                                  args.steady_warmup, args.steady_steps)
+            rows: list[dict[str, Any]] = []
+            ours["steady"] = rows
+
+            def keep(row: dict[str, Any]) -> None:
+                rows.append(row)
+                print(f"steady {name}: {json.dumps(row)[:600]}", flush=True)
+                save()
+
+            run_steady(loaded.model, runtime, plan, profile, costs, config, kernel, keep)
+            ours.update(steady_gpu_memory=gpu_memory_now(device),
+                        host_memory_after_steady=host_memory_now())
+            save()
+        if not args.steady_only:
+            try:
+                chosen = run_plan(args, plan, ours, kernel)
+                ours["full_run_plan"]["predicted"] = plan_breakdown(
+                    costs, profile, chosen, context, chosen.cpu_attention_share)
+                full_run(args, name, loaded.model, runtime, chosen, ours, save)
+            except Exception:  # keep the steady state and the setup in the record
+                ours["full_run_error"] = traceback.format_exc()[-1500:]
+                print(ours["full_run_error"], file=sys.stderr, flush=True)
+    peak = host_memory_now()
+    ours.update(host_memory_end=peak, host_memory_budget_bytes=host_budget,
+                peak_rss_within_host_budget=peak["peak_rss_bytes"] <= host_budget)
+    save()
+    loaded = model = store = runtime = None  # free before the peer loads
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch._C._host_emptyCache()
+
+
+def run_plan(args: argparse.Namespace, plan: Plan, ours: dict[str, Any], kernel: str) -> Plan:
+    """The plan the full run uses: the planner's, or (`--full-share`) another host share, e.g.
+    the one measured fastest in steady state (`auto`); the record says which and why."""
+    share, why = plan.cpu_attention_share, "planned"
+    measured = [r for r in ours.get("steady", []) if r.get("step_s")]
+    if args.full_share == "auto" and measured:
+        best = min(measured, key=lambda r: r["step_s"])
+        share, why = best["cpu_attention_share"], "fastest steady-state share"
+    elif args.full_share not in ("auto", "planned"):
+        share, why = float(args.full_share), "--full-share"
+    ours["full_run_plan"] = {"cpu_attention_share": share, "why": why,
+                             "host_attention_kernel": kernel if share > 0 else "torch"}
+    return replace(plan, cpu_attention_share=share,
+                   host_attention_kernel=kernel if share > 0 else "torch")
+
+
+def full_run(args: argparse.Namespace, name: str, model: Any, runtime: Any, plan: Plan,
+             ours: dict[str, Any], save: Any) -> None:
+    """Every prompt to its token limit; decode figures over the full-batch decode steps."""
+    device = args.device
     counters = runtime.stats if runtime is not None else None
     generator = torch.Generator().manual_seed(1)
     vocab = model.spec.vocab_size
@@ -102,9 +204,21 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
     steps: list[StepStats] = []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    engine = run_requests(loaded.model, requests, plan, Defaults(max_new_tokens=args.new_tokens),
-                          None, lambda _: None, steps.append,
+    t0 = last_save = time.perf_counter()
+
+    def stepped(stats: StepStats) -> None:
+        nonlocal last_save
+        steps.append(stats)
+        if time.perf_counter() - last_save > args.save_every_s:
+            last_save = time.perf_counter()
+            partial = summarise(args.num_prompts, steps, last_save - t0, {}, plan,
+                                host_memory_now()["peak_rss_bytes"]).to_dict()
+            ours["full_run_partial"] = {**partial, "steps": len(steps),
+                                        "decode_steps": sum(s.phase == "decode" for s in steps)}
+            save()
+
+    engine = run_requests(model, requests, plan, Defaults(max_new_tokens=args.new_tokens),
+                          None, lambda _: None, stepped,
                           lambda: counters.bytes_copied if counters is not None else 0)
     wall = time.perf_counter() - t0
     context = args.prompt_tokens + args.new_tokens // 2
@@ -112,31 +226,30 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
                           args.out / f"trace-{name}.json.gz")
              if args.trace and device == "cuda" else None)
     offload = runtime.summary() if runtime else {}
-    summary = summarise(args.num_prompts, steps, wall, offload, plan).to_dict()
     decode = [s for s in steps if s.phase == "decode" and len(s.chunks) == plan.max_batch_size]
-    out = {"load_s": load_s, "profile": profile.to_dict(), "plan": plan.to_dict(),
-           "summary": summary, "offload": offload,
-           "decode_steps": len(decode),
-           "decode_step_median_s": statistics.median(s.seconds for s in decode) if decode else None,
-           "decode_attention_median_s": (statistics.median(s.attention_s for s in decode)
-                                         if decode else None),
-           "decode_moe_median_s": statistics.median(s.moe_s for s in decode) if decode else None,
-           "decode_h2d_median_bytes": (statistics.median(s.h2d_bytes for s in decode)
-                                       if decode else None),
-           # The context grows through the run: the median step of each quarter of it.
-           "decode_step_median_s_by_quarter": [
-               statistics.median(s.seconds for s in q)
-               for q in (decode[i * len(decode) // 4 : (i + 1) * len(decode) // 4]
-                         for i in range(4)) if q],
-           "peak_allocated_bytes": (torch.cuda.max_memory_allocated() if device == "cuda"
-                                    else None),
-           "trace_context": context if trace is not None else None, "trace": trace}
-    loaded = model = store = runtime = counters = engine = None  # free before the peer loads
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch._C._host_emptyCache()
-    return out
+
+    def median(values: list[float]) -> float | None:
+        return statistics.median(values) if values else None
+
+    ours.pop("full_run_partial", None)
+    ours.update({
+        "summary": summarise(args.num_prompts, steps, wall, offload, plan,
+                             host_memory_now()["peak_rss_bytes"]).to_dict(),
+        "offload": offload, "decode_steps": len(decode),
+        "decode_step_median_s": median([s.seconds for s in decode]),
+        "decode_attention_median_s": median([s.attention_s for s in decode]),
+        "decode_moe_median_s": median([s.moe_s for s in decode]),
+        "decode_h2d_median_bytes": median([s.h2d_bytes for s in decode]),
+        # The context grows through the run: the median step of each quarter of it.
+        "decode_step_median_s_by_quarter": [
+            statistics.median(s.seconds for s in q)
+            for q in (decode[i * len(decode) // 4 : (i + 1) * len(decode) // 4]
+                      for i in range(4)) if q],
+        "peak_allocated_bytes": (torch.cuda.max_memory_allocated() if device == "cuda"
+                                 else None),
+        "full_run_gpu_memory": gpu_memory_now(device),
+        "trace_context": context if trace is not None else None, "trace": trace})
+    save()
 
 
 def trace_decode(engine: BatchEngine, batch: int, context: int, path: Path) -> dict[str, Any]:
@@ -156,176 +269,6 @@ def trace_decode(engine: BatchEngine, batch: int, context: int, path: Path) -> d
     return summary
 
 
-def random_peer_model(config: Any) -> Any:
-    """transformers' model with tiled random bf16 weights on the host (as offload_decode.py)."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
-    block = noise()
-    for name, param in list(model.named_parameters()):
-        value = torch.empty(param.shape, dtype=torch.bfloat16)
-        tile_into(value.view(-1), block)
-        set_module_tensor_to_device(model, name, "cpu", value=value)
-    return model.eval()
-
-
-def run_peer(args: argparse.Namespace, name: str, layers: int | None,
-             budget: str) -> dict[str, Any]:
-    """Largest batch (of --peer-batches) that fits, prefill then timed decode steps."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model_path(name, weights=False))
-    config.num_hidden_layers = layers or config.num_hidden_layers
-    model = random_peer_model(config)
-    weights_budget = parse_bytes(budget) - 2 * 2**30  # 2 GiB left for KV and activations
-    device_map = infer_auto_device_map(model, max_memory={0: weights_budget, "cpu": "120GiB"},
-                                       no_split_module_classes=model._no_split_modules)
-    model = dispatch_model(model, device_map=device_map)
-    out: dict[str, Any] = {"system": "transformers+accelerate device_map=auto",
-                           "weights_budget": weights_budget, "tried": {}}
-    for batch in args.peer_batches:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            prompt = torch.randint(3, config.vocab_size, (batch, args.prompt_tokens),
-                                   device="cuda")
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                res = model(prompt, use_cache=True)
-                torch.cuda.synchronize()
-                prefill_s = time.perf_counter() - t0
-                past, token = res.past_key_values, res.logits[:, -1:].argmax(-1)
-                del res
-                times = []
-                for _ in range(args.peer_steps):
-                    t0 = time.perf_counter()
-                    res = model(token, past_key_values=past, use_cache=True)
-                    past, token = res.past_key_values, res.logits[:, -1:].argmax(-1)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                    del res
-            step = statistics.median(times)
-            out.update(batch=batch, prefill_s=prefill_s, prefill_tokens_per_s=batch
-                       * args.prompt_tokens / prefill_s, decode_step_median_s=step,
-                       decode_tokens_per_s=batch / step,
-                       peak_allocated_bytes=torch.cuda.max_memory_allocated())
-            del past, token
-            break
-        except torch.OutOfMemoryError as exc:
-            out["tried"][batch] = f"OOM: {str(exc).splitlines()[0][:120]}"
-            gc.collect()
-            torch.cuda.empty_cache()
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return out
-
-
-def _union_s(spans: list[tuple[float, float]]) -> float:
-    """Seconds covered by the union of `(start_us, end_us)` spans."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total / 1e6
-
-
-def _overlap_s(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    """Seconds where some span of `a` and some span of `b` run at once."""
-    marks = sorted([(s, 0, 1) for s, _ in a] + [(e, 0, -1) for _, e in a]
-                   + [(s, 1, 1) for s, _ in b] + [(e, 1, -1) for _, e in b])
-    depth, total, last = [0, 0], 0.0, 0.0
-    for t, which, delta in marks:
-        if depth[0] > 0 and depth[1] > 0:
-            total += t - last
-        depth[which] += delta
-        last = t
-    return total / 1e6
-
-
-def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
-    """Where the time of `num_steps` profiled steps went, from a chrome trace of
-    `torch.profiler` (CUDA activity and the host's runtime calls), per step: how long the
-    host-to-device link was busy and with what (KV on the KV mover's stream, experts on the copy
-    engine's), how long kernels ran, how long both lanes overlapped, and where the host blocked."""
-    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
-    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    if not gpu:
-        return {"error": "no device activity in the trace"}
-
-    def spans(evs: list[dict[str, Any]]) -> list[tuple[float, float]]:
-        return [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in evs]
-
-    h2d = [e for e in gpu if e["cat"] == "gpu_memcpy" and "HtoD" in e["name"]]
-    kernels = [e for e in gpu if e["cat"] == "kernel"]
-    span_s = _union_s([(min(s for s, _ in spans(gpu)), max(e for _, e in spans(gpu)))])
-    streams: dict[str, dict[str, float]] = {}
-    for e in h2d:
-        row = streams.setdefault(str(e.get("args", {}).get("stream")),
-                                 {"busy_s": 0.0, "bytes": 0.0, "copies": 0})
-        row["busy_s"] += e["dur"] / 1e6 / num_steps
-        row["bytes"] += float(e.get("args", {}).get("bytes", 0)) / num_steps
-        row["copies"] += 1 / num_steps
-    by_stream = {k: spans([e for e in h2d if str(e.get("args", {}).get("stream")) == k])
-                 for k in streams}
-    heavy = sorted(streams, key=lambda k: -streams[k]["bytes"])[:2]
-    host: dict[str, float] = {}
-    for e in events:
-        name = e["name"]
-        if e.get("cat") == "cuda_runtime" and ("Synchronize" in name or "Memcpy" in name):
-            host[name] = host.get(name, 0.0) + e["dur"] / 1e6 / num_steps
-        if e.get("cat") == "cpu_op" and name in ("aten::index_select", "aten::nonzero",
-                                                 "aten::_local_scalar_dense", "aten::item",
-                                                 "aten::pin_memory", "aten::index_copy_"):
-            host[name] = host.get(name, 0.0) + e["dur"] / 1e6 / num_steps
-    h2d_bytes = sum(r["bytes"] for r in streams.values())
-    busy = _union_s(spans(h2d)) / num_steps
-    # Link idle gaps: many short ones point at the host issuing copies too slowly (per-expert
-    # work), long ones at phases with nothing to copy (attention, step boundaries).
-    gaps, reach = [], None
-    for start, end in sorted(spans(h2d)):
-        if reach is not None and start > reach:
-            gaps.append((start - reach) / 1e6)
-        reach = end if reach is None else max(reach, end)
-    short = [g for g in gaps if g < 1e-3]
-    return {"steps": num_steps, "gpu_span_s": span_s / num_steps,
-            "h2d_busy_s": busy, "h2d_busy_share": busy * num_steps / span_s,
-            "h2d_bytes": h2d_bytes, "h2d_rate_while_busy": h2d_bytes / busy if busy else None,
-            "h2d_streams": streams,
-            "h2d_idle_under_1ms_s": sum(short) / num_steps,
-            "h2d_idle_gaps_under_1ms": len(short) / num_steps,
-            "h2d_idle_over_1ms_s": (sum(gaps) - sum(short)) / num_steps,
-            "two_heaviest_h2d_streams_overlap_s": (
-                _overlap_s(by_stream[heavy[0]], by_stream[heavy[1]]) / num_steps
-                if len(heavy) == 2 else 0.0),
-            "kernel_busy_s": _union_s(spans(kernels)) / num_steps,
-            "device_idle_s": (span_s - _union_s(spans(gpu))) / num_steps,
-            "host_s": host}
-
-
-def profile_steps(run: Any, num_steps: int, path: Path | None = None) -> dict[str, Any]:
-    """Run `run()` (which runs `num_steps` steps) under `torch.profiler`; summarise the trace
-    (and keep it gzipped at `path`)."""
-    import gzip
-    import tempfile
-
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        run()
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(file))
-        raw = file.read_bytes()
-    if path is not None:
-        path.write_bytes(gzip.compress(raw))
-    return trace_summary(json.loads(raw), num_steps)
-
-
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -334,72 +277,132 @@ def commit() -> str:
         return "unknown"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--scenarios", default="mixtral,dsv2-lite")
-    parser.add_argument("--num-prompts", type=int, default=512)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--host-memory", default="100GiB")
-    parser.add_argument("--peer-batches", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[64, 32, 16, 8, 4, 1])
-    parser.add_argument("--peer-steps", type=int, default=3)
-    parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--trace", action="store_true",
-                        help="after the run, profile two decode steps (CUDA) and summarise them")
-    parser.add_argument("--max-cpu-attention-share", type=float, default=0.75)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--commit", default=None,
-                        help="the commit that runs (default: git rev-parse; a device copy's "
-                             "git metadata can lag the working tree)")
+    add = parser.add_argument
+    add("--out", type=Path, required=True)
+    add("--scenarios", default="mixtral,dsv2-lite", help=f"of {', '.join(SCENARIOS)}")
+    add("--num-prompts", type=int, default=512)
+    add("--prompt-tokens", type=int, default=512)
+    add("--new-tokens", type=int, default=256)
+    add("--num-layers", type=int, default=None, help="override the scenario's decoder layers")
+    add("--gpu-memory", default=None, help="override the scenario's GPU budget, e.g. 16GiB")
+    add("--host-memory", default="100GiB")
+    add("--expert-dtype", choices=("bf16", "fp8"), default="bf16",
+        help="routed experts stored and streamed as the run dtype (bf16 on the GPU) or FP8")
+    add("--routing", default="uniform", help="uniform, zipf:s=S,reuse=R, or model (its routers)")
+    add("--steady-only", action="store_true", help="no full run: steady-state decode only")
+    add("--steady-steps", type=int, default=4, help="timed steady-state steps (0: none)")
+    add("--steady-warmup", type=int, default=2)
+    add("--steady-shares", default="planned,0",
+        help="host attention shares measured in steady state (planned: the plan's)")
+    add("--steady-context", type=int, default=0, help="default: prompt + new tokens / 2")
+    add("--full-share", default="planned",
+        help="host share of the full run: planned, auto (fastest steady-state share) or a number")
+    add("--host-kernel", choices=("profile", "torch", "numba"), default="profile",
+        help="host attention kernel of shares > 0 (profile: the planner's / profile's choice)")
+    add("--save-every-s", type=float, default=20.0)
+    add("--peer-batches", type=lambda s: [int(x) for x in s.split(",")],
+        default=[64, 32, 16, 8, 4, 1])
+    add("--peer-steps", type=int, default=3)
+    add("--skip-peer", action="store_true")
+    add("--trace", action="store_true",
+        help="after the run, profile two decode steps (CUDA) and summarise them")
+    add("--max-cpu-attention-share", type=float, default=0.75)
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--commit", default=None, help="the commit that runs (default: git rev-parse; a device "
+                                       "copy's git metadata can lag the working tree)")
     args = parser.parse_args()
+    unknown = [k for k in args.scenarios.split(",") if k not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}: choose from {', '.join(SCENARIOS)}")
+    if args.routing not in ROUTING_NOTE and not args.routing.startswith("zipf"):
+        parser.error(f"--routing {args.routing!r}: uniform, zipf:s=S,reuse=R or model")
+    if args.full_share not in ("planned", "auto"):
+        try:
+            float(args.full_share)
+        except ValueError:
+            parser.error(f"--full-share {args.full_share!r}: planned, auto or a number")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for key in args.scenarios.split(","):
-        name, layers, budget = SCENARIOS[key]
+        standard, name, layers, budget = SCENARIOS[key]
+        layers, budget = args.num_layers or layers, args.gpu_memory or budget
+        label = (f"{standard.lower()}-{key}" if standard == "S1" else key) + (
+            "-fp8" if args.expert_dtype == "fp8" else "") + ("-steady" if args.steady_only else "")
+        ours: dict[str, Any] = {}
         record: dict[str, Any] = {
-            "scenario": f"S1 {key}", "model": name, "num_layers": layers, "gpu_budget": budget,
-            "commit": args.commit or commit(),
+            "scenario": f"{standard} {key}", "model": name, "num_layers": layers,
+            "gpu_budget": budget, "host_memory_budget": args.host_memory,
+            "expert_dtype": args.expert_dtype,
+            "routing": {"spec": args.routing, "what": ROUTING_NOTE.get(args.routing, "zipf")},
+            "mode": "steady-state only" if args.steady_only else "steady-state and full run",
+            "commit": args.commit or commit(), "command": " ".join(sys.argv),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": (torch.cuda.get_device_name() if args.device == "cuda" else "cpu"),
             "workload": {k: getattr(args, k) for k in ("num_prompts", "prompt_tokens",
-                                                      "new_tokens")}}
+                                                      "new_tokens")}, "ours": ours}
+        path = args.out / f"moe-gen-{label}.json"
+
+        def save(record: dict[str, Any] = record, path: Path = path) -> None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            tmp.replace(path)  # a reader (or a kill) never sees half a file
+
         if args.device == "cuda":
             set_budget(budget)
         try:
-            record["ours"] = run_ours(args, name, layers, budget, args.device)
+            run_ours(args, name, layers, budget, ours, save)
         except torch.OutOfMemoryError as exc:
-            record["ours"] = {"error": f"OOM: {str(exc).splitlines()[0][:200]}"}
-        path = args.out / f"moe-gen-s1-{key}.json"
-        path.write_text(json.dumps(record, indent=1) + "\n")  # kept if the peer never ends
+            ours["error"] = f"OOM: {str(exc).splitlines()[0][:200]}"
+        except Exception:  # report, keep the other scenarios
+            ours["error"] = traceback.format_exc()[-1500:]
+            print(ours["error"], file=sys.stderr, flush=True)
+        save()
         if not args.skip_peer and args.device == "cuda":
+            from hf_peer import run_peer
+
             try:
                 record["peer"] = run_peer(args, name, layers, budget)
             except Exception as exc:  # report, keep the other scenarios
                 record["peer"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        path.write_text(json.dumps(record, indent=1) + "\n")
+            save()
         rows.append(record)
         print(json.dumps(record)[:2000], flush=True)
     print_table(rows)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'scenario':<12} {'ours dec tok/s':>14} {'pred tok/s':>10} {'bound tok/s':>11} "
-          f"{'step ms meas/pred':>17} {'prefill tok/s':>13} {'peer dec tok/s':>14} {'x peer':>7}")
+    print(f"{'scenario':<16} {'what':<22} {'dec tok/s':>9} {'pred tok/s':>10} "
+          f"{'bound tok/s':>11} {'step ms meas/pred':>17} {'prefill tok/s':>13} "
+          f"{'peak RSS GiB':>12} {'peer dec tok/s':>14}")
     for r in rows:
         ours, peer = r.get("ours", {}), r.get("peer", {})
-        s = ours.get("summary", {})
-        pred = (ours.get("plan") or {}).get("prediction") or {}
-        dec = s.get("decode_tokens_per_s", 0.0)
-        peer_dec = peer.get("decode_tokens_per_s")
-        meas = ours.get("decode_step_median_s")
-        print(f"{r['scenario']:<12} {dec:>14,.0f} {pred.get('tokens_per_s', 0):>10,.0f} "
-              f"{pred.get('bound_tokens_per_s', 0):>11,.0f} "
-              f"{(meas or 0) * 1e3:>8,.0f}/{pred.get('step_s', 0) * 1e3:<8,.0f} "
-              f"{s.get('prefill_tokens_per_s', 0):>13,.0f} "
-              f"{peer_dec if peer_dec is None else round(peer_dec, 1)!s:>14} "
-              f"{(dec / peer_dec) if peer_dec else float('nan'):>7.1f}")
+        scenario = f"{r['scenario']} {r['expert_dtype']}"
+        rss = (ours.get("host_memory_end") or {}).get("peak_rss_bytes", 0) / 2**30
+        lines = [(f"steady share {v['cpu_attention_share']:g}", v.get("decode_tokens_per_s"),
+                  v["predicted"], v.get("step_s"), None) for v in ours.get("steady", [])]
+        pred = ours.get("plan_breakdown") or {}
+        if "summary" in ours:
+            s = ours["summary"]
+            run = ours.get("full_run_plan") or {}
+            lines.append((f"full run share {run.get('cpu_attention_share', 0.0):g}",
+                          s.get("decode_tokens_per_s"), run.get("predicted", pred),
+                          ours.get("decode_step_median_s"), s.get("prefill_tokens_per_s")))
+        if not lines:
+            lines.append((ours.get("error", "no result")[-22:], None, pred, None, None))
+        for what, dec, p, step, prefill in lines:
+            peer_dec = peer.get("decode_tokens_per_s")
+            print(f"{scenario:<16} {what:<22} {dec or 0:>9,.0f} {p.get('tokens_per_s', 0):>10,.0f} "
+                  f"{p.get('bound_tokens_per_s', 0):>11,.0f} "
+                  f"{(step or 0) * 1e3:>8,.0f}/{p.get('step_s', 0) * 1e3:<8,.0f} "
+                  f"{prefill or 0:>13,.0f} {rss:>12.1f} "
+                  f"{peer_dec if peer_dec is None else round(peer_dec, 1)!s:>14}")
 
 
 if __name__ == "__main__":

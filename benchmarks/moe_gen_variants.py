@@ -47,7 +47,9 @@ from moe_gen.planner import Budget, make_plan
 from moe_gen.profile import profile_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moe_gen_s1 import dummy_store, noise, profile_steps, set_budget, tile_into
+from dummy_weights import dummy_store, noise, tile_into
+from moe_gen_s1 import set_budget
+from step_trace import profile_steps
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, required=True)

@@ -34,6 +34,7 @@ from moe_core.generation import GenerationResult, generate
 from moe_core.known_shapes import known_shapes
 from moe_core.kv_cache import KVCache
 from moe_core.kv_store import DecodeAttentionStore, KVStore, SequenceKV
+from moe_core.layers.attention import attend
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import AttentionBranch, DecoderLayer, MixObserver, MoEForCausalLM
 from moe_core.moe_block import MoEBlock
@@ -171,6 +172,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "ZipfRouting",
     "__version__",
+    "attend",
     "bad_lines_message",
     "build_tiny_checkpoint",
     "cache_plan",

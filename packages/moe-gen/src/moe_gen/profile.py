@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from moe_core import ModelSpec
+from moe_core import ModelSpec, attend
 
 from moe_gen.paged_attention import NumbaPagedAttention, time_paged_attention
 
@@ -71,9 +71,15 @@ def _best(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> f
 def _attention_rate(spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch: int,
                     keys: int) -> float:
     """Decode attention keys per second the way the engine attends: the cached keys joined with
-    the new one, GQA groups expanded to every query head, an additive mask. (Plain attention over
-    ready-made heads overstated the host's rate 6x on a 2-core runner and ~4x on the H200 host.)
-    MLA's re-expansion of the latent is a matrix product, counted apart in the cost model."""
+    the new one (the micro-batch's cache returns them joined), then GQA through moe-core's own
+    `attend`, which the attention modules call: on CUDA its GQA decode kernel reads each group
+    once (decision 0007), elsewhere the groups are expanded to every query head for SDPA with an
+    additive mask. (Plain attention over ready-made heads overstated the host's rate 6x on a
+    2-core runner and ~4x on the H200 host; re-implementing `attend` here went stale when
+    decision 0007 gave CUDA decode its kernel: the profile measured 3.4e7 keys/s on the H200 for
+    Mixtral shapes, where the kernel alone attends ~1.9e9.) MLA attends its re-expanded heads
+    with SDPA here; the latent's re-expansion is a matrix product, counted apart in the cost
+    model."""
     att = spec.attention
     heads = att.num_heads
     kv_heads = heads if att.kind == "mla" else att.num_kv_heads
@@ -83,15 +89,14 @@ def _attention_rate(spec: ModelSpec, device: torch.device, dtype: torch.dtype, b
     new = torch.randn(batch, 1, kv_heads, dim, device=device, dtype=dtype)
     mask = torch.zeros(batch, 1, 1, keys, device=device, dtype=dtype)
 
-    def attend() -> torch.Tensor:
+    def attend_once() -> torch.Tensor:
         k = torch.cat((past, new), dim=1).transpose(1, 2)  # [b, G, S, E]
         v = torch.cat((past, new), dim=1).transpose(1, 2)
-        if heads != kv_heads:
-            k = k.repeat_interleave(heads // kv_heads, dim=1)  # [b, H, S, E]
-            v = v.repeat_interleave(heads // kv_heads, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if att.kind == "mla":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attend(q, k, v, mask, dim**-0.5)  # [b, H, 1, E]
 
-    seconds = _best(attend, device)
+    seconds = _best(attend_once, device)
     return batch * keys / seconds
 
 
