@@ -410,7 +410,8 @@ def main() -> None:
     record: dict[str, Any] = {
         "script": "benchmarks/two_lane_decode.py", "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "none (--smoke)",
-        "torch": torch.__version__, "model": MODEL, "num_layers": args.s3_layers, "dtype": "bfloat16", "prompt_tokens": args.prompt_tokens,
+        "torch": torch.__version__, "model": MODEL, "num_layers": args.s3_layers,
+        "dtype": "bfloat16", "prompt_tokens": args.prompt_tokens,
         "steps": args.steps, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     save(args.out, record)
     for name, section in (("s3", s3_section), ("s2", s2_section)):

@@ -25,7 +25,9 @@ from moe_core.offload.cpu_experts import (
     TorchCpuExperts,
     choose_cpu_kernel,
     cpu_kernels,
+    time_cpu_kernel,
 )
+from moe_core.offload.cpu_lane import CpuLaneCounts
 from moe_core.offload.executors import OffloadRuntime, install_offloading
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_semaphore import HostSemaphore
@@ -33,6 +35,7 @@ from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.token_groups import expert_mlp
+from moe_core.offload.two_lanes import ADAPT_EVERY_JOBS, LaneCalibration, TwoLanes
 from moe_core.tiny_checkpoints import build_tiny_checkpoint
 
 ALL_CPU = LaneRates(gpu_bytes_per_s=1e9, cpu_bytes_per_s=1e13, cpu_fixed_s=0.0)
@@ -133,6 +136,73 @@ def test_the_device_split_gives_the_cpu_the_missed_experts_with_fewest_tokens() 
     assert gpu_lut.tolist() == [-2, -1, 4, -1, 2, -2, -1, 7]
 
 
+def test_a_split_table_is_rewritten_in_place() -> None:
+    split = LaneSplit([0, 1, 1], num_experts=4, device=torch.device("cpu"))
+    table = split.table
+    split.update([0, 0, 2])
+    assert split.table is table and table.tolist() == [0, 0, 2] == split.cpu_share
+    with pytest.raises(ValueError, match="3 entries"):
+        split.update([0, 1])
+
+
+def tiny_lanes(rates: LaneRates) -> tuple[TwoLanes, HostExpertStore]:
+    model = load_model(tiny_model_path(), dtype="float32")
+    store = HostExpertStore.from_model(model, pin=False)
+    pool = GpuSlotPool(store.layout, 4, device="cpu")
+    calibration = LaneCalibration(rates, TorchCpuExperts(), [], gpu_measured=False)
+    return TwoLanes(store, pool, calibration), store
+
+
+def test_a_cpu_lane_slower_than_calibrated_is_refitted_and_given_fewer_experts() -> None:
+    lanes, store = tiny_lanes(BALANCED)
+    try:
+        nbytes = store.layout.nbytes
+        split = lanes.split(1, 8)
+        assert split is not None and any(split.cpu_share)
+        before = split.cpu_share
+        # Fewer calls than a re-fit needs: nothing changes yet (they count towards the next).
+        lanes.observe(CpuLaneCounts(jobs=4, idle_jobs=4, busy_seconds=4 * 50e-6,
+                                    idle_busy_seconds=4 * 50e-6))
+        assert lanes.rates == BALANCED and split.cpu_share == before
+        # The lane ran 100x slower than calibrated, with 50 us per call whatever it did.
+        jobs, idle = ADAPT_EVERY_JOBS, ADAPT_EVERY_JOBS // 2
+        working_bytes = (jobs - idle) * 2 * nbytes
+        lanes.observe(CpuLaneCounts(
+            experts=(jobs - idle) * 2, tokens=(jobs - idle) * 2, bytes=working_bytes,
+            jobs=jobs, idle_jobs=idle, idle_busy_seconds=idle * 50e-6,
+            busy_seconds=idle * 50e-6 + (jobs - idle) * 50e-6 + working_bytes / 20e7))
+        assert lanes.refits == 1
+        assert lanes.rates.cpu_fixed_s == pytest.approx(50e-6)
+        assert lanes.rates.cpu_bytes_per_s == pytest.approx(20e7, rel=1e-6)
+        assert lanes.rates.gpu_bytes_per_s == BALANCED.gpu_bytes_per_s
+        assert split.cpu_share == cpu_share_table(lanes.rates, nbytes, store.num_experts, 1, 8)
+        assert sum(split.cpu_share) < sum(before)
+        # A lane faster than its calibration is not believed faster than calibrated.
+        lanes.observe(CpuLaneCounts(experts=jobs, tokens=jobs, bytes=jobs * nbytes, jobs=jobs,
+                                    busy_seconds=1e-9))
+        assert lanes.rates.cpu_bytes_per_s == pytest.approx(BALANCED.cpu_bytes_per_s)
+    finally:
+        lanes.close()
+
+
+def test_the_calibration_reads_experts_the_calls_before_did_not() -> None:
+    layout = ExpertLayout(8, 16, torch.float32)
+    blocks = torch.zeros(32, layout.nbytes // 4)
+    seen: list[list[int]] = []
+
+    def kernel(blocks: torch.Tensor, layout: ExpertLayout, hidden: torch.Tensor,
+               ids: torch.Tensor, weights: torch.Tensor, on_cpu: torch.Tensor,
+               out: torch.Tensor) -> None:
+        seen.append(on_cpu.nonzero().view(-1).tolist())
+
+    kernel.name = "fake"  # type: ignore[attr-defined]
+    timing = time_cpu_kernel(kernel, blocks, layout, experts=4, repeats=5)  # type: ignore[arg-type]
+    assert timing.name == "fake" and len(seen) == 6
+    timed = seen[1:]
+    assert all(len(x) == 4 for x in seen)
+    assert len({e for x in timed for e in x}) == 20  # five calls, twenty distinct experts
+
+
 def test_host_semaphores_hand_over_between_threads_without_the_gil() -> None:
     ready, done = HostSemaphore(), HostSemaphore()
     seen: list[int] = []
@@ -163,6 +233,27 @@ def offloaded(folder: Path, rates: LaneRates, num_slots: int) -> tuple[MoEForCau
     runtime.prefetch(store.experts()[:num_slots])
     runtime.drain()
     return model, runtime
+
+
+def test_the_cpu_lane_uses_of_a_capture_warm_up_are_forgotten_with_the_rest() -> None:
+    # Before a capture the decode runner runs eager warm-up steps and the cache forgets their
+    # uses; the CPU lane's share of them must go too (it used to be moved out of misses that
+    # were never counted: -22 misses on the H200).
+    model, runtime = offloaded(tiny_model_path(), ALL_CPU, num_slots=4)
+    cache = runtime.cache
+    assert cache is not None
+    ids = torch.tensor([[1, 400, 37, 901]])
+    try:
+        cache.before_warmup()
+        model(ids)
+        cache.after_warmup()
+        warm = runtime.snapshot()
+        assert warm.cpu_experts == 0 and warm.misses == 0 and warm.hits == 0
+        model(ids)
+        stats = runtime.snapshot()
+        assert stats.cpu_experts > 0 and stats.misses >= 0
+    finally:
+        runtime.close()
 
 
 @pytest.mark.parametrize("rates", [ALL_CPU, BALANCED], ids=["all_cpu", "balanced"])

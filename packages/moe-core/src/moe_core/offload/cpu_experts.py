@@ -235,22 +235,27 @@ class KernelTiming:
 def time_cpu_kernel(kernel: CpuExpertKernel, blocks: torch.Tensor, layout: ExpertLayout,
                     experts: int = 4, tokens: int = 1, repeats: int = 5) -> KernelTiming:
     """Median time of `kernel` on `experts` distinct experts of `blocks`, `tokens` tokens each
-    (one warm-up call first, which also compiles a numba kernel)."""
+    (one warm-up call first, which also compiles a numba kernel). Each timed call reads experts
+    the calls before it did not (as a decode step's layers do), from the far end of `blocks`
+    back, so a processor cache does not serve them while `blocks` has enough of them."""
     num_experts = blocks.shape[0]
     experts = min(experts, num_experts)
-    chosen = list(range(num_experts - experts, num_experts))  # the far end: least likely cached
-    ids = torch.tensor([chosen] * tokens, dtype=torch.long)  # [T, K]: every token, every expert
-    weights = torch.full((tokens, experts), 1.0 / experts)
-    on_cpu = torch.zeros(num_experts, dtype=torch.bool)
-    on_cpu[chosen] = True
     hidden = torch.randn(tokens, layout.hidden_size)
     out = torch.empty(tokens, layout.hidden_size)
-    kernel(blocks, layout, hidden, ids, weights, on_cpu, out)
-    times = []
-    for _ in range(repeats):
+    weights = torch.full((tokens, experts), 1.0 / experts)
+
+    def call(n: int) -> float:
+        first = num_experts - experts * (n % max(1, num_experts // experts) + 1)
+        chosen = list(range(first, first + experts))
+        ids = torch.tensor([chosen] * tokens, dtype=torch.long)  # [T, K]: every token, all
+        on_cpu = torch.zeros(num_experts, dtype=torch.bool)
+        on_cpu[chosen] = True
         start = time.perf_counter()
         kernel(blocks, layout, hidden, ids, weights, on_cpu, out)
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    call(repeats)  # warm-up (compiles), on experts the first timed calls do not read
+    times = [call(n) for n in range(repeats)]
     return KernelTiming(kernel.name, float(np.median(times)), experts * layout.nbytes)
 
 

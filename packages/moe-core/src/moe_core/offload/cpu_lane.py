@@ -37,6 +37,10 @@ from moe_core.offload.host_store import HostExpertStore
 __all__ = ["CpuLane", "CpuLaneCounts", "LaneJob"]
 
 _STOP = -1
+_SPARE_CORES = 1
+"""Cores the worker's parallel kernel leaves to the thread that launches the GPU's work (and
+spins in its synchronisations): a kernel split statically over every core waits for its slowest
+thread, and a thread that shares its core with a busy one is late by a scheduler time slice."""
 _SWITCH_INTERVAL_S = 2e-4
 """The interpreter's thread switch interval while a lane runs (default 5 ms): the worker needs
 the GIL for a few lines between its semaphore and its kernel, and an eager decode step keeps the
@@ -52,12 +56,22 @@ class CpuLaneCounts:
         tokens: Token-expert pairs computed.
         bytes: Expert bytes read from host memory (each expert's block once per call).
         seconds: Worker time spent in the kernel.
+        jobs: Layer calls served (those the split gave no expert included).
+        busy_seconds: Worker time from each wake-up to its `done` post (the kernel and the
+            worker's own bookkeeping: what the stream waits for, less the host functions'
+            dispatch).
+        idle_jobs: Of `jobs`, those with no expert to compute.
+        idle_busy_seconds: Of `busy_seconds`, those jobs' (the lane's fixed cost per call).
     """
 
     experts: int = 0
     tokens: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    jobs: int = 0
+    busy_seconds: float = 0.0
+    idle_jobs: int = 0
+    idle_busy_seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -130,7 +144,9 @@ class CpuLane:
                           host(tokens, top_k, dtype=torch.long),
                           host(tokens, top_k, dtype=torch.float32),
                           host(e, dtype=torch.bool), host(tokens, d, dtype=torch.float32),
-                          torch.tensor([index], dtype=torch.long, device=self.device))
+                          # a fill, not a host copy: a job may first be needed inside a capture
+                          # (a layer fully cached during the warm-up reads host memory there)
+                          torch.full((1,), index, dtype=torch.long, device=self.device))
             self._jobs.append(job)
             self._by_shape[key] = job
         return job
@@ -198,8 +214,10 @@ class CpuLane:
     # The worker -------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        _leave_cores_to_the_launcher()
         while True:
             self._ready.wait()
+            woke = time.perf_counter()
             index = int(self._mailbox[0])
             if index == _STOP:
                 return
@@ -212,11 +230,18 @@ class CpuLane:
                 seconds = time.perf_counter() - start
                 experts = int(job.on_cpu.sum())
                 tokens = int(job.on_cpu[job.ids].sum())
+                busy = time.perf_counter() - woke
                 with self._lock:
-                    self._counts.experts += experts
-                    self._counts.tokens += tokens
-                    self._counts.bytes += experts * self.store.layout.nbytes
-                    self._counts.seconds += seconds
+                    counts = self._counts
+                    counts.experts += experts
+                    counts.tokens += tokens
+                    counts.bytes += experts * self.store.layout.nbytes
+                    counts.seconds += seconds
+                    counts.jobs += 1
+                    counts.busy_seconds += busy
+                    if experts == 0:
+                        counts.idle_jobs += 1
+                        counts.idle_busy_seconds += busy
             except BaseException as exc:
                 job.out.zero_()
                 self._error = exc
@@ -226,3 +251,14 @@ class CpuLane:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
+
+
+def _leave_cores_to_the_launcher() -> None:
+    """Run this thread's numba parallel kernels on all cores but `_SPARE_CORES` (numba's
+    thread count is per calling thread; torch's is left alone)."""
+    try:
+        import numba
+    except ImportError:
+        return
+    cores = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, cores - _SPARE_CORES))

@@ -70,12 +70,35 @@ def cpu_share_table(rates: LaneRates, expert_bytes: int, num_experts: int, token
 
 
 class LaneSplit:
-    """The device-side split of one call shape (T tokens, K per token)."""
+    """The device-side split of one call shape (T tokens, K per token).
+
+    The table lives in pinned host memory and on the device: a split first made inside a CUDA
+    graph capture records a copy from the pinned table that every replay repeats, so `update`
+    writes both.
+    """
 
     def __init__(self, table: list[int], num_experts: int, device: torch.device) -> None:
-        self.table = torch.tensor(table, dtype=torch.long, device=device)  # [min(E, T*K) + 1]
+        self._host = torch.tensor(table, dtype=torch.long)  # [min(E, T*K) + 1]
+        if device.type == "cuda":
+            self._host = self._host.pin_memory()
+        self.table = self._host.to(device, non_blocking=True)  # [min(E, T*K) + 1]
         self._experts = torch.arange(num_experts, dtype=torch.long, device=device)  # [E]
         self._ones: dict[int, torch.Tensor] = {}
+
+    @property
+    def cpu_share(self) -> list[int]:
+        """The table as the split now uses it (`table[m]`: CPU experts of m missed)."""
+        return self._host.tolist()
+
+    def update(self, table: list[int]) -> None:
+        """Use `table` (same length) from the next call on. Not inside a capture; waits for the
+        device's queued work first (a replay may still be reading the pinned table)."""
+        if len(table) != self._host.numel():
+            raise ValueError(f"a split table of {self._host.numel()} entries, got {len(table)}")
+        if self.table.is_cuda:
+            torch.cuda.synchronize(self.table.device)
+        self._host.copy_(torch.tensor(table, dtype=torch.long))
+        self.table.copy_(self._host)
 
     def __call__(self, expert_ids: torch.Tensor,
                  lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

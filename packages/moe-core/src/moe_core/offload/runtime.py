@@ -111,9 +111,13 @@ class OffloadRuntime:
         out["num_slots"] = self.pool.num_slots
         out["pool_bytes"] = self.pool.nbytes
         if self.two_lanes is not None:
-            for key, value in self.two_lanes.calibration.summary().items():
+            lanes = self.two_lanes
+            for key, value in lanes.calibration.summary().items():
                 if not isinstance(value, str):
                     out[f"lanes_{key}"] = float(value)
+            out["lanes_cpu_gb_per_s_now"] = lanes.rates.cpu_bytes_per_s / 1e9
+            out["lanes_cpu_fixed_us_now"] = lanes.rates.cpu_fixed_s * 1e6
+            out["lanes_refits"] = lanes.refits
         return out
 
     def drain(self) -> None:
@@ -242,6 +246,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                 calibration = replace(calibration, rates=lane_rates)
             lanes = TwoLanes(store, pool, calibration)
             cache.cpu_lane = lanes.lane
+            if lane_rates is None:  # given rates stay as given
+                cache.on_cpu_lane_counts = lanes.observe
         for block in blocks:
             executors[block.layer] = OffloadedExecutor(cache, block.layer, cpu_compute_rule,
                                                        fetcher, lanes, prefetcher)

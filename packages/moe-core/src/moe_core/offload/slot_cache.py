@@ -12,7 +12,7 @@ cancelled (already on a copy stream) is awaited the same way before its slot may
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ import torch
 
 from moe_core.expert_id import ExpertId
 from moe_core.offload.copy_engine import CopyEngine, CopyLane, CopyTicket
-from moe_core.offload.cpu_lane import CpuLane
+from moe_core.offload.cpu_lane import CpuLane, CpuLaneCounts
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.graph_use_log import GraphUseLog
 from moe_core.offload.host_store import HostExpertStore
@@ -108,6 +108,8 @@ class ExpertSlotCache:
         self._graph_maps: dict[int, LayerMap] = {}  # layer -> the map replays read through
         self._warming_up = False  # between before_warmup and after_warmup
         self.cpu_lane: CpuLane | None = None  # two-lane decode's CPU lane, counted at flushes
+        # told every count taken from the CPU lane (two-lane decode re-fits its rates on them)
+        self.on_cpu_lane_counts: Callable[[CpuLaneCounts], None] | None = None
         self.prefetch_counts = PrefetchCounts()
         self.prefetcher: Prefetcher | None = None
 
@@ -251,6 +253,8 @@ class ExpertSlotCache:
         misses above (absent from the map they were routed through); every one of them ran
         before the host read that counted them, so the lane's counts match."""
         counts = lane.take_counts()
+        if self.on_cpu_lane_counts is not None:
+            self.on_cpu_lane_counts(counts)
         self.stats.misses -= counts.experts
         self.stats.bytes_copied -= counts.bytes
         self.stats.mapped_bytes -= counts.bytes
@@ -312,13 +316,25 @@ class ExpertSlotCache:
     def before_warmup(self) -> None:
         """Count every use so far: the warm-up runs' uses are then all that is pending. The
         warm-up's calls also allocate the use logs their captures will write."""
+        self._finish_cpu_lane()
         self.flush_deferred()
         self._warming_up = True
 
     def after_warmup(self) -> None:
-        """Forget the uses of the eager warm-up runs before a capture."""
+        """Forget the uses of the eager warm-up runs before a capture (the CPU lane's too: they
+        were never counted as misses, so they must not be moved out of them)."""
         self._deferred.clear()
         self._warming_up = False
+        if self.cpu_lane is not None:
+            self._finish_cpu_lane()
+            counts = self.cpu_lane.take_counts()
+            if self.on_cpu_lane_counts is not None:  # still a measurement of the lane
+                self.on_cpu_lane_counts(counts)
+
+    def _finish_cpu_lane(self) -> None:
+        """Wait for the CPU-lane jobs enqueued so far (their counts are then all taken)."""
+        if self.cpu_lane is not None and self.pool.device.type == "cuda":
+            torch.cuda.synchronize(self.pool.device)
 
     @property
     def warming_up(self) -> bool:

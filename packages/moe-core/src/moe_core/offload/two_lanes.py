@@ -11,7 +11,12 @@ reads the routing on the host, so the call is captured in a CUDA graph like the 
 path.
 
 `calibrate_lanes` measures both lanes on the store at start-up (a few milliseconds): the CPU
-kernel's rate (and which kernel, `choose_cpu_kernel`) and the GPU's mapped-read rate.
+kernel's rate (and which kernel, `choose_cpu_kernel`) and the GPU's mapped-read rate. The CPU
+lane then runs beside a thread launching the GPU's work, on weights no cache holds, and was
+measured on the H200 machine 5.6x slower than its calibration (decision 0009): so `observe`
+re-fits the CPU lane's rate and fixed cost from how the lane actually ran, every
+`ADAPT_EVERY_JOBS` layer calls, and rewrites every split's table (captured steps read the same
+tables, so they follow too). A CPU lane that does not pay gets fewer experts, down to none.
 """
 
 from __future__ import annotations
@@ -28,17 +33,21 @@ from moe_core.offload.cpu_experts import (
     cpu_kernels,
     time_cpu_kernel,
 )
-from moe_core.offload.cpu_lane import CpuLane, LaneJob
+from moe_core.offload.cpu_lane import CpuLane, CpuLaneCounts, LaneJob
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_semaphore import host_semaphores_unsupported
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table
 from moe_core.offload.mapped_fetch import MappedFetcher
 
-__all__ = ["LaneCalibration", "TwoLanes", "calibrate_lanes", "two_lanes_unsupported"]
+__all__ = ["ADAPT_EVERY_JOBS", "LaneCalibration", "TwoLanes", "calibrate_lanes",
+           "two_lanes_unsupported"]
 
 _DEFAULT_GPU_RATE = 48e9
 """Mapped reads of pinned host memory on the H200 (decision 0004), when not measured (CPU)."""
+
+ADAPT_EVERY_JOBS = 96
+"""CPU-lane layer calls between re-fits of its rates (a few decode steps)."""
 
 
 def two_lanes_unsupported(pool: GpuSlotPool) -> str | None:
@@ -140,21 +149,59 @@ class TwoLanes:
         if reason is not None:
             raise RuntimeError(f"two-lane decode unavailable: {reason}")
         self.calibration = calibration
+        self.rates = calibration.rates  # what the splits use: calibrated, then observed
+        self.refits = 0
         self.lane = CpuLane(store, calibration.kernel, pool.device)
         self._store = store
         self._device = pool.device
         self._splits: dict[tuple[int, int], LaneSplit | None] = {}
+        self._seen = CpuLaneCounts()
 
     def split(self, tokens: int, top_k: int) -> LaneSplit | None:
         """The device split of one call shape (made on first use); None when the cost model
         never gives the CPU an expert at this shape (the call then uses the GPU lane alone)."""
         key = (tokens, top_k)
         if key not in self._splits:
-            table = cpu_share_table(self.calibration.rates, self._store.layout.nbytes,
-                                    self._store.num_experts, tokens, top_k)
+            table = self._table(tokens, top_k, self.rates)
             self._splits[key] = LaneSplit(table, self._store.num_experts, self._device) \
                 if any(table) else None
         return self._splits[key]
+
+    def observe(self, counts: CpuLaneCounts) -> None:
+        """The lane's counts since the last ones (the cache passes each it takes). Every
+        `ADAPT_EVERY_JOBS` layer calls: re-fit the CPU lane's fixed cost (its calls with no
+        expert) and rate (the rest, per expert byte, token growth as calibrated), and rewrite
+        the splits' tables with them. Never inside a capture (it waits for the device)."""
+        seen = self._seen
+        for name in ("experts", "tokens", "bytes", "jobs", "idle_jobs"):
+            setattr(seen, name, getattr(seen, name) + getattr(counts, name))
+        for name in ("seconds", "busy_seconds", "idle_busy_seconds"):
+            setattr(seen, name, getattr(seen, name) + getattr(counts, name))
+        if seen.jobs < ADAPT_EVERY_JOBS or (
+                self._device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return
+        self._seen = CpuLaneCounts()
+        rates = self.rates
+        fixed = seen.idle_busy_seconds / seen.idle_jobs if seen.idle_jobs else rates.cpu_fixed_s
+        working = seen.jobs - seen.idle_jobs
+        cpu_rate = rates.cpu_bytes_per_s
+        if working and seen.bytes:
+            per_expert = seen.tokens / max(seen.experts, 1)
+            growth = 1 + rates.cpu_token_cost * max(per_expert - 1, 0.0)
+            spent = seen.busy_seconds - seen.idle_busy_seconds - working * fixed
+            # never faster than calibrated (a call's fixed part may exceed the idle calls')
+            cpu_rate = seen.bytes * growth / max(
+                spent, seen.bytes * growth / self.calibration.rates.cpu_bytes_per_s)
+        self.rates = LaneRates(gpu_bytes_per_s=rates.gpu_bytes_per_s, cpu_bytes_per_s=cpu_rate,
+                               cpu_fixed_s=fixed, cpu_token_cost=rates.cpu_token_cost)
+        self.refits += 1
+        for (tokens, top_k), split in self._splits.items():
+            if split is not None:
+                split.update(self._table(tokens, top_k, self.rates))
+
+    def _table(self, tokens: int, top_k: int, rates: LaneRates) -> list[int]:
+        return cpu_share_table(rates, self._store.layout.nbytes, self._store.num_experts,
+                               tokens, top_k)
 
     def start(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
               weights: torch.Tensor, lut: torch.Tensor,
