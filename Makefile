@@ -9,8 +9,9 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 	python3 -m venv .tools
 	.tools/bin/python -m pip install --quiet uv
 
+# The ray extra of moe-gen (`moe-gen run --ray`) too, so that its test runs a local Ray cluster.
 setup: $(if $(filter .tools/bin/uv,$(UV)),.tools/bin/uv)
-	$(UV) sync --all-packages --locked
+	$(UV) sync --all-packages --locked --extra ray
 
 # The main job on the embedded tiny MoE (the default model of every command): its plan for a
 # small GPU budget and a check against transformers, then moe-gen's batch job on the embedded

@@ -7,13 +7,14 @@ profile.
 
 from moe_gen.api import Defaults, generate
 from moe_gen.errors import MoEGenError
-from moe_gen.job import JobConfig, JobOutcome, run_job
+from moe_gen.job import JobConfig, JobOutcome, RayConfig, run_job
 from moe_gen.plan import Plan, Prediction
+from moe_gen.ray_data import generate_dataset
 from moe_gen.requests import GenRequest, InputError, read_requests
 from moe_gen.sequence import GenResult
 
 __version__ = "0.1.0"
 
 __all__ = ["Defaults", "GenRequest", "GenResult", "InputError", "JobConfig", "JobOutcome",
-           "MoEGenError", "Plan", "Prediction", "__version__", "generate", "read_requests",
-           "run_job"]
+           "MoEGenError", "Plan", "Prediction", "RayConfig", "__version__", "generate",
+           "generate_dataset", "read_requests", "run_job"]

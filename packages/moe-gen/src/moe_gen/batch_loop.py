@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from moe_core import sample_next
@@ -42,6 +43,24 @@ class StepStats:
     attention_s: float
     moe_s: float
     experts_activated: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready (an engine on Ray sends its steps to the job this way)."""
+        return {"phase": self.phase, "seconds": self.seconds,
+                "chunks": [list(c) for c in self.chunks], "h2d_bytes": self.h2d_bytes,
+                "attention_s": self.attention_s, "moe_s": self.moe_s,
+                "experts_activated": (None if self.experts_activated is None
+                                      else list(self.experts_activated))}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> StepStats:
+        """The step `to_dict` wrote."""
+        fields: dict[str, Any] = data  # our own JSON: the types `to_dict` wrote
+        experts = fields["experts_activated"]
+        return cls(fields["phase"], fields["seconds"],
+                   tuple((p, n) for p, n in fields["chunks"]), fields["h2d_bytes"],
+                   fields["attention_s"], fields["moe_s"],
+                   None if experts is None else tuple(experts))
 
 
 def _inputs(seqs: list[Sequence]) -> list[SequenceInput]:

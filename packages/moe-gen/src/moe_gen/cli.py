@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import moe_gen
 from moe_gen.api import Defaults
-from moe_gen.job import JobConfig, JobOutcome, plan_job, run_job, sample_input
+from moe_gen.job import JobConfig, JobOutcome, RayConfig, plan_job, run_job, sample_input
 from moe_gen.render import plan_lines, summary_lines
 
 __all__ = ["app"]
@@ -95,6 +95,15 @@ def run(
     truncate: Annotated[str | None, typer.Option(
         help="A prompt too long for the model's context (with its token limit): left drops "
              "its start, right its end (default: the job refuses to start).")] = None,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Run as a Ray Data pipeline, one engine actor per GPU, each with its share "
+        "of --host-memory (needs the moe-gen[ray] extra).")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        help="The Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT; implies --ray; "
+             "default: RAY_ADDRESS, else a new local cluster).")] = None,
+    ray_engines: Annotated[int | None, typer.Option(
+        min=1, help="Engine actors on Ray (implies --ray; default: one per GPU of the cluster, "
+                    "one with --device cpu).")] = None,
 ) -> None:
     """Complete every request of --input into --output (rerun the same command to resume).
 
@@ -109,7 +118,9 @@ def run(
                        host_memory_bytes=parse_bytes(host_memory), device=_device(device),
                        dtype=dtype, dummy=dummy, num_layers=num_layers, eos=not ignore_eos,
                        max_cpu_attention_share=max_cpu_attention_share,
-                       truncate=parse_truncate(truncate), expert_dtype=expert_dtype)
+                       truncate=parse_truncate(truncate), expert_dtype=expert_dtype,
+                       ray=(RayConfig(address=ray_address, num_engines=ray_engines)
+                            if ray or ray_address or ray_engines else None))
     for path, option in ((json_path, "--json"), (report, "--report")):
         if path is not None:
             check_output_path(path, option)
@@ -155,7 +166,8 @@ def _report(config: JobConfig, outcome: JobOutcome) -> dict[str, object]:
             "host_memory_bytes": config.host_memory_bytes,
             "plan": outcome.plan.to_dict() if outcome.plan else None,
             "profile": outcome.profile.to_dict() if outcome.profile else None,
-            "summary": outcome.summary.to_dict(), "skipped": outcome.skipped}
+            "summary": outcome.summary.to_dict(), "skipped": outcome.skipped,
+            "num_engines": outcome.num_engines}
 
 
 @app.command()

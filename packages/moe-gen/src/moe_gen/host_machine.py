@@ -1,4 +1,4 @@
-"""The host a run ran on, as the run record names it: its CPU model and its memory.
+"""The host a run ran on, as the run record names it: its CPU model, its memory and its GPU.
 
 moe-cap prices the host from its hardware table, whose CPU names drop the vendor's marks
 ("EPYC 9654", "Xeon Platinum 8480+"); `cpu_table_name` turns the kernel's model string
@@ -12,7 +12,9 @@ import platform
 import re
 from pathlib import Path
 
-__all__ = ["cpu_model", "cpu_table_name", "host_memory_bytes"]
+import torch
+
+__all__ = ["cpu_model", "cpu_table_name", "gpu_name", "host_memory_bytes"]
 
 _MARKS = re.compile(r"\((?:R|TM|r|tm)\)|\bCPU\b|@\s*[\d.]+\s*GHz|\b\d+-Core\b|\bProcessor\b"
                     r"|^\s*(?:AMD|Intel)\b")
@@ -43,3 +45,11 @@ def host_memory_bytes(meminfo: str | None = None) -> int | None:
         meminfo = path.read_text(errors="replace") if path.is_file() else ""
     match = re.search(r"^MemTotal:\s+(\d+)\s*kB", meminfo, re.MULTILINE)
     return int(match.group(1)) * 1024 if match else None
+
+
+def gpu_name(device: str) -> str:
+    """The GPU as moe-cap's hardware table names it ("NVIDIA H200" -> "H200"); "none" for a run
+    on the CPU alone (docs/moe-cap.md)."""
+    if device != "cuda":
+        return "none"
+    return torch.cuda.get_device_name().removeprefix("NVIDIA ").strip()

@@ -60,6 +60,9 @@ def summary_lines(outcome: JobOutcome) -> list[str]:
              f"tok/s, end-to-end {s.end_to_end_tokens_per_s:,.0f} tok/s",
              f"host-to-device {format_bytes(s.h2d_bytes)} (experts {format_bytes(s.expert_bytes)})"
              f", compute waiting on expert copies {s.stall_share:.0%} of step time"]
+    if outcome.num_engines > 1:
+        lines.append(f"on {outcome.num_engines} engines (Ray): prefill and decode rates are per "
+                     "engine, end-to-end is the job's")
     if s.peak_host_bytes is not None:
         planned = outcome.plan.host_memory if outcome.plan is not None else None
         lines.append(f"host memory: process peak {format_bytes(s.peak_host_bytes)}"

@@ -18,7 +18,7 @@ from moe_core import SamplingParams, bad_lines_message
 
 from moe_gen.errors import InputError
 
-__all__ = ["GenRequest", "InputError", "read_requests"]
+__all__ = ["GenRequest", "InputError", "read_requests", "request_from_dict"]
 
 _FIELDS = {"id", "prompt", "messages", "token_ids", "max_new_tokens", "temperature", "top_p",
            "top_k", "seed", "stop"}
@@ -96,8 +96,13 @@ def _check_token_ids(value: object) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _from_object(data: object, line: int) -> GenRequest:
-    """A request from one parsed JSON line (ValueError names the bad field)."""
+def request_from_dict(data: object, line: int | None = None) -> GenRequest:
+    """A request from one parsed JSON line, or a row of a requests dataset on Ray (the same
+    fields).
+
+    Raises:
+        ValueError: the field at fault, named.
+    """
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     unknown = sorted(set(data) - _FIELDS)
@@ -154,7 +159,7 @@ def read_requests(path: str | Path) -> list[GenRequest]:
         if not line.strip():
             continue
         try:
-            request = (_from_object(json.loads(line), number) if jsonl
+            request = (request_from_dict(json.loads(line), number) if jsonl
                        else GenRequest(f"line-{number}", prompt=line, line=number))
         except json.JSONDecodeError as exc:
             problems.append(f"line {number}: not valid JSON ({exc.msg})")
