@@ -86,8 +86,11 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         fetch: On-demand only: `"copy"` (misses copied into slots, cached by the policy) or
             `"mapped"` (decode reads misses from pinned host memory on the GPU, no host
             synchronisation per layer; see `install_offloading`).
-        dummy: Random weights from `config.json`, drawn on the host: the model equals
-            `load_model(model, "cpu", dtype, dummy=True)` (then moved to `device`).
+        dummy: Random weights from `config.json`. On the CPU, or where the whole model does not
+            fit the GPU's free memory, drawn on the host: the model then equals
+            `load_model(model, "cpu", dtype, dummy=True)`. Otherwise drawn on the GPU (seconds
+            where the host takes minutes for tens of GB; other values, the same shapes), the
+            experts then moved to host memory and their device copies freed.
         num_layers: Keep only the first `num_layers` decoder layers.
         verify_store: Check each expert block of `store` against its checksum as it is read
             (False skips the check: faster when the file is in the page cache).
@@ -120,14 +123,17 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         _check_store_matches(header, net, store)
         host = HostExpertStore.from_packed(store, verify=verify_store).to_dtype(dtype)
     elif dummy:
-        # The whole dummy model is drawn on the host (so it equals `load_model(dummy=True)` on
-        # the CPU), its experts packed, then freed, and the dense rest moved to the device.
-        net = load_model(model, "cpu", dtype, dummy=True, num_layers=num_layers)
+        # Drawn where it is fast (the GPU, when the whole model fits there for a moment), its
+        # experts packed into host memory, then freed, and the dense rest on the device.
+        drawn_on = device if _fits_on_device(model, device, dtype, num_layers) else "cpu"
+        net = load_model(model, drawn_on, dtype, dummy=True, num_layers=num_layers)
         host = HostExpertStore.from_model(net)
         for block in net.moe_blocks():
             for param in block.experts.parameters():
-                param.data = torch.empty(0, dtype=param.dtype)
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
         net.to(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     else:
         host = HostExpertStore.from_checkpoint(resolve_model_path(model), dtype,
                                                num_layers=num_layers)
@@ -154,6 +160,18 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         runtime.prefetch((resident or host.experts())[: pool.num_slots])
         runtime.drain()
     return OffloadedModel(net, runtime, store_seconds)
+
+
+def _fits_on_device(model: str | Path, device: torch.device, dtype: torch.dtype,
+                    num_layers: int | None) -> bool:
+    """Whether the whole model (experts too) fits in 90% of `device`'s free memory (a GPU)."""
+    if device.type != "cuda":
+        return False
+    spec = ModelSpec.from_pretrained(model)
+    if num_layers is not None and num_layers < spec.num_layers:
+        spec = spec.truncated(num_layers)
+    free, _ = torch.cuda.mem_get_info(device)
+    return spec.total_bytes(dtype) <= 0.9 * free
 
 
 def _check_store_matches(header: PackedHeader, net: MoEForCausalLM, path: str | Path) -> None:
