@@ -145,12 +145,24 @@ def test_a_split_table_is_rewritten_in_place() -> None:
         split.update([0, 1])
 
 
-def tiny_lanes(rates: LaneRates) -> tuple[TwoLanes, HostExpertStore]:
+def tiny_lanes(rates: LaneRates, *, round_trip: bool = False
+               ) -> tuple[TwoLanes, HostExpertStore]:
     model = load_model(tiny_model_path(), dtype="float32")
     store = HostExpertStore.from_model(model, pin=False)
     pool = GpuSlotPool(store.layout, 4, device="cpu")
     calibration = LaneCalibration(rates, TorchCpuExperts(), [], gpu_measured=False)
-    return TwoLanes(store, pool, calibration), store
+    return TwoLanes(store, pool, calibration, measure_round_trip=round_trip, top_k=2), store
+
+
+def test_the_lanes_fixed_cost_is_at_least_the_measured_round_trip() -> None:
+    lanes, _ = tiny_lanes(BALANCED, round_trip=True)
+    try:
+        assert 0 < lanes.round_trip_s < 0.1
+        assert lanes.rates.cpu_fixed_s == lanes.calibration.rates.cpu_fixed_s
+        assert lanes.rates.cpu_fixed_s == max(BALANCED.cpu_fixed_s, lanes.round_trip_s)
+        assert lanes.lane.take_counts().jobs == 0  # the measurement's calls are not decode's
+    finally:
+        lanes.close()
 
 
 def test_a_cpu_lane_slower_than_calibrated_is_refitted_and_given_fewer_experts() -> None:

@@ -118,6 +118,7 @@ class OffloadRuntime:
             out["lanes_cpu_gb_per_s_now"] = lanes.rates.cpu_bytes_per_s / 1e9
             out["lanes_cpu_fixed_us_now"] = lanes.rates.cpu_fixed_s * 1e6
             out["lanes_refits"] = lanes.refits
+            out["lanes_round_trip_us"] = lanes.round_trip_s * 1e6
         return out
 
     def drain(self) -> None:
@@ -244,7 +245,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             calibration = calibrate_lanes(store, pool, cpu_kernel)
             if lane_rates is not None:
                 calibration = replace(calibration, rates=lane_rates)
-            lanes = TwoLanes(store, pool, calibration)
+            lanes = TwoLanes(store, pool, calibration, measure_round_trip=lane_rates is None,
+                             top_k=blocks[0].spec.router.top_k)
             cache.cpu_lane = lanes.lane
             if lane_rates is None:  # given rates stay as given
                 cache.on_cpu_lane_counts = lanes.observe

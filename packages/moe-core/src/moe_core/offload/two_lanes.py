@@ -22,7 +22,7 @@ tables, so they follow too). A CPU lane that does not pay gets fewer experts, do
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -144,18 +144,50 @@ class TwoLanes:
     """
 
     def __init__(self, store: HostExpertStore, pool: GpuSlotPool,
-                 calibration: LaneCalibration) -> None:
+                 calibration: LaneCalibration, *, measure_round_trip: bool = False,
+                 top_k: int = 1) -> None:
         reason = two_lanes_unsupported(pool)
         if reason is not None:
             raise RuntimeError(f"two-lane decode unavailable: {reason}")
-        self.calibration = calibration
-        self.rates = calibration.rates  # what the splits use: calibrated, then observed
-        self.refits = 0
         self.lane = CpuLane(store, calibration.kernel, pool.device)
         self._store = store
         self._device = pool.device
         self._splits: dict[tuple[int, int], LaneSplit | None] = {}
         self._seen = CpuLaneCounts()
+        self.round_trip_s = self._round_trip(top_k) if measure_round_trip else 0.0
+        if measure_round_trip:  # the lane's fixed cost as the stream sees it
+            calibration = replace(calibration, rates=replace(
+                calibration.rates, cpu_fixed_s=max(calibration.rates.cpu_fixed_s,
+                                                   self.round_trip_s)))
+        self.calibration = calibration
+        self.rates = calibration.rates  # what the splits use: calibrated, then observed
+        self.refits = 0
+
+    def _round_trip(self, top_k: int, calls: int = 32) -> float:
+        """Seconds per layer call the stream spends on a lane job with nothing to compute:
+        the staging copies, both host functions and the worker's wake-up (measured on H200
+        machine's stream at ~0.4 ms, decision 0009; the worker alone sees a fraction)."""
+        device, d = self._device, self._store.layout.hidden_size
+        job = self.lane.job(self._store.moe_layers[0], 1, top_k)
+        hidden = torch.zeros(1, d, device=device)
+        ids = torch.zeros(1, top_k, dtype=torch.long, device=device)
+        weights = torch.zeros(1, top_k, device=device)
+        on_cpu = torch.zeros(self._store.num_experts, dtype=torch.bool, device=device)
+        times = []
+        for _ in range(3):
+            self._sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                self.lane.start(job, hidden, ids, weights, on_cpu)
+                self.lane.finish(job)
+            self._sync()
+            times.append((time.perf_counter() - start) / calls)
+        self.lane.take_counts()  # not decode's
+        return sorted(times)[1]
+
+    def _sync(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
 
     def split(self, tokens: int, top_k: int) -> LaneSplit | None:
         """The device split of one call shape (made on first use); None when the cost model
@@ -182,13 +214,16 @@ class TwoLanes:
             return
         self._seen = CpuLaneCounts()
         rates = self.rates
-        fixed = seen.idle_busy_seconds / seen.idle_jobs if seen.idle_jobs else rates.cpu_fixed_s
+        # The worker sees only part of a call's fixed cost (its own, from its calls with
+        # nothing to compute); the split uses no less than the stream's round trip.
+        worker_fixed = seen.idle_busy_seconds / seen.idle_jobs if seen.idle_jobs else 0.0
+        fixed = max(worker_fixed, self.round_trip_s) if seen.idle_jobs else rates.cpu_fixed_s
         working = seen.jobs - seen.idle_jobs
         cpu_rate = rates.cpu_bytes_per_s
         if working and seen.bytes:
             per_expert = seen.tokens / max(seen.experts, 1)
             growth = 1 + rates.cpu_token_cost * max(per_expert - 1, 0.0)
-            spent = seen.busy_seconds - seen.idle_busy_seconds - working * fixed
+            spent = seen.busy_seconds - seen.idle_busy_seconds - working * worker_fixed
             # never faster than calibrated (a call's fixed part may exceed the idle calls')
             cpu_rate = seen.bytes * growth / max(
                 spent, seen.bytes * growth / self.calibration.rates.cpu_bytes_per_s)
