@@ -6,12 +6,14 @@ Dense weights go to the device, routed experts to host memory behind device slot
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from moe_core import (
     EvictionPolicy,
+    ExpertId,
     ModelSpec,
     MoEForCausalLM,
     OffloadRuntime,
@@ -62,9 +64,11 @@ class ServingModel:
 
 def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServePolicy, *,
                        max_batch: int, dtype: str | None = None, kv_bytes: int | None = None,
-                       prefetcher: PrefetcherFactory | None = None) -> ServingModel:
+                       prefetcher: PrefetcherFactory | None = None,
+                       experts: Collection[ExpertId] | None = None) -> ServingModel:
     """Check the device and the budget, then load `name` offloaded (with `prefetcher`'s
-    prefetches, e.g. moe-core's lookahead, where given).
+    prefetches, e.g. moe-core's lookahead, where given; holding only `experts`, an
+    expert-parallel rank's shard, where given).
 
     Raises:
         DeviceError, SettingError, ConfigError, CheckpointError: as the checks and
@@ -79,5 +83,5 @@ def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServeP
     shape = ModelShape.from_spec(name, spec)
     chosen = eviction_policy(policy, shape)
     loaded = load_offloaded(name, device, memory.expert_bytes, dtype=torch_dtype, policy=chosen,
-                            prefetcher=prefetcher)
+                            prefetcher=prefetcher, experts=experts)
     return ServingModel(name, loaded.model, tokenizer, loaded.runtime, chosen, shape, memory)
