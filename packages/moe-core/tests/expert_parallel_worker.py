@@ -1,11 +1,11 @@
 """A rank of the gloo test in test_expert_parallel.py (not collected): rank 0 runs `run_rank`
 in the test's process, the others run this file as a script,
 
-    python expert_parallel_worker.py RANK WORLD PORT OUT_JSON
+    python expert_parallel_worker.py RANK WORLD PORT PROMPTS_JSON OUT_JSON
 
 Each joins the ranks on the CPU (gloo) and reports (to OUT_JSON): how far the sharded MoE block's
 output is from the unsharded block's on the same input, and the greedy tokens of the embedded
-model (with the prompts' token ids) with this rank's shard of the experts offloaded and the
+model with this rank's shard of the experts offloaded and the
 other ranks' contributions summed in.
 """
 
@@ -75,14 +75,17 @@ def _plan(world: int) -> ExpertShardPlan:
     return ExpertShardPlan.round_robin(list(spec.moe_layers), spec.moe.num_experts, world)
 
 
-def run_rank(rank: int, world: int, port: int) -> dict[str, object]:
-    """Join the ranks, run both checks, leave; the results."""
+def prompt_ids() -> list[list[int]]:
+    """`PROMPTS` tokenised (rank 0 hands them to the others: no tokenizer there)."""
     tokenizer = load_tokenizer(tiny_model_path())
-    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+def run_rank(rank: int, world: int, port: int, prompts: list[list[int]]) -> dict[str, object]:
+    """Join the ranks, run both checks, leave; the results."""
     group = join_ranks(rank, world, port, "cpu", timeout_s=60)
     try:
         return {"rank": rank, "block_difference": block_difference(rank, world, group),
-                "prompts": prompts, "max_new_tokens": MAX_NEW_TOKENS,
                 "tokens": greedy_tokens(rank, world, group, prompts)}
     finally:
         group.close()
@@ -90,9 +93,8 @@ def run_rank(rank: int, world: int, port: int) -> dict[str, object]:
 
 def main() -> None:
     rank, world, port = (int(a) for a in sys.argv[1:4])
-    torch.set_num_threads(1)  # the ranks share the test machine's few cores
-    result = run_rank(rank, world, port)
-    with open(sys.argv[4], "w") as f:
+    result = run_rank(rank, world, port, json.loads(sys.argv[4]))
+    with open(sys.argv[5], "w") as f:
         json.dump(result, f)
 
 

@@ -167,16 +167,17 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     own too-small cache, equal one process's with every expert. Rank 0 runs here (on a thread,
     so a rank 1 that dies fails the test at once), rank 1 in a process of its own."""
     worker = _worker()
+    prompts = worker.prompt_ids()
     port = free_port()
     out = tmp_path / "rank1.json"
-    rank1 = subprocess.Popen([sys.executable, str(_WORKER), "1", "2", str(port), str(out)],
-                             stderr=subprocess.PIPE, text=True)
+    rank1 = subprocess.Popen([sys.executable, str(_WORKER), "1", "2", str(port),
+                              json.dumps(prompts), str(out)], stderr=subprocess.PIPE, text=True)
     results: list[dict[str, object]] = []
     errors: list[BaseException] = []
 
     def rank0() -> None:
         try:
-            results.append(worker.run_rank(0, 2, port))
+            results.append(worker.run_rank(0, 2, port, prompts))
         except BaseException as exc:  # handed to the test's thread
             errors.append(exc)
 
@@ -199,8 +200,6 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     assert all(float(r["block_difference"]) <= 1e-6 for r in results)  # type: ignore[arg-type]
     assert results[0]["tokens"] == results[1]["tokens"]
     tiny = load_model("tiny-moe", "cpu", torch.float32)
-    prompts: list[list[int]] = results[0]["prompts"]  # type: ignore[assignment]
-    limit: int = results[0]["max_new_tokens"]  # type: ignore[assignment]
     for ids, got in zip(prompts, results[0]["tokens"], strict=True):  # type: ignore[call-overload]
-        result = generate(tiny, [ids], max_new_tokens=limit)
+        result = generate(tiny, [ids], max_new_tokens=worker.MAX_NEW_TOKENS)
         assert got == result.tokens[0, : result.lengths[0]].tolist()

@@ -37,12 +37,13 @@ class RankGroup:
     """
 
     def __init__(self, rank: int, world_size: int, device: torch.device, backend: str,
-                 control: dist.ProcessGroup) -> None:
+                 control: dist.ProcessGroup, threads_before: int | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = device
         self.backend = backend
         self._control = control
+        self._threads_before = threads_before
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         """Sum `tensor` over the ranks, in place (the same result on every rank)."""
@@ -64,9 +65,13 @@ class RankGroup:
                                wait_all_ranks=True)
 
     def close(self) -> None:
-        """Leave the groups (the process can join others afterwards)."""
+        """Leave the groups (the process can join others afterwards) and give torch back the
+        threads it had."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
 
 def join_ranks(rank: int, world_size: int, port: int, device: str | torch.device,
@@ -74,7 +79,10 @@ def join_ranks(rank: int, world_size: int, port: int, device: str | torch.device
     """Join the `world_size` ranks meeting at 127.0.0.1:`port` (rank 0 listens there).
 
     Blocks until every rank has joined. NCCL for CUDA devices (with NVLink multicast off),
-    gloo for the CPU. `timeout_s` bounds the meeting and each all-reduce.
+    gloo for the CPU. `timeout_s` bounds the meeting and each all-reduce. CPU ranks share the
+    machine's cores, so each takes its share of torch's threads until `close`: oversubscribed
+    ranks wait for each other at every all-reduce (two ranks on two cores, two threads each,
+    ran a serving step 13x slower than with one thread each).
 
     Raises:
         ValueError: a rank outside 0..world_size-1.
@@ -85,14 +93,18 @@ def join_ranks(rank: int, world_size: int, port: int, device: str | torch.device
     device = torch.device(device)
     os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast (see the module docstring)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    threads_before = None
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads_before // world_size))
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))
     control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
     if not isinstance(control, dist.ProcessGroup):  # every rank is a member
         raise RuntimeError(f"rank {rank} is not in the control group")
-    return RankGroup(rank, world_size, device, backend, control)
+    return RankGroup(rank, world_size, device, backend, control, threads_before)
 
 
 def free_port() -> int:
