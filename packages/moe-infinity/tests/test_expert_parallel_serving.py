@@ -53,6 +53,15 @@ def test_bad_gpus_are_refused_in_one_line(gpus: str, device: str, says: str) -> 
     assert result.exit_code == 1 and len(lines) == 1 and says in lines[0], result.output
 
 
+def test_a_budget_mistake_is_one_line_before_any_rank_starts() -> None:
+    result = CliRunner().invoke(app, ["serve", "--port", "0", "--device", "cpu", "--gpus",
+                                      "cpu:2", "--gpu-memory", "1KiB"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1
+    assert lines[-1].startswith("error: ") and "does not hold the model's dense weights" in \
+        lines[-1] and not any(line.startswith("error: rank") for line in lines), result.output
+
+
 def test_gpus_that_are_not_present_are_refused() -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     says = "no CUDA GPU is available" if count == 0 else f"GPU {count} is not present"

@@ -18,11 +18,13 @@ from moe_core import (
     cache_plan,
     check_device,
     resolve_model_path,
+    run_dtype,
 )
 
 from moe_infinity.model_shape import ModelShape
 from moe_infinity.serving.engine import Engine
 from moe_infinity.serving.engine_config import EngineConfig
+from moe_infinity.serving.memory_plan import plan_memory
 from moe_infinity.serving.rank_leader import RankLeader, shard_plan
 from moe_infinity.serving.runtime_policy import ServePolicy
 from moe_infinity.serving.serving_model import ServingModel, load_serving_model
@@ -93,6 +95,10 @@ def build_engine(settings: EngineSettings) -> Engine:
     keeper = TraceKeeper(ModelShape.from_spec(settings.model, spec), settings.traces,
                          settings.trace_capacity, settings.save_every)
     num_ranks = len(settings.rank_devices)
+    if num_ranks > 1:  # a budget mistake fails here once, not on every rank
+        plan_memory(spec, run_dtype(settings.dtype, torch.device(settings.device),
+                                    spec.torch_dtype),
+                    settings.gpu_memory_bytes, settings.max_batch, settings.kv_memory_bytes)
     ranks = (RankLeader.start(settings, shard_plan(spec, keeper.collection, num_ranks))
              if num_ranks > 1 else None)
     try:

@@ -52,6 +52,8 @@ def follower_main(rank: int, settings: EngineSettings, plan: ExpertShardPlan, po
                                  plan.owned(rank))
         install_expert_parallel(served.model, plan, group)
         shape = group.broadcast()
+        if shape is None:  # rank 0 failed to start (its error is its own line): stop here
+            return
         if not isinstance(shape, PoolShape):
             raise TypeError(f"rank {rank} expected the KV pool's shape, got {shape!r}")
         pool = KVPool(served.model.spec, shape.num_blocks, shape.block_tokens,
