@@ -98,7 +98,8 @@ def _tokens(engine: Engine, requests: list[GenerationRequest]) -> dict[str, list
 def test_two_cpu_ranks_give_the_greedy_tokens_of_one_process(tiny: MoEForCausalLM) -> None:
     """Three prompts run together through the engine, prefilled 8 tokens per step, the experts
     split over two gloo ranks, each with 6 slots for its 48 experts: every greedy output equals
-    `generate` of the prompt alone on the plain model (one process, every expert)."""
+    `generate` of the prompt alone on the plain model (one process, every expert). Then rank 1
+    is killed: the engine reports itself down and fails a new request instead of hanging."""
     spec = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path())
     budget = spec.dense_bytes(torch.float32) + (8 << 20) + 6 * _EXPERT_BYTES
     settings = EngineSettings(model="tiny-moe", device="cpu", dtype=None,
@@ -115,10 +116,21 @@ def test_two_cpu_ranks_give_the_greedy_tokens_of_one_process(tiny: MoEForCausalL
         requests = [GenerationRequest(request_id=str(i), prompt_ids=tuple(
             tokenizer(p)["input_ids"]), max_tokens=8) for i, p in enumerate(PROMPTS)]
         tokens = _tokens(engine, requests)
-        assert engine.is_alive
+        assert engine.is_alive and ranks.exit_codes == [None]
+        # A rank lost later: the engine says it is down (/health 503), requests fail at once.
+        os.kill(ranks.pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while ranks.exit_codes == [None] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.is_alive
+        events: queue.Queue[SequenceEvent] = queue.Queue()
+        engine.submit(GenerationRequest(request_id="late", prompt_ids=(5, 6), max_tokens=2),
+                      events.put)
+        last = events.get(timeout=60)
+        assert last.finish_reason == "cancelled" and last.error is not None
     finally:
         engine.stop()
-    assert ranks.exit_codes == [0] and not engine.is_alive  # rank 1 stopped when told
+    assert ranks.exit_codes == [-signal.SIGKILL]
     runtime = engine.served.runtime
     assert runtime.store.experts() == ranks.plan.owned(0)  # rank 0 holds its shard only
     assert runtime.snapshot().evictions > 0  # and its cache was too small for it

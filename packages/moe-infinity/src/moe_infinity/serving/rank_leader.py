@@ -141,6 +141,11 @@ class RankLeader:
                                    f"{STARTUP_TIMEOUT_S:.0f} s: {exc}") from None
 
     @property
+    def pids(self) -> list[int]:
+        """The process ids of ranks 1.."""
+        return [p.pid for p in self._processes]
+
+    @property
     def exit_codes(self) -> list[int | None]:
         """The exit status of ranks 1.. (None while one runs)."""
         return [p.poll() for p in self._processes]
