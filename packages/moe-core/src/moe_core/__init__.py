@@ -66,6 +66,15 @@ from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.stats import OffloadStats
 from moe_core.offload.streaming_executor import FP8_WORKSPACE_BYTES, StreamingExecutor
 from moe_core.output_path import check_output_path, write_output_text
+from moe_core.parallel import (
+    Collective,
+    ExpertParallelExecutor,
+    ExpertShardPlan,
+    RankGroup,
+    free_port,
+    install_expert_parallel,
+    join_ranks,
+)
 from moe_core.replay_routing import ReplayRouting, RoutingTape
 from moe_core.request_limits import (
     TRUNCATE_SIDES,
@@ -108,6 +117,7 @@ __all__ = [
     "CachePlan",
     "CachePlanFactory",
     "CheckpointError",
+    "Collective",
     "ConfigError",
     "CopyEngine",
     "CopyLane",
@@ -123,6 +133,8 @@ __all__ = [
     "ExpertExecutor",
     "ExpertId",
     "ExpertLayout",
+    "ExpertParallelExecutor",
+    "ExpertShardPlan",
     "ExpertSlotCache",
     "FetchMode",
     "GenerationResult",
@@ -153,6 +165,7 @@ __all__ = [
     "OutputInUseError",
     "Prefetcher",
     "PrefetcherFactory",
+    "RankGroup",
     "ReplayRouting",
     "RequestError",
     "Residency",
@@ -182,9 +195,12 @@ __all__ = [
     "fit_prompt",
     "fit_prompts",
     "format_bytes",
+    "free_port",
     "generate",
     "graph_blockers",
+    "install_expert_parallel",
     "install_offloading",
+    "join_ranks",
     "known_shapes",
     "load_model",
     "load_offloaded",

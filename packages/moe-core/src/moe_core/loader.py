@@ -70,7 +70,9 @@ def load_model(model: str | Path, device: str | torch.device = "cpu",
         if not load_experts:
             for param in block.experts.parameters():
                 param.data = torch.empty(0, dtype=param.dtype, device="meta")
-    net.to_empty(device=device)
+    # `to_empty` without torch's meta-device `empty_like`, whose first call imports sympy (a
+    # few seconds per process); every tensor here is contiguous, so `empty` is the same.
+    net._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     net.tie_weights()
     with torch.no_grad():
         if reader is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -304,6 +305,10 @@ def serve(
     fetch: Fetch = "copy",
     lanes: Lanes = 1,
     routing: Routing = None,
+    gpus: Annotated[str | None, typer.Option(
+        help="Spread the expert cache over these GPUs, e.g. 0,1: one process per GPU, each "
+             "holding its own share of the experts (expert parallel); --gpu-memory is per GPU.")
+    ] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics) with continuous batching and offloaded experts.
@@ -314,6 +319,7 @@ def serve(
     from moe_infinity.serving.app import create_app
     from moe_infinity.serving.engine_setup import build_engine
     from moe_infinity.serving.http_server import bind_socket, run_server
+    from moe_infinity.serving.rank_devices import parse_gpus
     from moe_infinity.serving.serving_metrics import ServingMetrics
 
     if grace < 0:
@@ -323,6 +329,13 @@ def serve(
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
                                 save_every, trace_capacity, max_batch, max_queue, prefill_chunk,
                                 prefetch, _experts(dummy, num_layers, fetch, lanes, routing))
+    if gpus is not None:  # `cpu:N` (N ranks on the CPU, over gloo) is for tests
+        if routing is not None:  # each rank would draw its own routing
+            raise SettingError("--routing is not supported with --gpus (every rank routes the "
+                               "same tokens itself; set routing would differ between ranks)")
+        ranks = parse_gpus(gpus, device)
+        settings = replace(settings, device=ranks[0], rank_devices=ranks)
+        _err.print(f"expert parallel: {len(ranks)} ranks on {', '.join(ranks)}", highlight=False)
     sock = bind_socket(host, port)
     engine = build_engine(settings)
     # The model, tokenizer and libraries are loaded for good: keep the garbage collector from

@@ -42,6 +42,11 @@ class ActivationAwarePolicy:
         self._need = need
         self._in_use = in_use
 
+    @property
+    def need(self) -> np.ndarray:
+        """The current prediction `[L, E]` (the last `update`'s; do not modify it)."""
+        return self._need
+
     def need_of(self, expert: ExpertId) -> float:
         """The predicted need of `expert` (its protection ignored)."""
         return float(self._need[self._row[expert.layer], expert.expert])

@@ -9,11 +9,17 @@ pinned because pageable host memory crosses PCIe at ~6 GB/s instead of ~55 (DESI
 
 Pinned arenas are registered host allocations of their exact size (`pinned_memory`): torch's own
 pinned allocator rounds each request up to a power of two, up to twice the memory.
+
+A store may hold a shard: only some experts of each layer (an expert-parallel rank's, see
+`moe_core.parallel`), packed in expert order, so a rank's host memory holds its own experts only.
+Experts keep their global ids; asking a shard for another expert's block is a `KeyError`. The
+on-demand copy path works on a shard; the paths that index an arena as `[E, N]` (mapped fetch,
+two lanes, streaming) refuse one at install.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -43,22 +49,30 @@ class HostExpertStore:
     Attributes:
         layout: The block layout shared by every expert.
         moe_layers: Decoder-layer indices of the MoE layers, in order.
-        num_experts: Routed experts per MoE layer.
+        num_experts: Routed experts per MoE layer (of the model, also in a shard).
     """
 
     def __init__(self, layout: ExpertLayout, arenas: dict[int, torch.Tensor],
-                 num_experts: int) -> None:
+                 num_experts: int, held: Mapping[int, Sequence[int]] | None = None) -> None:
         """Wrap ready arenas; use the `empty`/`from_*` constructors instead.
 
         Args:
             layout: Block layout.
-            arenas: Decoder-layer index -> 1-D arena `[E * N]` of `layout.dtype`.
+            arenas: Decoder-layer index -> 1-D arena `[H * N]` of `layout.dtype`, H the
+                experts it holds (E, or a shard's).
             num_experts: E.
+            held: A shard: layer -> the experts its arena holds, in increasing order (None:
+                every expert).
         """
+        self._rows: dict[int, dict[int, int]] | None = None
+        if held is not None:
+            self._rows = {layer: _rows_of(layer, held.get(layer, ()), num_experts)
+                          for layer in arenas}
         for layer, arena in arenas.items():
-            if arena.dim() != 1 or arena.numel() != num_experts * layout.numel:
+            count = num_experts if self._rows is None else len(self._rows[layer])
+            if arena.dim() != 1 or arena.numel() != count * layout.numel:
                 raise ValueError(f"arena of layer {layer} has shape {tuple(arena.shape)}, "
-                                 f"expected ({num_experts * layout.numel},)")
+                                 f"expected ({count * layout.numel},)")
             if arena.dtype != layout.dtype or arena.device.type != "cpu":
                 raise ValueError(f"arena of layer {layer} must be a {layout.dtype} host tensor")
         self.layout = layout
@@ -70,55 +84,67 @@ class HostExpertStore:
 
     @classmethod
     def empty(cls, layout: ExpertLayout, moe_layers: Iterable[int], num_experts: int,
-              pin: bool | None = None) -> HostExpertStore:
-        """Uninitialised arenas for `moe_layers`, pinned when `pin` (default: CUDA is available).
+              pin: bool | None = None, held: Mapping[int, Sequence[int]] | None = None
+              ) -> HostExpertStore:
+        """Uninitialised arenas for `moe_layers` (of the `held` experts only, for a shard),
+        pinned when `pin` (default: CUDA is available).
 
         `pin=True` without CUDA falls back to pageable memory (`is_pinned` tells which).
         """
-        numel = num_experts * layout.numel
-        if _should_pin(pin):
-            arenas = {layer: pinned_empty(numel, layout.dtype) for layer in moe_layers}  # [E*N]
-        else:
-            arenas = {layer: torch.empty(numel, dtype=layout.dtype) for layer in moe_layers}
-        return cls(layout, arenas, num_experts)
+        pinned = _should_pin(pin)
+        arenas: dict[int, torch.Tensor] = {}
+        for layer in moe_layers:
+            count = num_experts if held is None else len(held.get(layer, ()))
+            numel = count * layout.numel
+            arenas[layer] = (pinned_empty(numel, layout.dtype) if pinned
+                             else torch.empty(numel, dtype=layout.dtype))  # [H*N]
+        return cls(layout, arenas, num_experts, held)
 
     @classmethod
     def from_model(cls, model: MoEForCausalLM, dtype: torch.dtype | None = None,
-                   pin: bool | None = None) -> HostExpertStore:
+                   pin: bool | None = None, experts: Collection[ExpertId] | None = None
+                   ) -> HostExpertStore:
         """Pack the routed experts of every MoE block of `model` (on any device).
 
         Args:
             model: A loaded model; each block's `experts` (`LocalExperts`) is read.
             dtype: Storage dtype; default: the experts' own dtype.
             pin: Pin the arenas; default: when CUDA is available.
+            experts: Pack only these (a shard); default: every expert.
         """
         blocks = model.moe_blocks()
         if not blocks:
             raise ValueError("the model has no MoE layers")
-        experts = blocks[0].experts
-        num_experts, inter, hidden = experts.gate_proj.shape
-        layout = ExpertLayout(hidden, inter, dtype or experts.gate_proj.dtype)
-        store = cls.empty(layout, (b.layer for b in blocks), num_experts, pin)
+        first = blocks[0].experts
+        num_experts, inter, hidden = first.gate_proj.shape
+        layout = ExpertLayout(hidden, inter, dtype or first.gate_proj.dtype)
+        layers = [b.layer for b in blocks]
+        held = None if experts is None else held_by_layer(experts, layers, num_experts)
+        store = cls.empty(layout, layers, num_experts, pin, held)
         with torch.no_grad():
             for block in blocks:
                 local = block.experts
+                rows = store.held(block.layer)
+                count = len(rows)
+                gate, up, down = (p if held is None else p[list(rows)]
+                                  for p in (local.gate_proj, local.up_proj, local.down_proj))
                 if layout.is_fp8:  # quantised per output channel, scales in each block
-                    layout.pack_layer(local.gate_proj, local.up_proj, local.down_proj,
-                                      store.arena(block.layer).view(num_experts, layout.numel))
+                    layout.pack_layer(gate, up, down,
+                                      store.arena(block.layer).view(count, layout.numel))
                     continue
                 # One layer packed where the experts are, then one large copy into the arena
                 # (per-expert copies from a GPU were 18k small transfers for Qwen3-30B-A3B).
-                packed = torch.cat([p.reshape(num_experts, -1).to(layout.dtype) for p in
-                                    (local.gate_proj, local.up_proj, local.down_proj)],
-                                   dim=1)  # [E, N]
-                store.arena(block.layer).view(num_experts, layout.numel).copy_(packed)
+                packed = torch.cat([p.reshape(count, -1).to(layout.dtype)
+                                    for p in (gate, up, down)], dim=1)  # [H, N]
+                store.arena(block.layer).view(count, layout.numel).copy_(packed)
                 del packed
         return store
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, dtype: str | torch.dtype | None = None,
                         pin: bool | None = None, num_layers: int | None = None,
-                        layers: Iterable[int] | None = None) -> HostExpertStore:
+                        layers: Iterable[int] | None = None,
+                        experts: Collection[ExpertId] | None = None) -> HostExpertStore:
         """Pack the routed experts straight from a safetensors checkpoint (per-expert tensors,
         or transformers 5's fused `gate_up_proj` / `down_proj`).
 
@@ -132,6 +158,7 @@ class HostExpertStore:
             num_layers: Keep only the MoE layers among the first `num_layers` decoder layers.
             layers: Keep only these MoE layers (decoder-layer indices), e.g. one at a time when
                 packing a store file layer by layer.
+            experts: Read and keep only these experts (a shard); default: every expert.
 
         Raises:
             CheckpointError: a missing expert tensor or one of the wrong shape.
@@ -155,7 +182,8 @@ class HostExpertStore:
         dtype = parse_dtype(dtype if dtype is not None else (spec.torch_dtype or "float32"))
         layout = ExpertLayout(spec.hidden_size, spec.moe.expert_intermediate_size, dtype)
         num_experts = spec.moe.num_experts
-        store = cls.empty(layout, moe_layers, num_experts, pin)
+        held = None if experts is None else held_by_layer(experts, moe_layers, num_experts)
+        store = cls.empty(layout, moe_layers, num_experts, pin, held)
         reader = CheckpointReader.open(folder)
         wanted: dict[str, tuple[ExpertId, int]] = {}  # checkpoint name -> (expert, projection)
         fused: dict[str, list[tuple[int, int]]] = {}  # fused name -> [(layer, projection)]
@@ -164,8 +192,8 @@ class HostExpertStore:
                 stacked = f"model.layers.{layer}.mlp.experts.{projection}"
                 per_expert = names.expert_names(stacked, num_experts)
                 if all(key in reader for key in per_expert):
-                    wanted.update((key, (ExpertId(layer, e), p))
-                                  for e, key in enumerate(per_expert))
+                    wanted.update((per_expert[e], (ExpertId(layer, e), p))
+                                  for e in store.held(layer))
                 else:
                     fused.setdefault(fused_expert_name(reader, names, stacked), []).append(
                         (layer, p))
@@ -175,7 +203,7 @@ class HostExpertStore:
         for key, tensor in reader.read(fused):
             for layer, p in fused[key]:
                 part = fused_expert_part(tensor, _PROJECTIONS[p])  # [E, out, in]
-                for e in range(num_experts):
+                for e in store.held(layer):
                     store._fill(reader, key, ExpertId(layer, e), p, part[e])
         return store
 
@@ -202,14 +230,30 @@ class HostExpertStore:
             raise ValueError("an FP8 store stays FP8 (the streaming executor dequantises it on "
                              "the device); it cannot be converted to " + str(dtype))
         layout = ExpertLayout(self.layout.hidden_size, self.layout.intermediate_size, dtype)
-        store = HostExpertStore.empty(layout, self.moe_layers, self.num_experts, self.is_pinned)
+        held = self._held_map()
+        store = HostExpertStore.empty(layout, self.moe_layers, self.num_experts, self.is_pinned,
+                                      held)
         for layer in self.moe_layers:
             if layout.is_fp8:  # quantised from this store's stacked views, a layer at a time
-                source = self.arena(layer).view(self.num_experts, self.layout.numel)
+                count = len(self.held(layer))
+                source = self.arena(layer).view(count, self.layout.numel)
                 layout.pack_layer(*self.layout.stacked_views(source),
-                                  store.arena(layer).view(self.num_experts, layout.numel))
+                                  store.arena(layer).view(count, layout.numel))
             else:
                 store.arena(layer).copy_(self.arena(layer))
+        return store
+
+    def subset(self, experts: Collection[ExpertId]) -> HostExpertStore:
+        """A new store (pinned as this one is) holding copies of `experts` only: a shard.
+
+        Raises:
+            KeyError: this store does not hold one of them.
+        """
+        held = held_by_layer(experts, self.moe_layers, self.num_experts)
+        store = HostExpertStore.empty(self.layout, self.moe_layers, self.num_experts,
+                                      self.is_pinned, held)
+        for expert in store.experts():
+            store.block(expert).copy_(self.block(expert))
         return store
 
     def _fill(self, reader: CheckpointReader, key: str, expert: ExpertId, projection: int,
@@ -231,19 +275,53 @@ class HostExpertStore:
                            f"(MoE layers: {self.moe_layers})") from None
 
     def block(self, expert: ExpertId) -> torch.Tensor:
-        """The 1-D block `[N]` of `expert` (a view into its layer's arena)."""
+        """The 1-D block `[N]` of `expert` (a view into its layer's arena).
+
+        Raises:
+            KeyError: an index out of range, or an expert a shard does not hold.
+        """
         if not 0 <= expert.expert < self.num_experts:
             raise KeyError(f"{expert}: expert index out of range 0..{self.num_experts - 1}")
+        arena = self.arena(expert.layer)
+        row = expert.expert
+        if self._rows is not None:
+            found = self._rows[expert.layer].get(expert.expert)
+            if found is None:
+                raise KeyError(f"{expert} is not in this store (it holds a shard of the "
+                               f"experts)")
+            row = found
         n = self.layout.numel
-        return self.arena(expert.layer)[expert.expert * n : (expert.expert + 1) * n]
+        return arena[row * n : (row + 1) * n]
 
     def weights(self, expert: ExpertId) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(gate [I, D], up [I, D], down [D, I])` views of `expert`'s block."""
         return self.layout.views(self.block(expert))
 
     def experts(self) -> list[ExpertId]:
-        """Every expert of the store, layer by layer."""
-        return [ExpertId(layer, e) for layer in self.moe_layers for e in range(self.num_experts)]
+        """Every expert the store holds, layer by layer."""
+        return [ExpertId(layer, e) for layer in self.moe_layers for e in self.held(layer)]
+
+    def held(self, layer: int) -> Sequence[int]:
+        """The experts of MoE layer `layer` whose blocks this store holds, in increasing order
+        (every expert unless it is a shard)."""
+        if self._rows is None:
+            return range(self.num_experts)
+        return tuple(self._rows[layer])
+
+    def holds(self, expert: ExpertId) -> bool:
+        """Whether this store has `expert`'s block."""
+        if expert.layer not in self._arenas or not 0 <= expert.expert < self.num_experts:
+            return False
+        return self._rows is None or expert.expert in self._rows[expert.layer]
+
+    @property
+    def is_shard(self) -> bool:
+        """Whether the store holds only some experts (arenas are not `[E, N]`)."""
+        return self._rows is not None
+
+    def _held_map(self) -> dict[int, Sequence[int]] | None:
+        return None if self._rows is None else {layer: self.held(layer)
+                                                for layer in self.moe_layers}
 
     @property
     def nbytes(self) -> int:
@@ -254,6 +332,30 @@ class HostExpertStore:
     def is_pinned(self) -> bool:
         """Whether every arena is in page-locked memory."""
         return bool(self._arenas) and all(a.is_pinned() for a in self._arenas.values())
+
+
+def held_by_layer(experts: Collection[ExpertId], moe_layers: Iterable[int],
+                  num_experts: int) -> dict[int, tuple[int, ...]]:
+    """Layer -> the chosen experts' indices, increasing (every MoE layer named, maybe empty).
+
+    Raises:
+        ValueError: an expert of another layer or out of range.
+    """
+    held: dict[int, list[int]] = {layer: [] for layer in moe_layers}
+    for expert in experts:
+        if expert.layer not in held or not 0 <= expert.expert < num_experts:
+            raise ValueError(f"{expert} is not a routed expert of MoE layers {sorted(held)} "
+                             f"with {num_experts} experts each")
+        held[expert.layer].append(expert.expert)
+    return {layer: tuple(sorted(set(es))) for layer, es in held.items()}
+
+
+def _rows_of(layer: int, experts: Sequence[int], num_experts: int) -> dict[int, int]:
+    """Expert -> its row in the layer's arena, for a shard holding `experts` (increasing)."""
+    if list(experts) != sorted(set(experts)) or any(not 0 <= e < num_experts for e in experts):
+        raise ValueError(f"the experts held of layer {layer} must be distinct, increasing and "
+                         f"in 0..{num_experts - 1}, got {list(experts)}")
+    return {e: row for row, e in enumerate(experts)}
 
 
 def _should_pin(pin: bool | None) -> bool:

@@ -6,7 +6,7 @@ and engines use to run a model larger than the GPU.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +64,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                    resident: list[ExpertId] | None = None, fetch: FetchMode = "copy",
                    dummy: bool = False, num_layers: int | None = None,
                    verify_store: bool = True, two_lanes: bool = False, cpu_kernel: str = "auto",
-                   prefetcher: Callable[[MoEForCausalLM], Prefetcher] | None = None
-                   ) -> OffloadedModel:
+                   prefetcher: Callable[[MoEForCausalLM], Prefetcher] | None = None,
+                   experts: Collection[ExpertId] | None = None) -> OffloadedModel:
     """Load `model` with its routed experts offloaded to host memory.
 
     Args:
@@ -100,6 +100,9 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         cpu_kernel: With `two_lanes`: `"auto"`, `"torch"` or `"numba"`.
         prefetcher: On-demand only: builds the prefetcher for the loaded model (e.g.
             `LookaheadPrefetcher`, the class itself; see `install_offloading`).
+        experts: Hold only these routed experts in host memory and the slots (an
+            expert-parallel rank's shard, `moe_core.parallel`); on demand with
+            `fetch="copy"` only. Default: every expert.
 
     Raises:
         ValueError: the budget cannot hold the slots the executor needs, or the store file does
@@ -122,12 +125,14 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                          load_experts=False)
         _check_store_matches(header, net, store)
         host = HostExpertStore.from_packed(store, verify=verify_store).to_dtype(dtype)
+        if experts is not None:  # the file holds every expert; keep the shard's
+            host = host.subset(experts)
     elif dummy:
         # Drawn where it is fast (the GPU, when the whole model fits there for a moment), its
         # experts packed into host memory, then freed, and the dense rest on the device.
         drawn_on = device if _fits_on_device(model, device, dtype, num_layers) else "cpu"
         net = load_model(model, drawn_on, dtype, dummy=True, num_layers=num_layers)
-        host = HostExpertStore.from_model(net)
+        host = HostExpertStore.from_model(net, experts=experts)
         for block in net.moe_blocks():
             for param in block.experts.parameters():
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
@@ -136,12 +141,14 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
             torch.cuda.empty_cache()
     else:
         host = HostExpertStore.from_checkpoint(resolve_model_path(model), dtype,
-                                               num_layers=num_layers)
+                                               num_layers=num_layers, experts=experts)
         net = load_model(model, device, dtype, num_layers=num_layers, load_experts=False)
     store_seconds = time.perf_counter() - started
     layout = host.layout
     top_k = net.spec.moe.router.top_k
-    needed = top_k if kind == "on_demand" else 2 + len(resident or [])
+    # A layer's call pins at most top_k experts, or all a shard holds of that layer.
+    most_held = max(len(host.held(layer)) for layer in host.moe_layers)
+    needed = min(top_k, most_held) if kind == "on_demand" else 2 + len(resident or [])
     pool = GpuSlotPool.for_budget(layout, expert_memory_bytes, device,
                                   max_slots=len(host.experts()) + (2 if kind == "streaming" else 0))
     if pool.num_slots < needed:

@@ -205,7 +205,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
 
     Raises:
         ValueError: no MoE blocks, a block missing from the store, mismatched layouts, an
-            unknown `kind` or `fetch`, `fetch="mapped"` with a `cpu_compute_rule`,
+            unknown `kind` or `fetch`, `fetch="mapped"` with a `cpu_compute_rule`, a shard
+            store (`HostExpertStore.is_shard`) other than on demand with `fetch="copy"`,
             `two_lanes` without `fetch="mapped"` or with an unknown `cpu_kernel`, or a
             `prefetcher` for streaming.
         RuntimeError: `fetch="mapped"` where the GPU cannot read the store, or `two_lanes`
@@ -232,6 +233,9 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                          "'streaming'), which dequantises them on the device")
     if two_lanes and (kind != "on_demand" or fetch != "mapped"):
         raise ValueError("two_lanes needs kind='on_demand' and fetch='mapped'")
+    if store.is_shard and (kind != "on_demand" or fetch != "copy"):
+        raise ValueError("a store holding a shard of the experts (expert parallelism) runs "
+                         "only on demand with fetch='copy'")
     lanes: TwoLanes | None = None
     if prefetcher is not None and kind != "on_demand":
         raise ValueError("a prefetcher drives the on-demand cache; streaming fills its ring "

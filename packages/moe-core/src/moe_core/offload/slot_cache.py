@@ -347,12 +347,13 @@ class ExpertSlotCache:
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Reserve slots for and submit prefetch copies of `experts` not yet resident.
 
+        Experts the store does not hold (another rank's, under expert parallelism) are skipped.
         Stops early when no slot can be freed. Returns the number of prefetches issued.
         """
         self.flush_deferred()
         issued = 0
         for expert in experts:
-            if not self.is_absent(expert):
+            if not self.is_absent(expert) or not self.store.holds(expert):
                 continue
             grant = self.table.reserve(expert)
             if grant is None:

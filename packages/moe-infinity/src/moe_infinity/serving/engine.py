@@ -35,6 +35,7 @@ from moe_infinity.serving.block_allocator import BlockAllocator
 from moe_infinity.serving.engine_config import EngineConfig
 from moe_infinity.serving.engine_listener import EngineListener, NullListener
 from moe_infinity.serving.engine_snapshot import EngineSnapshot
+from moe_infinity.serving.followers import PassFollowers
 from moe_infinity.serving.kv_pool import KVPool
 from moe_infinity.serving.live_tracer import LiveTracer
 from moe_infinity.serving.ragged_pass import PassRow, RaggedPass
@@ -69,6 +70,8 @@ class Engine:
         keeper: The trace collection.
         listener: Told of first tokens, later tokens and finished requests (set it before
             `start`).
+        followers: The other ranks of an expert-parallel server, which run every pass with
+            this engine (`rank_leader`); None: one process.
 
     `routing`, where given, replaces the model's routers while the engine thread runs
     (benchmarks on dummy weights: `ExpertSettings.routing_context`).
@@ -76,13 +79,15 @@ class Engine:
 
     def __init__(self, served: ServingModel, config: EngineConfig, keeper: TraceKeeper,
                  listener: EngineListener | None = None,
-                 routing: AbstractContextManager[None] | None = None) -> None:
+                 routing: AbstractContextManager[None] | None = None,
+                 followers: PassFollowers | None = None) -> None:
         self.served = served
         # Benchmark routing (`moe_core.routing_for`): entered by the engine thread for its life.
         self._routing = routing if routing is not None else nullcontext()
         self.config = config
         self.keeper = keeper
         self.listener: EngineListener = listener or NullListener()
+        self.followers = followers
         model = served.model
         blocks = KVPool.blocks_for_budget(model.spec, config.kv_bytes, config.block_tokens,
                                           model.dtype)
@@ -162,8 +167,8 @@ class Engine:
 
     @property
     def is_alive(self) -> bool:
-        """Whether the engine thread runs."""
-        return self._thread.is_alive()
+        """Whether the engine thread runs (and every other rank, with expert parallelism)."""
+        return self._thread.is_alive() and (self.followers is None or self.followers.is_alive)
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on (they get `ShuttingDownError`); running and queued
@@ -187,11 +192,16 @@ class Engine:
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join()
+        if self.followers is not None:
+            self.followers.close()
         self.keeper.save()
 
     # The engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        device = self.served.model.device
+        if device.type == "cuda":  # the current GPU is per thread (cuda:1, or an EP rank's)
+            torch.cuda.set_device(device)
         with self._routing, LiveTracer(self.served.model) as tracer:
             while True:
                 with self._cond:
@@ -239,10 +249,13 @@ class Engine:
     def _pass(self, tracer: LiveTracer, rows: list[tuple[Sequence, list[int]]],
               prefill: bool) -> None:
         model = self.served.model
-        batch = RaggedPass([PassRow(s.table or [], s.num_cached, ids) for s, ids in rows],
-                           self.pool, model.device)
+        pass_rows = [PassRow(s.table or [], s.num_cached, ids) for s, ids in rows]
+        batch = RaggedPass(pass_rows, self.pool, model.device)
         tracer.begin_pass(batch.row_of_token, batch.num_rows)
-        logits = run_pass(model, batch, self.pool)  # [b, V]
+        if self.followers is None:
+            logits = run_pass(model, batch, self.pool)  # [b, V]
+        else:  # every rank runs the pass (each its own experts), this one samples
+            logits = self.followers.run(pass_rows, lambda: run_pass(model, batch, self.pool))
         counts, looks = tracer.end_pass()
         greedy = logits.argmax(dim=-1).tolist()  # one host read for every greedy row
         for i, (seq, ids) in enumerate(rows):

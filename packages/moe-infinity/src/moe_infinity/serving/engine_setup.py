@@ -5,21 +5,33 @@ Shared by `moe-infinity serve` and `moe-infinity chat`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from moe_core import ModelSpec, SettingError, cache_plan, check_device, resolve_model_path
+from moe_core import (
+    ExpertId,
+    ModelSpec,
+    PrefetcherFactory,
+    SettingError,
+    cache_plan,
+    check_device,
+    resolve_model_path,
+    run_dtype,
+)
 
 from moe_infinity.model_shape import ModelShape
 from moe_infinity.serving.engine import Engine
 from moe_infinity.serving.engine_config import EngineConfig
 from moe_infinity.serving.expert_settings import ExpertSettings
+from moe_infinity.serving.memory_plan import plan_memory
+from moe_infinity.serving.rank_leader import RankLeader, shard_plan
 from moe_infinity.serving.runtime_policy import ServePolicy
-from moe_infinity.serving.serving_model import load_serving_model
+from moe_infinity.serving.serving_model import ServingModel, load_serving_model
 from moe_infinity.serving.trace_keeper import TraceKeeper
 
-__all__ = ["EngineSettings", "build_engine", "resolve_device"]
+__all__ = ["EngineSettings", "build_engine", "load_rank_model", "resolve_device"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +53,8 @@ class EngineSettings:
         prefill_chunk: Most prompt tokens prefilled per step.
         prefetch: `none`, or `lookahead[:top=N]` (moe-core's `LookaheadPrefetcher`).
         experts: Dummy weights, truncation, fetch path and benchmark routing.
+        rank_devices: One device per rank when the experts are spread over several
+            (expert parallel, `--gpus`; `device` is rank 0's); empty: one process on `device`.
     """
 
     model: str
@@ -57,6 +71,7 @@ class EngineSettings:
     prefill_chunk: int
     prefetch: str = "none"
     experts: ExpertSettings = field(default_factory=ExpertSettings)
+    rank_devices: tuple[str, ...] = ()
 
 
 def resolve_device(device: str) -> str:
@@ -84,10 +99,38 @@ def build_engine(settings: EngineSettings) -> Engine:
     prefetcher = cache_plan("lru", settings.prefetch, spec).prefetcher  # checked before loading
     keeper = TraceKeeper(ModelShape.from_spec(settings.model, spec), settings.traces,
                          settings.trace_capacity, settings.save_every)
-    served = load_serving_model(settings.model, settings.device, settings.gpu_memory_bytes,
-                                settings.policy, max_batch=settings.max_batch,
-                                dtype=settings.dtype, kv_bytes=settings.kv_memory_bytes,
-                                prefetcher=prefetcher, experts=experts)
-    config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
-                          prefill_chunk=settings.prefill_chunk, kv_bytes=served.memory.kv_bytes)
-    return Engine(served, config, keeper, routing=experts.routing_context(served.model))
+    num_ranks = len(settings.rank_devices)
+    if num_ranks > 1:  # a budget mistake fails here once, not on every rank
+        plan_memory(spec, run_dtype(settings.dtype, torch.device(settings.device),
+                                    spec.torch_dtype),
+                    settings.gpu_memory_bytes, settings.max_batch, settings.kv_memory_bytes)
+    ranks = (RankLeader.start(settings, shard_plan(spec, keeper.collection, num_ranks))
+             if num_ranks > 1 else None)
+    try:
+        served = load_rank_model(settings, prefetcher, ranks.owned if ranks else None)
+        if ranks is not None:
+            ranks.attach(served)
+        config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
+                              prefill_chunk=settings.prefill_chunk,
+                              kv_bytes=served.memory.kv_bytes)
+        engine = Engine(served, config, keeper, followers=ranks,
+                        routing=settings.experts.routing_context(served.model))
+        if ranks is not None:
+            ranks.ready(engine.pool)
+    except BaseException:
+        if ranks is not None:
+            ranks.close()
+        raise
+    return engine
+
+
+def load_rank_model(settings: EngineSettings, prefetcher: PrefetcherFactory | None,
+                    experts: Collection[ExpertId] | None = None) -> ServingModel:
+    """The served model on `settings.device`, holding only `experts` (a rank's shard; None:
+    every expert). Every rank of an expert-parallel server loads through here, so all load
+    the same dense model the same way."""
+    return load_serving_model(settings.model, settings.device, settings.gpu_memory_bytes,
+                              settings.policy, max_batch=settings.max_batch,
+                              dtype=settings.dtype, kv_bytes=settings.kv_memory_bytes,
+                              prefetcher=prefetcher, experts=settings.experts,
+                              shard=experts)

@@ -6,12 +6,14 @@ Dense weights go to the device, routed experts to host memory behind device slot
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from moe_core import (
     EvictionPolicy,
+    ExpertId,
     ModelSpec,
     MoEForCausalLM,
     OffloadRuntime,
@@ -64,10 +66,12 @@ class ServingModel:
 def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServePolicy, *,
                        max_batch: int, dtype: str | None = None, kv_bytes: int | None = None,
                        prefetcher: PrefetcherFactory | None = None,
-                       experts: ExpertSettings | None = None) -> ServingModel:
+                       experts: ExpertSettings | None = None,
+                       shard: Collection[ExpertId] | None = None) -> ServingModel:
     """Check the device and the budget, then load `name` offloaded (with `prefetcher`'s
     prefetches, e.g. moe-core's lookahead, where given; `experts` says how: dummy weights,
-    truncation, the fetch path).
+    truncation, the fetch path; holding only `shard`, an expert-parallel rank's experts,
+    where given).
 
     Raises:
         DeviceError, SettingError, ConfigError, CheckpointError: as the checks and
@@ -85,5 +89,5 @@ def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServeP
     loaded = load_offloaded(name, device, memory.expert_bytes, dtype=torch_dtype, policy=chosen,
                             prefetcher=prefetcher, dummy=experts.dummy,
                             num_layers=experts.num_layers, fetch=experts.fetch,
-                            two_lanes=experts.lanes == 2)
+                            two_lanes=experts.lanes == 2, experts=shard)
     return ServingModel(name, loaded.model, tokenizer, loaded.runtime, chosen, shape, memory)
