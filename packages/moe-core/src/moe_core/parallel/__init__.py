@@ -1,6 +1,6 @@
 """Expert parallelism over several processes (one device each): the shard plan, the ranks'
 groups, and the executor that computes a rank's own experts and sums over the ranks. See
-docs/decisions/0012-expert-parallel-serving.md.
+docs/decisions/0013-expert-parallel-serving.md.
 """
 
 from moe_core.parallel.expert_parallel import (

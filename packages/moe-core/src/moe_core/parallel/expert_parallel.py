@@ -11,7 +11,7 @@ whose expert it owns (through its own executor: its own slot cache, fed over its
 from its own shard of host memory), zero elsewhere; one all-reduce (sum) of the `[T, D]` partial
 outputs then gives every rank the whole MoE output. That is one all-reduce of the hidden state
 per MoE layer whatever the routing; an all-to-all that sends each token only to the ranks of its
-experts (and back) moves less when T is large and is the later optimisation (decision 0012).
+experts (and back) moves less when T is large and is the later optimisation (decision 0013).
 
 Ranks stay in step because they run the same dense kernels on the same inputs (the all-reduce
 hands every rank the same sum), and because every rank makes exactly one all-reduce per MoE

@@ -1,5 +1,5 @@
 """Rank 0 of an expert-parallel server: it starts the other ranks, orders their passes and stops
-them (decision 0012).
+them (decision 0013).
 
 One process per device: rank 0 is the server process itself (HTTP, scheduling, sampling,
 tracing, its own shard of the experts); ranks 1..R-1 are started here (`python -m
