@@ -26,7 +26,7 @@ import contextlib
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -72,6 +72,10 @@ class CpuLaneCounts:
     busy_seconds: float = 0.0
     idle_jobs: int = 0
     idle_busy_seconds: float = 0.0
+
+    def plus(self, other: CpuLaneCounts) -> CpuLaneCounts:
+        """Both counts together."""
+        return CpuLaneCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass(eq=False)

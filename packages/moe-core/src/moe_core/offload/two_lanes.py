@@ -165,8 +165,8 @@ class TwoLanes:
 
     def _round_trip(self, top_k: int, calls: int = 32) -> float:
         """Seconds per layer call the stream spends on a lane job with nothing to compute:
-        the staging copies, both host functions and the worker's wake-up (measured on H200
-        machine's stream at ~0.4 ms, decision 0009; the worker alone sees a fraction)."""
+        the staging copies, both host functions and the worker's wake-up (~0.4 ms on the H200
+        machine, decision 0009; the worker alone sees a fraction of it)."""
         device, d = self._device, self._store.layout.hidden_size
         job = self.lane.job(self._store.moe_layers[0], 1, top_k)
         hidden = torch.zeros(1, d, device=device)
@@ -204,11 +204,7 @@ class TwoLanes:
         `ADAPT_EVERY_JOBS` layer calls: re-fit the CPU lane's fixed cost (its calls with no
         expert) and rate (the rest, per expert byte, token growth as calibrated), and rewrite
         the splits' tables with them. Never inside a capture (it waits for the device)."""
-        seen = self._seen
-        for name in ("experts", "tokens", "bytes", "jobs", "idle_jobs"):
-            setattr(seen, name, getattr(seen, name) + getattr(counts, name))
-        for name in ("seconds", "busy_seconds", "idle_busy_seconds"):
-            setattr(seen, name, getattr(seen, name) + getattr(counts, name))
+        seen = self._seen = self._seen.plus(counts)
         if seen.jobs < ADAPT_EVERY_JOBS or (
                 self._device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return
