@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from importlib.metadata import entry_points
 
 import pytest
 from moe_core import (
@@ -83,6 +84,13 @@ def test_from_a_source_tree_the_known_provider_is_imported(spec: ModelSpec,
     loaded = plugins_module.load_plugin("moe_core.policies", "activation", "--policy activation")
     assert loaded is activation_plan
     assert cache_plan("activation", "none", spec).policy is not None
+
+
+def test_the_known_providers_name_what_the_installed_entry_points_name() -> None:
+    # The source-tree fallback must load the same objects as the installed workspace.
+    for (group, name), provider in plugins_module.KNOWN_PROVIDERS.items():
+        found = [ep for ep in entry_points(group=group) if ep.name == name]
+        assert len(found) == 1 and found[0].value == provider.target, (group, name)
 
 
 def test_without_moe_infinity_the_activation_policy_names_the_package(
