@@ -32,7 +32,7 @@ from moe_core.offload.executors import OffloadRuntime, install_offloading
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_semaphore import HostSemaphore
 from moe_core.offload.host_store import HostExpertStore
-from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table
+from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table, lane_saving
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.token_groups import expert_mlp
 from moe_core.offload.two_lanes import ADAPT_EVERY_JOBS, LaneCalibration, TwoLanes
@@ -193,6 +193,57 @@ def test_a_cpu_lane_slower_than_calibrated_is_refitted_and_given_fewer_experts()
         lanes.observe(CpuLaneCounts(experts=jobs, tokens=jobs, bytes=jobs * nbytes, jobs=jobs,
                                     busy_seconds=1e-9))
         assert lanes.rates.cpu_bytes_per_s == pytest.approx(BALANCED.cpu_bytes_per_s)
+    finally:
+        lanes.close()
+
+
+def test_the_lanes_saving_counts_the_round_trip_of_every_call() -> None:
+    rates = LaneRates(gpu_bytes_per_s=1e9, cpu_bytes_per_s=1e9, cpu_fixed_s=0.0)
+    table = [0, 0, 1, 1, 2]  # m missed -> n to the CPU
+    # Every call missed 4 experts of 1 ms each: 4 ms alone, 2 ms split, minus the round trip.
+    assert lane_saving(rates, 10**6, table, [0, 0, 0, 0, 10], 0.0) == pytest.approx(2e-3)
+    assert lane_saving(rates, 10**6, table, [0, 0, 0, 0, 10], 0.5e-3) == pytest.approx(1.5e-3)
+    # Calls that missed nothing gain nothing and still pay the round trip.
+    assert lane_saving(rates, 10**6, table, [10, 0, 0, 0, 0], 0.5e-3) == pytest.approx(-0.5e-3)
+    assert lane_saving(rates, 10**6, table, [0] * 5, 0.5e-3) == 0.0
+
+
+def test_a_call_shape_the_lane_does_not_speed_up_goes_back_to_one_lane() -> None:
+    lanes, store = tiny_lanes(ALL_CPU)
+    try:
+        split = lanes.split(1, 2)
+        assert split is not None
+        token = lanes.capture_token
+        ids = torch.tensor([[3, 5]])
+        resident = torch.arange(store.num_experts)  # every expert in a slot: nothing missed
+        for _ in range(10):
+            split(ids, resident)
+        assert split.seen.tolist()[0] == 10
+        lanes.round_trip_s = 1e-3  # the round trip of calls that had nothing to split
+        lanes.observe(CpuLaneCounts(jobs=ADAPT_EVERY_JOBS, idle_jobs=ADAPT_EVERY_JOBS,
+                                    busy_seconds=ADAPT_EVERY_JOBS * 1e-5,
+                                    idle_busy_seconds=ADAPT_EVERY_JOBS * 1e-5))
+        assert lanes.split(1, 2) is None and (1, 2) in lanes.dropped
+        assert lanes.capture_token is not token  # captured steps are made again, one lane
+    finally:
+        lanes.close()
+
+
+def test_a_lane_that_pays_keeps_its_split_and_its_captured_steps() -> None:
+    lanes, store = tiny_lanes(ALL_CPU)
+    try:
+        split = lanes.split(1, 2)
+        assert split is not None
+        token = lanes.capture_token
+        absent = torch.full((store.num_experts,), -1)
+        for _ in range(10):
+            split(torch.tensor([[3, 5]]), absent)  # both experts missed every call
+        lanes.observe(CpuLaneCounts(jobs=ADAPT_EVERY_JOBS, experts=2 * ADAPT_EVERY_JOBS,
+                                    tokens=2 * ADAPT_EVERY_JOBS,
+                                    bytes=2 * ADAPT_EVERY_JOBS * store.layout.nbytes,
+                                    busy_seconds=ADAPT_EVERY_JOBS * 1e-6))
+        assert lanes.split(1, 2) is split and lanes.capture_token is token
+        assert split.seen.tolist() == [0, 0, 0]  # taken
     finally:
         lanes.close()
 
@@ -402,7 +453,7 @@ def test_closing_the_runtime_returns_every_miss_to_the_gpu_lane() -> None:
         before = model(ids)
     keys = [ex.capture_key for ex in runtime.executors.values()]  # type: ignore[attr-defined]
     runtime.close()
-    assert runtime.two_lanes is None and all(k is lanes for k in keys)
+    assert runtime.two_lanes is None and all(k is lanes.capture_token for k in keys)
     assert all(ex.capture_key is None for ex in runtime.executors.values())  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="closed"):
         lanes.lane.start(lanes.lane.job(1, 1, 2), torch.zeros(1, 4), torch.zeros(1, 2,

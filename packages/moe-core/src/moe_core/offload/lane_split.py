@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LaneRates", "LaneSplit", "cpu_share_table"]
+__all__ = ["LaneRates", "LaneSplit", "cpu_share_table", "lane_saving"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +69,25 @@ def cpu_share_table(rates: LaneRates, expert_bytes: int, num_experts: int, token
     return table
 
 
+def lane_saving(rates: LaneRates, expert_bytes: int, table: list[int], seen: list[int],
+                round_trip_s: float) -> float:
+    """Seconds the lane saved per call, by the model, over the calls `seen` (`seen[m]` calls
+    with m missed experts), split by `table`: each call pays the lane's `round_trip_s`
+    whatever the split gives the CPU (a captured step runs its host functions in every call).
+    Negative: the GPU alone would have been faster."""
+    gpu_each = expert_bytes / rates.gpu_bytes_per_s
+    cpu_each = expert_bytes / rates.cpu_bytes_per_s
+    calls = sum(seen)
+    if calls == 0:
+        return 0.0
+    saved = 0.0
+    for m, count in enumerate(seen):
+        n = table[m]
+        two_lanes = round_trip_s + max((m - n) * gpu_each, n * cpu_each)
+        saved += count * (m * gpu_each - two_lanes)
+    return saved / calls
+
+
 class LaneSplit:
     """The device-side split of one call shape (T tokens, K per token).
 
@@ -82,8 +101,18 @@ class LaneSplit:
         if device.type == "cuda":
             self._host = self._host.pin_memory()
         self.table = self._host.to(device, non_blocking=True)  # [min(E, T*K) + 1]
+        # calls seen per count of missed experts, counted on the device (captured steps too)
+        self.seen = torch.zeros(self._host.numel(), dtype=torch.long, device=device)
+        self._one = torch.ones(1, dtype=torch.long, device=device)
         self._experts = torch.arange(num_experts, dtype=torch.long, device=device)  # [E]
         self._ones: dict[int, torch.Tensor] = {}
+
+    def take_seen(self) -> list[int]:
+        """`seen[m]`: the calls with m missed experts since the last take (a host read: not
+        inside a capture)."""
+        counts = self.seen.tolist()
+        self.seen.zero_()
+        return counts
 
     @property
     def cpu_share(self) -> list[int]:
@@ -114,7 +143,9 @@ class LaneSplit:
         counts = torch.zeros(e, dtype=torch.long, device=flat.device).index_add_(0, flat, ones)
         missing = (counts > 0) & (lut < 0)  # [E]
         # [1]: gathered on the device (indexing with a 0-d tensor would read it on the host)
-        n_cpu = self.table.gather(0, missing.sum().clamp(max=self.table.numel() - 1).view(1))
+        m = missing.sum().clamp(max=self.table.numel() - 1).view(1)
+        n_cpu = self.table.gather(0, m)
+        self.seen.index_add_(0, m, self._one)
         key = torch.where(missing, counts * e + self._experts, (flat.numel() + 1) * e)
         rank = torch.empty_like(key).scatter_(0, key.argsort(), self._experts)  # [E]
         on_cpu = missing & (rank < n_cpu)

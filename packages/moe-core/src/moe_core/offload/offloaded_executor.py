@@ -91,9 +91,10 @@ class OffloadedExecutor:
 
     @property
     def capture_key(self) -> object:
-        """What a captured call depends on besides this executor: the two-lane path (its CPU
-        lane's semaphores are posted and awaited by the graph), or None."""
-        return self.two_lanes
+        """What a captured call depends on besides this executor: the two-lane path's current
+        set of lanes (its CPU lane's semaphores are posted and awaited by the graph; a shape
+        whose lane stops paying is dropped and the key changes), or None."""
+        return None if self.two_lanes is None else self.two_lanes.capture_token
 
     @property
     def graph_hooks(self) -> ExpertSlotCache | None:

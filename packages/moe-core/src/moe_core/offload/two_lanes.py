@@ -16,7 +16,11 @@ lane then runs beside a thread launching the GPU's work, on weights no cache hol
 measured on the H200 machine 5.6x slower than its calibration (decision 0009): so `observe`
 re-fits the CPU lane's rate and fixed cost from how the lane actually ran, every
 `ADAPT_EVERY_JOBS` layer calls, and rewrites every split's table (captured steps read the same
-tables, so they follow too). A CPU lane that does not pay gets fewer experts, down to none.
+tables, so they follow too). A CPU lane that does not pay gets fewer experts, down to none; and
+since every call through the lane pays its round trip (two host functions and the worker's
+wake-up), a call shape whose calls the lane did not speed up, by the model over the misses
+those calls actually had (`lane_saving`), is dropped to one lane (`capture_token` changes, so
+the decode runner captures its steps again without the lane).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from moe_core.offload.cpu_lane import CpuLane, CpuLaneCounts, LaneJob
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_semaphore import host_semaphores_unsupported
 from moe_core.offload.host_store import HostExpertStore
-from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table
+from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table, lane_saving
 from moe_core.offload.mapped_fetch import MappedFetcher
 
 __all__ = ["ADAPT_EVERY_JOBS", "LaneCalibration", "TwoLanes", "calibrate_lanes",
@@ -154,6 +158,8 @@ class TwoLanes:
         self._device = pool.device
         self._splits: dict[tuple[int, int], LaneSplit | None] = {}
         self._seen = CpuLaneCounts()
+        self.dropped: set[tuple[int, int]] = set()  # shapes whose lane did not pay
+        self.capture_token = object()  # replaced when a shape's lane is dropped
         self.round_trip_s = self._round_trip(top_k) if measure_round_trip else 0.0
         if measure_round_trip:  # the lane's fixed cost as the stream sees it
             calibration = replace(calibration, rates=replace(
@@ -226,9 +232,18 @@ class TwoLanes:
         self.rates = LaneRates(gpu_bytes_per_s=rates.gpu_bytes_per_s, cpu_bytes_per_s=cpu_rate,
                                cpu_fixed_s=fixed, cpu_token_cost=rates.cpu_token_cost)
         self.refits += 1
-        for (tokens, top_k), split in self._splits.items():
-            if split is not None:
-                split.update(self._table(tokens, top_k, self.rates))
+        for (tokens, top_k), split in list(self._splits.items()):
+            if split is None:
+                continue
+            table = split.cpu_share  # the table these calls were split by
+            saving = lane_saving(self.rates, self._store.layout.nbytes, table, split.take_seen(),
+                                 self.round_trip_s)
+            if saving < 0:  # the GPU alone would have been faster: this shape goes one lane
+                self._splits[(tokens, top_k)] = None
+                self.dropped.add((tokens, top_k))
+                self.capture_token = object()  # steps captured with the lane are re-captured
+                continue
+            split.update(self._table(tokens, top_k, self.rates))
 
     def _table(self, tokens: int, top_k: int, rates: LaneRates) -> list[int]:
         return cpu_share_table(rates, self._store.layout.nbytes, self._store.num_experts,
