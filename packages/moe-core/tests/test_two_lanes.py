@@ -298,6 +298,31 @@ def offloaded(folder: Path, rates: LaneRates, num_slots: int) -> tuple[MoEForCau
     return model, runtime
 
 
+def test_a_capture_warm_up_makes_every_layers_lane_job_even_where_all_is_cached() -> None:
+    # On the H200 a fully cached layer first reached the lane inside the capture, whose
+    # host copy of the new job's id failed it: the warm-up now makes them all.
+    probe = load_model(tiny_model_path(), dtype="float32")
+    every = len(probe.moe_blocks()) * probe.spec.moe.num_experts
+    model, runtime = offloaded(tiny_model_path(), ALL_CPU, num_slots=every)
+    lanes, cache = runtime.two_lanes, runtime.cache
+    assert lanes is not None and cache is not None
+    ids = torch.tensor([[1]])
+    try:
+        with torch.no_grad():
+            model(ids)  # not a warm-up: the complete layers do not touch the lane
+        assert not lanes.lane._by_shape
+        cache.before_warmup()
+        with torch.no_grad():
+            model(ids)
+        cache.after_warmup()
+        top_k = probe.spec.moe.router.top_k
+        layers = {block.layer for block in model.moe_blocks()}
+        assert {layer for layer, _, _ in lanes.lane._by_shape} == layers
+        assert all(key == (1, top_k) for key in lanes._splits)
+    finally:
+        runtime.close()
+
+
 def test_the_cpu_lane_uses_of_a_capture_warm_up_are_forgotten_with_the_rest() -> None:
     # Before a capture the decode runner runs eager warm-up steps and the cache forgets their
     # uses; the CPU lane's share of them must go too (it used to be moved out of misses that

@@ -132,6 +132,8 @@ class OffloadedExecutor:
                     and torch.cuda.is_current_stream_capturing()):
                 return self._mapped(hidden, expert_ids, weights,
                                     self.cache.log_graph_use(self.layer, expert_ids))
+            if self.two_lanes is not None and self.cache.warming_up:
+                self._prepare_lane(expert_ids)
             layer_map = self.cache.layer_map(self.layer)
             if layer_map.complete:  # every expert resident: no host read of the routing at all
                 out = gathered_experts(hidden, layer_map.slots[expert_ids], weights,
@@ -170,6 +172,15 @@ class OffloadedExecutor:
         return out
 
     # Internals ------------------------------------------------------------------------------
+
+    def _prepare_lane(self, expert_ids: torch.Tensor) -> None:
+        """Before a capture (its warm-up): make this call shape's split and this layer's lane
+        job now, even if this warm-up call does not need them (a fully cached layer): the
+        capture reads host memory through them, and tensors made inside a capture are refilled
+        by every replay (the split's counts of misses would restart each step)."""
+        assert self.two_lanes is not None
+        if self.two_lanes.split(*expert_ids.shape) is not None:
+            self.two_lanes.lane.job(self.layer, *expert_ids.shape)
 
     def _mapped(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                 layer_map: LayerMap) -> torch.Tensor:
