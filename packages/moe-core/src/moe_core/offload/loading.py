@@ -87,8 +87,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
             `"mapped"` (decode reads misses from pinned host memory on the GPU, no host
             synchronisation per layer; see `install_offloading`).
         dummy: Random weights from `config.json`. On the CPU, or where the whole model does not
-            fit the GPU's free memory, drawn on the host: the model then equals
-            `load_model(model, "cpu", dtype, dummy=True)`. Otherwise drawn on the GPU (seconds
+            fit the GPU's free memory, or for a shard (`experts`), drawn on the host: the model
+            then equals `load_model(model, "cpu", dtype, dummy=True)`. Otherwise on the GPU (seconds
             where the host takes minutes for tens of GB; other values, the same shapes), the
             experts then moved to host memory and their device copies freed.
         num_layers: Keep only the first `num_layers` decoder layers.
@@ -130,7 +130,9 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
     elif dummy:
         # Drawn where it is fast (the GPU, when the whole model fits there for a moment), its
         # experts packed into host memory, then freed, and the dense rest on the device.
-        drawn_on = device if _fits_on_device(model, device, dtype, num_layers) else "cpu"
+        # (a shard's rank draws on the host, as every rank then does: the same weights on all)
+        on_device = experts is None and _fits_on_device(model, device, dtype, num_layers)
+        drawn_on = device if on_device else torch.device("cpu")
         net = load_model(model, drawn_on, dtype, dummy=True, num_layers=num_layers)
         host = HostExpertStore.from_model(net, experts=experts)
         for block in net.moe_blocks():
