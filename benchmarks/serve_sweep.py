@@ -16,9 +16,23 @@ on. The summary is rewritten after every step. `--out DIR` receives at most six 
 `report.tar.gz` (report.md and its figures) and the two main figures loose (`cap_radar.png`,
 `throughput_latency.png`).
 
-On the GPU machine (console scripts not installed; packages on PYTHONPATH):
+On the GPU machine (console scripts not installed: the steps run `python3 -m moe_infinity` and
+`python3 -m moe_cap`; packages on PYTHONPATH). It lacks the server's and the report's packages:
+carry them as wheels for CPython 3.12 (the device tool's README says how), at the versions of
+uv.lock: annotated-doc, annotated-types, anyio, certifi, contourpy, cycler, fastapi, fonttools,
+h11, httpcore, httpx, idna, kiwisolver, matplotlib, opentelemetry-api (fastapi needs it),
+pillow, prometheus-client, pydantic, pydantic-core, pyparsing, python-dateutil, six, sniffio,
+starlette, typing-extensions, typing-inspection, tzdata (python-dateutil needs it), uvicorn
+(28 MB in all). Then, with `.whl` carried:
 
-    python3 benchmarks/serve_sweep.py --out /tmp/out
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:packages/moe-core/src:\
+    packages/moe-gen/src:packages/moe-infinity/src:packages/moe-cap/src HF_HUB_OFFLINE=1 \
+        PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    timeout 480 python3 benchmarks/serve_sweep.py --out $OUT/sweep --total-timeout 450
+
+The first run (2026-12-03) failed: the server drew its 30 GB of dummy weights on the host for
+longer than the 150 s start-up limit (`--load-timeout`); they are drawn on the GPU since.
 
 On a CPU (tiny-moe, tiny counts, proves the plumbing):
 
