@@ -209,8 +209,12 @@ def _serve_argv(sweep: Sweep, fetch: str, lanes: int) -> list[str]:
                         "--port", "0", "--policy", a.policy, "--routing", a.routing,
                         "--fetch", fetch, "--lanes", str(lanes), "--device", a.device,
                         "--max-batch", str(max(a.concurrency)), "--grace", "5")
-    if a.dummy:
-        argv.append("--dummy")
+    return argv + _model_argv(a)
+
+
+def _model_argv(a: argparse.Namespace) -> list[str]:
+    """The model options every engine of the sweep takes: dummy weights, truncation, dtype."""
+    argv = ["--dummy"] if a.dummy else []
     if a.num_layers:
         argv += ["--num-layers", str(a.num_layers)]
     if a.dtype:
@@ -320,13 +324,8 @@ def in_process(sweep: Sweep, path: dict[str, object]) -> None:
                         *_workload_argv(sweep, a.inproc_requests), "--concurrency", "1",
                         "--device", device, "--expert-memory", str(slots),
                         "--routing", a.routing, "--fetch", str(path["fetch"]),
-                        "--lanes", str(path["lanes"]), "--out", str(record))
-    if a.dummy:
-        argv.append("--dummy")
-    if a.num_layers:
-        argv += ["--num-layers", str(a.num_layers)]
-    if a.dtype:
-        argv += ["--dtype", a.dtype]
+                        "--lanes", str(path["lanes"]), "--out", str(record),
+                        *_model_argv(a))
     run_step(sweep, f"in-process moe-infinity c=1 ({a.inproc_requests} requests)", argv,
              a.step_timeout, record)
 
@@ -341,13 +340,8 @@ def moe_gen_offline(sweep: Sweep) -> None:
     record = sweep.work / "moe-gen.json"
     argv = sweep.python("moe_cap", "run", a.model, "--engine", "moe-gen",
                         *_workload_argv(sweep, a.moe_gen_requests), "--device", device,
-                        "--gpu-memory", a.gpu_memory, "--out", str(record))
-    if a.dummy:
-        argv.append("--dummy")
-    if a.num_layers:
-        argv += ["--num-layers", str(a.num_layers)]
-    if a.dtype:
-        argv += ["--dtype", a.dtype]
+                        "--gpu-memory", a.gpu_memory, "--out", str(record),
+                        *_model_argv(a))
     run_step(sweep, f"moe-gen offline ({a.moe_gen_requests} requests)", argv, a.step_timeout,
              record)
 
