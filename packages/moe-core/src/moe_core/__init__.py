@@ -52,7 +52,7 @@ from moe_core.offload.fp8 import FP8
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
-from moe_core.offload.loading import OffloadedModel, load_offloaded
+from moe_core.offload.loading import OffloadedModel, check_fetch_lanes, load_offloaded
 from moe_core.offload.lookahead_prefetcher import LookaheadPrefetcher, lookahead_scores
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
@@ -190,6 +190,7 @@ __all__ = [
     "build_tiny_checkpoint",
     "cache_plan",
     "check_device",
+    "check_fetch_lanes",
     "check_output_path",
     "check_routing",
     "fit_prompt",

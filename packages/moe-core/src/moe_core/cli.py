@@ -19,6 +19,7 @@ from moe_core.devices import check_device
 from moe_core.embedded_model import TINY_MODEL_NAME
 from moe_core.errors import RequestError, SettingError
 from moe_core.loader import resolve_model_path
+from moe_core.offload.loading import check_fetch_lanes
 from moe_core.request_limits import Truncate, fit_prompt, parse_truncate
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import ModelSpec
@@ -172,12 +173,7 @@ def generate(
             and expert_memory is None:
         raise SettingError("--store, --fetch, --prefetch and --stats need --expert-memory "
                            "(offloaded experts)")
-    if fetch not in ("copy", "mapped"):
-        raise SettingError(f"--fetch must be copy or mapped, got {fetch!r}")
-    if lanes not in (1, 2):
-        raise SettingError(f"--lanes must be 1 or 2, got {lanes}")
-    if lanes == 2 and fetch != "mapped":
-        raise SettingError("--lanes 2 needs --fetch mapped (and --expert-memory)")
+    check_fetch_lanes(fetch, lanes, "--fetch mapped (and --expert-memory)")
     if cpu_kernel not in ("auto", "torch", "numba"):
         raise SettingError(f"--cpu-kernel must be auto, torch or numba, got {cpu_kernel!r}")
     check_device(device)

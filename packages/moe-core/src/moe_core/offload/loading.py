@@ -27,7 +27,7 @@ from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, ins
 from moe_core.sizes import format_bytes
 from moe_core.spec import ModelSpec
 
-__all__ = ["OffloadedModel", "dense_bytes", "load_offloaded"]
+__all__ = ["OffloadedModel", "check_fetch_lanes", "dense_bytes", "load_offloaded"]
 
 
 @dataclass
@@ -169,6 +169,23 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         runtime.prefetch((resident or host.experts())[: pool.num_slots])
         runtime.drain()
     return OffloadedModel(net, runtime, store_seconds)
+
+
+def check_fetch_lanes(fetch: str, lanes: int, lanes_need: str = "--fetch mapped") -> None:
+    """The fetch path and lane count as a command takes them (`--fetch`, `--lanes`).
+
+    Args:
+        lanes_need: What `--lanes 2` needs, as the command's error names it.
+
+    Raises:
+        SettingError: an unknown fetch or lane count, or two lanes without the mapped fetch.
+    """
+    if fetch not in ("copy", "mapped"):
+        raise SettingError(f"--fetch must be copy or mapped, got {fetch!r}")
+    if lanes not in (1, 2):
+        raise SettingError(f"--lanes must be 1 or 2, got {lanes}")
+    if lanes == 2 and fetch != "mapped":
+        raise SettingError(f"--lanes 2 needs {lanes_need}")
 
 
 def _fits_on_device(model: str | Path, device: torch.device, dtype: torch.dtype,

@@ -16,7 +16,14 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
-from moe_core import ModelSpec, MoEForCausalLM, SettingError, check_routing, routing_for
+from moe_core import (
+    ModelSpec,
+    MoEForCausalLM,
+    SettingError,
+    check_fetch_lanes,
+    check_routing,
+    routing_for,
+)
 
 from moe_infinity.routing_tape import load_routing_tape
 
@@ -49,12 +56,7 @@ class ExpertSettings:
     def __post_init__(self) -> None:
         if self.num_layers is not None and self.num_layers < 1:
             raise SettingError(f"--num-layers must be at least 1, got {self.num_layers}")
-        if self.fetch not in ("copy", "mapped"):
-            raise SettingError(f"--fetch must be copy or mapped, got {self.fetch!r}")
-        if self.lanes not in (1, 2):
-            raise SettingError(f"--lanes must be 1 or 2, got {self.lanes}")
-        if self.lanes == 2 and self.fetch != "mapped":
-            raise SettingError("--lanes 2 needs --fetch mapped")
+        check_fetch_lanes(self.fetch, self.lanes)
         if self.routing is not None:
             try:
                 check_routing(self.routing)
