@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from moe_core import tiny_model_path
 from moe_core.kernels.backend import prepare_interpreter
+from moe_core.tiny_checkpoints import build_tiny_checkpoint
 
 KernelDevice = Callable[[ModuleType, tuple[str, ...]], torch.device]
 
@@ -36,3 +39,15 @@ def kernel_device(monkeypatch: pytest.MonkeyPatch) -> KernelDevice:
         return where
 
     return choose
+
+
+@pytest.fixture(scope="module")
+def deepseek_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DeepSeek-V3 checkpoint built for the module."""
+    return build_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("dsv3"))
+
+
+@pytest.fixture(scope="module", params=["tiny", "deepseek_v3"])
+def folder(request: pytest.FixtureRequest, deepseek_folder: Path) -> Path:
+    """Each test twice: on the embedded model and on the tiny DeepSeek-V3."""
+    return tiny_model_path() if request.param == "tiny" else deepseek_folder

@@ -18,19 +18,8 @@ from moe_core.offload.executors import OffloadRuntime, OffloadStats, install_off
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.policy import LFUPolicy
-from moe_core.tiny_checkpoints import build_tiny_checkpoint
 
 Forward = Callable[[MoEForCausalLM], torch.Tensor]
-
-
-@pytest.fixture(scope="module")
-def deepseek_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("dsv3"))
-
-
-@pytest.fixture(scope="module", params=["tiny", "deepseek_v3"])
-def folder(request: pytest.FixtureRequest, deepseek_folder: Path) -> Path:
-    return tiny_model_path() if request.param == "tiny" else deepseek_folder
 
 
 def prompt(model: MoEForCausalLM, batch: int = 2, length: int = 6) -> torch.Tensor:

@@ -30,20 +30,9 @@ from moe_core import (
     tiny_model_path,
 )
 from moe_core.offload.slot_cache import ExpertSlotCache
-from moe_core.tiny_checkpoints import build_tiny_checkpoint
 
 PROMPTS = ["Once upon a time, there was a little fox who", "def fibonacci(n):",
            "Der kleine Hund lief schnell nach Hause, weil"]
-
-
-@pytest.fixture(scope="module")
-def deepseek_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("dsv3"))
-
-
-@pytest.fixture(scope="module", params=["tiny", "deepseek_v3"])
-def folder(request: pytest.FixtureRequest, deepseek_folder: Path) -> Path:
-    return tiny_model_path() if request.param == "tiny" else deepseek_folder
 
 
 def offloaded(folder: Path, num_slots: int, prefetch: bool | int = True, **kwargs: object

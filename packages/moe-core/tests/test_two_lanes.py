@@ -36,20 +36,9 @@ from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table, l
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.token_groups import expert_mlp
 from moe_core.offload.two_lanes import ADAPT_EVERY_JOBS, LaneCalibration, TwoLanes
-from moe_core.tiny_checkpoints import build_tiny_checkpoint
 
 ALL_CPU = LaneRates(gpu_bytes_per_s=1e9, cpu_bytes_per_s=1e13, cpu_fixed_s=0.0)
 BALANCED = LaneRates(gpu_bytes_per_s=20e9, cpu_bytes_per_s=20e9, cpu_fixed_s=0.0)
-
-
-@pytest.fixture(scope="module")
-def deepseek_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("dsv3"))
-
-
-@pytest.fixture(scope="module", params=["tiny", "deepseek_v3"])
-def folder(request: pytest.FixtureRequest, deepseek_folder: Path) -> Path:
-    return tiny_model_path() if request.param == "tiny" else deepseek_folder
 
 
 def reference_layer(blocks: torch.Tensor, layout: ExpertLayout, hidden: torch.Tensor,
