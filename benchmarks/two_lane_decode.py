@@ -10,8 +10,11 @@ sequence to the same experts). Sections, each written to the JSON as it finishes
   expert, 4 and 8 experts per call: GB/s of expert weights read.
 - `s3`: ms/token at batch 1 (one lane captured, two lanes captured, two lanes eager) and
   batches 4 and 16 (one and two lanes, captured); per run the hit rate, bytes per token of each
-  lane, each lane's GB/s over the step, and the bounds: one lane = missed bytes / pinned
+  lane, each lane's GB/s over the step, the lane's state after it (re-fitted rate and fixed
+  cost, call shapes dropped to one lane), and the bounds: one lane = missed bytes / pinned
   bandwidth; two lanes = missed bytes / (pinned + CPU rate), the best split of a perfect overlap.
+  The CPU lane's hand-over is `--handover` (default: flags); `s3_<other>` repeats batch 1 with
+  the other hand-over on a fresh runtime (each runtime's lane adapts on its own).
 - `policies`: the cache plans of `POLICY_PLANS` (LRU admitting every miss, the cache as loaded,
   lookahead, activation-aware + lookahead, eager and captured) on the same S3 model under
   skewed routing (`zipf:s=1.1,reuse=0.5`) and under the embedded model's traced routing replayed
@@ -60,6 +63,25 @@ def bounded(budget: int | None) -> None:
         torch.cuda.set_per_process_memory_fraction(1.0 if budget is None else budget / total)
 
 
+def numba_threading_layer() -> str:
+    """The threading layer numba's parallel kernels run on here (after one parallel call)."""
+    try:
+        import numba
+        import numpy as np
+
+        @numba.njit(parallel=True)
+        def _touch(x: Any) -> Any:
+            total = 0.0
+            for i in numba.prange(x.size):
+                total += x[i]
+            return total
+
+        _touch(np.ones(64))
+        return f"{numba.threading_layer()} ({numba.get_num_threads()} threads)"
+    except Exception as exc:  # noqa: BLE001 (a report field)
+        return f"unknown ({exc!r})"
+
+
 def save(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -80,6 +102,47 @@ def cpu_kernel_section(store: Any) -> dict[str, Any]:
                 out[f"{kernel.name}_e{experts}_t{tokens}_ms"] = timing.seconds * 1e3
                 print(f"cpu kernel {kernel.name} experts={experts} tokens={tokens}: "
                       f"{timing.gb_per_s:.1f} GB/s ({timing.seconds * 1e3:.2f} ms)", flush=True)
+    out.update(lane_thread_timings(store, blocks))
+    return out
+
+
+def lane_thread_timings(store: Any, blocks: Any) -> dict[str, Any]:
+    """The numba kernel on cold experts as the lane runs it (from a thread of its own, one core
+    left free), 4 experts x 1 token, and the host's copy bandwidth over 1 GiB of the store."""
+    import threading
+
+    from moe_core.offload.cpu_experts import NumbaCpuExperts, time_cpu_kernel
+    from moe_core.offload.cpu_lane import _leave_cores_to_the_launcher
+
+    out: dict[str, Any] = {}
+
+    def in_thread() -> None:
+        _leave_cores_to_the_launcher()
+        timing = time_cpu_kernel(NumbaCpuExperts(), blocks, store.layout, 4, 1, repeats=7)
+        out["numba_e4_t1_gbps_lane_thread"] = timing.gb_per_s
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    layers = store.moe_layers
+    source = [store.arena(layer).view(-1) for layer in layers[len(layers) // 2:]]
+    nbytes = 0
+    chunks = []
+    for arena in source:
+        chunks.append(arena)
+        nbytes += arena.numel() * arena.element_size()
+        if nbytes >= GiB:
+            break
+    sink = [torch.empty_like(c, device="cpu", pin_memory=False) for c in chunks]
+    for dst, src in zip(sink, chunks):
+        dst.copy_(src)  # first touch of the sink
+    start = time.perf_counter()
+    for dst, src in zip(sink, chunks):
+        dst.copy_(src)
+    out["host_copy_gbps_read"] = nbytes / (time.perf_counter() - start) / 1e9
+    del sink
+    print(f"numba in a lane thread: {out['numba_e4_t1_gbps_lane_thread']:.1f} GB/s; host copy "
+          f"{out['host_copy_gbps_read']:.1f} GB/s read", flush=True)
     return out
 
 
@@ -130,7 +193,21 @@ def run(model: Any, runtime: Any, batch: int, lanes: int, graphs: bool, prompt_t
             "cpu_worker_ms_per_step": per["cpu_seconds"] * 1e3,
             "gpu_lane_gbps_over_step": per["mapped_bytes"] / median / 1e9,
             "cpu_lane_gbps_over_step": per["cpu_bytes"] / median / 1e9,
-            "cpu_lane_gbps_while_working": per["cpu_bytes"] / max(per["cpu_seconds"], 1e-9) / 1e9}
+            "cpu_lane_gbps_while_working": per["cpu_bytes"] / max(per["cpu_seconds"], 1e-9) / 1e9,
+            **lane_state(runtime)}
+
+
+def lane_state(runtime: Any) -> dict[str, Any]:
+    """The two-lane path's state after a run: what it adapted to."""
+    lanes = runtime.two_lanes
+    if lanes is None:
+        return {}
+    return {"lane_handover": lanes.lane.signals.name,
+            "lane_round_trip_us": lanes.round_trip_s * 1e6,
+            "lane_cpu_gbps_now": lanes.rates.cpu_bytes_per_s / 1e9,
+            "lane_cpu_fixed_us_now": lanes.rates.cpu_fixed_s * 1e6,
+            "lane_refits": lanes.refits,
+            "lane_dropped_shapes": sorted(lanes.dropped)}
 
 
 def load_s(num_layers: int, args: argparse.Namespace) -> tuple[Any, Any, Any, float]:
@@ -156,7 +233,8 @@ def load_s(num_layers: int, args: argparse.Namespace) -> tuple[Any, Any, Any, fl
 
 
 def install(model: Any, store: Any, pool: Any, *, fetch: str = "mapped", two_lanes: bool = True,
-            cpu_kernel: str = "auto", policy: str = "lru", prefetch: str = "none") -> Any:
+            cpu_kernel: str = "auto", policy: str = "lru", prefetch: str = "none",
+            handover: str = "auto") -> Any:
     """The on-demand runtime over `pool`, filled with the store's first experts."""
     from moe_core import cache_plan, install_offloading
     from moe_core.offload.copy_engines import make_copy_engine
@@ -164,7 +242,7 @@ def install(model: Any, store: Any, pool: Any, *, fetch: str = "mapped", two_lan
     plan = cache_plan(policy, prefetch, model.spec)
     runtime = install_offloading(
         model, store, pool, make_copy_engine(DEVICE), plan.policy, fetch=fetch,  # type: ignore[arg-type]
-        two_lanes=two_lanes, cpu_kernel=cpu_kernel,
+        two_lanes=two_lanes, cpu_kernel=cpu_kernel, handover=handover,
         prefetcher=plan.prefetcher(model) if plan.prefetcher is not None else None)
     runtime.prefetch(store.experts()[: pool.num_slots])
     runtime.drain()
@@ -227,15 +305,26 @@ def s3_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
     model, store, pool, setup_s = load_s(args.s3_layers, args)
     record["cpu_kernels"] = cpu_kernel_section(store)
     save(args.out, record)
-    runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel)
-    bounded(int(args.gpu_memory_gib * GiB))
-    section = uniform_section(model, store, pool, runtime, setup_s, args)
-    record["s3"] = section
-    save(args.out, record)
-    fill_uniform(section, model, runtime, args, record,
-                 [(1, 2, True), (1, 1, True), (1, 2, False), (4, 2, True), (4, 1, True),
-                  (16, 2, True), (16, 1, True)])
-    runtime.uninstall()
+    other = "host_functions" if args.handover != "host_functions" else "flags"
+    runtime = None
+    for key, handover, plan in (
+            ("s3", args.handover, [(1, 2, True), (1, 1, True), (1, 2, False), (4, 2, True),
+                                   (4, 1, True), (16, 2, True), (16, 1, True)]),
+            (f"s3_{other}", other, [(1, 2, True), (1, 2, False)])):
+        try:
+            runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel, handover=handover)
+        except Exception:
+            record[key] = {"error": traceback.format_exc()}
+            print(record[key]["error"], flush=True)
+            continue
+        bounded(int(args.gpu_memory_gib * GiB))
+        section = uniform_section(model, store, pool, runtime, setup_s, args)
+        section["handover"] = runtime.two_lanes.lane.signals.name
+        record[key] = section
+        save(args.out, record)
+        fill_uniform(section, model, runtime, args, record, plan)
+        bounded(None)
+        runtime.uninstall()
     if "policies" in args.sections:
         try:
             record["policies"] = {"runs": []}
@@ -351,7 +440,8 @@ def policies_section(model: Any, store: Any, pool: Any, args: argparse.Namespace
             runtime = None
             try:
                 runtime = install(model, store, pool, fetch=fetch, two_lanes=lanes == 2,
-                                  cpu_kernel=args.cpu_kernel, policy=policy, prefetch=prefetch)
+                                  cpu_kernel=args.cpu_kernel, policy=policy, prefetch=prefetch,
+                                  handover=args.handover)
                 bounded(int(args.gpu_memory_gib * GiB))
                 torch.manual_seed(0)  # the same draws for every plan
                 with routing():
@@ -372,9 +462,10 @@ def policies_section(model: Any, store: Any, pool: Any, args: argparse.Namespace
 
 def s2_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
     model, store, pool, setup_s = load_s(args.s2_layers, args)
-    runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel)
+    runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel, handover=args.handover)
     bounded(int(args.gpu_memory_gib * GiB))
     section = uniform_section(model, store, pool, runtime, setup_s, args)
+    section["handover"] = runtime.two_lanes.lane.signals.name
     record["s2"] = section
     save(args.out, record)
     fill_uniform(section, model, runtime, args, record, [(1, 2, True), (1, 1, True)])
@@ -390,6 +481,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--cpu-kernel", default="auto")
+    parser.add_argument("--handover", default="flags",
+                        help="the CPU lane's hand-over: flags, host_functions or auto")
     parser.add_argument("--sections", default="s3,policies,s2",
                         help="comma-separated: s3 (with the CPU kernels), policies, s2")
     parser.add_argument("--requests", type=int, default=4, help="policies: requests per plan")
@@ -412,7 +505,8 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "none (--smoke)",
         "torch": torch.__version__, "model": MODEL, "num_layers": args.s3_layers,
         "dtype": "bfloat16", "prompt_tokens": args.prompt_tokens,
-        "steps": args.steps, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
+        "steps": args.steps, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        "numba_threading_layer": numba_threading_layer()}
     save(args.out, record)
     for name, section in (("s3", s3_section), ("s2", s2_section)):
         if name not in args.sections:

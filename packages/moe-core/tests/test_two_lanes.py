@@ -30,8 +30,10 @@ from moe_core.offload.cpu_experts import (
 from moe_core.offload.cpu_lane import CpuLaneCounts
 from moe_core.offload.executors import OffloadRuntime, install_offloading
 from moe_core.offload.gpu_slots import GpuSlotPool
+from moe_core.offload.host_flag import HostFlag
 from moe_core.offload.host_semaphore import HostSemaphore
 from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.lane_signals import STOP, lane_signals
 from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table, lane_saving
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.token_groups import expert_mlp
@@ -255,6 +257,69 @@ def test_the_calibration_reads_experts_the_calls_before_did_not() -> None:
     assert len({e for x in timed for e in x}) == 20  # five calls, twenty distinct experts
 
 
+def test_host_flags_hand_over_between_threads_without_the_gil() -> None:
+    go, finished = HostFlag(torch.device("cpu")), HostFlag(torch.device("cpu"))
+    seen: list[int] = []
+
+    def worker() -> None:
+        while (value := go.take()) > 0:
+            seen.append(value)
+            finished.set(value)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for value in range(1, 200):
+        go.set(value)
+        assert finished.take() == value  # taking resets the word: the next take waits again
+        assert int(finished.word[0]) == 0
+    go.set(-1)
+    thread.join(timeout=5)
+    assert not thread.is_alive() and seen == list(range(1, 200))
+
+
+@pytest.mark.parametrize("handover", ["flags", "host_functions"])
+def test_both_hand_overs_run_jobs_in_order_and_stop(handover: str) -> None:
+    signals = lane_signals(handover, torch.device("cpu"))
+    assert signals.name == handover
+    taken: list[int] = []
+
+    def worker() -> None:
+        while (job := signals.take()) != STOP:
+            taken.append(job)
+            signals.done(job)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for job in [0, 3, 3, 1, 0]:
+        signals.register(job)
+        signals.start(job)
+        signals.wait(job)
+    signals.stop()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and taken == [0, 3, 3, 1, 0]
+
+
+def test_an_unknown_hand_over_is_refused_before_anything_is_measured() -> None:
+    with pytest.raises(ValueError, match="handover must be one of auto, flags, host_functions"):
+        offloaded(tiny_model_path(), ALL_CPU, num_slots=4, handover="pigeons")
+    assert lane_signals("auto", torch.device("cpu")).name == "host_functions"
+
+
+def test_two_lane_decode_over_host_flags_gives_the_resident_greedy_tokens() -> None:
+    ids = torch.tensor([[1, 400, 37, 901, 12, 77, 5]])
+    expected = load_model(tiny_model_path(), dtype="float32").generate(
+        ids, max_new_tokens=10, eos_token_id=[])
+    model, runtime = offloaded(tiny_model_path(), BALANCED, num_slots=6, handover="flags")
+    try:
+        assert runtime.two_lanes is not None
+        assert runtime.two_lanes.lane.signals.name == "flags"
+        assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=[]), expected)
+        stats = runtime.snapshot()
+    finally:
+        runtime.close()
+    assert stats.cpu_experts > 0 and stats.misses > 0
+
+
 def test_host_semaphores_hand_over_between_threads_without_the_gil() -> None:
     ready, done = HostSemaphore(), HostSemaphore()
     seen: list[int] = []
@@ -275,13 +340,14 @@ def test_host_semaphores_hand_over_between_threads_without_the_gil() -> None:
     assert not thread.is_alive()
 
 
-def offloaded(folder: Path, rates: LaneRates, num_slots: int) -> tuple[MoEForCausalLM,
-                                                                       OffloadRuntime]:
+def offloaded(folder: Path, rates: LaneRates, num_slots: int,
+              handover: str = "auto") -> tuple[MoEForCausalLM, OffloadRuntime]:
     model = load_model(folder, dtype="float32")
     store = HostExpertStore.from_model(model, pin=False)
     pool = GpuSlotPool(store.layout, num_slots, device="cpu")
     runtime = install_offloading(model, store, pool, CpuCopyEngine(), fetch="mapped",
-                                 two_lanes=True, lane_rates=rates, drop_local_experts=True)
+                                 two_lanes=True, lane_rates=rates, drop_local_experts=True,
+                                 handover=handover)
     runtime.prefetch(store.experts()[:num_slots])
     runtime.drain()
     return model, runtime
@@ -372,8 +438,9 @@ def test_the_cli_decodes_over_two_lanes_and_refuses_them_without_the_mapped_fetc
         "error: --lanes 2 needs --fetch mapped (and --expert-memory)")
 
 
-def test_a_failing_cpu_lane_raises_on_the_host_and_never_hangs() -> None:
-    model, runtime = offloaded(tiny_model_path(), ALL_CPU, num_slots=4)
+@pytest.mark.parametrize("handover", ["flags", "host_functions"])
+def test_a_failing_cpu_lane_raises_on_the_host_and_never_hangs(handover: str) -> None:
+    model, runtime = offloaded(tiny_model_path(), ALL_CPU, num_slots=4, handover=handover)
     assert runtime.two_lanes is not None
 
     def broken(*args: object) -> None:
@@ -389,25 +456,27 @@ def test_a_failing_cpu_lane_raises_on_the_host_and_never_hangs() -> None:
     assert time.monotonic() - started < 30
 
 
-def cuda_offloaded(dtype: str, rates: LaneRates, num_slots: int) -> tuple[MoEForCausalLM,
-                                                                          OffloadRuntime]:
+def cuda_offloaded(dtype: str, rates: LaneRates, num_slots: int,
+                   handover: str = "auto") -> tuple[MoEForCausalLM, OffloadRuntime]:
     from moe_core.offload.copy_engines import make_copy_engine
 
     model = load_model(tiny_model_path(), device="cuda", dtype=dtype)
     store = HostExpertStore.from_model(model, pin=True)
     pool = GpuSlotPool(store.layout, num_slots, device="cuda")
     runtime = install_offloading(model, store, pool, make_copy_engine("cuda"), fetch="mapped",
-                                 two_lanes=True, lane_rates=rates, drop_local_experts=True)
+                                 two_lanes=True, lane_rates=rates, drop_local_experts=True,
+                                 handover=handover)
     runtime.prefetch(store.experts()[:num_slots])
     runtime.drain()
     return model, runtime
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("handover", ["flags", "host_functions"])
 @pytest.mark.parametrize("rates", [ALL_CPU, BALANCED], ids=["all_cpu", "balanced"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "captured"])
-def test_cuda_two_lane_decode_gives_the_resident_greedy_tokens(rates: LaneRates,
-                                                               graphs: bool) -> None:
+def test_cuda_two_lane_decode_gives_the_resident_greedy_tokens(rates: LaneRates, graphs: bool,
+                                                               handover: str) -> None:
     """float32 on CUDA (both lanes then compute what the resident model computes, up to the
     order of additions): the resident greedy tokens, eager and through captured steps, and
     every CPU-lane use counted in both."""
@@ -417,8 +486,10 @@ def test_cuda_two_lane_decode_gives_the_resident_greedy_tokens(rates: LaneRates,
     ids = torch.tensor([[1, 400, 37, 901, 12, 77, 5]], device="cuda")
     resident = load_model(tiny_model_path(), device="cuda", dtype="float32")
     expected = resident.generate(ids, max_new_tokens=24, eos_token_id=[], graphs=False)
-    model, runtime = cuda_offloaded("float32", rates, num_slots=8)
+    model, runtime = cuda_offloaded("float32", rates, num_slots=8, handover=handover)
     try:
+        assert runtime.two_lanes is not None
+        assert runtime.two_lanes.lane.signals.name == handover
         got = model.generate(ids, max_new_tokens=24, eos_token_id=[], graphs=graphs)
         stats = runtime.snapshot(block=True)
         if graphs:
@@ -477,3 +548,40 @@ def test_closing_the_runtime_returns_every_miss_to_the_gpu_lane() -> None:
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     stats = runtime.snapshot()
     assert stats.misses > 0 and stats.cpu_experts > 0
+
+
+@pytest.mark.gpu
+def test_cuda_host_flags_hand_over_from_a_captured_graph_on_every_replay() -> None:
+    """The stream's memory operations, captured: each replay hands the staged value to a
+    worker thread, waits for its answer, and copies it back; nothing is lost or reused."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    signals = lane_signals("flags", torch.device("cuda"))
+    staged = torch.zeros(1, device="cuda")
+    host_in = torch.zeros(1, pin_memory=True)
+    host_out = torch.zeros(1, pin_memory=True)
+
+    def worker() -> None:
+        while (job := signals.take()) != STOP:
+            host_out[0] = host_in[0] * 2 + job
+            signals.done(job)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        stream = torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(graph, stream=stream):
+                host_in.copy_(staged, non_blocking=True)
+                signals.start_on_stream(stream.cuda_stream, 7)
+                signals.wait_on_stream(stream.cuda_stream, 7)
+                result = host_out.to("cuda", non_blocking=True) + 1
+        for value in range(5):
+            staged.fill_(value)
+            graph.replay()
+            assert float(result) == value * 2 + 7 + 1
+    finally:
+        signals.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive()

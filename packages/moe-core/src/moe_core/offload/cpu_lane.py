@@ -5,19 +5,20 @@ Dimension key: T tokens, K experts per token, D hidden, E experts per layer.
 
 Protocol per layer call (`LaneJob` holds one call shape's pinned buffers, `[T, ...]`):
 
-1. the executor stages the call on the stream: the job's id, the layer's input rows (float32),
-   routing and the `[E]` CPU mask are copied device -> pinned host memory;
-2. `start`: the stream posts the lane's `ready` semaphore (a CUDA host function, so it runs
-   when the copies have landed; on the CPU the host posts it);
-3. the worker, blocked on `ready` without the GIL, reads the job id from the mailbox, runs the
-   CPU expert kernel into the job's pinned `out`, counts, and posts `done`;
-4. meanwhile the GPU computes its share; `finish`: the stream waits on `done` (host function),
-   then copies `out` back and the executor adds it.
+1. the executor stages the call on the stream: the layer's input rows (float32), routing and
+   the `[E]` CPU mask are copied device -> pinned host memory;
+2. `start`: the stream hands the job to the worker once the copies have landed (`lane_signals`:
+   a host flag the stream writes, or a semaphore a host function posts; on the CPU the host
+   does it);
+3. the worker, waiting without the GIL, takes the job, runs the CPU expert kernel into the job's
+   pinned `out`, counts, and signals it done;
+4. meanwhile the GPU computes its share; `finish`: the stream waits until the job is done, then
+   copies `out` back and the executor adds it.
 
-Layer calls are strictly ordered on one stream, so one mailbox, one `ready` and one `done`
-serve every job, in eager steps and in replays of captured ones (a capture records the copies
-and the two host functions; nothing runs until a replay). A worker error is kept, `done` is still
-posted (the stream never hangs), and the error is raised on the host at the next `check`.
+Layer calls are strictly ordered on one stream, so one pair of signals serves every job, in
+eager steps and in replays of captured ones (a capture records the copies and the signals'
+operations; nothing runs until a replay). A worker error is kept, the job is still signalled
+done (the stream never hangs), and the error is raised on the host at the next `check`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from dataclasses import astuple, dataclass
 import torch
 
 from moe_core.offload.cpu_experts import CpuExpertKernel
-from moe_core.offload.host_semaphore import HostSemaphore
 from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.lane_signals import STOP, LaneSignals, lane_signals
 
 __all__ = ["CpuLane", "CpuLaneCounts", "LaneJob"]
 
-_STOP = -1
 _SPARE_CORES = 1
 """Cores the worker's parallel kernel leaves to the thread that launches the GPU's work (and
 spins in its synchronisations): a kernel split statically over every core waits for its slowest
@@ -90,7 +90,6 @@ class LaneJob:
         weights: `[T, K]` float32 routing weights.
         on_cpu: `[E]` bool, the experts this lane computes.
         out: `[T, D]` float32 result.
-        device_index: `[1]` int64 on the compute device: `index`, copied into the mailbox.
     """
 
     index: int
@@ -100,7 +99,6 @@ class LaneJob:
     weights: torch.Tensor
     on_cpu: torch.Tensor
     out: torch.Tensor
-    device_index: torch.Tensor
 
 
 class CpuLane:
@@ -110,19 +108,18 @@ class CpuLane:
         store: The host tier the kernel reads.
         kernel: The CPU expert kernel.
         device: The compute device (`cuda`: the stream signals; `cpu`: the host does).
+        signals: The hand-over (`lane_signals`).
     """
 
     def __init__(self, store: HostExpertStore, kernel: CpuExpertKernel,
-                 device: torch.device) -> None:
+                 device: torch.device, handover: str = "auto") -> None:
         self.store = store
         self.kernel = kernel
         self.device = device
         self._pin = device.type == "cuda"
         self._jobs: list[LaneJob] = []
         self._by_shape: dict[tuple[int, int, int], LaneJob] = {}
-        self._mailbox = torch.full((1,), _STOP, dtype=torch.long, pin_memory=self._pin)
-        self._ready = HostSemaphore()
-        self._done = HostSemaphore()
+        self.signals: LaneSignals = lane_signals(handover, device)
         self._counts = CpuLaneCounts()
         self._lock = threading.Lock()
         self._error: BaseException | None = None
@@ -147,10 +144,8 @@ class CpuLane:
             job = LaneJob(index, layer, host(tokens, d, dtype=torch.float32),
                           host(tokens, top_k, dtype=torch.long),
                           host(tokens, top_k, dtype=torch.float32),
-                          host(e, dtype=torch.bool), host(tokens, d, dtype=torch.float32),
-                          # a fill, not a host copy: a job may first be needed inside a capture
-                          # (a layer fully cached during the warm-up reads host memory there)
-                          torch.full((1,), index, dtype=torch.long, device=self.device))
+                          host(e, dtype=torch.bool), host(tokens, d, dtype=torch.float32))
+            self.signals.register(index)
             self._jobs.append(job)
             self._by_shape[key] = job
         return job
@@ -172,23 +167,22 @@ class CpuLane:
             job.ids.copy_(ids, non_blocking=True)
             job.weights.copy_(weights, non_blocking=True)
             job.on_cpu.copy_(on_cpu, non_blocking=True)
-            self._mailbox.copy_(job.device_index, non_blocking=True)
-            self._ready.post_on_stream(stream)
+            self.signals.start_on_stream(stream, job.index)
             return
         job.hidden.copy_(hidden)
         job.ids.copy_(ids)
         job.weights.copy_(weights)
         job.on_cpu.copy_(on_cpu)
-        self._mailbox[0] = job.index
-        self._ready.post()
+        self.signals.start(job.index)
 
     def finish(self, job: LaneJob) -> torch.Tensor:
         """`[T, D]` float32 on the device: the lane's result for `job`, ordered after the
         worker finished (on CUDA the stream waits for it; on the CPU the host does)."""
         if self.device.type == "cuda":
-            self._done.wait_on_stream(torch.cuda.current_stream(self.device).cuda_stream)
+            self.signals.wait_on_stream(torch.cuda.current_stream(self.device).cuda_stream,
+                                        job.index)
             return job.out.to(self.device, non_blocking=True)
-        self._done.wait()
+        self.signals.wait(job.index)
         self.check()
         return job.out.clone()
 
@@ -210,8 +204,7 @@ class CpuLane:
         if self._thread.is_alive():
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self._mailbox[0] = _STOP
-            self._ready.post()
+            self.signals.stop()
             self._thread.join()
             sys.setswitchinterval(self._switch_interval)
 
@@ -220,10 +213,9 @@ class CpuLane:
     def _run(self) -> None:
         _leave_cores_to_the_launcher()
         while True:
-            self._ready.wait()
+            index = self.signals.take()
             woke = time.perf_counter()
-            index = int(self._mailbox[0])
-            if index == _STOP:
+            if index == STOP:
                 return
             job = self._jobs[index]
             try:
@@ -250,7 +242,7 @@ class CpuLane:
                 job.out.zero_()
                 self._error = exc
             finally:
-                self._done.post()
+                self.signals.done(index)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown

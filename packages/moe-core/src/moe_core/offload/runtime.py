@@ -26,6 +26,7 @@ from moe_core.moe_block import MoEBlock
 from moe_core.offload.copy_engine import CopyEngine
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.lane_signals import HANDOVERS
 from moe_core.offload.lane_split import LaneRates
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
@@ -119,6 +120,7 @@ class OffloadRuntime:
             out["lanes_cpu_fixed_us_now"] = lanes.rates.cpu_fixed_s * 1e6
             out["lanes_refits"] = lanes.refits
             out["lanes_round_trip_us"] = lanes.round_trip_s * 1e6
+            out["lanes_flags"] = int(lanes.lane.signals.name == "flags")
         return out
 
     def drain(self) -> None:
@@ -162,7 +164,7 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                        drop_local_experts: bool = False,
                        lookahead_min_share: float | None = 0.5,
                        two_lanes: bool = False, cpu_kernel: str = "auto",
-                       lane_rates: LaneRates | None = None,
+                       lane_rates: LaneRates | None = None, handover: str = "auto",
                        prefetcher: Prefetcher | None = None) -> OffloadRuntime:
     """Run every MoE block of `model` through offloaded experts.
 
@@ -199,6 +201,9 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             `"torch"` or `"numba"`.
         lane_rates: With `two_lanes`: the split's rates as given (tests, what-if runs) instead
             of the measured ones (the CPU kernel is still chosen by measurement).
+        handover: With `two_lanes`: how calls reach the CPU lane and come back (`lane_signals`):
+            `"flags"` (host flags the stream writes and waits on), `"host_functions"` (CUDA host
+            functions and semaphores) or `"auto"` (flags on CUDA where available).
         prefetcher: On-demand only: asked around every MoE layer call which experts of later
             layers to prefetch (e.g. `LookaheadPrefetcher(model)`), and between replayed
             decode steps (see `Prefetcher`); a prefetch never changes results.
@@ -207,8 +212,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
         ValueError: no MoE blocks, a block missing from the store, mismatched layouts, an
             unknown `kind` or `fetch`, `fetch="mapped"` with a `cpu_compute_rule`, a shard
             store (`HostExpertStore.is_shard`) other than on demand with `fetch="copy"`,
-            `two_lanes` without `fetch="mapped"` or with an unknown `cpu_kernel`, or a
-            `prefetcher` for streaming.
+            `two_lanes` without `fetch="mapped"` or with an unknown `cpu_kernel` or
+            `handover`, or a `prefetcher` for streaming.
         RuntimeError: `fetch="mapped"` where the GPU cannot read the store, or `two_lanes`
             where the host cannot signal the stream (the reason given).
     """
@@ -233,6 +238,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                          "'streaming'), which dequantises them on the device")
     if two_lanes and (kind != "on_demand" or fetch != "mapped"):
         raise ValueError("two_lanes needs kind='on_demand' and fetch='mapped'")
+    if handover not in HANDOVERS:
+        raise ValueError(f"handover must be one of {', '.join(HANDOVERS)}, got {handover!r}")
     if store.is_shard and (kind != "on_demand" or fetch != "copy"):
         raise ValueError("a store holding a shard of the experts (expert parallelism) runs "
                          "only on demand with fetch='copy'")
@@ -250,7 +257,7 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             if lane_rates is not None:
                 calibration = replace(calibration, rates=lane_rates)
             lanes = TwoLanes(store, pool, calibration, measure_round_trip=lane_rates is None,
-                             top_k=blocks[0].spec.router.top_k)
+                             top_k=blocks[0].spec.router.top_k, handover=handover)
             cache.cpu_lane = lanes.lane
             if lane_rates is None:  # given rates stay as given
                 cache.on_cpu_lane_counts = lanes.observe

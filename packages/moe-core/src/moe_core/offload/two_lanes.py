@@ -17,8 +17,8 @@ measured on the H200 machine 5.6x slower than its calibration (decision 0009): s
 re-fits the CPU lane's rate and fixed cost from how the lane actually ran, every
 `ADAPT_EVERY_JOBS` layer calls, and rewrites every split's table (captured steps read the same
 tables, so they follow too). A CPU lane that does not pay gets fewer experts, down to none; and
-since every call through the lane pays its round trip (two host functions and the worker's
-wake-up), a call shape whose calls the lane did not speed up, by the model over the misses
+since every call through the lane pays its round trip (the hand-over both ways, `lane_signals`,
+and the worker's own work), a call shape whose calls the lane did not speed up, by the model over the misses
 those calls actually had (`lane_saving`), is dropped to one lane (`capture_token` changes, so
 the decode runner captures its steps again without the lane).
 """
@@ -39,8 +39,8 @@ from moe_core.offload.cpu_experts import (
 )
 from moe_core.offload.cpu_lane import CpuLane, CpuLaneCounts, LaneJob
 from moe_core.offload.gpu_slots import GpuSlotPool
-from moe_core.offload.host_semaphore import host_semaphores_unsupported
 from moe_core.offload.host_store import HostExpertStore
+from moe_core.offload.lane_signals import lane_signals_unsupported
 from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table, lane_saving
 from moe_core.offload.mapped_fetch import MappedFetcher
 
@@ -54,9 +54,9 @@ ADAPT_EVERY_JOBS = 96
 """CPU-lane layer calls between re-fits of its rates (a few decode steps)."""
 
 
-def two_lanes_unsupported(pool: GpuSlotPool) -> str | None:
-    """Why two-lane decode cannot run for `pool`'s device, or None."""
-    return host_semaphores_unsupported(cuda=pool.device.type == "cuda")
+def two_lanes_unsupported(pool: GpuSlotPool, handover: str = "auto") -> str | None:
+    """Why two-lane decode cannot run for `pool`'s device with `handover`, or None."""
+    return lane_signals_unsupported(handover, pool.device)
 
 
 @dataclass(frozen=True)
@@ -149,11 +149,11 @@ class TwoLanes:
 
     def __init__(self, store: HostExpertStore, pool: GpuSlotPool,
                  calibration: LaneCalibration, *, measure_round_trip: bool = False,
-                 top_k: int = 1) -> None:
-        reason = two_lanes_unsupported(pool)
+                 top_k: int = 1, handover: str = "auto") -> None:
+        reason = two_lanes_unsupported(pool, handover)
         if reason is not None:
             raise RuntimeError(f"two-lane decode unavailable: {reason}")
-        self.lane = CpuLane(store, calibration.kernel, pool.device)
+        self.lane = CpuLane(store, calibration.kernel, pool.device, handover)
         self._store = store
         self._device = pool.device
         self._splits: dict[tuple[int, int], LaneSplit | None] = {}
@@ -171,8 +171,9 @@ class TwoLanes:
 
     def _round_trip(self, top_k: int, calls: int = 32) -> float:
         """Seconds per layer call the stream spends on a lane job with nothing to compute:
-        the staging copies, both host functions and the worker's wake-up (~0.4 ms on the H200
-        machine, decision 0009; the worker alone sees a fraction of it)."""
+        the staging copies, the hand-over both ways and the worker's own work (~0.4 ms on the
+        H200 machine through host functions, decision 0009; the worker alone sees a fraction
+        of it)."""
         device, d = self._device, self._store.layout.hidden_size
         job = self.lane.job(self._store.moe_layers[0], 1, top_k)
         hidden = torch.zeros(1, d, device=device)
