@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import astuple, dataclass
 
+import numpy as np
 import torch
 
 from moe_core.offload.cpu_experts import CpuExpertKernel
@@ -219,13 +220,17 @@ class CpuLane:
                 return
             job = self._jobs[index]
             try:
+                on_cpu = job.on_cpu.numpy()
+                experts = int(np.count_nonzero(on_cpu))
                 start = time.perf_counter()
-                blocks = self.store.arena(job.layer).view(self.store.num_experts, -1)
-                self.kernel(blocks, self.store.layout, job.hidden, job.ids, job.weights,
-                            job.on_cpu, job.out)
+                if experts:
+                    blocks = self.store.arena(job.layer).view(self.store.num_experts, -1)
+                    self.kernel(blocks, self.store.layout, job.hidden, job.ids, job.weights,
+                                job.on_cpu, job.out)
+                else:  # nothing to compute: no parallel region to start
+                    job.out.zero_()
                 seconds = time.perf_counter() - start
-                experts = int(job.on_cpu.sum())
-                tokens = int(job.on_cpu[job.ids].sum())
+                tokens = int(np.count_nonzero(on_cpu[job.ids.numpy()])) if experts else 0
                 busy = time.perf_counter() - woke
                 with self._lock:
                     counts = self._counts
