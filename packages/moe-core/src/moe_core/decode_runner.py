@@ -32,7 +32,8 @@ from moe_core.static_kv_cache import StaticKVCache
 if TYPE_CHECKING:
     from moe_core.model import MoEForCausalLM
 
-__all__ = ["DEFAULT_BUCKETS", "DecodeRunner", "GraphHooks", "graph_blockers"]
+__all__ = ["DEFAULT_BUCKETS", "DecodeRunner", "GraphHooks", "graph_blockers", "graph_hooks",
+           "graph_signature", "graph_token_limit"]
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 """Batch sizes captured (a batch runs in the smallest bucket that holds it)."""
@@ -203,12 +204,12 @@ class DecodeRunner:
         """Forget every captured graph if the model's MoE blocks changed since they were
         captured (another executor installed, an observer or routing override set): a graph
         replays the kernels and addresses of the step it captured, not the model as it is."""
-        signature = _signature(self.model)
+        signature = graph_signature(self.model)
         if signature != self._signature:
             self._graphs.clear()
             self._eager_buckets.clear()
-            self._hooks = _hooks_of(self.model)
-            self._token_limit = _graph_token_limit(self.model)
+            self._hooks = graph_hooks(self.model)
+            self._token_limit = graph_token_limit(self.model)
             self._signature = signature
 
     def _capturable(self, bucket: int) -> bool:
@@ -247,7 +248,7 @@ class DecodeRunner:
         return captured
 
 
-def _signature(model: MoEForCausalLM) -> tuple[int, ...]:
+def graph_signature(model: MoEForCausalLM) -> tuple[int, ...]:
     """What a captured step depends on beyond its tensors: each MoE block's executor, routing
     override and observer, and what the executor says its captured calls depend on (its
     `capture_key`, e.g. the CPU lane whose semaphores the graph posts), all by identity."""
@@ -256,14 +257,14 @@ def _signature(model: MoEForCausalLM) -> tuple[int, ...]:
                            getattr(block.executor, "capture_key", None)))
 
 
-def _graph_token_limit(model: MoEForCausalLM) -> int:
+def graph_token_limit(model: MoEForCausalLM) -> int:
     """The most tokens per step every executor can run inside a graph."""
     limits = [block.executor.graph_token_limit(block.spec.router.top_k)
               for block in model.moe_blocks() if hasattr(block.executor, "graph_token_limit")]
     return min(limits, default=1 << 30)
 
 
-def _hooks_of(model: MoEForCausalLM) -> list[GraphHooks]:
+def graph_hooks(model: MoEForCausalLM) -> list[GraphHooks]:
     """The distinct graph hooks of the model's expert executors."""
     found: dict[int, GraphHooks] = {}
     for block in model.moe_blocks():

@@ -240,14 +240,15 @@ Routing = Annotated[str | None, typer.Option(
 def _engine_settings(model: str, gpu_memory: str, device: str, dtype: str | None,
                      kv_memory: str | None, policy: str, traces: Path | None, save_every: int,
                      trace_capacity: int, max_batch: int, max_queue: int, prefill_chunk: int,
-                     prefetch: str, experts: ExpertSettings) -> EngineSettings:
+                     prefetch: str, experts: ExpertSettings,
+                     graphs: bool = True) -> EngineSettings:
     return EngineSettings(
         model=model, device=resolve_device(device), dtype=dtype,
         gpu_memory_bytes=_bytes(gpu_memory, "--gpu-memory"),
         kv_memory_bytes=None if kv_memory is None else _bytes(kv_memory, "--kv-memory"),
         policy=parse_serve_policy(policy), traces=traces, save_every=save_every,
         trace_capacity=trace_capacity, max_batch=max_batch, max_queue=max_queue,
-        prefill_chunk=prefill_chunk, prefetch=prefetch, experts=experts)
+        prefill_chunk=prefill_chunk, prefetch=prefetch, experts=experts, graphs=graphs)
 
 
 def _experts(dummy: bool, num_layers: int | None, fetch: str, lanes: int,
@@ -257,12 +258,12 @@ def _experts(dummy: bool, num_layers: int | None, fetch: str, lanes: int,
                           lanes=lanes, routing=routing)
 
 
-def _expert_path(experts: ExpertSettings) -> str:
-    """How experts reach the GPU, for the start-up line (the engine decodes eagerly: its ragged
-    passes over the paged KV pool are not captured as CUDA graphs)."""
+def _expert_path(experts: ExpertSettings, eager_because: str | None) -> str:
+    """How experts reach the GPU and how decode runs, for the start-up line."""
     fetch = f"fetch {experts.fetch}" + (", 2 lanes" if experts.lanes == 2 else "")
     routing = f", routing {experts.routing}" if experts.routing else ""
-    return f"{fetch}, eager decode{routing}"
+    decode = "captured decode" if eager_because is None else f"eager decode ({eager_because})"
+    return f"{fetch}, {decode}{routing}"
 
 
 def _bytes(text: str, option: str) -> int:
@@ -309,6 +310,10 @@ def serve(
         help="Spread the expert cache over these GPUs, e.g. 0,1: one process per GPU, each "
              "holding its own share of the experts (expert parallel); --gpu-memory is per GPU.")
     ] = None,
+    graphs: Annotated[bool, typer.Option(
+        help="Replay decode passes from CUDA graphs (captured per batch size and context "
+             "bucket) where the model allows it: on CUDA, one process, and an expert path that "
+             "keeps routing on the device (--fetch mapped, or every expert resident).")] = True,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics) with continuous batching and offloaded experts.
@@ -328,7 +333,8 @@ def serve(
         raise SettingError("--api-key must not be empty")
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
                                 save_every, trace_capacity, max_batch, max_queue, prefill_chunk,
-                                prefetch, _experts(dummy, num_layers, fetch, lanes, routing))
+                                prefetch, _experts(dummy, num_layers, fetch, lanes, routing),
+                                graphs)
     if gpus is not None:  # `cpu:N` (N ranks on the CPU, over gloo) is for tests
         if routing is not None:  # each rank would draw its own routing
             raise SettingError("--routing is not supported with --gpus (every rank routes the "
@@ -353,7 +359,7 @@ def serve(
     _err.print(f"{name} on {settings.device}: dense {moe_core.format_bytes(memory.dense_bytes)}, "
                f"KV {moe_core.format_bytes(memory.kv_bytes)} ({engine.pool.num_blocks} blocks), "
                f"{engine.served.runtime.pool.num_slots} expert slots, policy {settings.policy}, "
-               f"{_expert_path(settings.experts)}", highlight=False)
+               f"{_expert_path(settings.experts, engine.eager_decode_reason())}", highlight=False)
     typer.echo(f"serving {name} on http://{bound_host}:{bound_port}/v1", )
     sys.stdout.flush()
     try:

@@ -32,6 +32,7 @@ from moe_infinity.errors import MoEInfinityError
 from moe_infinity.policies import ActivationAwarePolicy
 from moe_infinity.serving.activation_feed import ActivationFeed
 from moe_infinity.serving.block_allocator import BlockAllocator
+from moe_infinity.serving.captured_decode import CapturedDecode, captured_decode_blocker
 from moe_infinity.serving.engine_config import EngineConfig
 from moe_infinity.serving.engine_listener import EngineListener, NullListener
 from moe_infinity.serving.engine_snapshot import EngineSnapshot
@@ -107,6 +108,7 @@ class Engine:
         self._stopping = False
         self._cancel_everything = False
         self._steps = 0
+        self._captured: CapturedDecode | None = None  # made by the engine thread
         self._snapshot = EngineSnapshot()
         self._publish()  # the runtime's counters from the start, before any step
         self._thread = threading.Thread(target=self._run, name="moe-infinity-engine",
@@ -124,6 +126,16 @@ class Engine:
         """Most tokens (prompt plus limit) a request may reserve: the context, or the whole KV
         pool where that is smaller."""
         return min(self.context_tokens, self.scheduler.allocator.capacity_tokens)
+
+    def eager_decode_reason(self) -> str | None:
+        """Why decode passes run eagerly here (None: they are replayed from CUDA graphs, a
+        shape whose capture fails excepted): `config.graphs` off, expert-parallel ranks, or
+        `captured_decode_blocker`."""
+        if not self.config.graphs:
+            return "--no-graphs"
+        if self.followers is not None:
+            return "expert-parallel ranks"
+        return captured_decode_blocker(self.served.model)
 
     def start(self) -> None:
         """Start the engine thread."""
@@ -203,6 +215,7 @@ class Engine:
         if device.type == "cuda":  # the current GPU is per thread (cuda:1, or an EP rank's)
             torch.cuda.set_device(device)
         with self._routing, LiveTracer(self.served.model) as tracer:
+            self._captured = self._captured_decode(tracer)
             while True:
                 with self._cond:
                     if self._stopping:
@@ -228,6 +241,16 @@ class Engine:
             self._finish(seq, "cancelled")
         self._publish()
 
+    def _captured_decode(self, tracer: LiveTracer) -> CapturedDecode | None:
+        """The captured decode passes, where this engine can replay them, else None."""
+        reason = self.eager_decode_reason()
+        if reason is None and tracer.chains_other_observers:
+            reason = "routing observers other than the tracer's"
+        if reason is not None:
+            _log.info("decode passes run eagerly: %s", reason)
+            return None
+        return CapturedDecode(self.served.model, self.pool, tracer)
+
     def _step(self, tracer: LiveTracer, arrivals: list[Sequence], cancels: set[str]) -> None:
         for seq in arrivals:
             self.scheduler.add(seq)
@@ -250,13 +273,20 @@ class Engine:
               prefill: bool) -> None:
         model = self.served.model
         pass_rows = [PassRow(s.table or [], s.num_cached, ids) for s, ids in rows]
-        batch = RaggedPass(pass_rows, self.pool, model.device)
-        tracer.begin_pass(batch.row_of_token, batch.num_rows)
-        if self.followers is None:
-            logits = run_pass(model, batch, self.pool)  # [b, V]
-        else:  # every rank runs the pass (each its own experts), this one samples
-            logits = self.followers.run(pass_rows, lambda: run_pass(model, batch, self.pool))
-        counts, looks = tracer.end_pass()
+        replayed = None
+        if not prefill and self._captured is not None:
+            replayed = self._captured.run(pass_rows)
+        if replayed is not None:
+            logits, (counts, looks) = replayed
+        else:
+            batch = RaggedPass(pass_rows, self.pool, model.device)
+            tracer.begin_pass(batch.row_of_token, batch.num_rows)
+            if self.followers is None:
+                logits = run_pass(model, batch, self.pool)  # [b, V]
+            else:  # every rank runs the pass (each its own experts), this one samples
+                logits = self.followers.run(pass_rows,
+                                            lambda: run_pass(model, batch, self.pool))
+            counts, looks = tracer.end_pass()
         greedy = logits.argmax(dim=-1).tolist()  # one host read for every greedy row
         for i, (seq, ids) in enumerate(rows):
             seq.num_cached += len(ids)

@@ -21,6 +21,8 @@ class EngineConfig:
         block_tokens: Tokens per KV block.
         kv_bytes: Memory of the KV pool (on the compute device).
         lookahead_top: Experts kept per step and layer in a trace's lookahead.
+        graphs: Replay decode passes from captured CUDA graphs where the model allows it
+            (`captured_decode`); False: every pass eager (`--no-graphs`).
     """
 
     max_batch: int = 64
@@ -29,6 +31,7 @@ class EngineConfig:
     block_tokens: int = 16
     kv_bytes: int = 64 << 20
     lookahead_top: int = 8
+    graphs: bool = True
 
     def __post_init__(self) -> None:
         for name, option in (("max_batch", "--max-batch"), ("max_queue", "--max-queue"),

@@ -55,6 +55,7 @@ class EngineSettings:
         experts: Dummy weights, truncation, fetch path and benchmark routing.
         rank_devices: One device per rank when the experts are spread over several
             (expert parallel, `--gpus`; `device` is rank 0's); empty: one process on `device`.
+        graphs: Replay decode passes from CUDA graphs where possible (`--no-graphs`: eager).
     """
 
     model: str
@@ -72,6 +73,7 @@ class EngineSettings:
     prefetch: str = "none"
     experts: ExpertSettings = field(default_factory=ExpertSettings)
     rank_devices: tuple[str, ...] = ()
+    graphs: bool = True
 
 
 def resolve_device(device: str) -> str:
@@ -112,7 +114,7 @@ def build_engine(settings: EngineSettings) -> Engine:
             ranks.attach(served)
         config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
                               prefill_chunk=settings.prefill_chunk,
-                              kv_bytes=served.memory.kv_bytes)
+                              kv_bytes=served.memory.kv_bytes, graphs=settings.graphs)
         engine = Engine(served, config, keeper, followers=ranks,
                         routing=settings.experts.routing_context(served.model))
         if ranks is not None:

@@ -64,6 +64,13 @@ class LiveTracer:
             block.observer = previous
         detach_lookahead(self._model, self._previous_mix)
 
+    @property
+    def chains_other_observers(self) -> bool:
+        """Whether observers set before this tracer attached run after its own (a captured pass
+        needs none: their host code would run once, at capture)."""
+        return (any(p is not None for p in self._previous)
+                or any(p is not None for p in self._previous_mix))
+
     def begin_pass(self, row_of_token: torch.Tensor, num_rows: int) -> None:
         """Start a pass whose real tokens belong to rows `row_of_token` `[n]`."""
         shape = (num_rows, self.num_layers, self.num_experts)
@@ -81,6 +88,19 @@ class LiveTracer:
         if self._counts is None or self._looks is None:
             raise RuntimeError("end_pass without begin_pass")
         counts, looks = self._counts.cpu().numpy(), self._looks.cpu().numpy()
+        self._rows = self._counts = self._looks = None
+        return counts, looks
+
+    def drop_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """End the pass without reading it: its `(counts, lookahead)` device tensors (a captured
+        pass keeps them as the graph's outputs and reads them after each replay).
+
+        Raises:
+            RuntimeError: no pass was begun.
+        """
+        if self._counts is None or self._looks is None:
+            raise RuntimeError("drop_pass without begin_pass")
+        counts, looks = self._counts, self._looks
         self._rows = self._counts = self._looks = None
         return counts, looks
 

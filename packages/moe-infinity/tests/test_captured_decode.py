@@ -1,0 +1,161 @@
+"""Captured decode passes of the serving engine: the static pass computes what the ragged pass
+computes (CPU), the engine says why it decodes eagerly, and on CUDA the replayed passes give the
+eager engine's tokens and traces."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import moe_core
+import numpy as np
+import pytest
+import torch
+from moe_core import MoEForCausalLM
+from moe_infinity.serving.block_allocator import BlockAllocator
+from moe_infinity.serving.captured_decode import (
+    PAST_BUCKET_TOKENS,
+    StaticDecodePass,
+    captured_decode_blocker,
+)
+from moe_infinity.serving.engine import Engine
+from moe_infinity.serving.engine_config import EngineConfig
+from moe_infinity.serving.expert_settings import ExpertSettings
+from moe_infinity.serving.kv_pool import KVPool
+from moe_infinity.serving.live_tracer import LiveTracer
+from moe_infinity.serving.ragged_pass import PassRow, RaggedPass
+from moe_infinity.serving.request import GenerationRequest, SequenceEvent
+from moe_infinity.serving.serving_model import ServingModel, load_serving_model
+from moe_infinity.serving.step_pass import run_pass
+from moe_infinity.serving.trace_keeper import TraceKeeper
+
+PROMPTS = ["Once upon a time, there was a little fox who", "def fibonacci(n):",
+           "Tom has 3 apples and buys 5 more. How many apples does he have now?"]
+
+
+def test_a_static_decode_pass_computes_what_the_ragged_pass_does(tiny: MoEForCausalLM) -> None:
+    """Two sequences prefilled, then one decode step each way over copies of the same pool:
+    the same logits, the same keys and values written, and the same traced routing (the past
+    bucket reads unused slots the mask hides)."""
+    pool = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
+    allocator = BlockAllocator(64, 8)
+    a, b = list(range(5, 40)), list(range(100, 111))
+    ta, tb = allocator.allocate(48), allocator.allocate(24)
+    assert ta is not None and tb is not None
+    run_pass(tiny, RaggedPass([PassRow(ta, 0, a), PassRow(tb, 0, b)], pool, tiny.device), pool)
+    rows = [PassRow(ta, len(a), [7]), PassRow(tb, len(b), [9])]
+    twin = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
+    for layer, arenas in pool.arenas.items():
+        for mine, theirs in zip(arenas, twin.arenas[layer], strict=True):
+            theirs.copy_(mine)
+    with LiveTracer(tiny) as tracer:
+        ragged = RaggedPass(rows, pool, tiny.device)
+        tracer.begin_pass(ragged.row_of_token, 2)
+        want = run_pass(tiny, ragged, pool)
+        want_routing = tracer.end_pass()
+        static = StaticDecodePass(2, PAST_BUCKET_TOKENS, twin, tiny.device)
+        static.fill(rows)
+        tracer.begin_pass(static.row_of_token, 2)
+        got = run_pass(tiny, static, twin)  # type: ignore[arg-type]
+        counts, looks = tracer.drop_pass()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert np.array_equal(counts.numpy(), want_routing[0])
+    np.testing.assert_allclose(looks.numpy(), want_routing[1], atol=1e-6)
+    for layer, arenas in pool.arenas.items():
+        for mine, theirs in zip(arenas, twin.arenas[layer], strict=True):
+            torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-5)
+
+
+def test_a_refilled_static_pass_serves_the_next_step(tiny: MoEForCausalLM) -> None:
+    """The same static pass object, refilled, decodes the following token too (what a replay
+    does with the graph's buffers)."""
+    pool = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
+    table = BlockAllocator(64, 8).allocate(40)
+    assert table is not None
+    prompt = list(range(3, 20))
+    run_pass(tiny, RaggedPass([PassRow(table, 0, prompt)], pool, tiny.device), pool)
+    static = StaticDecodePass(1, PAST_BUCKET_TOKENS, pool, tiny.device)
+    tokens = [5, 6, 8]
+    for i, token in enumerate(tokens):
+        static.fill([PassRow(table, len(prompt) + i, [token])])
+        logits = run_pass(tiny, static, pool)  # type: ignore[arg-type]
+    want = tiny(torch.tensor([[*prompt, *tokens]]))[0, -1].float()
+    torch.testing.assert_close(logits[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_engine_says_why_it_decodes_eagerly(served: ServingModel) -> None:
+    keeper = TraceKeeper(served.shape, None, 10, 0)
+    on_cpu = Engine(served, EngineConfig(kv_bytes=8 << 20), keeper)
+    assert on_cpu.eager_decode_reason() == "the model is on cpu, not CUDA"
+    assert captured_decode_blocker(served.model) == "the model is on cpu, not CUDA"
+    off = Engine(served, EngineConfig(kv_bytes=8 << 20, graphs=False), keeper)
+    assert off.eager_decode_reason() == "--no-graphs"
+
+
+@pytest.fixture(scope="module")
+def served() -> ServingModel:
+    layout_bytes = 491_520
+    budget = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).dense_bytes(
+        torch.float32) + (8 << 20) + 12 * layout_bytes
+    return load_serving_model("tiny-moe", "cpu", budget, "lru", max_batch=8, kv_bytes=8 << 20)
+
+
+def _run(served: ServingModel, graphs: bool, requests: list[GenerationRequest]
+         ) -> tuple[dict[str, list[int]], list[np.ndarray], Engine]:
+    keeper = TraceKeeper(served.shape, None, 100, 0)
+    traces: list[np.ndarray] = []
+    original = keeper.add
+    keeper.add = lambda eam: (traces.append(eam), original(eam))[1]  # type: ignore[method-assign]
+    engine = Engine(served, EngineConfig(kv_bytes=8 << 20, max_batch=8, graphs=graphs), keeper)
+    engine.start()
+    events: queue.Queue[SequenceEvent] = queue.Queue()
+    try:
+        for request in requests:
+            engine.submit(request, events.put)
+        out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        done, deadline = 0, time.monotonic() + 300
+        while done < len(requests):
+            event = events.get(timeout=max(0.1, deadline - time.monotonic()))
+            out[event.request_id].extend(event.token_ids)
+            done += event.finish_reason is not None
+    finally:
+        engine.stop()
+    return out, traces, engine
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_cuda_captured_decode_gives_the_eager_engines_tokens_and_traces(lanes: int) -> None:
+    """Float32 tiny model on CUDA, 12 expert slots of 96 (mapped fetch; two lanes too): one
+    request alone, then three together, each decoded from replayed graphs; tokens and traces
+    equal the eager engine's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("cupy")
+    layout_bytes = 491_520
+    budget = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).dense_bytes(
+        torch.float32) + (8 << 20) + 12 * layout_bytes
+    served = load_serving_model("tiny-moe", "cuda", budget, "lru", max_batch=8,
+                                kv_bytes=8 << 20, dtype="float32",
+                                experts=ExpertSettings(fetch="mapped", lanes=lanes))
+    try:
+        tokenizer = served.tokenizer
+
+        def request(i: int, text: str) -> GenerationRequest:
+            return GenerationRequest(request_id=f"{i}", prompt_ids=tuple(
+                tokenizer(text)["input_ids"]), max_tokens=24, ignore_eos=True)
+
+        alone = [request(0, PROMPTS[0])]
+        together = [request(i + 1, p) for i, p in enumerate(PROMPTS)]
+        for batch in (alone, together):
+            eager, eager_traces, _ = _run(served, False, batch)
+            got, got_traces, engine = _run(served, True, batch)
+            assert engine.eager_decode_reason() is None
+            assert engine._captured is not None and engine._captured.captures > 0
+            assert engine._captured.failures == 0
+            assert got == eager
+            for want, have in zip(sorted(t.tolist() for t in eager_traces),
+                                  sorted(t.tolist() for t in got_traces), strict=True):
+                np.testing.assert_allclose(have, want, atol=1e-3)
+    finally:
+        served.runtime.close()
