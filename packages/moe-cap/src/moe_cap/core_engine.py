@@ -1,5 +1,7 @@
-"""A streaming engine on moe-core's model: prefill, then one decode step per token at batch 1,
-with the routed experts offloaded to host memory (`load_offloaded`) when a slot budget is given.
+"""A streaming engine on moe-core's model: prefill, then one decode step per token at batch 1
+(moe-core's `DecodeRunner`: steps replayed from CUDA graphs where the model allows it, as
+`moe-core generate` decodes), with the routed experts offloaded to host memory
+(`load_offloaded`) when a slot budget is given.
 
 This is what `--engine moe-infinity` drives until moe-infinity's in-process serving engine
 lands; swapping it in is `engines.moe_infinity_engine`. Each forward step is recorded (phase,
@@ -129,15 +131,13 @@ class CoreStreamingEngine:
     def _copied(self) -> int:
         return 0 if self.runtime is None else int(self.runtime.stats.bytes_copied)
 
-    def _step(self, ids: torch.Tensor, cache: Any, past: int, params: SamplingParams,
-              generator: torch.Generator | None) -> int:
-        """One forward pass and the sampled token, recorded as a step."""
+    def _step(self, phase: str, run: Callable[[], torch.Tensor], past: int, tokens: int,
+              params: SamplingParams, generator: torch.Generator | None) -> int:
+        """One forward step (`run` gives its logits `[1, V]`) and the sampled token, recorded."""
         started, copied = time.perf_counter(), self._copied()
-        logits = self.model(ids, cache=cache, last_only=True)[:, -1]  # [1, V]
-        token = int(sample_next(logits, params, generator)[0])  # waits for the device
-        self._steps.append(StepRecord("prefill" if past == 0 else "decode",
-                                      max(time.perf_counter() - started, 1e-9),
-                                      (Chunk(past, ids.shape[1]),), self._copied() - copied))
+        token = int(sample_next(run(), params, generator)[0])  # waits for the device
+        self._steps.append(StepRecord(phase, max(time.perf_counter() - started, 1e-9),
+                                      (Chunk(past, tokens),), self._copied() - copied))
         return token
 
     @torch.no_grad()
@@ -155,17 +155,23 @@ class CoreStreamingEngine:
             raise TargetError(str(exc)) from None
         params = SamplingParams(temperature=settings.temperature, seed=settings.seed)
         generator = params.generator(self.model.device)
-        cache = self.model.new_cache(1, len(ids) + limit)
         device = self.model.device
-        token = self._step(torch.tensor([ids], device=device), cache, 0, params, generator)
+        # moe-core's decode runner: steps replayed from CUDA graphs where the model allows it
+        # (eager on the CPU), its static cache and graphs kept for the next request
+        runner = self.model.decode_runner(1, len(ids) + limit)
+        prompt = torch.tensor([ids], device=device)
+        token = self._step("prefill", lambda: runner.prefill(prompt, torch.ones_like(prompt)),
+                           0, len(ids), params, generator)
         generated, reason = [token], "length"
         on_token()
+        active = torch.ones(1, dtype=torch.bool, device=device)
         while len(generated) < limit and not cancelled.is_set():
             if token in self._eos and not item.ignore_eos:
                 reason = "stop"
                 break
-            token = self._step(torch.tensor([[token]], device=device), cache,
-                               len(ids) + len(generated) - 1, params, generator)
+            last = torch.tensor([token], device=device)
+            token = self._step("decode", lambda last=last: runner.step(last, active)[0],
+                               len(ids) + len(generated) - 1, 1, params, generator)
             generated.append(token)
             on_token()
         else:
