@@ -14,9 +14,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import torch
+from moe_core.decode_runner import DecodeRunner
 from moe_core import (
     MoEForCausalLM,
     OffloadRuntime,
@@ -131,7 +133,8 @@ class CoreStreamingEngine:
     def _copied(self) -> int:
         return 0 if self.runtime is None else int(self.runtime.stats.bytes_copied)
 
-    def _step(self, phase: str, run: Callable[[], torch.Tensor], past: int, tokens: int,
+    def _step(self, phase: Literal["prefill", "decode"], run: Callable[[], torch.Tensor],
+              past: int, tokens: int,
               params: SamplingParams, generator: torch.Generator | None) -> int:
         """One forward step (`run` gives its logits `[1, V]`) and the sampled token, recorded."""
         started, copied = time.perf_counter(), self._copied()
@@ -169,8 +172,7 @@ class CoreStreamingEngine:
             if token in self._eos and not item.ignore_eos:
                 reason = "stop"
                 break
-            last = torch.tensor([token], device=device)
-            token = self._step("decode", lambda last=last: runner.step(last, active)[0],
+            token = self._step("decode", partial(_decode, runner, token, active),
                                len(ids) + len(generated) - 1, 1, params, generator)
             generated.append(token)
             on_token()
@@ -192,3 +194,8 @@ class CoreStreamingEngine:
         stats = self.runtime.stats
         return {"expert_hits": float(stats.hits), "expert_misses": float(stats.misses),
                 "h2d_bytes": float(stats.bytes_copied), "evictions": float(stats.evictions)}
+
+
+def _decode(runner: DecodeRunner, token: int, active: torch.Tensor) -> torch.Tensor:
+    """Logits `[1, V]` of one decode step of `runner` after `token`."""
+    return runner.step(torch.tensor([token], device=active.device), active)[0]
