@@ -347,10 +347,14 @@ def run(sweep: Sweep) -> None:
         writer, gguf = start_gguf(sweep)
     except Exception as exc:  # recorded; the build still runs (a kept GGUF may serve)
         sweep.steps.append({"name": "gguf", "status": f"failed: {exc}"})
-    source = unpack(sweep)
-    binary = build(sweep, source) if source is not None else None
-    written = writer.finish(min(a.gguf_timeout, sweep.deadline_left_s - 10)) \
-        if writer is not None else gguf is not None
+    try:
+        source = unpack(sweep)
+        binary = build(sweep, source) if source is not None else None
+        written = writer.finish(min(a.gguf_timeout, sweep.deadline_left_s - 10)) \
+            if writer is not None else gguf is not None
+    finally:  # stopped by SIGTERM during the build: the writer must not outlive the run
+        if writer is not None and writer.proc.poll() is None:
+            writer.proc.kill()
     if binary is None or gguf is None or not written:
         return
     server = start_server(sweep, binary, gguf)

@@ -21,10 +21,11 @@ _FIELDS = {"id", "prompt", "messages", "max_tokens"}
 # Short common English words: one token each in the BPE vocabularies of the models we compare,
 # so a synthetic prompt of N words is close to N tokens on every target (the dummy GGUF of
 # benchmarks/dummy_gguf.py gives each of them one token, with and without a leading space).
-SYNTHETIC_WORDS = ("the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "as", "at", "by",
-          "from", "or", "an", "be", "this", "that", "which", "one", "all", "were", "when", "we",
-          "there", "can", "had", "has", "more", "time", "day", "man", "new", "old", "way",
-          "long", "little", "world", "house", "water", "light", "night", "city", "word", "hand")
+SYNTHETIC_WORDS = ("the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "as", "at",
+                   "by", "from", "or", "an", "be", "this", "that", "which", "one", "all", "were",
+                   "when", "we", "there", "can", "had", "has", "more", "time", "day", "man", "new",
+                   "old", "way", "long", "little", "world", "house", "water", "light", "night",
+                   "city", "word", "hand")
 
 
 @dataclass(frozen=True)
