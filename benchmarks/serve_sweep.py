@@ -346,13 +346,15 @@ def moe_gen_offline(sweep: Sweep) -> None:
              record)
 
 
-def report(sweep: Sweep) -> None:
-    """`moe-cap report` over every record; the report tarred, its two main figures loose."""
+def report(sweep: Sweep, title: str = "moe-infinity serve sweep (S3 shapes)",
+           extra: tuple[Path, ...] = ()) -> None:
+    """`moe-cap report` over every record (and `extra` ones measured elsewhere); the report
+    tarred, its two main figures loose."""
     if not sweep.records:
         return
     folder = sweep.work / "report"
-    argv = sweep.python("moe_cap", "report", *map(str, sweep.records), "--out", str(folder),
-                        "--title", "moe-infinity serve sweep (S3 shapes)")
+    argv = sweep.python("moe_cap", "report", *map(str, [*sweep.records, *extra]), "--out",
+                        str(folder), "--title", title)
     run_step(sweep, "report", argv, 120)
     if folder.is_dir():
         with tarfile.open(sweep.out / "report.tar.gz", "w:gz") as tar:

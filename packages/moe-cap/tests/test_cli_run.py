@@ -51,6 +51,25 @@ def test_synthetic_run_prints_json(tmp_path: Path) -> None:
                           "the record has no engine steps")
 
 
+def test_label_names_the_server_in_the_record_and_the_report(tmp_path: Path) -> None:
+    """Two servers of one model (ours and a peer such as llama-server) are two systems of the
+    report by the names given, not by their URLs."""
+    records = []
+    for name in ("llama.cpp 0c1e5709", "moe-infinity serve"):
+        out = tmp_path / f"{name.split()[0]}.json"
+        with StubServer(Script(ttft_s=0.01, tpot_s=0.002)) as server:
+            result = run("--url", server.url, "--model", "qwen3-30b-a3b", "--label", name,
+                         "--input-len", "4", "--output-len", "3", "--num-prompts", "2",
+                         "--out", str(out), "--json")
+        assert result.exit_code == 0, result.output
+        assert RunRecord.from_json(out).engine == name
+        records.append(str(out))
+    report = CliRunner().invoke(app, ["report", *records, "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "| llama.cpp 0c1e5709 |" in page and "| moe-infinity serve |" in page
+
+
 def test_gsm8k_through_a_server(tmp_path: Path) -> None:
     out = tmp_path / "g.json"
     with StubServer(Script(ttft_s=0.01, tpot_s=0.001)) as server:
@@ -100,6 +119,9 @@ def test_table_output(tmp_path: Path) -> None:
     (["--engine", "moe-gen", "--task", "gsm8k", "--data", str(DATA / "gsm8k_test_20.jsonl"),
       "--shots", "2"], "--shots needs --shots-data"),
     (["--engine", "moe-gen", "--input-len", "4", "--rate", "2"], "moe-gen is an offline engine"),
+    (["--engine", "moe-gen", "--input-len", "4", "--label", "x"], "--label names a server"),
+    (["--url", "http://127.0.0.1:9/v1", "--model", "x", "--input-len", "4", "--label", " "],
+     "--label names a server"),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     assert_one_line_error(run(*args, "--out", str(tmp_path / "r.json")), message)

@@ -58,12 +58,19 @@ from moe_cap.utilisation import (
     summarise,
     utilisation,
 )
-from moe_cap.workload import SyntheticSpec, WorkItem, read_workload, synthetic_workload
+from moe_cap.workload import (
+    SYNTHETIC_WORDS,
+    SyntheticSpec,
+    WorkItem,
+    read_workload,
+    synthetic_workload,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NO_GPU",
+    "SYNTHETIC_WORDS",
     "AccuracyResult",
     "ActivatedExperts",
     "Chunk",

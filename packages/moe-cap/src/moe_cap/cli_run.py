@@ -56,14 +56,17 @@ class _Bar(RunProgress):
 
 
 def _target(url: str | None, model: str | None, engine: str | None, api_key: str | None,
-            options: dict[str, Any]) -> ServerSpec | EngineOptions:
+            options: dict[str, Any], label: str | None = None) -> ServerSpec | EngineOptions:
     if (url is None) == (engine is None):
         raise WorkloadError("give a target: --url URL --model NAME (a server) or --engine "
                             f"{{{','.join(ENGINES)}}} MODEL (in process)")
+    if label is not None and (url is None or not label.strip()):
+        raise WorkloadError("--label names a server (with --url) and must not be empty; "
+                            "engines name themselves")
     if url is not None:
         if not model:
             raise WorkloadError("--url needs --model NAME (the model name the server serves)")
-        return ServerSpec(url, model, api_key or os.environ.get("OPENAI_API_KEY"))
+        return ServerSpec(url, model, api_key or os.environ.get("OPENAI_API_KEY"), label)
     assert engine is not None
     return EngineOptions(engine=engine, model=model or "tiny-moe", **options)
 
@@ -116,6 +119,9 @@ def run(
         help=f"In-process engine: {', '.join(ENGINES)} (needs that package installed).")] = None,
     api_key: Annotated[str | None, typer.Option(
         help="Bearer token for the server (default: $OPENAI_API_KEY).")] = None,
+    label: Annotated[str | None, typer.Option(
+        help="With --url: the system's name in the record and the report (default: "
+             "'<url> <model>'), e.g. 'llama.cpp b1234'.")] = None,
     workload: Annotated[Path | None, typer.Option(
         help="JSONL of requests: prompt or messages, optional id and max_tokens.")] = None,
     input_len: Annotated[str | None, typer.Option(
@@ -204,7 +210,7 @@ def run(
     if url is not None and (routing is not None or fetch != "copy" or lanes != 1):
         raise WorkloadError("--routing, --fetch and --lanes are for --engine; a server sets its "
                             "own (e.g. moe-infinity serve --routing uniform)")
-    target = _target(url, server_model or model, engine, api_key, options)
+    target = _target(url, server_model or model, engine, api_key, options, label)
     if task in ("perplexity", "choice"):
         if data is None:
             raise WorkloadError(f"--task {task} needs --data FILE")

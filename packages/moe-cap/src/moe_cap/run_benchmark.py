@@ -55,11 +55,14 @@ class ServerSpec:
         url: Base URL ending in `/v1`.
         model: Model name sent in each request.
         api_key: Bearer token, if the server needs one.
+        label: The record's engine, the system a report names (default `<url> <model>`:
+            e.g. `llama.cpp 0c1e5709` tells a peer from our server on another port).
     """
 
     url: str
     model: str
     api_key: str | None = None
+    label: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -255,7 +258,7 @@ def _run_server(spec: ServerSpec, items: Sequence[WorkItem], config: RunConfig,
                 keep: Callable[[RequestResult], None], gathered: _Measured,
                 progress: Progress) -> None:
     target = OpenAITarget(spec.url, spec.model, spec.api_key)
-    gathered.label, gathered.model = target.label, spec.model
+    gathered.label, gathered.model = spec.label or target.label, spec.model
     gathered.weight_dtype, gathered.num_layers = config.weight_dtype, config.num_layers
     progress.start(_total(items, config.load), config.load.duration_s)
     run_interruptible(_drive_target(target, items, config, keep, gathered))

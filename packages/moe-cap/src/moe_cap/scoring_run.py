@@ -125,7 +125,7 @@ def run_scoring(target: ServerSpec | EngineOptions, config: ScoringConfig) -> Ru
         server = OpenAITarget(target.url, target.model, target.api_key)
         run_interruptible(server.check())
         steps: tuple[StepRecord, ...] = ()
-        accuracy, label = _score_server(server, config), server.label
+        accuracy, label = _score_server(server, config), target.label or server.label
         model, dtype, gpu = target.model, config.weight_dtype, config.gpu or "none"
     else:
         scorer, label = in_process_scorer(target)

@@ -15,15 +15,17 @@ from moe_cap.errors import WorkloadError
 from moe_cap.jsonl_records import read_jsonl_records
 from moe_cap.length_distribution import LengthDistribution
 
-__all__ = ["SyntheticSpec", "WorkItem", "read_workload", "synthetic_workload"]
+__all__ = ["SYNTHETIC_WORDS", "SyntheticSpec", "WorkItem", "read_workload", "synthetic_workload"]
 
 _FIELDS = {"id", "prompt", "messages", "max_tokens"}
 # Short common English words: one token each in the BPE vocabularies of the models we compare,
-# so a synthetic prompt of N words is close to N tokens on every target.
-_WORDS = ("the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "as", "at", "by",
-          "from", "or", "an", "be", "this", "that", "which", "one", "all", "were", "when", "we",
-          "there", "can", "had", "has", "more", "time", "day", "man", "new", "old", "way",
-          "long", "little", "world", "house", "water", "light", "night", "city", "word", "hand")
+# so a synthetic prompt of N words is close to N tokens on every target (the dummy GGUF of
+# benchmarks/dummy_gguf.py gives each of them one token, with and without a leading space).
+SYNTHETIC_WORDS = ("the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "as", "at",
+                   "by", "from", "or", "an", "be", "this", "that", "which", "one", "all", "were",
+                   "when", "we", "there", "can", "had", "has", "more", "time", "day", "man", "new",
+                   "old", "way", "long", "little", "world", "house", "water", "light", "night",
+                   "city", "word", "hand")
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def synthetic_workload(spec: SyntheticSpec) -> list[WorkItem]:
     items = []
     for i in range(spec.num_requests):
         n_in = spec.input_tokens.draw(rng)
-        words = " ".join(rng.choice(_WORDS) for _ in range(n_in))
+        words = " ".join(rng.choice(SYNTHETIC_WORDS) for _ in range(n_in))
         items.append(WorkItem(f"synthetic-{i}", prompt=words,
                               max_tokens=spec.output_tokens.draw(rng), ignore_eos=True))
     return items
