@@ -154,6 +154,8 @@ class _Graph:
     logits: torch.Tensor  # [b, V]
     counts: torch.Tensor  # [b, L, E]
     looks: torch.Tensor  # [b, L, E]
+    host_counts: torch.Tensor  # pinned copies, read after each replay
+    host_looks: torch.Tensor
 
 
 class CapturedDecode:
@@ -209,8 +211,11 @@ class CapturedDecode:
         captured.graph.replay()
         for hooks in self._hooks:
             hooks.after_replay(b)
-        routing = (captured.counts.cpu().numpy(), captured.looks.cpu().numpy())
-        return captured.logits, routing
+        counts, looks = captured.host_counts, captured.host_looks
+        counts.copy_(captured.counts, non_blocking=True)
+        looks.copy_(captured.looks, non_blocking=True)
+        torch.cuda.current_stream(self.model.device).synchronize()  # one wait for both
+        return captured.logits, (counts.numpy().copy(), looks.numpy().copy())
 
     def _check_model(self) -> None:
         """Forget every graph if the model's MoE blocks changed since they were captured."""
@@ -259,7 +264,10 @@ class CapturedDecode:
                          "eagerly: %s", b, past, str(exc).splitlines()[0][:200])
             return None
         self.captures += 1
-        captured = self._graphs[key] = _Graph(graph, batch, logits, counts, looks)
+        captured = self._graphs[key] = _Graph(
+            graph, batch, logits, counts, looks,
+            torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True),
+            torch.empty(looks.shape, dtype=looks.dtype, pin_memory=True))
         _log.info("captured the decode pass of %d rows x %d past slots", b, past)
         return captured
 

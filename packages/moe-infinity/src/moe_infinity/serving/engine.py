@@ -26,7 +26,7 @@ from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from moe_core import MoEError, RequestError, sample_next
+from moe_core import MoEError, OffloadStats, RequestError, sample_next
 
 from moe_infinity.errors import MoEInfinityError
 from moe_infinity.policies import ActivationAwarePolicy
@@ -52,6 +52,8 @@ __all__ = ["Engine", "QueueFullError", "ShuttingDownError"]
 
 _log = logging.getLogger("moe_infinity.engine")
 _IDLE_WAIT_S = 0.5
+_OFFLOAD_EVERY_S = 0.25
+"""Most seconds the published offload counters lag while requests run (`_publish`)."""
 
 
 class QueueFullError(MoEInfinityError):
@@ -110,6 +112,9 @@ class Engine:
         self._steps = 0
         self._captured: CapturedDecode | None = None  # made by the engine thread
         self._snapshot = EngineSnapshot()
+        self._offload: OffloadStats | None = None
+        self._offload_at = 0.0
+        self._resident = 0
         self._publish()  # the runtime's counters from the start, before any step
         self._thread = threading.Thread(target=self._run, name="moe-infinity-engine",
                                         daemon=True)
@@ -361,15 +366,24 @@ class Engine:
             self._finish(seq, "cancelled", error=message)
 
     def _publish(self) -> None:
+        """Publish the engine's state for the front ends. The scheduler's part is fresh after
+        every step; the offload counters (a host read of the device's routing logs and a count
+        of every resident expert, about a millisecond) at most every `_OFFLOAD_EVERY_S` while
+        requests run, and whenever the engine goes idle."""
         runtime = self.served.runtime
-        cache = runtime.cache
+        now = time.perf_counter()
+        if (self._offload is None or self.scheduler.is_idle
+                or now - self._offload_at >= _OFFLOAD_EVERY_S):
+            cache = runtime.cache
+            self._offload = runtime.snapshot()
+            self._resident = len(cache.table.resident()) if cache is not None else 0
+            self._offload_at = now
         allocator = self.scheduler.allocator
         self._snapshot = EngineSnapshot(
             queued=len(self.scheduler.waiting) + len(self._inbox),
             running=len(self.scheduler.running),
             kv_blocks_used=allocator.num_used, kv_blocks_total=allocator.num_blocks,
-            steps=self._steps, offload=runtime.snapshot(),
-            experts_resident=len(cache.table.resident()) if cache is not None else 0,
+            steps=self._steps, offload=self._offload, experts_resident=self._resident,
             expert_slots=runtime.pool.num_slots,
             traces_collected=len(self.keeper.collection))
 
