@@ -322,7 +322,8 @@ def s3_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
         section["handover"] = runtime.two_lanes.lane.signals.name
         record[key] = section
         save(args.out, record)
-        fill_uniform(section, model, runtime, args, record, plan)
+        fill_uniform(section, model, runtime, args, record,
+                     [run for run in plan if run[0] == 1] if args.batch1_only else plan)
         bounded(None)
         runtime.uninstall()
     if "policies" in args.sections:
@@ -481,6 +482,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--cpu-kernel", default="auto")
+    parser.add_argument("--batch1-only", action="store_true",
+                        help="s3: only the batch-1 runs (a short re-measurement)")
     parser.add_argument("--handover", default="flags",
                         help="the CPU lane's hand-over: flags, host_functions or auto")
     parser.add_argument("--sections", default="s3,policies,s2",
