@@ -21,7 +21,7 @@ from moe_infinity.serving.engine_config import EngineConfig
 from moe_infinity.serving.kv_pool import KVPool
 from moe_infinity.serving.ragged_pass import PassRow, RaggedPass
 from moe_infinity.serving.request import GenerationRequest, SequenceEvent
-from moe_infinity.serving.scheduler import Scheduler
+from moe_infinity.serving.scheduler import IDLE_PREFILL_CHUNKS, Scheduler
 from moe_infinity.serving.sequence import Sequence
 from moe_infinity.serving.serving_model import ServingModel, load_serving_model
 from moe_infinity.serving.step_pass import run_pass
@@ -97,8 +97,9 @@ def _seq(num_prompt: int, max_tokens: int, name: str) -> Sequence:
 def test_scheduler_invariants(shapes: list[tuple[int, int]], max_batch: int, chunk: int,
                               data: st.DataObject) -> None:
     """Whatever arrives: the batch never exceeds max_batch, blocks are never shared and
-    always cover a running sequence's reservation, prefill per step stays within the chunk,
-    admission is first come first served, and everything eventually runs and finishes."""
+    always cover a running sequence's reservation, prefill per step stays within the chunk
+    (within `IDLE_PREFILL_CHUNKS` chunks when no sequence decodes), admission is first come
+    first served, and everything eventually runs and finishes."""
     allocator = BlockAllocator(16, 4)
     scheduler = Scheduler(allocator, max_batch, chunk)
     seqs = [_seq(p, m, str(i)) for i, (p, m) in enumerate(shapes)]
@@ -118,7 +119,8 @@ def test_scheduler_invariants(shapes: list[tuple[int, int]], max_batch: int, chu
         assert len(tables) == len(set(tables)) == allocator.num_used
         for s in scheduler.running:
             assert len(s.table or []) * 4 >= s.request.num_reserved_tokens
-        assert sum(n for _, n in plan.prefill) <= chunk
+        assert sum(n for _, n in plan.prefill) <= chunk * (1 if plan.decode else
+                                                            IDLE_PREFILL_CHUNKS)
         assert all(len(s.pending_ids()) == 1 for s in plan.decode)
         for s in plan.decode:  # the engine's side of a step, without a model
             s.num_cached += 1
@@ -136,6 +138,19 @@ def test_scheduler_invariants(shapes: list[tuple[int, int]], max_batch: int, chu
 
 
 # Ragged passes ----------------------------------------------------------------------------------
+
+def test_a_step_with_no_decode_row_prefills_more_chunks() -> None:
+    scheduler = Scheduler(BlockAllocator(64, 4), 4, 8)
+    first, second = _seq(60, 4, "a"), _seq(60, 4, "b")
+    scheduler.add(first)
+    plan = scheduler.plan()
+    assert plan.prefill == [(first, 8 * IDLE_PREFILL_CHUNKS)]  # nobody waits on this step
+    first.num_cached = 60
+    first.output_ids.append(7)
+    scheduler.add(second)
+    plan = scheduler.plan()
+    assert plan.decode == [first] and plan.prefill == [(second, 8)]  # a stream is running
+
 
 def test_ragged_passes_match_the_model_forward(tiny: MoEForCausalLM) -> None:
     """Two sequences of different lengths, one prefilled in two chunks while the other

@@ -218,7 +218,8 @@ TraceCapacity = Annotated[int, typer.Option(help="Most requests a new trace coll
 MaxBatch = Annotated[int, typer.Option(help="Most requests decoding or prefilling at once.")]
 MaxQueue = Annotated[int, typer.Option(help="Most requests waiting; more get HTTP 429.")]
 PrefillChunk = Annotated[int, typer.Option(
-    help="Most prompt tokens prefilled per engine step (long prompts do not stall streams).")]
+    help="Most prompt tokens prefilled per engine step while streams decode (long prompts do "
+         "not stall them); 4x as many in a step with no stream.")]
 Dummy = Annotated[bool, typer.Option(
     "--dummy", help="Random weights of the model's shapes (e.g. a shipped shape such as "
     "qwen3-30b-a3b; a shape without a tokenizer gets a word-level stand-in).")]

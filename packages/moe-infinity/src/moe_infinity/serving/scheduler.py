@@ -8,7 +8,11 @@ Decides only; never touches a tensor. Each step:
   small ones behind it;
 - every running sequence whose prompt is cached decodes one token (the decode rows);
 - prompts still being prefilled get at most `prefill_chunk` tokens in total, oldest first, so a
-  long prompt is prefilled over several steps while the decode rows keep producing tokens.
+  long prompt is prefilled over several steps while the decode rows keep producing tokens; in a
+  step with no decode row (no stream waits on it) they get `IDLE_PREFILL_CHUNKS` times as many:
+  with offloaded experts every chunk reads most of every layer's experts, so fewer, larger
+  chunks cut the time to first token (S3 on the H200: 2.24 s at 256-token chunks against 0.93 s
+  for a 512-token prompt in one pass).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from dataclasses import dataclass
 from moe_infinity.serving.block_allocator import BlockAllocator
 from moe_infinity.serving.sequence import Sequence
 
-__all__ = ["Scheduler", "StepPlan"]
+__all__ = ["IDLE_PREFILL_CHUNKS", "Scheduler", "StepPlan"]
+
+IDLE_PREFILL_CHUNKS = 4
+"""Prefill chunks a step may take when no sequence decodes in it."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class Scheduler:
         self._admit()
         decode = [s for s in self.running if not s.is_prefilling]
         prefill: list[tuple[Sequence, int]] = []
-        budget = self.prefill_chunk
+        budget = self.prefill_chunk * (1 if decode else IDLE_PREFILL_CHUNKS)
         for seq in self.running:
             if budget == 0:
                 break
