@@ -277,68 +277,6 @@ def test_host_flags_hand_over_between_threads_without_the_gil() -> None:
     assert not thread.is_alive() and seen == list(range(1, 200))
 
 
-def test_threads_spinning_on_one_host_flag_each_take_a_value_once() -> None:
-    word = HostFlag(torch.device("cpu"))
-    taken: list[list[int]] = [[], []]
-
-    def taker(mine: list[int]) -> None:
-        while (value := word.take()) > 0:
-            mine.append(value)
-
-    threads = [threading.Thread(target=taker, args=(t,)) for t in taken]
-    for thread in threads:
-        thread.start()
-    for value in range(1, 301):
-        word.set(value)
-        while int(word.word[0]) != 0:  # taken (by one of them)
-            time.sleep(0)
-    for _ in threads:
-        word.set(-1)
-        while int(word.word[0]) != 0:
-            time.sleep(0)
-    for thread in threads:
-        thread.join(timeout=5)
-    assert sorted(taken[0] + taken[1]) == list(range(1, 301))
-
-
-def test_a_held_flag_lane_leaves_its_jobs_to_the_serving_thread() -> None:
-    """`serve_while` computes the started jobs in the calling thread (the replaying thread of a
-    captured step) while the worker holds off; the results are the kernel's."""
-    model, runtime = offloaded(tiny_model_path(), ALL_CPU, num_slots=4, handover="flags")
-    lanes = runtime.two_lanes
-    assert lanes is not None
-    lane = lanes.lane
-    served: list[str] = []
-    kernel = lane.kernel
-
-    def recording(*args: object) -> None:
-        served.append(threading.current_thread().name)
-        kernel(*args)  # type: ignore[arg-type]
-
-    lane.kernel = recording  # type: ignore[assignment]
-    store = runtime.store
-    d, e = store.layout.hidden_size, store.num_experts
-    try:
-        job = lane.job(store.moe_layers[0], 1, 2)
-        hidden, ids = torch.randn(1, d), torch.tensor([[1, 2]])
-        weights, on_cpu = torch.tensor([[0.5, 0.5]]), torch.zeros(e, dtype=torch.bool)
-        on_cpu[[1, 2]] = True
-        lane.signals.hold(True)
-        lane.start(job, hidden, ids, weights, on_cpu)
-        rounds = iter(range(1000))
-        lane.serve_while(lambda: next(rounds, None) is not None and not served)
-        got = lane.finish(job)
-        assert served == [threading.current_thread().name]
-        blocks = store.arena(store.moe_layers[0]).view(e, -1)
-        want = reference_layer(blocks, store.layout, hidden, ids, weights, on_cpu)
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        lane.start(job, hidden, ids, weights, on_cpu)  # not held: the worker takes it
-        lane.finish(job)
-        assert served[-1] == "moe-cpu-lane"
-    finally:
-        runtime.close()
-
-
 @pytest.mark.parametrize("handover", ["flags", "host_functions"])
 def test_both_hand_overs_run_jobs_in_order_and_stop(handover: str) -> None:
     signals = lane_signals(handover, torch.device("cpu"))

@@ -27,7 +27,6 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import astuple, dataclass
 
 import numpy as np
@@ -212,32 +211,6 @@ class CpuLane:
 
     # The worker -------------------------------------------------------------------------------
 
-    def serve_while(self, busy: Callable[[], bool]) -> None:
-        """Compute started jobs in the calling thread while `busy()` (the worker leaves them to
-        it meanwhile), where the hand-over allows it (flags); else return at once."""
-        if not self._thread.is_alive():
-            return
-        signals = self.signals
-        signals.hold(True)
-        try:
-            while True:
-                index = signals.poll()
-                if index is not None:
-                    self._compute(index, time.perf_counter())
-                elif not busy():
-                    return
-        finally:
-            signals.hold(False)
-
-    def serve_stream(self) -> None:
-        """`serve_while` the current CUDA stream has work (call right after launching a
-        captured step: the jobs its replay starts are computed here)."""
-        if self.device.type != "cuda" or self.signals.name != "flags":
-            return
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        self.serve_while(lambda: not event.query())
-
     def _run(self) -> None:
         _leave_cores_to_the_launcher()
         while True:
@@ -245,40 +218,36 @@ class CpuLane:
             woke = time.perf_counter()
             if index == STOP:
                 return
-            self._compute(index, woke)
-
-    def _compute(self, index: int, woke: float) -> None:
-        """Run job `index`, count it, signal it done (an error is kept for `check`)."""
-        job = self._jobs[index]
-        try:
-            on_cpu = job.on_cpu.numpy()
-            experts = int(np.count_nonzero(on_cpu))
-            start = time.perf_counter()
-            if experts:
-                blocks = self.store.arena(job.layer).view(self.store.num_experts, -1)
-                self.kernel(blocks, self.store.layout, job.hidden, job.ids, job.weights,
-                            job.on_cpu, job.out)
-            else:  # nothing to compute: no parallel region to start
+            job = self._jobs[index]
+            try:
+                on_cpu = job.on_cpu.numpy()
+                experts = int(np.count_nonzero(on_cpu))
+                start = time.perf_counter()
+                if experts:
+                    blocks = self.store.arena(job.layer).view(self.store.num_experts, -1)
+                    self.kernel(blocks, self.store.layout, job.hidden, job.ids, job.weights,
+                                job.on_cpu, job.out)
+                else:  # nothing to compute: no parallel region to start
+                    job.out.zero_()
+                seconds = time.perf_counter() - start
+                tokens = int(np.count_nonzero(on_cpu[job.ids.numpy()])) if experts else 0
+                busy = time.perf_counter() - woke
+                with self._lock:
+                    counts = self._counts
+                    counts.experts += experts
+                    counts.tokens += tokens
+                    counts.bytes += experts * self.store.layout.nbytes
+                    counts.seconds += seconds
+                    counts.jobs += 1
+                    counts.busy_seconds += busy
+                    if experts == 0:
+                        counts.idle_jobs += 1
+                        counts.idle_busy_seconds += busy
+            except BaseException as exc:
                 job.out.zero_()
-            seconds = time.perf_counter() - start
-            tokens = int(np.count_nonzero(on_cpu[job.ids.numpy()])) if experts else 0
-            busy = time.perf_counter() - woke
-            with self._lock:
-                counts = self._counts
-                counts.experts += experts
-                counts.tokens += tokens
-                counts.bytes += experts * self.store.layout.nbytes
-                counts.seconds += seconds
-                counts.jobs += 1
-                counts.busy_seconds += busy
-                if experts == 0:
-                    counts.idle_jobs += 1
-                    counts.idle_busy_seconds += busy
-        except BaseException as exc:
-            job.out.zero_()
-            self._error = exc
-        finally:
-            self.signals.done(index)
+                self._error = exc
+            finally:
+                self.signals.done(index)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown

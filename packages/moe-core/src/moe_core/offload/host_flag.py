@@ -51,13 +51,10 @@ def _libcuda() -> Any:
 
 
 @cache
-def _atomics() -> tuple[Callable[[int, int, int], int], Callable[[int, int], None]]:
-    """(spin, store): `spin(address, reads, held)` takes the word (swaps in 0) once it is
-    nonzero and returns what it held, or 0 after `reads` atomic acquire loads or once the word
-    at `held` (0: none) is nonzero; `store(address, value)` an
-    atomic release store. Both compiled without the GIL (once per process, here: before a
-    hand-over is timed). The swap makes a take exclusive: of several threads spinning on one
-    word, one gets each value."""
+def _atomics() -> tuple[Callable[[int, int], int], Callable[[int, int], None]]:
+    """(spin, store): `spin(address, reads)` the word once nonzero, or 0 after `reads` atomic
+    acquire loads; `store(address, value)` an atomic release store. Both compiled without the
+    GIL (compiled once per process: call before a hand-over is timed)."""
     import numba
     from llvmlite import ir
     from numba import types
@@ -78,31 +75,19 @@ def _atomics() -> tuple[Callable[[int, int, int], int], Callable[[int, int], Non
             return context.get_dummy_value()
         return types.void(types.int64, types.int64), codegen
 
-    @intrinsic
-    def _swap_zero(typingctx: Any, address: Any) -> Any:
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            pointer = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
-            return builder.atomic_rmw("xchg", pointer, ir.Constant(ir.IntType(32), 0),
-                                      "acq_rel")
-        return types.int32(types.int64), codegen
-
     @numba.njit(nogil=True)
-    def spin(address: int, reads: int, held: int) -> int:
-        for n in range(reads):
-            if held != 0 and n % 64 == 0 and _load(held) != 0:  # type: ignore[call-arg]
-                return 0  # another thread serves the word now
+    def spin(address: int, reads: int) -> int:
+        for _ in range(reads):
             value: int = _load(address)  # type: ignore[call-arg]
             if value != 0:
-                taken: int = _swap_zero(address)
-                if taken != 0:  # else another thread took it first: spin on
-                    return int(taken)
+                return int(value)
         return 0
 
     @numba.njit(nogil=True)
     def store(address: int, value: int) -> None:
         _store(address, value)  # type: ignore[call-arg]
 
-    spin(_scratch_address(), 1, 0)  # compile now, not in a timed hand-over
+    spin(_scratch_address(), 1)  # compile now, not in a timed hand-over
     store(_scratch_address(), 0)
     return spin, store
 
@@ -157,23 +142,14 @@ class HostFlag:
         """Store `value` (release: the host's writes before it are seen before it)."""
         self._store(self._address, value)
 
-    def poll(self) -> int:
-        """Take the word if it is nonzero (0 if it is not): a few reads, no wait."""
-        return self._spin(self._address, 16, 0)
-
-    def take(self, held: HostFlag | None = None) -> int:
+    def take(self) -> int:
         """Wait until the word is nonzero, reset it to 0 and return what it held. Spins without
-        the GIL; after `IDLE_AFTER_S` without a change it sleeps between spins. While `held`
-        is nonzero it does not spin but sleeps (another thread serves the word)."""
+        the GIL; after `IDLE_AFTER_S` without a change it sleeps between spins."""
         spun_since = None
         while True:
-            if held is not None and int(held.word[0]) != 0:
-                time.sleep(IDLE_SLEEP_S / 10)
-                spun_since = None
-                continue
-            value = self._spin(self._address, SPIN_READS,
-                               0 if held is None else held._address)
+            value = self._spin(self._address, SPIN_READS)
             if value != 0:
+                self._store(self._address, 0)
                 return value
             now = time.perf_counter()
             if spun_since is None:

@@ -16,10 +16,7 @@ and `done(job)`. On a CPU "device" the host does the stream's part (`start`, `wa
   decode runs (it sleeps after `host_flag.IDLE_AFTER_S` idle).
 
 Layer calls are strictly ordered on one stream, so one pair of signals serves every job, in
-eager steps and in replays of captured ones. With flags another thread may serve jobs too
-(`hold`, `poll`): the thread that replayed a captured step is idle until the step ends, and
-runs the numba kernel's parallel regions about twice as fast as a thread of its own (decision
-0009), so it computes the step's CPU-lane jobs itself (`CpuLane.serve_while`).
+eager steps and in replays of captured ones.
 """
 
 from __future__ import annotations
@@ -77,15 +74,6 @@ class LaneSignals(Protocol):
         """From the host: wait until the worker is done with `job`."""
         ...
 
-    def hold(self, on: bool) -> None:
-        """While on, the worker leaves started jobs to another thread's `poll`."""
-        ...
-
-    def poll(self) -> int | None:
-        """Another thread's take: a started job if one is waiting (exclusive: the worker will
-        not take it too), else None at once. None always where jobs cannot be shared."""
-        ...
-
 
 class SemaphoreSignals:
     """Host functions posting and awaiting POSIX semaphores, and a pinned mailbox."""
@@ -128,12 +116,6 @@ class SemaphoreSignals:
     def wait(self, job: int) -> None:
         self._done.wait()
 
-    def hold(self, on: bool) -> None:
-        pass  # jobs are not shared: the worker takes every one
-
-    def poll(self) -> int | None:
-        return None
-
 
 class FlagSignals:
     """Two host flags: `go` holds the started job's number + 1 (-1: stop) until the worker takes
@@ -144,7 +126,6 @@ class FlagSignals:
     def __init__(self, device: torch.device) -> None:
         self._go = HostFlag(device)
         self._finished = HostFlag(device)
-        self._held = HostFlag(torch.device("cpu"))  # the host's own word
 
     def register(self, job: int) -> None:
         pass  # the job's number is a constant of the stream's operations
@@ -159,7 +140,7 @@ class FlagSignals:
         self._go.set(-1)
 
     def take(self) -> int:
-        value = self._go.take(held=self._held)
+        value = self._go.take()
         return STOP if value < 0 else value - 1
 
     def done(self, job: int) -> None:
@@ -172,16 +153,6 @@ class FlagSignals:
         value = self._finished.take()
         if value != job + 1:
             raise RuntimeError(f"the CPU lane finished job {value - 1}, expected {job}")
-
-    def hold(self, on: bool) -> None:
-        self._held.set(1 if on else 0)
-
-    def poll(self) -> int | None:
-        value = self._go.poll()
-        if value < 0:  # the worker's stop: leave it to the worker
-            self._go.set(value)
-            return None
-        return value - 1 if value else None
 
 
 def lane_signals_unsupported(handover: str, device: torch.device) -> str | None:

@@ -309,10 +309,7 @@ class ExpertSlotCache:
             layer_map.slots  # noqa: B018 (fills the table the graph reads)
 
     def after_replay(self, num_tokens: int) -> None:
-        """Compute the replay's CPU-lane jobs in this thread (idle until the step ends; see
-        `CpuLane.serve_stream`), advance the use log, count it when it is full."""
-        if self.cpu_lane is not None:
-            self.cpu_lane.serve_stream()
+        """Advance the use log; count it when it is full."""
         if self._graph_log.replayed(num_tokens):
             self.flush_deferred()
 
