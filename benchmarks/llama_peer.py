@@ -60,6 +60,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from llama_peer_pack import sha256_of
 from serve_sweep import Sweep, pack_runs, print_table, report, run_step
 
 _HERE = Path(__file__).resolve().parent
@@ -106,14 +107,6 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def unpack(sweep: Sweep) -> Path | None:
     """The llama.cpp source tree under `--work` (unpacked once per tarball: a warm machine's
     second run keeps its build)."""
@@ -123,7 +116,7 @@ def unpack(sweep: Sweep) -> Path | None:
     started = time.perf_counter()
     step: dict[str, object] = {"name": "unpack", "argv": [str(a.sources)]}
     try:
-        digest = _sha256(a.sources)
+        digest = sha256_of(a.sources)
         if stamp.is_file() and stamp.read_text() == digest and source.is_dir():
             step["status"] = "ok (kept)"
         else:

@@ -43,7 +43,8 @@ PRUNE = (
 PRUNE_GLOBS = ("convert_*.py", "*.md", "flake.nix", "build-xcframework.sh")
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, hex."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -98,7 +99,7 @@ def pack(sdist: Path, out: Path) -> dict[str, object]:
             tar.add(root, arcname="llama.cpp")
     return {"file": target.name, "llama_cpp_python": LLAMA_CPP_PYTHON,
             "llama_cpp_commit": commit, "bytes": target.stat().st_size,
-            "sha256": _sha256(target)}
+            "sha256": sha256_of(target)}
 
 
 def fetch_wheels(out: Path) -> list[dict[str, object]]:
@@ -108,7 +109,7 @@ def fetch_wheels(out: Path) -> list[dict[str, object]]:
     _pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
          "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
          "--platform", "any", "-d", str(wheels), *WHEELS)
-    return [{"file": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_of(p)}
             for p in sorted(wheels.glob("*.whl"))]
 
 

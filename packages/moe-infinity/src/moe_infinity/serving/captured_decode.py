@@ -28,12 +28,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from moe_core import AttentionInputs, MoEForCausalLM, position_mask
+from moe_core import MoEForCausalLM
 from moe_core.decode_runner import GraphHooks, graph_hooks, graph_signature, graph_token_limit
 
 from moe_infinity.serving.kv_pool import KVPool
 from moe_infinity.serving.live_tracer import LiveTracer, PassRouting
-from moe_infinity.serving.ragged_pass import PassRow
+from moe_infinity.serving.ragged_pass import PassIndices, PassRow
 from moe_infinity.serving.step_pass import run_pass
 
 __all__ = ["PAST_BUCKET_TOKENS", "CapturedDecode", "StaticDecodePass", "captured_decode_blocker"]
@@ -60,7 +60,7 @@ def captured_decode_blocker(model: MoEForCausalLM) -> str | None:
     return None
 
 
-class StaticDecodePass:
+class StaticDecodePass(PassIndices):
     """A decode pass (`b` rows, one new token each, `P` past slots) over static device buffers:
     the `RaggedPass` interface `run_pass` and `PooledKV` use, every index a view of `buffer`.
 
@@ -124,27 +124,6 @@ class StaticDecodePass:
     def put_valid(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """`values` `[b, ...]` shaped as `like` `[b, 1, ...]`."""
         return values.to(like.dtype).view(like.shape)
-
-    def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask `[b, 1, 1, S]`: the row's cached keys and its own, padding hidden."""
-        return position_mask(self.positions, self._key_pos, self._key_valid.bool(),
-                             sliding_window, dtype)
-
-    def attention_inputs(self, model: MoEForCausalLM, dtype: torch.dtype) -> AttentionInputs:
-        """Rotary tables and masks of this pass for `model`."""
-        spec = model.spec
-        window = (self.mask(spec.attention.sliding_window, dtype) if spec.sliding_layers
-                  else None)
-        return AttentionInputs(model.rope(self.positions, dtype), self.mask(None, dtype), window)
-
-    def gather_past(self, arena: torch.Tensor) -> torch.Tensor:
-        """Each row's P past slots `[b, P, ...]` from one arena."""
-        return arena.index_select(0, self._past_slots).view(
-            self.num_rows, self.num_cached, *arena.shape[1:])
-
-    def scatter_new(self, arena: torch.Tensor, new: torch.Tensor) -> None:
-        """Write the new entries `[b, 1, ...]` into their slots of `arena`."""
-        arena.index_copy_(0, self._new_slots, self.take_valid(new).to(arena.dtype))
 
 
 @dataclass

@@ -22,7 +22,7 @@ from moe_core import AttentionInputs, MoEForCausalLM, position_mask
 
 from moe_infinity.serving.kv_pool import KVPool
 
-__all__ = ["PassRow", "PooledKV", "RaggedPass"]
+__all__ = ["PassIndices", "PassRow", "PooledKV", "RaggedPass"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,48 @@ class PassRow:
     token_ids: list[int]
 
 
-class RaggedPass:
+class PassIndices:
+    """What a pass's attention reads from its indices (shared by `RaggedPass` and the captured
+    decode's static pass): the mask, the rotary tables, the gather of each row's past slots and
+    the scatter of its new entries. Subclasses set `positions` `[b, T]`, `_key_pos` and
+    `_key_valid` `[b, S]`, `_past_slots` `[b*P]`, `_new_slots` `[n]`, `num_rows`, `num_cached`
+    and `take_valid`."""
+
+    positions: torch.Tensor
+    num_rows: int
+    num_cached: int
+    _key_pos: torch.Tensor
+    _key_valid: torch.Tensor
+    _past_slots: torch.Tensor
+    _new_slots: torch.Tensor
+
+    def take_valid(self, x: torch.Tensor) -> torch.Tensor:
+        """The real tokens `[n, ...]` of a padded `[b, T, ...]` tensor, row by row."""
+        raise NotImplementedError
+
+    def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask `[b, 1, T, S]`: causal by position, padding hidden, optional window."""
+        return position_mask(self.positions, self._key_pos, self._key_valid.bool(),
+                             sliding_window, dtype)
+
+    def attention_inputs(self, model: MoEForCausalLM, dtype: torch.dtype) -> AttentionInputs:
+        """Rotary tables and masks of this pass for `model`."""
+        spec = model.spec
+        window = (self.mask(spec.attention.sliding_window, dtype) if spec.sliding_layers
+                  else None)
+        return AttentionInputs(model.rope(self.positions, dtype), self.mask(None, dtype), window)
+
+    def gather_past(self, arena: torch.Tensor) -> torch.Tensor:
+        """Each row's cached entries `[b, P, ...]` from one arena."""
+        return arena.index_select(0, self._past_slots).view(
+            self.num_rows, self.num_cached, *arena.shape[1:])
+
+    def scatter_new(self, arena: torch.Tensor, new: torch.Tensor) -> None:
+        """Write the real entries of `new` `[b, T, ...]` into their slots of `arena`."""
+        arena.index_copy_(0, self._new_slots, self.take_valid(new).to(arena.dtype))
+
+
+class RaggedPass(PassIndices):
     """Token ids, positions, masks and KV slots of one pass (built on the host, moved once).
 
     Attributes:
@@ -95,26 +136,6 @@ class RaggedPass:
         flat = out.view(-1, *out.shape[2:])
         flat.index_copy_(0, self._valid_index, values.to(out.dtype))
         return out
-
-    def mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask `[b, 1, T, S]`: causal by position, padding hidden, optional window."""
-        return position_mask(self.positions, self._key_pos, self._key_valid, sliding_window, dtype)
-
-    def attention_inputs(self, model: MoEForCausalLM, dtype: torch.dtype) -> AttentionInputs:
-        """Rotary tables and masks of this pass for `model`."""
-        spec = model.spec
-        window = (self.mask(spec.attention.sliding_window, dtype) if spec.sliding_layers
-                  else None)
-        return AttentionInputs(model.rope(self.positions, dtype), self.mask(None, dtype), window)
-
-    def gather_past(self, arena: torch.Tensor) -> torch.Tensor:
-        """Each row's cached entries `[b, P, ...]` from one arena."""
-        return arena.index_select(0, self._past_slots).view(
-            self.num_rows, self.num_cached, *arena.shape[1:])
-
-    def scatter_new(self, arena: torch.Tensor, new: torch.Tensor) -> None:
-        """Write the real entries of `new` `[b, T, ...]` into their slots of `arena`."""
-        arena.index_copy_(0, self._new_slots, self.take_valid(new).to(arena.dtype))
 
 
 class PooledKV:
