@@ -18,8 +18,8 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-from moe_core.decode_runner import DecodeRunner
 from moe_core import (
+    DecodeRunner,
     MoEForCausalLM,
     OffloadRuntime,
     SamplingParams,

@@ -28,8 +28,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from moe_core import MoEForCausalLM
-from moe_core.decode_runner import GraphHooks, graph_hooks, graph_signature, graph_token_limit
+from moe_core import (
+    GraphHooks,
+    MoEForCausalLM,
+    graph_hooks,
+    graph_signature,
+    graph_token_limit,
+)
 
 from moe_infinity.serving.kv_pool import KVPool
 from moe_infinity.serving.live_tracer import LiveTracer, PassRouting
