@@ -25,11 +25,14 @@ DIR` gets what serve_sweep.py writes: `summary.json`, `sweep.log` (with each fai
 stderr, the build's too), `runs.tar.gz` (records, rows, the server's and the GGUF writer's
 logs), `report.tar.gz`, `cap_radar.png`, `throughput_latency.png`.
 
-On the GPU machine (no package index: carry `.whl` and `.peer`; `.peer` is made here by
-llama_peer_pack.py):
+On the GPU machine (no package index: carry the wheels and `.peer`; `.peer` is made here by
+llama_peer_pack.py). The carry limit (64 MiB with the tracked tree, itself ~33 MB) does not hold
+`.whl` (28 MB) and `.peer` (6 MB) together: carry a `.whl-lite` folder of `.whl` without the
+report's wheels (matplotlib, pillow, fonttools, kiwisolver, contourpy, cycler, pyparsing;
+4 MB) and make the report here afterwards from `runs.tar.gz` (`moe-cap report`):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
-        --target /tmp/site .whl/*.whl .peer/wheels/*.whl && export PYTHONPATH=/tmp/site:\\
+        --target /tmp/site .whl-lite/*.whl .peer/wheels/*.whl && export PYTHONPATH=/tmp/site:\\
     packages/moe-core/src:packages/moe-gen/src:packages/moe-infinity/src:packages/moe-cap/src \\
         HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     timeout 560 python3 benchmarks/llama_peer.py --out $OUT/llama --total-timeout 530
