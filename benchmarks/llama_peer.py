@@ -64,7 +64,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llama_peer_pack import sha256_of
-from serve_sweep import Sweep, pack_runs, print_table, report, run_step
+from serve_sweep import Sweep, report, run_step, run_sweep
 
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
@@ -452,23 +452,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _steps(sweep: Sweep) -> None:
+    run(sweep)
+    report(sweep, f"llama.cpp peer ({sweep.args.tag})", compare_records(sweep))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    # An outer `timeout` sends SIGTERM: unwind (stop the server, pack, print) instead of dying.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with tempfile.TemporaryDirectory(prefix="llama-peer-") as work:
-        sweep = Sweep(args, args.out, Path(work))
-        sweep.save()
-        try:
-            run(sweep)
-            report(sweep, f"llama.cpp peer ({args.tag})", compare_records(sweep))
-        finally:
-            pack_runs(sweep)
-            sweep.save()
-            print_table(sweep)
-    return 0 if sweep.records else 1
+    return run_sweep(parse_args(argv), "llama-peer-", _steps)
 
 
 if __name__ == "__main__":

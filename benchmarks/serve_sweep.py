@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -474,25 +475,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_sweep(args: argparse.Namespace, prefix: str, steps: Callable[[Sweep], None]) -> int:
+    """Run `steps` on a sweep writing to `args.out` (a work folder named `prefix...` for its
+    records); whatever happens, pack the runs, save the summary and print the table. 0 when
+    some record was made."""
     args.out.mkdir(parents=True, exist_ok=True)
     # An outer `timeout` sends SIGTERM: unwind (stop the server, pack, print) instead of dying.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with tempfile.TemporaryDirectory(prefix="serve-sweep-") as work:
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
         sweep = Sweep(args, args.out, Path(work))
         sweep.save()
         try:
-            path = http_sweep(sweep) or {"fetch": args.fetch, "lanes": args.lanes}
-            in_process(sweep, path)
-            moe_gen_offline(sweep)
-            report(sweep)
+            steps(sweep)
         finally:
             pack_runs(sweep)
             sweep.save()
             print_table(sweep)
     return 0 if sweep.records else 1
+
+
+def _steps(sweep: Sweep) -> None:
+    a = sweep.args
+    path = http_sweep(sweep) or {"fetch": a.fetch, "lanes": a.lanes}
+    in_process(sweep, path)
+    moe_gen_offline(sweep)
+    report(sweep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_sweep(parse_args(argv), "serve-sweep-", _steps)
 
 
 if __name__ == "__main__":
