@@ -9,14 +9,7 @@ experts into its MoE blocks (`ExpertExecutor`), and offload experts to host memo
 from moe_core.architectures import supported_architectures
 from moe_core.attention_inputs import AttentionInputs, position_mask
 from moe_core.cli_app import tool_app
-from moe_core.decode_runner import (
-    DecodeRunner,
-    GraphHooks,
-    graph_blockers,
-    graph_hooks,
-    graph_signature,
-    graph_token_limit,
-)
+from moe_core.decode_runner import CaptureContext, DecodeRunner, GraphHooks, graph_blockers
 from moe_core.devices import check_device
 from moe_core.dtypes import DtypeError, parse_dtype, run_dtype
 from moe_core.embedded_model import TINY_MODEL_NAME, tiny_model_path
@@ -123,6 +116,7 @@ __all__ = [
     "AttentionSpec",
     "CachePlan",
     "CachePlanFactory",
+    "CaptureContext",
     "CheckpointError",
     "Collective",
     "ConfigError",
@@ -207,9 +201,6 @@ __all__ = [
     "free_port",
     "generate",
     "graph_blockers",
-    "graph_hooks",
-    "graph_signature",
-    "graph_token_limit",
     "install_expert_parallel",
     "install_offloading",
     "join_ranks",

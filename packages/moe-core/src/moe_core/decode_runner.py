@@ -22,7 +22,7 @@ runs the same step eagerly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
@@ -32,8 +32,7 @@ from moe_core.static_kv_cache import StaticKVCache
 if TYPE_CHECKING:
     from moe_core.model import MoEForCausalLM
 
-__all__ = ["DEFAULT_BUCKETS", "DecodeRunner", "GraphHooks", "graph_blockers", "graph_hooks",
-           "graph_signature", "graph_token_limit"]
+__all__ = ["DEFAULT_BUCKETS", "CaptureContext", "DecodeRunner", "GraphHooks", "graph_blockers"]
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 """Batch sizes captured (a batch runs in the smallest bucket that holds it)."""
@@ -101,6 +100,60 @@ class _Captured:
         self.tokens = tokens  # [B] greedy choice
 
 
+class CaptureContext:
+    """What steps captured from one model depend on, and what its expert executors need done
+    around them: shared by `DecodeRunner` and other code that captures the model's steps
+    (moe-infinity's serving passes).
+
+    Attributes:
+        model: The model.
+        hooks: The distinct graph hooks of its expert executors.
+        token_limit: The most tokens per step every executor can run inside a graph.
+    """
+
+    def __init__(self, model: MoEForCausalLM) -> None:
+        self.model = model
+        self.hooks: list[GraphHooks] = []
+        self.token_limit = 0
+        self._signature: tuple[int, ...] | None = None
+
+    def changed(self) -> bool:
+        """Whether the model's MoE blocks changed since the last call (True the first time):
+        another executor installed, an observer or routing override set, a CPU lane dropped. A
+        graph replays the kernels and addresses of the step it captured, not the model as it
+        is: the caller drops every graph it captured before."""
+        signature = _signature(self.model)
+        if signature == self._signature:
+            return False
+        self.hooks = _hooks_of(self.model)
+        self.token_limit = _graph_token_limit(self.model)
+        self._signature = signature
+        return True
+
+    def warm_up(self, run: Callable[[], object], times: int = 2) -> None:
+        """Run `run` eagerly `times` times on a side stream before a capture (lazy allocations,
+        kernel compilation), between the executors' warm-up hooks."""
+        device = self.model.device
+        for hooks in self.hooks:
+            hooks.before_warmup()
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(times):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        for hooks in self.hooks:
+            hooks.after_warmup()
+
+    def replay(self, graph: torch.cuda.CUDAGraph, num_tokens: int) -> None:
+        """Replay `graph` (a step of `num_tokens` tokens) between the executors' hooks."""
+        for hooks in self.hooks:
+            hooks.before_replay()
+        graph.replay()
+        for hooks in self.hooks:
+            hooks.after_replay(num_tokens)
+
+
 class DecodeRunner:
     """Prefill into a static cache, then decode one token per row per step, replaying a captured
     graph per bucket where it can.
@@ -131,10 +184,8 @@ class DecodeRunner:
         self._graphs: dict[int, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._batch = 0
-        self._hooks: list[GraphHooks] = []
-        self._token_limit = 0
+        self._context = CaptureContext(model)
         self._eager_buckets: set[int] = set()  # buckets whose capture failed
-        self._signature: tuple[int, ...] = ()
         self._check_model()
 
     def fits(self, batch_size: int, slots: int) -> bool:
@@ -185,11 +236,7 @@ class DecodeRunner:
         if captured is None:
             logits = self._run(bucket)
             return logits[:b], logits[:b].argmax(dim=-1)
-        for hooks in self._hooks:
-            hooks.before_replay()
-        captured.graph.replay()
-        for hooks in self._hooks:
-            hooks.after_replay(bucket)
+        self._context.replay(captured.graph, bucket)
         return captured.logits[:b], captured.tokens[:b]
 
     # Internals --------------------------------------------------------------------------------
@@ -202,36 +249,22 @@ class DecodeRunner:
 
     def _check_model(self) -> None:
         """Forget every captured graph if the model's MoE blocks changed since they were
-        captured (another executor installed, an observer or routing override set): a graph
-        replays the kernels and addresses of the step it captured, not the model as it is."""
-        signature = graph_signature(self.model)
-        if signature != self._signature:
+        captured (`CaptureContext.changed`)."""
+        if self._context.changed():
             self._graphs.clear()
             self._eager_buckets.clear()
-            self._hooks = graph_hooks(self.model)
-            self._token_limit = graph_token_limit(self.model)
-            self._signature = signature
 
     def _capturable(self, bucket: int) -> bool:
-        return (self.use_graphs and bucket <= self.buckets[-1] and bucket <= self._token_limit
-                and bucket not in self._eager_buckets)
+        return (self.use_graphs and bucket <= self.buckets[-1]
+                and bucket <= self._context.token_limit and bucket not in self._eager_buckets)
 
     def _capture(self, bucket: int) -> _Captured | None:
         """Warm the step up eagerly (lazy allocations, kernel compilation), put the cache back
         as it was, then capture it. None (and eager steps from then on) if capture fails."""
         cache = self.cache
         saved = cache.state()
-        for hooks in self._hooks:
-            hooks.before_warmup()
-        side = torch.cuda.Stream(device=cache.device)
-        side.wait_stream(torch.cuda.current_stream(cache.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run(bucket)
-        torch.cuda.current_stream(cache.device).wait_stream(side)
+        self._context.warm_up(lambda: self._run(bucket))
         cache.restore(saved)
-        for hooks in self._hooks:
-            hooks.after_warmup()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
@@ -248,7 +281,7 @@ class DecodeRunner:
         return captured
 
 
-def graph_signature(model: MoEForCausalLM) -> tuple[int, ...]:
+def _signature(model: MoEForCausalLM) -> tuple[int, ...]:
     """What a captured step depends on beyond its tensors: each MoE block's executor, routing
     override and observer, and what the executor says its captured calls depend on (its
     `capture_key`, e.g. the CPU lane whose semaphores the graph posts), all by identity."""
@@ -257,14 +290,14 @@ def graph_signature(model: MoEForCausalLM) -> tuple[int, ...]:
                            getattr(block.executor, "capture_key", None)))
 
 
-def graph_token_limit(model: MoEForCausalLM) -> int:
+def _graph_token_limit(model: MoEForCausalLM) -> int:
     """The most tokens per step every executor can run inside a graph."""
     limits = [block.executor.graph_token_limit(block.spec.router.top_k)
               for block in model.moe_blocks() if hasattr(block.executor, "graph_token_limit")]
     return min(limits, default=1 << 30)
 
 
-def graph_hooks(model: MoEForCausalLM) -> list[GraphHooks]:
+def _hooks_of(model: MoEForCausalLM) -> list[GraphHooks]:
     """The distinct graph hooks of the model's expert executors."""
     found: dict[int, GraphHooks] = {}
     for block in model.moe_blocks():

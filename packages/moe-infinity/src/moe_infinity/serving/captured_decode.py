@@ -14,7 +14,7 @@ view of one device buffer that the host refills before each replay with one copy
 (b, P bucket); the tracer's per-row routing counts and lookahead are device buffers written in
 the graph (its observers only enqueue device work) and read back after each replay.
 
-A pass is captured only where every MoE executor runs it on the device (`graph_token_limit`:
+A pass is captured only where every MoE executor runs it on the device (its token limit:
 the mapped fetch up to a few tokens; above that the copy path reads the routing on the host),
 on one process (expert-parallel ranks run eagerly), and on CUDA. Everything else, and a pass
 whose capture failed, runs eagerly as before: the caller gets None.
@@ -28,13 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from moe_core import (
-    GraphHooks,
-    MoEForCausalLM,
-    graph_hooks,
-    graph_signature,
-    graph_token_limit,
-)
+from moe_core import CaptureContext, MoEForCausalLM
 
 from moe_infinity.serving.kv_pool import KVPool
 from moe_infinity.serving.live_tracer import LiveTracer, PassRouting
@@ -85,11 +79,11 @@ class StaticDecodePass(PassIndices):
         self.num_rows = self.num_tokens = b
         self.num_cached = past
         self._pool = pool
-        sizes = (b, b, b, b * s, b * s, b * past)
-        self.buffer = torch.zeros(sum(sizes), dtype=torch.long, device=device)
-        self._host = torch.zeros(sum(sizes), dtype=torch.long,
+        self._sizes = (b, b, b, b * s, b * s, b * past)  # the six fields, in order
+        self.buffer = torch.zeros(sum(self._sizes), dtype=torch.long, device=device)
+        self._host = torch.zeros(sum(self._sizes), dtype=torch.long,
                                  pin_memory=device.type == "cuda")
-        ids, positions, new_slots, key_pos, key_valid, past_slots = self.buffer.split(sizes)
+        ids, positions, new_slots, key_pos, key_valid, past_slots = self.buffer.split(self._sizes)
         self.input_ids = ids.view(b, 1)
         self.positions = positions.view(b, 1)
         self._new_slots = new_slots
@@ -108,8 +102,7 @@ class StaticDecodePass(PassIndices):
         past_valid = past_pos < cached[:, None]  # [b, P]
         tables = [r.table for r in rows]
         host = self._host
-        sizes = (b, b, b, b * (p + 1), b * (p + 1), b * p)
-        ids, positions, new_slots, key_pos, key_valid, past_slots = host.split(sizes)
+        ids, positions, new_slots, key_pos, key_valid, past_slots = host.split(self._sizes)
         ids.copy_(torch.tensor([r.token_ids[0] for r in rows]))
         positions.copy_(cached)
         new_slots.copy_(self._pool.slots(tables, cached[:, None]).view(-1))
@@ -165,9 +158,7 @@ class CapturedDecode:
         self._graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self._failed: set[tuple[int, int]] = set()
         self._mempool = torch.cuda.graph_pool_handle()
-        self._signature: tuple[int, ...] = ()
-        self._token_limit = 0
-        self._hooks: list[GraphHooks] = []
+        self._context = CaptureContext(model)
 
     def run(self, rows: list[PassRow]) -> tuple[torch.Tensor, PassRouting] | None:
         """`(logits [b, V] float32, routing)` of a decode pass over `rows` (each one new token),
@@ -176,7 +167,7 @@ class CapturedDecode:
             return None
         self._check_model()
         b = len(rows)
-        if b > self._token_limit:
+        if b > self._context.token_limit:
             return None
         most = max(r.num_cached for r in rows)
         past = max(PAST_BUCKET_TOKENS, -(-most // PAST_BUCKET_TOKENS) * PAST_BUCKET_TOKENS)
@@ -190,11 +181,7 @@ class CapturedDecode:
                 return None
         self._graphs.move_to_end(key)
         captured.batch.fill(rows)
-        for hooks in self._hooks:
-            hooks.before_replay()
-        captured.graph.replay()
-        for hooks in self._hooks:
-            hooks.after_replay(b)
+        self._context.replay(captured.graph, b)
         counts, looks = captured.host_counts, captured.host_looks
         counts.copy_(captured.counts, non_blocking=True)
         looks.copy_(captured.looks, non_blocking=True)
@@ -203,13 +190,9 @@ class CapturedDecode:
 
     def _check_model(self) -> None:
         """Forget every graph if the model's MoE blocks changed since they were captured."""
-        signature = graph_signature(self.model)
-        if signature != self._signature:
+        if self._context.changed():
             self._graphs.clear()
             self._failed.clear()
-            self._hooks = graph_hooks(self.model)
-            self._token_limit = graph_token_limit(self.model)
-            self._signature = signature
 
     def _capture(self, key: tuple[int, int], rows: list[PassRow]) -> _Graph | None:
         """Warm the pass up eagerly on a side stream (twice: lazy allocations, compiled kernels;
@@ -219,18 +202,13 @@ class CapturedDecode:
         batch = StaticDecodePass(b, past, self.pool, device)
         batch.fill(rows)
         tracer = self.tracer
-        for hooks in self._hooks:
-            hooks.before_warmup()
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                tracer.begin_pass(batch.row_of_token, b)
-                run_pass(self.model, batch, self.pool)  # type: ignore[arg-type]
-                tracer.drop_pass()
-        torch.cuda.current_stream(device).wait_stream(side)
-        for hooks in self._hooks:
-            hooks.after_warmup()
+
+        def warm_pass() -> None:
+            tracer.begin_pass(batch.row_of_token, b)
+            run_pass(self.model, batch, self.pool)  # type: ignore[arg-type]
+            tracer.drop_pass()
+
+        self._context.warm_up(warm_pass)
         if len(self._graphs) >= MAX_GRAPHS:
             self._graphs.popitem(last=False)
         graph = torch.cuda.CUDAGraph()
