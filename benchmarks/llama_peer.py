@@ -51,20 +51,17 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from llama_peer_pack import sha256_of
-from serve_sweep import Sweep, report, run_step, run_sweep
+from serve_sweep import Sweep, report, run_step, run_sweep, stop_child, wait_healthy
 
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
@@ -239,31 +236,11 @@ class LlamaServer:
 
     def wait_ready(self, timeout_s: float) -> str | None:
         """None once /health answers 200 (503 while the model loads); else why not."""
-        health = self.url.removesuffix("/v1") + "/health"
-        deadline = time.perf_counter() + timeout_s
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                return f"llama-server exited with status {self.proc.returncode}"
-            try:
-                with urllib.request.urlopen(health, timeout=5) as response:
-                    if response.status == 200:
-                        return None
-            except (OSError, urllib.error.HTTPError):
-                pass
-            time.sleep(0.5)
-        return f"{health} did not answer 200 within {timeout_s:.0f} s"
+        return wait_healthy(self.proc, self.url, timeout_s, "llama-server")
 
     def stop(self, timeout_s: float = 30.0) -> str:
         """SIGTERM, then SIGKILL after `timeout_s`; the exit status as text."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return f"exit {self.proc.returncode}"
+        return stop_child(self.proc, self._log, timeout_s)
 
 
 def start_server(sweep: Sweep, binary: Path, gguf: Path) -> LlamaServer | None:

@@ -57,6 +57,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 _SERVING = re.compile(r"serving (\S+) on (http://\S+/v1)")
 
@@ -177,31 +178,45 @@ class Server:
             if time.perf_counter() > deadline:
                 return f"the server did not start within {timeout_s:.0f} s"
         assert self.url is not None
-        health = self.url.removesuffix("/v1") + "/health"
-        while time.perf_counter() < deadline:
-            try:
-                with urllib.request.urlopen(health, timeout=5) as response:
-                    if response.status == 200:
-                        return None
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                return f"the server exited with status {self.proc.returncode}"
-            time.sleep(0.5)
-        return f"{health} did not answer within {timeout_s:.0f} s"
+        return wait_healthy(self.proc, self.url, deadline - time.perf_counter(), "the server")
 
     def stop(self, timeout_s: float = 60.0) -> str:
         """SIGTERM, then SIGKILL after `timeout_s`; the exit status as text."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return "killed after SIGTERM timed out"
-        self._log.close()
-        return f"exit {self.proc.returncode}"
+        return stop_child(self.proc, self._log, timeout_s)
+
+
+def wait_healthy(proc: subprocess.Popen[Any], url: str, timeout_s: float,
+                 name: str) -> str | None:
+    """None once the server at `url` (`.../v1`) answers 200 on `/health` within `timeout_s`;
+    else why not (`name` exited, or no answer)."""
+    health = url.removesuffix("/v1") + "/health"
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        try:
+            with urllib.request.urlopen(health, timeout=5) as response:
+                if response.status == 200:
+                    return None
+        except OSError:  # refused while starting; HTTPError (503 while loading) is one too
+            pass
+        if proc.poll() is not None:
+            return f"{name} exited with status {proc.returncode}"
+        time.sleep(0.5)
+    return f"{health} did not answer 200 within {timeout_s:.0f} s"
+
+
+def stop_child(proc: subprocess.Popen[Any], log: TextIO, timeout_s: float) -> str:
+    """SIGTERM `proc`, then SIGKILL after `timeout_s`; close its `log`; the outcome as text."""
+    outcome = None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            outcome = "killed after SIGTERM timed out"
+    log.close()
+    return outcome or f"exit {proc.returncode}"
 
 
 def _serve_argv(sweep: Sweep, fetch: str, lanes: int) -> list[str]:
