@@ -84,3 +84,17 @@ def test_cuda_matches_cpu_greedy(model: MoEForCausalLM) -> None:
                                          eos_token_id=[], plan=plan)]
     assert got == expected
     assert torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+def test_dummy_weights_drawn_on_the_gpu_land_on_the_host() -> None:
+    from moe_gen.model_setup import load_for_generation
+
+    before = torch.cuda.memory_allocated()
+    model = load_for_generation(tiny_model_path(), "cuda", torch.bfloat16, dummy=True)
+    on_host = load_model(tiny_model_path(), "cpu", torch.bfloat16, dummy=True)
+    ours, theirs = dict(model.named_parameters()), dict(on_host.named_parameters())
+    assert {n: (p.shape, p.dtype) for n, p in ours.items()} == {
+        n: (p.shape, p.dtype) for n, p in theirs.items()}
+    assert all(p.device.type == "cpu" for p in ours.values())
+    assert torch.cuda.memory_allocated() == before  # nothing left behind on the GPU

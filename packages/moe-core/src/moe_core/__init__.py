@@ -52,7 +52,12 @@ from moe_core.offload.fp8 import FP8
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.layout import ExpertLayout
-from moe_core.offload.loading import OffloadedModel, check_fetch_lanes, load_offloaded
+from moe_core.offload.loading import (
+    OffloadedModel,
+    check_fetch_lanes,
+    fits_on_device,
+    load_offloaded,
+)
 from moe_core.offload.lookahead_prefetcher import LookaheadPrefetcher, lookahead_scores
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
@@ -197,6 +202,7 @@ __all__ = [
     "check_routing",
     "fit_prompt",
     "fit_prompts",
+    "fits_on_device",
     "format_bytes",
     "free_port",
     "generate",

@@ -21,10 +21,14 @@ from moe_core import (
     GpuSlotPool,
     HostExpertStore,
     MoEForCausalLM,
+    ModelSpec,
     OffloadRuntime,
+    fits_on_device,
     install_offloading,
     load_model,
     make_copy_engine,
+    resolve_model_path,
+    run_dtype,
 )
 
 from moe_gen.cost_model import LOOKAHEAD_MIN_SHARE
@@ -49,9 +53,24 @@ class LoadedModel:
 
 def load_for_generation(name: str, device: str, dtype: torch.dtype | None, *, dummy: bool = False,
                         num_layers: int | None = None, seed: int = 0) -> MoEForCausalLM:
-    """The whole model, drawn or read on the host (the experts are packed from it later); the
-    dense part moves to `device` in `install_streaming`."""
-    del device  # experts must never land on a small GPU whole; see install_streaming
+    """The whole model on the host (the experts are packed from it later); the dense part moves
+    to `device` in `install_streaming`.
+
+    Dummy weights are drawn on `device` when the whole model fits its free memory for a
+    moment (moe-core's `fits_on_device`), then moved to the host: seconds, where drawing tens
+    of GB on the host takes minutes (the S3 sweep's moe-gen step ran out of its 150 s there).
+    The values then differ from a host draw of the same seed; the shapes do not.
+    """
+    if dummy and device != "cpu":
+        # Resolved as load_model would for `device`, so that the size check counts the bytes
+        # that will be drawn.
+        spec_dtype = ModelSpec.from_pretrained(resolve_model_path(name)).torch_dtype
+        run = run_dtype(dtype, device, spec_dtype)
+        if fits_on_device(name, torch.device(device), run, num_layers):
+            model = load_model(name, device, run, dummy=True, num_layers=num_layers, seed=seed)
+            model.to("cpu")  # experts must never stay on a small GPU whole
+            torch.cuda.empty_cache()
+            return model
     return load_model(name, "cpu", dtype, dummy=dummy, num_layers=num_layers, seed=seed)
 
 

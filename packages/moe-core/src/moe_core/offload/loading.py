@@ -27,7 +27,8 @@ from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, ins
 from moe_core.sizes import format_bytes
 from moe_core.spec import ModelSpec
 
-__all__ = ["OffloadedModel", "check_fetch_lanes", "dense_bytes", "load_offloaded"]
+__all__ = ["OffloadedModel", "check_fetch_lanes", "dense_bytes", "fits_on_device",
+           "load_offloaded"]
 
 
 @dataclass
@@ -131,7 +132,7 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         # Drawn where it is fast (the GPU, when the whole model fits there for a moment), its
         # experts packed into host memory, then freed, and the dense rest on the device.
         # (a shard's rank draws on the host, as every rank then does: the same weights on all)
-        on_device = experts is None and _fits_on_device(model, device, dtype, num_layers)
+        on_device = experts is None and fits_on_device(model, device, dtype, num_layers)
         drawn_on = device if on_device else torch.device("cpu")
         net = load_model(model, drawn_on, dtype, dummy=True, num_layers=num_layers)
         host = HostExpertStore.from_model(net, experts=experts)
@@ -188,9 +189,10 @@ def check_fetch_lanes(fetch: str, lanes: int, lanes_need: str = "--fetch mapped"
         raise SettingError(f"--lanes 2 needs {lanes_need}")
 
 
-def _fits_on_device(model: str | Path, device: torch.device, dtype: torch.dtype,
-                    num_layers: int | None) -> bool:
-    """Whether the whole model (experts too) fits in 90% of `device`'s free memory (a GPU)."""
+def fits_on_device(model: str | Path, device: torch.device, dtype: torch.dtype,
+                   num_layers: int | None = None) -> bool:
+    """Whether the whole model (experts too) fits in 90% of `device`'s free memory (a GPU; never
+    on the CPU): where dummy weights can be drawn in seconds rather than minutes."""
     if device.type != "cuda":
         return False
     spec = ModelSpec.from_pretrained(model)
