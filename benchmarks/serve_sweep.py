@@ -443,6 +443,17 @@ def print_table(sweep: Sweep) -> None:
     print(text, flush=True)
 
 
+PARTS = ("http", "in-process", "moe-gen")
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in parts if v not in PARTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown parts {unknown}; choose from {PARTS}")
+    return parts
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -477,6 +488,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--total-timeout", type=float, default=460.0,
                    help="the sweep stops starting steps once this is spent")
     p.add_argument("--no-dummy", dest="dummy", action="store_false")
+    p.add_argument("--parts", type=_parts, default=PARTS,
+                   help=f"which steps run, comma-separated (default: {','.join(PARTS)}; the "
+                        f"report always)")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.num_layers, args.gpu_memory, args.dtype = "tiny-moe", 0, "64MiB", ""
@@ -512,9 +526,12 @@ def run_sweep(args: argparse.Namespace, prefix: str, steps: Callable[[Sweep], No
 
 def _steps(sweep: Sweep) -> None:
     a = sweep.args
-    path = http_sweep(sweep) or {"fetch": a.fetch, "lanes": a.lanes}
-    in_process(sweep, path)
-    moe_gen_offline(sweep)
+    path = (http_sweep(sweep) if "http" in a.parts else None) or {"fetch": a.fetch,
+                                                                  "lanes": a.lanes}
+    if "in-process" in a.parts:
+        in_process(sweep, path)
+    if "moe-gen" in a.parts:
+        moe_gen_offline(sweep)
     report(sweep)
 
 
