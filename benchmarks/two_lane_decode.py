@@ -282,7 +282,12 @@ def fill_uniform(section: dict[str, Any], model: Any, runtime: Any, args: argpar
     with uniform_routing(model):
         for batch, lanes, graphs in plan:
             try:
+                if DEVICE == "cuda":  # what the budget's reserve must hold beside the slots
+                    torch.cuda.reset_peak_memory_stats()
                 entry = run(model, runtime, batch, lanes, graphs, args.prompt_tokens, args.steps)
+                if DEVICE == "cuda":
+                    entry["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+                    entry["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
             except Exception as exc:
                 section["runs"].append({"batch": batch, "lanes": lanes, "graphs": graphs,
                                         "error": repr(exc), "trace": traceback.format_exc()})
