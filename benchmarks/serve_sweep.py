@@ -225,6 +225,8 @@ def _serve_argv(sweep: Sweep, fetch: str, lanes: int) -> list[str]:
                         "--port", "0", "--policy", a.policy, "--routing", a.routing,
                         "--fetch", fetch, "--lanes", str(lanes), "--device", a.device,
                         "--max-batch", str(max(a.concurrency)), "--grace", "5")
+    if a.kv_memory:
+        argv += ["--kv-memory", a.kv_memory]
     return argv + _model_argv(a)
 
 
@@ -319,7 +321,9 @@ def expert_slot_bytes(sweep: Sweep) -> int:
         spec = spec.truncated(a.num_layers)
     device = a.device if a.device != "auto" else ("cuda" if _has_cuda() else "cpu")
     dtype = run_dtype(a.dtype or None, torch.device(device), spec.torch_dtype)
-    return plan_memory(spec, dtype, parse_bytes(a.gpu_memory), max(a.concurrency)).expert_bytes
+    kv = parse_bytes(a.kv_memory) if a.kv_memory else None
+    return plan_memory(spec, dtype, parse_bytes(a.gpu_memory), max(a.concurrency),
+                       kv).expert_bytes
 
 
 def in_process(sweep: Sweep, path: dict[str, object]) -> None:
@@ -468,6 +472,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=24)
     p.add_argument("--gpu-memory", default="16GiB")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--kv-memory", default="",
+                   help="the server's KV pool (e.g. 600MiB: llama_peer.py's 16 slots x 768 "
+                        "tokens at S3); default: the server's own split of the budget")
     p.add_argument("--device", default="auto")
     p.add_argument("--routing", default="uniform")
     p.add_argument("--policy", default="lru",
