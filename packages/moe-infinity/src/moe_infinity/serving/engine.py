@@ -33,6 +33,7 @@ from moe_infinity.policies import ActivationAwarePolicy
 from moe_infinity.serving.activation_feed import ActivationFeed
 from moe_infinity.serving.block_allocator import BlockAllocator
 from moe_infinity.serving.captured_decode import CapturedDecode, captured_decode_blocker
+from moe_infinity.serving.decode_passes import DecodePasses
 from moe_infinity.serving.engine_config import EngineConfig
 from moe_infinity.serving.engine_listener import EngineListener, NullListener
 from moe_infinity.serving.engine_snapshot import EngineSnapshot
@@ -95,6 +96,7 @@ class Engine:
         blocks = KVPool.blocks_for_budget(model.spec, config.kv_bytes, config.block_tokens,
                                           model.dtype)
         self.pool = KVPool(model.spec, blocks, config.block_tokens, model.dtype, model.device)
+        self._decode_passes = DecodePasses(self.pool)  # eager decode passes' kept slots
         self.scheduler = Scheduler(BlockAllocator(blocks, config.block_tokens),
                                    config.max_batch, config.prefill_chunk)
         policy = served.policy
@@ -284,7 +286,8 @@ class Engine:
         if replayed is not None:
             logits, (counts, looks) = replayed
         else:
-            batch = RaggedPass(pass_rows, self.pool, model.device)
+            batch = (RaggedPass(pass_rows, self.pool, model.device) if prefill
+                     else self._decode_passes.build(pass_rows, model.device))
             tracer.begin_pass(batch.row_of_token, batch.num_rows)
             if self.followers is None:
                 logits = run_pass(model, batch, self.pool)  # [b, V]
