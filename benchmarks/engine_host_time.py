@@ -47,7 +47,7 @@ from typing import Any
 PHASES: dict[str, tuple[str, ...]] = {
     "schedule": ("scheduler:Scheduler.plan",),
     "indices": ("ragged_pass:RaggedPass.__init__", "captured_decode:StaticDecodePass.fill",
-                "decode_indices:DecodeIndices.prepare", "decode_indices:DecodeIndices.advance"),
+                "decode_passes:DecodePasses.build"),
     "forward": ("engine:run_pass", "captured_decode:CapturedDecode.run"),
     "trace": ("live_tracer:LiveTracer.begin_pass", "live_tracer:LiveTracer.end_pass",
               "trace_recorder:TraceRecorder.add", "activation_feed:ActivationFeed.observe",
