@@ -11,6 +11,8 @@ import moe_core
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from moe_core import MoEForCausalLM
 from moe_infinity.serving.block_allocator import BlockAllocator
 from moe_infinity.serving.captured_decode import (
@@ -81,6 +83,41 @@ def test_a_refilled_static_pass_serves_the_next_step(tiny: MoEForCausalLM) -> No
         logits = run_pass(tiny, static, pool)  # type: ignore[arg-type]
     want = tiny(torch.tensor([[*prompt, *tokens]]))[0, -1].float()
     torch.testing.assert_close(logits[0], want, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.data())
+def test_an_advanced_static_pass_holds_what_a_fresh_fill_writes(
+        tiny: MoEForCausalLM, num_rows: int, data: st.DataObject) -> None:
+    """Steps of the same rows one token further are written in place (only the new token's
+    entries), others in full; either way the buffer is that of a pass filled afresh."""
+    pool = KVPool(tiny.spec, 64, 4, tiny.dtype, "cpu")
+    allocator = BlockAllocator(64, 4)
+    past = 32
+    tables = [allocator.allocate(past + 1) for _ in range(num_rows + 1)]
+    static = StaticDecodePass(num_rows, past, pool, tiny.device)
+    full_fills = []
+    original = static._fill_all
+    static._fill_all = lambda rows: (full_fills.append(rows), original(rows))[1]  # type: ignore[method-assign]
+    rows: list[PassRow] = []
+    expected_full = 0
+    for _ in range(data.draw(st.integers(1, 12))):
+        advance = bool(rows) and data.draw(st.booleans()) and all(
+            r.num_cached < past for r in rows)
+        if advance:
+            rows = [PassRow(r.table, r.num_cached + 1, [data.draw(st.integers(0, 99))])
+                    for r in rows]
+        else:
+            picked = data.draw(st.permutations(range(len(tables))))[:num_rows]
+            rows = [PassRow(tables[i] or [], data.draw(st.integers(0, past)),
+                            [data.draw(st.integers(0, 99))]) for i in picked]
+            expected_full += 1
+        static.fill(rows)
+        fresh = StaticDecodePass(num_rows, past, pool, tiny.device)
+        fresh.fill(rows)
+        assert torch.equal(static.buffer, fresh.buffer)
+    # A drawn "fresh" step can happen to be an advance; never the other way round.
+    assert len(full_fills) <= expected_full
 
 
 def test_the_engine_says_why_it_decodes_eagerly(served: ServingModel) -> None:

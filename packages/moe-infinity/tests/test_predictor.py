@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from moe_infinity import (
     PredictorConfig,
     RequestPredictor,
@@ -66,3 +69,28 @@ def test_config_validation() -> None:
                             ({"own_decay": 1.5}, "own_decay")]:
         with pytest.raises(ValueError, match=message):
             PredictorConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 3), st.lists(st.integers(0, 9), min_size=2, max_size=6), st.data())
+def test_a_step_observed_at_once_predicts_what_its_layers_in_turn_do(
+        synthetic: Synthetic, seed: int, steps: list[int], data: st.DataObject) -> None:
+    """`observe_step` over a prefill and decode steps leaves the predictor exactly where
+    `observe` of each layer leaves it (the same bits of every source's shares and need)."""
+    traces = synthetic(seed, num_requests=3, num_layers=3, num_experts=6)
+    collection = TraceCollection(traces.shape, 4)
+    for t in traces:
+        collection.add(t.eam)
+    by_layer, at_once = (RequestPredictor(collection, PredictorConfig()) for _ in range(2))
+    prefill = True
+    for index, tokens in enumerate(steps):
+        step = 0 if prefill else index
+        counts = data.draw(arrays(np.int32, (3, 6), elements=st.integers(0, tokens)))
+        for layer in range(3):
+            by_layer.observe(step, layer, counts[layer])
+        at_once.observe_step(step, counts)
+        prefill = prefill and data.draw(st.booleans())  # prefill chunks, then decode steps
+        for layer in range(3):
+            np.testing.assert_array_equal(at_once.need(layer, None), by_layer.need(layer, None))
+        for name, shares in by_layer.source_shares(0, None).items():
+            np.testing.assert_array_equal(at_once.source_shares(0, None)[name], shares)

@@ -118,6 +118,21 @@ class RequestPredictor:
         if step == 0 or layer == self.num_layers - 1:
             self._rematch()
 
+    def observe_step(self, step: int, counts: np.ndarray) -> None:
+        """Every layer of step `step` at once, `counts` `[L, E]`: what `observe` of each layer
+        in turn does. A decode step is one update of each array and one match (made after its
+        last layer either way); a prefill is matched after each layer, as `observe` does (a
+        match that finds nothing keeps the previous one, so the layers are taken in turn)."""
+        if step == 0:
+            for layer in range(counts.shape[0]):
+                self.observe(step, layer, counts[layer])
+            return
+        self._observed += counts
+        self._recent *= self.config.own_decay
+        self._recent += counts
+        self._decoded = True
+        self._rematch()
+
     def _rematch(self) -> None:
         if len(self.collection) == 0 or "trace" not in self.config.sources:
             return

@@ -42,9 +42,7 @@ class ActivationFeed:
             self._steps[request_id] = 0
         if not prefill:
             self._steps[request_id] += 1
-        step = self._steps[request_id]
-        for layer in range(counts.shape[0]):
-            predictor.observe(step, layer, counts[layer])
+        predictor.observe_step(self._steps[request_id], counts)
 
     def forget(self, request_id: str) -> None:
         """The request ended."""

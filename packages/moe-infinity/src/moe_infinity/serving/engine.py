@@ -14,6 +14,21 @@ scheduler, the tracer and the offload runtime. A step (docs/decisions/0008):
 4. sample each row that has a next token, stream its text, finish what ended (EOS, stop string,
    token limit) and hand its EAM to the trace collection; refresh the activation-aware policy;
 5. publish a snapshot for /metrics and /health.
+
+At batch 1 a replayed decode step's host work adds to the time per token (issue 16: the stream
+within 10% of in-process decode), so each part of it is kept small and independent of the
+output's length: a replay's indices are updated in place for the next token
+(`StaticDecodePass.fill`), an eager decode pass takes its slots from each table's kept ones
+(`DecodePasses`), text is decoded a few tokens at a time (`TextStream`), and the activation
+feed hands a step's routing to a predictor in one update. `benchmarks/engine_host_time.py`
+times each phase.
+
+The host work of step n is not moved after the launch of step n+1's replay, though it could
+overlap the GPU there: a stop string is found only by detokenising, so step n+1 could run for a
+request that already ended (its routing counted in the offload statistics); and the feed's
+policy update must reach the cache before the replay's `before_replay` hook, where a prefetcher
+(the activation prefetcher's `between_steps`) evicts by that policy. Either would change what is
+served or measured.
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from moe_infinity.policies import ActivationAwarePolicy
 from moe_infinity.serving.activation_feed import ActivationFeed
 from moe_infinity.serving.block_allocator import BlockAllocator
 from moe_infinity.serving.captured_decode import CapturedDecode, captured_decode_blocker
+from moe_infinity.serving.decode_passes import DecodePasses
 from moe_infinity.serving.engine_config import EngineConfig
 from moe_infinity.serving.engine_listener import EngineListener, NullListener
 from moe_infinity.serving.engine_snapshot import EngineSnapshot
@@ -95,6 +111,7 @@ class Engine:
         blocks = KVPool.blocks_for_budget(model.spec, config.kv_bytes, config.block_tokens,
                                           model.dtype)
         self.pool = KVPool(model.spec, blocks, config.block_tokens, model.dtype, model.device)
+        self._decode_passes = DecodePasses(self.pool)  # eager decode passes' kept slots
         self.scheduler = Scheduler(BlockAllocator(blocks, config.block_tokens),
                                    config.max_batch, config.prefill_chunk)
         policy = served.policy
@@ -284,7 +301,8 @@ class Engine:
         if replayed is not None:
             logits, (counts, looks) = replayed
         else:
-            batch = RaggedPass(pass_rows, self.pool, model.device)
+            batch = (RaggedPass(pass_rows, self.pool, model.device) if prefill
+                     else self._decode_passes.build(pass_rows, model.device))
             tracer.begin_pass(batch.row_of_token, batch.num_rows)
             if self.followers is None:
                 logits = run_pass(model, batch, self.pool)  # [b, V]

@@ -1,0 +1,239 @@
+"""Host time of the serving engine per decode step at batch 1, by phase (issue 16's latency
+target: the HTTP stream's time per output token within 10% of in-process decode).
+
+    PYTHONPATH=packages/moe-core/src:packages/moe-infinity/src \
+        python3 benchmarks/engine_host_time.py --tokens 512 --json $OUT/engine_host_time.json
+
+Runs the `Engine` of `moe-infinity serve` in-process on the embedded tiny model (`--device`, the
+CPU by default; the policy `serve` uses, activation, so the activation feed runs), a few short
+requests first (warm-up, and EAMs in the trace collection as a running server has them), then
+one greedy request of `--tokens` output tokens with EOS ignored. Every phase of the engine
+thread's work is timed with `time.perf_counter` by wrapping the functions that do it (timers
+nest: a phase's time excludes the phases it calls), per engine step:
+
+- schedule: `Scheduler.plan`;
+- indices: the pass's index tensors (`RaggedPass`, the captured pass's `fill`, their
+  incremental forms where present);
+- forward: the model pass (on CUDA with graphs: the replay and its wait, the routing read);
+- trace: the live tracer's pass set-up and read-back, each request's trace recorder and the
+  activation feed (observe and refresh);
+- detokenise: `TextStream.push` and `flush`;
+- emit: handing the event to its sink;
+- publish: the engine's snapshot after the step;
+- other: the rest of the step (sampling, bookkeeping).
+
+"host" is every phase but forward: what a CUDA graph replay does not hide. Steps are reported
+in two windows of the output, its first `--window` tokens (after the first) and its last, so
+the growth of any per-token cost with the output's length shows (detokenisation decoded the
+whole output at every token before it was made incremental). Phases missing from the code
+under test (an older commit) are reported as zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import queue
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PHASES: dict[str, tuple[str, ...]] = {
+    "schedule": ("scheduler:Scheduler.plan",),
+    "indices": ("ragged_pass:RaggedPass.__init__", "captured_decode:StaticDecodePass.fill",
+                "decode_passes:DecodePasses.build"),
+    "forward": ("engine:run_pass", "captured_decode:CapturedDecode.run"),
+    "trace": ("live_tracer:LiveTracer.begin_pass", "live_tracer:LiveTracer.end_pass",
+              "trace_recorder:TraceRecorder.add", "activation_feed:ActivationFeed.observe",
+              "activation_feed:ActivationFeed.refresh"),
+    "detokenise": ("text_stream:TextStream.push", "text_stream:TextStream.flush"),
+    "emit": ("sequence:Sequence.emit",),
+    "publish": ("engine:Engine._publish",),
+}
+"""Phase -> the functions (`module:attribute` under `moe_infinity.serving`) whose time is its."""
+STEP = "engine:Engine._step"
+ORDER = (*PHASES, "other")
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+"""`wall`: elapsed time, what a stream waits; `cpu`: the engine thread's own CPU time, which other
+processes on a shared machine do not inflate."""
+
+
+@dataclass
+class PhaseClock:
+    """Per-step phase times of the engine thread (seconds) on each of `CLOCKS`, nested timers
+    exclusive."""
+
+    steps: dict[str, list[dict[str, float]]] = field(
+        default_factory=lambda: {name: [] for name in CLOCKS})
+    _stack: list[list[float]] = field(default_factory=list)  # per open timer: starts, child times
+
+    def new_step(self) -> None:
+        """Start the next step's record."""
+        for records in self.steps.values():
+            records.append({})
+
+    def clear(self) -> None:
+        """Forget the steps so far."""
+        for records in self.steps.values():
+            records.clear()
+
+    @contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        """Time the enclosed code as `phase` (less any timed code it calls)."""
+        clocks = list(CLOCKS.values())
+        frame = [clock() for clock in clocks] + [0.0] * len(clocks)
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            ends = [clock() for clock in clocks]
+            self._stack.pop()
+            for k, records in enumerate(self.steps.values()):
+                spent = ends[k] - frame[k]
+                if self._stack:
+                    self._stack[-1][len(clocks) + k] += spent
+                if records:
+                    records[-1][phase] = (records[-1].get(phase, 0.0) + spent
+                                          - frame[len(clocks) + k])
+
+
+def _wrap(clock: PhaseClock, phase: str, fn: Callable[..., Any], starts_step: bool
+          ) -> Callable[..., Any]:
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        if starts_step:
+            clock.new_step()
+        with clock.timing(phase):
+            return fn(*args, **kwargs)
+
+    timed.__wrapped__ = fn  # type: ignore[attr-defined]
+    return timed
+
+
+def instrument(clock: PhaseClock) -> list[str]:
+    """Wrap every phase's functions found in `moe_infinity.serving`; the names not found."""
+    missing = []
+    targets = [(STEP, "other", True)] + [(name, phase, False)
+                                         for phase, names in PHASES.items() for name in names]
+    for name, phase, starts_step in targets:
+        module_name, attribute = name.split(":")
+        try:
+            owner: Any = importlib.import_module(f"moe_infinity.serving.{module_name}")
+        except ImportError:
+            missing.append(name)
+            continue
+        *path, leaf = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, leaf):
+            missing.append(name)
+            continue
+        setattr(owner, leaf, _wrap(clock, phase, getattr(owner, leaf), starts_step))
+    return missing
+
+
+def run_request(engine: Any, request: Any, timeout_s: float = 600.0) -> list[Any]:
+    """Submit `request`, wait for its last event; its events."""
+    events: queue.Queue[Any] = queue.Queue()
+    engine.submit(request, events.put)
+    out = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        event = events.get(timeout=max(0.1, deadline - time.monotonic()))
+        out.append(event)
+        if event.finish_reason is not None:
+            return out
+
+
+def summarise(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Median milliseconds per step of each phase (robust to a busy machine's outliers), and
+    of the step's `host` time (every phase but forward) and `total`; `host_mean` too."""
+    row = {phase: 1e3 * statistics.median(s.get(phase, 0.0) for s in steps) for phase in ORDER}
+    hosts = [sum(v for k, v in s.items() if k != "forward") for s in steps]
+    row["host"] = 1e3 * statistics.median(hosts)
+    row["host_mean"] = 1e3 * statistics.fmean(hosts)
+    row["total"] = 1e3 * statistics.median(sum(s.values()) for s in steps)
+    return row
+
+
+def report(clock_name: str, steps: list[dict[str, float]], tokens: int, window: int
+           ) -> dict[str, Any]:
+    """Print one clock's table (first window, last window, every decode step); its record."""
+    # Step 0 prefills and samples the first token; each later step decodes one token.
+    decode = steps[1:tokens]
+    windows = {f"tokens 2-{window + 1}": decode[:window],
+               f"tokens {tokens - window + 1}-{tokens}": decode[-window:],
+               f"all {len(decode)} steps": decode}
+    table = {name: summarise(part) for name, part in windows.items()}
+    first, last = (table[name]["detokenise"] for name in list(windows)[:2])
+    growth = last / first if first > 0 else float("nan")
+    print(f"\n{clock_name} clock")
+    print(f"{'phase':<12}" + "".join(f"{name:>22}" for name in table))
+    for phase in (*ORDER, "host", "host_mean", "total"):
+        print(f"{phase:<12}" + "".join(f"{row[phase]:>22.3f}" for row in table.values()))
+    print(f"detokenise, last window / first window: {growth:.2f}x")
+    return {"ms_per_step": table, "detokenise_growth": growth}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=512, help="output tokens measured")
+    parser.add_argument("--window", type=int, default=32, help="steps per reported window")
+    parser.add_argument("--warmup", type=int, default=4, help="short requests run first")
+    parser.add_argument("--prompt", default="Once upon a time, there was a little fox who")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.tokens < 2 * args.window + 1:
+        parser.error("--tokens must be more than twice --window")
+
+    from moe_infinity.serving.engine_setup import EngineSettings, build_engine
+    from moe_infinity.serving.request import GenerationRequest
+
+    clock = PhaseClock()
+    missing = instrument(clock)
+    settings = EngineSettings(model="tiny-moe", device=args.device, dtype=None,
+                              gpu_memory_bytes=16 << 30, kv_memory_bytes=None,
+                              policy="activation", traces=None, save_every=0,
+                              trace_capacity=1000, max_batch=1, max_queue=8,
+                              prefill_chunk=256)
+    engine = build_engine(settings)
+    tokenizer = engine.served.tokenizer
+    prompt = tuple(tokenizer(args.prompt)["input_ids"])
+    engine.start()
+    try:
+        for i in range(args.warmup):
+            run_request(engine, GenerationRequest(request_id=f"warm{i}", prompt_ids=prompt,
+                                                  max_tokens=16, ignore_eos=True))
+        clock.clear()
+        started = time.perf_counter()
+        events = run_request(engine, GenerationRequest(
+            request_id="measured", prompt_ids=prompt, max_tokens=args.tokens, ignore_eos=True))
+        wall_s = time.perf_counter() - started
+    finally:
+        engine.stop()
+    record: dict[str, Any] = {
+        "device": args.device, "tokens": args.tokens, "window": args.window,
+        "prompt_tokens": len(prompt), "num_events": len(events), "wall_s": wall_s,
+        "missing_phases": missing}
+    print(f"engine host ms per decode step (median), batch 1, {args.device}, tiny-moe "
+          f"({len(prompt)}-token prompt, {args.tokens} tokens, {wall_s:.1f} s)")
+    for clock_name, steps in clock.steps.items():
+        record[clock_name] = report(clock_name, steps, args.tokens, args.window)
+    if missing:
+        print(f"not in this code: {', '.join(missing)}", file=sys.stderr)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
