@@ -80,8 +80,8 @@ def test_a_plan_refuses_empty_chunks() -> None:
 def synthetic(dtype: torch.dtype = torch.float32, device: str = "cpu"
               ) -> tuple[HostExpertStore, GpuSlotPool, torch.Tensor, torch.Tensor]:
     """A store of E random experts (one layer), a pool of 4 slots holding experts 1, 4, 6 and
-    9, and its lut `[E]`; also every expert's weights in float32 `[E, N]` (FP8: dequantised,
-    as `[gate | up | down]` blocks of the float32 layout)."""
+    9, and its lut `[E]`; also every expert's weights as stored, in float32 `[E, N]` (FP8:
+    dequantised, as `[gate | up | down]` blocks of the float32 layout)."""
     layout = ExpertLayout(32, 24, dtype)
     store = HostExpertStore.empty(layout, [LAYER], num_experts=E, pin=device == "cuda")
     gen = torch.Generator().manual_seed(0)
@@ -89,12 +89,12 @@ def synthetic(dtype: torch.dtype = torch.float32, device: str = "cpu"
     down = torch.randn(E, 32, 24, generator=gen) * 0.2
     arena = store.arena(LAYER).view(E, -1)
     layout.pack_layer(gate, up, down, arena)
-    dense = ExpertLayout(32, 24, torch.float32)
+    blocks = arena.float().clone()  # the same positions in a float32 layout of these sizes
     if layout.is_fp8:
         gate_up, down_q = layout.dequantized_grouped(arena, torch.float32)
-        gate, up, down = gate_up[:, :24], gate_up[:, 24:], down_q
-    blocks = torch.empty(E, dense.numel)
-    dense.pack_layer(gate, up, down, blocks)
+        blocks = torch.empty(E, 3 * 24 * 32)
+        ExpertLayout(32, 24, torch.float32).pack_layer(gate_up[:, :24], gate_up[:, 24:], down_q,
+                                                      blocks)
     pool = GpuSlotPool(layout, 4, device)
     lut = torch.full((E,), -1, dtype=torch.long)
     for slot, expert in enumerate((1, 4, 6, 9)):

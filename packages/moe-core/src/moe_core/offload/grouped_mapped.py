@@ -125,6 +125,7 @@ def grouped_mapped_experts(hidden: torch.Tensor, expert_ids: torch.Tensor,
         dequantised to `hidden`'s), the sum over experts in float32.
     """
     t = hidden.shape[0]
+    expert_ids = expert_ids.to(torch.long)  # scatter indices
     layout = fetcher.store.layout
     num_experts = fetcher.store.num_experts
     ids, live = distinct_experts(expert_ids, plan.num_places)  # [P], [P]
