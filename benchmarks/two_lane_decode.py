@@ -13,6 +13,9 @@ sequence to the same experts). Sections, each written to the JSON as it finishes
   lane, each lane's GB/s over the step, the lane's state after it (re-fitted rate and fixed
   cost, call shapes dropped to one lane), and the bounds: one lane = missed bytes / pinned
   bandwidth; two lanes = missed bytes / (pinned + CPU rate), the best split of a perfect overlap.
+  Each run records the path its layer calls took (`expert_path`, `OffloadedExecutor.call_path`
+  at the step's bucket): batch 1 "mapped"; batches 4 and 16 "grouped", the grouped mapped path
+  of decision 0016, which runs on the GPU lane alone (their two-lane runs are one-lane runs).
   The CPU lane's hand-over is `--handover` (default: flags); `s3_<other>` repeats batch 1 with
   the other hand-over on a fresh runtime (each runtime's lane adapts on its own).
 - `policies`: the cache plans of `POLICY_PLANS` (LRU admitting every miss, the cache as loaded,
@@ -148,9 +151,11 @@ def lane_thread_timings(store: Any, blocks: Any) -> dict[str, Any]:
 
 def run(model: Any, runtime: Any, batch: int, lanes: int, graphs: bool, prompt_tokens: int,
         steps: int, warmup: int = 4) -> dict[str, Any]:
-    from moe_core.decode_runner import DecodeRunner
+    from moe_core.decode_runner import DecodeRunner, bucket_for
 
     saved = {layer: ex.two_lanes for layer, ex in runtime.executors.items()}
+    assignments = bucket_for(batch) * model.spec.moe.router.top_k  # of each layer call
+    paths = sorted({ex.call_path(assignments) for ex in runtime.executors.values()})
     if lanes == 1:
         for ex in runtime.executors.values():
             ex.two_lanes = None
@@ -183,6 +188,7 @@ def run(model: Any, runtime: Any, batch: int, lanes: int, graphs: bool, prompt_t
                         "cpu_seconds")}
     uses = per["hits"] + per["misses"] + per["cpu_experts"]
     return {"batch": batch, "lanes": lanes, "graphs": graphs, "captured_buckets": captured,
+            "expert_path": paths[0] if len(paths) == 1 else paths,
             "steps": steps, "median_ms": median * 1e3,
             "p90_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3,
             "min_ms": min(times) * 1e3, "tokens_per_s": batch / median,
@@ -246,6 +252,10 @@ def install(model: Any, store: Any, pool: Any, *, fetch: str = "mapped", two_lan
         prefetcher=plan.prefetcher(model) if plan.prefetcher is not None else None)
     runtime.prefetch(store.experts()[: pool.num_slots])
     runtime.drain()
+    if DEVICE == "cpu":  # --smoke: the tiny model's gather limit covers batch 16; lowered so
+        # that batches 4 and 16 take the grouped mapped path, as they do at S3 shapes
+        for executor in runtime.executors.values():
+            executor.gather_limit_bytes = model.spec.moe.router.top_k * store.layout.nbytes
     return runtime
 
 
@@ -298,7 +308,8 @@ def fill_uniform(section: dict[str, Any], model: Any, runtime: Any, args: argpar
             entry["bound_two_lanes_ms"] = missed / (
                 pinned * 1e9 + calibration.rates.cpu_bytes_per_s) * 1e3
             section["runs"].append(entry)
-            print(f"{section['num_layers']} layers batch {batch} lanes {lanes} graphs {graphs}: "
+            print(f"{section['num_layers']} layers batch {batch} lanes {lanes} graphs {graphs} "
+                  f"path {entry['expert_path']} captured {entry['captured_buckets']}: "
                   f"{entry['median_ms']:.2f} ms (hit {entry['hit_rate']:.1%}, cpu "
                   f"{entry['cpu_lane_experts_per_step']:.1f} experts, bounds 1-lane "
                   f"{entry['bound_one_lane_ms']:.2f} 2-lane {entry['bound_two_lanes_ms']:.2f})",

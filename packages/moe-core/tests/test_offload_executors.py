@@ -356,6 +356,7 @@ def test_mapped_fetch_generates_the_same_tokens_and_large_calls_copy(folder: Pat
     model, runtime = offloaded(folder, num_slots=10, fetch="mapped")
     for executor in runtime.executors.values():  # the prompt pass takes the copy path
         executor.gather_limit_bytes = 2 * 2 * runtime.store.layout.nbytes  # type: ignore[attr-defined]
+        executor.grouped_limit_assignments = 0  # type: ignore[attr-defined]
     assert torch.equal(model.generate(ids, max_new_tokens=4, eos_token_id=[]), expected)
     stats = runtime.snapshot()
     assert stats.mapped_bytes > 0 and stats.bytes_copied > stats.mapped_bytes  # both paths ran

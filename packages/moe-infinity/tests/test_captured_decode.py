@@ -196,3 +196,40 @@ def test_cuda_captured_decode_gives_the_eager_engines_tokens_and_traces(lanes: i
                 np.testing.assert_allclose(have, want, atol=1e-3)
     finally:
         served.runtime.close()
+
+
+@pytest.mark.gpu
+def test_cuda_captured_decode_of_several_rows_takes_the_grouped_mapped_path() -> None:
+    """The gather limit lowered to one token's rows: passes of two or three rows take the
+    grouped mapped path (moe-core's decision 0016), and are still captured and replayed with the
+    eager engine's tokens and traces."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("cupy")
+    layout_bytes = 491_520
+    budget = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).dense_bytes(
+        torch.float32) + (8 << 20) + 12 * layout_bytes
+    served = load_serving_model("tiny-moe", "cuda", budget, "lru", max_batch=8,
+                                kv_bytes=8 << 20, dtype="float32",
+                                experts=ExpertSettings(fetch="mapped", lanes=1))
+    try:
+        top_k = served.model.spec.moe.router.top_k
+        executors = list(served.runtime.executors.values())
+        for executor in executors:
+            executor.gather_limit_bytes = top_k * layout_bytes  # type: ignore[attr-defined]
+        paths = {x.call_path(3 * top_k) for x in executors}  # type: ignore[attr-defined]
+        assert paths == {"grouped"}
+        tokenizer = served.tokenizer
+        together = [GenerationRequest(request_id=f"{i}", prompt_ids=tuple(
+            tokenizer(p)["input_ids"]), max_tokens=24, ignore_eos=True)
+            for i, p in enumerate(PROMPTS)]
+        eager, eager_traces, _ = _run(served, False, together)
+        got, got_traces, engine = _run(served, True, together)
+        assert engine._captured is not None and engine._captured.captures > 0
+        assert engine._captured.failures == 0
+        assert got == eager
+        for want, have in zip(sorted(t.tolist() for t in eager_traces),
+                              sorted(t.tolist() for t in got_traces), strict=True):
+            np.testing.assert_allclose(have, want, atol=1e-3)
+    finally:
+        served.runtime.close()

@@ -16,7 +16,9 @@ enqueued without a single synchronisation and the host runs ahead of the GPU.
 to device), a missing one from the host store, each distinct expert once (duplicates point at
 the first occurrence through `index`; one token's experts are distinct and need no index). The
 rows feed `gathered_experts`. An expert marked -2 (computed by the CPU lane, `two_lanes`) gets a
-zero row, read from nowhere.
+zero row, read from nowhere. `fetch_blocks` reads a list of distinct experts instead, one row
+each, skipping padding entries (the grouped path of calls above the gather limit,
+`grouped_mapped`).
 
 Two implementations with the same result: a CuPy kernel on CUDA (`_CudaRowCopier`), torch
 indexing on the CPU (for CI, where "host" and "device" are the same memory).
@@ -159,6 +161,36 @@ class MappedFetcher:
             rows.copy_(torch.where((slots >= 0)[:, None], pool, host))
             rows[slots == -2] = 0
         return rows, index
+
+    def fetch_blocks(self, layer: int, ids: torch.Tensor, live: torch.Tensor,
+                     lut: torch.Tensor) -> torch.Tensor:
+        """The blocks of distinct experts, one row each, without reading anything on the host;
+        padding entries (a fixed-size call's unused places) are not read at all.
+
+        Args:
+            layer: Decoder-layer index.
+            ids: `[C]` distinct expert ids (device); a padding entry may hold any valid id.
+            live: `[C]` bool, False for padding entries.
+            lut: `[E]` slot of each expert of `layer`, -1 where it is not resident and ready.
+
+        Returns:
+            `[C, N]` expert blocks; a padding row holds whatever the memory held (the CPU path
+            sets its every bit, a NaN in each float format, so that a use of one shows).
+        """
+        ids = ids.to(torch.long)
+        rows = torch.empty(ids.numel(), self.store.layout.numel, dtype=self.store.layout.dtype,
+                           device=ids.device)  # [C, N]
+        if self._copier is not None:  # a padding entry is no first occurrence: not copied
+            place = torch.arange(ids.numel(), device=ids.device)  # [C]
+            first = torch.where(live, place, -1)
+            self._copier.copy(self.store.arena(layer), self.pool.storage, rows, ids, lut, first)
+            return rows
+        slots = lut[ids]  # [C]
+        host = self.store.arena(layer).view(self.store.num_experts, -1)[ids]  # [C, N]
+        pool = self.pool.storage.view(self.pool.num_slots, -1)[slots.clamp(min=0)]
+        rows.copy_(torch.where((slots >= 0)[:, None], pool, host))
+        rows.view(torch.uint8).masked_fill_(~live[:, None], 0xFF)
+        return rows
 
 
 class _StreamProtocol:

@@ -32,26 +32,43 @@ cache refreshes the tables and counts the log around each replay (its `GraphHook
 With `TwoLanes` (`two_lanes=True` at install) the mapped path splits each call's misses between
 the GPU's reads and a CPU lane computing its share from the host store at the same time, still
 without a host read of the routing, so it is captured too (`two_lanes`, decision 0009).
+
+Calls above the gather limit but decode-sized (up to `grouped_limit_assignments` T*K) take the
+grouped mapped path with a `MappedFetcher`: the call's distinct experts found on the device and
+read once each, in chunks that fit the gather limit (`grouped_mapped`, decision 0016); captured
+like the mapped path, on the GPU lane alone (no CPU-lane split yet).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 
 from moe_core.expert_id import ExpertId
 from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
+from moe_core.offload.grouped_mapped import (
+    GROUPED_LIMIT_ASSIGNMENTS,
+    GroupedPlan,
+    grouped_mapped_experts,
+)
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.prefetcher import Prefetcher
 from moe_core.offload.slot_cache import ExpertSlotCache, LayerMap
 from moe_core.offload.token_groups import TokenGroups, expert_mlp
 from moe_core.offload.two_lanes import TwoLanes
 
-__all__ = ["CpuComputeRule", "OffloadedExecutor"]
+__all__ = ["CallPath", "CpuComputeRule", "OffloadedExecutor"]
 
 CpuComputeRule = Callable[[ExpertId, int], bool]
 """`rule(expert, num_tokens)`: compute this absent expert on the CPU instead of fetching it."""
+
+CallPath = Literal["mapped", "gather", "grouped", "copy"]
+"""Which path a layer call takes (`OffloadedExecutor.call_path`): "mapped" (one row per
+assignment read by the GPU, or every expert resident), "gather" (misses copied into slots, then
+one gathered computation; the copy path if the pool cannot pin them all), "grouped" (distinct
+experts read by the GPU in chunks) or "copy" (tokens grouped by expert on the host)."""
 
 
 class OffloadedExecutor:
@@ -83,6 +100,9 @@ class OffloadedExecutor:
         self.two_lanes = two_lanes
         self.prefetcher = prefetcher
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
+        # with `fetcher`: most T*K of a call on the grouped mapped path (0: none)
+        self.grouped_limit_assignments = GROUPED_LIMIT_ASSIGNMENTS
+        self._plans: dict[tuple[int, int], GroupedPlan] = {}  # (T*K, workspace) -> plan
 
     @property
     def graph_safe(self) -> bool:
@@ -103,8 +123,19 @@ class OffloadedExecutor:
 
     def graph_token_limit(self, top_k: int) -> int:
         """Most tokens per call a captured step may have: the mapped rows of all assignments
-        must fit the gather limit (above it a call reads its routing on the host)."""
-        return self.gather_limit_bytes // (top_k * self.cache.store.layout.nbytes)
+        must fit the gather limit, or the call must be small enough for the grouped mapped path
+        (above both a call reads its routing on the host)."""
+        gathered = self.gather_limit_bytes // (top_k * self.cache.store.layout.nbytes)
+        if self._grouped_applies(self.grouped_limit_assignments):
+            return max(gathered, self.grouped_limit_assignments // top_k)
+        return gathered
+
+    def call_path(self, num_assignments: int) -> CallPath:
+        """The path a call of `num_assignments` (T*K) token-expert assignments takes."""
+        if self.cpu_compute_rule is None and use_gather(
+                num_assignments, self.cache.store.layout.nbytes, self.gather_limit_bytes):
+            return "mapped" if self.fetcher is not None else "gather"
+        return "grouped" if self._grouped_applies(num_assignments) else "copy"
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Prefetch hint (experts of any layer); returns the number of copies issued."""
@@ -147,6 +178,8 @@ class OffloadedExecutor:
             gathered = self._gathered(hidden, expert_ids, weights)
             if gathered is not None:
                 return gathered
+        elif self._grouped_applies(expert_ids.numel()):
+            return self._grouped(hidden, expert_ids, weights)
         groups = TokenGroups.build(expert_ids, weights, self.cache.store.num_experts,
                                    hidden.dtype)
         needed = [ExpertId(self.layer, e) for e in groups.experts()]
@@ -193,6 +226,35 @@ class OffloadedExecutor:
             return self._gpu_lane(hidden, expert_ids, weights, lut)
         job, gpu_lut = lanes.start(self.layer, hidden, expert_ids, weights, lut, split)
         return lanes.finish(job, self._gpu_lane(hidden, expert_ids, weights, gpu_lut))
+
+    def _grouped_applies(self, num_assignments: int) -> bool:
+        """Whether a call of `num_assignments` above the gather limit takes the grouped mapped
+        path (a gather limit of 0 keeps its meaning: every call groups its tokens on the host)."""
+        return (self.fetcher is not None and self.cpu_compute_rule is None
+                and self.gather_limit_bytes > 0
+                and 0 < num_assignments <= self.grouped_limit_assignments)
+
+    def _grouped(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        """A call above the gather limit on the mapped path: its distinct experts read once each
+        by the GPU, in chunks that fit the gather limit (`grouped_mapped`); uses counted like
+        the mapped path's (deferred, or logged on the device under capture)."""
+        assert self.fetcher is not None
+        key = (expert_ids.numel(), self.gather_limit_bytes)  # the workspace is the gather limit
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = GroupedPlan.for_call(
+                key[0], self.cache.store.num_experts, self.cache.store.layout.nbytes,
+                self.gather_limit_bytes)
+        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            layer_map = self.cache.log_graph_use(self.layer, expert_ids)
+            return grouped_mapped_experts(hidden, expert_ids, weights, self.fetcher, self.layer,
+                                          layer_map.slots, plan)
+        layer_map = self.cache.layer_map(self.layer)
+        out = grouped_mapped_experts(hidden, expert_ids, weights, self.fetcher, self.layer,
+                                     layer_map.slots, plan)
+        self.cache.use_layer_map(layer_map, self.layer, expert_ids)
+        return out
 
     def _gpu_lane(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                   lut: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,9 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             the policy; one host read of the routing per layer). `"mapped"`: small calls
             (decode) read their misses straight from pinned host memory on the GPU, with no
             host synchronisation at all, and do not admit them: the cache holds what was
-            prefetched (decision 0004). Needs a pinned store on CUDA (or a CPU pool).
+            prefetched (decision 0004); decode calls above the gather limit (up to
+            `GROUPED_LIMIT_ASSIGNMENTS` token-expert assignments) read each distinct expert
+            once, in chunks (decision 0016). Needs a pinned store on CUDA (or a CPU pool).
         time_stalls: Measure stall time (two CUDA events per awaited copy on CUDA).
         drop_local_experts: Free each block's `LocalExperts` weights (replaced by empty tensors)
             so the model stops holding the experts: the point of offloading when the model was
