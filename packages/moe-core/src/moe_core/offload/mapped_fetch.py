@@ -16,7 +16,8 @@ enqueued without a single synchronisation and the host runs ahead of the GPU.
 to device), a missing one from the host store, each distinct expert once (duplicates point at
 the first occurrence through `index`; one token's experts are distinct and need no index). The
 rows feed `gathered_experts`. An expert marked -2 (computed by the CPU lane, `two_lanes`) gets a
-zero row, read from nowhere.
+zero row, read from nowhere. The kernel copies bytes: FP8 blocks (decision 0015) travel as they
+are stored, weights and scales, and are dequantised after the gather.
 
 Two implementations with the same result: a CuPy kernel on CUDA (`_CudaRowCopier`), torch
 indexing on the CPU (for CI, where "host" and "device" are the same memory).
@@ -157,7 +158,7 @@ class MappedFetcher:
             host = self.store.arena(layer).view(self.store.num_experts, -1)[ids]  # [J, N]
             pool = self.pool.storage.view(self.pool.num_slots, -1)[slots.clamp(min=0)]
             rows.copy_(torch.where((slots >= 0)[:, None], pool, host))
-            rows[slots == -2] = 0
+            rows.view(torch.uint8)[slots == -2] = 0  # zero bytes (FP8 has no masked fill)
         return rows, index
 
 

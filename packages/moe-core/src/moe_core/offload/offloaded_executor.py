@@ -32,6 +32,11 @@ cache refreshes the tables and counts the log around each replay (its `GraphHook
 With `TwoLanes` (`two_lanes=True` at install) the mapped path splits each call's misses between
 the GPU's reads and a CPU lane computing its share from the host store at the same time, still
 without a host read of the routing, so it is captured too (`two_lanes`, decision 0009).
+
+Over an FP8 store (decision 0015) slots, mapped rows and copies carry e4m3 blocks as they are;
+each path dequantises to the activations' dtype just before its products: the gathered paths
+after gathering the call's blocks (`gathered_fp8_experts`), the per-expert waves one expert at a
+time. Other dtypes take exactly the code they took before.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 
 from moe_core.expert_id import ExpertId
 from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
+from moe_core.offload.fp8_gathered import gathered_fp8_experts
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.prefetcher import Prefetcher
 from moe_core.offload.slot_cache import ExpertSlotCache, LayerMap
@@ -104,7 +110,7 @@ class OffloadedExecutor:
     def graph_token_limit(self, top_k: int) -> int:
         """Most tokens per call a captured step may have: the mapped rows of all assignments
         must fit the gather limit (above it a call reads its routing on the host)."""
-        return self.gather_limit_bytes // (top_k * self.cache.store.layout.nbytes)
+        return self.gather_limit_bytes // (top_k * self.cache.store.layout.gather_nbytes)
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Prefetch hint (experts of any layer); returns the number of copies issued."""
@@ -127,7 +133,8 @@ class OffloadedExecutor:
                  weights: torch.Tensor) -> torch.Tensor:
         """The layer's experts on `hidden` (what `__call__` does besides prefetching)."""
         if self.cpu_compute_rule is None and use_gather(
-                expert_ids.numel(), self.cache.store.layout.nbytes, self.gather_limit_bytes):
+                expert_ids.numel(), self.cache.store.layout.gather_nbytes,
+                self.gather_limit_bytes):
             if (self.fetcher is not None and hidden.is_cuda
                     and torch.cuda.is_current_stream_capturing()):
                 return self._mapped(hidden, expert_ids, weights,
@@ -136,8 +143,7 @@ class OffloadedExecutor:
                 self._prepare_lane(expert_ids)
             layer_map = self.cache.layer_map(self.layer)
             if layer_map.complete:  # every expert resident: no host read of the routing at all
-                out = gathered_experts(hidden, layer_map.slots[expert_ids], weights,
-                                       *self.cache.pool.stacked())
+                out = self._over_slots(hidden, layer_map.slots[expert_ids], weights)
                 self.cache.use_layer_map(layer_map, self.layer, expert_ids)
                 return out
             if self.fetcher is not None:  # misses read from host memory by the GPU
@@ -159,11 +165,11 @@ class OffloadedExecutor:
         out = torch.zeros_like(hidden)  # [T, D]
         for wave in self._waves([x for x in needed if x not in cpu_set]):
             for expert in self.cache.acquire(wave):
-                gate, up, down = self.cache.weights(expert)
+                gate, up, down = self.cache.weights(expert, hidden.dtype)
                 self._accumulate(out, hidden, groups, expert.expert, gate, up, down)
                 self.cache.release(expert)
         for expert in on_cpu:  # runs on the host while the GPU works through the waves
-            gate, up, down = self.cache.store.weights(expert)
+            gate, up, down = self.cache.store.weights(expert, hidden.dtype)
             y = expert_mlp(cpu_inputs[expert], gate, up, down).to(hidden.device)  # [N, D]
             out.index_add_(0, groups.rows(expert.expert), y * groups.expert_weights(expert.expert))
             self.cache.stats.cpu_experts += 1
@@ -202,8 +208,21 @@ class OffloadedExecutor:
         one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
         rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1), lut,
                                               distinct=one_token)
-        return gathered_experts(hidden, None if index is None else index.view_as(expert_ids),
-                                weights, *self.cache.store.layout.stacked_views(rows))
+        index = None if index is None else index.view_as(expert_ids)
+        layout = self.cache.store.layout
+        if layout.is_fp8:
+            return gathered_fp8_experts(hidden, index, weights, layout, rows)
+        return gathered_experts(hidden, index, weights, *layout.stacked_views(rows))
+
+    def _over_slots(self, hidden: torch.Tensor, slots: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+        """The gathered computation of every assignment over the pool's slots (`slots` `[T, K]`
+        the slot of each)."""
+        pool = self.cache.pool
+        if pool.layout.is_fp8:
+            return gathered_fp8_experts(hidden, slots, weights, pool.layout,
+                                        pool.rows(0, pool.num_slots))
+        return gathered_experts(hidden, slots, weights, *pool.stacked())
 
     def _gathered(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor | None:
@@ -220,7 +239,7 @@ class OffloadedExecutor:
         lookup = torch.zeros(self.cache.store.num_experts, dtype=torch.long)  # [E] expert -> slot
         lookup[[e.expert for e in order]] = torch.tensor(slots)
         index = lookup[ids].to(hidden.device, non_blocking=True)  # [T, K]
-        out = gathered_experts(hidden, index, weights, *self.cache.pool.stacked())
+        out = self._over_slots(hidden, index, weights)
         self.cache.release(*order)
         self.cache.settle()
         return out
