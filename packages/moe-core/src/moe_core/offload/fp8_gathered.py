@@ -38,8 +38,8 @@ def gathered_fp8_experts(hidden: torch.Tensor, index: torch.Tensor | None,
     Returns:
         `[T, D]` in `hidden`'s dtype.
     """
-    if index is not None:
-        rows = rows[index.reshape(-1)]  # [T*K, N] e4m3 bytes: half a bf16 gather
+    if index is not None:  # [T*K, N]: half a bf16 gather (as bytes: any device indexes those)
+        rows = rows.view(torch.uint8)[index.reshape(-1)].view(rows.dtype)
     gate_up, down = layout.dequantized_grouped(rows, hidden.dtype)  # [T*K, 2I, D], [T*K, D, I]
     i = layout.intermediate_size
     return gathered_experts(hidden, None, weights, gate_up[:, :i], gate_up[:, i:], down)
