@@ -313,11 +313,13 @@ def test_cuda_fp8_on_demand_decodes_like_the_dequantised_resident_model(path: st
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "captured"])
 @pytest.mark.parametrize("lanes", [1, 2])
-def test_cuda_fp8_captured_decode_gives_the_dequantised_resident_tokens(lanes: int) -> None:
-    """Decode steps captured as CUDA graphs over FP8 slots and FP8 mapped reads (and, with two
-    lanes, the FP8 CPU kernel): the dequantised resident model's greedy tokens, and the steps
-    really were captured."""
+def test_cuda_fp8_mapped_decode_gives_the_dequantised_resident_tokens(lanes: int,
+                                                                     graphs: bool) -> None:
+    """Decode over FP8 slots and FP8 mapped reads (and, with two lanes, the FP8 CPU kernel),
+    eager and captured as CUDA graphs: the dequantised resident model's greedy tokens, and the
+    captured steps really were captured."""
     needs_cuda()
     options: dict[str, object] = {"fetch": "mapped"}
     if lanes == 2:
@@ -326,9 +328,10 @@ def test_cuda_fp8_captured_decode_gives_the_dequantised_resident_tokens(lanes: i
     ids = torch.tensor(PROMPT, device="cuda")
     try:
         expected = reference.generate(ids, max_new_tokens=24, eos_token_id=[], graphs=False)
-        got = model.generate(ids, max_new_tokens=24, eos_token_id=[], graphs=True)
-        runner = model.decode_runner(1, 64)
-        assert runner.use_graphs and runner._graphs  # the FP8 step was captured
+        got = model.generate(ids, max_new_tokens=24, eos_token_id=[], graphs=graphs)
+        if graphs:
+            runner = model.decode_runner(1, 64)
+            assert runner.use_graphs and runner._graphs  # the FP8 step was captured
         stats = runtime.snapshot(block=True)
     finally:
         model.release_decode_runner()
