@@ -25,6 +25,10 @@ sequence to the same experts). Sections, each written to the JSON as it finishes
   activation-aware plan learns from finished ones: ms/token, hit rate, prefetches used/wasted.
 - `s2`: scenario S2 (the same shapes, 48 layers, 16 GiB), batch 1, one and two lanes, captured.
 
+`--expert-dtype fp8` holds the experts as FP8 (e4m3, a float32 scale per output channel,
+decision 0015): the slots then cache about twice the experts, and each miss is half the bytes
+for both lanes. The record's `expert_dtype` says which ran (`dtype` is the model's).
+
 Run on the GPU machine (needs CuPy; ~20 GB of GPU memory, ~35 GB of host):
     PYTHONPATH=packages/moe-core/src python3 benchmarks/two_lane_decode.py --out $OUT/two.json
 """
@@ -217,14 +221,15 @@ def lane_state(runtime: Any) -> dict[str, Any]:
 
 
 def load_s(num_layers: int, args: argparse.Namespace) -> tuple[Any, Any, Any, float]:
-    """S3's (or S2's) dummy model on the GPU with its experts moved to a pinned host store, and
-    the slot pool that the budget leaves: `(model, store, pool, setup seconds)`."""
-    from moe_core import GpuSlotPool, HostExpertStore, load_model
+    """S3's (or S2's) dummy model on the GPU with its experts moved to a pinned host store (FP8
+    with `--expert-dtype fp8`: quantised as they are packed, on the GPU), and the slot pool that
+    the budget leaves: `(model, store, pool, setup seconds)`."""
+    from moe_core import FP8, GpuSlotPool, HostExpertStore, load_model
 
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     model = load_model(MODEL, DEVICE, dtype, dummy=True, seed=0, num_layers=num_layers)
-    store = HostExpertStore.from_model(model)
+    store = HostExpertStore.from_model(model, FP8 if args.expert_dtype == "fp8" else None)
     for block in model.moe_blocks():
         for param in block.experts.parameters():
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
@@ -500,6 +505,10 @@ def main() -> None:
     parser.add_argument("--cpu-kernel", default="auto")
     parser.add_argument("--batch1-only", action="store_true",
                         help="s3: only the batch-1 runs (a short re-measurement)")
+    parser.add_argument("--expert-dtype", choices=["fp8"], default=None,
+                        help="fp8: hold the routed experts as e4m3 with a scale per output "
+                             "channel (half of bf16's bytes per miss, about twice the cached "
+                             "experts; default: the model dtype)")
     parser.add_argument("--handover", default="flags",
                         help="the CPU lane's hand-over: flags, host_functions or auto")
     parser.add_argument("--sections", default="s3,policies,s2",
@@ -523,7 +532,9 @@ def main() -> None:
         "script": "benchmarks/two_lane_decode.py", "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "none (--smoke)",
         "torch": torch.__version__, "model": MODEL, "num_layers": args.s3_layers,
-        "dtype": "bfloat16", "prompt_tokens": args.prompt_tokens,
+        "dtype": "bfloat16" if DEVICE == "cuda" else "float32",
+        "expert_dtype": args.expert_dtype or ("bfloat16" if DEVICE == "cuda" else "float32"),
+        "prompt_tokens": args.prompt_tokens,
         "steps": args.steps, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "numba_threading_layer": numba_threading_layer()}
     save(args.out, record)

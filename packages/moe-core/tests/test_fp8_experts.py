@@ -1,5 +1,6 @@
 """FP8 expert stores: e4m3 with a scale per output channel, in blocks, in packed files, and run
-by the streaming executor (dequantised before the products)."""
+by the streaming executor (dequantised before the products); the on-demand path's FP8 is in
+test_fp8_on_demand.py."""
 
 from __future__ import annotations
 
@@ -72,15 +73,12 @@ def test_fp8_blocks_hold_weights_then_scales() -> None:
         ExpertLayout(6, 5, torch.bfloat16).scale_views(torch.empty(90, dtype=torch.bfloat16))
 
 
-def test_an_fp8_store_stays_fp8_and_runs_only_streamed() -> None:
+def test_an_fp8_store_stays_fp8() -> None:
     model = load_model(tiny_model_path(), dtype="float32")
     store = HostExpertStore.from_model(model, dtype=FP8, pin=False)
     assert store.layout.is_fp8
     with pytest.raises(ValueError, match="stays FP8"):
         store.to_dtype(torch.float32)
-    pool = GpuSlotPool(store.layout, 4, "cpu")
-    with pytest.raises(ValueError, match="only through the streaming executor"):
-        install_offloading(model, store, pool, CpuCopyEngine(), kind="on_demand")
 
 
 def dequantised_model() -> torch.nn.Module:
@@ -160,10 +158,11 @@ def test_pack_cli_writes_fp8_and_refuses_unknown_dtypes(tmp_path: Path) -> None:
     assert "fp8" in bad.output and not (tmp_path / "x").exists()
 
 
-def test_generate_refuses_an_fp8_store_in_one_line(fp8_file: Path) -> None:
-    result = CliRunner().invoke(app, ["generate", "--expert-memory", "16MiB", "--store",
-                                      str(fp8_file), "-p", "hi", "--max-new-tokens", "2"])
-    assert result.exit_code == 1
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("error:") and "FP8 experts" in lines[-1]
-    assert "Traceback" not in result.output
+def test_generate_runs_an_fp8_store_on_demand_and_says_so(fp8_file: Path) -> None:
+    result = CliRunner().invoke(app, ["generate", "--expert-memory", "1MiB", "--store",
+                                      str(fp8_file), "-p", "hi", "--max-new-tokens", "2",
+                                      "--fetch", "mapped"])
+    assert result.exit_code == 0, result.output
+    assert "experts: fp8 (e4m3, a float32 scale per output channel), dequantised to " \
+           "float32" in result.stderr
+    assert result.stdout.startswith("hi")

@@ -193,6 +193,9 @@ def generate(
                                 verify_store=verify_store, prefetcher=plan.prefetcher,
                                 two_lanes=lanes == 2, cpu_kernel=cpu_kernel)
         net, runtime = loaded.model, loaded.runtime
+        if runtime.store.layout.is_fp8:  # never silent (the store file chose it)
+            _err.print(f"experts: fp8 (e4m3, a float32 scale per output channel), dequantised "
+                       f"to {str(net.dtype).removeprefix('torch.')} on the device")
     result = net.generate_full(rows, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed,
                                graphs=None if graphs else False)

@@ -20,22 +20,27 @@ Two implementations, chosen by measurement (`choose_cpu_kernel`, decision 0009):
 - `NumbaCpuExperts`: one numba-compiled parallel loop per projection over every (expert, row)
   pair of the call, bf16 widened to fp32 in registers; compiled with `nogil=True`, so the
   whole call runs without the GIL. One fork-join per projection instead of ~5 per expert.
+  FP8 blocks are read as they are stored, e4m3 bytes decoded in registers and each row scaled
+  once (`numba_experts`): half the bytes of bf16, which is what the lane waits on.
 
-Both write `out` (float32) and are exact reference-MLP equivalents within bf16 rounding.
+Both write `out` (float32) and are exact reference-MLP equivalents within bf16 rounding (FP8: of
+the MLP over the dequantised weights, within float32 rounding; the torch kernel dequantises one
+expert at a time to float32, a fallback).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from functools import cache
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe_core.offload.fp8 import FP8
 from moe_core.offload.layout import ExpertLayout
+from moe_core.offload.numba_experts import build_fp8_kernel, build_kernel
 
 __all__ = ["CpuExpertKernel", "KernelTiming", "NumbaCpuExperts", "TorchCpuExperts",
            "choose_cpu_kernel", "cpu_kernels", "time_cpu_kernel"]
@@ -62,7 +67,8 @@ class CpuExpertKernel(Protocol):
 
 
 class TorchCpuExperts:
-    """Each expert as three torch products in the store's dtype (oneDNN / AMX on the CPU)."""
+    """Each expert as three torch products in the store's dtype (oneDNN / AMX on the CPU); FP8
+    experts dequantised to float32 one at a time first."""
 
     name = "torch"
 
@@ -70,10 +76,11 @@ class TorchCpuExperts:
                  ids: torch.Tensor, weights: torch.Tensor, on_cpu: torch.Tensor,
                  out: torch.Tensor) -> None:
         out.zero_()
-        x = hidden.to(layout.dtype)
+        compute = torch.float32 if layout.is_fp8 else layout.dtype
+        x = hidden.to(compute)
         for e in on_cpu.nonzero().view(-1).tolist():
             rows, slots = (ids == e).nonzero(as_tuple=True)  # [N] tokens and their k
-            gate, up, down = layout.views(blocks[e])
+            gate, up, down = layout.matrices(blocks[e], compute)
             h = x[rows]  # [N, D]
             y = F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)  # [N, D]
             out.index_add_(0, rows, y.float() * weights[rows, slots, None])
@@ -83,8 +90,9 @@ class NumbaCpuExperts:
     """The layer's CPU experts as one numba-compiled call, two parallel loops over weight rows,
     run without the GIL.
 
-    Supports bf16 and fp32 stores (bf16 is widened in registers: its bits are the high half of
-    an fp32). Compiled on first use (seconds); `warm_up` does it ahead of time.
+    Supports bf16, fp32 and FP8 stores (bf16 is widened in registers: its bits are the high half
+    of an fp32; e4m3 is decoded in registers, see `numba_experts`). Compiled on first use
+    (seconds); `warm_up` does it ahead of time.
     """
 
     name = "numba"
@@ -100,107 +108,28 @@ class NumbaCpuExperts:
                  ids: torch.Tensor, weights: torch.Tensor, on_cpu: torch.Tensor,
                  out: torch.Tensor) -> None:
         layer = self._compiled(layout.dtype)
+        d, i = layout.hidden_size, layout.intermediate_size
+        routing = (on_cpu.numpy(), ids.numpy(), weights.numpy(), hidden.numpy(), out.numpy())
+        if layout.is_fp8:  # the bytes, and each block's scales viewed in place (no copy)
+            raw = blocks.view(torch.int8).numpy()  # [E, N] (signed: see `numba_experts`)
+            layer(raw, raw[:, layout.scale_offset :].view(np.float32), *routing, d, i)
+            return
         raw = blocks.view(torch.int16).numpy().view(np.uint16) if layout.dtype == torch.bfloat16 \
             else blocks.numpy()
-        layer(raw, on_cpu.numpy(), ids.numpy(), weights.numpy(), hidden.numpy(), out.numpy(),
-              layout.hidden_size, layout.intermediate_size)
+        layer(raw, *routing, d, i)
 
     def _compiled(self, dtype: torch.dtype) -> Callable[..., None]:
         kernel = self._kernels.get(dtype)
         if kernel is None:
-            if dtype not in (torch.bfloat16, torch.float32):
-                raise ValueError(f"the numba CPU kernel supports bf16 and fp32 stores, not {dtype}")
-            kernel = self._kernels[dtype] = _build_numba(dtype == torch.bfloat16)
+            if dtype == FP8:
+                kernel = build_fp8_kernel()
+            elif dtype in (torch.bfloat16, torch.float32):
+                kernel = build_kernel(dtype == torch.bfloat16)
+            else:
+                raise ValueError(f"the numba CPU kernel supports bf16, fp32 and FP8 stores, not "
+                                 f"{dtype}")
+            self._kernels[dtype] = kernel
         return kernel
-
-
-@cache
-def _build_numba(bf16: bool) -> Callable[..., None]:
-    """The layer kernel for a bf16 (`uint16` bits) or an fp32 store (compiled once per process,
-    on its first call)."""
-    import numba
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def _bits_to_f32(typingctx: Any, bits: Any) -> Any:
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            return builder.bitcast(args[0], ir.FloatType())
-        return types.float32(types.uint32), codegen
-
-    if bf16:
-        @numba.njit(inline="always")
-        def widen(v: Any) -> Any:
-            return _bits_to_f32(np.uint32(v) << np.uint32(16))  # type: ignore[call-arg]
-    else:
-        @numba.njit(inline="always")
-        def widen(v: Any) -> Any:
-            return v
-
-    @numba.njit(parallel=True, nogil=True, fastmath=True)
-    def layer(raw: Any, on_cpu: Any, ids: Any, weights: Any, x: Any, out: Any, d: int,
-              i: int) -> None:
-        num_tokens, top_k = ids.shape
-        # The assignments of the chosen experts, grouped by expert (serial, tiny).
-        slot_of = np.full(on_cpu.size, -1, dtype=np.int64)
-        experts = np.empty(on_cpu.size, dtype=np.int64)
-        n = 0
-        for e in range(on_cpu.size):
-            if on_cpu[e]:
-                slot_of[e] = n
-                experts[n] = e
-                n += 1
-        ends = np.zeros(n + 1, dtype=np.int64)
-        for t in range(num_tokens):
-            for k in range(top_k):
-                j = slot_of[ids[t, k]]
-                if j >= 0:
-                    ends[j + 1] += 1
-        for j in range(n):
-            ends[j + 1] += ends[j]
-        fill = ends[:n].copy()
-        tokens = np.empty(ends[n], dtype=np.int64)
-        scale = np.empty(ends[n], dtype=np.float32)
-        for t in range(num_tokens):
-            for k in range(top_k):
-                j = slot_of[ids[t, k]]
-                if j >= 0:
-                    tokens[fill[j]] = t
-                    scale[fill[j]] = weights[t, k]
-                    fill[j] += 1
-        act = np.empty((ends[n], i), dtype=np.float32)  # [P, I]
-        for job in numba.prange(n * i):  # gate and up: one weight row of one expert per job
-            j = job // i
-            r = job - j * i
-            block = raw[experts[j]]
-            gate_row = block[r * d : (r + 1) * d]
-            up_row = block[(i + r) * d : (i + r + 1) * d]
-            for p in range(ends[j], ends[j + 1]):
-                xt = x[tokens[p]]
-                g = np.float32(0.0)
-                for c in range(d):
-                    g += widen(gate_row[c]) * xt[c]
-                u = np.float32(0.0)
-                for c in range(d):
-                    u += widen(up_row[c]) * xt[c]
-                act[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
-        y = np.empty((ends[n], d), dtype=np.float32)  # [P, D]
-        for job in numba.prange(n * d):  # down: one weight row of one expert per job
-            j = job // d
-            r = job - j * d
-            down_row = raw[experts[j]][2 * i * d + r * i : 2 * i * d + (r + 1) * i]
-            for p in range(ends[j], ends[j + 1]):
-                ap = act[p]
-                acc = np.float32(0.0)
-                for c in range(i):
-                    acc += widen(down_row[c]) * ap[c]
-                y[p, r] = acc * scale[p]
-        out[:] = 0.0
-        for p in range(ends[n]):
-            out[tokens[p]] += y[p]
-
-    return layer
 
 
 def cpu_kernels() -> list[CpuExpertKernel]:

@@ -38,5 +38,11 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """e4m3 `q` `[..., O, C]` times its row scales `[..., O]`, in `dtype` (scaled in float32,
-    rounded once)."""
-    return (q.float() * scale[..., None]).to(dtype)
+    rounded once).
+
+    The weights are widened straight into the result (e4m3 is exact in bf16, fp16 and float32)
+    and scaled in place: type promotion multiplies in float32 and rounds the product to `dtype`,
+    bit for bit what scaling a float32 copy gave, without that copy (4 bytes a weight of
+    workspace: 151 MB per batch-1 layer call of Qwen3-30B-A3B)."""
+    out = q.to(dtype)
+    return out.mul_(scale[..., None])

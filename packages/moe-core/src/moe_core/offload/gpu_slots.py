@@ -1,10 +1,12 @@
 """The device tier of the expert store: equal-size slots carved from one device allocation.
 
-Dimension key: S slots, N = 3 * I * D block elements, D hidden, I expert width.
+Dimension key: S slots, N block elements (`ExpertLayout.numel`), D hidden, I expert width.
 
 One allocation `[S * N]` rather than one per slot: the caching allocator never fragments it, its
 size is exactly what the GPU memory budget grants, and any slot can hold any expert of any layer
 (every block has the same layout). Which expert is in which slot is the `ResidencyTable`'s job.
+An FP8 layout's slots hold e4m3 blocks with their scales: about half a bf16 block's bytes, so the
+same budget caches about twice the experts.
 """
 
 from __future__ import annotations
@@ -76,9 +78,11 @@ class GpuSlotPool:
                              f"0..{self.num_slots - 1}")
         return self.storage.view(self.num_slots, self.layout.numel)[first : first + count]
 
-    def weights(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(gate [I, D], up [I, D], down [D, I])` views of slot `index`."""
-        return self.layout.views(self.slot(index))
+    def weights(self, index: int, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(gate [I, D], up [I, D], down [D, I])` views of slot `index`; of an FP8 pool, its
+        matrices dequantised to `dtype` (new tensors; `dtype` is then required)."""
+        return self.layout.matrices(self.slot(index), dtype)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(gate [S, I, D], up [S, I, D], down [S, D, I])`: every slot's matrices as strided
@@ -92,3 +96,4 @@ class GpuSlotPool:
     def nbytes(self) -> int:
         """Bytes of the whole pool."""
         return self.num_slots * self.layout.nbytes
+

@@ -227,8 +227,8 @@ class HostExpertStore:
         if dtype == self.layout.dtype:
             return self
         if self.layout.is_fp8:
-            raise ValueError("an FP8 store stays FP8 (the streaming executor dequantises it on "
-                             "the device); it cannot be converted to " + str(dtype))
+            raise ValueError("an FP8 store stays FP8 (the executors dequantise it just before "
+                             "the products); it cannot be converted to " + str(dtype))
         layout = ExpertLayout(self.layout.hidden_size, self.layout.intermediate_size, dtype)
         held = self._held_map()
         store = HostExpertStore.empty(layout, self.moe_layers, self.num_experts, self.is_pinned,
@@ -293,9 +293,11 @@ class HostExpertStore:
         n = self.layout.numel
         return arena[row * n : (row + 1) * n]
 
-    def weights(self, expert: ExpertId) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(gate [I, D], up [I, D], down [D, I])` views of `expert`'s block."""
-        return self.layout.views(self.block(expert))
+    def weights(self, expert: ExpertId, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(gate [I, D], up [I, D], down [D, I])` views of `expert`'s block; of an FP8 store,
+        its matrices dequantised to `dtype` (new tensors; `dtype` is then required)."""
+        return self.layout.matrices(self.block(expert), dtype)
 
     def experts(self) -> list[ExpertId]:
         """Every expert the store holds, layer by layer."""

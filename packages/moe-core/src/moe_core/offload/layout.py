@@ -6,7 +6,8 @@ layout in host memory, in a GPU slot and in a packed file.
 
 An FP8 layout (`dtype` e4m3, see `fp8.py`) adds each output channel's float32 scale after the
 weights (`[gate I][up I][down D]`), so the block's elements (bytes) are `3 * I * D` rounded up to
-4, plus `4 * (2I + D)`; only the streaming executor runs it (it dequantises on the device).
+4, plus `4 * (2I + D)`. Slots, rings and host arenas hold FP8 blocks as they are; the executors
+dequantise them just before the products (`dequantized_grouped`, `dequantized`).
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ class ExpertLayout:
         weights = 3 * self.intermediate_size * self.hidden_size
         if not self.is_fp8:
             return weights
-        return self._scale_offset + 4 * (2 * self.intermediate_size + self.hidden_size)
+        return self.scale_offset + 4 * (2 * self.intermediate_size + self.hidden_size)
 
     @property
-    def _scale_offset(self) -> int:
+    def scale_offset(self) -> int:
         """Byte offset of an FP8 block's scales (4-aligned, so they view as float32)."""
         return -(-3 * self.intermediate_size * self.hidden_size // 4) * 4
 
@@ -61,13 +62,21 @@ class ExpertLayout:
         if not self.is_fp8:
             raise ValueError(f"a {self.dtype} block has no scales")
         i = self.intermediate_size
-        scales = block[self._scale_offset :].view(torch.float32)  # [2I + D]
+        scales = block[self.scale_offset :].view(torch.float32)  # [2I + D]
         return scales[:i], scales[i : 2 * i], scales[2 * i :]
 
     @property
     def nbytes(self) -> int:
         """Bytes of one block."""
         return self.numel * self.dtype.itemsize
+
+    @property
+    def gather_nbytes(self) -> int:
+        """Device workspace of one gathered assignment (`gathered_experts`): its block, and for
+        FP8 also its matrices dequantised to 16 bits (decode's dtype on the GPU)."""
+        if not self.is_fp8:
+            return self.nbytes
+        return self.nbytes + 2 * 3 * self.intermediate_size * self.hidden_size
 
     def views(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(gate [I, D], up [I, D], down [D, I])` views of a 1-D `block` of `numel` elements."""
@@ -88,9 +97,31 @@ class ExpertLayout:
         """`grouped_views` of FP8 `rows` `[R, numel]`, dequantised to `dtype` (new tensors)."""
         d, i = self.hidden_size, self.intermediate_size
         gate_up, down = self.grouped_views(rows)
-        scales = rows[:, self._scale_offset :].contiguous().view(torch.float32)  # [R, 2I + D]
+        scales = rows[:, self.scale_offset :].contiguous().view(torch.float32)  # [R, 2I + D]
         return (dequantize_rows(gate_up, scales[:, : 2 * i], dtype),
                 dequantize_rows(down, scales[:, 2 * i : 2 * i + d], dtype))
+
+    def dequantized(self, block: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(gate [I, D], up [I, D], down [D, I])` of one FP8 `block` `[numel]`, dequantised to
+        `dtype` (new tensors)."""
+        i = self.intermediate_size
+        gate_up, down = self.dequantized_grouped(block[None], dtype)
+        return gate_up[0, :i], gate_up[0, i:], down[0]
+
+    def matrices(self, block: torch.Tensor, dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(gate, up, down)` of one `block` as compute reads them: its `views`, or for FP8 its
+        matrices dequantised to `dtype` (then required).
+
+        Raises:
+            ValueError: an FP8 block without a `dtype`.
+        """
+        if not self.is_fp8:
+            return self.views(block)
+        if dtype is None:
+            raise ValueError("FP8 expert blocks need a dtype to be dequantised to")
+        return self.dequantized(block, dtype)
 
     def stacked_views(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(gate [R, I, D], up [R, I, D], down [R, D, I])` strided views of `rows` `[R, numel]`
@@ -123,7 +154,7 @@ class ExpertLayout:
             return
         i = self.intermediate_size
         weights = self.stacked_views(out)
-        scales = out[:, self._scale_offset :]  # [E, 4 * (2I + D)] bytes
+        scales = out[:, self.scale_offset :]  # [E, 4 * (2I + D)] bytes
         parts = []
         for w, target in zip((gate, up, down), weights, strict=True):
             q, scale = quantize_rows(w)

@@ -1,6 +1,11 @@
 """`load_offloaded`: a model whose dense part sits on the compute device and whose routed experts
 live in host memory, served through GPU slots sized from a memory budget. The one call the CLIs
 and engines use to run a model larger than the GPU.
+
+Experts may be held as FP8 (`expert_dtype="fp8"`, or a store file packed with FP8): e4m3 with a
+scale per output channel, half of bf16's bytes in host memory, over PCIe, in the CPU lane's reads
+and in the slots, which then cache about twice the experts (decision 0015). Never silent: the
+runtime's store says so (`runtime.store.layout.is_fp8`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from moe_core.expert_id import ExpertId
 from moe_core.loader import load_model, resolve_model_path
 from moe_core.model import MoEForCausalLM
 from moe_core.offload.copy_engines import make_copy_engine
+from moe_core.offload.fp8 import FP8
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.packed_store import PackedHeader, read_header
@@ -66,7 +72,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                    dummy: bool = False, num_layers: int | None = None,
                    verify_store: bool = True, two_lanes: bool = False, cpu_kernel: str = "auto",
                    prefetcher: Callable[[MoEForCausalLM], Prefetcher] | None = None,
-                   experts: Collection[ExpertId] | None = None) -> OffloadedModel:
+                   experts: Collection[ExpertId] | None = None,
+                   expert_dtype: str | torch.dtype | None = None) -> OffloadedModel:
     """Load `model` with its routed experts offloaded to host memory.
 
     Args:
@@ -77,8 +84,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         dtype: Model dtype; default: `run_dtype`'s rule for `device` (float32 on the CPU, else
             the checkpoint's).
         store: A store file from `moe-core pack` to read the experts from (fast start; experts
-            stored in another dtype are converted to the model's); default: pack them from the
-            checkpoint's shards (or the dummy weights) now.
+            stored in another dtype are converted to the model's, and FP8 ones stay FP8);
+            default: pack them from the checkpoint's shards (or the dummy weights) now.
         policy: Eviction policy (on-demand); default LRU.
         kind: `"on_demand"` or `"streaming"`.
         resident: Streaming: experts kept resident. On-demand with `fetch="mapped"`: experts
@@ -104,28 +111,33 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         experts: Hold only these routed experts in host memory and the slots (an
             expert-parallel rank's shard, `moe_core.parallel`); on demand with
             `fetch="copy"` only. Default: every expert.
+        expert_dtype: `"fp8"` (or `FP8`): hold the routed experts as e4m3 with a scale per
+            output channel (half of bf16's bytes in host memory, over PCIe and in the slots;
+            dequantised just before the products), quantised here from the checkpoint, the dummy
+            weights or a 16-bit store file; None: the model dtype (a store file's FP8 experts
+            stay FP8). From a checkpoint the experts are read in the model dtype first, so the
+            host holds both for a moment.
 
     Raises:
-        ValueError: the budget cannot hold the slots the executor needs, or the store file does
-            not match the model.
+        ValueError: the budget cannot hold the slots the executor needs, the store file does
+            not match the model, or `expert_dtype` is neither None nor FP8.
         CheckpointError / ConfigError: as `load_model` and `HostExpertStore.from_packed` (a
             damaged store file included).
     """
     device = torch.device(device)
+    fp8 = _fp8_experts(expert_dtype)
     # Resolved here, for `device`: the dummy model is drawn on the host, and the experts are
     # packed apart from the dense part, and both must end up in the same dtype.
     dtype = run_dtype(dtype, device, ModelSpec.from_pretrained(model).torch_dtype)
     started = time.perf_counter()
     if store is not None:
         header = read_header(store)  # fail fast, before loading anything
-        if header.layout.is_fp8:
-            raise SettingError(f"{store} holds FP8 experts, which only moe-gen's streaming "
-                               f"engine runs (moe-gen run --expert-dtype fp8); pack the model "
-                               f"without --expert-dtype for this command")
         net = load_model(model, device, dtype, dummy=dummy, num_layers=num_layers,
                          load_experts=False)
         _check_store_matches(header, net, store)
-        host = HostExpertStore.from_packed(store, verify=verify_store).to_dtype(dtype)
+        host = HostExpertStore.from_packed(store, verify=verify_store)
+        if not header.layout.is_fp8:  # 16-bit experts: quantised from the file's own values
+            host = host.to_dtype(FP8 if fp8 else dtype)
         if experts is not None:  # the file holds every expert; keep the shard's
             host = host.subset(experts)
     elif dummy:
@@ -135,7 +147,7 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         on_device = experts is None and fits_on_device(model, device, dtype, num_layers)
         drawn_on = device if on_device else torch.device("cpu")
         net = load_model(model, drawn_on, dtype, dummy=True, num_layers=num_layers)
-        host = HostExpertStore.from_model(net, experts=experts)
+        host = HostExpertStore.from_model(net, FP8 if fp8 else None, experts=experts)
         for block in net.moe_blocks():
             for param in block.experts.parameters():
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
@@ -145,6 +157,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
     else:
         host = HostExpertStore.from_checkpoint(resolve_model_path(model), dtype,
                                                num_layers=num_layers, experts=experts)
+        if fp8:
+            host = host.to_dtype(FP8)
         net = load_model(model, device, dtype, num_layers=num_layers, load_experts=False)
     store_seconds = time.perf_counter() - started
     layout = host.layout
@@ -170,6 +184,20 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
         runtime.prefetch((resident or host.experts())[: pool.num_slots])
         runtime.drain()
     return OffloadedModel(net, runtime, store_seconds)
+
+
+def _fp8_experts(expert_dtype: str | torch.dtype | None) -> bool:
+    """Whether `expert_dtype` asks for FP8 experts.
+
+    Raises:
+        SettingError: anything but None, `"fp8"` or `FP8`.
+    """
+    if expert_dtype is None:
+        return False
+    if expert_dtype in ("fp8", FP8):
+        return True
+    raise SettingError(f"expert_dtype must be fp8 (or None: the model dtype), got "
+                       f"{expert_dtype!r}")
 
 
 def check_fetch_lanes(fetch: str, lanes: int, lanes_need: str = "--fetch mapped") -> None:

@@ -18,7 +18,8 @@ the first occurrence through `index`; one token's experts are distinct and need 
 rows feed `gathered_experts`. An expert marked -2 (computed by the CPU lane, `two_lanes`) gets a
 zero row, read from nowhere. `fetch_blocks` reads a list of distinct experts instead, one row
 each, skipping padding entries (the grouped path of calls above the gather limit,
-`grouped_mapped`).
+`grouped_mapped`). The kernel copies bytes: FP8 blocks (decision 0015) travel as they are
+stored, weights and scales, and are dequantised after the gather.
 
 Two implementations with the same result: a CuPy kernel on CUDA (`_CudaRowCopier`), torch
 indexing on the CPU (for CI, where "host" and "device" are the same memory).
@@ -159,7 +160,7 @@ class MappedFetcher:
             host = self.store.arena(layer).view(self.store.num_experts, -1)[ids]  # [J, N]
             pool = self.pool.storage.view(self.pool.num_slots, -1)[slots.clamp(min=0)]
             rows.copy_(torch.where((slots >= 0)[:, None], pool, host))
-            rows[slots == -2] = 0
+            rows.view(torch.uint8)[slots == -2] = 0  # zero bytes (FP8 has no masked fill)
         return rows, index
 
     def fetch_blocks(self, layer: int, ids: torch.Tensor, live: torch.Tensor,

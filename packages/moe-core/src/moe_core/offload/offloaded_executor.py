@@ -37,6 +37,11 @@ Calls above the gather limit but decode-sized (up to `grouped_limit_assignments`
 grouped mapped path with a `MappedFetcher`: the call's distinct experts found on the device and
 read once each, in chunks that fit the gather limit (`grouped_mapped`, decision 0016); captured
 like the mapped path, on the GPU lane alone (no CPU-lane split yet).
+
+Over an FP8 store (decision 0015) slots, mapped rows and copies carry e4m3 blocks as they are;
+each path dequantises to the activations' dtype just before its products: the gathered paths
+after gathering the call's blocks (`gathered_fp8_experts`), the per-expert waves one expert at a
+time. Other dtypes take exactly the code they took before.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import torch
 
 from moe_core.expert_id import ExpertId
 from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
+from moe_core.offload.fp8_gathered import gathered_fp8_experts
 from moe_core.offload.grouped_mapped import (
     GROUPED_LIMIT_ASSIGNMENTS,
     GroupedPlan,
@@ -125,7 +131,7 @@ class OffloadedExecutor:
         """Most tokens per call a captured step may have: the mapped rows of all assignments
         must fit the gather limit, or the call must be small enough for the grouped mapped path
         (above both a call reads its routing on the host)."""
-        gathered = self.gather_limit_bytes // (top_k * self.cache.store.layout.nbytes)
+        gathered = self.gather_limit_bytes // (top_k * self.cache.store.layout.gather_nbytes)
         if self._grouped_applies(self.grouped_limit_assignments):
             return max(gathered, self.grouped_limit_assignments // top_k)
         return gathered
@@ -133,7 +139,7 @@ class OffloadedExecutor:
     def call_path(self, num_assignments: int) -> CallPath:
         """The path a call of `num_assignments` (T*K) token-expert assignments takes."""
         if self.cpu_compute_rule is None and use_gather(
-                num_assignments, self.cache.store.layout.nbytes, self.gather_limit_bytes):
+                num_assignments, self.cache.store.layout.gather_nbytes, self.gather_limit_bytes):
             return "mapped" if self.fetcher is not None else "gather"
         return "grouped" if self._grouped_applies(num_assignments) else "copy"
 
@@ -158,7 +164,8 @@ class OffloadedExecutor:
                  weights: torch.Tensor) -> torch.Tensor:
         """The layer's experts on `hidden` (what `__call__` does besides prefetching)."""
         if self.cpu_compute_rule is None and use_gather(
-                expert_ids.numel(), self.cache.store.layout.nbytes, self.gather_limit_bytes):
+                expert_ids.numel(), self.cache.store.layout.gather_nbytes,
+                self.gather_limit_bytes):
             if (self.fetcher is not None and hidden.is_cuda
                     and torch.cuda.is_current_stream_capturing()):
                 return self._mapped(hidden, expert_ids, weights,
@@ -167,8 +174,7 @@ class OffloadedExecutor:
                 self._prepare_lane(expert_ids)
             layer_map = self.cache.layer_map(self.layer)
             if layer_map.complete:  # every expert resident: no host read of the routing at all
-                out = gathered_experts(hidden, layer_map.slots[expert_ids], weights,
-                                       *self.cache.pool.stacked())
+                out = self._over_slots(hidden, layer_map.slots[expert_ids], weights)
                 self.cache.use_layer_map(layer_map, self.layer, expert_ids)
                 return out
             if self.fetcher is not None:  # misses read from host memory by the GPU
@@ -192,11 +198,11 @@ class OffloadedExecutor:
         out = torch.zeros_like(hidden)  # [T, D]
         for wave in self._waves([x for x in needed if x not in cpu_set]):
             for expert in self.cache.acquire(wave):
-                gate, up, down = self.cache.weights(expert)
+                gate, up, down = self.cache.weights(expert, hidden.dtype)
                 self._accumulate(out, hidden, groups, expert.expert, gate, up, down)
                 self.cache.release(expert)
         for expert in on_cpu:  # runs on the host while the GPU works through the waves
-            gate, up, down = self.cache.store.weights(expert)
+            gate, up, down = self.cache.store.weights(expert, hidden.dtype)
             y = expert_mlp(cpu_inputs[expert], gate, up, down).to(hidden.device)  # [N, D]
             out.index_add_(0, groups.rows(expert.expert), y * groups.expert_weights(expert.expert))
             self.cache.stats.cpu_experts += 1
@@ -244,8 +250,8 @@ class OffloadedExecutor:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = GroupedPlan.for_call(
-                key[0], self.cache.store.num_experts, self.cache.store.layout.nbytes,
-                self.gather_limit_bytes)
+                key[0], self.cache.store.num_experts, self.cache.store.layout.gather_nbytes,
+                self.gather_limit_bytes)  # FP8: the block and its dequantised matrices
         if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
             layer_map = self.cache.log_graph_use(self.layer, expert_ids)
             return grouped_mapped_experts(hidden, expert_ids, weights, self.fetcher, self.layer,
@@ -264,8 +270,21 @@ class OffloadedExecutor:
         one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
         rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1), lut,
                                               distinct=one_token)
-        return gathered_experts(hidden, None if index is None else index.view_as(expert_ids),
-                                weights, *self.cache.store.layout.stacked_views(rows))
+        index = None if index is None else index.view_as(expert_ids)
+        layout = self.cache.store.layout
+        if layout.is_fp8:
+            return gathered_fp8_experts(hidden, index, weights, layout, rows)
+        return gathered_experts(hidden, index, weights, *layout.stacked_views(rows))
+
+    def _over_slots(self, hidden: torch.Tensor, slots: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+        """The gathered computation of every assignment over the pool's slots (`slots` `[T, K]`
+        the slot of each)."""
+        pool = self.cache.pool
+        if pool.layout.is_fp8:
+            return gathered_fp8_experts(hidden, slots, weights, pool.layout,
+                                        pool.rows(0, pool.num_slots))
+        return gathered_experts(hidden, slots, weights, *pool.stacked())
 
     def _gathered(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor | None:
@@ -282,7 +301,7 @@ class OffloadedExecutor:
         lookup = torch.zeros(self.cache.store.num_experts, dtype=torch.long)  # [E] expert -> slot
         lookup[[e.expert for e in order]] = torch.tensor(slots)
         index = lookup[ids].to(hidden.device, non_blocking=True)  # [T, K]
-        out = gathered_experts(hidden, index, weights, *self.cache.pool.stacked())
+        out = self._over_slots(hidden, index, weights)
         self.cache.release(*order)
         self.cache.settle()
         return out

@@ -170,7 +170,9 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
 
     Args:
         model: The model (dense weights where compute runs, i.e. on `pool.device`).
-        store: Every routed expert in host memory (e.g. `HostExpertStore.from_model(model)`).
+        store: Every routed expert in host memory (e.g. `HostExpertStore.from_model(model)`);
+            an FP8 store (`fp8.FP8`) runs on every path, its blocks dequantised just before
+            the products (decisions 0011, 0015).
         pool: The device slots; all of them go to this runtime.
         engine: Copies from `store` into `pool` (a `CpuCopyEngine` for a CPU pool).
         policy: Eviction policy of the on-demand cache (default LRU); unused by streaming.
@@ -235,9 +237,6 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     if fetch == "mapped" and cpu_compute_rule is not None:
         raise ValueError("fetch='mapped' reads misses on the GPU; it does not combine with a "
                          "cpu_compute_rule (use fetch='copy')")
-    if store.layout.is_fp8 and kind != "streaming":
-        raise ValueError("FP8 experts run only through the streaming executor (kind="
-                         "'streaming'), which dequantises them on the device")
     if two_lanes and (kind != "on_demand" or fetch != "mapped"):
         raise ValueError("two_lanes needs kind='on_demand' and fetch='mapped'")
     if handover not in HANDOVERS:

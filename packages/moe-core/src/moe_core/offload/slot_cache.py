@@ -147,9 +147,11 @@ class ExpertSlotCache:
             (coming if expert in self._in_flight else ready).append(expert)
         return ready + coming + fetched
 
-    def weights(self, expert: ExpertId) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def weights(self, expert: ExpertId, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(gate, up, down)` slot views of an acquired expert, once its copy has landed (on
-        CUDA: once the compute stream has been told to wait for it)."""
+        CUDA: once the compute stream has been told to wait for it); of an FP8 pool, dequantised
+        to `dtype` (`GpuSlotPool.weights`)."""
         ticket = self._in_flight.pop(expert, None)
         if ticket is not None:
             self.stalls.wait(self.engine, ticket)
@@ -157,7 +159,7 @@ class ExpertSlotCache:
         slot = self.table.slot_of(expert)
         if slot is None:
             raise RuntimeError(f"{expert} holds no slot; acquire it first")
-        return self.pool.weights(slot)
+        return self.pool.weights(slot, dtype)
 
     def ready_slots(self, experts: list[ExpertId]) -> list[int]:
         """The slots of acquired `experts`, once all their copies have landed (on CUDA: once
