@@ -328,10 +328,12 @@ def s3_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
     save(args.out, record)
     other = "host_functions" if args.handover != "host_functions" else "flags"
     runtime = None
-    for key, handover, plan in (
-            ("s3", args.handover, [(1, 2, True), (1, 1, True), (1, 2, False), (4, 2, True),
-                                   (4, 1, True), (16, 2, True), (16, 1, True)]),
-            (f"s3_{other}", other, [(1, 2, True), (1, 2, False)])):
+    sections = [
+        ("s3", args.handover, args.runs or [(1, 2, True), (1, 1, True), (1, 2, False),
+                                            (4, 2, True), (4, 1, True), (16, 2, True),
+                                            (16, 1, True)]),
+        (f"s3_{other}", other, [(1, 2, True), (1, 2, False)])]
+    for key, handover, plan in sections[:1] if args.runs else sections:
         try:
             runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel, handover=handover)
         except Exception:
@@ -495,6 +497,19 @@ def s2_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
     runtime.close()
 
 
+def _runs(text: str) -> list[tuple[int, int, bool]]:
+    """`--runs`: `(batch, lanes, captured)` of each `BATCHxLANES[e]`."""
+    runs = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        eager = item.endswith("e")
+        batch, _, lanes = item.removesuffix("e").partition("x")
+        try:
+            runs.append((int(batch), int(lanes), not eager))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--runs: {item!r} is not BATCHxLANES[e]") from None
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -505,6 +520,9 @@ def main() -> None:
     parser.add_argument("--cpu-kernel", default="auto")
     parser.add_argument("--batch1-only", action="store_true",
                         help="s3: only the batch-1 runs (a short re-measurement)")
+    parser.add_argument("--runs", type=_runs, default=None,
+                        help="s3: only these runs, as BATCHxLANES[e] (e: eager), comma-separated, "
+                             "e.g. 1x2,1x1,4x1,16x1 (and no second hand-over section)")
     parser.add_argument("--expert-dtype", choices=["fp8"], default=None,
                         help="fp8: hold the routed experts as e4m3 with a scale per output "
                              "channel (half of bf16's bytes per miss, about twice the cached "
