@@ -1,7 +1,7 @@
 """One engine of a job: a loaded model made ready once (experts packed and streamed per the
 plan), request sets run through it, and what it measured. A job in this process has one; a job
-on Ray has one in each engine actor, which so sets the job's benchmark routing on its own model
-copy."""
+on Ray has one in each engine actor. The job's benchmark routing is set around each run, so
+every engine routes its own model copy."""
 
 from __future__ import annotations
 
@@ -127,9 +127,16 @@ def benchmark_routing(model: MoEForCausalLM, spec: str | None, seed: int) -> Ite
     if spec is None:
         yield
         return
-    devices = list(range(torch.cuda.device_count())) if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), routing_for(model, spec, seed=seed):
-        torch.manual_seed(seed)
+    device = model.device
+    cuda = None if device.type != "cuda" else (
+        device.index if device.index is not None else torch.cuda.current_device())
+    # Only the model's GPU: forking every GPU's state would start a context on each.
+    with torch.random.fork_rng(devices=[] if cuda is None else [cuda]), \
+            routing_for(model, spec, seed=seed):
+        torch.default_generator.manual_seed(seed)
+        if cuda is not None:
+            with torch.cuda.device(cuda):
+                torch.cuda.manual_seed(seed)
         yield
 
 
