@@ -88,7 +88,7 @@ class JobConfig:
             (`uniform`, `zipf:s=S,reuse=R` or `replay:TRACES`; `moe_core.routing_for`), its
             draws seeded by `defaults.seed`; None: the model's own routers. Dummy weights
             route almost every token to the same experts, so an offload benchmark sets it
-            (docs/moe-gen.md, "Benchmark routing").
+            (docs/moe-gen.md, `--routing`).
         ray: Run on Ray with these settings (None: in this process).
     """
 
