@@ -5,9 +5,10 @@ shapes, and `moe-cap report` over every record.
 
 Scenario S3 (../shared/BENCHMARKS.md): Qwen3-30B-A3B shapes (the shipped `qwen3-30b-a3b` shape,
 dummy bf16 weights) truncated to 24 layers, a 16 GiB GPU budget, 512-token prompts, 128 new
-tokens (ignore EOS), uniform random top-k routing set explicitly (dummy weights route every
-decode token to the same experts). The in-process engine gets the expert-slot bytes the server's
-memory plan gives its experts, so both cache the same number of experts.
+tokens (ignore EOS), uniform random top-k routing set explicitly in every step (`--routing`;
+dummy weights route every decode token to the same experts). The in-process engine gets the
+expert-slot bytes the server's memory plan gives its experts, so both cache the same number of
+experts.
 
 Every step runs as its own process under a timeout; a failed step is recorded and the sweep goes
 on. The summary is rewritten after every step. `--out DIR` receives at most six files:
@@ -351,8 +352,10 @@ def in_process(sweep: Sweep, path: dict[str, object]) -> None:
 
 
 def moe_gen_offline(sweep: Sweep) -> None:
-    """moe-gen's offline engine on the same shapes and prompts (routing: its own; moe-gen
-    streams every expert of a layer for a large batch, so the cache question does not arise)."""
+    """moe-gen's offline engine on the same shapes and prompts, with the sweep's routing (set
+    explicitly as for the other steps: dummy weights would activate only a few experts per
+    layer per decode step, so moe-gen would move far fewer expert bytes than real routing
+    makes it)."""
     a = sweep.args
     if a.moe_gen_requests <= 0 or sweep.deadline_left_s < 60:
         return
@@ -360,8 +363,8 @@ def moe_gen_offline(sweep: Sweep) -> None:
     record = sweep.work / "moe-gen.json"
     argv = sweep.python("moe_cap", "run", a.model, "--engine", "moe-gen",
                         *_workload_argv(sweep, a.moe_gen_requests), "--device", device,
-                        "--gpu-memory", a.gpu_memory, "--out", str(record),
-                        *_model_argv(a))
+                        "--gpu-memory", a.gpu_memory, "--routing", a.routing,
+                        "--out", str(record), *_model_argv(a))
     run_step(sweep, f"moe-gen offline ({a.moe_gen_requests} requests)", argv, a.step_timeout,
              record)
 

@@ -1,5 +1,6 @@
 """`moe-cap run --engine moe-infinity`'s benchmark options: dummy weights, the fetch path and
-routing set by hand, checked before loading and used for the engine's life."""
+routing set by hand, checked before loading and used for the engine's life; `--engine moe-gen`
+takes the routing too (its job's), and is refused the fetch path."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ from moe_cap.workload import WorkItem
     ({"fetch": "mapped"}, "--fetch mapped needs --expert-memory"),
     ({"lanes": 2, "expert_memory_bytes": 1 << 20}, "--lanes 2 needs --fetch mapped"),
     ({"routing": "zipf:q=1"}, "--routing 'zipf:q=1'"),
-    ({"engine": "moe-gen", "routing": "uniform"}, "are for --engine moe-infinity"),
+    ({"engine": "moe-gen", "routing": "zipf:q=1"}, "--routing 'zipf:q=1'"),
+    ({"engine": "moe-gen", "fetch": "mapped", "expert_memory_bytes": 1 << 20},
+     "^--fetch and --lanes are for --engine moe-infinity$"),
+    ({"engine": "moe-gen", "lanes": 2}, "^--fetch and --lanes are for --engine moe-infinity$"),
 ])
 def test_bad_options_are_one_line_errors(kwargs: dict[str, object], message: str) -> None:
     options = {"engine": "moe-infinity", "model": "tiny-moe", **kwargs}
@@ -46,3 +50,44 @@ def test_dummy_mapped_uniform_run(tmp_path: Path) -> None:
                             settings=GenerationSettings(max_tokens=4)))
     record = RunRecord.from_json(out)
     assert record.output_tokens == 4 and record.num_layers == 2
+
+
+def test_the_record_says_which_routing_the_engine_ran(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    items = [WorkItem("a", prompt="one two", max_tokens=2, ignore_eos=True)]
+    outcome = run_benchmark(EngineOptions(engine="moe-infinity", model="tiny-moe",
+                                          routing="zipf:s=1.1,reuse=0.5"), items,
+                            RunConfig(record_path=out, settings=GenerationSettings(max_tokens=2)))
+    assert outcome.record.routing == "zipf:s=1.1,reuse=0.5"
+    assert RunRecord.from_json(out).routing == "zipf:s=1.1,reuse=0.5"
+    run_benchmark(EngineOptions(engine="moe-infinity", model="tiny-moe"), items,
+                  RunConfig(record_path=out, settings=GenerationSettings(max_tokens=2)))
+    assert RunRecord.from_json(out).routing is None
+
+
+def test_moe_gen_runs_with_the_routing_and_records_it(tmp_path: Path) -> None:
+    """`moe-cap run --engine moe-gen --routing uniform`: eight copies of one prompt decode side
+    by side, so the model's own routers send all eight to the same K experts per layer; under
+    uniform routing each token draws its own, and the record says which routing ran."""
+    from moe_cap.cli import app
+    from moe_core import ModelSpec, tiny_model_path
+    from typer.testing import CliRunner
+
+    pytest.importorskip("moe_gen")
+    workload = tmp_path / "w.jsonl"
+    workload.write_text('{"prompt": "Once upon a time, there was a little fox who"}\n' * 8)
+    moe = ModelSpec.from_pretrained(tiny_model_path()).moe
+    decode: dict[str | None, list[tuple[int, ...]]] = {}
+    for routing in (None, "uniform"):
+        out = tmp_path / f"{routing}.json"
+        argv = ["run", "--engine", "moe-gen", "--workload", str(workload), "--max-tokens", "4",
+                "--out", str(out), "--json", *(["--routing", routing] if routing else [])]
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 0, result.output
+        record = RunRecord.from_json(out)
+        assert record.routing == routing and record.engine.startswith("moe-gen ")
+        assert record.serving is not None and record.serving.num_requests == 8
+        decode[routing] = [s.experts_activated or () for s in record.steps
+                           if s.phase == "decode"]
+    assert decode[None] and all(set(c) == {moe.router.top_k} for c in decode[None])
+    assert decode["uniform"] and all(moe.router.top_k < n for c in decode["uniform"] for n in c)

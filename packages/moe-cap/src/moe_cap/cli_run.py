@@ -182,9 +182,10 @@ def run(
         help="moe-infinity, with --fetch mapped: 1, or 2 (the CPU computes a share of each "
              "layer's misses at the same time).")] = 1,
     routing: Annotated[str | None, typer.Option(
-        help="moe-infinity: benchmark routing, uniform (uniform random top-k), "
+        help="Engines: benchmark routing, uniform (uniform random top-k), "
              "zipf:s=S,reuse=R or replay:TRACES (dummy weights otherwise route every decode "
-             "token to the same experts); a server sets its own (moe-infinity serve --routing).")
+             "token to the same experts; moe-gen seeds it with --seed); a server sets its own "
+             "(moe-infinity serve --routing).")
     ] = None,
     gpu: Annotated[str | None, typer.Option(
         help="GPU for the record (hardware-table name; default: this machine's, 'none' "

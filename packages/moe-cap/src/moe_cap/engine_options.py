@@ -37,8 +37,9 @@ class EngineOptions:
             the device, no offloading).
         fetch: moe-infinity, offloaded: `copy` or `mapped` (moe-core's `load_offloaded`).
         lanes: moe-infinity, with `mapped`: 1 or 2 (the CPU computes a share of the misses).
-        routing: moe-infinity: benchmark routing for the engine's life (`uniform`,
-            `zipf:s=S,reuse=R`, `replay:TRACES`; `moe_core.routing_for`), or None.
+        routing: Benchmark routing (`uniform`, `zipf:s=S,reuse=R`, `replay:TRACES`;
+            `moe_core.routing_for`), or None: moe-infinity sets it for the engine's life,
+            moe-gen for its job (`JobConfig.routing`, seeded by the run's seed).
     """
 
     engine: str
@@ -65,9 +66,8 @@ class EngineOptions:
             raise TargetError(f"--fetch must be copy or mapped, got {self.fetch!r}")
         if self.lanes not in (1, 2):
             raise TargetError(f"--lanes must be 1 or 2, got {self.lanes}")
-        if (self.fetch != "copy" or self.lanes != 1 or self.routing is not None) \
-                and self.engine != "moe-infinity":
-            raise TargetError("--fetch, --lanes and --routing are for --engine moe-infinity")
+        if (self.fetch != "copy" or self.lanes != 1) and self.engine != "moe-infinity":
+            raise TargetError("--fetch and --lanes are for --engine moe-infinity")
         if self.fetch == "mapped" and self.expert_memory_bytes is None:
             raise TargetError("--fetch mapped needs --expert-memory (offloaded experts)")
         if self.lanes == 2 and self.fetch != "mapped":

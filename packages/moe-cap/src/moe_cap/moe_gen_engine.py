@@ -69,7 +69,8 @@ class MoEGenOffline:
         config = mg.JobConfig(model=options.model, input=requests, output=output,
                               defaults=defaults, device=options.device, dtype=options.dtype,
                               dummy=options.dummy, num_layers=options.num_layers,
-                              eos=not any(i.ignore_eos for i in items), **extra)
+                              eos=not any(i.ignore_eos for i in items),
+                              routing=options.routing, **extra)
         started: list[float] = []  # when the first step began (after loading and planning)
 
         def stepped(stats: object) -> None:

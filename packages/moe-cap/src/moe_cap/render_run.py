@@ -20,6 +20,8 @@ def print_run(view: RunView, record_path: str) -> None:
     record, console = view.record, _console()
     serving = record.serving
     title = f"{record.engine}: {record.model}"
+    if record.routing is not None:
+        title += f", routing {record.routing}"
     if serving is not None:
         load = serving.load
         how = (f"concurrency {load['concurrency']}" if load.get("mode") == "closed"

@@ -135,6 +135,7 @@ class _Measured:
     weight_dtype: str = "bf16"
     num_layers: int | None = None
     gpu: str | None = None
+    routing: str | None = None
 
     def elapsed(self) -> float:
         return self.wall_s if self.wall_s is not None else time.perf_counter() - self.started
@@ -178,7 +179,8 @@ def _record(measured_: _Measured, config: RunConfig, items: Sequence[WorkItem], 
         output_tokens=sum(r.output_tokens for r in good), steps=steps,
         num_layers=measured_.num_layers, cpu=config.cpu, dram_gib=config.dram_gib,
         gpu_energy_j=energy_j, energy_source="nvml" if energy_j is not None else "tdp",
-        counters=measured_.counters or None, serving=serving, accuracy=accuracy)
+        counters=measured_.counters or None, routing=measured_.routing, serving=serving,
+        accuracy=accuracy)
 
 
 def _has_cuda() -> bool:
@@ -273,6 +275,7 @@ def _run_streaming(options: EngineOptions, items: Sequence[WorkItem], config: Ru
     info = engine.info
     gathered.label, gathered.model, gathered.gpu = info.label, info.model, info.gpu
     gathered.weight_dtype, gathered.num_layers = info.weight_dtype, info.num_layers
+    gathered.routing = options.routing
     target = EngineTarget(engine)
     progress.start(_total(items, config.load), config.load.duration_s)
     try:
@@ -290,6 +293,7 @@ def _run_offline(options: EngineOptions, items: Sequence[WorkItem], config: RunC
     todo = [items[i % len(items)] for i in range(count)]
     gathered.label, gathered.model, gathered.num_layers = engine.label, options.model, \
         options.num_layers
+    gathered.routing = options.routing
     progress.start(count, None)
 
     def finished(index: int, completion: Completion, seconds: float) -> None:

@@ -121,7 +121,7 @@ _REQUIRED = ("engine", "model", "weight_dtype", "kv_dtype", "gpu", "wall_seconds
              "input_tokens", "output_tokens", "steps")
 _OPTIONAL = ("num_layers", "expert_dtype", "compute_dtype", "num_gpus", "cpu", "dram_gib",
              "gpu_energy_j", "cpu_energy_j", "dram_energy_j", "energy_source", "counters",
-             "serving", "accuracy")
+             "routing", "serving", "accuracy")
 _ENERGY_SOURCES = ("nvml", "tdp")
 
 
@@ -152,6 +152,9 @@ class RunRecord:
             could not measure it (cost then estimates TDP x load).
         counters: Counters the target exposed over the run (expert hits and misses, bytes
             copied host-to-GPU: a server's `/metrics` deltas, an engine's offload counters).
+        routing: The benchmark routing the engine's routers were replaced by (`uniform`,
+            `zipf:s=S,reuse=R`, `replay:TRACES`; `moe_core.routing_for`); None: the model's
+            own routers (or, for a server, not known here).
         serving: What `moe-cap run` measured from the client's side (latency, throughput).
         accuracy: The score of an accuracy task run through the target.
 
@@ -179,6 +182,7 @@ class RunRecord:
     dram_energy_j: float | None = None
     energy_source: str | None = None
     counters: dict[str, float] | None = None
+    routing: str | None = None
     serving: ServingSummary | None = None
     accuracy: AccuracyResult | None = None
     format: str = field(default=FORMAT)
@@ -223,6 +227,8 @@ class RunRecord:
         _check(self.counters is None or (isinstance(self.counters, dict) and all(
             isinstance(k, str) and _is_number(v) for k, v in self.counters.items())),
             "RunRecord.counters", "must map names to numbers")
+        _check(self.routing is None or (isinstance(self.routing, str) and bool(self.routing)),
+               "RunRecord.routing", f"must be a non-empty string, got {self.routing!r}")
         total = sum(s.seconds for s in self.steps)
         _check(total <= self.wall_seconds * (1 + _SLACK), "RunRecord.wall_seconds",
                f"({self.wall_seconds}) is less than the steps' total ({total})")

@@ -57,6 +57,11 @@ ExpertDtype = Annotated[str | None, typer.Option(
          "(half of bf16's PCIe bytes; dequantised on the device; default: the model dtype).")]
 CpuShare = Annotated[float, typer.Option(
     help="Most of a decode batch the planner may attend on the host (0: GPU only).")]
+Routing = Annotated[str | None, typer.Option(
+    help="Benchmarks only: replace the routers by uniform (uniform random top-k), "
+         "zipf:s=S,reuse=R (skewed, with temporal re-use) or replay:TRACES (a trace file); "
+         "dummy weights otherwise route every decode token to the same experts. Seeded by "
+         "--seed.")]
 
 
 def _device(device: str | None) -> str:
@@ -88,6 +93,7 @@ def run(
     device: Device = None, dtype: Dtype = None, dummy: Dummy = False, num_layers: Layers = None,
     max_cpu_attention_share: CpuShare = 0.75,
     expert_dtype: ExpertDtype = None,
+    routing: Routing = None,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Write the run record moe-cap reads to this file.")] = None,
     report: Annotated[Path | None, typer.Option(
@@ -119,6 +125,7 @@ def run(
                        dtype=dtype, dummy=dummy, num_layers=num_layers, eos=not ignore_eos,
                        max_cpu_attention_share=max_cpu_attention_share,
                        truncate=parse_truncate(truncate), expert_dtype=expert_dtype,
+                       routing=routing,
                        ray=(RayConfig(address=ray_address, num_engines=ray_engines)
                             if ray or ray_address or ray_engines else None))
     for path, option in ((json_path, "--json"), (report, "--report")):
@@ -162,6 +169,7 @@ def _report(config: JobConfig, outcome: JobOutcome) -> dict[str, object]:
     return {"engine": f"moe-gen {moe_gen.__version__}", "model": config.model,
             "device": config.device, "dtype": str(outcome.dtype),
             "expert_dtype": config.expert_dtype or str(outcome.dtype).removeprefix("torch."),
+            "routing": config.routing,
             "gpu_memory_bytes": config.gpu_memory_bytes,
             "host_memory_bytes": config.host_memory_bytes,
             "plan": outcome.plan.to_dict() if outcome.plan else None,

@@ -41,6 +41,7 @@ class JobOutcome:
         skipped: Requests already in the output.
         expert_dtype: The routed experts' storage when it is not the model dtype (`"fp8"`).
         num_engines: Engines that ran requests (more than one only on Ray).
+        routing: The benchmark routing the engines ran (None: the model's own routers).
     """
 
     summary: JobSummary
@@ -51,6 +52,7 @@ class JobOutcome:
     skipped: int
     expert_dtype: str | None = None
     num_engines: int = 1
+    routing: str | None = None
 
 
 def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda total, done: None,
@@ -85,7 +87,7 @@ def run_job(config: JobConfig, on_start: Callable[[int, int], None] = lambda tot
             record.save(record.joined(this_run))
     return JobOutcome(run.summary(len(todo)), run.plan, run.profile, dtype,
                       record.joined(this_run), len(requests) - len(todo), config.expert_dtype,
-                      run.num_engines)
+                      run.num_engines, config.routing)
 
 
 def _job_run(config: JobConfig, dtype: torch.dtype, output: JobOutput,
@@ -187,7 +189,7 @@ class JobRun:
             return None
         record = run_record(config.model, self.dtype, self.gpu or gpu_name(config.device),
                             self.engine_seconds, self.steps, config.num_layers,
-                            config.expert_dtype)
+                            config.expert_dtype, config.routing)
         model = cpu_model()
         if model is not None:
             record["cpu"] = cpu_table_name(model)

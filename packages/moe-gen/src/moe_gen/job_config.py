@@ -9,7 +9,14 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from moe_core import ModelSpec, SettingError, Truncate, check_device, run_dtype
+from moe_core import (
+    ModelSpec,
+    SettingError,
+    Truncate,
+    check_device,
+    check_routing,
+    run_dtype,
+)
 
 from moe_gen.api import Defaults
 from moe_gen.plan import Plan
@@ -77,6 +84,11 @@ class JobConfig:
         expert_dtype: `"fp8"`: routed experts stored and streamed as e4m3 with per-output-
             channel scales, dequantised on the device (never silent: the summary, the run
             record and the report say so); None: the model dtype.
+        routing: Benchmark routing: every MoE block's router replaced while the engine runs
+            (`uniform`, `zipf:s=S,reuse=R` or `replay:TRACES`; `moe_core.routing_for`), its
+            draws seeded by `defaults.seed`; None: the model's own routers. Dummy weights
+            route almost every token to the same experts, so an offload benchmark sets it
+            (docs/moe-gen.md, `--routing`).
         ray: Run on Ray with these settings (None: in this process).
     """
 
@@ -95,6 +107,7 @@ class JobConfig:
     max_cpu_attention_share: float = 0.75
     truncate: Truncate | None = None
     expert_dtype: str | None = None
+    routing: str | None = None
     ray: RayConfig | None = None
 
     def __post_init__(self) -> None:
@@ -112,6 +125,11 @@ class JobConfig:
                                f"{self.expert_dtype!r}")
         if self.num_layers is not None and self.num_layers < 1:
             raise SettingError(f"--num-layers must be at least 1, got {self.num_layers}")
+        if self.routing is not None:
+            try:
+                check_routing(self.routing)
+            except SettingError as exc:  # "routing 'x': ..." names the option
+                raise SettingError(f"--{exc}") from None
         if self.ray is None:
             check_device(self.device)
         elif importlib.util.find_spec("ray") is None:

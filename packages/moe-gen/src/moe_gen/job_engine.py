@@ -1,16 +1,18 @@
 """One engine of a job: a loaded model made ready once (experts packed and streamed per the
 plan), request sets run through it, and what it measured. A job in this process has one; a job
-on Ray has one in each engine actor."""
+on Ray has one in each engine actor. The job's benchmark routing is set around each run, so
+every engine routes its own model copy."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-from moe_core import ConfigError, ModelSpec, MoEForCausalLM, load_tokenizer
+import torch
+from moe_core import ConfigError, ModelSpec, MoEForCausalLM, load_tokenizer, routing_for
 
 from moe_gen.api import Defaults, eos_ids, run_requests
 from moe_gen.batch_loop import StepStats
@@ -23,7 +25,7 @@ from moe_gen.profile import DeviceProfile, profile_device
 from moe_gen.requests import GenRequest
 from moe_gen.sequence import GenResult
 
-__all__ = ["JobEngine", "job_shape", "job_tokenizer", "plan_job"]
+__all__ = ["JobEngine", "benchmark_routing", "job_shape", "job_tokenizer", "plan_job"]
 
 
 def job_tokenizer(folder: Path, stand_in_vocab: int | None = None) -> object | None:
@@ -83,6 +85,7 @@ class JobEngine:
         self.plan = plan
         self.defaults = _defaults(config, model)
         self._device = config.device
+        self._routing = config.routing
         self._loaded = install_streaming(model, plan, config.device,
                                          fp8_experts=config.expert_dtype == "fp8")
         self.wall_s = 0.0
@@ -98,9 +101,11 @@ class JobEngine:
         started = time.perf_counter()
         meter = EnergyMeter(0 if self._device == "cuda" else None)
         measuring = any(v is not None for v in self.energy_j.values())
+        model = self._loaded.model
         try:
-            with meter if measuring else nullcontext():
-                run_requests(self._loaded.model, todo, self.plan, self.defaults, tokenizer,
+            with (meter if measuring else nullcontext(),
+                  benchmark_routing(model, self._routing, self.defaults.seed)):
+                run_requests(model, todo, self.plan, self.defaults, tokenizer,
                              on_result, on_step,
                              (lambda: runtime.stats.bytes_copied) if runtime else (lambda: 0))
         finally:
@@ -109,6 +114,30 @@ class JobEngine:
                 total = self.energy_j[key]
                 self.energy_j[key] = None if total is None or value is None else total + value
             self.offload = runtime.summary() if runtime is not None else {}
+
+
+@contextmanager
+def benchmark_routing(model: MoEForCausalLM, spec: str | None, seed: int) -> Iterator[None]:
+    """`model` routed by `spec` while inside (`moe_core.routing_for`; None: its own routers).
+
+    The draws of `uniform` and `zipf` come from torch's default generators: they are seeded
+    with `seed` on entry (zipf's per-layer popularity order too), so a run is repeatable, and
+    the caller's generator states are put back on exit.
+    """
+    if spec is None:
+        yield
+        return
+    device = model.device
+    cuda = None if device.type != "cuda" else (
+        device.index if device.index is not None else torch.cuda.current_device())
+    # Only the model's GPU: forking every GPU's state would start a context on each.
+    with torch.random.fork_rng(devices=[] if cuda is None else [cuda]), \
+            routing_for(model, spec, seed=seed):
+        torch.default_generator.manual_seed(seed)
+        if cuda is not None:
+            with torch.cuda.device(cuda):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def _defaults(config: JobConfig, model: MoEForCausalLM) -> Defaults:

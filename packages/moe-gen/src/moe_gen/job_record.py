@@ -4,8 +4,9 @@ A job may take several runs (it resumes after an interruption), and its last run
 nothing left to do; the record `--json` writes is the job's: the steps of every run of it,
 stored in `<output>.run-record.json` as each run ends (also when it is interrupted by Ctrl-C or
 SIGTERM; a run killed outright loses its steps from the record, not its results). Runs with
-another model, dtype, device or layer count start the record afresh. The file is moe-cap's run
-record format; one that is not a moe-gen record is never overwritten.
+another model, dtype, device, layer count or benchmark routing (`routing`: it decides which
+experts each step reads) start the record afresh. The file is moe-cap's run record format; one
+that is not a moe-gen record is never overwritten.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from moe_core import OutputError, write_output_text
 
 __all__ = ["JobRecord"]
 
-_SAME_RUN = ("model", "weight_dtype", "kv_dtype", "expert_dtype", "gpu", "cpu", "num_layers")
+_SAME_RUN = ("model", "weight_dtype", "kv_dtype", "expert_dtype", "gpu", "cpu", "num_layers",
+             "routing")
 _SUMMED = ("wall_seconds", "input_tokens", "output_tokens")
 # Measured energy adds up only where every run measured it; otherwise it is left out (moe-cap
 # then estimates the whole job's, and says so).

@@ -71,6 +71,9 @@ def summary_lines(outcome: JobOutcome) -> list[str]:
         lines.append(f"experts: {outcome.expert_dtype} (e4m3, a float32 scale per output "
                      f"channel), dequantised to {str(outcome.dtype).removeprefix('torch.')} "
                      f"on the device")
+    if outcome.routing is not None:
+        lines.append(f"routing: {outcome.routing} (benchmark routing: the model's routers "
+                     "replaced)")
     if s.predicted_decode_step_s is not None:
         measured = ("n/a (no full-batch decode step)" if s.measured_decode_step_s is None
                     else _ms(s.measured_decode_step_s))

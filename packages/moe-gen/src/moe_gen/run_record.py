@@ -1,5 +1,6 @@
 """The run record moe-cap reads (docs/moe-cap.md): engine, model, dtypes, GPU, wall time, tokens,
-and every step as `[past_tokens, new_tokens]` pairs with its host-to-device bytes."""
+the benchmark routing when one was set, and every step as `[past_tokens, new_tokens]` pairs with
+its host-to-device bytes."""
 
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ def precision_name(dtype: torch.dtype) -> str:
 
 def run_record(model: str, dtype: torch.dtype, gpu: str, wall_seconds: float,
                steps: Sequence[StepStats], num_layers: int | None,
-               expert_dtype: str | None = None) -> dict[str, object]:
+               expert_dtype: str | None = None, routing: str | None = None
+               ) -> dict[str, object]:
     """The JSON-ready run record (only the fields moe-cap knows: it rejects others); with
     `expert_dtype` (`"fp8"`) the routed experts' storage differs from the model dtype, and
-    the products still run in the model dtype (`compute_dtype`)."""
+    the products still run in the model dtype (`compute_dtype`); with `routing` the routers
+    were replaced by that benchmark routing (`JobConfig.routing`)."""
     record: dict[str, object] = {
         "format": "moe-cap/run-record", "version": 1, "engine": f"moe-gen {moe_gen.__version__}",
         "model": model, "weight_dtype": precision_name(dtype), "kv_dtype": precision_name(dtype),
@@ -40,6 +43,8 @@ def run_record(model: str, dtype: torch.dtype, gpu: str, wall_seconds: float,
     if expert_dtype is not None:
         record["expert_dtype"] = expert_dtype
         record["compute_dtype"] = precision_name(dtype)
+    if routing is not None:
+        record["routing"] = routing
     return record
 
 
