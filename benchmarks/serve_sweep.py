@@ -231,6 +231,15 @@ def _serve_argv(sweep: Sweep, fetch: str, lanes: int) -> list[str]:
     return argv + _model_argv(a)
 
 
+def _server_label(argv: list[str]) -> str:
+    """The server's name in the records and the report: its fetch path, lanes and policy."""
+    def value(flag: str) -> str:
+        return argv[argv.index(flag) + 1] if flag in argv else "?"
+    lanes = value("--lanes")
+    return (f"moe-infinity serve ({value('--fetch')}, {lanes} lane{'s' if lanes != '1' else ''}, "
+            f"{value('--policy')})")
+
+
 def _model_argv(a: argparse.Namespace) -> list[str]:
     """The model options every engine of the sweep takes: dummy weights, truncation, dtype."""
     argv = ["--dummy"] if a.dummy else []
@@ -294,6 +303,7 @@ def http_sweep(sweep: Sweep) -> dict[str, object] | None:
             record = sweep.work / f"http-c{c}.json"
             assert server.url is not None and server.model is not None
             argv = sweep.python("moe_cap", "run", "--url", server.url, "--model", server.model,
+                                "--label", _server_label(server.argv),
                                 *_workload_argv(sweep, n), "--concurrency", str(c),
                                 "--out", str(record))
             if a.num_layers:

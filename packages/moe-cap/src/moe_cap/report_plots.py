@@ -89,7 +89,7 @@ def plot_radar(scores: list[CapScores], task: str | None, path: Path) -> Path:
 @_styled
 def plot_throughput_latency(systems: list[SystemRuns], path: Path) -> Path:
     """Output tokens/s against median TPOT and p99 TTFT, one line per system across its loads."""
-    fig = _figure(11, 4.8)
+    fig = _figure(11, 5.2)
     left, right = fig.subplots(1, 2)
     for color, system in zip(_colors(len(systems)), systems, strict=True):
         points = []
@@ -115,10 +115,12 @@ def plot_throughput_latency(systems: list[SystemRuns], path: Path) -> Path:
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
         top = max((line.get_ydata().max() for line in ax.get_lines()), default=1.0)
-        ax.set_ylim(0, top * 1.3)  # room above the highest point for its label and the legend
+        ax.set_ylim(0, top * 1.15)  # room above the highest point for its label
         ax.set_xlim(left=0)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right")
+    handles, labels = left.get_legend_handles_labels()
+    if handles:  # one legend for both panels, under them: it never hides a point
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(2, len(handles)),
+                   frameon=False)
     fig.suptitle("Labels: cN = N concurrent clients, rR = R requests/s (Poisson)", fontsize=10,
                  color="0.35")
     return _save(fig, path)
