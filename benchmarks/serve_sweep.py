@@ -236,17 +236,21 @@ def _server_label(argv: list[str]) -> str:
     def value(flag: str) -> str:
         return argv[argv.index(flag) + 1] if flag in argv else "?"
     lanes = value("--lanes")
+    experts = f", experts {value('--expert-dtype')}" if "--expert-dtype" in argv else ""
     return (f"moe-infinity serve ({value('--fetch')}, {lanes} lane{'s' if lanes != '1' else ''}, "
-            f"{value('--policy')})")
+            f"{value('--policy')}{experts})")
 
 
 def _model_argv(a: argparse.Namespace) -> list[str]:
-    """The model options every engine of the sweep takes: dummy weights, truncation, dtype."""
+    """The model options every engine of the sweep takes: dummy weights, truncation, dtype, the
+    experts' storage (the server, the in-process engine and moe-gen all take --expert-dtype)."""
     argv = ["--dummy"] if a.dummy else []
     if a.num_layers:
         argv += ["--num-layers", str(a.num_layers)]
     if a.dtype:
         argv += ["--dtype", a.dtype]
+    if a.expert_dtype:
+        argv += ["--expert-dtype", a.expert_dtype]
     return argv
 
 
@@ -308,6 +312,8 @@ def http_sweep(sweep: Sweep) -> dict[str, object] | None:
                                 "--out", str(record))
             if a.num_layers:
                 argv += ["--num-layers", str(a.num_layers)]
+            if a.expert_dtype:  # the record says what the server's experts are
+                argv += ["--expert-dtype", a.expert_dtype]
             run_step(sweep, f"http c={c} ({n} requests)", argv, a.step_timeout, record)
     finally:
         status = server.stop()
@@ -495,6 +501,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fetch", default="mapped", help="copy or mapped (falls back to copy if "
                    "the server fails to start with mapped)")
     p.add_argument("--lanes", type=int, default=1)
+    p.add_argument("--expert-dtype", default="",
+                   help="fp8: the routed experts as e4m3 with per-output-channel scales in every "
+                        "step (server, in-process engine, moe-gen); default: the model dtype")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=_ints, default=[1, 4, 16])

@@ -26,6 +26,9 @@ from moe_cap.workload import WorkItem
     ({"engine": "moe-gen", "fetch": "mapped", "expert_memory_bytes": 1 << 20},
      "^--fetch and --lanes are for --engine moe-infinity$"),
     ({"engine": "moe-gen", "lanes": 2}, "^--fetch and --lanes are for --engine moe-infinity$"),
+    ({"expert_dtype": "int4", "expert_memory_bytes": 1 << 20}, "--expert-dtype must be fp8"),
+    ({"engine": "moe-gen", "expert_dtype": "bf16"}, "--expert-dtype must be fp8"),
+    ({"expert_dtype": "fp8"}, "--expert-dtype fp8 needs --expert-memory"),
 ])
 def test_bad_options_are_one_line_errors(kwargs: dict[str, object], message: str) -> None:
     options = {"engine": "moe-infinity", "model": "tiny-moe", **kwargs}
@@ -91,3 +94,31 @@ def test_moe_gen_runs_with_the_routing_and_records_it(tmp_path: Path) -> None:
                            if s.phase == "decode"]
     assert decode[None] and all(set(c) == {moe.router.top_k} for c in decode[None])
     assert decode["uniform"] and all(moe.router.top_k < n for c in decode["uniform"] for n in c)
+
+
+def test_fp8_experts_run_offloaded_and_the_record_says_so(tmp_path: Path) -> None:
+    """`moe-cap run --engine moe-infinity --expert-memory M --expert-dtype fp8`: the experts are
+    e4m3 in the runtime, and the record keeps the model dtype as `weight_dtype` and names the
+    experts' `expert_dtype` (as moe-gen's FP8 records do)."""
+    out = tmp_path / "r.json"
+    items = [WorkItem("a", prompt="one two three", max_tokens=3, ignore_eos=True)]
+    options = EngineOptions(engine="moe-infinity", model="tiny-moe",
+                            expert_memory_bytes=2 << 20, expert_dtype="fp8")
+    engine = CoreStreamingEngine.load(options, "test")
+    assert engine.runtime is not None and engine.runtime.store.layout.is_fp8
+    run_benchmark(options, items, RunConfig(record_path=out,
+                                            settings=GenerationSettings(max_tokens=3)))
+    record = RunRecord.from_json(out)
+    assert record.expert_dtype == "fp8" and record.weight_dtype == "fp32"
+    assert record.output_tokens == 3
+
+
+def test_the_cli_refuses_a_bad_expert_dtype_in_one_line() -> None:
+    from moe_cap.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["run", "--engine", "moe-infinity", "--expert-memory",
+                                      "2MiB", "--expert-dtype", "fp4"])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--expert-dtype must be fp8" in lines[0], result.output

@@ -40,6 +40,7 @@ def _one_error_line(result_output: str) -> str:
     (["--grace", "-1"], "--grace must be >= 0"),
     (["--device", "tpu"], "tpu"),
     (["--prefetch", "bogus", "--device", "cpu"], "--prefetch must be none or lookahead"),
+    (["--expert-dtype", "int4", "--device", "cpu"], "--expert-dtype must be fp8"),
 ])
 def test_serve_refuses_bad_options_in_one_line(args: list[str], says: str) -> None:
     result = CliRunner().invoke(app, ["serve", "--port", "0", *args])
@@ -131,6 +132,40 @@ def test_chat_answers_and_reports_speed_and_hit_rate() -> None:
     summaries = re.findall(r"\[(\d+) tokens, [0-9.]+ tok/s, first token [0-9.]+ s, expert hit "
                            r"rate (?:[0-9.]+%|n/a)\]", result.output)
     assert len(summaries) == 2 and all(0 < int(n) <= 8 for n in summaries), result.output
+
+
+def test_chat_refuses_a_bad_expert_dtype_in_one_line() -> None:
+    result = CliRunner().invoke(app, ["chat", "--device", "cpu", "--expert-dtype", "e5m2"],
+                                input="")
+    assert result.exit_code == 1
+    assert "--expert-dtype must be fp8" in _one_error_line(result.output)
+
+
+def test_serve_with_fp8_experts_says_so_at_start_and_answers() -> None:
+    """`--expert-dtype fp8` is never silent: the start-up line names it."""
+    command = ([str(_SCRIPT)] if _SCRIPT.exists()
+               else [sys.executable, "-c", "from moe_infinity.cli import app; app()"])
+    server = subprocess.Popen(
+        [*command, "serve", "--port", "0", "--device", "cpu", "--gpu-memory", "64MiB",
+         "--kv-memory", "8MiB", "--expert-dtype", "fp8", "--grace", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert match, line + (server.stderr.read() if server.stderr else "")
+        answer = httpx.post(f"http://127.0.0.1:{match.group(1)}/v1/completions", timeout=60,
+                            json={"model": "tiny-moe", "prompt": "Hi", "max_tokens": 3})
+        assert answer.status_code == 200
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    stderr = " ".join((server.stderr.read() if server.stderr else "").split())  # unwrapped
+    assert re.search(r"expert slots, policy \S+, experts fp8, fetch copy", stderr), stderr
 
 
 def test_chat_ends_cleanly_on_ctrl_d() -> None:

@@ -18,6 +18,7 @@ from moe_infinity import ActivationTracer, TraceCollection
 from moe_infinity.serving.block_allocator import BlockAllocator
 from moe_infinity.serving.engine import Engine, QueueFullError
 from moe_infinity.serving.engine_config import EngineConfig
+from moe_infinity.serving.expert_settings import ExpertSettings
 from moe_infinity.serving.kv_pool import KVPool
 from moe_infinity.serving.ragged_pass import PassRow, RaggedPass
 from moe_infinity.serving.request import GenerationRequest, SequenceEvent
@@ -261,6 +262,39 @@ def test_lookahead_prefetch_in_the_engine_keeps_greedy_output_and_is_used(
         assert got == result.tokens[0, : result.lengths[0]].tolist()
     stats = served.runtime.snapshot()
     assert stats.prefetches_issued > 0 and stats.prefetches_used > 0
+
+
+def test_fp8_experts_in_the_engine_equal_fp8_offloaded_generate() -> None:
+    """`--expert-dtype fp8`: the served model holds e4m3 experts, its slots are counted from the
+    FP8 layout (12 FP8 experts' bytes give 12 slots, where fp32 blocks would give 3), and each
+    greedy output equals `generate` over `load_offloaded(..., expert_dtype="fp8")`."""
+    spec = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path())
+    fp8_bytes = moe_core.ExpertLayout(spec.hidden_size, spec.moe.expert_intermediate_size,
+                                      moe_core.FP8).nbytes
+    budget = spec.dense_bytes(torch.float32) + (8 << 20) + 12 * fp8_bytes
+    served = load_serving_model("tiny-moe", "cpu", budget, "lru", max_batch=8, kv_bytes=8 << 20,
+                                experts=ExpertSettings(expert_dtype="fp8"))
+    assert served.runtime.store.layout.is_fp8
+    assert served.runtime.pool.num_slots == 12
+    reference = moe_core.load_offloaded("tiny-moe", "cpu", 12 * fp8_bytes, dtype=torch.float32,
+                                        expert_dtype="fp8")
+    engine = _engine(served, max_batch=8, prefill_chunk=8)
+    try:
+        requests = [GenerationRequest(request_id=str(i), prompt_ids=_ids(served, p),
+                                      max_tokens=12) for i, p in enumerate(PROMPTS)]
+        events = _run(engine, requests)
+    finally:
+        engine.stop()
+    for request in requests:
+        got = [t for e in events[request.request_id] for t in e.token_ids]
+        result = moe_core.generate(reference.model, [list(request.prompt_ids)],
+                                   max_new_tokens=12)
+        assert got == result.tokens[0, : result.lengths[0]].tolist()
+
+
+def test_expert_settings_refuse_an_unknown_expert_dtype() -> None:
+    with pytest.raises(moe_core.SettingError, match="--expert-dtype must be fp8"):
+        ExpertSettings(expert_dtype="int4")
 
 
 def test_long_prompt_prefill_does_not_stall_a_running_stream(served: ServingModel) -> None:

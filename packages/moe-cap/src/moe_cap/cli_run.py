@@ -15,7 +15,7 @@ from moe_core import parse_bytes
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moe_cap.accuracy_result import AccuracyResult
-from moe_cap.engine_options import ENGINES, EngineOptions
+from moe_cap.engine_options import ENGINES, EngineOptions, check_expert_dtype
 from moe_cap.errors import WorkloadError
 from moe_cap.gsm8k import PromptStyle, gsm8k_items, read_math_problems, score_gsm8k
 from moe_cap.hardware import load_hardware_table
@@ -181,6 +181,11 @@ def run(
     lanes: Annotated[int, typer.Option(
         help="moe-infinity, with --fetch mapped: 1, or 2 (the CPU computes a share of each "
              "layer's misses at the same time).")] = 1,
+    expert_dtype: Annotated[str | None, typer.Option(
+        help="fp8: store and stream the routed experts as e4m3 with a scale per output channel "
+             "(half of bf16's PCIe bytes; dequantised on the device; default: the model dtype); "
+             "moe-infinity with --expert-memory, or moe-gen; servers: say the server's experts "
+             "are fp8 (moe-infinity serve --expert-dtype fp8), for the record.")] = None,
     routing: Annotated[str | None, typer.Option(
         help="Engines: benchmark routing, uniform (uniform random top-k), "
              "zipf:s=S,reuse=R or replay:TRACES (dummy weights otherwise route every decode "
@@ -207,7 +212,8 @@ def run(
                "gpu_memory_bytes": None if gpu_memory is None else parse_bytes(gpu_memory),
                "expert_memory_bytes": None if expert_memory is None
                else parse_bytes(expert_memory), "fetch": fetch, "lanes": lanes,
-               "routing": routing}
+               "expert_dtype": expert_dtype, "routing": routing}
+    check_expert_dtype(expert_dtype)
     if url is not None and (routing is not None or fetch != "copy" or lanes != 1):
         raise WorkloadError("--routing, --fetch and --lanes are for --engine; a server sets its "
                             "own (e.g. moe-infinity serve --routing uniform)")
@@ -229,6 +235,7 @@ def run(
                            settings=GenerationSettings(max_tokens=max_tokens,
                                                        temperature=temperature, seed=seed),
                            slo=Slo(slo_ttft, slo_tpot), weight_dtype=dtype or "bf16",
+                           expert_dtype=expert_dtype,
                            num_layers=num_layers if isinstance(target, ServerSpec) else None,
                            gpu=gpu, cpu=cpu, dram_gib=dram_gib, scorer=scorer)
         bar = _Bar()

@@ -67,7 +67,8 @@ class CoreStreamingEngine:
 
     @classmethod
     def load(cls, options: EngineOptions, label: str) -> CoreStreamingEngine:
-        """Load the model of `options` (offloaded when `expert_memory_bytes` is set)."""
+        """Load the model of `options` (offloaded when `expert_memory_bytes` is set, its experts
+        as FP8 with `expert_dtype`)."""
         folder = resolve_model_path(options.model, weights=False)
         runtime = None
         if options.expert_memory_bytes is not None:
@@ -75,13 +76,14 @@ class CoreStreamingEngine:
                                     dtype=options.dtype, dummy=options.dummy,
                                     num_layers=options.num_layers,
                                     fetch="mapped" if options.fetch == "mapped" else "copy",
-                                    two_lanes=options.lanes == 2)
+                                    two_lanes=options.lanes == 2,
+                                    expert_dtype=options.expert_dtype)
             model, runtime = loaded.model, loaded.runtime
         else:
             model = load_model(options.model, options.device, options.dtype,
                                dummy=options.dummy, num_layers=options.num_layers)
         info = EngineInfo(label, options.model, precision_name(model.dtype), options.num_layers,
-                          gpu_name(options.device))
+                          gpu_name(options.device), options.expert_dtype)
         tokenizer = load_tokenizer(folder, model.spec.vocab_size if options.dummy else None)
         engine = cls(model, tokenizer, info, runtime)
         if options.routing is not None:

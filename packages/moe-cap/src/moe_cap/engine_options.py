@@ -9,7 +9,7 @@ from moe_core import SettingError, check_device, check_routing
 
 from moe_cap.errors import TargetError
 
-__all__ = ["ENGINES", "EngineOptions", "precision_name"]
+__all__ = ["ENGINES", "EngineOptions", "check_expert_dtype", "precision_name"]
 
 ENGINES = ("moe-gen", "moe-infinity")
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -18,6 +18,17 @@ _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 def precision_name(dtype: torch.dtype) -> str:
     """moe-cap's name of a torch dtype (`bf16`, `fp32`, ...)."""
     return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def check_expert_dtype(expert_dtype: str | None) -> None:
+    """Refuse any experts' storage but the model dtype (None) and `fp8`.
+
+    Raises:
+        TargetError: naming `--expert-dtype`.
+    """
+    if expert_dtype not in (None, "fp8"):
+        raise TargetError(f"--expert-dtype must be fp8 (or omitted: the model dtype), got "
+                          f"{expert_dtype!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +48,10 @@ class EngineOptions:
             the device, no offloading).
         fetch: moe-infinity, offloaded: `copy` or `mapped` (moe-core's `load_offloaded`).
         lanes: moe-infinity, with `mapped`: 1 or 2 (the CPU computes a share of the misses).
+        expert_dtype: `"fp8"`: routed experts stored and streamed as e4m3 with per-output-
+            channel scales (moe-infinity: offloaded, so with `expert_memory_bytes`; moe-gen:
+            `JobConfig.expert_dtype`); recorded as the run record's `expert_dtype`. None: the
+            model dtype.
         routing: Benchmark routing (`uniform`, `zipf:s=S,reuse=R`, `replay:TRACES`;
             `moe_core.routing_for`), or None: moe-infinity sets it for the engine's life,
             moe-gen for its job (`JobConfig.routing`, seeded by the run's seed).
@@ -52,6 +67,7 @@ class EngineOptions:
     expert_memory_bytes: int | None = None
     fetch: str = "copy"
     lanes: int = 1
+    expert_dtype: str | None = None
     routing: str | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +88,11 @@ class EngineOptions:
             raise TargetError("--fetch mapped needs --expert-memory (offloaded experts)")
         if self.lanes == 2 and self.fetch != "mapped":
             raise TargetError("--lanes 2 needs --fetch mapped")
+        check_expert_dtype(self.expert_dtype)
+        if (self.expert_dtype is not None and self.engine == "moe-infinity"
+                and self.expert_memory_bytes is None):
+            raise TargetError("--expert-dtype fp8 needs --expert-memory with --engine "
+                              "moe-infinity (FP8 experts are offloaded ones)")
         if self.routing is not None:
             try:
                 check_routing(self.routing)

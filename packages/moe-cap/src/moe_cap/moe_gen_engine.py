@@ -70,7 +70,8 @@ class MoEGenOffline:
                               defaults=defaults, device=options.device, dtype=options.dtype,
                               dummy=options.dummy, num_layers=options.num_layers,
                               eos=not any(i.ignore_eos for i in items),
-                              routing=options.routing, **extra)
+                              expert_dtype=options.expert_dtype, routing=options.routing,
+                              **extra)
         started: list[float] = []  # when the first step began (after loading and planning)
 
         def stepped(stats: object) -> None:
@@ -94,7 +95,8 @@ class MoEGenOffline:
         dtype = precision_name(outcome.dtype) if outcome is not None else (
             record.weight_dtype if record is not None else "fp32")
         return record, EngineInfo(self.label, options.model, dtype, options.num_layers,
-                                  record.gpu if record is not None else "none")
+                                  record.gpu if record is not None else "none",
+                                  options.expert_dtype)
 
     @staticmethod
     def _record(outcome: object | None, output: Path) -> RunRecord | None:

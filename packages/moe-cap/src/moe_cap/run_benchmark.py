@@ -81,6 +81,8 @@ class RunConfig:
         slo: Goodput objective.
         rows_path: Per-request rows (default: `<record>.requests.jsonl`).
         weight_dtype, kv_dtype: What a server runs (engines report their own).
+        expert_dtype: A server's routed experts' storage when not `weight_dtype` (`fp8`;
+            engines report their own).
         num_layers: A server's truncated layer count (engines report their own).
         gpu: Hardware-table GPU (default: this machine's, `none` without CUDA).
         cpu, dram_gib: Host CPU and memory, for the cost model.
@@ -94,6 +96,7 @@ class RunConfig:
     rows_path: Path | None = None
     weight_dtype: str = "bf16"
     kv_dtype: str | None = None
+    expert_dtype: str | None = None
     num_layers: int | None = None
     gpu: str | None = None
     cpu: str | None = None
@@ -133,6 +136,7 @@ class _Measured:
     label: str = ""
     model: str = ""
     weight_dtype: str = "bf16"
+    expert_dtype: str | None = None
     num_layers: int | None = None
     gpu: str | None = None
     routing: str | None = None
@@ -175,6 +179,7 @@ def _record(measured_: _Measured, config: RunConfig, items: Sequence[WorkItem], 
     return RunRecord(
         engine=measured_.label, model=measured_.model, weight_dtype=measured_.weight_dtype,
         kv_dtype=config.kv_dtype or measured_.weight_dtype, gpu=gpu, wall_seconds=wall,
+        expert_dtype=measured_.expert_dtype,
         input_tokens=sum(r.prompt_tokens or 0 for r in good),
         output_tokens=sum(r.output_tokens for r in good), steps=steps,
         num_layers=measured_.num_layers, cpu=config.cpu, dram_gib=config.dram_gib,
@@ -262,6 +267,7 @@ def _run_server(spec: ServerSpec, items: Sequence[WorkItem], config: RunConfig,
     target = OpenAITarget(spec.url, spec.model, spec.api_key)
     gathered.label, gathered.model = spec.label or target.label, spec.model
     gathered.weight_dtype, gathered.num_layers = config.weight_dtype, config.num_layers
+    gathered.expert_dtype = config.expert_dtype
     progress.start(_total(items, config.load), config.load.duration_s)
     run_interruptible(_drive_target(target, items, config, keep, gathered))
 
@@ -275,7 +281,7 @@ def _run_streaming(options: EngineOptions, items: Sequence[WorkItem], config: Ru
     info = engine.info
     gathered.label, gathered.model, gathered.gpu = info.label, info.model, info.gpu
     gathered.weight_dtype, gathered.num_layers = info.weight_dtype, info.num_layers
-    gathered.routing = options.routing
+    gathered.expert_dtype, gathered.routing = info.expert_dtype, options.routing
     target = EngineTarget(engine)
     progress.start(_total(items, config.load), config.load.duration_s)
     try:
@@ -310,3 +316,4 @@ def _run_offline(options: EngineOptions, items: Sequence[WorkItem], config: RunC
             gathered.stop_energy()
     gathered.engine_record = record
     gathered.weight_dtype, gathered.gpu = info.weight_dtype, info.gpu
+    gathered.expert_dtype = info.expert_dtype

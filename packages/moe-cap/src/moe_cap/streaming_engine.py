@@ -33,6 +33,8 @@ class EngineInfo:
         weight_dtype: Storage format of the weights (`bf16`, `fp32`).
         num_layers: Decoder layers run, when truncated.
         gpu: The hardware-table GPU name, or `none` on the CPU.
+        expert_dtype: Storage format of the routed experts when it differs from
+            `weight_dtype` (`fp8`), else None.
     """
 
     label: str
@@ -40,6 +42,7 @@ class EngineInfo:
     weight_dtype: str
     num_layers: int | None
     gpu: str
+    expert_dtype: str | None = None
 
 
 class StreamingEngine(Protocol):

@@ -224,6 +224,9 @@ Dummy = Annotated[bool, typer.Option(
     "--dummy", help="Random weights of the model's shapes (e.g. a shipped shape such as "
     "qwen3-30b-a3b; a shape without a tokenizer gets a word-level stand-in).")]
 NumLayers = Annotated[int | None, typer.Option(help="Keep only the first N decoder layers.")]
+ExpertDtype = Annotated[str | None, typer.Option(
+    help="fp8: store and stream the routed experts as e4m3 with a scale per output channel "
+         "(half of bf16's PCIe bytes; dequantised on the device; default: the model dtype).")]
 Fetch = Annotated[str, typer.Option(
     help="copy (misses are copied into the cache, which the policy manages) or mapped (the GPU "
          "reads decode misses from pinned host memory, no host sync per layer; the cache holds "
@@ -253,15 +256,17 @@ def _engine_settings(model: str, gpu_memory: str, device: str, dtype: str | None
 
 
 def _experts(dummy: bool, num_layers: int | None, fetch: str, lanes: int,
-             routing: str | None) -> ExpertSettings:
-    return ExpertSettings(dummy=dummy, num_layers=num_layers,
+             routing: str | None, expert_dtype: str | None) -> ExpertSettings:
+    return ExpertSettings(dummy=dummy, num_layers=num_layers, expert_dtype=expert_dtype,
                           fetch=fetch,  # type: ignore[arg-type]  # checked by ExpertSettings
                           lanes=lanes, routing=routing)
 
 
 def _expert_path(experts: ExpertSettings, eager_because: str | None) -> str:
-    """How experts reach the GPU and how decode runs, for the start-up line."""
-    fetch = f"fetch {experts.fetch}" + (", 2 lanes" if experts.lanes == 2 else "")
+    """How experts are stored, how they reach the GPU and how decode runs, for the start-up
+    line (FP8 experts are opt-in and never silent)."""
+    stored = f"experts {experts.expert_dtype}, " if experts.expert_dtype else ""
+    fetch = f"{stored}fetch {experts.fetch}" + (", 2 lanes" if experts.lanes == 2 else "")
     routing = f", routing {experts.routing}" if experts.routing else ""
     decode = "captured decode" if eager_because is None else f"eager decode ({eager_because})"
     return f"{fetch}, {decode}{routing}"
@@ -304,6 +309,7 @@ def serve(
     dtype: Dtype = None,
     dummy: Dummy = False,
     num_layers: NumLayers = None,
+    expert_dtype: ExpertDtype = None,
     fetch: Fetch = "copy",
     lanes: Lanes = 1,
     routing: Routing = None,
@@ -334,7 +340,8 @@ def serve(
         raise SettingError("--api-key must not be empty")
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
                                 save_every, trace_capacity, max_batch, max_queue, prefill_chunk,
-                                prefetch, _experts(dummy, num_layers, fetch, lanes, routing),
+                                prefetch,
+                                _experts(dummy, num_layers, fetch, lanes, routing, expert_dtype),
                                 graphs)
     if gpus is not None:  # `cpu:N` (N ranks on the CPU, over gloo) is for tests
         if routing is not None:  # each rank would draw its own routing
@@ -389,6 +396,7 @@ def chat(
     dtype: Dtype = None,
     dummy: Dummy = False,
     num_layers: NumLayers = None,
+    expert_dtype: ExpertDtype = None,
     fetch: Fetch = "copy",
     lanes: Lanes = 1,
     routing: Routing = None,
@@ -405,7 +413,7 @@ def chat(
                           seed=seed, system=system)
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
                                 100, 1000, 1, 1, 256, prefetch,
-                                _experts(dummy, num_layers, fetch, lanes, routing))
+                                _experts(dummy, num_layers, fetch, lanes, routing, expert_dtype))
     engine = build_engine(settings)
     engine.start()
     try:

@@ -1,13 +1,17 @@
 """How the served model's weights and experts are set up beyond the budget: dummy weights of a
-shape, truncation, the offload runtime's fetch path, and benchmark routing.
+shape, truncation, the experts' storage (FP8), the offload runtime's fetch path, and benchmark
+routing.
 
 Why these exist: `moe-infinity serve qwen3-30b-a3b --dummy --num-layers 24 --routing uniform`
 is benchmark scenario S3 (BENCHMARKS.md). Dummy weights route almost every decode token to the
 same experts, which flatters the expert cache, so a benchmark sets the routing explicitly
 (`moe_core.routing_for`). `--fetch mapped` (optionally `--lanes 2`) is moe-core's fastest
 batch-1 path for the decode rows: the GPU reads missed experts from pinned host memory with no
-host synchronisation per layer (prefill chunks still copy through the cache). The names and help
-texts mirror `moe-core generate`.
+host synchronisation per layer (prefill chunks still copy through the cache). `--expert-dtype
+fp8` holds the routed experts as e4m3 with a scale per output channel (moe-core's
+`load_offloaded`): half of bf16's bytes in host memory, over PCIe and in the slots, so about
+twice the experts fit the same budget; opt-in, never silent. The names and help texts mirror
+`moe-core generate` and `moe-gen run`.
 """
 
 from __future__ import annotations
@@ -32,12 +36,15 @@ __all__ = ["ExpertSettings"]
 
 @dataclass(frozen=True, kw_only=True)
 class ExpertSettings:
-    """Weights, truncation, fetch path and routing of a served model.
+    """Weights, truncation, expert storage, fetch path and routing of a served model.
 
     Attributes:
         dummy: Random weights of the model's shapes (a shipped shape needs no files; one that
             ships no tokenizer gets `moe_core.word_tokenizer`).
         num_layers: Keep only the first N decoder layers (None: all).
+        expert_dtype: `"fp8"`: routed experts held as e4m3 with per-output-channel scales,
+            quantised at load and dequantised on the device before their products (the
+            start-up line says so); None: the model dtype.
         fetch: `copy` (misses copied into the cache, which the policy manages) or `mapped`
             (decode rows read misses from pinned host memory on the GPU; the cache holds the
             experts loaded at start).
@@ -49,6 +56,7 @@ class ExpertSettings:
 
     dummy: bool = False
     num_layers: int | None = None
+    expert_dtype: str | None = None
     fetch: Literal["copy", "mapped"] = "copy"
     lanes: int = 1
     routing: str | None = None
@@ -56,6 +64,9 @@ class ExpertSettings:
     def __post_init__(self) -> None:
         if self.num_layers is not None and self.num_layers < 1:
             raise SettingError(f"--num-layers must be at least 1, got {self.num_layers}")
+        if self.expert_dtype not in (None, "fp8"):
+            raise SettingError(f"--expert-dtype must be fp8 (or omitted: the model dtype), got "
+                               f"{self.expert_dtype!r}")
         check_fetch_lanes(self.fetch, self.lanes)
         if self.routing is not None:
             try:

@@ -70,8 +70,8 @@ def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServeP
                        shard: Collection[ExpertId] | None = None) -> ServingModel:
     """Check the device and the budget, then load `name` offloaded (with `prefetcher`'s
     prefetches, e.g. moe-core's lookahead, where given; `experts` says how: dummy weights,
-    truncation, the fetch path; holding only `shard`, an expert-parallel rank's experts,
-    where given).
+    truncation, FP8 experts, the fetch path; holding only `shard`, an expert-parallel rank's
+    experts, where given).
 
     Raises:
         DeviceError, SettingError, ConfigError, CheckpointError: as the checks and
@@ -83,11 +83,14 @@ def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServeP
     spec = experts.spec_of(ModelSpec.from_pretrained(folder))
     tokenizer = load_tokenizer(folder, spec.vocab_size if experts.dummy else None)
     torch_dtype = run_dtype(dtype, torch.device(device), spec.torch_dtype)
+    # The expert bytes are a byte budget: the slot count comes from the store's layout (FP8
+    # blocks are about half the size), so the plan does not depend on the experts' dtype.
     memory = plan_memory(spec, torch_dtype, budget_bytes, max_batch, kv_bytes)
     shape = ModelShape.from_spec(name, spec)
     chosen = eviction_policy(policy, shape)
     loaded = load_offloaded(name, device, memory.expert_bytes, dtype=torch_dtype, policy=chosen,
                             prefetcher=prefetcher, dummy=experts.dummy,
                             num_layers=experts.num_layers, fetch=experts.fetch,
-                            two_lanes=experts.lanes == 2, experts=shard)
+                            two_lanes=experts.lanes == 2, experts=shard,
+                            expert_dtype=experts.expert_dtype)
     return ServingModel(name, loaded.model, tokenizer, loaded.runtime, chosen, shape, memory)
