@@ -5,7 +5,11 @@ target: the HTTP stream's time per output token within 10% of in-process decode)
         python3 benchmarks/engine_host_time.py --tokens 512 --json $OUT/engine_host_time.json
 
 Runs the `Engine` of `moe-infinity serve` in-process on the embedded tiny model (`--device`, the
-CPU by default; the policy `serve` uses, activation, so the activation feed runs), a few short
+CPU by default; the policy `serve` uses, activation, so the activation feed runs), or on what
+`--model`, `--dummy`, `--num-layers`, `--gpu-memory`, `--fetch`, `--routing` ... name, as
+`serve` takes them (S3 as the serving sweep runs it: `--device cuda --model qwen3-30b-a3b
+--dummy --num-layers 24 --kv-memory 576MiB --policy lru --fetch mapped --routing uniform
+--prompt-tokens 512 --tokens 128`; the record says whether decode was captured), a few short
 requests first (warm-up, and EAMs in the trace collection as a running server has them), then
 one greedy request of `--tokens` output tokens with EOS ignored. Every phase of the engine
 thread's work is timed with `time.perf_counter` by wrapping the functions that do it (timers
@@ -190,23 +194,44 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=4, help="short requests run first")
     parser.add_argument("--prompt", default="Once upon a time, there was a little fox who")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--model", default="tiny-moe",
+                        help="what `serve` takes: tiny-moe, a folder, or a shipped shape with "
+                             "--dummy (S3: qwen3-30b-a3b --dummy --num-layers 24)")
+    parser.add_argument("--dummy", action="store_true")
+    parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--gpu-memory", default="16GiB")
+    parser.add_argument("--kv-memory", default=None, help="e.g. 576MiB (default: serve's split)")
+    parser.add_argument("--policy", default="activation", help="serve's --policy")
+    parser.add_argument("--fetch", default="copy", help="copy, or mapped (captured decode)")
+    parser.add_argument("--lanes", type=int, default=1)
+    parser.add_argument("--routing", default=None, help="e.g. uniform (benchmark routing)")
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="a prompt of this many token ids instead of --prompt's text")
     args = parser.parse_args()
     if args.tokens < 2 * args.window + 1:
         parser.error("--tokens must be more than twice --window")
 
+    from moe_core import parse_bytes
     from moe_infinity.serving.engine_setup import EngineSettings, build_engine
+    from moe_infinity.serving.expert_settings import ExpertSettings
     from moe_infinity.serving.request import GenerationRequest
 
     clock = PhaseClock()
     missing = instrument(clock)
-    settings = EngineSettings(model="tiny-moe", device=args.device, dtype=None,
-                              gpu_memory_bytes=16 << 30, kv_memory_bytes=None,
-                              policy="activation", traces=None, save_every=0,
+    experts = ExpertSettings(dummy=args.dummy, num_layers=args.num_layers, fetch=args.fetch,
+                             lanes=args.lanes, routing=args.routing)
+    settings = EngineSettings(model=args.model, device=args.device, dtype=None,
+                              gpu_memory_bytes=parse_bytes(args.gpu_memory),
+                              kv_memory_bytes=(parse_bytes(args.kv_memory)
+                                               if args.kv_memory else None),
+                              policy=args.policy, traces=None, save_every=0,
                               trace_capacity=1000, max_batch=1, max_queue=8,
-                              prefill_chunk=256)
+                              prefill_chunk=256, experts=experts)
     engine = build_engine(settings)
+    decode_mode = engine.eager_decode_reason()
     tokenizer = engine.served.tokenizer
-    prompt = tuple(tokenizer(args.prompt)["input_ids"])
+    prompt = (tuple(range(1, args.prompt_tokens + 1)) if args.prompt_tokens
+              else tuple(tokenizer(args.prompt)["input_ids"]))
     engine.start()
     try:
         for i in range(args.warmup):
@@ -222,9 +247,13 @@ def main() -> int:
     record: dict[str, Any] = {
         "device": args.device, "tokens": args.tokens, "window": args.window,
         "prompt_tokens": len(prompt), "num_events": len(events), "wall_s": wall_s,
-        "missing_phases": missing}
-    print(f"engine host ms per decode step (median), batch 1, {args.device}, tiny-moe "
-          f"({len(prompt)}-token prompt, {args.tokens} tokens, {wall_s:.1f} s)")
+        "missing_phases": missing, "model": args.model, "num_layers": args.num_layers,
+        "policy": args.policy, "fetch": args.fetch, "lanes": args.lanes,
+        "routing": args.routing,
+        "decode": "captured" if decode_mode is None else f"eager ({decode_mode})"}
+    print(f"engine host ms per decode step (median), batch 1, {args.device}, {args.model} "
+          f"({len(prompt)}-token prompt, {args.tokens} tokens, {wall_s:.1f} s, "
+          f"{record['decode']} decode)")
     for clock_name, steps in clock.steps.items():
         record[clock_name] = report(clock_name, steps, args.tokens, args.window)
     if missing:
