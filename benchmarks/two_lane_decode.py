@@ -17,7 +17,11 @@ sequence to the same experts). Sections, each written to the JSON as it finishes
   at the step's bucket): batch 1 "mapped"; batches 4 and 16 "grouped", the grouped mapped path
   of decision 0016, which runs on the GPU lane alone (their two-lane runs are one-lane runs).
   The CPU lane's hand-over is `--handover` (default: flags); `s3_<other>` repeats batch 1 with
-  the other hand-over on a fresh runtime (each runtime's lane adapts on its own).
+  the other hand-over on a fresh runtime (each runtime's lane adapts on its own). `--runs`
+  picks runs (`1x2,1x1,4x1,16x1`: batch x lanes, `e` for eager) and skips `s3_<other>`.
+  `--warmup` decode steps (default 4) precede the measured ones; the lane re-fits its rate on
+  them (and on the capture's warm-up runs) before the measurement, and each two-lane run
+  records the rate its steps were split by (`lane_cpu_gbps_splitting_the_steps`).
 - `policies`: the cache plans of `POLICY_PLANS` (LRU admitting every miss, the cache as loaded,
   lookahead, activation-aware + lookahead, eager and captured) on the same S3 model under
   skewed routing (`zipf:s=1.1,reuse=0.5`) and under the embedded model's traced routing replayed
@@ -171,7 +175,10 @@ def run(model: Any, runtime: Any, batch: int, lanes: int, graphs: bool, prompt_t
         active = torch.ones(batch, dtype=torch.bool, device=DEVICE)
         for _ in range(warmup):
             _, token = runner.step(token, active)
-        before = runtime.snapshot(block=True)
+        before = runtime.snapshot(block=True)  # flushes the lane's counts: a re-fit may follow
+        lanes_now = runtime.two_lanes
+        split_rate = (lanes_now.rates.cpu_bytes_per_s / 1e9
+                      if lanes_now is not None and lanes == 2 else None)
         times = []
         for _ in range(steps):
             sync()
@@ -193,7 +200,9 @@ def run(model: Any, runtime: Any, batch: int, lanes: int, graphs: bool, prompt_t
     uses = per["hits"] + per["misses"] + per["cpu_experts"]
     return {"batch": batch, "lanes": lanes, "graphs": graphs, "captured_buckets": captured,
             "expert_path": paths[0] if len(paths) == 1 else paths,
-            "steps": steps, "median_ms": median * 1e3,
+            "steps": steps, "warmup_steps": warmup,
+            "lane_cpu_gbps_splitting_the_steps": split_rate,  # the re-fit the steps ran with
+            "median_ms": median * 1e3,
             "p90_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3,
             "min_ms": min(times) * 1e3, "tokens_per_s": batch / median,
             "expert_uses_per_step": uses, "hit_rate": per["hits"] / max(uses, 1e-9),
@@ -299,7 +308,8 @@ def fill_uniform(section: dict[str, Any], model: Any, runtime: Any, args: argpar
             try:
                 if DEVICE == "cuda":  # what the budget's reserve must hold beside the slots
                     torch.cuda.reset_peak_memory_stats()
-                entry = run(model, runtime, batch, lanes, graphs, args.prompt_tokens, args.steps)
+                entry = run(model, runtime, batch, lanes, graphs, args.prompt_tokens, args.steps,
+                            args.warmup)
                 if DEVICE == "cuda":
                     entry["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
                     entry["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -517,6 +527,9 @@ def main() -> None:
     parser.add_argument("--reserve-gib", type=float, default=1.5)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="decode steps before the measured ones; the lane re-fits on "
+                             "them (and the capture's warm-up runs) before the measurement")
     parser.add_argument("--cpu-kernel", default="auto")
     parser.add_argument("--batch1-only", action="store_true",
                         help="s3: only the batch-1 runs (a short re-measurement)")
