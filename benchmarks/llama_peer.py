@@ -61,7 +61,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llama_peer_pack import sha256_of
-from serve_sweep import Sweep, report, run_step, run_sweep, stop_child, wait_healthy
+from serve_sweep import (
+    Sweep,
+    int_list,
+    report,
+    run_step,
+    run_sweep,
+    stop_child,
+    wait_healthy,
+)
 
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
@@ -363,10 +371,6 @@ def compare_records(sweep: Sweep) -> tuple[Path, ...]:
     return tuple(out)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -398,8 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sampling temperature (1: tokens, so experts, vary step to step)")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--concurrency", type=_ints, default=[1, 4, 16])
-    p.add_argument("--requests", type=_ints, default=[4, 8, 16],
+    p.add_argument("--concurrency", type=int_list, default=[1, 4, 16])
+    p.add_argument("--requests", type=int_list, default=[4, 8, 16],
                    help="requests at each concurrency")
     p.add_argument("--warmup-requests", type=int, default=16,
                    help="requests before the measured runs, at the largest concurrency "

@@ -477,7 +477,8 @@ def _parts(text: str) -> tuple[str, ...]:
     return parts
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """`--concurrency` / `--requests`: comma-separated integers (llama_peer.py's too)."""
     return [int(v) for v in text.split(",") if v.strip()]
 
 
@@ -506,8 +507,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "step (server, in-process engine, moe-gen); default: the model dtype")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--concurrency", type=_ints, default=[1, 4, 16])
-    p.add_argument("--requests", type=_ints, default=[4, 8, 16],
+    p.add_argument("--concurrency", type=int_list, default=[1, 4, 16])
+    p.add_argument("--requests", type=int_list, default=[4, 8, 16],
                    help="requests at each concurrency")
     p.add_argument("--inproc-requests", type=int, default=4)
     p.add_argument("--moe-gen-requests", type=int, default=16)

@@ -20,14 +20,13 @@ from moe_core import (
     ExpertLayout,
     GpuSlotPool,
     HostExpertStore,
-    MoEForCausalLM,
     ModelSpec,
+    MoEForCausalLM,
     OffloadRuntime,
     fits_on_device,
     install_offloading,
     load_model,
     make_copy_engine,
-    resolve_model_path,
     run_dtype,
 )
 
@@ -64,8 +63,7 @@ def load_for_generation(name: str, device: str, dtype: torch.dtype | None, *, du
     if dummy and device != "cpu":
         # Resolved as load_model would for `device`, so that the size check counts the bytes
         # that will be drawn.
-        spec_dtype = ModelSpec.from_pretrained(resolve_model_path(name)).torch_dtype
-        run = run_dtype(dtype, device, spec_dtype)
+        run = run_dtype(dtype, device, ModelSpec.from_pretrained(name).torch_dtype)
         if fits_on_device(name, torch.device(device), run, num_layers):
             model = load_model(name, device, run, dummy=True, num_layers=num_layers, seed=seed)
             model.to("cpu")  # experts must never stay on a small GPU whole
