@@ -160,40 +160,51 @@ def _run(served: ServingModel, graphs: bool, requests: list[GenerationRequest]
     return out, traces, engine
 
 
+_LAYOUT_BYTES = 491_520  # one float32 expert block of the tiny model
+
+
+def _cuda_served(lanes: int) -> ServingModel:
+    """The float32 tiny model on CUDA with 12 expert slots of 96, mapped fetch, `lanes`."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("cupy")
+    budget = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).dense_bytes(
+        torch.float32) + (8 << 20) + 12 * _LAYOUT_BYTES
+    return load_serving_model("tiny-moe", "cuda", budget, "lru", max_batch=8, kv_bytes=8 << 20,
+                              dtype="float32",
+                              experts=ExpertSettings(fetch="mapped", lanes=lanes))
+
+
+def _request(served: ServingModel, i: int, text: str) -> GenerationRequest:
+    return GenerationRequest(request_id=f"{i}", prompt_ids=tuple(
+        served.tokenizer(text)["input_ids"]), max_tokens=24, ignore_eos=True)
+
+
+def _assert_captured_like_eager(served: ServingModel, batch: list[GenerationRequest]) -> None:
+    """`batch` decoded from replayed graphs gives the eager engine's tokens and traces."""
+    eager, eager_traces, _ = _run(served, False, batch)
+    got, got_traces, engine = _run(served, True, batch)
+    assert engine.eager_decode_reason() is None
+    assert engine._captured is not None and engine._captured.captures > 0
+    assert engine._captured.failures == 0
+    assert got == eager
+    for want, have in zip(sorted(t.tolist() for t in eager_traces),
+                          sorted(t.tolist() for t in got_traces), strict=True):
+        np.testing.assert_allclose(have, want, atol=1e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_cuda_captured_decode_gives_the_eager_engines_tokens_and_traces(lanes: int) -> None:
     """Float32 tiny model on CUDA, 12 expert slots of 96 (mapped fetch; two lanes too): one
     request alone, then three together, each decoded from replayed graphs; tokens and traces
     equal the eager engine's."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    pytest.importorskip("cupy")
-    layout_bytes = 491_520
-    budget = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).dense_bytes(
-        torch.float32) + (8 << 20) + 12 * layout_bytes
-    served = load_serving_model("tiny-moe", "cuda", budget, "lru", max_batch=8,
-                                kv_bytes=8 << 20, dtype="float32",
-                                experts=ExpertSettings(fetch="mapped", lanes=lanes))
+    served = _cuda_served(lanes)
     try:
-        tokenizer = served.tokenizer
-
-        def request(i: int, text: str) -> GenerationRequest:
-            return GenerationRequest(request_id=f"{i}", prompt_ids=tuple(
-                tokenizer(text)["input_ids"]), max_tokens=24, ignore_eos=True)
-
-        alone = [request(0, PROMPTS[0])]
-        together = [request(i + 1, p) for i, p in enumerate(PROMPTS)]
+        alone = [_request(served, 0, PROMPTS[0])]
+        together = [_request(served, i + 1, p) for i, p in enumerate(PROMPTS)]
         for batch in (alone, together):
-            eager, eager_traces, _ = _run(served, False, batch)
-            got, got_traces, engine = _run(served, True, batch)
-            assert engine.eager_decode_reason() is None
-            assert engine._captured is not None and engine._captured.captures > 0
-            assert engine._captured.failures == 0
-            assert got == eager
-            for want, have in zip(sorted(t.tolist() for t in eager_traces),
-                                  sorted(t.tolist() for t in got_traces), strict=True):
-                np.testing.assert_allclose(have, want, atol=1e-3)
+            _assert_captured_like_eager(served, batch)
     finally:
         served.runtime.close()
 
@@ -203,33 +214,15 @@ def test_cuda_captured_decode_of_several_rows_takes_the_grouped_mapped_path() ->
     """The gather limit lowered to one token's rows: passes of two or three rows take the
     grouped mapped path (moe-core's decision 0016), and are still captured and replayed with the
     eager engine's tokens and traces."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    pytest.importorskip("cupy")
-    layout_bytes = 491_520
-    budget = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).dense_bytes(
-        torch.float32) + (8 << 20) + 12 * layout_bytes
-    served = load_serving_model("tiny-moe", "cuda", budget, "lru", max_batch=8,
-                                kv_bytes=8 << 20, dtype="float32",
-                                experts=ExpertSettings(fetch="mapped", lanes=1))
+    served = _cuda_served(lanes=1)
     try:
         top_k = served.model.spec.moe.router.top_k
         executors = list(served.runtime.executors.values())
         for executor in executors:
-            executor.gather_limit_bytes = top_k * layout_bytes  # type: ignore[attr-defined]
+            executor.gather_limit_bytes = top_k * _LAYOUT_BYTES  # type: ignore[attr-defined]
         paths = {x.call_path(3 * top_k) for x in executors}  # type: ignore[attr-defined]
         assert paths == {"grouped"}
-        tokenizer = served.tokenizer
-        together = [GenerationRequest(request_id=f"{i}", prompt_ids=tuple(
-            tokenizer(p)["input_ids"]), max_tokens=24, ignore_eos=True)
-            for i, p in enumerate(PROMPTS)]
-        eager, eager_traces, _ = _run(served, False, together)
-        got, got_traces, engine = _run(served, True, together)
-        assert engine._captured is not None and engine._captured.captures > 0
-        assert engine._captured.failures == 0
-        assert got == eager
-        for want, have in zip(sorted(t.tolist() for t in eager_traces),
-                              sorted(t.tolist() for t in got_traces), strict=True):
-            np.testing.assert_allclose(have, want, atol=1e-3)
+        _assert_captured_like_eager(served, [_request(served, i, p)
+                                             for i, p in enumerate(PROMPTS)])
     finally:
         served.runtime.close()

@@ -25,6 +25,26 @@ from typer.testing import CliRunner
 _SCRIPT = Path(sys.executable).parent / "moe-infinity"
 
 
+def _serve(*args: str) -> subprocess.Popen[str]:
+    """`moe-infinity serve` of the tiny model on the CPU, on a free port, with `args` added."""
+    command = ([str(_SCRIPT)] if _SCRIPT.exists()
+               else [sys.executable, "-c", "from moe_infinity.cli import app; app()"])
+    return subprocess.Popen(
+        [*command, "serve", "--port", "0", "--device", "cpu", "--gpu-memory", "64MiB",
+         "--grace", "1", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _ready_url(server: subprocess.Popen[str]) -> str:
+    """The server's base URL, from its ready line (printed once the model is loaded)."""
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+    assert match, line + (server.stderr.read() if server.stderr else "")
+    return f"http://127.0.0.1:{match.group(1)}"
+
+
 def _one_error_line(result_output: str) -> str:
     lines = [line for line in result_output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result_output
@@ -79,19 +99,9 @@ def _stream(url: str, max_tokens: int, got: list[int]) -> None:
 
 def test_sigterm_during_streams_exits_0_and_saves_the_traces(tmp_path: Path) -> None:
     traces = tmp_path / "traces.bin"
-    command = ([str(_SCRIPT)] if _SCRIPT.exists()
-               else [sys.executable, "-c", "from moe_infinity.cli import app; app()"])
-    server = subprocess.Popen(
-        [*command, "serve", "--port", "0", "--device", "cpu", "--gpu-memory", "64MiB",
-         "--kv-memory", "32MiB", "--traces", str(traces), "--save-every", "1", "--grace", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    server = _serve("--kv-memory", "32MiB", "--traces", str(traces), "--save-every", "1")
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()  # the ready line, once the model is loaded
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert match, line + (server.stderr.read() if server.stderr else "")
-        url = f"http://127.0.0.1:{match.group(1)}"
+        url = _ready_url(server)
         short = httpx.post(f"{url}/v1/completions", timeout=60,
                            json={"model": "tiny-moe", "prompt": "Hi", "max_tokens": 3})
         assert short.status_code == 200
@@ -143,19 +153,9 @@ def test_chat_refuses_a_bad_expert_dtype_in_one_line() -> None:
 
 def test_serve_with_fp8_experts_says_so_at_start_and_answers() -> None:
     """`--expert-dtype fp8` is never silent: the start-up line names it."""
-    command = ([str(_SCRIPT)] if _SCRIPT.exists()
-               else [sys.executable, "-c", "from moe_infinity.cli import app; app()"])
-    server = subprocess.Popen(
-        [*command, "serve", "--port", "0", "--device", "cpu", "--gpu-memory", "64MiB",
-         "--kv-memory", "8MiB", "--expert-dtype", "fp8", "--grace", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    server = _serve("--kv-memory", "8MiB", "--expert-dtype", "fp8")
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert match, line + (server.stderr.read() if server.stderr else "")
-        answer = httpx.post(f"http://127.0.0.1:{match.group(1)}/v1/completions", timeout=60,
+        answer = httpx.post(f"{_ready_url(server)}/v1/completions", timeout=60,
                             json={"model": "tiny-moe", "prompt": "Hi", "max_tokens": 3})
         assert answer.status_code == 200
         server.send_signal(signal.SIGTERM)

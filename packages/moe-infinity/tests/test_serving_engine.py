@@ -72,6 +72,30 @@ def _ids(served: ServingModel, text: str) -> tuple[int, ...]:
     return tuple(served.tokenizer(text)["input_ids"])
 
 
+def _run_together(served: ServingModel, prompts: list[str], max_tokens: int
+                  ) -> tuple[list[GenerationRequest], dict[str, list[SequenceEvent]]]:
+    """Every prompt submitted at once to a fresh engine (8 rows, 8-token prefill chunks): the
+    requests and their events."""
+    engine = _engine(served, max_batch=8, prefill_chunk=8)
+    try:
+        requests = [GenerationRequest(request_id=str(i), prompt_ids=_ids(served, p),
+                                      max_tokens=max_tokens) for i, p in enumerate(prompts)]
+        return requests, _run(engine, requests)
+    finally:
+        engine.stop()
+
+
+def _tokens(events: list[SequenceEvent]) -> list[int]:
+    return [t for e in events for t in e.token_ids]
+
+
+def _generated(model: MoEForCausalLM, request: GenerationRequest, max_tokens: int
+               ) -> tuple[list[int], str]:
+    """`moe_core.generate` of the request's prompt alone: its tokens and finish reason."""
+    result = moe_core.generate(model, [list(request.prompt_ids)], max_new_tokens=max_tokens)
+    return result.tokens[0, : result.lengths[0]].tolist(), result.finish_reasons[0]
+
+
 # Blocks and the scheduler -----------------------------------------------------------------------
 
 def test_block_allocator_hands_out_each_block_once() -> None:
@@ -220,21 +244,15 @@ def test_engine_greedy_equals_generate_in_a_ragged_chunked_batch(served: Serving
     """Four prompts of different lengths run together, prefilled 8 tokens per step, through
     offloaded experts (12 slots for 96 experts): each greedy output equals `generate` of the
     prompt alone on the plain model."""
-    engine = _engine(served, max_batch=8, prefill_chunk=8)
-    try:
-        requests = [GenerationRequest(request_id=str(i), prompt_ids=_ids(served, p),
-                                      max_tokens=20) for i, p in enumerate(PROMPTS)]
-        events = _run(engine, requests)
-    finally:
-        engine.stop()
+    requests, events = _run_together(served, PROMPTS, 20)
     for request in requests:
-        got = [t for e in events[request.request_id] for t in e.token_ids]
-        result = moe_core.generate(tiny, [list(request.prompt_ids)], max_new_tokens=20)
-        assert got == result.tokens[0, : result.lengths[0]].tolist()
+        got = _tokens(events[request.request_id])
+        expected, reason = _generated(tiny, request, 20)
+        assert got == expected
         text = "".join(e.text for e in events[request.request_id])
         assert text == served.decode(got)
         last = events[request.request_id][-1]
-        assert last.finish_reason == ("stop" if result.finish_reasons[0] == "eos" else "length")
+        assert last.finish_reason == ("stop" if reason == "eos" else "length")
         assert last.num_output_tokens == len(got)
     assert served.runtime.snapshot().evictions > 0  # the cache really was too small
 
@@ -249,17 +267,9 @@ def test_lookahead_prefetch_in_the_engine_keeps_greedy_output_and_is_used(
     plan = moe_core.cache_plan("lru", "lookahead", spec)
     served = load_serving_model("tiny-moe", "cpu", budget, "lru", max_batch=8,
                                 kv_bytes=8 << 20, prefetcher=plan.prefetcher)
-    engine = _engine(served, max_batch=8, prefill_chunk=8)
-    try:
-        requests = [GenerationRequest(request_id=str(i), prompt_ids=_ids(served, p),
-                                      max_tokens=12) for i, p in enumerate(PROMPTS[:3])]
-        events = _run(engine, requests)
-    finally:
-        engine.stop()
+    requests, events = _run_together(served, PROMPTS[:3], 12)
     for request in requests:
-        got = [t for e in events[request.request_id] for t in e.token_ids]
-        result = moe_core.generate(tiny, [list(request.prompt_ids)], max_new_tokens=12)
-        assert got == result.tokens[0, : result.lengths[0]].tolist()
+        assert _tokens(events[request.request_id]) == _generated(tiny, request, 12)[0]
     stats = served.runtime.snapshot()
     assert stats.prefetches_issued > 0 and stats.prefetches_used > 0
 
@@ -278,18 +288,9 @@ def test_fp8_experts_in_the_engine_equal_fp8_offloaded_generate() -> None:
     assert served.runtime.pool.num_slots == 12
     reference = moe_core.load_offloaded("tiny-moe", "cpu", 12 * fp8_bytes, dtype=torch.float32,
                                         expert_dtype="fp8")
-    engine = _engine(served, max_batch=8, prefill_chunk=8)
-    try:
-        requests = [GenerationRequest(request_id=str(i), prompt_ids=_ids(served, p),
-                                      max_tokens=12) for i, p in enumerate(PROMPTS)]
-        events = _run(engine, requests)
-    finally:
-        engine.stop()
+    requests, events = _run_together(served, PROMPTS, 12)
     for request in requests:
-        got = [t for e in events[request.request_id] for t in e.token_ids]
-        result = moe_core.generate(reference.model, [list(request.prompt_ids)],
-                                   max_new_tokens=12)
-        assert got == result.tokens[0, : result.lengths[0]].tolist()
+        assert _tokens(events[request.request_id]) == _generated(reference.model, request, 12)[0]
 
 
 def test_expert_settings_refuse_an_unknown_expert_dtype() -> None:
