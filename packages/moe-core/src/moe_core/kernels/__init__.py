@@ -1,6 +1,6 @@
 """Fused decode kernels (Triton) with torch references: routed experts read in place, grouped-query
 decode attention, RMSNorm with a fused residual add, the softmax top-k router and rotary
-embeddings.
+embeddings, and offloaded experts read from their slots or from host memory in place.
 
 Each public function runs its Triton kernel for CUDA tensors when Triton imports (or under
 Triton's interpreter, `TRITON_INTERPRET=1`) and its torch reference otherwise; the references
@@ -10,6 +10,7 @@ Triton: kernels are built on first use (see `backend`).
 
 from moe_core.kernels.attention import decode_attention, decode_attention_supported
 from moe_core.kernels.experts import moe_experts, moe_experts_supported
+from moe_core.kernels.mapped_experts import mapped_experts, mapped_experts_supported
 from moe_core.kernels.norm import add_rms_norm, rms_norm, rms_norm_supported
 from moe_core.kernels.reference import (
     add_rms_norm_reference,
@@ -27,6 +28,8 @@ __all__ = [
     "decode_attention",
     "decode_attention_reference",
     "decode_attention_supported",
+    "mapped_experts",
+    "mapped_experts_supported",
     "moe_experts",
     "moe_experts_reference",
     "moe_experts_supported",

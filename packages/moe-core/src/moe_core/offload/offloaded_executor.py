@@ -38,6 +38,11 @@ grouped mapped path with a `MappedFetcher`: the call's distinct experts found on
 read once each, in chunks that fit the gather limit (`grouped_mapped`, decision 0016); captured
 like the mapped path, on the GPU lane alone (no CPU-lane split yet).
 
+One token's call on the mapped path (batch-1 decode, the latency case) reads each expert where
+it lies, from its slot or over PCIe from the host, and multiplies as it reads, with no gathered
+copy (`kernels.mapped_experts`, decision 0019), where Triton runs; other calls, and the CPU,
+build the rows first as above.
+
 Over an FP8 store (decision 0015) slots, mapped rows and copies carry e4m3 blocks as they are;
 each path dequantises to the activations' dtype just before its products: the gathered paths
 after gathering the call's blocks (`gathered_fp8_experts`), the per-expert waves one expert at a
@@ -53,6 +58,7 @@ import torch
 
 from moe_core.expert_id import ExpertId
 from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
+from moe_core.kernels.mapped_experts import mapped_experts, mapped_experts_supported
 from moe_core.offload.fp8_gathered import gathered_fp8_experts
 from moe_core.offload.grouped_mapped import (
     GROUPED_LIMIT_ASSIGNMENTS,
@@ -268,10 +274,15 @@ class OffloadedExecutor:
         GPU; those it marks -2 (the CPU lane's) contribute zero."""
         assert self.fetcher is not None
         one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
+        layout = self.cache.store.layout
+        if one_token:  # each expert read where it lies and multiplied as it is read
+            pool = self.cache.pool.storage.view(self.cache.pool.num_slots, layout.numel)
+            host = self.cache.store.arena(self.layer).view(self.cache.store.num_experts, -1)
+            if mapped_experts_supported(hidden, layout, pool, host):
+                return mapped_experts(hidden, expert_ids, weights, lut, pool, host, layout)
         rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1), lut,
                                               distinct=one_token)
         index = None if index is None else index.view_as(expert_ids)
-        layout = self.cache.store.layout
         if layout.is_fp8:
             return gathered_fp8_experts(hidden, index, weights, layout, rows)
         return gathered_experts(hidden, index, weights, *layout.stacked_views(rows))

@@ -1,0 +1,165 @@
+"""`kernels.mapped_experts` against a float64 oracle on the blocks the device table points at:
+each assignment's block from its slot (>= 0), from the layer's host rows (-1), or from nowhere
+(-2, the CPU lane's). Pool and host hold *different* values for the same expert, so reading the
+wrong source fails. Compiled on CUDA (host rows page-locked), else under Triton's interpreter.
+
+Dimension key: T tokens, K experts per token, D hidden, I expert width, E experts, S slots,
+N block elements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from moe_core.kernels import mapped_experts, mapped_experts_supported, moe_experts_reference
+from moe_core.offload.fp8 import FP8
+from moe_core.offload.layout import ExpertLayout
+
+
+@pytest.fixture
+def device(kernel_device: Callable[..., torch.device]) -> torch.device:
+    """Where the kernels run (see conftest)."""
+    from moe_core.kernels import mapped_experts as module
+
+    return kernel_device(module, ())
+
+
+def blocks(layout: ExpertLayout, count: int) -> torch.Tensor:
+    """`[count, N]` random blocks of `layout` (FP8: quantised per output channel)."""
+    d, i = layout.hidden_size, layout.intermediate_size
+    rows = torch.zeros(count, layout.numel, dtype=layout.dtype)
+    layout.pack_layer(torch.randn(count, i, d), torch.randn(count, i, d),
+                      torch.randn(count, d, i), rows)
+    return rows
+
+
+def oracle(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, lut: torch.Tensor,
+           pool: torch.Tensor, host: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """The layer in float64 on the blocks the table points at (FP8 dequantised exactly)."""
+    t, k = ids.shape
+    slots = lut[ids.reshape(-1)]  # [T*K]
+    chosen = torch.where((slots >= 0)[:, None], pool[slots.clamp(min=0)],
+                         host[ids.reshape(-1)])  # [T*K, N]
+    mats = [layout.matrices(row, torch.float64) if layout.is_fp8
+            else tuple(m.double() for m in layout.views(row)) for row in chosen]
+    gate, up, down = (torch.stack(m) for m in zip(*mats, strict=True))
+    w = torch.where(slots.view(t, k) == -2, 0.0, weights.double())
+    x = hidden.double() if layout.is_fp8 else hidden.to(layout.dtype).double()
+    index = torch.arange(t * k).view(t, k)
+    return moe_experts_reference(x, index, w, gate, up, down)
+
+
+def run(device: torch.device, layout: ExpertLayout, hidden_dtype: torch.dtype,
+        ids: list[list[int]], lut: list[int], num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(kernel, oracle)` outputs for one call."""
+    e = len(lut)
+    pool, host = blocks(layout, num_slots), blocks(layout, e)
+    hidden = torch.randn(len(ids), layout.hidden_size).to(hidden_dtype)
+    id_t, lut_t = torch.tensor(ids), torch.tensor(lut)
+    weights = torch.rand(id_t.shape) * 0.9 + 0.1
+    expected = oracle(hidden, id_t, weights, lut_t, pool, host, layout)
+    host_rows = host.pin_memory() if device.type == "cuda" else host
+    args = (hidden.to(device), id_t.to(device), weights.to(device), lut_t.to(device),
+            pool.to(device), host_rows)
+    assert mapped_experts_supported(args[0], layout, args[4], host_rows)
+    return mapped_experts(*args, layout), expected
+
+
+def assert_near(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """Largest error within `rtol` of the largest magnitude."""
+    assert actual.shape == expected.shape
+    err = (actual.cpu().double() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} * {scale:.3g}"
+
+
+LUT = [2, -1, 0, -2, -1, 1, -1, 3]  # E = 8: four resident (slots 0-3), three on the host, one CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, FP8])
+def test_each_assignment_reads_the_source_its_table_names(device: torch.device,
+                                                          dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    layout = ExpertLayout(hidden_size=48, intermediate_size=24, dtype=dtype)
+    out, expected = run(device, layout, torch.float32, [[0, 1, 3, 4, 5, 7]], LUT, num_slots=5)
+    assert out.shape == (1, 48) and out.dtype == torch.float32
+    assert_near(out, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
+def test_half_precision_activations(device: torch.device, dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    layout = ExpertLayout(hidden_size=64, intermediate_size=40, dtype=dtype)
+    out, expected = run(device, layout, torch.bfloat16, [[6, 2, 1, 0]], LUT, num_slots=4)
+    assert out.dtype == torch.bfloat16
+    assert_near(out, expected, rtol=2e-2)
+
+
+def test_several_tokens_with_repeated_experts(device: torch.device) -> None:
+    torch.manual_seed(2)
+    layout = ExpertLayout(hidden_size=32, intermediate_size=16, dtype=FP8)
+    out, expected = run(device, layout, torch.float32, [[0, 1], [1, 0], [4, 4], [3, 6]], LUT,
+                        num_slots=4)
+    assert_near(out, expected, rtol=1e-5)
+
+
+def test_a_token_whose_experts_are_all_on_the_cpu_lane_gets_zeros(device: torch.device) -> None:
+    layout = ExpertLayout(hidden_size=32, intermediate_size=16, dtype=torch.float32)
+    out, _ = run(device, layout, torch.float32, [[3, 3]], LUT, num_slots=4)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_unsupported_inputs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layout = ExpertLayout(hidden_size=16, intermediate_size=8, dtype=torch.float32)
+    pool, host = blocks(layout, 2), blocks(layout, 4)
+    hidden = torch.randn(1, 16)
+    assert not mapped_experts_supported(hidden, layout, pool, host)  # CPU, no interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    other = ExpertLayout(hidden_size=16, intermediate_size=4, dtype=torch.float32)
+    assert not mapped_experts_supported(hidden, other, pool, host)  # rows of another layout
+    assert not mapped_experts_supported(hidden.double(), layout, pool, host)
+    assert not mapped_experts_supported(hidden, layout, pool[:, :-1], host)
+
+
+def test_the_offloaded_executor_computes_one_token_calls_in_place(
+        device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch-1 decode of the embedded model over half-cached slots with the mapped fetch: the
+    executor's one-token calls run the kernel (a fallback to the gathered rows fails the test)
+    and give the resident model's logits and greedy tokens; several-token calls still build
+    rows."""
+    from moe_core import load_model, tiny_model_path
+    from moe_core.offload import offloaded_executor
+    from moe_core.offload.copy_engines import make_copy_engine
+    from moe_core.offload.gpu_slots import GpuSlotPool
+    from moe_core.offload.host_store import HostExpertStore
+    from moe_core.offload.runtime import install_offloading
+
+    reference = load_model(tiny_model_path(), dtype="float32", device=device)
+    model = load_model(tiny_model_path(), dtype="float32", device=device)
+    store = HostExpertStore.from_model(model, pin=device.type == "cuda")
+    pool = GpuSlotPool(store.layout, len(store.experts()) // 2, device=device)
+    runtime = install_offloading(model, store, pool, make_copy_engine(device), fetch="mapped")
+    runtime.prefetch(store.experts()[::2][: pool.num_slots])
+    runtime.drain()
+    calls: list[int] = []
+    kernel = offloaded_executor.mapped_experts
+
+    def counted(hidden: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(hidden.shape[0])
+        return kernel(hidden, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(offloaded_executor, "mapped_experts", counted)
+    ids = torch.tensor([[5, 17]], device=device)
+    try:
+        with torch.no_grad():
+            got = model.generate(ids, max_new_tokens=2, eos_token_id=[], graphs=False)
+            want = reference.generate(ids, max_new_tokens=2, eos_token_id=[], graphs=False)
+            one = torch.tensor([[7]], device=device)
+            assert_near(model(one).float()[0], reference(one).double()[0], rtol=1e-4)
+    finally:
+        runtime.close()
+    assert got.tolist() == want.tolist()
+    assert calls and set(calls) == {1}  # decode tokens only; the prompt's calls built rows
