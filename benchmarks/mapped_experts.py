@@ -1,7 +1,9 @@
 """One token's MoE layer over slots and host memory: the mapped path's rows-then-products
 (`MappedFetcher.fetch_rows` + `gathered_experts` / `gathered_fp8_experts`) against the in-place
-kernel (`kernels.mapped_experts`, decision 0019), at Qwen3-30B-A3B shapes (D 2048, I 768, 128
-experts, top-8), bf16 and FP8 blocks, 0-8 of the 8 experts missing (read over PCIe).
+kernel (`kernels.mapped_experts`, decision 0019; misses read by it over PCIe, or staged by the
+copy kernel first), at Qwen3-30B-A3B shapes (D 2048, I 768, 128 experts, top-8), bf16 and FP8
+blocks, 0-8 of the 8 experts missing (read over PCIe). With no miss, also `moe_experts` (the
+resident model's kernel) over the same slots.
 
 Each call picks 8 distinct experts; missing ones rotate through the whole host arena (1.2 GB
 bf16), so no call finds another's host bytes in the GPU's L2. CUDA events around each call,
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 from moe_core.gathered_experts import gathered_experts
-from moe_core.kernels import mapped_experts, mapped_experts_supported
+from moe_core.kernels import mapped_experts, mapped_experts_supported, moe_experts
 from moe_core.offload.fp8 import FP8
 from moe_core.offload.fp8_gathered import gathered_fp8_experts
 from moe_core.offload.gpu_slots import GpuSlotPool
@@ -90,16 +92,32 @@ def measure(dtype: torch.dtype, misses: int, iters: int, warmup: int) -> dict[st
     def in_place(ids: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
         return mapped_experts(hidden, ids, weights, lut, pool_rows, host_rows, layout)
 
+    def staged(ids: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+        rows = fetcher.fetch_misses(0, ids.reshape(-1), lut)
+        return mapped_experts(hidden, ids, weights, lut, pool_rows, rows, layout,
+                              by_assignment=True)
+
     old = _time(rows_then_products, calls, warmup)
     new = _time(in_place, calls, warmup)
+    new_staged = _time(staged, calls, warmup)
     a, b = rows_then_products(*calls[0]).float(), in_place(*calls[0]).float()
+    c = staged(*calls[0]).float()
     link_bytes = misses * layout.nbytes
-    return {"dtype": str(dtype).removeprefix("torch."), "misses": misses,
-            "block_bytes": layout.nbytes, "rows_then_products_ms": round(old, 4),
-            "in_place_ms": round(new, 4), "speedup": round(old / new, 2),
-            "in_place_link_gbps": round(link_bytes / new / 1e6, 1) if misses else None,
-            "link_bound_ms_at_50gbps": round(link_bytes / 50e6, 4),
-            "max_rel_diff": float((a - b).abs().max() / a.abs().max())}
+    row: dict[str, Any] = {
+        "dtype": str(dtype).removeprefix("torch."), "misses": misses,
+        "block_bytes": layout.nbytes, "rows_then_products_ms": round(old, 4),
+        "in_place_ms": round(new, 4), "staged_in_place_ms": round(new_staged, 4),
+        "speedup_staged": round(old / new_staged, 2),
+        "in_place_link_gbps": round(link_bytes / new / 1e6, 1) if misses else None,
+        "staged_link_gbps": round(link_bytes / new_staged / 1e6, 1) if misses else None,
+        "link_bound_ms_at_50gbps": round(link_bytes / 50e6, 4),
+        "max_rel_diff": float((a - b).abs().max() / a.abs().max()),
+        "max_rel_diff_staged": float((a - c).abs().max() / a.abs().max())}
+    if misses == 0 and not layout.is_fp8:  # the resident kernel over the same slots
+        stacks = pool.stacked()
+        row["moe_experts_ms"] = round(_time(
+            lambda ids, lut: moe_experts(hidden, lut[ids], weights, *stacks), calls, warmup), 4)
+    return row
 
 
 def main() -> None:

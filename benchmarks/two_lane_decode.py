@@ -254,8 +254,9 @@ def load_s(num_layers: int, args: argparse.Namespace) -> tuple[Any, Any, Any, fl
 
 def install(model: Any, store: Any, pool: Any, *, fetch: str = "mapped", two_lanes: bool = True,
             cpu_kernel: str = "auto", policy: str = "lru", prefetch: str = "none",
-            handover: str = "auto") -> Any:
-    """The on-demand runtime over `pool`, filled with the store's first experts."""
+            handover: str = "auto", stage_misses: bool = True) -> Any:
+    """The on-demand runtime over `pool`, filled with the store's first experts; batch-1 calls
+    stage their misses first (`OffloadedExecutor.stage_misses`) unless told not to."""
     from moe_core import cache_plan, install_offloading
     from moe_core.offload.copy_engines import make_copy_engine
 
@@ -266,6 +267,8 @@ def install(model: Any, store: Any, pool: Any, *, fetch: str = "mapped", two_lan
         prefetcher=plan.prefetcher(model) if plan.prefetcher is not None else None)
     runtime.prefetch(store.experts()[: pool.num_slots])
     runtime.drain()
+    for executor in runtime.executors.values():
+        executor.stage_misses = stage_misses
     if DEVICE == "cpu":  # --smoke: the tiny model's gather limit covers batch 16; lowered so
         # that batches 4 and 16 take the grouped mapped path, as they do at S3 shapes
         for executor in runtime.executors.values():
@@ -345,7 +348,8 @@ def s3_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
         (f"s3_{other}", other, [(1, 2, True), (1, 2, False)])]
     for key, handover, plan in sections[:1] if args.runs else sections:
         try:
-            runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel, handover=handover)
+            runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel, handover=handover,
+                              stage_misses=args.stage_misses == "on")
         except Exception:
             record[key] = {"error": traceback.format_exc()}
             print(record[key]["error"], flush=True)
@@ -496,7 +500,8 @@ def policies_section(model: Any, store: Any, pool: Any, args: argparse.Namespace
 
 def s2_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
     model, store, pool, setup_s = load_s(args.s2_layers, args)
-    runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel, handover=args.handover)
+    runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel, handover=args.handover,
+                      stage_misses=args.stage_misses == "on")
     bounded(int(args.gpu_memory_gib * GiB))
     section = uniform_section(model, store, pool, runtime, setup_s, args)
     section["handover"] = runtime.two_lanes.lane.signals.name
@@ -540,6 +545,9 @@ def main() -> None:
                         help="fp8: hold the routed experts as e4m3 with a scale per output "
                              "channel (half of bf16's bytes per miss, about twice the cached "
                              "experts; default: the model dtype)")
+    parser.add_argument("--stage-misses", choices=["on", "off"], default="on",
+                        help="batch 1: misses copied to staging rows before the in-place "
+                             "product kernel (on), or read over PCIe by it (off)")
     parser.add_argument("--handover", default="flags",
                         help="the CPU lane's hand-over: flags, host_functions or auto")
     parser.add_argument("--sections", default="s3,policies,s2",
@@ -565,6 +573,7 @@ def main() -> None:
         "torch": torch.__version__, "model": MODEL, "num_layers": args.s3_layers,
         "dtype": "bfloat16" if DEVICE == "cuda" else "float32",
         "expert_dtype": args.expert_dtype or ("bfloat16" if DEVICE == "cuda" else "float32"),
+        "stage_misses": args.stage_misses,
         "prompt_tokens": args.prompt_tokens,
         "steps": args.steps, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "numba_threading_layer": numba_threading_layer()}

@@ -52,8 +52,10 @@ def oracle(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, lut: 
 
 
 def run(device: torch.device, layout: ExpertLayout, hidden_dtype: torch.dtype,
-        ids: list[list[int]], lut: list[int], num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(kernel, oracle)` outputs for one call."""
+        ids: list[list[int]], lut: list[int], num_slots: int,
+        staged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(kernel, oracle)` outputs for one call; `staged`: the host blocks handed over one row
+    per assignment (on the device), as `MappedFetcher.fetch_misses` stages them."""
     e = len(lut)
     pool, host = blocks(layout, num_slots), blocks(layout, e)
     hidden = torch.randn(len(ids), layout.hidden_size).to(hidden_dtype)
@@ -61,15 +63,19 @@ def run(device: torch.device, layout: ExpertLayout, hidden_dtype: torch.dtype,
     weights = torch.rand(id_t.shape) * 0.9 + 0.1
     expected = oracle(hidden, id_t, weights, lut_t, pool, host, layout)
     host_rows = host.pin_memory() if device.type == "cuda" else host
+    if staged:  # row t*K + k: its expert's host block, where the table sends it to the host
+        host_rows = host[id_t.reshape(-1)].to(device)
+        host_rows.view(torch.uint8)[lut_t[id_t.reshape(-1)] != -1] = 0  # never read
     args = (hidden.to(device), id_t.to(device), weights.to(device), lut_t.to(device),
             pool.to(device), host_rows)
     assert mapped_experts_supported(args[0], layout, args[4], host_rows)
-    return mapped_experts(*args, layout), expected
+    return mapped_experts(*args, layout, by_assignment=staged), expected
 
 
 def assert_near(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
     """Largest error within `rtol` of the largest magnitude."""
     assert actual.shape == expected.shape
+    expected = expected.cpu()
     err = (actual.cpu().double() - expected).abs().max().item()
     scale = expected.abs().max().item()
     assert err <= rtol * scale, f"max error {err:.3g} > {rtol} * {scale:.3g}"
@@ -78,12 +84,15 @@ def assert_near(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> No
 LUT = [2, -1, 0, -2, -1, 1, -1, 3]  # E = 8: four resident (slots 0-3), three on the host, one CPU
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
 @pytest.mark.parametrize("dtype", [torch.float32, FP8])
 def test_each_assignment_reads_the_source_its_table_names(device: torch.device,
-                                                          dtype: torch.dtype) -> None:
+                                                          dtype: torch.dtype,
+                                                          staged: bool) -> None:
     torch.manual_seed(0)
     layout = ExpertLayout(hidden_size=48, intermediate_size=24, dtype=dtype)
-    out, expected = run(device, layout, torch.float32, [[0, 1, 3, 4, 5, 7]], LUT, num_slots=5)
+    out, expected = run(device, layout, torch.float32, [[0, 1, 3, 4, 5, 7]], LUT, num_slots=5,
+                        staged=staged)
     assert out.shape == (1, 48) and out.dtype == torch.float32
     assert_near(out, expected, rtol=1e-5)
 
@@ -97,11 +106,12 @@ def test_half_precision_activations(device: torch.device, dtype: torch.dtype) ->
     assert_near(out, expected, rtol=2e-2)
 
 
-def test_several_tokens_with_repeated_experts(device: torch.device) -> None:
+@pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
+def test_several_tokens_with_repeated_experts(device: torch.device, staged: bool) -> None:
     torch.manual_seed(2)
     layout = ExpertLayout(hidden_size=32, intermediate_size=16, dtype=FP8)
     out, expected = run(device, layout, torch.float32, [[0, 1], [1, 0], [4, 4], [3, 6]], LUT,
-                        num_slots=4)
+                        num_slots=4, staged=staged)
     assert_near(out, expected, rtol=1e-5)
 
 
@@ -124,8 +134,9 @@ def test_unsupported_inputs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None
     assert not mapped_experts_supported(hidden, layout, pool[:, :-1], host)
 
 
+@pytest.mark.parametrize("stage_misses", [True, False], ids=["staged", "host"])
 def test_the_offloaded_executor_computes_one_token_calls_in_place(
-        device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+        device: torch.device, monkeypatch: pytest.MonkeyPatch, stage_misses: bool) -> None:
     """Batch-1 decode of the embedded model over half-cached slots with the mapped fetch: the
     executor's one-token calls run the kernel (a fallback to the gathered rows fails the test)
     and give the resident model's logits and greedy tokens; several-token calls still build
@@ -144,12 +155,15 @@ def test_the_offloaded_executor_computes_one_token_calls_in_place(
     runtime = install_offloading(model, store, pool, make_copy_engine(device), fetch="mapped")
     runtime.prefetch(store.experts()[::2][: pool.num_slots])
     runtime.drain()
+    for executor in runtime.executors.values():
+        executor.stage_misses = stage_misses  # type: ignore[attr-defined]
     calls: list[int] = []
     kernel = offloaded_executor.mapped_experts
 
-    def counted(hidden: torch.Tensor, *args: object) -> torch.Tensor:
+    def counted(hidden: torch.Tensor, *args: object, **kwargs: bool) -> torch.Tensor:
         calls.append(hidden.shape[0])
-        return kernel(hidden, *args)  # type: ignore[arg-type]
+        assert kwargs.get("by_assignment", False) == stage_misses
+        return kernel(hidden, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(offloaded_executor, "mapped_experts", counted)
     ids = torch.tensor([[5, 17]], device=device)

@@ -38,8 +38,8 @@ _BLOCK_DTYPES = (*_HIDDEN_DTYPES, FP8)
 def mapped_experts_supported(hidden: torch.Tensor, layout: ExpertLayout, pool_rows: torch.Tensor,
                              host_rows: torch.Tensor) -> bool:
     """Whether `mapped_experts` can run here: Triton for the device (compiled on CUDA with the
-    host rows in page-locked memory, or interpreted with everything on the CPU), supported
-    dtypes, contiguous rows of `layout`'s blocks."""
+    host rows in page-locked memory or on the device, or interpreted with everything on the
+    CPU), supported dtypes, contiguous rows of `layout`'s blocks."""
     mode = triton_mode(hidden.device)
     if (mode is None or hidden.dim() != 2 or hidden.dtype not in _HIDDEN_DTYPES
             or hidden.stride(-1) != 1):
@@ -52,16 +52,19 @@ def mapped_experts_supported(hidden: torch.Tensor, layout: ExpertLayout, pool_ro
             return False
     if mode == "interpreted":
         return all(x.device.type == "cpu" for x in (hidden, pool_rows, host_rows))
-    return (pool_rows.device == hidden.device and host_rows.device.type == "cpu"
-            and host_rows.is_pinned())
+    return pool_rows.device == hidden.device and (
+        host_rows.device == hidden.device
+        or (host_rows.device.type == "cpu" and host_rows.is_pinned()))
 
 
 def mapped_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                    lut: torch.Tensor, pool_rows: torch.Tensor, host_rows: torch.Tensor,
-                   layout: ExpertLayout) -> torch.Tensor:
+                   layout: ExpertLayout, by_assignment: bool = False) -> torch.Tensor:
     """`sum_k weights[t, k] * expert(expert_ids[t, k])(hidden[t])`, each expert's block read from
-    slot `lut[e]` of `pool_rows` when it is >= 0, from row `e` of `host_rows` when it is -1, and
-    not at all when it is -2 (another lane computes it: it contributes zero).
+    slot `lut[e]` of `pool_rows` when it is >= 0, from row `e` of `host_rows` when it is -1 (row
+    `t*K + k` with `by_assignment`: misses staged one row per assignment, e.g. by
+    `MappedFetcher.fetch_misses`), and not at all when it is -2 (another lane computes it: it
+    contributes zero).
 
     No host synchronisation: graph-capturable. Every assignment reads its own expert, so repeated
     experts among the tokens are read once per assignment (meant for one token, whose top-k ids
@@ -73,8 +76,10 @@ def mapped_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torc
         weights: `[T, K]` routing weights.
         lut: `[E]` integer slot of each expert (-1 host, -2 nobody).
         pool_rows: `[S, N]` the slot pool's blocks.
-        host_rows: `[E, N]` the layer's blocks in host memory (page-locked on CUDA).
+        host_rows: `[E, N]` the layer's blocks in host memory (page-locked on CUDA), or with
+            `by_assignment` `[T*K, N]` (any memory the kernel can read).
         layout: The blocks' layout (bf16/fp16/fp32, or FP8 with per-channel scales).
+        by_assignment: Which row of `host_rows` a block not in a slot is: its assignment's.
 
     Returns:
         `[T, D]` in hidden's dtype.
@@ -89,11 +94,14 @@ def mapped_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torc
     t, k = expert_ids.shape
     d, width = layout.hidden_size, layout.intermediate_size
     cfg = experts_launch(t, k, d, width, num_sms(hidden.device))
+    fp8 = layout.is_fp8
+    if fp8 and mode == "compiled":  # tiles of as many bytes as 16-bit weights' tiles
+        cfg = dataclasses.replace(cfg, block_d=min(2 * cfg.block_d, next_power_of_2(d)),
+                                  block_red=min(2 * cfg.block_red, next_power_of_2(width)))
     if mode == "interpreted":  # programs run one after another in numpy: few, large tiles
         cfg = dataclasses.replace(
             cfg, block_i=min(next_power_of_2(width), 64), block_d=min(next_power_of_2(d), 256),
             block_out=min(next_power_of_2(d), 64), block_red=min(next_power_of_2(width), 256))
-    fp8 = layout.is_fp8
     # FP8 scales are read through float32 views of the same memory (a block's scales start at a
     # 4-aligned byte and every block is a multiple of 4 bytes); other layouts never read them.
     pool_scales = pool_rows.view(torch.float32) if fp8 else pool_rows
@@ -106,12 +114,13 @@ def mapped_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torc
             hidden, expert_ids, lut, pool_rows, host_rows, pool_scales, host_scales, h,
             k, d, width, layout.numel, scale_base,
             hidden.stride(0), expert_ids.stride(0), expert_ids.stride(1),
-            FP8=fp8, BLOCK_I=cfg.block_i, BLOCK_D=cfg.block_d, num_warps=cfg.gate_up_warps)
+            FP8=fp8, BY_ASSIGNMENT=by_assignment, BLOCK_I=cfg.block_i, BLOCK_D=cfg.block_d,
+            num_warps=cfg.gate_up_warps)
         down_kernel[(t, -(-d // cfg.block_out))](
             h, expert_ids, lut, weights, pool_rows, host_rows, pool_scales, host_scales, out,
             k, d, width, layout.numel, scale_base,
             expert_ids.stride(0), expert_ids.stride(1), weights.stride(0), weights.stride(1),
             out.stride(0),
-            FP8=fp8, BLOCK_K=cfg.block_k, BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_red,
-            num_warps=cfg.down_warps)
+            FP8=fp8, BY_ASSIGNMENT=by_assignment, BLOCK_K=cfg.block_k, BLOCK_OUT=cfg.block_out,
+            BLOCK_I=cfg.block_red, num_warps=cfg.down_warps)
     return out

@@ -29,10 +29,13 @@ __all__ = ["kernels"]
 def _gate_up_kernel(x_ptr, ids_ptr, lut_ptr, pool_ptr, host_ptr, pool_scale_ptr, host_scale_ptr,
                     h_ptr, top_k, hidden, width, block_numel, scale_base,
                     stride_xt, stride_it, stride_ik,
-                    FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+                    FP8: tl.constexpr, BY_ASSIGNMENT: tl.constexpr,
+                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
     """`h[a, i] = silu(gate_e[i] . x_t) * (up_e[i] . x_t)` for assignment a = t*K + k of expert e.
 
     Grid `(A, cdiv(I, BLOCK_I))`. `scale_base` is the float32 offset of an FP8 block's scales.
+    A block not in a slot is row e of the host rows, or row a with `BY_ASSIGNMENT` (misses
+    staged one row per assignment).
     """
     a = tl.program_id(0)
     t = a // top_k
@@ -41,7 +44,8 @@ def _gate_up_kernel(x_ptr, ids_ptr, lut_ptr, pool_ptr, host_ptr, pool_scale_ptr,
     slot = tl.load(lut_ptr + e).to(tl.int64)
     resident = slot >= 0
     src = tl.where(resident, pool_ptr, host_ptr)
-    block = tl.where(resident, slot, e) * block_numel  # element offset of the expert's block
+    row = a.to(tl.int64) if BY_ASSIGNMENT else e
+    block = tl.where(resident, slot, row) * block_numel  # element offset of the expert's block
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I]
     i_ok = i < width
     # an expert of the CPU lane: nothing read, h = silu(0) * 0 (compared as a block: the
@@ -77,7 +81,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, lut_ptr, pool_ptr, host_ptr, pool_scale_ptr,
 def _down_kernel(h_ptr, ids_ptr, lut_ptr, weights_ptr, pool_ptr, host_ptr, pool_scale_ptr,
                  host_scale_ptr, out_ptr, top_k, hidden, width, block_numel, scale_base,
                  stride_it, stride_ik, stride_wt, stride_wk, stride_ot,
-                 FP8: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
+                 FP8: tl.constexpr, BY_ASSIGNMENT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
                  BLOCK_I: tl.constexpr):
     """`out[t, d] = sum_k weights[t, k] * (down_e[d] . h[t*K + k])`, e the k-th expert of t.
 
@@ -95,7 +99,8 @@ def _down_kernel(h_ptr, ids_ptr, lut_ptr, weights_ptr, pool_ptr, host_ptr, pool_
     slot = tl.load(lut_ptr + e, mask=k_ok, other=-2).to(tl.int64)  # [R]
     resident = slot >= 0
     r_ok = k_ok & (slot != -2) & (d < hidden)
-    block = tl.where(resident, slot, e) * block_numel  # [R]
+    row = (t * top_k + k).to(tl.int64) if BY_ASSIGNMENT else e  # [R]
+    block = tl.where(resident, slot, row) * block_numel  # [R]
     down_rows = (tl.where(resident, pool_ptr, host_ptr) + block + 2 * width * hidden
                  + d.to(tl.int64) * width)  # [R]
     w = tl.load(weights_ptr + t * stride_wt + k * stride_wk, mask=r_ok, other=0.0)  # [R]

@@ -18,7 +18,9 @@ the first occurrence through `index`; one token's experts are distinct and need 
 rows feed `gathered_experts`. An expert marked -2 (computed by the CPU lane, `two_lanes`) gets a
 zero row, read from nowhere. `fetch_blocks` reads a list of distinct experts instead, one row
 each, skipping padding entries (the grouped path of calls above the gather limit,
-`grouped_mapped`). The kernel copies bytes: FP8 blocks (decision 0015) travel as they are
+`grouped_mapped`). `fetch_misses` copies only the blocks that must cross the link, one row per
+assignment, for a product kernel that reads resident experts in their slots
+(`kernels.mapped_experts`). The kernel copies bytes: FP8 blocks (decision 0015) travel as they are
 stored, weights and scales, and are dequantised after the gather.
 
 Two implementations with the same result: a CuPy kernel on CUDA (`_CudaRowCopier`), torch
@@ -46,11 +48,12 @@ extern "C" __global__ void fetch_rows(const uint4* __restrict__ host,
                                       const long long* __restrict__ ids,
                                       const long long* __restrict__ lut,
                                       const long long* __restrict__ first,
-                                      long long n16) {
+                                      long long n16, int misses_only) {
     const long long j = blockIdx.y;
     if (first != nullptr && first[j] != j) return;   // a duplicate: the first copy serves it
     const long long e = ids[j];
     const long long slot = lut[e];
+    if (misses_only && slot != -1) return;   // only the blocks that must cross the link
     uint4* dst = rows + j * n16;
     if (slot == -2) {   // computed by the CPU lane: a zero row contributes nothing
         const long long chunk = (n16 + gridDim.x - 1) / gridDim.x;
@@ -163,6 +166,31 @@ class MappedFetcher:
             rows.view(torch.uint8)[slots == -2] = 0  # zero bytes (FP8 has no masked fill)
         return rows, index
 
+    def fetch_misses(self, layer: int, ids: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+        """The host blocks of the assignments `lut` leaves on the host (-1), one row per
+        assignment, read by the GPU; the other rows are left unwritten (a kernel reading
+        resident experts from their slots in place, `kernels.mapped_experts` with
+        `by_assignment`, never reads them).
+
+        Args:
+            layer: Decoder-layer index.
+            ids: `[J]` expert ids (device), distinct (one token's top-k).
+            lut: `[E]` slot of each expert of `layer`, -1 where it is not resident and ready.
+
+        Returns:
+            `[J, N]` rows; row j holds expert `ids[j]`'s block where `lut[ids[j]] == -1`.
+        """
+        ids = ids.to(torch.long)
+        rows = torch.empty(ids.numel(), self.store.layout.numel, dtype=self.store.layout.dtype,
+                           device=ids.device)  # [J, N]
+        if self._copier is not None:
+            self._copier.copy(self.store.arena(layer), self.pool.storage, rows, ids, lut, None,
+                              misses_only=True)
+            return rows
+        missing = lut[ids] == -1  # [J]
+        rows[missing] = self.store.arena(layer).view(self.store.num_experts, -1)[ids[missing]]
+        return rows
+
     def fetch_blocks(self, layer: int, ids: torch.Tensor, live: torch.Tensor,
                      lut: torch.Tensor) -> torch.Tensor:
         """The blocks of distinct experts, one row each, without reading anything on the host;
@@ -227,7 +255,7 @@ class _CudaRowCopier:
             return cupy.cuda.ExternalStream(ptr, self._index)
 
     def copy(self, host: torch.Tensor, pool: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
-             lut: torch.Tensor, first: torch.Tensor | None) -> None:
+             lut: torch.Tensor, first: torch.Tensor | None, misses_only: bool = False) -> None:
         cupy = self._cupy
         if self._kernel is None:
             self._kernel = cupy.RawKernel(_KERNEL, "fetch_rows")
@@ -244,4 +272,4 @@ class _CudaRowCopier:
                           cupy.uint64(rows.data_ptr()), cupy.uint64(ids.data_ptr()),
                           cupy.uint64(lut.data_ptr()),
                           cupy.uint64(0 if first is None else first.data_ptr()),
-                          cupy.int64(n16)))
+                          cupy.int64(n16), cupy.int32(int(misses_only))))

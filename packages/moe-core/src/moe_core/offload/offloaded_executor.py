@@ -38,10 +38,11 @@ grouped mapped path with a `MappedFetcher`: the call's distinct experts found on
 read once each, in chunks that fit the gather limit (`grouped_mapped`, decision 0016); captured
 like the mapped path, on the GPU lane alone (no CPU-lane split yet).
 
-One token's call on the mapped path (batch-1 decode, the latency case) reads each expert where
-it lies, from its slot or over PCIe from the host, and multiplies as it reads, with no gathered
-copy (`kernels.mapped_experts`, decision 0019), where Triton runs; other calls, and the CPU,
-build the rows first as above.
+One token's call on the mapped path (batch-1 decode, the latency case) reads its resident
+experts in their slots and multiplies as it reads, with no gathered copy (`kernels.mapped_experts`,
+decision 0019), where Triton runs; its misses are first copied over PCIe into one staging row
+each (`MappedFetcher.fetch_misses`, the copy kernel: faster over the link than the product
+kernel's own reads, `stage_misses`). Other calls, and the CPU, build every row first as above.
 
 Over an FP8 store (decision 0015) slots, mapped rows and copies carry e4m3 blocks as they are;
 each path dequantises to the activations' dtype just before its products: the gathered paths
@@ -114,6 +115,9 @@ class OffloadedExecutor:
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
         # with `fetcher`: most T*K of a call on the grouped mapped path (0: none)
         self.grouped_limit_assignments = GROUPED_LIMIT_ASSIGNMENTS
+        # one-token mapped calls: misses copied to staging rows by the copy kernel first (True),
+        # or read over PCIe by the product kernel itself (False); see decision 0019
+        self.stage_misses = True
         self._plans: dict[tuple[int, int], GroupedPlan] = {}  # (T*K, workspace) -> plan
 
     @property
@@ -275,11 +279,15 @@ class OffloadedExecutor:
         assert self.fetcher is not None
         one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
         layout = self.cache.store.layout
-        if one_token:  # each expert read where it lies and multiplied as it is read
+        if one_token:  # resident experts read in their slots and multiplied as they are read
             pool = self.cache.pool.storage.view(self.cache.pool.num_slots, layout.numel)
             host = self.cache.store.arena(self.layer).view(self.cache.store.num_experts, -1)
             if mapped_experts_supported(hidden, layout, pool, host):
-                return mapped_experts(hidden, expert_ids, weights, lut, pool, host, layout)
+                if not self.stage_misses:
+                    return mapped_experts(hidden, expert_ids, weights, lut, pool, host, layout)
+                staged = self.fetcher.fetch_misses(self.layer, expert_ids.reshape(-1), lut)
+                return mapped_experts(hidden, expert_ids, weights, lut, pool, staged, layout,
+                                      by_assignment=True)
         rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1), lut,
                                               distinct=one_token)
         index = None if index is None else index.view_as(expert_ids)
