@@ -9,26 +9,32 @@ scheduler, the tracer and the offload runtime. A step (docs/decisions/0008):
 1. take new requests and cancellations from the inbox (a cancelled request's KV blocks and batch
    slot are freed now);
 2. `Scheduler.plan`: admit what fits, then the decode rows and the prefill chunks;
-3. one ragged pass for the decode rows (one token each), one for the prefill chunks; each row's
-   routing is traced live;
-4. sample each row that has a next token, stream its text, finish what ended (EOS, stop string,
-   token limit) and hand its EAM to the trace collection; refresh the activation-aware policy;
+3. one ragged pass for the decode rows (one token each), one for the prefill chunks
+   (`PassLauncher`); each row's routing is traced live;
+4. choose each row's next token on the device (`choose_tokens`), read the pass's routing and
+   tokens with one copy (`PassReadback`), then the host work (`RowOutputs`): traces, the
+   activation feed, each token streamed, what ended (EOS, stop string, token limit) finished
+   and its EAM handed to the trace collection; refresh the activation-aware policy;
 5. publish a snapshot for /metrics and /health.
 
-At batch 1 a replayed decode step's host work adds to the time per token (issue 16: the stream
-within 10% of in-process decode), so each part of it is kept small and independent of the
-output's length: a replay's indices are updated in place for the next token
-(`StaticDecodePass.fill`), an eager decode pass takes its slots from each table's kept ones
-(`DecodePasses`), text is decoded a few tokens at a time (`TextStream`), and the activation
-feed hands a step's routing to a predictor in one update. `benchmarks/engine_host_time.py`
-times each phase.
+Overlapped steps (docs/decisions/0017, issue 16: the stream's time per token within 10% of
+in-process decode). Where the next step's decode pass is known before this step's host work
+(the same rows one token further: no prompt prefilling, no row at its token limit, no
+cancellation pending, no row asking for log-probabilities, one process), it is enqueued at once
+on the tokens just chosen on the device (`_launch_ahead`), so the host work runs while the GPU
+computes instead of between passes; the next step takes that pass. `EngineConfig.overlap`
+turns it off. A request that ends in step n (EOS, stop string) or is cancelled had step n+1's
+pass computed for it: its row is dropped (token never emitted, routing never recorded or fed),
+so streams, traces and EAMs are the serial engine's, but the experts it was routed to were
+fetched and counted in the offload statistics. The activation feed's policy update reaches the
+cache one step later. On eager passes the host runs the next pass before streaming the token:
+each token streams one pass later, for no gain on the CPU.
 
-The host work of step n is not moved after the launch of step n+1's replay, though it could
-overlap the GPU there: a stop string is found only by detokenising, so step n+1 could run for a
-request that already ended (its routing counted in the offload statistics); and the feed's
-policy update must reach the cache before the replay's `before_replay` hook, where a prefetcher
-(the activation prefetcher's `between_steps`) evicts by that policy. Either would change what is
-served or measured.
+Each part of the host work is kept small and independent of the output's length: a replay's
+indices are updated in place for the next token (`StaticDecodePass.fill`), an eager decode pass
+takes its slots from each table's kept ones (`DecodePasses`), text is decoded a few tokens at a
+time (`TextStream`), and the activation feed hands a step's routing to a predictor in one
+update. `benchmarks/engine_host_time.py` times each phase and what of it runs ahead.
 """
 
 from __future__ import annotations
