@@ -18,19 +18,33 @@ nest: a phase's time excludes the phases it calls), per engine step:
 - schedule: `Scheduler.plan`;
 - indices: the pass's index tensors (`RaggedPass`, the captured pass's `fill`, their
   incremental forms where present);
-- forward: the model pass (on CUDA with graphs: the replay and its wait, the routing read);
+- forward: the model pass (on CUDA with graphs: enqueueing the replay; before decision 0017
+  also its wait and the routing read);
+- choose: the next tokens chosen on the device (`choose_tokens`);
+- ahead: enqueueing the next decode pass before the step's host work (decision 0017), less
+  its indices and forward: its presence marks a step whose host work ran while the next pass
+  computed;
+- wait: the engine thread blocked until the pass's routing and tokens reached the host
+  (`PassReadback.wait`);
 - trace: the live tracer's pass set-up and read-back, each request's trace recorder and the
   activation feed (observe and refresh);
 - detokenise: `TextStream.push` and `flush`;
 - emit: handing the event to its sink;
 - publish: the engine's snapshot after the step;
-- other: the rest of the step (sampling, bookkeeping).
+- other: the rest of the step (bookkeeping).
 
-"host" is every phase but forward: what a CUDA graph replay does not hide. Steps are reported
-in two windows of the output, its first `--window` tokens (after the first) and its last, so
-the growth of any per-token cost with the output's length shows (detokenisation decoded the
-whole output at every token before it was made incremental). Phases missing from the code
-under test (an older commit) are reported as zero.
+"host" is every phase but forward and wait: what a CUDA graph replay does not hide by itself.
+With overlapped steps (decision 0017) part of it runs while the next pass computes: "hidden"
+is the host work of a step after the next pass was enqueued (trace, detokenise, emit, publish;
+0 in a step that did not run ahead), "exposed" the rest of "host". On CUDA, a step whose
+"wait" is above zero found the GPU still busy after that work, so the work was hidden behind
+it entirely; "busy" is the step less its wait (the engine thread's own time), "overlapped" the
+share of steps that ran ahead. `--no-overlap` runs the same steps serially to compare.
+
+Steps are reported in two windows of the output, its first `--window` tokens (after the
+first) and its last, so the growth of any per-token cost with the output's length shows
+(detokenisation decoded the whole output at every token before it was made incremental).
+Phases missing from the code under test (an older commit) are reported as zero.
 """
 
 from __future__ import annotations
@@ -44,7 +58,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +66,26 @@ PHASES: dict[str, tuple[str, ...]] = {
     "schedule": ("scheduler:Scheduler.plan",),
     "indices": ("ragged_pass:RaggedPass.__init__", "captured_decode:StaticDecodePass.fill",
                 "decode_passes:DecodePasses.build"),
-    "forward": ("engine:run_pass", "captured_decode:CapturedDecode.run"),
+    "forward": ("engine:run_pass", "captured_decode:CapturedDecode.run",
+                "pass_launcher:run_pass", "captured_decode:CapturedDecode.launch"),
+    "choose": ("engine:choose_tokens",),
+    "ahead": ("engine:Engine._launch_ahead",),
+    "wait": ("pass_readback:PassReadback.wait",),
     "trace": ("live_tracer:LiveTracer.begin_pass", "live_tracer:LiveTracer.end_pass",
-              "trace_recorder:TraceRecorder.add", "activation_feed:ActivationFeed.observe",
-              "activation_feed:ActivationFeed.refresh"),
+              "live_tracer:LiveTracer.drop_pass", "trace_recorder:TraceRecorder.add",
+              "activation_feed:ActivationFeed.observe", "activation_feed:ActivationFeed.refresh"),
     "detokenise": ("text_stream:TextStream.push", "text_stream:TextStream.flush"),
     "emit": ("sequence:Sequence.emit",),
     "publish": ("engine:Engine._publish",),
 }
-"""Phase -> the functions (`module:attribute` under `moe_infinity.serving`) whose time is its."""
+"""Phase -> the functions (`module:attribute` under `moe_infinity.serving`) whose time is its
+(names of older commits kept: a missing one is listed, not an error)."""
 STEP = "engine:Engine._step"
 ORDER = (*PHASES, "other")
+NOT_HOST = ("forward", "wait")
+"""Phases that are the device's work or waiting for it, not the host's own."""
+AFTER_LAUNCH = ("trace", "detokenise", "emit", "publish")
+"""Host phases of a step that run after the next pass was enqueued, where it ran ahead."""
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -157,13 +180,21 @@ def run_request(engine: Any, request: Any, timeout_s: float = 600.0) -> list[Any
 
 
 def summarise(steps: list[dict[str, float]]) -> dict[str, float]:
-    """Median milliseconds per step of each phase (robust to a busy machine's outliers), and
-    of the step's `host` time (every phase but forward) and `total`; `host_mean` too."""
+    """Median milliseconds per step of each phase (robust to a busy machine's outliers); of the
+    step's `host` time (every phase but forward and wait; `host_mean` too), the part of it
+    `hidden` behind the next pass (the phases after its launch, in a step that ran ahead) and
+    the rest `exposed`, the step less its wait (`busy`) and the step (`total`); and the share
+    of steps that ran ahead (`overlapped`, 0 to 1)."""
     row = {phase: 1e3 * statistics.median(s.get(phase, 0.0) for s in steps) for phase in ORDER}
-    hosts = [sum(v for k, v in s.items() if k != "forward") for s in steps]
+    hosts = [sum(v for k, v in s.items() if k not in NOT_HOST) for s in steps]
+    hidden = [sum(s.get(k, 0.0) for k in AFTER_LAUNCH) if "ahead" in s else 0.0 for s in steps]
     row["host"] = 1e3 * statistics.median(hosts)
     row["host_mean"] = 1e3 * statistics.fmean(hosts)
+    row["hidden"] = 1e3 * statistics.median(hidden)
+    row["exposed"] = 1e3 * statistics.median(h - d for h, d in zip(hosts, hidden, strict=True))
+    row["busy"] = 1e3 * statistics.median(sum(s.values()) - s.get("wait", 0.0) for s in steps)
     row["total"] = 1e3 * statistics.median(sum(s.values()) for s in steps)
+    row["overlapped"] = statistics.fmean("ahead" in s for s in steps)
     return row
 
 
@@ -180,7 +211,8 @@ def report(clock_name: str, steps: list[dict[str, float]], tokens: int, window: 
     growth = last / first if first > 0 else float("nan")
     print(f"\n{clock_name} clock")
     print(f"{'phase':<12}" + "".join(f"{name:>22}" for name in table))
-    for phase in (*ORDER, "host", "host_mean", "total"):
+    for phase in (*ORDER, "host", "host_mean", "hidden", "exposed", "busy", "total",
+                  "overlapped"):
         print(f"{phase:<12}" + "".join(f"{row[phase]:>22.3f}" for row in table.values()))
     print(f"detokenise, last window / first window: {growth:.2f}x")
     return {"ms_per_step": table, "detokenise_growth": growth}
@@ -207,6 +239,8 @@ def main() -> int:
     parser.add_argument("--routing", default=None, help="e.g. uniform (benchmark routing)")
     parser.add_argument("--prompt-tokens", type=int, default=0,
                         help="a prompt of this many token ids instead of --prompt's text")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="every step's host work between passes (decision 0017's baseline)")
     args = parser.parse_args()
     if args.tokens < 2 * args.window + 1:
         parser.error("--tokens must be more than twice --window")
@@ -227,6 +261,8 @@ def main() -> int:
                               policy=args.policy, traces=None, save_every=0,
                               trace_capacity=1000, max_batch=1, max_queue=8,
                               prefill_chunk=256, experts=experts)
+    if args.no_overlap:  # EngineSettings.overlap is absent before decision 0017
+        settings = replace(settings, overlap=False)
     engine = build_engine(settings)
     decode_mode = engine.eager_decode_reason()
     tokenizer = engine.served.tokenizer
@@ -242,6 +278,7 @@ def main() -> int:
         events = run_request(engine, GenerationRequest(
             request_id="measured", prompt_ids=prompt, max_tokens=args.tokens, ignore_eos=True))
         wall_s = time.perf_counter() - started
+        steps_ahead = getattr(engine.snapshot(), "steps_ahead", 0)  # measured request and warm-up
     finally:
         engine.stop()
     record: dict[str, Any] = {
@@ -249,11 +286,12 @@ def main() -> int:
         "prompt_tokens": len(prompt), "num_events": len(events), "wall_s": wall_s,
         "missing_phases": missing, "model": args.model, "num_layers": args.num_layers,
         "policy": args.policy, "fetch": args.fetch, "lanes": args.lanes,
-        "routing": args.routing,
+        "routing": args.routing, "overlap": not args.no_overlap, "steps_ahead": steps_ahead,
         "decode": "captured" if decode_mode is None else f"eager ({decode_mode})"}
     print(f"engine host ms per decode step (median), batch 1, {args.device}, {args.model} "
           f"({len(prompt)}-token prompt, {args.tokens} tokens, {wall_s:.1f} s, "
-          f"{record['decode']} decode)")
+          f"{record['decode']} decode, {'serial' if args.no_overlap else 'overlapped'} steps, "
+          f"{steps_ahead} passes enqueued ahead)")
     for clock_name, steps in clock.steps.items():
         record[clock_name] = report(clock_name, steps, args.tokens, args.window)
     if missing:

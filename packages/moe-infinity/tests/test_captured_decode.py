@@ -85,6 +85,28 @@ def test_a_refilled_static_pass_serves_the_next_step(tiny: MoEForCausalLM) -> No
     torch.testing.assert_close(logits[0], want, atol=1e-4, rtol=1e-4)
 
 
+def test_a_static_pass_takes_its_tokens_from_the_previous_pass_on_the_device(
+        tiny: MoEForCausalLM) -> None:
+    """Each step's token is the previous pass's argmax, handed to `fill` as a device tensor
+    while the host rows hold a placeholder (an engine step enqueued ahead): the greedy
+    continuation `generate` gives."""
+    pool = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
+    table = BlockAllocator(64, 8).allocate(40)
+    assert table is not None
+    prompt = list(range(3, 20))
+    ids = run_pass(tiny, RaggedPass([PassRow(table, 0, prompt)], pool, tiny.device),
+                   pool).argmax(dim=-1)  # [1]
+    static = StaticDecodePass(1, PAST_BUCKET_TOKENS, pool, tiny.device)
+    tokens = []
+    for i in range(4):
+        tokens.append(int(ids[0]))
+        static.fill([PassRow(table, len(prompt) + i, [0])], ids)
+        ids = run_pass(tiny, static, pool).argmax(dim=-1)  # type: ignore[arg-type]
+    tokens.append(int(ids[0]))
+    result = moe_core.generate(tiny, [prompt], max_new_tokens=5, eos_token_id=[])
+    assert tokens == result.tokens[0, :5].tolist()
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 3), st.data())
 def test_an_advanced_static_pass_holds_what_a_fresh_fill_writes(
@@ -137,18 +159,19 @@ def served() -> ServingModel:
     return load_serving_model("tiny-moe", "cpu", budget, "lru", max_batch=8, kv_bytes=8 << 20)
 
 
-def _run(served: ServingModel, graphs: bool, requests: list[GenerationRequest]
-         ) -> tuple[dict[str, list[int]], list[np.ndarray], Engine]:
+def _run(served: ServingModel, graphs: bool, requests: list[GenerationRequest],
+         overlap: bool = True) -> tuple[dict[str, list[int]], list[np.ndarray], Engine]:
     keeper = TraceKeeper(served.shape, None, 100, 0)
     traces: list[np.ndarray] = []
     original = keeper.add
     keeper.add = lambda eam: (traces.append(eam), original(eam))[1]  # type: ignore[method-assign]
-    engine = Engine(served, EngineConfig(kv_bytes=8 << 20, max_batch=8, graphs=graphs), keeper)
-    engine.start()
+    engine = Engine(served, EngineConfig(kv_bytes=8 << 20, max_batch=8, graphs=graphs,
+                                         overlap=overlap), keeper)
     events: queue.Queue[SequenceEvent] = queue.Queue()
+    for request in requests:  # all admitted and prefilled by the first step
+        engine.submit(request, events.put)
+    engine.start()
     try:
-        for request in requests:
-            engine.submit(request, events.put)
         out: dict[str, list[int]] = {r.request_id: [] for r in requests}
         done, deadline = 0, time.monotonic() + 300
         while done < len(requests):
@@ -224,5 +247,42 @@ def test_cuda_captured_decode_of_several_rows_takes_the_grouped_mapped_path() ->
         assert paths == {"grouped"}
         _assert_captured_like_eager(served, [_request(served, i, p)
                                              for i, p in enumerate(PROMPTS)])
+    finally:
+        served.runtime.close()
+
+
+@pytest.mark.gpu
+def test_cuda_replays_enqueued_ahead_give_the_serial_engines_tokens_and_traces() -> None:
+    """Replays enqueued on the previous replay's tokens, still on the device (docs/decisions/
+    0017): rows ending at different steps (token limits, a stop string, EOS), a seeded sampled
+    row, and a 240-token prompt whose decode crosses the 256-slot past bucket, so a graph is
+    captured for a pass enqueued ahead. Tokens and traces equal the serial captured engine's."""
+    served = _cuda_served(lanes=1)
+
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(served.tokenizer(text)["input_ids"])
+
+    try:
+        batch = [
+            GenerationRequest(request_id="long", prompt_ids=tuple(range(10, 250)),
+                              max_tokens=30, ignore_eos=True),
+            GenerationRequest(request_id="short", prompt_ids=ids(PROMPTS[1]), max_tokens=7),
+            GenerationRequest(request_id="stop", prompt_ids=ids(PROMPTS[0]), max_tokens=40,
+                              stop=("Lily",)),
+            GenerationRequest(request_id="chat", prompt_ids=ids(
+                "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"), max_tokens=60),
+            GenerationRequest(request_id="sampled", prompt_ids=ids(PROMPTS[2]), max_tokens=20,
+                              ignore_eos=True, sampling=moe_core.SamplingParams(
+                                  temperature=1.0, top_k=40, seed=5)),
+        ]
+        serial, serial_traces, serial_engine = _run(served, True, batch, overlap=False)
+        ahead, ahead_traces, engine = _run(served, True, batch)
+        assert engine._captured is not None and engine._captured.captures > 0
+        assert engine._captured.failures == 0
+        assert engine.snapshot().steps_ahead > 0 and serial_engine.snapshot().steps_ahead == 0
+        assert ahead == serial
+        for want, have in zip(sorted(t.tolist() for t in serial_traces),
+                              sorted(t.tolist() for t in ahead_traces), strict=True):
+            np.testing.assert_allclose(have, want, atol=1e-3)
     finally:
         served.runtime.close()

@@ -12,7 +12,10 @@ at any step, so it captures its own pass: `run_pass` over a `StaticDecodePass`, 
 index (token ids, positions, the pool slots each row reads and writes, the mask's inputs) is a
 view of one device buffer that the host refills before each replay with one copy. One graph per
 (b, P bucket); the tracer's per-row routing counts and lookahead are device buffers written in
-the graph (its observers only enqueue device work) and read back after each replay.
+the graph (its observers only enqueue device work), which the engine reads back after each
+replay (`PassReadback`). The token ids can come from a device tensor instead of the host (the
+previous pass's tokens, chosen on the device), so the engine can enqueue the next replay before
+it has read the previous one's tokens (docs/decisions/0017).
 
 A pass is captured only where every MoE executor runs it on the device (its token limit:
 the mapped fetch up to a few tokens; above that the copy path reads the routing on the host),
@@ -32,7 +35,7 @@ import torch
 from moe_core import CaptureContext, MoEForCausalLM
 
 from moe_infinity.serving.kv_pool import KVPool
-from moe_infinity.serving.live_tracer import LiveTracer, PassRouting
+from moe_infinity.serving.live_tracer import LiveTracer
 from moe_infinity.serving.ragged_pass import PassIndices, PassRow
 from moe_infinity.serving.step_pass import run_pass
 
@@ -91,6 +94,7 @@ class StaticDecodePass(PassIndices):
         self._host_fields = (*fields[:3], fields[3].reshape(b, s), fields[4].reshape(b, s),
                              fields[5].reshape(b, past))
         self._filled: list[tuple[list[int], int]] | None = None  # (table, cached) per row
+        self._copied: torch.cuda.Event | None = None  # the end of the latest fill's copy
         ids, positions, new_slots, key_pos, key_valid, past_slots = self.buffer.split(self._sizes)
         self.input_ids = ids.view(b, 1)
         self.positions = positions.view(b, 1)
@@ -101,15 +105,27 @@ class StaticDecodePass(PassIndices):
         self.last = torch.zeros(b, dtype=torch.long, device=device)
         self.row_of_token = torch.arange(b, device=device)
 
-    def fill(self, rows: list[PassRow]) -> None:
+    def fill(self, rows: list[PassRow], input_ids: torch.Tensor | None = None) -> None:
         """Write this pass's rows (each one new token, at most P cached) into the buffer: one
         host-to-device copy, ordered on the current stream before the replay. Where the rows
         are those of the previous fill, each one token further (a decode stream's next step),
-        only what that token changes is written (`_advance`)."""
+        only what that token changes is written (`_advance`).
+
+        `input_ids` `[b]` on the device, where given, replaces the rows' token ids: a copy on
+        the stream after the fill's, so the pass reads tokens the host has not read yet (the
+        previous pass's, chosen on the device)."""
+        if self._copied is not None:  # the previous fill's copy may not have read the host
+            self._copied.synchronize()  # buffer yet when its pass was enqueued ahead
         if not self._advance(rows):
             self._fill_all(rows)
         self._filled = [(r.table, r.num_cached) for r in rows]
         self.buffer.copy_(self._host, non_blocking=True)
+        if self.buffer.is_cuda:
+            if self._copied is None:
+                self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(self.buffer.device))
+        if input_ids is not None:
+            self.input_ids.copy_(input_ids.view(self.num_rows, 1))
 
     def _fill_all(self, rows: list[PassRow]) -> None:
         b, p = self.num_rows, self.num_cached
@@ -166,8 +182,6 @@ class _Graph:
     logits: torch.Tensor  # [b, V]
     counts: torch.Tensor  # [b, L, E]
     looks: torch.Tensor  # [b, L, E]
-    host_counts: torch.Tensor  # pinned copies, read after each replay
-    host_looks: torch.Tensor
 
 
 class CapturedDecode:
@@ -195,9 +209,16 @@ class CapturedDecode:
         self._mempool = torch.cuda.graph_pool_handle()
         self._context = CaptureContext(model)
 
-    def run(self, rows: list[PassRow]) -> tuple[torch.Tensor, PassRouting] | None:
-        """`(logits [b, V] float32, routing)` of a decode pass over `rows` (each one new token),
-        replayed from its graph (captured on first use); None where this pass runs eagerly."""
+    def launch(self, rows: list[PassRow], input_ids: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Enqueue the replay of a decode pass over `rows` (each one new token; its graph is
+        captured on first use); None where this pass runs eagerly. `input_ids` `[b]` on the
+        device, where given, replaces the rows' token ids (`StaticDecodePass.fill`).
+
+        Returns the graph's outputs, `(logits [b, V] float32, counts [b, L, E] int32,
+        lookahead [b, L, E] float32)` on the device, written when the replay has run: static
+        buffers, which the next replay of the same shape overwrites, so whatever reads them is
+        enqueued before that replay."""
         if any(len(r.token_ids) != 1 for r in rows):
             return None
         self._check_model()
@@ -211,17 +232,13 @@ class CapturedDecode:
             return None
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._capture(key, rows)
+            captured = self._capture(key, rows, input_ids)
             if captured is None:
                 return None
         self._graphs.move_to_end(key)
-        captured.batch.fill(rows)
+        captured.batch.fill(rows, input_ids)
         self._context.replay(captured.graph, b)
-        counts, looks = captured.host_counts, captured.host_looks
-        counts.copy_(captured.counts, non_blocking=True)
-        looks.copy_(captured.looks, non_blocking=True)
-        torch.cuda.current_stream(self.model.device).synchronize()  # one wait for both
-        return captured.logits, (counts.numpy().copy(), looks.numpy().copy())
+        return captured.logits, captured.counts, captured.looks
 
     def _check_model(self) -> None:
         """Forget every graph if the model's MoE blocks changed since they were captured."""
@@ -229,13 +246,14 @@ class CapturedDecode:
             self._graphs.clear()
             self._failed.clear()
 
-    def _capture(self, key: tuple[int, int], rows: list[PassRow]) -> _Graph | None:
+    def _capture(self, key: tuple[int, int], rows: list[PassRow],
+                 input_ids: torch.Tensor | None) -> _Graph | None:
         """Warm the pass up eagerly on a side stream (twice: lazy allocations, compiled kernels;
         the KV it writes is the same token's, rewritten by the replay), then capture it."""
         b, past = key
         device = self.model.device
         batch = StaticDecodePass(b, past, self.pool, device)
-        batch.fill(rows)
+        batch.fill(rows, input_ids)
         tracer = self.tracer
 
         def warm_pass() -> None:
@@ -261,10 +279,7 @@ class CapturedDecode:
                          "eagerly: %s", b, past, str(exc).splitlines()[0][:200])
             return None
         self.captures += 1
-        captured = self._graphs[key] = _Graph(
-            graph, batch, logits, counts, looks,
-            torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True),
-            torch.empty(looks.shape, dtype=looks.dtype, pin_memory=True))
+        captured = self._graphs[key] = _Graph(graph, batch, logits, counts, looks)
         _log.info("captured the decode pass of %d rows x %d past slots", b, past)
         return captured
 

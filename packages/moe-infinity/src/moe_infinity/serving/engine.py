@@ -9,26 +9,32 @@ scheduler, the tracer and the offload runtime. A step (docs/decisions/0008):
 1. take new requests and cancellations from the inbox (a cancelled request's KV blocks and batch
    slot are freed now);
 2. `Scheduler.plan`: admit what fits, then the decode rows and the prefill chunks;
-3. one ragged pass for the decode rows (one token each), one for the prefill chunks; each row's
-   routing is traced live;
-4. sample each row that has a next token, stream its text, finish what ended (EOS, stop string,
-   token limit) and hand its EAM to the trace collection; refresh the activation-aware policy;
+3. one ragged pass for the decode rows (one token each), one for the prefill chunks
+   (`PassLauncher`); each row's routing is traced live;
+4. choose each row's next token on the device (`choose_tokens`), read the pass's routing and
+   tokens with one copy (`PassReadback`), then the host work (`RowOutputs`): traces, the
+   activation feed, each token streamed, what ended (EOS, stop string, token limit) finished
+   and its EAM handed to the trace collection; refresh the activation-aware policy;
 5. publish a snapshot for /metrics and /health.
 
-At batch 1 a replayed decode step's host work adds to the time per token (issue 16: the stream
-within 10% of in-process decode), so each part of it is kept small and independent of the
-output's length: a replay's indices are updated in place for the next token
-(`StaticDecodePass.fill`), an eager decode pass takes its slots from each table's kept ones
-(`DecodePasses`), text is decoded a few tokens at a time (`TextStream`), and the activation
-feed hands a step's routing to a predictor in one update. `benchmarks/engine_host_time.py`
-times each phase.
+Overlapped steps (docs/decisions/0017, issue 16: the stream's time per token within 10% of
+in-process decode). Where the next step's decode pass is known before this step's host work
+(the same rows one token further: no prompt prefilling, no row at its token limit, no
+cancellation pending, no row asking for log-probabilities, one process), it is enqueued at once
+on the tokens just chosen on the device (`_launch_ahead`), so the host work runs while the GPU
+computes instead of between passes; the next step takes that pass. `EngineConfig.overlap`
+turns it off. A request that ends in step n (EOS, stop string) or is cancelled had step n+1's
+pass computed for it: its row is dropped (token never emitted, routing never recorded or fed),
+so streams, traces and EAMs are the serial engine's, but the experts it was routed to were
+fetched and counted in the offload statistics. The activation feed's policy update reaches the
+cache one step later. On eager passes the host runs the next pass before streaming the token:
+each token streams one pass later, for no gain on the CPU.
 
-The host work of step n is not moved after the launch of step n+1's replay, though it could
-overlap the GPU there: a stop string is found only by detokenising, so step n+1 could run for a
-request that already ended (its routing counted in the offload statistics); and the feed's
-policy update must reach the cache before the replay's `before_replay` hook, where a prefetcher
-(the activation prefetcher's `between_steps`) evicts by that policy. Either would change what is
-served or measured.
+Each part of the host work is kept small and independent of the output's length: a replay's
+indices are updated in place for the next token (`StaticDecodePass.fill`), an eager decode pass
+takes its slots from each table's kept ones (`DecodePasses`), text is decoded a few tokens at a
+time (`TextStream`), and the activation feed hands a step's routing to a predictor in one
+update. `benchmarks/engine_host_time.py` times each phase and what of it runs ahead.
 """
 
 from __future__ import annotations
@@ -41,28 +47,29 @@ from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from moe_core import MoEError, OffloadStats, RequestError, sample_next
+from moe_core import OffloadStats, RequestError
 
 from moe_infinity.errors import MoEInfinityError
 from moe_infinity.policies import ActivationAwarePolicy
 from moe_infinity.serving.activation_feed import ActivationFeed
 from moe_infinity.serving.block_allocator import BlockAllocator
 from moe_infinity.serving.captured_decode import CapturedDecode, captured_decode_blocker
-from moe_infinity.serving.decode_passes import DecodePasses
 from moe_infinity.serving.engine_config import EngineConfig
 from moe_infinity.serving.engine_listener import EngineListener, NullListener
 from moe_infinity.serving.engine_snapshot import EngineSnapshot
 from moe_infinity.serving.followers import PassFollowers
 from moe_infinity.serving.kv_pool import KVPool
 from moe_infinity.serving.live_tracer import LiveTracer
-from moe_infinity.serving.ragged_pass import PassRow, RaggedPass
-from moe_infinity.serving.request import FinishReason, GenerationRequest, TokenLogprob
+from moe_infinity.serving.pass_launcher import LaunchedPass, PassLauncher
+from moe_infinity.serving.pass_readback import PassReadback
+from moe_infinity.serving.ragged_pass import PassRow
+from moe_infinity.serving.request import FinishReason, GenerationRequest
+from moe_infinity.serving.row_outputs import RowOutputs
 from moe_infinity.serving.scheduler import Scheduler
 from moe_infinity.serving.sequence import EventSink, Sequence
 from moe_infinity.serving.serving_model import ServingModel
-from moe_infinity.serving.step_pass import run_pass
+from moe_infinity.serving.token_choice import choose_tokens
 from moe_infinity.serving.trace_keeper import TraceKeeper
-from moe_infinity.serving.trace_recorder import TraceRecorder
 
 __all__ = ["Engine", "QueueFullError", "ShuttingDownError"]
 
@@ -87,8 +94,6 @@ class Engine:
         served: The model, tokenizer and offload runtime.
         config: Batching and queue limits.
         keeper: The trace collection.
-        listener: Told of first tokens, later tokens and finished requests (set it before
-            `start`).
         followers: The other ranks of an expert-parallel server, which run every pass with
             this engine (`rank_leader`); None: one process.
 
@@ -105,20 +110,18 @@ class Engine:
         self._routing = routing if routing is not None else nullcontext()
         self.config = config
         self.keeper = keeper
-        self.listener: EngineListener = listener or NullListener()
         self.followers = followers
         model = served.model
         blocks = KVPool.blocks_for_budget(model.spec, config.kv_bytes, config.block_tokens,
                                           model.dtype)
         self.pool = KVPool(model.spec, blocks, config.block_tokens, model.dtype, model.device)
-        self._decode_passes = DecodePasses(self.pool)  # eager decode passes' kept slots
         self.scheduler = Scheduler(BlockAllocator(blocks, config.block_tokens),
                                    config.max_batch, config.prefill_chunk)
         policy = served.policy
         self._feed = (ActivationFeed(policy, keeper.collection)
                       if isinstance(policy, ActivationAwarePolicy) else None)
-        self._eos = _eos_ids(served)
-        self._recorders: dict[str, TraceRecorder] = {}
+        self._outputs = RowOutputs(served, self.scheduler, keeper, self._feed,
+                                   listener or NullListener(), config.lookahead_top)
         self._cond = threading.Condition()
         self._inbox: deque[Sequence] = deque()
         self._cancels: set[str] = set()
@@ -128,6 +131,10 @@ class Engine:
         self._cancel_everything = False
         self._steps = 0
         self._captured: CapturedDecode | None = None  # made by the engine thread
+        self._launcher: PassLauncher | None = None  # likewise
+        self._readback = PassReadback(model.device)
+        self._ahead: LaunchedPass | None = None  # the next step's decode pass, enqueued ahead
+        self._steps_ahead = 0
         self._snapshot = EngineSnapshot()
         self._offload: OffloadStats | None = None
         self._offload_at = 0.0
@@ -135,6 +142,15 @@ class Engine:
         self._publish()  # the runtime's counters from the start, before any step
         self._thread = threading.Thread(target=self._run, name="moe-infinity-engine",
                                         daemon=True)
+
+    @property
+    def listener(self) -> EngineListener:
+        """Told of first tokens, later tokens and finished requests (set it before `start`)."""
+        return self._outputs.listener
+
+    @listener.setter
+    def listener(self, listener: EngineListener) -> None:
+        self._outputs.listener = listener
 
     # The front ends' side (any thread) ---------------------------------------------------------
 
@@ -238,6 +254,8 @@ class Engine:
             torch.cuda.set_device(device)
         with self._routing, LiveTracer(self.served.model) as tracer:
             self._captured = self._captured_decode(tracer)
+            self._launcher = PassLauncher(self.served.model, self.pool, tracer, self._captured,
+                                          self.followers)
             while True:
                 with self._cond:
                     if self._stopping:
@@ -254,9 +272,10 @@ class Engine:
                     cancels = set(self._cancels)
                     self._cancels.clear()
                 try:
-                    self._step(tracer, arrivals, cancels)
+                    self._step(arrivals, cancels)
                 except Exception:  # a bug: fail the running requests, keep serving
                     _log.error("engine step failed:\n%s", traceback.format_exc())
+                    self._ahead = None
                     self._fail_all("internal error in the engine step")
                 self._publish()
         for seq in [*self.scheduler.running, *self.scheduler.waiting, *self._inbox]:
@@ -273,7 +292,7 @@ class Engine:
             return None
         return CapturedDecode(self.served.model, self.pool, tracer)
 
-    def _step(self, tracer: LiveTracer, arrivals: list[Sequence], cancels: set[str]) -> None:
+    def _step(self, arrivals: list[Sequence], cancels: set[str]) -> None:
         for seq in arrivals:
             self.scheduler.add(seq)
         if cancels:  # arrivals included: a request cancelled before it was queued
@@ -283,101 +302,87 @@ class Engine:
         plan = self.scheduler.plan()
         with self._cond:
             self._queued = len(self.scheduler.waiting) + len(self._inbox)
+        launched, self._ahead = self._ahead, None
+        if launched is not None and launched.live_seqs != plan.decode:
+            raise RuntimeError("the decode pass enqueued ahead is not this step's decode rows")
         if plan.decode:
-            self._pass(tracer, [(s, s.pending_ids()) for s in plan.decode], prefill=False)
+            if launched is None:
+                launched = self._launch([(s, s.pending_ids()) for s in plan.decode], False)
+            self._complete(launched)
         if plan.prefill:
-            self._pass(tracer, [(s, s.pending_ids(n)) for s, n in plan.prefill], prefill=True)
+            self._complete(self._launch([(s, s.pending_ids(n)) for s, n in plan.prefill], True))
         if self._feed is not None:
             self._feed.refresh()
         self._steps += 1
 
-    def _pass(self, tracer: LiveTracer, rows: list[tuple[Sequence, list[int]]],
-              prefill: bool) -> None:
-        model = self.served.model
-        pass_rows = [PassRow(s.table or [], s.num_cached, ids) for s, ids in rows]
-        replayed = None
-        if not prefill and self._captured is not None:
-            replayed = self._captured.run(pass_rows)
-        if replayed is not None:
-            logits, (counts, looks) = replayed
-        else:
-            batch = (RaggedPass(pass_rows, self.pool, model.device) if prefill
-                     else self._decode_passes.build(pass_rows, model.device))
-            tracer.begin_pass(batch.row_of_token, batch.num_rows)
-            if self.followers is None:
-                logits = run_pass(model, batch, self.pool)  # [b, V]
-            else:  # every rank runs the pass (each its own experts), this one samples
-                logits = self.followers.run(pass_rows,
-                                            lambda: run_pass(model, batch, self.pool))
-            counts, looks = tracer.end_pass()
-        greedy = logits.argmax(dim=-1).tolist()  # one host read for every greedy row
-        for i, (seq, ids) in enumerate(rows):
+    def _launch(self, rows: list[tuple[Sequence, list[int]]], prefill: bool) -> LaunchedPass:
+        """Enqueue the pass of `rows` (each sequence with its new tokens); their tokens count
+        as cached from now on."""
+        assert self._launcher is not None
+        seqs = [s for s, _ in rows]
+        launched = self._launcher.launch(
+            seqs, [PassRow(s.table or [], s.num_cached, ids) for s, ids in rows], prefill)
+        for seq, ids in rows:
             seq.num_cached += len(ids)
-            recorder = self._recorders.setdefault(seq.request_id, TraceRecorder(
-                self.served.shape.num_moe_layers, self.served.shape.num_experts,
-                self.config.lookahead_top))
-            recorder.add(counts[i], looks[i], len(ids), prefill)
-            if self._feed is not None:
-                self._feed.observe(seq.request_id, counts[i], prefill)
-            if not seq.is_prefilling:
-                sampling = seq.request.sampling
-                if sampling.is_greedy:
-                    self._next_token(seq, greedy[i], logits[i])
-                    continue
-                try:
-                    token = int(sample_next(logits[i : i + 1], sampling, seq.generator)[0])
-                except RuntimeError as exc:  # its sampling alone failed: fail it alone
-                    _log.error("sampling request %s failed: %s", seq.request_id, exc)
-                    self._finish(seq, "cancelled", error=f"sampling failed: {exc}")
-                    continue
-                self._next_token(seq, token, logits[i])
+        return launched
 
-    def _next_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
-        """Take `seq`'s next `token` (sampled from its `logits` `[V]`), stream it, finish the
-        request if it ended."""
-        request = seq.request
-        now = time.perf_counter()
-        if seq.first_token_s is None:
-            seq.first_token_s = now
-            self.listener.on_first_token(now - seq.arrival_s)
-        elif seq.last_token_s is not None:
-            self.listener.on_next_token(now - seq.last_token_s)
-        seq.last_token_s = now
-        seq.output_ids.append(token)
-        logprobs = None if request.logprobs is None else (
-            _logprob(logits, token, request.logprobs),)
-        reason: FinishReason | None = None
-        if token in self._eos and not request.ignore_eos:
-            text, reason = seq.text.flush(), "stop"
-        else:
-            text = seq.text.push(token)
-            if seq.text.stopped:
-                reason = "stop"
-            elif len(seq.output_ids) >= request.max_tokens:
-                text, reason = text + seq.text.flush(), "length"
-        if reason is None:
-            seq.emit(text, (token,), logprobs)
-        else:
-            self._finish(seq, reason, text, (token,), logprobs)
+    def _launch_ahead(self, seqs: list[Sequence], tokens: torch.Tensor) -> LaunchedPass:
+        """Enqueue the next decode pass of `seqs` on their next `tokens` `[b]`, still on the
+        device (the rows' host token ids are placeholders the pass does not read)."""
+        assert self._launcher is not None
+        rows = [PassRow(s.table or [], s.num_cached, [0]) for s in seqs]
+        launched = self._launcher.launch(seqs, rows, False, input_ids=tokens)
+        for seq in seqs:
+            seq.num_cached += 1
+        self._steps_ahead += 1
+        return launched
 
-    def _finish(self, seq: Sequence, reason: FinishReason, text: str = "",
-                token_ids: tuple[int, ...] = (), logprobs: tuple[TokenLogprob, ...] | None = None,
-                error: str | None = None) -> None:
-        if seq.is_finished:
-            return
-        seq.finish_reason = reason
-        self.scheduler.remove(seq)
-        recorder = self._recorders.pop(seq.request_id, None)
-        if recorder is not None:
-            try:
-                self.keeper.add(recorder.eam.astype("float32"))
-            except MoEError as exc:  # a save that failed (disk full): keep serving
-                _log.error("saving the trace collection failed: %s", exc)
-        if self._feed is not None:
-            self._feed.forget(seq.request_id)
-        self.listener.on_finished(reason, time.perf_counter() - seq.arrival_s,
-                                   seq.num_prompt_tokens, len(seq.output_ids))
-        seq.emit(text, token_ids, logprobs, reason, error)
+    def _can_run_ahead(self, launched: LaunchedPass) -> bool:
+        """Whether the next step's decode pass is known before this step's host work: these
+        same rows, one token further (no prompt prefilling, no row ending at its token limit,
+        no cancellation pending), every next token chosen on the device (no row asking for
+        log-probabilities, which read this pass's logits), on one process."""
+        if not self.config.overlap or launched.prefill or self.followers is not None:
+            return False
+        if self.scheduler.running != launched.seqs:  # a prompt prefills, or a row ended
+            return False
+        if any(s.request.logprobs is not None or len(s.output_ids) + 1 >= s.request.max_tokens
+               for s in launched.seqs):
+            return False
+        with self._cond:
+            return not (self._cancels or self._cancel_everything or self._stopping)
+
+    def _complete(self, launched: LaunchedPass) -> None:
+        """Choose the next tokens of `launched` on the device, enqueue the next decode pass on
+        them where it is known (`_can_run_ahead`), then read the pass (one wait, for it alone)
+        and do its host work: traces, the activation feed, each token streamed or the request
+        finished. A row whose request ended after the pass was enqueued (it ran ahead) is
+        dropped: its token is never emitted and its routing never recorded."""
+        takers: list[Sequence | None] = [
+            None if s.is_finished or s.is_prefilling else s for s in launched.seqs]
+        choice = choose_tokens(launched.logits, takers)
+        self._readback.start((launched.counts, launched.looks, choice.tokens))
+        if not choice.errors and self._can_run_ahead(launched):
+            self._ahead = self._launch_ahead(launched.seqs, choice.tokens)
+        counts, looks, tokens = self._readback.wait()
+        # A pass enqueued ahead may be this one's graph again, overwriting its logits.
+        logits = launched.logits if self._ahead is None else None
+        for i, seq in enumerate(launched.seqs):
+            if seq.is_finished:
+                continue
+            self._outputs.record(seq, counts[i], looks[i], launched.num_tokens[i],
+                                 launched.prefill)
+            if takers[i] is None:
+                continue
+            error = choice.errors.get(i)
+            if error is not None:
+                _log.error("sampling request %s failed: %s", seq.request_id, error)
+                self._finish(seq, "cancelled", error=f"sampling failed: {error}")
+                continue
+            self._outputs.next_token(seq, int(tokens[i]), None if logits is None else logits[i])
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        self._outputs.finish(seq, reason, error=error)
 
     def _fail_all(self, message: str) -> None:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
@@ -401,25 +406,8 @@ class Engine:
             queued=len(self.scheduler.waiting) + len(self._inbox),
             running=len(self.scheduler.running),
             kv_blocks_used=allocator.num_used, kv_blocks_total=allocator.num_blocks,
-            steps=self._steps, offload=self._offload, experts_resident=self._resident,
+            steps=self._steps, steps_ahead=self._steps_ahead, offload=self._offload,
+            experts_resident=self._resident,
             expert_slots=runtime.pool.num_slots,
             traces_collected=len(self.keeper.collection))
 
-
-def _eos_ids(served: ServingModel) -> set[int]:
-    """The model's end tokens: its generation config's, else its config.json's."""
-    value = served.model.generation_defaults.get("eos_token_id")
-    if value is None:
-        value = served.model.spec.eos_token_ids
-    if isinstance(value, int):
-        return {value}
-    return {int(v) for v in value} if isinstance(value, list | tuple | set) else set()
-
-
-def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The log-probability of `token` under `logits` `[V]`, and the `top` most likely."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    best = torch.topk(logp, min(top, logp.shape[-1])) if top > 0 else None
-    pairs = () if best is None else tuple(
-        (int(i), float(v)) for v, i in zip(best.values, best.indices, strict=True))
-    return TokenLogprob(token, float(logp[token]), pairs)

@@ -23,6 +23,8 @@ class EngineConfig:
         lookahead_top: Experts kept per step and layer in a trace's lookahead.
         graphs: Replay decode passes from captured CUDA graphs where the model allows it
             (`captured_decode`); False: every pass eager (`--no-graphs`).
+        overlap: Enqueue the next decode pass before a step's host work where its rows are
+            known (docs/decisions/0017); False: every step's host work runs between passes.
     """
 
     max_batch: int = 64
@@ -32,6 +34,7 @@ class EngineConfig:
     kv_bytes: int = 64 << 20
     lookahead_top: int = 8
     graphs: bool = True
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         for name, option in (("max_batch", "--max-batch"), ("max_queue", "--max-queue"),

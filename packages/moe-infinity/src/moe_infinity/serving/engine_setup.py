@@ -56,6 +56,8 @@ class EngineSettings:
         rank_devices: One device per rank when the experts are spread over several
             (expert parallel, `--gpus`; `device` is rank 0's); empty: one process on `device`.
         graphs: Replay decode passes from CUDA graphs where possible (`--no-graphs`: eager).
+        overlap: Enqueue the next decode pass before a step's host work where its rows are
+            known (`EngineConfig.overlap`; benchmarks turn it off to compare).
     """
 
     model: str
@@ -74,6 +76,7 @@ class EngineSettings:
     experts: ExpertSettings = field(default_factory=ExpertSettings)
     rank_devices: tuple[str, ...] = ()
     graphs: bool = True
+    overlap: bool = True
 
 
 def resolve_device(device: str) -> str:
@@ -114,7 +117,8 @@ def build_engine(settings: EngineSettings) -> Engine:
             ranks.attach(served)
         config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
                               prefill_chunk=settings.prefill_chunk,
-                              kv_bytes=served.memory.kv_bytes, graphs=settings.graphs)
+                              kv_bytes=served.memory.kv_bytes, graphs=settings.graphs,
+                              overlap=settings.overlap)
         engine = Engine(served, config, keeper, followers=ranks,
                         routing=settings.experts.routing_context(served.model))
         if ranks is not None:

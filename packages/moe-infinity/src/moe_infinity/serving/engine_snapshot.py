@@ -23,6 +23,8 @@ class EngineSnapshot:
         kv_blocks_used: KV blocks owned by running requests.
         kv_blocks_total: KV blocks in the pool.
         steps: Engine steps run since start.
+        steps_ahead: Decode passes enqueued before the previous step's host work
+            (docs/decisions/0017).
         offload: The offload runtime's counters (None: experts are not offloaded).
         experts_resident: Experts in device slots now.
         expert_slots: Device slots for experts.
@@ -34,6 +36,7 @@ class EngineSnapshot:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     steps: int = 0
+    steps_ahead: int = 0
     offload: OffloadStats | None = None
     experts_resident: int = 0
     expert_slots: int = 0

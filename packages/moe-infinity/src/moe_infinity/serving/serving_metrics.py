@@ -70,6 +70,9 @@ class _SnapshotCollector(Collector):
                                 "Share of the expert slots holding an expert.", value=occupancy)
         yield CounterMetricFamily("moe_infinity_engine_steps", "Engine steps run.",
                                   value=snap.steps)
+        yield CounterMetricFamily("moe_infinity_engine_steps_ahead", "Decode passes enqueued "
+                                  "before the previous step's host work.",
+                                  value=snap.steps_ahead)
         if snap.offload is not None:
             for name, field, text in _OFFLOAD_COUNTERS:
                 yield CounterMetricFamily(f"moe_infinity_{name}", text,
