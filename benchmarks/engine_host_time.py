@@ -236,6 +236,8 @@ def main() -> int:
     parser.add_argument("--policy", default="activation", help="serve's --policy")
     parser.add_argument("--fetch", default="copy", help="copy, or mapped (captured decode)")
     parser.add_argument("--lanes", type=int, default=1)
+    parser.add_argument("--expert-dtype", choices=["fp8"], default=None,
+                        help="serve's --expert-dtype")
     parser.add_argument("--routing", default=None, help="e.g. uniform (benchmark routing)")
     parser.add_argument("--prompt-tokens", type=int, default=0,
                         help="a prompt of this many token ids instead of --prompt's text")
@@ -253,7 +255,8 @@ def main() -> int:
     clock = PhaseClock()
     missing = instrument(clock)
     experts = ExpertSettings(dummy=args.dummy, num_layers=args.num_layers, fetch=args.fetch,
-                             lanes=args.lanes, routing=args.routing)
+                             lanes=args.lanes, routing=args.routing,
+                             expert_dtype=args.expert_dtype)
     settings = EngineSettings(model=args.model, device=args.device, dtype=None,
                               gpu_memory_bytes=parse_bytes(args.gpu_memory),
                               kv_memory_bytes=(parse_bytes(args.kv_memory)
@@ -286,6 +289,7 @@ def main() -> int:
         "prompt_tokens": len(prompt), "num_events": len(events), "wall_s": wall_s,
         "missing_phases": missing, "model": args.model, "num_layers": args.num_layers,
         "policy": args.policy, "fetch": args.fetch, "lanes": args.lanes,
+        "expert_dtype": args.expert_dtype,
         "routing": args.routing, "overlap": not args.no_overlap, "steps_ahead": steps_ahead,
         "decode": "captured" if decode_mode is None else f"eager ({decode_mode})"}
     print(f"engine host ms per decode step (median), batch 1, {args.device}, {args.model} "

@@ -38,11 +38,13 @@ grouped mapped path with a `MappedFetcher`: the call's distinct experts found on
 read once each, in chunks that fit the gather limit (`grouped_mapped`, decision 0016); captured
 like the mapped path, on the GPU lane alone (no CPU-lane split yet).
 
-One token's call on the mapped path (batch-1 decode, the latency case) reads its resident
-experts in their slots and multiplies as it reads, with no gathered copy (`kernels.mapped_experts`,
-decision 0019), where Triton runs; its misses are first copied over PCIe into one staging row
-each (`MappedFetcher.fetch_misses`, the copy kernel: faster over the link than the product
-kernel's own reads, `stage_misses`). Other calls, and the CPU, build every row first as above.
+Where Triton runs (CUDA), calls on the mapped path read their resident experts in their slots
+and multiply as they read, with no gathered copy (`kernels.mapped_experts`, decision 0019); their
+misses are first copied over PCIe into one staging row per assignment
+(`MappedFetcher.fetch_misses`, the copy kernel: faster over the link than the product kernel's
+own reads, `stage_misses`). The gather limit then counts one staged block per assignment, so
+FP8 calls of up to 7 tokens at Qwen3-30B-A3B shapes take this path (3 with bf16). Without
+Triton (the CPU) every row is built first as above.
 
 Over an FP8 store (decision 0015) slots, mapped rows and copies carry e4m3 blocks as they are;
 each path dequantises to the activations' dtype just before its products: the gathered paths
@@ -59,6 +61,7 @@ import torch
 
 from moe_core.expert_id import ExpertId
 from moe_core.gathered_experts import GATHER_LIMIT_BYTES, gathered_experts, use_gather
+from moe_core.kernels.backend import triton_mode
 from moe_core.kernels.mapped_experts import mapped_experts, mapped_experts_supported
 from moe_core.offload.fp8_gathered import gathered_fp8_experts
 from moe_core.offload.grouped_mapped import (
@@ -141,7 +144,7 @@ class OffloadedExecutor:
         """Most tokens per call a captured step may have: the mapped rows of all assignments
         must fit the gather limit, or the call must be small enough for the grouped mapped path
         (above both a call reads its routing on the host)."""
-        gathered = self.gather_limit_bytes // (top_k * self.cache.store.layout.gather_nbytes)
+        gathered = self.gather_limit_bytes // (top_k * self._mapped_nbytes())
         if self._grouped_applies(self.grouped_limit_assignments):
             return max(gathered, self.grouped_limit_assignments // top_k)
         return gathered
@@ -149,7 +152,7 @@ class OffloadedExecutor:
     def call_path(self, num_assignments: int) -> CallPath:
         """The path a call of `num_assignments` (T*K) token-expert assignments takes."""
         if self.cpu_compute_rule is None and use_gather(
-                num_assignments, self.cache.store.layout.gather_nbytes, self.gather_limit_bytes):
+                num_assignments, self._mapped_nbytes(), self.gather_limit_bytes):
             return "mapped" if self.fetcher is not None else "gather"
         return "grouped" if self._grouped_applies(num_assignments) else "copy"
 
@@ -174,8 +177,7 @@ class OffloadedExecutor:
                  weights: torch.Tensor) -> torch.Tensor:
         """The layer's experts on `hidden` (what `__call__` does besides prefetching)."""
         if self.cpu_compute_rule is None and use_gather(
-                expert_ids.numel(), self.cache.store.layout.gather_nbytes,
-                self.gather_limit_bytes):
+                expert_ids.numel(), self._mapped_nbytes(), self.gather_limit_bytes):
             if (self.fetcher is not None and hidden.is_cuda
                     and torch.cuda.is_current_stream_capturing()):
                 return self._mapped(hidden, expert_ids, weights,
@@ -184,7 +186,9 @@ class OffloadedExecutor:
                 self._prepare_lane(expert_ids)
             layer_map = self.cache.layer_map(self.layer)
             if layer_map.complete:  # every expert resident: no host read of the routing at all
-                out = self._over_slots(hidden, layer_map.slots[expert_ids], weights)
+                out = (self._gpu_lane(hidden, expert_ids, weights, layer_map.slots)
+                       if self._in_place()
+                       else self._over_slots(hidden, layer_map.slots[expert_ids], weights))
                 self.cache.use_layer_map(layer_map, self.layer, expert_ids)
                 return out
             if self.fetcher is not None:  # misses read from host memory by the GPU
@@ -279,7 +283,7 @@ class OffloadedExecutor:
         assert self.fetcher is not None
         one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
         layout = self.cache.store.layout
-        if one_token:  # resident experts read in their slots and multiplied as they are read
+        if self._in_place():  # resident experts read in their slots, multiplied as they are read
             pool = self.cache.pool.storage.view(self.cache.pool.num_slots, layout.numel)
             host = self.cache.store.arena(self.layer).view(self.cache.store.num_experts, -1)
             if mapped_experts_supported(hidden, layout, pool, host):
@@ -294,6 +298,18 @@ class OffloadedExecutor:
         if layout.is_fp8:
             return gathered_fp8_experts(hidden, index, weights, layout, rows)
         return gathered_experts(hidden, index, weights, *layout.stacked_views(rows))
+
+    def _in_place(self) -> bool:
+        """Whether mapped calls multiply in place (`kernels.mapped_experts`): a fetcher, and
+        Triton for the pool's device (compiled on CUDA, or its interpreter when asked for)."""
+        return self.fetcher is not None and triton_mode(self.cache.pool.device) is not None
+
+    def _mapped_nbytes(self) -> int:
+        """Device workspace of one assignment on the mapped path, what the gather limit counts:
+        a staged block in place (an FP8 block is never dequantised), else its row (FP8: plus
+        its 16-bit matrices)."""
+        layout = self.cache.store.layout
+        return layout.nbytes if self._in_place() else layout.gather_nbytes
 
     def _over_slots(self, hidden: torch.Tensor, slots: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
