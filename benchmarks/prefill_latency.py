@@ -3,8 +3,8 @@ cache (`prefill="admit"`) against the prefill ring streaming them (`prefill="str
 decision 0017). The expert part of `moe-infinity serve`'s TTFT (issue 16).
 
 Scenario S3 (../shared/BENCHMARKS.md): Qwen3-30B-A3B shapes truncated to 24 layers, bf16 dummy
-weights, a 16 GiB budget split as the server splits it (`plan_memory` with `--max-batch`, so the
-expert slots are the server's), the mapped fetch, the cache filled with the store's first experts
+weights, a 16 GiB budget split as the server splits it (`plan_memory` with the S3 serving runs'
+`--kv-memory 576MiB`: 1,527 expert slots, 50% of the experts), the mapped fetch, the cache filled with the store's first experts
 (layer order, as `load_offloaded` fills it), **uniform random top-k routing**, and a 512-token
 prompt prefilled in one pass (the server's idle step takes up to 4 x 256 prompt tokens). The
 ring's slots come out of the same expert bytes (`ring_slots_for`: 8 at S3), as in the server.
@@ -79,15 +79,16 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, float]:
 
 def expert_bytes(model: Any, store: Any, args: argparse.Namespace) -> int:
     """The expert slots' bytes: `--expert-memory-mib`, half the experts (`--smoke`), or the
-    server's memory plan of `--gpu-memory-gib` (`moe-infinity serve --max-batch N`)."""
+    server's memory plan of `--gpu-memory-gib` and `--kv-memory-mib` (`moe-infinity serve
+    --kv-memory`; 576 MiB, the S3 serving runs': 1,527 slots of 9.4 MB, 50% of the experts)."""
     if args.expert_memory_mib is not None:
         return int(args.expert_memory_mib * 2**20)
     if args.smoke:
         return len(store.experts()) // 2 * store.layout.nbytes
     from moe_infinity.serving.memory_plan import plan_memory
 
-    return plan_memory(model.spec, model.dtype, int(args.gpu_memory_gib * GiB),
-                       args.max_batch).expert_bytes
+    return plan_memory(model.spec, model.dtype, int(args.gpu_memory_gib * GiB), args.max_batch,
+                       int(args.kv_memory_mib * 2**20)).expert_bytes
 
 
 def install(model: Any, store: Any, pool: Any, engine: Any, prefill: str,
@@ -234,6 +235,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=16,
                         help="the server's --max-batch, for its memory plan (serve_sweep "
                              "passes its largest concurrency, 16)")
+    parser.add_argument("--kv-memory-mib", type=float, default=576.0,
+                        help="the server's --kv-memory, for its memory plan (the S3 serving "
+                             "runs': 576 MiB)")
     parser.add_argument("--expert-memory-mib", type=float, default=None,
                         help="the expert slots' bytes (ring included) instead of the plan's")
     parser.add_argument("--expert-dtype", choices=["fp8"], default=None)

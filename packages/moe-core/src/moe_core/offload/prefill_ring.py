@@ -140,9 +140,11 @@ class PrefillRing:
         experts from their slots, missing ones streamed through the ring."""
         cache = self.cache
         num_experts = cache.store.num_experts
-        layer_experts = [ExpertId(layer, e) for e in range(num_experts)]
-        absent = [x for x in layer_experts if cache.is_absent(x)]
-        order = absent + [x for x in layer_experts if not cache.is_absent(x)]  # place -> expert
+        absent: list[ExpertId] = []
+        holding: list[ExpertId] = []  # ready, or on their way as prefetches
+        for expert in (ExpertId(layer, e) for e in range(num_experts)):
+            (absent if cache.is_absent(expert) else holding).append(expert)
+        order = absent + holding  # place -> expert
         place = [0] * num_experts  # expert -> place
         for p, x in enumerate(order):
             place[x.expert] = p
