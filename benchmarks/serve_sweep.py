@@ -35,6 +35,10 @@ starlette, typing-extensions, typing-inspection, tzdata (python-dateutil needs i
 The first run (2026-12-03) failed: the server drew its 30 GB of dummy weights on the host for
 longer than the 150 s start-up limit (`--load-timeout`); they are drawn on the GPU since.
 
+`--prefill stream` runs the server and the in-process engine with prompt chunks streaming their
+missing experts through the prefill ring instead of admitting them (moe-core's decision 0017;
+the server's label then says `prefill stream`).
+
 On a CPU (tiny-moe, tiny counts, proves the plumbing):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/serve_sweep.py --smoke --out /tmp/sweep
