@@ -203,12 +203,15 @@ class PrefillRing:
         cache.acquire(held)  # all hold a slot: hits, never a copy or an eviction
         pool = cache.pool
         blocks = pool.storage.view(pool.num_slots, pool.layout.numel)  # [S, N]
+        if pool.layout.is_fp8:  # gathered as bytes: every device indexes those
+            blocks = blocks.view(torch.uint8)
         start = 0
         for group, group_offsets in zip(held_groups, offsets, strict=True):
             experts = held[start : start + len(group)]
             start += len(group)
             slots = _on_device(cache.ready_slots(experts), pool.device)  # [g]
-            self._products(blocks.index_select(0, slots), group, group_offsets, groups, xs, ys)
+            rows = blocks.index_select(0, slots).view(pool.storage.dtype)  # [g, N]
+            self._products(rows, group, group_offsets, groups, xs, ys)
         cache.release(*held)  # fences their slots behind the reads just enqueued
 
     def _products(self, rows: torch.Tensor, group: list[int], offsets: torch.Tensor,
