@@ -247,8 +247,7 @@ def test_calls_below_the_layers_expert_count_keep_the_copy_path_and_admit() -> N
     top_k = model.spec.moe.router.top_k
     ring = runtime.prefill_ring
     assert ring is not None and ring.min_assignments == 16
-    executor = executors(runtime)[0]
-    executor.grouped_limit_assignments = 0
+    executor = executors(runtime)[0]  # the copy fetch has no grouped path
     assert executor.call_path(7 * top_k) == "copy" and executor.call_path(8 * top_k) == "stream"
     with torch.no_grad():
         model(prompt(4, seed=8))
