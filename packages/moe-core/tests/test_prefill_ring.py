@@ -19,6 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe_core import (
     FP8,
+    CopyLane,
+    CopyTicket,
     CpuCopyEngine,
     ExpertId,
     ExpertLayout,
@@ -254,6 +256,58 @@ def test_calls_below_the_layers_expert_count_keep_the_copy_path_and_admit() -> N
     stats = runtime.snapshot()
     assert stats.streamed_bytes == 0 and runtime.cache is not None
     assert len(runtime.cache.table.resident()) > 0  # admitted
+
+
+class FenceCheckingEngine(CpuCopyEngine):
+    """The CPU engine, failing any copy into a ring slot whose previous copy's readers were not
+    released first: on CUDA that copy would not wait for them (`CudaCopyEngine.release` fences a
+    slot), and would overwrite an expert under its running products."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched = range(0)  # the ring's bytes, set once it exists
+        self.unreleased: dict[int, CopyTicket] = {}  # ring slot address -> its last copy
+        self.ring_copies = 0
+
+    def submit(self, src: torch.Tensor, dst: torch.Tensor, lane: CopyLane,
+               key: object = None) -> CopyTicket:
+        ptr = dst.data_ptr()
+        if ptr in self.watched:
+            assert ptr not in self.unreleased, f"{key} copied over an expert still being read"
+        ticket = super().submit(src, dst, lane, key)
+        if ptr in self.watched:
+            self.unreleased[ptr] = ticket
+            self.ring_copies += 1
+        return ticket
+
+    def release(self, *tickets: CopyTicket) -> None:
+        for ticket in tickets:
+            if self.unreleased.get(ticket.dst_ptr) is ticket:
+                del self.unreleased[ticket.dst_ptr]
+
+
+@pytest.mark.parametrize("ring_slots", [1, 2, 3, 8])
+def test_no_ring_slot_is_refilled_before_its_readers_are_released(ring_slots: int) -> None:
+    """Three prompts in a row (each slot reused within and across layers and calls)."""
+    model = load_model(tiny_model_path(), dtype="float32")
+    store = HostExpertStore.from_model(model, pin=False)
+    engine = FenceCheckingEngine()
+    runtime = install_offloading(model, store, GpuSlotPool(store.layout, 24, device="cpu"),
+                                 engine, fetch="mapped", prefill="stream",
+                                 prefill_ring_slots=ring_slots, drop_local_experts=True)
+    ring = runtime.prefill_ring
+    assert ring is not None
+    start = ring.slots.storage.data_ptr()
+    engine.watched = range(start, start + ring.nbytes)
+    runtime.prefetch(store.experts()[::4])
+    runtime.drain()
+    for executor in executors(runtime):
+        executor.gather_limit_bytes = 2 * store.layout.nbytes
+        executor.grouped_limit_assignments = 0  # prompts take the ring
+    with torch.no_grad():
+        for seed in range(3):
+            model(prompt(seed=seed))
+    assert engine.ring_copies == runtime.snapshot().streamed_bytes // store.layout.nbytes > 0
 
 
 # --- The ring's size and the stack's options ---------------------------------------------------
