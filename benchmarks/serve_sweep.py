@@ -35,6 +35,10 @@ starlette, typing-extensions, typing-inspection, tzdata (python-dateutil needs i
 The first run (2026-12-03) failed: the server drew its 30 GB of dummy weights on the host for
 longer than the 150 s start-up limit (`--load-timeout`); they are drawn on the GPU since.
 
+`--prefill stream` runs the server and the in-process engine with prompt chunks streaming their
+missing experts through the prefill ring instead of admitting them (moe-core's decision 0018;
+the server's label then says `prefill stream`).
+
 On a CPU (tiny-moe, tiny counts, proves the plumbing):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/serve_sweep.py --smoke --out /tmp/sweep
@@ -224,21 +228,24 @@ def _serve_argv(sweep: Sweep, fetch: str, lanes: int) -> list[str]:
     a = sweep.args
     argv = sweep.python("moe_infinity", "serve", a.model, "--gpu-memory", a.gpu_memory,
                         "--port", "0", "--policy", a.policy, "--routing", a.routing,
-                        "--fetch", fetch, "--lanes", str(lanes), "--device", a.device,
-                        "--max-batch", str(max(a.concurrency)), "--grace", "5")
+                        "--fetch", fetch, "--lanes", str(lanes), "--prefill", a.prefill,
+                        "--device", a.device, "--max-batch", str(max(a.concurrency)),
+                        "--grace", "5")
     if a.kv_memory:
         argv += ["--kv-memory", a.kv_memory]
     return argv + _model_argv(a)
 
 
 def _server_label(argv: list[str]) -> str:
-    """The server's name in the records and the report: its fetch path, lanes and policy."""
+    """The server's name in the records and the report: its fetch path, lanes, policy, and how
+    its prompts treat misses where they stream them."""
     def value(flag: str) -> str:
         return argv[argv.index(flag) + 1] if flag in argv else "?"
     lanes = value("--lanes")
     experts = f", experts {value('--expert-dtype')}" if "--expert-dtype" in argv else ""
+    prefill = ", prefill stream" if value("--prefill") == "stream" else ""
     return (f"moe-infinity serve ({value('--fetch')}, {lanes} lane{'s' if lanes != '1' else ''}, "
-            f"{value('--policy')}{experts})")
+            f"{value('--policy')}{experts}{prefill})")
 
 
 def _model_argv(a: argparse.Namespace) -> list[str]:
@@ -361,7 +368,8 @@ def in_process(sweep: Sweep, path: dict[str, object]) -> None:
                         *_workload_argv(sweep, a.inproc_requests), "--concurrency", "1",
                         "--device", device, "--expert-memory", str(slots),
                         "--routing", a.routing, "--fetch", str(path["fetch"]),
-                        "--lanes", str(path["lanes"]), "--out", str(record),
+                        "--lanes", str(path["lanes"]), "--prefill", a.prefill,
+                        "--out", str(record),
                         *_model_argv(a))
     run_step(sweep, f"in-process moe-infinity c=1 ({a.inproc_requests} requests)", argv,
              a.step_timeout, record)
@@ -502,6 +510,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fetch", default="mapped", help="copy or mapped (falls back to copy if "
                    "the server fails to start with mapped)")
     p.add_argument("--lanes", type=int, default=1)
+    p.add_argument("--prefill", default="admit", choices=["admit", "stream"],
+                   help="how the server's and the in-process engine's prompt chunks treat "
+                        "missing experts: admit (into the cache) or stream (through a ring of "
+                        "staging slots, none admitted; moe-core's decision 0018)")
     p.add_argument("--expert-dtype", default="",
                    help="fp8: the routed experts as e4m3 with per-output-channel scales in every "
                         "step (server, in-process engine, moe-gen); default: the model dtype")

@@ -29,6 +29,9 @@ from moe_cap.workload import WorkItem
     ({"expert_dtype": "int4", "expert_memory_bytes": 1 << 20}, "--expert-dtype must be fp8"),
     ({"engine": "moe-gen", "expert_dtype": "bf16"}, "--expert-dtype must be fp8"),
     ({"expert_dtype": "fp8"}, "--expert-dtype fp8 needs --expert-memory"),
+    ({"prefill": "evict", "expert_memory_bytes": 1 << 20}, "--prefill must be admit or stream"),
+    ({"prefill": "stream"}, "--prefill stream is for --engine moe-infinity with --expert-memory"),
+    ({"engine": "moe-gen", "prefill": "stream"}, "--prefill stream is for --engine moe-infinity"),
 ])
 def test_bad_options_are_one_line_errors(kwargs: dict[str, object], message: str) -> None:
     options = {"engine": "moe-infinity", "model": "tiny-moe", **kwargs}
@@ -41,6 +44,17 @@ def test_uniform_routing_holds_for_the_engine_life() -> None:
         engine="moe-infinity", model="tiny-moe", dummy=True, num_layers=2,
         expert_memory_bytes=8 << 20, fetch="mapped", routing="uniform"), "test")
     assert all(b.routing_override is not None for b in engine.model.moe_blocks())
+
+
+def test_streamed_prefill_reaches_the_offloaded_runtime() -> None:
+    engine = CoreStreamingEngine.load(EngineOptions(
+        engine="moe-infinity", model="tiny-moe", dummy=True, num_layers=2,
+        expert_memory_bytes=8 << 20, fetch="mapped", prefill="stream"), "test")
+    assert engine.runtime is not None and engine.runtime.prefill_ring is not None
+    default = CoreStreamingEngine.load(EngineOptions(
+        engine="moe-infinity", model="tiny-moe", dummy=True, num_layers=2,
+        expert_memory_bytes=8 << 20, fetch="mapped"), "test")
+    assert default.runtime is not None and default.runtime.prefill_ring is None
 
 
 def test_dummy_mapped_uniform_run(tmp_path: Path) -> None:

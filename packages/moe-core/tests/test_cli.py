@@ -111,6 +111,9 @@ def test_pack_then_generate_offloaded_equals_generate_whole(tmp_path) -> None:  
     (["pack", "qwen3-30b-a3b", "x.moepack"], "--dummy"),
     (["generate", "-p", "x", "--fetch", "mapped"], "need --expert-memory"),
     (["generate", "-p", "x", "--expert-memory", "1MiB", "--fetch", "zero"], "copy or mapped"),
+    (["generate", "-p", "x", "--prefill", "stream"], "need --expert-memory"),
+    (["generate", "-p", "x", "--expert-memory", "1MiB", "--prefill", "evict"],
+     "--prefill must be admit or stream"),
 ])
 def test_offload_options_fail_with_one_line(args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, args)

@@ -61,6 +61,8 @@ def _one_error_line(result_output: str) -> str:
     (["--device", "tpu"], "tpu"),
     (["--prefetch", "bogus", "--device", "cpu"], "--prefetch must be none or lookahead"),
     (["--expert-dtype", "int4", "--device", "cpu"], "--expert-dtype must be fp8"),
+    (["--prefill", "evict", "--device", "cpu"], "--prefill must be admit or stream"),
+    (["--prefill", "stream", "--gpus", "cpu:2"], "--prefill stream is not supported with --gpus"),
 ])
 def test_serve_refuses_bad_options_in_one_line(args: list[str], says: str) -> None:
     result = CliRunner().invoke(app, ["serve", "--port", "0", *args])
@@ -165,7 +167,8 @@ def test_serve_with_fp8_experts_says_so_at_start_and_answers() -> None:
             server.kill()
             server.wait()
     stderr = " ".join((server.stderr.read() if server.stderr else "").split())  # unwrapped
-    assert re.search(r"expert slots, policy \S+, experts fp8, fetch copy", stderr), stderr
+    assert re.search(r"expert slots, policy \S+, experts fp8, fetch copy, prefill admit, ",
+                     stderr), stderr
 
 
 def test_chat_ends_cleanly_on_ctrl_d() -> None:

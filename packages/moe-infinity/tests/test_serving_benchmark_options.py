@@ -4,6 +4,7 @@ routing set by hand (`ExpertSettings`), through `build_engine` and the engine th
 from __future__ import annotations
 
 import queue
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from moe_infinity.serving.runtime_policy import parse_serve_policy
     ({"num_layers": 0}, "--num-layers must be at least 1"),
     ({"routing": "zipf:q=1"}, "--routing 'zipf:q=1': unknown parameter"),
     ({"routing": "gaussian"}, "expected uniform"),
+    ({"prefill": "evict"}, "--prefill must be admit or stream"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(SettingError, match=message):
@@ -60,6 +62,36 @@ def test_dummy_truncated_uniform_routing_mapped_fetch_serves(tmp_path: Path) -> 
     events = _generate(settings)
     assert events[-1].finish_reason == "length"
     assert sum(len(e.token_ids) for e in events) == 6
+
+
+def test_streamed_prefill_serves_and_leaves_the_cache_as_loaded() -> None:
+    """`--prefill stream`: the ring's 8 slots come out of the expert budget (24 MiB in all: 14
+    cache slots of 480 KiB are left), a 300-token prompt (one chunk of 600 assignments, above
+    the gather limit) streams its misses and admits none, and the decode continues."""
+    experts = ExpertSettings(dummy=True, num_layers=2, fetch="mapped", prefill="stream",
+                             routing="uniform")
+    settings = replace(_settings(experts), gpu_memory_bytes=24 << 20, prefill_chunk=128)
+    engine = build_engine(settings)
+    runtime = engine.served.runtime
+    assert runtime.prefill_ring is not None and runtime.cache is not None
+    assert runtime.pool.nbytes + runtime.prefill_ring.nbytes <= engine.served.memory.expert_bytes
+    held = set(runtime.cache.table.resident())
+    events: queue.Queue[SequenceEvent] = queue.Queue()
+    engine.start()
+    try:
+        engine.submit(GenerationRequest(request_id="p", prompt_ids=tuple(range(3, 303)),
+                                        max_tokens=3, ignore_eos=True), events.put)
+        tokens = []
+        while True:
+            event = events.get(timeout=120)
+            tokens += event.token_ids
+            if event.finish_reason is not None:
+                break
+    finally:
+        engine.stop()
+    stats = runtime.snapshot()
+    assert len(tokens) == 3 and stats.streamed_bytes > 0 and stats.evictions == 0
+    assert set(runtime.cache.table.resident()) == held
 
 
 def test_uniform_routing_is_entered_by_the_engine_thread_and_put_back() -> None:

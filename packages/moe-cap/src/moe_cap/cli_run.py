@@ -181,6 +181,10 @@ def run(
     lanes: Annotated[int, typer.Option(
         help="moe-infinity, with --fetch mapped: 1, or 2 (the CPU computes a share of each "
              "layer's misses at the same time).")] = 1,
+    prefill: Annotated[str, typer.Option(
+        help="moe-infinity, with --expert-memory: admit (prompts copy their misses into the "
+             "cache, evicting others) or stream (through a small ring of staging slots at the "
+             "link's rate, none admitted).")] = "admit",
     expert_dtype: Annotated[str | None, typer.Option(
         help="fp8: store and stream the routed experts as e4m3 with a scale per output channel "
              "(half of bf16's PCIe bytes; dequantised on the device; default: the model dtype); "
@@ -212,11 +216,12 @@ def run(
                "gpu_memory_bytes": None if gpu_memory is None else parse_bytes(gpu_memory),
                "expert_memory_bytes": None if expert_memory is None
                else parse_bytes(expert_memory), "fetch": fetch, "lanes": lanes,
-               "expert_dtype": expert_dtype, "routing": routing}
+               "prefill": prefill, "expert_dtype": expert_dtype, "routing": routing}
     check_expert_dtype(expert_dtype)
-    if url is not None and (routing is not None or fetch != "copy" or lanes != 1):
-        raise WorkloadError("--routing, --fetch and --lanes are for --engine; a server sets its "
-                            "own (e.g. moe-infinity serve --routing uniform)")
+    if url is not None and (routing is not None or fetch != "copy" or lanes != 1
+                            or prefill != "admit"):
+        raise WorkloadError("--routing, --fetch, --lanes and --prefill are for --engine; a "
+                            "server sets its own (e.g. moe-infinity serve --routing uniform)")
     target = _target(url, server_model or model, engine, api_key, options, label)
     if task in ("perplexity", "choice"):
         if data is None:

@@ -77,6 +77,7 @@ class CoreStreamingEngine:
                                     num_layers=options.num_layers,
                                     fetch="mapped" if options.fetch == "mapped" else "copy",
                                     two_lanes=options.lanes == 2,
+                                    prefill="stream" if options.prefill == "stream" else "admit",
                                     expert_dtype=options.expert_dtype)
             model, runtime = loaded.model, loaded.runtime
         else:

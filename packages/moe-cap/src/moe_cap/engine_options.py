@@ -48,6 +48,9 @@ class EngineOptions:
             the device, no offloading).
         fetch: moe-infinity, offloaded: `copy` or `mapped` (moe-core's `load_offloaded`).
         lanes: moe-infinity, with `mapped`: 1 or 2 (the CPU computes a share of the misses).
+        prefill: moe-infinity, offloaded: `admit` (prompts copy their misses into the cache) or
+            `stream` (through a ring of staging slots, none admitted; moe-core's
+            `load_offloaded`).
         expert_dtype: `"fp8"`: routed experts stored and streamed as e4m3 with per-output-
             channel scales (moe-infinity: offloaded, so with `expert_memory_bytes`; moe-gen:
             `JobConfig.expert_dtype`); recorded as the run record's `expert_dtype`. None: the
@@ -67,6 +70,7 @@ class EngineOptions:
     expert_memory_bytes: int | None = None
     fetch: str = "copy"
     lanes: int = 1
+    prefill: str = "admit"
     expert_dtype: str | None = None
     routing: str | None = None
 
@@ -88,6 +92,12 @@ class EngineOptions:
             raise TargetError("--fetch mapped needs --expert-memory (offloaded experts)")
         if self.lanes == 2 and self.fetch != "mapped":
             raise TargetError("--lanes 2 needs --fetch mapped")
+        if self.prefill not in ("admit", "stream"):
+            raise TargetError(f"--prefill must be admit or stream, got {self.prefill!r}")
+        if self.prefill != "admit" and (self.engine != "moe-infinity"
+                                        or self.expert_memory_bytes is None):
+            raise TargetError("--prefill stream is for --engine moe-infinity with "
+                              "--expert-memory (offloaded experts)")
         check_expert_dtype(self.expert_dtype)
         if (self.expert_dtype is not None and self.engine == "moe-infinity"
                 and self.expert_memory_bytes is None):

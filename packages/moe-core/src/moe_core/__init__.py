@@ -65,6 +65,7 @@ from moe_core.offload.packing import pack_model
 from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
 from moe_core.offload.prefetch_counts import LayerPrefetches
 from moe_core.offload.prefetcher import Prefetcher
+from moe_core.offload.prefill_ring import PREFILL_MODES, PrefillMode, PrefillRing
 from moe_core.offload.residency import Residency, ResidencyTable
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.offload.slot_cache import ExpertSlotCache
@@ -113,6 +114,7 @@ __all__ = [
     "FP8",
     "FP8_WORKSPACE_BYTES",
     "PREFETCH_MODES",
+    "PREFILL_MODES",
     "TINY_KINDS",
     "TINY_MODEL_NAME",
     "TRUNCATE_SIDES",
@@ -172,6 +174,8 @@ __all__ = [
     "OutputInUseError",
     "Prefetcher",
     "PrefetcherFactory",
+    "PrefillMode",
+    "PrefillRing",
     "RankGroup",
     "ReplayRouting",
     "RequestError",

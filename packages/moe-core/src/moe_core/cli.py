@@ -20,6 +20,7 @@ from moe_core.embedded_model import TINY_MODEL_NAME
 from moe_core.errors import RequestError, SettingError
 from moe_core.loader import resolve_model_path
 from moe_core.offload.loading import check_fetch_lanes
+from moe_core.offload.prefill_ring import PREFILL_MODES
 from moe_core.request_limits import Truncate, fit_prompt, parse_truncate
 from moe_core.sizes import format_bytes, parse_bytes
 from moe_core.spec import ModelSpec
@@ -152,6 +153,10 @@ def generate(
         help="With --fetch mapped: 1 (the GPU reads every miss) or 2 (each layer's misses are "
              "split between the GPU's reads and the CPU, which computes its share from host "
              "memory at the same time).")] = 1,
+    prefill: Annotated[str, typer.Option(
+        help="With --expert-memory: admit (prompts copy the experts they miss into the cache, "
+             "evicting others) or stream (through a small ring of staging slots taken from "
+             "--expert-memory, at the link's rate, none admitted).")] = "admit",
     cpu_kernel: Annotated[str, typer.Option(
         help="With --lanes 2: the CPU expert kernel, auto (the fastest, measured at start), "
              "torch or numba.")] = "auto",
@@ -169,11 +174,13 @@ def generate(
     """Generate completions, with the whole model on the device or its experts offloaded."""
     from moe_core.loader import load_model
 
-    if (store is not None or stats or fetch != "copy" or prefetch != "none") \
-            and expert_memory is None:
-        raise SettingError("--store, --fetch, --prefetch and --stats need --expert-memory "
-                           "(offloaded experts)")
+    if (store is not None or stats or fetch != "copy" or prefetch != "none"
+            or prefill != "admit") and expert_memory is None:
+        raise SettingError("--store, --fetch, --prefetch, --prefill and --stats need "
+                           "--expert-memory (offloaded experts)")
     check_fetch_lanes(fetch, lanes, "--fetch mapped (and --expert-memory)")
+    if prefill not in PREFILL_MODES:
+        raise SettingError(f"--prefill must be admit or stream, got {prefill!r}")
     if cpu_kernel not in ("auto", "torch", "numba"):
         raise SettingError(f"--cpu-kernel must be auto, torch or numba, got {cpu_kernel!r}")
     check_device(device)
@@ -191,7 +198,8 @@ def generate(
                                 store=store, policy=plan.policy,
                                 fetch=fetch,  # type: ignore[arg-type]
                                 verify_store=verify_store, prefetcher=plan.prefetcher,
-                                two_lanes=lanes == 2, cpu_kernel=cpu_kernel)
+                                two_lanes=lanes == 2, cpu_kernel=cpu_kernel,
+                                prefill=prefill)
         net, runtime = loaded.model, loaded.runtime
         if runtime.store.layout.is_fp8:  # never silent (the store file chose it)
             _err.print(f"experts: fp8 (e4m3, a float32 scale per output channel), dequantised "

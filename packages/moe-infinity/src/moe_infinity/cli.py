@@ -235,6 +235,11 @@ Lanes = Annotated[int, typer.Option(
     help="With --fetch mapped: 1 (the GPU reads every miss) or 2 (each layer's misses are split "
          "between the GPU's reads and the CPU, which computes its share from host memory at "
          "the same time).")]
+Prefill = Annotated[str, typer.Option(
+    help="How prompt chunks treat experts missing from the cache: admit (copy them into the "
+         "cache, evicting others) or stream (copy them through a small ring of staging slots, "
+         "taken from the expert budget, at the link's rate while the others compute; the cache "
+         "keeps what decode and prefetches put there).")]
 Routing = Annotated[str | None, typer.Option(
     help="Benchmarks only: replace the routers by uniform (uniform random top-k), "
          "zipf:s=S,reuse=R (skewed, with temporal re-use) or replay:TRACES (a trace file); "
@@ -256,20 +261,21 @@ def _engine_settings(model: str, gpu_memory: str, device: str, dtype: str | None
 
 
 def _experts(dummy: bool, num_layers: int | None, fetch: str, lanes: int,
-             routing: str | None, expert_dtype: str | None) -> ExpertSettings:
+             routing: str | None, expert_dtype: str | None, prefill: str) -> ExpertSettings:
     return ExpertSettings(dummy=dummy, num_layers=num_layers, expert_dtype=expert_dtype,
                           fetch=fetch,  # type: ignore[arg-type]  # checked by ExpertSettings
-                          lanes=lanes, routing=routing)
+                          lanes=lanes, routing=routing,
+                          prefill=prefill)  # type: ignore[arg-type]  # checked there too
 
 
 def _expert_path(experts: ExpertSettings, eager_because: str | None) -> str:
-    """How experts are stored, how they reach the GPU and how decode runs, for the start-up
-    line (FP8 experts are opt-in and never silent)."""
+    """How experts are stored, how they reach the GPU, how prompts treat misses and how decode
+    runs, for the start-up line (FP8 experts are opt-in and never silent)."""
     stored = f"experts {experts.expert_dtype}, " if experts.expert_dtype else ""
     fetch = f"{stored}fetch {experts.fetch}" + (", 2 lanes" if experts.lanes == 2 else "")
     routing = f", routing {experts.routing}" if experts.routing else ""
     decode = "captured decode" if eager_because is None else f"eager decode ({eager_because})"
-    return f"{fetch}, {decode}{routing}"
+    return f"{fetch}, prefill {experts.prefill}, {decode}{routing}"
 
 
 def _bytes(text: str, option: str) -> int:
@@ -312,6 +318,7 @@ def serve(
     expert_dtype: ExpertDtype = None,
     fetch: Fetch = "copy",
     lanes: Lanes = 1,
+    prefill: Prefill = "admit",
     routing: Routing = None,
     gpus: Annotated[str | None, typer.Option(
         help="Spread the expert cache over these GPUs, e.g. 0,1: one process per GPU, each "
@@ -341,9 +348,13 @@ def serve(
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
                                 save_every, trace_capacity, max_batch, max_queue, prefill_chunk,
                                 prefetch,
-                                _experts(dummy, num_layers, fetch, lanes, routing, expert_dtype),
+                                _experts(dummy, num_layers, fetch, lanes, routing, expert_dtype,
+                                         prefill),
                                 graphs)
     if gpus is not None:  # `cpu:N` (N ranks on the CPU, over gloo) is for tests
+        if prefill == "stream":  # a rank holds a shard: its misses are other ranks' experts
+            raise SettingError("--prefill stream is not supported with --gpus (each rank's "
+                               "cache holds only its share of the experts)")
         if routing is not None:  # each rank would draw its own routing
             raise SettingError("--routing is not supported with --gpus (every rank routes the "
                                "same tokens itself; set routing would differ between ranks)")
@@ -399,6 +410,7 @@ def chat(
     expert_dtype: ExpertDtype = None,
     fetch: Fetch = "copy",
     lanes: Lanes = 1,
+    prefill: Prefill = "admit",
     routing: Routing = None,
 ) -> None:
     """Chat with MODEL in the terminal, through the serving engine in this process.
@@ -413,7 +425,8 @@ def chat(
                           seed=seed, system=system)
     settings = _engine_settings(model, gpu_memory, device, dtype, kv_memory, policy, traces,
                                 100, 1000, 1, 1, 256, prefetch,
-                                _experts(dummy, num_layers, fetch, lanes, routing, expert_dtype))
+                                _experts(dummy, num_layers, fetch, lanes, routing, expert_dtype,
+                                         prefill))
     engine = build_engine(settings)
     engine.start()
     try:

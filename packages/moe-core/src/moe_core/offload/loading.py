@@ -29,6 +29,7 @@ from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.packed_store import PackedHeader, read_header
 from moe_core.offload.policy import EvictionPolicy
 from moe_core.offload.prefetcher import Prefetcher
+from moe_core.offload.prefill_ring import PREFILL_MODES, PrefillMode, ring_slots_for
 from moe_core.offload.runtime import FetchMode, OffloadKind, OffloadRuntime, install_offloading
 from moe_core.sizes import format_bytes
 from moe_core.spec import ModelSpec
@@ -73,7 +74,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
                    verify_store: bool = True, two_lanes: bool = False, cpu_kernel: str = "auto",
                    prefetcher: Callable[[MoEForCausalLM], Prefetcher] | None = None,
                    experts: Collection[ExpertId] | None = None,
-                   expert_dtype: str | torch.dtype | None = None) -> OffloadedModel:
+                   expert_dtype: str | torch.dtype | None = None,
+                   prefill: PrefillMode = "admit") -> OffloadedModel:
     """Load `model` with its routed experts offloaded to host memory.
 
     Args:
@@ -117,15 +119,21 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
             weights or a 16-bit store file; None: the model dtype (a store file's FP8 experts
             stay FP8). From a checkpoint the experts are read in the model dtype first, so the
             host holds both for a moment.
+        prefill: On-demand only: `"admit"` (prefill chunks copy their misses into the cache,
+            evicting others) or `"stream"` (they stream them through a small ring of staging
+            slots at the link's rate and admit none; the ring's slots, 8 at Qwen3-30B-A3B
+            shapes, come out of `expert_memory_bytes`; see `install_offloading`).
 
     Raises:
         ValueError: the budget cannot hold the slots the executor needs, the store file does
-            not match the model, or `expert_dtype` is neither None nor FP8.
+            not match the model, `expert_dtype` is neither None nor FP8, or `prefill` is
+            unknown or `"stream"` for streaming or a shard (`experts`).
         CheckpointError / ConfigError: as `load_model` and `HostExpertStore.from_packed` (a
             damaged store file included).
     """
     device = torch.device(device)
     fp8 = _fp8_experts(expert_dtype)
+    _check_prefill(prefill, kind, experts)
     # Resolved here, for `device`: the dummy model is drawn on the host, and the experts are
     # packed apart from the dense part, and both must end up in the same dtype.
     dtype = run_dtype(dtype, device, ModelSpec.from_pretrained(model).torch_dtype)
@@ -166,7 +174,15 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
     # A layer's call pins at most top_k experts, or all a shard holds of that layer.
     most_held = max(len(host.held(layer)) for layer in host.moe_layers)
     needed = min(top_k, most_held) if kind == "on_demand" else 2 + len(resident or [])
-    pool = GpuSlotPool.for_budget(layout, expert_memory_bytes, device,
+    # The prefill ring's slots come out of the budget (the cache gets the rest).
+    ring_slots = ring_slots_for(layout) if prefill == "stream" else 0
+    if ring_slots and expert_memory_bytes < (ring_slots + needed) * layout.nbytes:
+        raise SettingError(f"{format_bytes(expert_memory_bytes)} of expert memory cannot hold "
+                           f"a prefill ring of {ring_slots} expert slots of "
+                           f"{format_bytes(layout.nbytes)} and the {needed} the {kind} "
+                           f"executor needs")
+    pool = GpuSlotPool.for_budget(layout, expert_memory_bytes - ring_slots * layout.nbytes,
+                                  device,
                                   max_slots=len(host.experts()) + (2 if kind == "streaming" else 0))
     if pool.num_slots < needed:
         raise SettingError(f"{format_bytes(expert_memory_bytes)} of expert memory holds "
@@ -179,7 +195,8 @@ def load_offloaded(model: str | Path, device: str | torch.device, expert_memory_
     runtime = install_offloading(net, host, pool, make_copy_engine(device), policy, kind,
                                  resident=() if mapped else resident or (), fetch=fetch,
                                  two_lanes=two_lanes, cpu_kernel=cpu_kernel,
-                                 prefetcher=prefetcher(net) if prefetcher is not None else None)
+                                 prefetcher=prefetcher(net) if prefetcher is not None else None,
+                                 prefill=prefill, prefill_ring_slots=ring_slots or None)
     if mapped:  # the cache holds what is loaded now (misses are not admitted)
         runtime.prefetch((resident or host.experts())[: pool.num_slots])
         runtime.drain()
@@ -198,6 +215,20 @@ def _fp8_experts(expert_dtype: str | torch.dtype | None) -> bool:
         return True
     raise SettingError(f"expert_dtype must be fp8 (or None: the model dtype), got "
                        f"{expert_dtype!r}")
+
+
+def _check_prefill(prefill: str, kind: OffloadKind,
+                   experts: Collection[ExpertId] | None) -> None:
+    """Refuse a `prefill` mode `load_offloaded` cannot run.
+
+    Raises:
+        SettingError: an unknown mode, or `"stream"` for streaming or a shard.
+    """
+    if prefill not in PREFILL_MODES:
+        raise SettingError(f"prefill must be admit or stream, got {prefill!r}")
+    if prefill == "stream" and (kind != "on_demand" or experts is not None):
+        raise SettingError("prefill='stream' needs on-demand offloading of every expert (not "
+                           "streaming, not an expert-parallel shard)")
 
 
 def check_fetch_lanes(fetch: str, lanes: int, lanes_need: str = "--fetch mapped") -> None:

@@ -46,6 +46,11 @@ own reads, `stage_misses`). The gather limit then counts one staged block per as
 FP8 calls of up to 7 tokens at Qwen3-30B-A3B shapes take this path (3 with bf16). Without
 Triton (the CPU) every row is built first as above.
 
+Calls on the copy path that are large (prefill chunks: at least E assignments) stream their
+misses instead with a `PrefillRing` (`prefill="stream"` at install, decision 0018): held experts
+computed from their slots, missing ones copied through a small ring of staging slots at the
+link's rate while the ones before them compute, none admitted to the cache.
+
 Over an FP8 store (decision 0015) slots, mapped rows and copies carry e4m3 blocks as they are;
 each path dequantises to the activations' dtype just before its products: the gathered paths
 after gathering the call's blocks (`gathered_fp8_experts`), the per-expert waves one expert at a
@@ -71,6 +76,7 @@ from moe_core.offload.grouped_mapped import (
 )
 from moe_core.offload.mapped_fetch import MappedFetcher
 from moe_core.offload.prefetcher import Prefetcher
+from moe_core.offload.prefill_ring import PrefillRing
 from moe_core.offload.slot_cache import ExpertSlotCache, LayerMap
 from moe_core.offload.token_groups import TokenGroups, expert_mlp
 from moe_core.offload.two_lanes import TwoLanes
@@ -80,11 +86,13 @@ __all__ = ["CallPath", "CpuComputeRule", "OffloadedExecutor"]
 CpuComputeRule = Callable[[ExpertId, int], bool]
 """`rule(expert, num_tokens)`: compute this absent expert on the CPU instead of fetching it."""
 
-CallPath = Literal["mapped", "gather", "grouped", "copy"]
+CallPath = Literal["mapped", "gather", "grouped", "stream", "copy"]
 """Which path a layer call takes (`OffloadedExecutor.call_path`): "mapped" (one row per
 assignment read by the GPU, or every expert resident), "gather" (misses copied into slots, then
 one gathered computation; the copy path if the pool cannot pin them all), "grouped" (distinct
-experts read by the GPU in chunks) or "copy" (tokens grouped by expert on the host)."""
+experts read by the GPU in chunks), "stream" (tokens grouped by expert on the host, misses
+streamed through the prefill ring) or "copy" (tokens grouped by expert on the host, misses
+admitted to the cache)."""
 
 
 class OffloadedExecutor:
@@ -100,21 +108,30 @@ class OffloadedExecutor:
             reads and the CPU lane (`two_lanes`); None: the GPU reads every miss.
         prefetcher: Guesses later layers' experts around each call (`Prefetcher`); None: no
             prefetching.
+        prefill_ring: Streams the misses of large calls that would take the copy path,
+            without admitting them (`PrefillRing.takes`); None: the copy path admits them.
     """
 
     def __init__(self, cache: ExpertSlotCache, layer: int,
                  cpu_compute_rule: CpuComputeRule | None = None,
                  fetcher: MappedFetcher | None = None,
                  two_lanes: TwoLanes | None = None,
-                 prefetcher: Prefetcher | None = None) -> None:
+                 prefetcher: Prefetcher | None = None,
+                 prefill_ring: PrefillRing | None = None) -> None:
         if two_lanes is not None and fetcher is None:
             raise ValueError("two lanes need the mapped fetch (fetch='mapped')")
+        if prefill_ring is not None and cpu_compute_rule is not None:
+            raise ValueError("a prefill ring streams every miss of large calls; it does not "
+                             "combine with a cpu_compute_rule")
+        if prefill_ring is not None and prefill_ring.cache is not cache:
+            raise ValueError("the prefill ring belongs to another cache")
         self.cache = cache
         self.layer = layer
         self.cpu_compute_rule = cpu_compute_rule
         self.fetcher = fetcher
         self.two_lanes = two_lanes
         self.prefetcher = prefetcher
+        self.prefill_ring = prefill_ring
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
         # with `fetcher`: most T*K of a call on the grouped mapped path (0: none)
         self.grouped_limit_assignments = GROUPED_LIMIT_ASSIGNMENTS
@@ -154,7 +171,11 @@ class OffloadedExecutor:
         if self.cpu_compute_rule is None and use_gather(
                 num_assignments, self._mapped_nbytes(), self.gather_limit_bytes):
             return "mapped" if self.fetcher is not None else "gather"
-        return "grouped" if self._grouped_applies(num_assignments) else "copy"
+        if self._grouped_applies(num_assignments):
+            return "grouped"
+        if self.prefill_ring is not None and self.prefill_ring.takes(num_assignments):
+            return "stream"
+        return "copy"
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Prefetch hint (experts of any layer); returns the number of copies issued."""
@@ -200,6 +221,8 @@ class OffloadedExecutor:
                 return gathered
         elif self._grouped_applies(expert_ids.numel()):
             return self._grouped(hidden, expert_ids, weights)
+        if self.prefill_ring is not None and self.prefill_ring.takes(expert_ids.numel()):
+            return self.prefill_ring(self.layer, hidden, expert_ids, weights)
         groups = TokenGroups.build(expert_ids, weights, self.cache.store.num_experts,
                                    hidden.dtype)
         needed = [ExpertId(self.layer, e) for e in groups.experts()]

@@ -33,6 +33,7 @@ from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecuto
 from moe_core.offload.policy import EvictionPolicy, LRUPolicy
 from moe_core.offload.prefetch_counts import LayerPrefetches
 from moe_core.offload.prefetcher import Prefetcher
+from moe_core.offload.prefill_ring import PREFILL_MODES, PrefillMode, PrefillRing
 from moe_core.offload.residency import ResidencyTable
 from moe_core.offload.slot_cache import ExpertSlotCache
 from moe_core.offload.stall_timer import StallTimer
@@ -62,6 +63,7 @@ class OffloadRuntime:
         dropped_local_experts: The blocks' own expert weights were freed (no way back).
         two_lanes: Two-lane decode's CPU lane and measured rates (on-demand, mapped), else None.
         prefetcher: What guesses later layers' experts (on-demand), else None.
+        prefill_ring: Streams large calls' misses (on-demand, `prefill="stream"`), else None.
     """
 
     kind: OffloadKind
@@ -78,6 +80,7 @@ class OffloadRuntime:
     _copy_seconds_at_start: float = 0.0
     two_lanes: TwoLanes | None = None
     prefetcher: Prefetcher | None = None
+    prefill_ring: PrefillRing | None = None
 
     def prefetch(self, experts: Iterable[ExpertId]) -> int:
         """Prefetch hint (on-demand only; streaming ignores hints and returns 0)."""
@@ -111,6 +114,8 @@ class OffloadRuntime:
         out = self.snapshot(block=True).summary()
         out["num_slots"] = self.pool.num_slots
         out["pool_bytes"] = self.pool.nbytes
+        if self.prefill_ring is not None:
+            out["prefill_ring_slots"] = self.prefill_ring.num_slots
         if self.two_lanes is not None:
             lanes = self.two_lanes
             for key, value in lanes.calibration.summary().items():
@@ -165,7 +170,9 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                        lookahead_min_share: float | None = 0.5,
                        two_lanes: bool = False, cpu_kernel: str = "auto",
                        lane_rates: LaneRates | None = None, handover: str = "auto",
-                       prefetcher: Prefetcher | None = None) -> OffloadRuntime:
+                       prefetcher: Prefetcher | None = None,
+                       prefill: PrefillMode = "admit",
+                       prefill_ring_slots: int | None = None) -> OffloadRuntime:
     """Run every MoE block of `model` through offloaded experts.
 
     Args:
@@ -211,13 +218,24 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
         prefetcher: On-demand only: asked around every MoE layer call which experts of later
             layers to prefetch (e.g. `LookaheadPrefetcher(model)`), and between replayed
             decode steps (see `Prefetcher`); a prefetch never changes results.
+        prefill: On-demand only: how calls too large for the gathered and grouped paths
+            (prefill chunks; at least E token-expert assignments, `PrefillRing.takes`) treat
+            their misses. `"admit"`: the copy path copies them into the cache (evicting
+            others by the policy). `"stream"`: copied through a ring of staging slots of their
+            own and computed there, while the held experts compute from their slots; none is
+            admitted, so the cache keeps what decode and prefetches put there (decision 0018).
+        prefill_ring_slots: With `prefill="stream"`: the ring's slots, allocated on the pool's
+            device beside `pool` (`load_offloaded` takes them from the budget); default
+            `ring_slots_for` the layout (8 at Qwen3-30B-A3B shapes).
 
     Raises:
         ValueError: no MoE blocks, a block missing from the store, mismatched layouts, an
             unknown `kind` or `fetch`, `fetch="mapped"` with a `cpu_compute_rule`, a shard
             store (`HostExpertStore.is_shard`) other than on demand with `fetch="copy"`,
             `two_lanes` without `fetch="mapped"` or with an unknown `cpu_kernel` or
-            `handover`, or a `prefetcher` for streaming.
+            `handover`, a `prefetcher` for streaming, an unknown `prefill`, or
+            `prefill="stream"` other than on demand, with a `cpu_compute_rule` or over a shard
+            store.
         RuntimeError: `fetch="mapped"` where the GPU cannot read the store, or `two_lanes`
             where the host cannot signal the stream (the reason given).
     """
@@ -248,6 +266,13 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
     if prefetcher is not None and kind != "on_demand":
         raise ValueError("a prefetcher drives the on-demand cache; streaming fills its ring "
                          "from its own lookahead")
+    if prefill not in PREFILL_MODES:
+        raise ValueError(f"prefill must be 'admit' or 'stream', got {prefill!r}")
+    streams = prefill == "stream"
+    if streams and (kind != "on_demand" or cpu_compute_rule is not None or store.is_shard):
+        raise ValueError("prefill='stream' needs kind='on_demand', no cpu_compute_rule and a "
+                         "store holding every expert")
+    prefill_ring: PrefillRing | None = None
     if kind == "on_demand":
         table = ResidencyTable(pool.num_slots, policy if policy is not None else LRUPolicy())
         cache = ExpertSlotCache(store, pool, engine, table, stats, stalls)
@@ -262,9 +287,11 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             cache.cpu_lane = lanes.lane
             if lane_rates is None:  # given rates stay as given
                 cache.on_cpu_lane_counts = lanes.observe
+        if streams:
+            prefill_ring = PrefillRing(cache, prefill_ring_slots)
         for block in blocks:
             executors[block.layer] = OffloadedExecutor(cache, block.layer, cpu_compute_rule,
-                                                       fetcher, lanes, prefetcher)
+                                                       fetcher, lanes, prefetcher, prefill_ring)
     elif kind == "streaming":
         if store.layout != pool.layout:
             raise ValueError(f"store layout {store.layout} differs from pool layout "
@@ -281,7 +308,7 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
         _drop_local_experts(blocks)
     return OffloadRuntime(kind, store, pool, engine, stats, executors, blocks, stalls, cache,
                           ring, drop_local_experts, engine.copy_seconds, lanes,
-                          prefetcher=prefetcher)
+                          prefetcher=prefetcher, prefill_ring=prefill_ring)
 
 
 def _drop_local_experts(blocks: list[MoEBlock]) -> None:

@@ -30,6 +30,8 @@ class OffloadStats:
             included.
         mapped_bytes: Of those, bytes the GPU read straight from mapped host memory (the
             mapped fetch path; no copy engine involved, so not in `copy_seconds`).
+        streamed_bytes: Of those, bytes of misses copied into the prefill ring and computed
+            there, never admitted to the cache (`prefill="stream"`, `PrefillRing`).
         copy_seconds: Time the copy engine spent copying (device time on CUDA).
         stall_seconds: Time compute waited for copies: host time inside a blocking wait on the
             CPU engine; on CUDA, the compute stream's idle gap measured with events.
@@ -49,6 +51,7 @@ class OffloadStats:
     evictions: int = 0
     bytes_copied: int = 0
     mapped_bytes: int = 0
+    streamed_bytes: int = 0
     copy_seconds: float = 0.0
     stall_seconds: float = 0.0
     cpu_experts: int = 0

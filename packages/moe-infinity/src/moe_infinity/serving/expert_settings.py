@@ -7,7 +7,9 @@ is benchmark scenario S3 (BENCHMARKS.md). Dummy weights route almost every decod
 same experts, which flatters the expert cache, so a benchmark sets the routing explicitly
 (`moe_core.routing_for`). `--fetch mapped` (optionally `--lanes 2`) is moe-core's fastest
 batch-1 path for the decode rows: the GPU reads missed experts from pinned host memory with no
-host synchronisation per layer (prefill chunks still copy through the cache). `--expert-dtype
+host synchronisation per layer (prefill chunks still copy through the cache, unless `--prefill
+stream`: they then stream their misses through a small ring of staging slots at the link's rate
+and leave the cache as the decode left it, moe-core's decision 0018). `--expert-dtype
 fp8` holds the routed experts as e4m3 with a scale per output channel (moe-core's
 `load_offloaded`): half of bf16's bytes in host memory, over PCIe and in the slots, so about
 twice the experts fit the same budget; opt-in, never silent. The names and help texts mirror
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from moe_core import (
+    PREFILL_MODES,
     ModelSpec,
     MoEForCausalLM,
     SettingError,
@@ -50,6 +53,9 @@ class ExpertSettings:
             experts loaded at start).
         lanes: With `mapped`: 1 (the GPU reads every miss) or 2 (each layer's misses split
             between the GPU's reads and the CPU).
+        prefill: `admit` (prompt chunks copy their misses into the cache, evicting others) or
+            `stream` (they stream them through a ring of staging slots taken from the expert
+            budget, and admit none).
         routing: Benchmark routing (`uniform`, `zipf:s=S,reuse=R`, `replay:TRACES`) replacing
             the routers while the engine runs, or None (the model's own routers).
     """
@@ -59,6 +65,7 @@ class ExpertSettings:
     expert_dtype: str | None = None
     fetch: Literal["copy", "mapped"] = "copy"
     lanes: int = 1
+    prefill: Literal["admit", "stream"] = "admit"
     routing: str | None = None
 
     def __post_init__(self) -> None:
@@ -68,6 +75,8 @@ class ExpertSettings:
             raise SettingError(f"--expert-dtype must be fp8 (or omitted: the model dtype), got "
                                f"{self.expert_dtype!r}")
         check_fetch_lanes(self.fetch, self.lanes)
+        if self.prefill not in PREFILL_MODES:
+            raise SettingError(f"--prefill must be admit or stream, got {self.prefill!r}")
         if self.routing is not None:
             try:
                 check_routing(self.routing)

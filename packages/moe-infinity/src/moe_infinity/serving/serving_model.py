@@ -70,8 +70,8 @@ def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServeP
                        shard: Collection[ExpertId] | None = None) -> ServingModel:
     """Check the device and the budget, then load `name` offloaded (with `prefetcher`'s
     prefetches, e.g. moe-core's lookahead, where given; `experts` says how: dummy weights,
-    truncation, FP8 experts, the fetch path; holding only `shard`, an expert-parallel rank's
-    experts, where given).
+    truncation, FP8 experts, the fetch path, the prefill's misses; holding only `shard`, an
+    expert-parallel rank's experts, where given).
 
     Raises:
         DeviceError, SettingError, ConfigError, CheckpointError: as the checks and
@@ -92,5 +92,5 @@ def load_serving_model(name: str, device: str, budget_bytes: int, policy: ServeP
                             prefetcher=prefetcher, dummy=experts.dummy,
                             num_layers=experts.num_layers, fetch=experts.fetch,
                             two_lanes=experts.lanes == 2, experts=shard,
-                            expert_dtype=experts.expert_dtype)
+                            expert_dtype=experts.expert_dtype, prefill=experts.prefill)
     return ServingModel(name, loaded.model, tokenizer, loaded.runtime, chosen, shape, memory)
