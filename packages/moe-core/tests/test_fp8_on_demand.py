@@ -345,15 +345,23 @@ def test_cuda_fp8_mapped_decode_gives_the_dequantised_resident_tokens(lanes: int
 
 @pytest.mark.gpu
 def test_cuda_fp8_bf16_logits_stay_close_to_the_dequantised_resident_model() -> None:
-    """bf16 activations: the blocks dequantised on the device to bf16 are the reference's
-    weights exactly; the logits differ only by the order of bf16 products."""
+    """bf16 activations over FP8 blocks: the offloaded model multiplies the e4m3 weights in place
+    (float32 sums, each channel scaled once: decision 0019) where the bf16 reference rounds every
+    dequantised weight to bf16 first. Against the exact dequantised model (float32), the
+    offloaded logits are typically no farther than the bf16 reference's, and positions far off
+    (a near-tied routing that flips, and what attends to it) stay rare."""
     needs_cuda()
     model, runtime, reference = fp8_runtime(tiny_model_path(), 10, device="cuda",
                                             dtype="bfloat16", fetch="mapped")
+    exact_model = fp8_runtime(tiny_model_path(), 10, device="cuda", dtype="float32")[2]
     ids = torch.randint(3, 900, (1, 16), generator=torch.Generator().manual_seed(2)).cuda()
     with torch.no_grad():
-        want, got = reference(ids).float(), model(ids).float()
-    scale = want.abs().max()
-    far = ((got - want).abs() > 2e-2 * (scale + want.abs())).any(dim=-1)
-    assert int(far.sum()) <= max(1, far.numel() // 16)  # a near-tied routing may flip
+        exact, want, got = exact_model(ids), reference(ids).float(), model(ids).float()
+
+    def error(logits: torch.Tensor) -> torch.Tensor:  # [T] per position, relative
+        return (logits - exact).abs().amax(dim=-1)[0] / exact.abs().amax()
+
+    ours, bf16 = error(got), error(want)
+    assert float(ours.median()) <= 2 * float(bf16.median()) + 1e-3
+    assert int((ours > 5e-2).sum()) <= max(2, ids.shape[1] // 8)
     assert runtime.snapshot(block=True).mapped_bytes > 0
