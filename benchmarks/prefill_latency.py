@@ -126,8 +126,10 @@ def measure(model: Any, store: Any, budget: int, prefill: str, ring_slots: int |
     times: list[float] = []
     counts: list[dict[str, int]] = []
     paths: set[str] = set()
+    start_allocated = 0
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        start_allocated = torch.cuda.memory_allocated()
     torch.manual_seed(0)  # the same prompts and routing draws for every mode
     with torch.no_grad(), uniform_routing(model):
         for i in range(args.warmup + args.runs):
@@ -163,7 +165,11 @@ def measure(model: Any, store: Any, budget: int, prefill: str, ring_slots: int |
         "gbps_over_prefill": per["bytes_copied"] / median / 1e9,
     }
     if DEVICE == "cuda":
+        # the process's peak counts the previous mode's pool too (its executors stay installed
+        # in the model until this mode's first install): what the prefill itself adds is the
+        # peak above the allocation at the start of the mode
         entry["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        entry["peak_gpu_above_start_bytes"] = torch.cuda.max_memory_allocated() - start_allocated
     close = getattr(engine, "close", None)  # the CUDA engine's streams
     if close is not None:
         close()
