@@ -135,7 +135,7 @@ class OffloadedExecutor:
         self.gather_limit_bytes = GATHER_LIMIT_BYTES  # 0: always group tokens by expert
         # with `fetcher`: most T*K of a call on the grouped mapped path (0: none)
         self.grouped_limit_assignments = GROUPED_LIMIT_ASSIGNMENTS
-        # one-token mapped calls: misses copied to staging rows by the copy kernel first (True),
+        # mapped calls in place: misses copied to staging rows by the copy kernel first (True),
         # or read over PCIe by the product kernel itself (False); see decision 0019
         self.stage_misses = True
         self._plans: dict[tuple[int, int], GroupedPlan] = {}  # (T*K, workspace) -> plan
