@@ -1,5 +1,6 @@
-"""One token's offloaded experts computed where their weights lie: in a GPU slot, or in pinned host
-memory read by the kernel itself over PCIe, with no gathered copy in between.
+"""A decode call's offloaded experts computed where their weights lie: in a GPU slot, or for a miss
+in a row staged over PCIe by the copy kernel (or in pinned host memory, read by this kernel
+itself), with no gathered copy of the resident experts in between.
 
 Dimension key: T tokens, K experts per token, D hidden, I expert width, E experts of the layer,
 S slots, N block elements.
@@ -11,7 +12,9 @@ reads every byte again; an FP8 block (decision 0015) is then also dequantised in
 copy. At batch 1 on the H200 (Qwen3-30B-A3B x 24, FP8 experts, 92% cached) that copying was the
 step: 11.8 ms against a 1.3 ms bound for the bytes that must cross the link. Here two kernels
 read each assignment's weights once, from wherever the device table says, and multiply as they
-read: an FP8 weight is widened in a register and each output channel's sum scaled once.
+read: an FP8 weight is widened in a register and each output channel's sum scaled once. Misses
+are better staged first: this kernel's own reads of host memory reached 36-39 GB/s on the H200
+against the copy kernel's 43-45 (decision 0019).
 
 The numbers are the mapped path's up to rounding: float32 accumulation (as `moe_experts`), an
 unrounded float32 intermediate, and FP8 scales applied to the sum rather than to each weight
@@ -66,9 +69,10 @@ def mapped_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torc
     `MappedFetcher.fetch_misses`), and not at all when it is -2 (another lane computes it: it
     contributes zero).
 
-    No host synchronisation: graph-capturable. Every assignment reads its own expert, so repeated
-    experts among the tokens are read once per assignment (meant for one token, whose top-k ids
-    are distinct). Call only where `mapped_experts_supported`.
+    No host synchronisation: graph-capturable. Every assignment reads its own expert, so an
+    expert repeated among the tokens is read once per assignment (from its slot, or from its own
+    staged row): meant for decode calls of a few tokens. Call only where
+    `mapped_experts_supported`.
 
     Args:
         hidden: `[T, D]`.
