@@ -9,7 +9,8 @@ I expert width, N block elements, R = BLOCK_K * BLOCK_OUT rows of a down tile.
 Same structure as `experts_triton` (gate/up/SiLU per assignment into a float32 `[A, I]`
 intermediate, then down with each token's weighted sum over its experts), with three
 differences: a block's base is `pool + slot * N` when the table gives a slot (>= 0), else
-`host + expert * N` (the layer's host arena, addressable by the GPU: unified virtual addressing);
+`host + expert * N` (the layer's host arena, addressable by the GPU: unified virtual addressing)
+or, with `BY_ASSIGNMENT`, `host + a * N` (misses staged one row per assignment);
 an expert the table marks -2 (computed by the CPU lane) is read from nowhere and contributes
 zero; and FP8 blocks (e4m3 weights, then float32 scales per output channel, `offload/fp8.py`) are
 widened in registers and their products scaled once per output channel after the sum.
