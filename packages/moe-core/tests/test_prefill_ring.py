@@ -61,11 +61,17 @@ def offloaded(prefill: str, *, num_slots: int = 40, loaded: Iterable[ExpertId] |
     chosen = store.experts()[::2] if loaded is None else list(loaded)
     runtime.prefetch(chosen[:num_slots])
     runtime.drain()
+    decode_sized_limits(model, runtime)
+    return model, runtime
+
+
+def decode_sized_limits(model: MoEForCausalLM, runtime: OffloadRuntime) -> None:
+    """The gather limit at one token's rows and the grouped limit at two tokens': decode-sized
+    calls keep their paths, prompts are large calls."""
     top_k = model.spec.moe.router.top_k
     for executor in executors(runtime):
-        executor.gather_limit_bytes = top_k * store.layout.gather_nbytes
+        executor.gather_limit_bytes = top_k * runtime.store.layout.gather_nbytes
         executor.grouped_limit_assignments = 2 * top_k
-    return model, runtime
 
 
 def executors(runtime: OffloadRuntime) -> list[OffloadedExecutor]:
@@ -392,10 +398,7 @@ def cuda_offloaded(prefill: str, ring_slots: int | None, fp8: bool
                                  drop_local_experts=True)
     runtime.prefetch(store.experts()[::3][:32])
     runtime.drain()
-    top_k = model.spec.moe.router.top_k
-    for executor in executors(runtime):
-        executor.gather_limit_bytes = top_k * store.layout.gather_nbytes
-        executor.grouped_limit_assignments = 2 * top_k
+    decode_sized_limits(model, runtime)
     return model, runtime
 
 
