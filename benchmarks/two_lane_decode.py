@@ -19,9 +19,11 @@ sequence to the same experts). Sections, each written to the JSON as it finishes
   The CPU lane's hand-over is `--handover` (default: flags); `s3_<other>` repeats batch 1 with
   the other hand-over on a fresh runtime (each runtime's lane adapts on its own). `--runs`
   picks runs (`1x2,1x1,4x1,16x1`: batch x lanes, `e` for eager) and skips `s3_<other>`.
-  `--warmup` decode steps (default 4) precede the measured ones; the lane re-fits its rate on
-  them (and on the capture's warm-up runs) before the measurement, and each two-lane run
-  records the rate its steps were split by (`lane_cpu_gbps_splitting_the_steps`).
+  `--warmup` decode steps (default 12) precede the measured ones; the lane re-fits its rate on
+  them (and on the capture's warm-up runs) every 96 layer calls, and may drop a call shape to
+  one lane, before the measurement (with 4 steps at S3 the FP8 shape was dropped inside the
+  measured steps); each two-lane run records the rate its steps were split by
+  (`lane_cpu_gbps_splitting_the_steps`).
 - `policies`: the cache plans of `POLICY_PLANS` (LRU admitting every miss, the cache as loaded,
   lookahead, activation-aware + lookahead, eager and captured) on the same S3 model under
   skewed routing (`zipf:s=1.1,reuse=0.5`) and under the embedded model's traced routing replayed
@@ -532,7 +534,7 @@ def main() -> None:
     parser.add_argument("--reserve-gib", type=float, default=1.5)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--warmup", type=int, default=4,
+    parser.add_argument("--warmup", type=int, default=12,
                         help="decode steps before the measured ones; the lane re-fits on "
                              "them (and the capture's warm-up runs) before the measurement")
     parser.add_argument("--cpu-kernel", default="auto")
