@@ -1,5 +1,6 @@
 """What the moe-infinity tests share: the embedded tiny model (CPU, fp32), its traces of the
-shipped sample prompts, and a builder of synthetic traces of any shape."""
+shipped sample prompts, a builder of synthetic traces of any shape, and a served tiny model
+whose expert cache evicts (one per test module)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 import moe_core
 import numpy as np
 import pytest
+import torch
 from moe_core import MoEForCausalLM
 from moe_infinity import (
     ModelShape,
@@ -18,8 +20,20 @@ from moe_infinity import (
     sample_prompts_path,
     trace_prompts,
 )
+from moe_infinity.serving.serving_model import ServingModel, load_serving_model
 
 SyntheticTraces = Callable[..., TraceSet]
+
+
+@pytest.fixture(scope="module")
+def served() -> ServingModel:
+    """The embedded model served on the CPU with 12 expert slots of 96 and the activation-aware
+    policy: the cache evicts, so the policy and its feed do work. A module may define its own."""
+    layout_bytes = 491_520  # one fp32 tiny-moe expert
+    budget = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).dense_bytes(
+        torch.float32) + (8 << 20) + 12 * layout_bytes
+    return load_serving_model("tiny-moe", "cpu", budget, "activation", max_batch=8,
+                              kv_bytes=8 << 20)
 
 
 @pytest.fixture(scope="session")

@@ -19,22 +19,13 @@ from moe_infinity.serving.engine_config import EngineConfig
 from moe_infinity.serving.pass_readback import PassReadback
 from moe_infinity.serving.request import GenerationRequest, SequenceEvent
 from moe_infinity.serving.sequence import Sequence
-from moe_infinity.serving.serving_model import ServingModel, load_serving_model
+from moe_infinity.serving.serving_model import ServingModel
 from moe_infinity.serving.token_choice import choose_tokens
 from moe_infinity.serving.trace_keeper import TraceKeeper
 
 CHAT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # greedy: EOS at token 54
 EOS_FIRST = "Tom has 3 apples and buys 5 more. How many apples does he have now?"  # EOS at once
 
-
-@pytest.fixture(scope="module")
-def served() -> ServingModel:
-    # 12 expert slots of 96 and the activation policy: evictions, and the feed runs.
-    layout_bytes = 491_520  # one fp32 tiny-moe expert
-    budget = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).dense_bytes(
-        torch.float32) + (8 << 20) + 12 * layout_bytes
-    return load_serving_model("tiny-moe", "cpu", budget, "activation", max_batch=8,
-                              kv_bytes=8 << 20)
 
 
 class _Run:

@@ -34,15 +34,6 @@ PROMPTS = ["Once upon a time, there was a little fox who", "def fibonacci(n):",
            "Il était une fois"]
 
 
-@pytest.fixture(scope="module")
-def served() -> ServingModel:
-    # 12 expert slots of 96: the cache evicts, so the activation-aware policy does work.
-    layout_bytes = 491_520  # one fp32 tiny-moe expert
-    budget = moe_core.ModelSpec.from_pretrained(moe_core.tiny_model_path()).dense_bytes(
-        torch.float32) + (8 << 20) + 12 * layout_bytes
-    return load_serving_model("tiny-moe", "cpu", budget, "activation", max_batch=8,
-                              kv_bytes=8 << 20)
-
 
 def _engine(served: ServingModel, tmp_path: Path | None = None, **config: int) -> Engine:
     keeper = TraceKeeper(served.shape, tmp_path / "t.bin" if tmp_path else None, 100, 0)
