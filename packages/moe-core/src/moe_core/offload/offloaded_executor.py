@@ -310,11 +310,10 @@ class OffloadedExecutor:
             pool = self.cache.pool.storage.view(self.cache.pool.num_slots, layout.numel)
             host = self.cache.store.arena(self.layer).view(self.cache.store.num_experts, -1)
             if mapped_experts_supported(hidden, layout, pool, host):
-                if not self.stage_misses:
-                    return mapped_experts(hidden, expert_ids, weights, lut, pool, host, layout)
-                staged = self.fetcher.fetch_misses(self.layer, expert_ids.reshape(-1), lut)
-                return mapped_experts(hidden, expert_ids, weights, lut, pool, staged, layout,
-                                      by_assignment=True)
+                misses = (self.fetcher.fetch_misses(self.layer, expert_ids.reshape(-1), lut)
+                          if self.stage_misses else host)  # one row per assignment, or expert
+                return mapped_experts(hidden, expert_ids, weights, lut, pool, misses, layout,
+                                      by_assignment=self.stage_misses)
         rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1), lut,
                                               distinct=one_token)
         index = None if index is None else index.view_as(expert_ids)
