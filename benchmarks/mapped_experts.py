@@ -65,10 +65,15 @@ def _time(fn: Any, calls: list[tuple[torch.Tensor, torch.Tensor]], warmup: int) 
     return statistics.median(times)
 
 
-def measure(dtype: torch.dtype, misses: int, iters: int, warmup: int) -> dict[str, Any]:
-    layout = ExpertLayout(HIDDEN, WIDTH, dtype)
-    slots = EXPERTS // 2  # experts 0-63 resident in slots 0-63, 64-127 on the host only
-    store, pool = _store(layout, slots)
+SLOTS = EXPERTS // 2
+"""Experts 0-63 resident in slots 0-63, 64-127 on the host only."""
+
+
+def measure(store: HostExpertStore, pool: GpuSlotPool, misses: int, iters: int,
+            warmup: int) -> dict[str, Any]:
+    """One layer call with `misses` of its 8 experts on the host, both ways (`_store`'s)."""
+    layout, slots = store.layout, SLOTS
+    dtype = layout.dtype
     fetcher = MappedFetcher(store, pool)
     lut = torch.full((EXPERTS,), -1, dtype=torch.long, device="cuda")
     lut[:slots] = torch.arange(slots, device="cuda")
@@ -127,8 +132,12 @@ def main() -> None:
     parser.add_argument("--misses", default="0,1,2,4,8")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows = [measure(dtype, int(m), args.iters, args.warmup)
-            for dtype in (torch.bfloat16, FP8) for m in args.misses.split(",")]
+    rows = []
+    for dtype in (torch.bfloat16, FP8):  # one store and pool per dtype, every miss count on it
+        store, pool = _store(ExpertLayout(HIDDEN, WIDTH, dtype), SLOTS)
+        rows += [measure(store, pool, int(m), args.iters, args.warmup)
+                 for m in args.misses.split(",")]
+        del store, pool
     for row in rows:
         print(json.dumps(row))
     if args.out:
