@@ -1,8 +1,8 @@
 """One token's MoE layer over slots and host memory: the mapped path's rows-then-products
 (`MappedFetcher.fetch_rows` + `gathered_experts` / `gathered_fp8_experts`) against the in-place
 kernel (`kernels.mapped_experts`, decision 0019; misses read by it over PCIe, or staged by the
-copy kernel first), at Qwen3-30B-A3B shapes (D 2048, I 768, 128 experts, top-8), bf16 and FP8
-blocks, 0-8 of the 8 experts missing (read over PCIe). With no miss, also `moe_experts` (the
+copy kernel first, `MappedFetcher.stage_misses`), at Qwen3-30B-A3B shapes (D 2048, I 768,
+128 experts, top-8), bf16 and FP8 blocks, 0-8 of the 8 experts missing (read over PCIe). With no miss, also `moe_experts` (the
 resident model's kernel) over the same slots.
 
 Each call picks 8 distinct experts; missing ones rotate through the whole host arena (1.2 GB
@@ -98,9 +98,9 @@ def measure(store: HostExpertStore, pool: GpuSlotPool, misses: int, iters: int,
         return mapped_experts(hidden, ids, weights, lut, pool_rows, host_rows, layout)
 
     def staged(ids: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-        rows = fetcher.fetch_misses(0, ids.reshape(-1), lut)
-        return mapped_experts(hidden, ids, weights, lut, pool_rows, rows, layout,
-                              by_assignment=True)
+        call_lut, rows = fetcher.stage_misses(0, ids.reshape(-1), lut, TOP_K)
+        return mapped_experts(hidden, ids, weights, call_lut, pool_rows, host_rows, layout,
+                              staged_rows=rows)
 
     old = _time(rows_then_products, calls, warmup)
     new = _time(in_place, calls, warmup)

@@ -256,9 +256,11 @@ def load_s(num_layers: int, args: argparse.Namespace) -> tuple[Any, Any, Any, fl
 
 def install(model: Any, store: Any, pool: Any, *, fetch: str = "mapped", two_lanes: bool = True,
             cpu_kernel: str = "auto", policy: str = "lru", prefetch: str = "none",
-            handover: str = "auto", stage_misses: bool = True) -> Any:
-    """The on-demand runtime over `pool`, filled with the store's first experts; batch-1 calls
-    stage their misses first (`OffloadedExecutor.stage_misses`) unless told not to."""
+            handover: str = "auto", stage_misses: bool = True,
+            in_place_limit: int | None = None) -> Any:
+    """The on-demand runtime over `pool`, filled with the store's first experts; in-place calls
+    stage their misses first (`OffloadedExecutor.stage_misses`) unless told not to, and take
+    calls of up to `in_place_limit` T*K (None: the executor's default)."""
     from moe_core import cache_plan, install_offloading
     from moe_core.offload.copy_engines import make_copy_engine
 
@@ -271,6 +273,8 @@ def install(model: Any, store: Any, pool: Any, *, fetch: str = "mapped", two_lan
     runtime.drain()
     for executor in runtime.executors.values():
         executor.stage_misses = stage_misses
+        if in_place_limit is not None:
+            executor.in_place_limit_assignments = in_place_limit
     if DEVICE == "cpu":  # --smoke: the tiny model's gather limit covers batch 16; lowered so
         # that batches 4 and 16 take the grouped mapped path, as they do at S3 shapes
         for executor in runtime.executors.values():
@@ -351,7 +355,7 @@ def s3_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
     for key, handover, plan in sections[:1] if args.runs else sections:
         try:
             runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel, handover=handover,
-                              stage_misses=args.stage_misses == "on")
+                              stage_misses=args.stage_misses == "on", in_place_limit=args.in_place_limit)
         except Exception:
             record[key] = {"error": traceback.format_exc()}
             print(record[key]["error"], flush=True)
@@ -503,7 +507,7 @@ def policies_section(model: Any, store: Any, pool: Any, args: argparse.Namespace
 def s2_section(args: argparse.Namespace, record: dict[str, Any]) -> None:
     model, store, pool, setup_s = load_s(args.s2_layers, args)
     runtime = install(model, store, pool, cpu_kernel=args.cpu_kernel, handover=args.handover,
-                      stage_misses=args.stage_misses == "on")
+                      stage_misses=args.stage_misses == "on", in_place_limit=args.in_place_limit)
     bounded(int(args.gpu_memory_gib * GiB))
     section = uniform_section(model, store, pool, runtime, setup_s, args)
     section["handover"] = runtime.two_lanes.lane.signals.name
@@ -548,8 +552,12 @@ def main() -> None:
                              "channel (half of bf16's bytes per miss, about twice the cached "
                              "experts; default: the model dtype)")
     parser.add_argument("--stage-misses", choices=["on", "off"], default="on",
-                        help="batch 1: misses copied to staging rows before the in-place "
-                             "product kernel (on), or read over PCIe by it (off)")
+                        help="in-place calls: the distinct misses copied to staging rows "
+                             "before the product kernel (on), or read over PCIe by it (off)")
+    parser.add_argument("--in-place-limit", type=int, default=None,
+                        help="most T*K of a call multiplied in place (default: the executor's, "
+                             "128 = 16 tokens at top-8); e.g. 56 sends FP8 batches above 7 "
+                             "tokens to the grouped path, as in the sixth session")
     parser.add_argument("--handover", default="flags",
                         help="the CPU lane's hand-over: flags, host_functions or auto")
     parser.add_argument("--sections", default="s3,policies,s2",

@@ -332,11 +332,12 @@ def test_cuda_chunks_equal_one_gathered_computation(tokens: int, used: list[int]
     torch.testing.assert_close(out.float().cpu(), want, rtol=2e-2, atol=2e-2)
 
 
-def cuda_offloaded(num_slots: int) -> tuple[MoEForCausalLM, OffloadRuntime]:
+def cuda_offloaded(num_slots: int, path: str = "grouped") -> tuple[MoEForCausalLM, OffloadRuntime]:
     """The embedded model in bf16 on CUDA, mapped fetch, its first experts cached, a gather
-    limit of one token's rows (calls of 2+ tokens take the grouped path) and a grouped limit
-    that covers the prompt passes too (nothing is admitted: eager and captured runs see the same
-    cache)."""
+    limit of one token's rows and grouped and in-place limits that cover the prompt passes too
+    (nothing is admitted: eager and captured runs see the same cache). `path` "grouped": calls
+    of 2+ tokens take the grouped path; "mapped": every call is multiplied in place, one token's
+    worth of its distinct misses staged and the rest read from host memory (decision 0020)."""
     from moe_core.offload.copy_engines import make_copy_engine
 
     model = load_model(tiny_model_path(), device="cuda", dtype="bfloat16")
@@ -350,12 +351,14 @@ def cuda_offloaded(num_slots: int) -> tuple[MoEForCausalLM, OffloadRuntime]:
     for executor in executors(runtime):
         executor.gather_limit_bytes = top_k * store.layout.nbytes
         executor.grouped_limit_assignments = 16 * 8 * top_k
+        executor.in_place_limit_assignments = top_k if path == "grouped" else 16 * 8 * top_k
     return model, runtime
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["grouped", "mapped"])
 @pytest.mark.parametrize("batch", [4, 16])
-def test_cuda_grouped_calls_equal_resident_experts_in_bf16(batch: int) -> None:
+def test_cuda_grouped_calls_equal_resident_experts_in_bf16(batch: int, path: str) -> None:
     _cuda()
     resident = load_model(tiny_model_path(), device="cuda", dtype="bfloat16")
     for block in resident.moe_blocks():  # the gathered bf16 products, as the executors'
@@ -364,7 +367,9 @@ def test_cuda_grouped_calls_equal_resident_experts_in_bf16(batch: int) -> None:
     ids = ids.cuda()
     with torch.no_grad():
         expected = resident(ids).float()
-    model, runtime = cuda_offloaded(20)
+    model, runtime = cuda_offloaded(20, path)
+    top_k = model.spec.moe.router.top_k
+    assert {x.call_path(batch * top_k) for x in executors(runtime)} == {path}
     with torch.no_grad():
         got = model(ids).float()
     scale = expected.abs().max()
@@ -376,16 +381,18 @@ def test_cuda_grouped_calls_equal_resident_experts_in_bf16(batch: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["grouped", "mapped"])
 @pytest.mark.parametrize("batch", [4, 16])
-def test_cuda_captured_grouped_decode_equals_eager_and_counts_every_use(batch: int) -> None:
-    """Decode steps of `batch` rows captured through the grouped mapped path: the tokens of the
-    same steps run eagerly, and the same hits, misses and mapped bytes counted."""
+def test_cuda_captured_grouped_decode_equals_eager_and_counts_every_use(batch: int,
+                                                                        path: str) -> None:
+    """Decode steps of `batch` rows captured through the grouped mapped path (or in place): the
+    tokens of the same steps run eagerly, and the same hits, misses and mapped bytes counted."""
     _cuda()
     from moe_core.decode_runner import DecodeRunner
 
-    model, runtime = cuda_offloaded(20)
+    model, runtime = cuda_offloaded(20, path)
     top_k = model.spec.moe.router.top_k
-    assert {x.call_path(batch * top_k) for x in executors(runtime)} == {"grouped"}
+    assert {x.call_path(batch * top_k) for x in executors(runtime)} == {path}
     ids = torch.randint(3, 4096, (batch, 7), generator=torch.Generator().manual_seed(1))
     ids = ids.cuda()
     mask = torch.ones_like(ids)

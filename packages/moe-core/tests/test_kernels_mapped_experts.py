@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from moe_core.kernels import mapped_experts, mapped_experts_supported, moe_experts_reference
+from moe_core.kernels.miss_staging import miss_staging_reference
 from moe_core.offload.fp8 import FP8
 from moe_core.offload.layout import ExpertLayout
 
@@ -53,23 +54,31 @@ def oracle(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, lut: 
 
 def run(device: torch.device, layout: ExpertLayout, hidden_dtype: torch.dtype,
         ids: list[list[int]], lut: list[int], num_slots: int,
-        staged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(kernel, oracle)` outputs for one call; `staged`: the host blocks handed over one row
-    per assignment (on the device), as `MappedFetcher.fetch_misses` stages them."""
+        staged_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(kernel, oracle)` outputs for one call; `staged_rows`: that many of the call's distinct
+    misses handed over in staging rows (on the device), as `MappedFetcher.stage_misses` stages
+    them, with their host rows zeroed so that reading the host instead shows."""
     e = len(lut)
     pool, host = blocks(layout, num_slots), blocks(layout, e)
     hidden = torch.randn(len(ids), layout.hidden_size).to(hidden_dtype)
     id_t, lut_t = torch.tensor(ids), torch.tensor(lut)
     weights = torch.rand(id_t.shape) * 0.9 + 0.1
     expected = oracle(hidden, id_t, weights, lut_t, pool, host, layout)
+    call_lut, staged = lut_t, None
+    if staged_rows:
+        call_lut, row_experts = miss_staging_reference(id_t, lut_t, staged_rows)
+        assert (call_lut <= -3).any()
+        staged = torch.zeros(staged_rows, layout.numel, dtype=layout.dtype)
+        filled = row_experts >= 0
+        staged[filled] = host[row_experts[filled]]
+        host = host.clone()
+        host.view(torch.uint8)[row_experts[filled]] = 0  # the kernel must read the staged copy
+        staged = staged.to(device)
     host_rows = host.pin_memory() if device.type == "cuda" else host
-    if staged:  # row t*K + k: its expert's host block, where the table sends it to the host
-        host_rows = host[id_t.reshape(-1)].to(device)
-        host_rows.view(torch.uint8)[lut_t[id_t.reshape(-1)] != -1] = 0  # never read
-    args = (hidden.to(device), id_t.to(device), weights.to(device), lut_t.to(device),
+    args = (hidden.to(device), id_t.to(device), weights.to(device), call_lut.to(device),
             pool.to(device), host_rows)
-    assert mapped_experts_supported(args[0], layout, args[4], host_rows)
-    return mapped_experts(*args, layout, by_assignment=staged), expected
+    assert mapped_experts_supported(args[0], layout, args[4], host_rows, staged)
+    return mapped_experts(*args, layout, staged_rows=staged), expected
 
 
 def assert_near(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
@@ -84,15 +93,15 @@ def assert_near(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> No
 LUT = [2, -1, 0, -2, -1, 1, -1, 3]  # E = 8: four resident (slots 0-3), three on the host, one CPU
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
+@pytest.mark.parametrize("staged", [0, 2, 3], ids=["host", "some-staged", "all-staged"])
 @pytest.mark.parametrize("dtype", [torch.float32, FP8])
 def test_each_assignment_reads_the_source_its_table_names(device: torch.device,
                                                           dtype: torch.dtype,
-                                                          staged: bool) -> None:
+                                                          staged: int) -> None:
     torch.manual_seed(0)
     layout = ExpertLayout(hidden_size=48, intermediate_size=24, dtype=dtype)
     out, expected = run(device, layout, torch.float32, [[0, 1, 3, 4, 5, 7]], LUT, num_slots=5,
-                        staged=staged)
+                        staged_rows=staged)
     assert out.shape == (1, 48) and out.dtype == torch.float32
     assert_near(out, expected, rtol=1e-5)
 
@@ -106,12 +115,13 @@ def test_half_precision_activations(device: torch.device, dtype: torch.dtype) ->
     assert_near(out, expected, rtol=2e-2)
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
-def test_several_tokens_with_repeated_experts(device: torch.device, staged: bool) -> None:
+@pytest.mark.parametrize("staged", [0, 1, 8], ids=["host", "one-staged", "all-staged"])
+def test_several_tokens_with_repeated_experts(device: torch.device, staged: int) -> None:
+    """Missed experts shared by tokens (1 and 4) are staged once and read by each."""
     torch.manual_seed(2)
     layout = ExpertLayout(hidden_size=32, intermediate_size=16, dtype=FP8)
-    out, expected = run(device, layout, torch.float32, [[0, 1], [1, 0], [4, 4], [3, 6]], LUT,
-                        num_slots=4, staged=staged)
+    out, expected = run(device, layout, torch.float32, [[0, 1], [1, 0], [4, 4], [3, 6], [1, 4]],
+                        LUT, num_slots=4, staged_rows=staged)
     assert_near(out, expected, rtol=1e-5)
 
 
@@ -134,13 +144,17 @@ def test_unsupported_inputs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None
     assert not mapped_experts_supported(hidden, layout, pool[:, :-1], host)
 
 
-@pytest.mark.parametrize("stage_misses", [True, pytest.param(False, marks=pytest.mark.gpu)],
-                         ids=["staged", "host"])  # the interpreter takes ~20 s a case
+@pytest.mark.parametrize("stage_misses,rows", [(True, None), (True, 2),
+                                                pytest.param(False, None, marks=pytest.mark.gpu)],
+                         ids=["staged", "two-rows", "host"])  # the interpreter: ~20 s a case
 def test_the_offloaded_executor_computes_mapped_calls_in_place(
-        device: torch.device, monkeypatch: pytest.MonkeyPatch, stage_misses: bool) -> None:
+        device: torch.device, monkeypatch: pytest.MonkeyPatch, stage_misses: bool,
+        rows: int | None) -> None:
     """Decode of the embedded model (batch 1, and batch 2: calls with repeated experts) over
     half-cached slots with the mapped fetch: every mapped call runs the kernel (the prompt's
-    too, under the gather limit), and the greedy tokens and logits are the resident model's."""
+    too), its misses staged (all of them, or two rows' worth and the rest read from host
+    memory) or all read from host memory, and the greedy tokens and logits are the resident
+    model's."""
     from moe_core import load_model, tiny_model_path
     from moe_core.offload import offloaded_executor
     from moe_core.offload.copy_engines import make_copy_engine
@@ -157,13 +171,18 @@ def test_the_offloaded_executor_computes_mapped_calls_in_place(
     runtime.drain()
     for executor in runtime.executors.values():
         executor.stage_misses = stage_misses  # type: ignore[attr-defined]
+        if rows is not None:  # the calls' blocks no longer fit the limit: still in place
+            executor.gather_limit_bytes = rows * store.layout.nbytes  # type: ignore[attr-defined]
     calls: list[int] = []
+    staged_calls: list[int] = []
     kernel = offloaded_executor.mapped_experts
 
-    def counted(hidden: torch.Tensor, *args: object, **kwargs: bool) -> torch.Tensor:
+    def counted(hidden: torch.Tensor, *args: object,
+                staged_rows: torch.Tensor | None = None) -> torch.Tensor:
         calls.append(hidden.shape[0])
-        assert kwargs.get("by_assignment", False) == stage_misses
-        return kernel(hidden, *args, **kwargs)  # type: ignore[arg-type]
+        if staged_rows is not None:
+            staged_calls.append(staged_rows.shape[0])
+        return kernel(hidden, *args, staged_rows=staged_rows)  # type: ignore[arg-type]
 
     monkeypatch.setattr(offloaded_executor, "mapped_experts", counted)
     try:
@@ -179,3 +198,9 @@ def test_the_offloaded_executor_computes_mapped_calls_in_place(
     finally:
         runtime.close()
     assert {1, 2, 4} <= set(calls)  # decode of batch 1 and 2, and the batch-2 prompt
+    if not stage_misses:
+        assert not staged_calls
+    else:
+        assert staged_calls and max(staged_calls) <= (rows or max(staged_calls))
+        if rows is not None:
+            assert set(staged_calls) == {rows}

@@ -66,12 +66,13 @@ def offloaded(prefill: str, *, num_slots: int = 40, loaded: Iterable[ExpertId] |
 
 
 def decode_sized_limits(model: MoEForCausalLM, runtime: OffloadRuntime) -> None:
-    """The gather limit at one token's rows and the grouped limit at two tokens': decode-sized
-    calls keep their paths, prompts are large calls."""
+    """The gather limit at one token's rows, and the in-place (CUDA) and grouped limits at one
+    and two tokens': decode-sized calls keep their paths, prompts are large calls."""
     top_k = model.spec.moe.router.top_k
     for executor in executors(runtime):
         executor.gather_limit_bytes = top_k * runtime.store.layout.gather_nbytes
         executor.grouped_limit_assignments = 2 * top_k
+        executor.in_place_limit_assignments = top_k
 
 
 def executors(runtime: OffloadRuntime) -> list[OffloadedExecutor]:

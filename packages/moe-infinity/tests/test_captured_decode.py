@@ -243,6 +243,7 @@ def test_cuda_captured_decode_of_several_rows_takes_the_grouped_mapped_path() ->
         executors = list(served.runtime.executors.values())
         for executor in executors:
             executor.gather_limit_bytes = top_k * _LAYOUT_BYTES  # type: ignore[attr-defined]
+            executor.in_place_limit_assignments = top_k  # type: ignore[attr-defined]
         paths = {x.call_path(3 * top_k) for x in executors}  # type: ignore[attr-defined]
         assert paths == {"grouped"}
         _assert_captured_like_eager(served, [_request(served, i, p)

@@ -1,9 +1,9 @@
-"""A decode call's offloaded experts computed where their weights lie: in a GPU slot, or for a miss
-in a row staged over PCIe by the copy kernel (or in pinned host memory, read by this kernel
-itself), with no gathered copy of the resident experts in between.
+"""A decode call's offloaded experts computed where their weights lie: in a GPU slot, in a staging
+row the copy kernel filled over PCIe before the call, or in pinned host memory (read by this
+kernel itself), with no gathered copy of the resident experts in between.
 
 Dimension key: T tokens, K experts per token, D hidden, I expert width, E experts of the layer,
-S slots, N block elements.
+S slots, R staging rows, N block elements.
 
 Why: the mapped path of the offloaded executor (`offload/mapped_fetch.py`, decision 0004) first
 copies every assignment's block into a row (resident ones device to device, missing ones over
@@ -11,10 +11,11 @@ PCIe), then runs `gathered_experts` on the rows, which gathers nothing more but 
 reads every byte again; an FP8 block (decision 0015) is then also dequantised into a new 16-bit
 copy. At batch 1 on the H200 (Qwen3-30B-A3B x 24, FP8 experts, 92% cached) that copying was the
 step: 11.8 ms against a 1.3 ms bound for the bytes that must cross the link. Here two kernels
-read each assignment's weights once, from wherever the device table says, and multiply as they
-read: an FP8 weight is widened in a register and each output channel's sum scaled once. Misses
-are better staged first: this kernel's own reads of host memory reached 36-39 GB/s on the H200
-against the copy kernel's 43-45 (decision 0019).
+read each assignment's weights once, from wherever the call's device table says, and multiply as
+they read: an FP8 weight is widened in a register and each output channel's sum scaled once.
+Misses are better staged first: this kernel's own reads of host memory reached 36-39 GB/s on the
+H200 against the copy kernel's 43-45 (decision 0019); the call's distinct misses get staging rows
+while they last (`miss_staging`, decision 0020), the rest are read from host memory here.
 
 The numbers are the mapped path's up to rounding: float32 accumulation (as `moe_experts`), an
 unrounded float32 intermediate, and FP8 scales applied to the sum rather than to each weight
@@ -39,17 +40,21 @@ _BLOCK_DTYPES = (*_HIDDEN_DTYPES, FP8)
 
 
 def mapped_experts_supported(hidden: torch.Tensor, layout: ExpertLayout, pool_rows: torch.Tensor,
-                             host_rows: torch.Tensor) -> bool:
+                             host_rows: torch.Tensor,
+                             staged_rows: torch.Tensor | None = None) -> bool:
     """Whether `mapped_experts` can run here: Triton for the device (compiled on CUDA with the
     host rows in page-locked memory or on the device, or interpreted with everything on the
-    CPU), supported dtypes, contiguous rows of `layout`'s blocks."""
+    CPU), supported dtypes, contiguous rows of `layout`'s blocks (staging rows on the pool's
+    device)."""
     mode = triton_mode(hidden.device)
     if (mode is None or hidden.dim() != 2 or hidden.dtype not in _HIDDEN_DTYPES
             or hidden.stride(-1) != 1):
         return False
     if layout.dtype not in _BLOCK_DTYPES or (layout.is_fp8 and layout.numel % 4):
         return False
-    for rows in (pool_rows, host_rows):
+    if staged_rows is not None and staged_rows.device != pool_rows.device:
+        return False
+    for rows in (pool_rows, host_rows, *([] if staged_rows is None else [staged_rows])):
         if (rows.dim() != 2 or rows.shape[1] != layout.numel or rows.dtype != layout.dtype
                 or not rows.is_contiguous()):
             return False
@@ -62,28 +67,26 @@ def mapped_experts_supported(hidden: torch.Tensor, layout: ExpertLayout, pool_ro
 
 def mapped_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                    lut: torch.Tensor, pool_rows: torch.Tensor, host_rows: torch.Tensor,
-                   layout: ExpertLayout, by_assignment: bool = False) -> torch.Tensor:
+                   layout: ExpertLayout, staged_rows: torch.Tensor | None = None) -> torch.Tensor:
     """`sum_k weights[t, k] * expert(expert_ids[t, k])(hidden[t])`, each expert's block read from
-    slot `lut[e]` of `pool_rows` when it is >= 0, from row `e` of `host_rows` when it is -1 (row
-    `t*K + k` with `by_assignment`: misses staged one row per assignment, e.g. by
-    `MappedFetcher.fetch_misses`), and not at all when it is -2 (another lane computes it: it
-    contributes zero).
+    slot `lut[e]` of `pool_rows` when it is >= 0, from row `-3 - lut[e]` of `staged_rows` when it
+    is <= -3 (misses staged by `MappedFetcher.stage_misses`), from row `e` of `host_rows` when it
+    is -1, and not at all when it is -2 (another lane computes it: it contributes zero).
 
     No host synchronisation: graph-capturable. Every assignment reads its own expert, so an
-    expert repeated among the tokens is read once per assignment (from its slot, or from its own
-    staged row): meant for decode calls of a few tokens. Call only where
-    `mapped_experts_supported`.
+    expert repeated among the tokens is read once per assignment (from its slot, staging row or
+    host row): meant for decode calls of up to a few dozen assignments' worth of tokens. Call
+    only where `mapped_experts_supported`.
 
     Args:
         hidden: `[T, D]`.
         expert_ids: `[T, K]` expert ids of the layer.
         weights: `[T, K]` routing weights.
-        lut: `[E]` integer slot of each expert (-1 host, -2 nobody).
+        lut: `[E]` integer source of each expert (slot, -1 host, -2 nobody, -3 - r staged).
         pool_rows: `[S, N]` the slot pool's blocks.
-        host_rows: `[E, N]` the layer's blocks in host memory (page-locked on CUDA), or with
-            `by_assignment` `[T*K, N]` (any memory the kernel can read).
+        host_rows: `[E, N]` the layer's blocks in host memory (page-locked on CUDA).
         layout: The blocks' layout (bf16/fp16/fp32, or FP8 with per-channel scales).
-        by_assignment: Which row of `host_rows` a block not in a slot is: its assignment's.
+        staged_rows: `[R, N]` staged blocks on the pool's device; None when `lut` stages none.
 
     Returns:
         `[T, D]` in hidden's dtype.
@@ -110,21 +113,23 @@ def mapped_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torc
     # 4-aligned byte and every block is a multiple of 4 bytes); other layouts never read them.
     pool_scales = pool_rows.view(torch.float32) if fp8 else pool_rows
     host_scales = host_rows.view(torch.float32) if fp8 else host_rows
+    staged = pool_rows if staged_rows is None else staged_rows  # never read without rows
+    staged_scales = staged.view(torch.float32) if fp8 else staged
     scale_base = layout.scale_offset // 4 if fp8 else 0
     h = torch.empty(t * k, width, dtype=torch.float32, device=hidden.device)  # [T*K, I]
     out = torch.empty(t, d, dtype=hidden.dtype, device=hidden.device)  # [T, D]
     with device_guard(hidden.device):
         gate_up_kernel[(t * k, -(-width // cfg.block_i))](
-            hidden, expert_ids, lut, pool_rows, host_rows, pool_scales, host_scales, h,
-            k, d, width, layout.numel, scale_base,
+            hidden, expert_ids, lut, pool_rows, staged, host_rows, pool_scales, staged_scales,
+            host_scales, h, k, d, width, layout.numel, scale_base,
             hidden.stride(0), expert_ids.stride(0), expert_ids.stride(1),
-            FP8=fp8, BY_ASSIGNMENT=by_assignment, BLOCK_I=cfg.block_i, BLOCK_D=cfg.block_d,
+            FP8=fp8, BLOCK_I=cfg.block_i, BLOCK_D=cfg.block_d,
             num_warps=cfg.gate_up_warps)
         down_kernel[(t, -(-d // cfg.block_out))](
-            h, expert_ids, lut, weights, pool_rows, host_rows, pool_scales, host_scales, out,
-            k, d, width, layout.numel, scale_base,
+            h, expert_ids, lut, weights, pool_rows, staged, host_rows, pool_scales,
+            staged_scales, host_scales, out, k, d, width, layout.numel, scale_base,
             expert_ids.stride(0), expert_ids.stride(1), weights.stride(0), weights.stride(1),
             out.stride(0),
-            FP8=fp8, BY_ASSIGNMENT=by_assignment, BLOCK_K=cfg.block_k, BLOCK_OUT=cfg.block_out,
+            FP8=fp8, BLOCK_K=cfg.block_k, BLOCK_OUT=cfg.block_out,
             BLOCK_I=cfg.block_red, num_warps=cfg.down_warps)
     return out

@@ -8,9 +8,10 @@ I expert width, N block elements, R = BLOCK_K * BLOCK_OUT rows of a down tile.
 
 Same structure as `experts_triton` (gate/up/SiLU per assignment into a float32 `[A, I]`
 intermediate, then down with each token's weighted sum over its experts), with three
-differences: a block's base is `pool + slot * N` when the table gives a slot (>= 0), else
-`host + expert * N` (the layer's host arena, addressable by the GPU: unified virtual addressing)
-or, with `BY_ASSIGNMENT`, `host + a * N` (misses staged one row per assignment);
+differences: a block's base is `pool + slot * N` when the table gives a slot (>= 0),
+`staged + r * N` when it gives a staging row (`-3 - r`, `miss_staging`: a miss copied over the
+link before the call), else `host + expert * N` (the layer's host arena, addressable by the GPU:
+unified virtual addressing);
 an expert the table marks -2 (computed by the CPU lane) is read from nowhere and contributes
 zero; and FP8 blocks (e4m3 weights, then float32 scales per output channel, `offload/fp8.py`) are
 widened in registers and their products scaled once per output channel after the sum.
@@ -27,16 +28,15 @@ from moe_core.kernels.backend import Kernel, Mode, jit
 __all__ = ["kernels"]
 
 
-def _gate_up_kernel(x_ptr, ids_ptr, lut_ptr, pool_ptr, host_ptr, pool_scale_ptr, host_scale_ptr,
-                    h_ptr, top_k, hidden, width, block_numel, scale_base,
-                    stride_xt, stride_it, stride_ik,
-                    FP8: tl.constexpr, BY_ASSIGNMENT: tl.constexpr,
-                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gate_up_kernel(x_ptr, ids_ptr, lut_ptr, pool_ptr, staged_ptr, host_ptr, pool_scale_ptr,
+                    staged_scale_ptr, host_scale_ptr, h_ptr, top_k, hidden, width, block_numel,
+                    scale_base, stride_xt, stride_it, stride_ik,
+                    FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
     """`h[a, i] = silu(gate_e[i] . x_t) * (up_e[i] . x_t)` for assignment a = t*K + k of expert e.
 
     Grid `(A, cdiv(I, BLOCK_I))`. `scale_base` is the float32 offset of an FP8 block's scales.
-    A block not in a slot is row e of the host rows, or row a with `BY_ASSIGNMENT` (misses
-    staged one row per assignment).
+    A block not in a slot is staging row r where the table says `-3 - r`, else row e of the
+    host rows.
     """
     a = tl.program_id(0)
     t = a // top_k
@@ -44,9 +44,10 @@ def _gate_up_kernel(x_ptr, ids_ptr, lut_ptr, pool_ptr, host_ptr, pool_scale_ptr,
     e = tl.load(ids_ptr + t * stride_it + k * stride_ik).to(tl.int64)
     slot = tl.load(lut_ptr + e).to(tl.int64)
     resident = slot >= 0
-    src = tl.where(resident, pool_ptr, host_ptr)
-    row = a.to(tl.int64) if BY_ASSIGNMENT else e
-    block = tl.where(resident, slot, row) * block_numel  # element offset of the expert's block
+    staged = slot <= -3
+    src = tl.where(resident, pool_ptr, tl.where(staged, staged_ptr, host_ptr))
+    # element offset of the expert's block in its source
+    block = tl.where(resident, slot, tl.where(staged, -3 - slot, e)) * block_numel
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I]
     i_ok = i < width
     # an expert of the CPU lane: nothing read, h = silu(0) * 0 (compared as a block: the
@@ -72,17 +73,19 @@ def _gate_up_kernel(x_ptr, ids_ptr, lut_ptr, pool_ptr, host_ptr, pool_scale_ptr,
     g_out = tl.sum(acc_gate, axis=1)  # [BLOCK_I]
     u_out = tl.sum(acc_up, axis=1)
     if FP8:  # one scale per output channel: applied once, after the sum
-        scales = tl.where(resident, pool_scale_ptr, host_scale_ptr) + block // 4 + scale_base
+        scales = (tl.where(resident, pool_scale_ptr,
+                           tl.where(staged, staged_scale_ptr, host_scale_ptr))
+                  + block // 4 + scale_base)
         g_out *= tl.load(scales + i, mask=read, other=0.0)
         u_out *= tl.load(scales + width + i, mask=read, other=0.0)
     h = g_out / (1.0 + tl.exp(-g_out)) * u_out  # silu(g) * u
     tl.store(h_ptr + a * width + i, h, mask=i_ok)
 
 
-def _down_kernel(h_ptr, ids_ptr, lut_ptr, weights_ptr, pool_ptr, host_ptr, pool_scale_ptr,
-                 host_scale_ptr, out_ptr, top_k, hidden, width, block_numel, scale_base,
-                 stride_it, stride_ik, stride_wt, stride_wk, stride_ot,
-                 FP8: tl.constexpr, BY_ASSIGNMENT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
+def _down_kernel(h_ptr, ids_ptr, lut_ptr, weights_ptr, pool_ptr, staged_ptr, host_ptr,
+                 pool_scale_ptr, staged_scale_ptr, host_scale_ptr, out_ptr, top_k, hidden, width,
+                 block_numel, scale_base, stride_it, stride_ik, stride_wt, stride_wk, stride_ot,
+                 FP8: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
                  BLOCK_I: tl.constexpr):
     """`out[t, d] = sum_k weights[t, k] * (down_e[d] . h[t*K + k])`, e the k-th expert of t.
 
@@ -99,11 +102,11 @@ def _down_kernel(h_ptr, ids_ptr, lut_ptr, weights_ptr, pool_ptr, host_ptr, pool_
     e = tl.load(ids_ptr + t * stride_it + k * stride_ik, mask=k_ok, other=0).to(tl.int64)
     slot = tl.load(lut_ptr + e, mask=k_ok, other=-2).to(tl.int64)  # [R]
     resident = slot >= 0
+    staged = slot <= -3
     r_ok = k_ok & (slot != -2) & (d < hidden)
-    row = (t * top_k + k).to(tl.int64) if BY_ASSIGNMENT else e  # [R]
-    block = tl.where(resident, slot, row) * block_numel  # [R]
-    down_rows = (tl.where(resident, pool_ptr, host_ptr) + block + 2 * width * hidden
-                 + d.to(tl.int64) * width)  # [R]
+    block = tl.where(resident, slot, tl.where(staged, -3 - slot, e)) * block_numel  # [R]
+    down_rows = (tl.where(resident, pool_ptr, tl.where(staged, staged_ptr, host_ptr)) + block
+                 + 2 * width * hidden + d.to(tl.int64) * width)  # [R]
     w = tl.load(weights_ptr + t * stride_wt + k * stride_wk, mask=r_ok, other=0.0)  # [R]
     h_rows = h_ptr + (t * top_k + k) * width  # [R]
     cols = tl.arange(0, BLOCK_I)
@@ -116,7 +119,9 @@ def _down_kernel(h_ptr, ids_ptr, lut_ptr, weights_ptr, pool_ptr, host_ptr, pool_
         acc += wd.to(tl.float32) * h
     y = tl.sum(acc, axis=1) * w.to(tl.float32)  # [R]
     if FP8:
-        scales = tl.where(resident, pool_scale_ptr, host_scale_ptr) + block // 4 + scale_base
+        scales = (tl.where(resident, pool_scale_ptr,
+                           tl.where(staged, staged_scale_ptr, host_scale_ptr))
+                  + block // 4 + scale_base)
         y *= tl.load(scales + 2 * width + d, mask=r_ok, other=0.0)
     outs = tl.arange(0, BLOCK_OUT)
     pick = local[:, None] == outs[None, :]  # [R, BLOCK_OUT]

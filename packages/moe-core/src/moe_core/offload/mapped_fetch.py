@@ -18,9 +18,9 @@ the first occurrence through `index`; one token's experts are distinct and need 
 rows feed `gathered_experts`. An expert marked -2 (computed by the CPU lane, `two_lanes`) gets a
 zero row, read from nowhere. `fetch_blocks` reads a list of distinct experts instead, one row
 each, skipping padding entries (the grouped path of calls above the gather limit,
-`grouped_mapped`). `fetch_misses` copies only the blocks that must cross the link, one row per
-assignment, for a product kernel that reads resident experts in their slots
-(`kernels.mapped_experts`). The kernel copies bytes: FP8 blocks (decision 0015) travel as they are
+`grouped_mapped`). `stage_misses` copies only the blocks that must cross the link, one row per
+distinct missed expert while its rows last (`kernels.miss_staging`), for a product kernel that
+reads resident experts in their slots (`kernels.mapped_experts`). The kernel copies bytes: FP8 blocks (decision 0015) travel as they are
 stored, weights and scales, and are dequantised after the gather.
 
 Two implementations with the same result: a CuPy kernel on CUDA (`_CudaRowCopier`), torch
@@ -52,6 +52,7 @@ extern "C" __global__ void fetch_rows(const uint4* __restrict__ host,
     const long long j = blockIdx.y;
     if (first != nullptr && first[j] != j) return;   // a duplicate: the first copy serves it
     const long long e = ids[j];
+    if (e < 0) return;   // an empty row (stage_misses)
     const long long slot = lut[e];
     if (misses_only && slot != -1) return;   // only the blocks that must cross the link
     uint4* dst = rows + j * n16;
@@ -166,30 +167,36 @@ class MappedFetcher:
             rows.view(torch.uint8)[slots == -2] = 0  # zero bytes (FP8 has no masked fill)
         return rows, index
 
-    def fetch_misses(self, layer: int, ids: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-        """The host blocks of the assignments `lut` leaves on the host (-1), one row per
-        assignment, read by the GPU; the other rows are left unwritten (a kernel reading
-        resident experts from their slots in place, `kernels.mapped_experts` with
-        `by_assignment`, never reads them).
+    def stage_misses(self, layer: int, ids: torch.Tensor, lut: torch.Tensor,
+                     rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy the call's distinct missed experts over the link into at most `rows` staging
+        rows, without reading anything on the host; misses beyond them stay in host memory.
 
         Args:
             layer: Decoder-layer index.
-            ids: `[J]` expert ids (device), distinct (one token's top-k).
-            lut: `[E]` slot of each expert of `layer`, -1 where it is not resident and ready.
+            ids: `[J]` expert ids of the call's assignments (device).
+            lut: `[E]` int64 slot of each expert of `layer`, -1 where it is not resident and
+                ready, -2 where another lane computes it.
+            rows: R, staging rows (>= 1).
 
         Returns:
-            `[J, N]` rows; row j holds expert `ids[j]`'s block where `lut[ids[j]] == -1`.
+            `(call_lut, staged)`: `call_lut` `[E]` is `lut` with each staged expert's entry
+            rewritten to `-3 - r` (`kernels.miss_staging`); `staged` `[R, N]` holds row r's
+            block (rows left empty are unwritten).
         """
-        ids = ids.to(torch.long)
-        rows = torch.empty(ids.numel(), self.store.layout.numel, dtype=self.store.layout.dtype,
-                           device=ids.device)  # [J, N]
-        if self._copier is not None:
-            self._copier.copy(self.store.arena(layer), self.pool.storage, rows, ids, lut, None,
-                              misses_only=True)
-            return rows
-        missing = lut[ids] == -1  # [J]
-        rows[missing] = self.store.arena(layer).view(self.store.num_experts, -1)[ids[missing]]
-        return rows
+        from moe_core.kernels.miss_staging import miss_staging_plan
+
+        call_lut, row_experts = miss_staging_plan(ids, lut, rows)  # [E], [R]
+        staged = torch.empty(rows, self.store.layout.numel, dtype=self.store.layout.dtype,
+                             device=lut.device)  # [R, N]
+        if self._copier is not None:  # row r reads expert row_experts[r] (-1: skipped)
+            self._copier.copy(self.store.arena(layer), self.pool.storage, staged, row_experts,
+                              lut, None, misses_only=True)
+            return call_lut, staged
+        filled = row_experts >= 0  # [R]
+        staged[filled] = self.store.arena(layer).view(self.store.num_experts, -1)[
+            row_experts[filled]]
+        return call_lut, staged
 
     def fetch_blocks(self, layer: int, ids: torch.Tensor, live: torch.Tensor,
                      lut: torch.Tensor) -> torch.Tensor:

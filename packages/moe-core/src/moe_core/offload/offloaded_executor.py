@@ -39,12 +39,15 @@ read once each, in chunks that fit the gather limit (`grouped_mapped`, decision 
 like the mapped path, on the GPU lane alone (no CPU-lane split yet).
 
 Where Triton runs (CUDA), calls on the mapped path read their resident experts in their slots
-and multiply as they read, with no gathered copy (`kernels.mapped_experts`, decision 0019); their
-misses are first copied over PCIe into one staging row per assignment
-(`MappedFetcher.fetch_misses`, the copy kernel: faster over the link than the product kernel's
-own reads, `stage_misses`). The gather limit then counts one staged block per assignment, so
-FP8 calls of up to 7 tokens at Qwen3-30B-A3B shapes take this path (3 with bf16). Without
-Triton (the CPU) every row is built first as above.
+and multiply as they read, with no gathered copy (`kernels.mapped_experts`, decision 0019); the
+call's distinct misses are first copied over PCIe into staging rows, as many as the gather limit
+holds (`MappedFetcher.stage_misses`, the copy kernel: faster over the link than the product
+kernel's own reads, `stage_misses`), and any beyond them are read by the product kernel from host
+memory. The workspace no longer grows with the call, so every decode call up to
+`in_place_limit_assignments` T*K (16 tokens at top-8) takes this path, captured, instead of the
+grouped path (decision 0020); the CPU lane still splits only the calls whose assignments' blocks
+fit the gather limit (the shapes it was measured on). Without Triton (the CPU) every row is
+built first as above.
 
 Calls on the copy path that are large (prefill chunks: at least E assignments) stream their
 misses instead with a `PrefillRing` (`prefill="stream"` at install, decision 0018): held experts
@@ -138,6 +141,9 @@ class OffloadedExecutor:
         # mapped calls in place: misses copied to staging rows by the copy kernel first (True),
         # or read over PCIe by the product kernel itself (False); see decision 0019
         self.stage_misses = True
+        # in place: most T*K of a call on the mapped path (decision 0020); larger calls take the
+        # grouped, stream or copy path
+        self.in_place_limit_assignments = GROUPED_LIMIT_ASSIGNMENTS
         self._plans: dict[tuple[int, int], GroupedPlan] = {}  # (T*K, workspace) -> plan
 
     @property
@@ -158,18 +164,21 @@ class OffloadedExecutor:
         return self.cache if self.graph_safe else None
 
     def graph_token_limit(self, top_k: int) -> int:
-        """Most tokens per call a captured step may have: the mapped rows of all assignments
-        must fit the gather limit, or the call must be small enough for the grouped mapped path
-        (above both a call reads its routing on the host)."""
-        gathered = self.gather_limit_bytes // (top_k * self._mapped_nbytes())
+        """Most tokens per call a captured step may have: the call must take the mapped path
+        (in place up to `in_place_limit_assignments`, else while the rows of all assignments fit
+        the gather limit) or be small enough for the grouped mapped path (above both a call
+        reads its routing on the host)."""
+        if self._in_place() and self.gather_limit_bytes > 0:
+            tokens = self.in_place_limit_assignments // top_k
+        else:
+            tokens = self.gather_limit_bytes // (top_k * self._mapped_nbytes())
         if self._grouped_applies(self.grouped_limit_assignments):
-            return max(gathered, self.grouped_limit_assignments // top_k)
-        return gathered
+            return max(tokens, self.grouped_limit_assignments // top_k)
+        return tokens
 
     def call_path(self, num_assignments: int) -> CallPath:
         """The path a call of `num_assignments` (T*K) token-expert assignments takes."""
-        if self.cpu_compute_rule is None and use_gather(
-                num_assignments, self._mapped_nbytes(), self.gather_limit_bytes):
+        if self._takes_mapped(num_assignments):
             return "mapped" if self.fetcher is not None else "gather"
         if self._grouped_applies(num_assignments):
             return "grouped"
@@ -197,17 +206,18 @@ class OffloadedExecutor:
     def _compute(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
         """The layer's experts on `hidden` (what `__call__` does besides prefetching)."""
-        if self.cpu_compute_rule is None and use_gather(
-                expert_ids.numel(), self._mapped_nbytes(), self.gather_limit_bytes):
+        if self._takes_mapped(expert_ids.numel()):
             if (self.fetcher is not None and hidden.is_cuda
                     and torch.cuda.is_current_stream_capturing()):
                 return self._mapped(hidden, expert_ids, weights,
                                     self.cache.log_graph_use(self.layer, expert_ids))
-            if self.two_lanes is not None and self.cache.warming_up:
+            if (self.two_lanes is not None and self.cache.warming_up
+                    and self._lane_applies(expert_ids.numel())):
                 self._prepare_lane(expert_ids)
             layer_map = self.cache.layer_map(self.layer)
             if layer_map.complete:  # every expert resident: no host read of the routing at all
-                out = (self._gpu_lane(hidden, expert_ids, weights, layer_map.slots)
+                out = (self._gpu_lane(hidden, expert_ids, weights, layer_map.slots,
+                                      misses=False)
                        if self._in_place()
                        else self._over_slots(hidden, layer_map.slots[expert_ids], weights))
                 self.cache.use_layer_map(layer_map, self.layer, expert_ids)
@@ -264,11 +274,30 @@ class OffloadedExecutor:
         with two lanes, the misses the split gives the CPU computed there at the same time)."""
         lut = layer_map.slots
         lanes = self.two_lanes
-        split = None if lanes is None else lanes.split(*expert_ids.shape)
+        split = (None if lanes is None or not self._lane_applies(expert_ids.numel())
+                 else lanes.split(*expert_ids.shape))
         if lanes is None or split is None:  # one lane (or the GPU alone is faster here)
             return self._gpu_lane(hidden, expert_ids, weights, lut)
         job, gpu_lut = lanes.start(self.layer, hidden, expert_ids, weights, lut, split)
         return lanes.finish(job, self._gpu_lane(hidden, expert_ids, weights, gpu_lut))
+
+    def _takes_mapped(self, num_assignments: int) -> bool:
+        """Whether a call of `num_assignments` (T*K) takes the mapped path (or, without a
+        fetcher, the gather path): in place, up to `in_place_limit_assignments`; otherwise while
+        its rows fit the gather limit. Never with a CPU compute rule; a gather limit of 0 keeps
+        its meaning (every call groups its tokens on the host)."""
+        if self.cpu_compute_rule is not None:
+            return False
+        if self._in_place() and self.gather_limit_bytes > 0:
+            return 0 < num_assignments <= self.in_place_limit_assignments
+        return use_gather(num_assignments, self._mapped_nbytes(), self.gather_limit_bytes)
+
+    def _lane_applies(self, num_assignments: int) -> bool:
+        """Whether the CPU lane may split a mapped call of `num_assignments`: one staged block
+        per assignment fits the gather limit (the shapes decision 0009's split was measured on;
+        larger in-place calls run on the GPU lane alone)."""
+        return use_gather(num_assignments, self.cache.store.layout.nbytes,
+                          self.gather_limit_bytes)
 
     def _grouped_applies(self, num_assignments: int) -> bool:
         """Whether a call of `num_assignments` above the gather limit takes the grouped mapped
@@ -300,9 +329,10 @@ class OffloadedExecutor:
         return out
 
     def _gpu_lane(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                  lut: torch.Tensor) -> torch.Tensor:
+                  lut: torch.Tensor, misses: bool = True) -> torch.Tensor:
         """The experts `lut` `[E]` sends to a slot (>= 0) or to host memory (-1), read by the
-        GPU; those it marks -2 (the CPU lane's) contribute zero."""
+        GPU; those it marks -2 (the CPU lane's) contribute zero. `misses=False`: `lut` sends
+        every expert of the call to a slot (nothing to stage)."""
         assert self.fetcher is not None
         one_token = expert_ids.shape[0] == 1  # top-k ids are distinct
         layout = self.cache.store.layout
@@ -310,10 +340,13 @@ class OffloadedExecutor:
             pool = self.cache.pool.storage.view(self.cache.pool.num_slots, layout.numel)
             host = self.cache.store.arena(self.layer).view(self.cache.store.num_experts, -1)
             if mapped_experts_supported(hidden, layout, pool, host):
-                misses = (self.fetcher.fetch_misses(self.layer, expert_ids.reshape(-1), lut)
-                          if self.stage_misses else host)  # one row per assignment, or expert
-                return mapped_experts(hidden, expert_ids, weights, lut, pool, misses, layout,
-                                      by_assignment=self.stage_misses)
+                staging = self._staging_rows(expert_ids.numel()) if misses else 0
+                if staging == 0:  # every miss read over PCIe by the product kernel itself
+                    return mapped_experts(hidden, expert_ids, weights, lut, pool, host, layout)
+                call_lut, staged = self.fetcher.stage_misses(
+                    self.layer, expert_ids.reshape(-1), lut, staging)
+                return mapped_experts(hidden, expert_ids, weights, call_lut, pool, host, layout,
+                                      staged_rows=staged)
         rows, index = self.fetcher.fetch_rows(self.layer, expert_ids.reshape(-1), lut,
                                               distinct=one_token)
         index = None if index is None else index.view_as(expert_ids)
@@ -326,12 +359,19 @@ class OffloadedExecutor:
         Triton for the pool's device (compiled on CUDA, or its interpreter when asked for)."""
         return self.fetcher is not None and triton_mode(self.cache.pool.device) is not None
 
+    def _staging_rows(self, num_assignments: int) -> int:
+        """Staging rows of an in-place call (R of `kernels.miss_staging`): as many blocks as the
+        gather limit holds, no more than the call can have distinct experts; 0 without
+        `stage_misses`."""
+        if not self.stage_misses:
+            return 0
+        return min(self.gather_limit_bytes // self.cache.store.layout.nbytes, num_assignments,
+                   self.cache.store.num_experts)
+
     def _mapped_nbytes(self) -> int:
-        """Device workspace of one assignment on the mapped path, what the gather limit counts:
-        a staged block in place (an FP8 block is never dequantised), else its row (FP8: plus
-        its 16-bit matrices)."""
-        layout = self.cache.store.layout
-        return layout.nbytes if self._in_place() else layout.gather_nbytes
+        """Device workspace of one assignment on the mapped path as rows (not in place), what
+        the gather limit counts: its row (FP8: plus its 16-bit matrices)."""
+        return self.cache.store.layout.gather_nbytes
 
     def _over_slots(self, hidden: torch.Tensor, slots: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
