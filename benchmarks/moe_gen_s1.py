@@ -142,7 +142,9 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
                 torch.cuda.reset_peak_memory_stats()
             config = SteadyConfig(args.steady_context or context,
                                   share_list(args.steady_shares, plan.cpu_attention_share),
-                                  args.steady_warmup, args.steady_steps)
+                                  args.steady_warmup, args.steady_steps,
+                                  args.out / f"trace-{name}-steady"
+                                  if args.trace and device == "cuda" else None)
             rows: list[dict[str, Any]] = []
             ours["steady"] = rows
 
@@ -307,7 +309,8 @@ def parse_args() -> argparse.Namespace:
     add("--peer-steps", type=int, default=3)
     add("--skip-peer", action="store_true")
     add("--trace", action="store_true",
-        help="after the run, profile two decode steps (CUDA) and summarise them")
+        help="profile two decode steps (CUDA) after each steady-state variant and after the "
+             "full run, and summarise them")
     add("--max-cpu-attention-share", type=float, default=0.75)
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--commit", default=None, help="the commit that runs (default: git rev-parse; a device "

@@ -20,6 +20,7 @@ import gc
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from moe_gen.micro_batch import SequenceInput
 from moe_gen.paged_kv import PagedKV
 from moe_gen.plan import Plan
 from moe_gen.profile import DeviceProfile
+from step_trace import profile_steps
 
 __all__ = ["SteadyConfig", "plan_breakdown", "run_steady", "share_list"]
 
@@ -44,12 +46,15 @@ class SteadyConfig:
         shares: Host attention shares to measure, in order.
         warmup_steps: Untimed steps first (per variant).
         steps: Timed steps (the median is reported).
+        trace: Also profile two steps of each variant after its timed ones (`step_trace`),
+            keeping the gzipped chrome trace at `<trace>-share<S>.json.gz`; None: no profile.
     """
 
     context: int
     shares: tuple[float, ...]
     warmup_steps: int = 2
     steps: int = 4
+    trace: Path | None = None
 
     def __post_init__(self) -> None:
         if self.context < 1 or self.steps < 1 or self.warmup_steps < 0:
@@ -150,7 +155,12 @@ def _variant(model: MoEForCausalLM, runtime: OffloadRuntime | None, plan: Plan,
                     - experts_before) / config.steps
     kv_bytes = (engine.mover.h2d_bytes - kv_before) / config.steps
     step = statistics.median(t.total_s for t in timings)
-    return {"cpu_attention_share": share, "host_kernel": host_kernel if share > 0 else None,
+    trace = None
+    if config.trace is not None:  # after the timed steps: the profiler's cost stays out
+        path = config.trace.with_name(f"{config.trace.name}-share{share:g}.json.gz")
+        trace = profile_steps(lambda: [engine.step(seqs) for _ in range(2)], 2, path)
+    return {"trace": trace, "cpu_attention_share": share,
+            "host_kernel": host_kernel if share > 0 else None,
             "batch": len(seqs), "context": config.context, "step_s": step,
             "steps_s": [t.total_s for t in timings],
             "decode_tokens_per_s": len(seqs) / step,

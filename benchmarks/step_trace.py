@@ -113,5 +113,10 @@ def profile_steps(run: Any, num_steps: int, path: Path | None = None) -> dict[st
         raw = file.read_bytes()
     if path is not None:
         path.write_bytes(gzip.compress(raw))
-    return trace_summary(json.loads(raw), num_steps)
+    summary = trace_summary(json.loads(raw), num_steps)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    summary["top_host_ops_per_step"] = [  # where the host's time went, by operation
+        {"name": e.key, "calls": e.count / num_steps,
+         "self_cpu_ms": e.self_cpu_time_total / 1e3 / num_steps} for e in ops[:30]]
+    return summary
 

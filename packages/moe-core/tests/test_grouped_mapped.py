@@ -332,15 +332,17 @@ def test_cuda_chunks_equal_one_gathered_computation(tokens: int, used: list[int]
     torch.testing.assert_close(out.float().cpu(), want, rtol=2e-2, atol=2e-2)
 
 
-def cuda_offloaded(num_slots: int, path: str = "grouped") -> tuple[MoEForCausalLM, OffloadRuntime]:
-    """The embedded model in bf16 on CUDA, mapped fetch, its first experts cached, a gather
-    limit of one token's rows and grouped and in-place limits that cover the prompt passes too
-    (nothing is admitted: eager and captured runs see the same cache). `path` "grouped": calls
-    of 2+ tokens take the grouped path; "mapped": every call is multiplied in place, one token's
-    worth of its distinct misses staged and the rest read from host memory (decision 0020)."""
+def cuda_offloaded(num_slots: int, path: str = "grouped",
+                   dtype: str = "bfloat16") -> tuple[MoEForCausalLM, OffloadRuntime]:
+    """The embedded model on CUDA (bf16 unless said), mapped fetch, its first experts cached,
+    a gather limit of one token's rows and grouped and in-place limits that cover the prompt
+    passes too (nothing is admitted: eager and captured runs see the same cache). `path`
+    "grouped": calls of 2+ tokens take the grouped path; "mapped": every call is multiplied in
+    place, one token's worth of its distinct misses staged and the rest read from host memory
+    (decision 0020)."""
     from moe_core.offload.copy_engines import make_copy_engine
 
-    model = load_model(tiny_model_path(), device="cuda", dtype="bfloat16")
+    model = load_model(tiny_model_path(), device="cuda", dtype=dtype)
     store = HostExpertStore.from_model(model, pin=True)
     pool = GpuSlotPool(store.layout, num_slots, device="cuda")
     runtime = install_offloading(model, store, pool, make_copy_engine("cuda"), fetch="mapped",
@@ -356,24 +358,29 @@ def cuda_offloaded(num_slots: int, path: str = "grouped") -> tuple[MoEForCausalL
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["grouped", "mapped"])
+@pytest.mark.parametrize("path,dtype", [("grouped", "bfloat16"), ("mapped", "float32")])
 @pytest.mark.parametrize("batch", [4, 16])
-def test_cuda_grouped_calls_equal_resident_experts_in_bf16(batch: int, path: str) -> None:
+def test_cuda_grouped_calls_equal_resident_experts(batch: int, path: str, dtype: str) -> None:
+    """A pass of `batch` one-token rows equals the resident model: grouped in bf16 against the
+    gathered bf16 products it shares; in place in float32 (its unrounded float32 intermediate
+    differs from any bf16 reference by rounding, and at batch 16 that flipped a near-tied
+    routing of one row on the H200; the kernel itself is checked in bf16 in its own tests)."""
     _cuda()
-    resident = load_model(tiny_model_path(), device="cuda", dtype="bfloat16")
-    for block in resident.moe_blocks():  # the gathered bf16 products, as the executors'
+    resident = load_model(tiny_model_path(), device="cuda", dtype=dtype)
+    for block in resident.moe_blocks():  # the gathered products, as the grouped executors'
         block.experts.device_kernels = False
     ids = torch.randint(3, 4096, (batch, 1), generator=torch.Generator().manual_seed(batch))
     ids = ids.cuda()
     with torch.no_grad():
         expected = resident(ids).float()
-    model, runtime = cuda_offloaded(20, path)
+    model, runtime = cuda_offloaded(20, path, dtype)
     top_k = model.spec.moe.router.top_k
     assert {x.call_path(batch * top_k) for x in executors(runtime)} == {path}
     with torch.no_grad():
         got = model(ids).float()
     scale = expected.abs().max()
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * scale)
+    tolerance = 2e-2 if dtype == "bfloat16" else 1e-4
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance * scale)
     stats = runtime.snapshot(block=True)
     assert stats.misses > 0 and stats.hits > 0
     assert stats.mapped_bytes == stats.misses * runtime.store.layout.nbytes
