@@ -12,6 +12,8 @@ Dimension key: T tokens, K experts per token, E experts per layer, C experts per
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -263,6 +265,35 @@ def test_the_token_limit_of_captured_steps_covers_the_grouped_path() -> None:
     assert executors(copying)[0].call_path(3 * top_k) == "copy"
 
 
+def test_in_place_calls_stay_in_place_while_their_expected_misses_fit_the_staging_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where Triton runs (here its interpreter, asked for), calls up to the in-place limit are
+    multiplied in place while assignments x the layer's absent share fit the staging rows (the
+    gather limit's blocks); above that they take the grouped path, unless told otherwise; a
+    fully cached layer always fits (decision 0020)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, runtime = offloaded(48, "some", fetch="mapped")  # half of each layer's experts
+    top_k = model.spec.moe.router.top_k
+    executor = executors(runtime)[0]
+    layer = executor.cache.layer_map(executor.layer)
+    assert layer.resident == runtime.store.num_experts // 2
+    rows = top_k  # the gather limit holds one token's blocks
+    assert executor.call_path(top_k) == "mapped"  # every miss has its row
+    assert executor.call_path(2 * top_k) == "mapped"  # 2K x 1/2 expected misses: fit
+    assert executor.call_path(3 * top_k) == "grouped"  # 1.5 rows' worth of misses
+    assert executor.graph_token_limit(top_k) == executor.in_place_limit_assignments // top_k
+    executor.in_place_misses_per_row = math.inf
+    assert executor.call_path(8 * top_k) == "mapped"
+    executor.in_place_limit_assignments = 4 * top_k
+    assert executor.call_path(5 * top_k) == "grouped"
+    executor.in_place_misses_per_row = 1.0
+    executor.stage_misses = False  # every miss read by the product kernel: no rows to fit
+    assert executor.call_path(4 * top_k) == "mapped"
+    assert rows == executor.gather_limit_bytes // runtime.store.layout.nbytes
+    _, full = offloaded(96, "all", fetch="mapped")
+    assert {x.call_path(16 * top_k) for x in executors(full)} == {"mapped"}
+
+
 def test_a_gather_limit_of_zero_still_groups_every_call_on_the_host() -> None:
     model, runtime = offloaded(8, fetch="mapped")
     for executor in executors(runtime):
@@ -354,6 +385,7 @@ def cuda_offloaded(num_slots: int, path: str = "grouped",
         executor.gather_limit_bytes = top_k * store.layout.nbytes
         executor.grouped_limit_assignments = 16 * 8 * top_k
         executor.in_place_limit_assignments = top_k if path == "grouped" else 16 * 8 * top_k
+        executor.in_place_misses_per_row = math.inf  # in place even when misses overflow
     return model, runtime
 
 

@@ -9,6 +9,8 @@ N block elements.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import pytest
@@ -173,6 +175,7 @@ def test_the_offloaded_executor_computes_mapped_calls_in_place(
         executor.stage_misses = stage_misses  # type: ignore[attr-defined]
         if rows is not None:  # the calls' blocks no longer fit the limit: still in place
             executor.gather_limit_bytes = rows * store.layout.nbytes  # type: ignore[attr-defined]
+            executor.in_place_misses_per_row = math.inf  # type: ignore[attr-defined]
     calls: list[int] = []
     staged_calls: list[int] = []
     kernel = offloaded_executor.mapped_experts

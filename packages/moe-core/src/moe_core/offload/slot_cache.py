@@ -57,6 +57,11 @@ class LayerMap:
     table: torch.Tensor
 
     @cached_property
+    def resident(self) -> int:
+        """Experts of the layer resident and ready."""
+        return sum(1 for s in self.host if s >= 0)
+
+    @cached_property
     def slots(self) -> torch.Tensor:
         """The device table, filled with this version on first use (the copy path never needs
         it for a layer that is not complete, and its slots change on every call). The copy is
