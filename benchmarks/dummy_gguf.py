@@ -2,6 +2,13 @@
 bf16 matrices of the spec's shapes, written tensor by tensor (the S3 file is about 31 GB; one
 tensor is in memory at a time), and a byte-level BPE vocabulary that llama-server accepts.
 
+`--gguf-type q8_0` stores the weight matrices in GGML's 8-bit Q8_0 blocks instead (ggml_q8_0.py;
+the S3 file is about 16 GB), the peer of our 8-bit experts. It keeps in float32 what
+`llama-quantize ... Q8_0` keeps: the norms (1-D) and the routers (`ffn_gate_inp`); the token
+embedding, attention, experts and LM head become Q8_0 (a matrix whose rows are not a multiple of
+32 values would stay bf16). The values are the same N(0, std) draws, quantised exactly as
+llama.cpp's reference does (per 32 values: d = max|x| / 127, q = round(x / d)).
+
 The vocabulary: the 256 byte tokens of GPT-2's byte-level BPE, one token for each of moe-cap's
 synthetic prompt words with and without a leading space (`Ġthe`), the tokens and merges that
 build them (every split of every substring of a word is a merge, so BPE ends at one token per
@@ -13,6 +20,8 @@ Random numbers come from torch, on the GPU when there is one (fast: the GPU is i
 llama.cpp compiles).
 
     python3 benchmarks/dummy_gguf.py qwen3-30b-a3b --num-layers 24 --out /dev/shm/s3.gguf
+    python3 benchmarks/dummy_gguf.py qwen3-30b-a3b --num-layers 24 --gguf-type q8_0 \\
+        --out /dev/shm/s3-q8_0.gguf
 """
 
 from __future__ import annotations
@@ -28,12 +37,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from ggml_q8_0 import BLOCK_VALUES, q8_0_nbytes, quantize_q8_0
 from moe_core import ModelSpec, resolve_model_path
 
 if TYPE_CHECKING:  # imported where used: the size of a plan needs no gguf package
     import gguf
 
 # Dimension keys: V vocab, H hidden, E experts, F expert ffn, Q = heads*head_dim, K = kv*head_dim.
+
+GGUF_TYPES = ("bf16", "q8_0")  # what the weight matrices are stored as (`--gguf-type`)
 
 
 @dataclass(frozen=True)
@@ -42,7 +54,7 @@ class TensorPlan:
 
     name: str
     shape: tuple[int, ...]
-    fill: str  # "bf16" random, "router" float32 random, "ones" float32
+    fill: str  # "bf16" or "q8_0" random, "router" float32 random, "ones" float32
 
     @property
     def num_elements(self) -> int:
@@ -50,31 +62,47 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
+        """The tensor's bytes in the file (before the alignment padding)."""
+        if self.fill == "q8_0":
+            return q8_0_nbytes(self.num_elements)
         return self.num_elements * (2 if self.fill == "bf16" else 4)
 
 
-def tensor_plan(spec: ModelSpec) -> list[TensorPlan]:
-    """Every tensor llama.cpp's qwen3moe loader creates, in file order."""
+def tensor_plan(spec: ModelSpec, gguf_type: str = "bf16") -> list[TensorPlan]:
+    """Every tensor llama.cpp's qwen3moe loader creates, in file order, its weight matrices
+    stored as `gguf_type`.
+
+    Raises:
+        ValueError: `gguf_type` is not one of `GGUF_TYPES`.
+    """
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf_type must be one of {GGUF_TYPES}, got {gguf_type!r}")
+
+    def weight(name: str, shape: tuple[int, ...]) -> TensorPlan:
+        # Q8_0 blocks run along the rows (the last numpy axis, GGUF's ne[0]).
+        whole_blocks = shape[-1] % BLOCK_VALUES == 0
+        return TensorPlan(name, shape, gguf_type if whole_blocks else "bf16")
+
     a, h, v = spec.attention, spec.hidden_size, spec.vocab_size
     q, k, e, f = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, \
         spec.moe.num_experts, spec.moe.expert_intermediate_size
-    plan = [TensorPlan("token_embd.weight", (v, h), "bf16")]  # [V, H]
+    plan = [weight("token_embd.weight", (v, h))]  # [V, H]
     for i in range(spec.num_layers):
         b = f"blk.{i}."
         plan += [TensorPlan(b + "attn_norm.weight", (h,), "ones"),
-                 TensorPlan(b + "attn_q.weight", (q, h), "bf16"),  # [Q, H]
-                 TensorPlan(b + "attn_k.weight", (k, h), "bf16"),  # [K, H]
-                 TensorPlan(b + "attn_v.weight", (k, h), "bf16"),  # [K, H]
-                 TensorPlan(b + "attn_output.weight", (h, q), "bf16"),  # [H, Q]
+                 weight(b + "attn_q.weight", (q, h)),  # [Q, H]
+                 weight(b + "attn_k.weight", (k, h)),  # [K, H]
+                 weight(b + "attn_v.weight", (k, h)),  # [K, H]
+                 weight(b + "attn_output.weight", (h, q)),  # [H, Q]
                  TensorPlan(b + "attn_q_norm.weight", (a.head_dim,), "ones"),
                  TensorPlan(b + "attn_k_norm.weight", (a.head_dim,), "ones"),
                  TensorPlan(b + "ffn_norm.weight", (h,), "ones"),
                  TensorPlan(b + "ffn_gate_inp.weight", (e, h), "router"),  # [E, H]
-                 TensorPlan(b + "ffn_gate_exps.weight", (e, f, h), "bf16"),  # [E, F, H]
-                 TensorPlan(b + "ffn_up_exps.weight", (e, f, h), "bf16"),  # [E, F, H]
-                 TensorPlan(b + "ffn_down_exps.weight", (e, h, f), "bf16")]  # [E, H, F]
+                 weight(b + "ffn_gate_exps.weight", (e, f, h)),  # [E, F, H]
+                 weight(b + "ffn_up_exps.weight", (e, f, h)),  # [E, F, H]
+                 weight(b + "ffn_down_exps.weight", (e, h, f))]  # [E, H, F]
     plan += [TensorPlan("output_norm.weight", (h,), "ones"),
-             TensorPlan("output.weight", (v, h), "bf16")]  # [V, H]
+             weight("output.weight", (v, h))]  # [V, H]
     return plan
 
 
@@ -139,23 +167,26 @@ def build_vocab(vocab_size: int, words: Sequence[str]) -> Vocab:
 
 def _random_fill(plan: TensorPlan, std: float, generator: torch.Generator,
                  device: str) -> np.ndarray:
-    """The tensor's values: bf16 bits as uint16, or float32."""
+    """The tensor's values: bf16 bits as uint16, Q8_0 blocks as uint8, or float32."""
     if plan.fill == "ones":
         return np.ones(plan.shape, dtype=np.float32)
     values = torch.randn(plan.num_elements, generator=generator, device=device,
                          dtype=torch.float32).mul_(std)
     if plan.fill == "router":
         return values.cpu().numpy().reshape(plan.shape)
+    if plan.fill == "q8_0":  # [rows, row bytes]: the byte shape the GGUF writer takes
+        return quantize_q8_0(values).reshape(*plan.shape[:-1], -1)
     return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16) \
         .reshape(plan.shape)
 
 
 def _add_metadata(writer: gguf.GGUFWriter, spec: ModelSpec, vocab: Vocab,
-                  context_length: int) -> None:
+                  context_length: int, gguf_type: str) -> None:
     import gguf
     a = spec.attention
     writer.add_name(f"dummy {spec.architecture} {spec.num_layers} layers")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if gguf_type == "q8_0"
+                         else gguf.LlamaFileType.MOSTLY_BF16)
     writer.add_context_length(context_length)
     writer.add_embedding_length(spec.hidden_size)
     writer.add_block_count(spec.num_layers)
@@ -181,21 +212,25 @@ def _add_metadata(writer: gguf.GGUFWriter, spec: ModelSpec, vocab: Vocab,
 
 
 def write_gguf(spec: ModelSpec, path: Path, words: Sequence[str], seed: int = 0,
-               context_length: int = 40960, log: bool = True) -> int:
-    """Write the dummy GGUF of `spec` to `path` (replaced); returns its size in bytes."""
+               context_length: int = 40960, log: bool = True, gguf_type: str = "bf16") -> int:
+    """Write the dummy GGUF of `spec` to `path` (replaced), its weight matrices stored as
+    `gguf_type` ("bf16" or "q8_0"); returns its size in bytes."""
     import gguf
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device=device).manual_seed(seed)
     vocab = build_vocab(spec.vocab_size, words)
-    plan = tensor_plan(spec)
+    plan = tensor_plan(spec, gguf_type)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, "qwen3moe")
-    _add_metadata(writer, spec, vocab, context_length)
+    _add_metadata(writer, spec, vocab, context_length, gguf_type)
     types = {"bf16": (np.dtype(np.uint16), gguf.GGMLQuantizationType.BF16),
+             "q8_0": (np.dtype(np.uint8), gguf.GGMLQuantizationType.Q8_0),
              "router": (np.dtype(np.float32), None), "ones": (np.dtype(np.float32), None)}
     for t in plan:
         dtype, raw = types[t.fill]
-        writer.add_tensor_info(t.name, t.shape, dtype, t.nbytes, raw_dtype=raw)
+        # Q8_0 goes in as bytes, [..., row bytes]; the writer turns that into the value shape.
+        shape = (*t.shape[:-1], q8_0_nbytes(t.shape[-1])) if t.fill == "q8_0" else t.shape
+        writer.add_tensor_info(t.name, shape, dtype, t.nbytes, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -221,9 +256,9 @@ def smoke_spec() -> ModelSpec:
     return ModelSpec.from_config(config)
 
 
-def plan_bytes(spec: ModelSpec) -> int:
+def plan_bytes(spec: ModelSpec, gguf_type: str = "bf16") -> int:
     """The tensor data's bytes (the file is this plus the vocabulary and padding)."""
-    return sum(t.nbytes for t in tensor_plan(spec))
+    return sum(t.nbytes for t in tensor_plan(spec, gguf_type))
 
 
 def shipped_config(name: str) -> dict[str, object]:
@@ -248,13 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-layers", type=int, default=24)
     p.add_argument("--smoke", action="store_true", help="the tiny shape (CPU checks)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default="bf16",
+                   help="how the weight matrices are stored (q8_0: GGML's 8-bit blocks)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     from moe_cap import SYNTHETIC_WORDS
 
     spec = load_spec(args.model, args.num_layers, args.smoke)
     started = time.perf_counter()
-    size = write_gguf(spec, args.out, SYNTHETIC_WORDS, args.seed)
+    size = write_gguf(spec, args.out, SYNTHETIC_WORDS, args.seed, gguf_type=args.gguf_type)
     print(f"wrote {args.out}: {size / 2**30:.2f} GiB in {time.perf_counter() - started:.0f} s",
           file=sys.stderr)
     return 0

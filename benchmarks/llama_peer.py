@@ -1,17 +1,24 @@
 """The llama.cpp peer of the S3 serving sweep: build `llama-server` (CUDA) from the sources
 carried in `.peer/`, write a dummy GGUF of the S3 shapes, serve it with the experts of the first
-11 layers on the CPU (`--n-cpu-moe 11`: 16 GiB of weights on the GPU, the S3 budget) and
+11 layers on the CPU (`--n-cpu-moe 11`: 16.07 GiB of bf16 weights on the GPU, the S3 budget) and
 measure it over HTTP with our own client, `moe-cap run --url`, exactly as serve_sweep.py
 measures `moe-infinity serve` (same prompts, lengths, concurrencies, request counts), so
 `moe-cap report` puts both side by side.
 
 Scenario S3 (../shared/BENCHMARKS.md): Qwen3-30B-A3B shapes (the shipped `qwen3-30b-a3b`
 shape: hidden 2048, 128 experts top-8, expert ffn 768, 32/4 heads of 128) truncated to 24
-layers, dummy bf16 weights (dummy_gguf.py), 512-token prompts (moe-cap's synthetic words: one
-token each in the dummy vocabulary), 128 new tokens ignoring EOS, concurrency 1, 4 and 16.
+layers, dummy bf16 weights (dummy_gguf.py; `--gguf-type q8_0`: GGML's 8-bit Q8_0, the peer of
+our FP8 experts), 512-token prompts (moe-cap's synthetic words: one token each in the dummy
+vocabulary), 128 new tokens ignoring EOS, concurrency 1, 4 and 16.
 Routing: llama.cpp has no routing control, so requests are sampled at temperature 1
 (`--temperature`): the tokens, and with them the experts, vary from step to step, where
 greedy decoding of random weights repeats one token and routes every step to the same experts.
+
+GPU budget: `--n-cpu-moe` is the fewest layers whose experts stay on the CPU so that what
+llama.cpp holds on the GPU (every tensor but the token embedding and those experts, counted in
+the bytes the GGUF stores them in: llama_placement.py) fits `--gpu-weights` (16.1 GiB: the bf16
+runs' 11 layers, 16.07 GiB; in Q8_0 the whole 24-layer model is 15.12 GiB, so none stays on the
+CPU). The KV cache and compute buffers come on top. `--n-cpu-moe N` sets it directly.
 
 Steps, each under a timeout (a failed step is recorded and the rest go on; `--total-timeout`
 stops starting new ones): unpack `.peer/llama.cpp.tar.gz` into `--work` (kept: a second run on
@@ -37,6 +44,12 @@ report's wheels (matplotlib, pillow, fonttools, kiwisolver, contourpy, cycler, p
         HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     timeout 560 python3 benchmarks/llama_peer.py --out $OUT/llama --total-timeout 530
 
+The 8-bit peer (a Q8_0 GGUF; `--n-cpu-moe 0` at the default `--gpu-weights 16.1GiB`), the same
+way after the same set-up:
+
+    timeout 560 python3 benchmarks/llama_peer.py --gguf-type q8_0 --out $OUT/llama-q8_0 \\
+        --total-timeout 530
+
 On a CPU (a tiny qwen3moe with Qwen3's vocabulary, a CPU build; proves the plumbing; the build
 takes ~12 min on 2 cores, once; gguf and tqdm installed into /tmp/site from .peer/wheels):
 
@@ -61,6 +74,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llama_peer_pack import sha256_of
+from llama_placement import gpu_weight_bytes, n_cpu_moe_for
 from serve_sweep import (
     Sweep,
     int_list,
@@ -188,18 +202,20 @@ def start_gguf(sweep: Sweep) -> tuple[Background | None, Path]:
 
     a = sweep.args
     spec = dummy_gguf.load_spec(a.model, a.num_layers, a.smoke)
-    path = gguf_path(sweep, dummy_gguf.plan_bytes(spec))
+    path = gguf_path(sweep, dummy_gguf.plan_bytes(spec, a.gguf_type))
     stamp = path.with_name(path.name + ".json")
-    # The same shapes, seed and writer: the file on a warm machine is reused.
-    writer_code = (_HERE / "dummy_gguf.py").read_bytes()
+    # The same shapes, seed, type and writer: the file on a warm machine is reused.
+    writer_code = b"".join((_HERE / name).read_bytes() for name in ("dummy_gguf.py",
+                                                                     "ggml_q8_0.py"))
     want = {"spec": hashlib.sha256(repr(spec).encode()).hexdigest(), "seed": a.seed,
-            "writer": hashlib.sha256(writer_code).hexdigest()}
+            "gguf_type": a.gguf_type, "writer": hashlib.sha256(writer_code).hexdigest()}
     if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         sweep.steps.append({"name": "gguf", "status": "ok (kept)", "path": str(path)})
         return None, path
     stamp.unlink(missing_ok=True)
     argv = [sys.executable, str(_HERE / "dummy_gguf.py"), a.model, "--num-layers",
-            str(a.num_layers), "--seed", str(a.seed), "--out", str(path)]
+            str(a.num_layers), "--seed", str(a.seed), "--gguf-type", a.gguf_type,
+            "--out", str(path)]
     job = Background(sweep, f"gguf ({path})", argv + (["--smoke"] if a.smoke else []),
                      sweep.work / "gguf.log", lambda: _write(stamp, json.dumps(want)))
     return job, path
@@ -279,7 +295,8 @@ def label(a: argparse.Namespace) -> str:
     if versions.is_file():
         commit = str(json.loads(versions.read_text())["sources"]["llama_cpp_commit"])[:8]
     build = "CPU" if a.cpu_only else f"CUDA, --n-cpu-moe {a.n_cpu_moe}"
-    return f"llama.cpp {commit} ({build})"
+    weights = ", Q8_0 GGUF" if a.gguf_type == "q8_0" else ""
+    return f"llama.cpp {commit} ({build}{weights})"
 
 
 def _run_argv(sweep: Sweep, server: LlamaServer, record: Path, concurrency: int,
@@ -322,6 +339,9 @@ def measure(sweep: Sweep, server: LlamaServer) -> None:
 def run(sweep: Sweep) -> None:
     """Every step in order; each failure is recorded and skips what depends on it."""
     a = sweep.args
+    if not a.cpu_only:
+        sweep.log(f"-- placement: {a.gguf_type} GGUF, --n-cpu-moe {a.n_cpu_moe}: "
+                  f"{a.gpu_weight_bytes / 2**30:.2f} GiB of weights on the GPU")
     writer: Background | None = None
     gguf: Path | None = None
     try:
@@ -388,8 +408,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="qwen3-30b-a3b")
     p.add_argument("--num-layers", type=int, default=24)
     p.add_argument("--seed", type=int, default=0, help="of the dummy weights")
-    p.add_argument("--n-cpu-moe", type=int, default=11,
-                   help="layers whose experts stay on the CPU (11 of 24: 16 GiB on the GPU)")
+    p.add_argument("--gguf-type", choices=("bf16", "q8_0"), default="bf16",
+                   help="how the GGUF stores its weight matrices (q8_0: GGML's 8-bit blocks)")
+    p.add_argument("--gpu-weights", default="16.1GiB",
+                   help="GPU bytes for weights; --n-cpu-moe is the fewest layers whose experts "
+                   "stay on the CPU so that the rest fits, counted in the GGUF's own bytes "
+                   "(16.1GiB: the bf16 runs' --n-cpu-moe 11 of 24, 16.07 GiB; q8_0: 0)")
+    p.add_argument("--n-cpu-moe", type=int, default=None,
+                   help="layers whose experts stay on the CPU (default: from --gpu-weights)")
     p.add_argument("--context-per-slot", type=int, default=768,
                    help="KV tokens per concurrent request (prompt + output + margin)")
     p.add_argument("--load-mode", default="none",
@@ -430,7 +456,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.total_timeout = 2400.0
     if len(args.concurrency) != len(args.requests):
         p.error("--concurrency and --requests need as many values each")
+    if args.gguf_type != "bf16":  # the bf16 file keeps its name (a warm machine's is reused)
+        args.tag += f"-{args.gguf_type}"
+    try:
+        place(args)
+    except ValueError as exc:  # a size that does not parse, or a budget nothing fits
+        p.error(str(exc))
     return args
+
+
+def place(a: argparse.Namespace) -> None:
+    """Set `a.n_cpu_moe` (from `--gpu-weights` unless given) and `a.gpu_weight_bytes`, what
+    llama.cpp then holds on the GPU, from the bytes of the GGUF's own tensors."""
+    import dummy_gguf
+    from moe_core import parse_bytes
+
+    spec = dummy_gguf.load_spec(a.model, a.num_layers, a.smoke)
+    plan = dummy_gguf.tensor_plan(spec, a.gguf_type)
+    if a.n_cpu_moe is None:
+        a.n_cpu_moe = n_cpu_moe_for(plan, spec.num_layers, parse_bytes(a.gpu_weights))
+    a.gpu_weight_bytes = gpu_weight_bytes(plan, a.n_cpu_moe)
 
 
 def _steps(sweep: Sweep) -> None:
