@@ -11,8 +11,10 @@ sequence to the same experts). Sections, each written to the JSON as it finishes
 - `s3`: ms/token at batch 1 (one lane captured, two lanes captured, two lanes eager) and
   batches 4 and 16 (one and two lanes, captured); per run the hit rate, bytes per token of each
   lane, each lane's GB/s over the step, the lane's state after it (re-fitted rate and fixed
-  cost, call shapes dropped to one lane), and the bounds: one lane = missed bytes / pinned
-  bandwidth; two lanes = missed bytes / (pinned + CPU rate), the best split of a perfect overlap.
+  cost, call shapes declined by the model before any call or dropped to one lane since, and
+  each shape's expected saving per call when first split), and the bounds: one lane = missed
+  bytes / pinned bandwidth; two lanes = missed bytes / (pinned + CPU rate), the best split of a
+  perfect overlap.
   Each run records the path its layer calls took (`expert_path`, `OffloadedExecutor.call_path`
   at the step's bucket): batch 1 "mapped"; batches 4 and 16 "grouped", the grouped mapped path
   of decision 0016, which runs on the GPU lane alone (their two-lane runs are one-lane runs).
@@ -228,7 +230,11 @@ def lane_state(runtime: Any) -> dict[str, Any]:
             "lane_cpu_gbps_now": lanes.rates.cpu_bytes_per_s / 1e9,
             "lane_cpu_fixed_us_now": lanes.rates.cpu_fixed_s * 1e6,
             "lane_refits": lanes.refits,
-            "lane_dropped_shapes": sorted(lanes.dropped)}
+            "lane_dropped_shapes": sorted(lanes.dropped),
+            "lane_declined_shapes": sorted(lanes.declined),  # by the model, before any call
+            "lane_expected_saving_us": {f"{t}x{k}": saving * 1e6  # per call, at first split
+                                        for (t, k), saving in
+                                        sorted(lanes.expected_saving_s.items())}}
 
 
 def load_s(num_layers: int, args: argparse.Namespace) -> tuple[Any, Any, Any, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,23 @@ from moe_core.offload.host_flag import HostFlag
 from moe_core.offload.host_semaphore import HostSemaphore
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.lane_signals import STOP, lane_signals
-from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table, lane_saving
+from moe_core.offload.lane_split import (
+    MIN_SAVING_SHARE,
+    LaneRates,
+    LaneSplit,
+    cpu_share_table,
+    expected_saving,
+    lane_saving,
+    miss_distribution,
+)
 from moe_core.offload.layout import ExpertLayout
 from moe_core.offload.token_groups import expert_mlp
-from moe_core.offload.two_lanes import ADAPT_EVERY_JOBS, LaneCalibration, TwoLanes
+from moe_core.offload.two_lanes import (
+    ADAPT_EVERY_JOBS,
+    EARLY_DROP_CALLS,
+    LaneCalibration,
+    TwoLanes,
+)
 
 ALL_CPU = LaneRates(gpu_bytes_per_s=1e9, cpu_bytes_per_s=1e13, cpu_fixed_s=0.0)
 BALANCED = LaneRates(gpu_bytes_per_s=20e9, cpu_bytes_per_s=20e9, cpu_fixed_s=0.0)
@@ -136,13 +150,15 @@ def test_a_split_table_is_rewritten_in_place() -> None:
         split.update([0, 1])
 
 
-def tiny_lanes(rates: LaneRates, *, round_trip: bool = False
+def tiny_lanes(rates: LaneRates, *, round_trip: bool = False,
+               absent: Callable[[], list[int]] | None = None
                ) -> tuple[TwoLanes, HostExpertStore]:
     model = load_model(tiny_model_path(), dtype="float32")
     store = HostExpertStore.from_model(model, pin=False)
     pool = GpuSlotPool(store.layout, 4, device="cpu")
     calibration = LaneCalibration(rates, TorchCpuExperts(), [], gpu_measured=False)
-    return TwoLanes(store, pool, calibration, measure_round_trip=round_trip, top_k=2), store
+    return TwoLanes(store, pool, calibration, measure_round_trip=round_trip, top_k=2,
+                    absent_experts=absent), store
 
 
 def test_the_lanes_fixed_cost_is_at_least_the_measured_round_trip() -> None:
@@ -197,6 +213,126 @@ def test_the_lanes_saving_counts_the_round_trip_of_every_call() -> None:
     # Calls that missed nothing gain nothing and still pay the round trip.
     assert lane_saving(rates, 10**6, table, [10, 0, 0, 0, 0], 0.5e-3) == pytest.approx(-0.5e-3)
     assert lane_saving(rates, 10**6, table, [0] * 5, 0.5e-3) == 0.0
+
+
+def test_the_misses_per_call_follow_each_layers_residency() -> None:
+    # One token routes to 8 distinct experts of 128: a complete layer never misses, an empty
+    # one misses all 8, and the layers weigh alike.
+    assert miss_distribution([0], 128, 1, 8) == [1.0] + [0.0] * 8
+    assert miss_distribution([128], 128, 1, 8) == [0.0] * 8 + [1.0]
+    share = miss_distribution([0, 128, 10, 64], 128, 1, 8)
+    assert len(share) == 9 and sum(share) == pytest.approx(1.0)
+    mean = sum(m * p for m, p in enumerate(share))
+    assert mean == pytest.approx(8 * (0 + 128 + 10 + 64) / 128 / 4)
+    # Four tokens: ~29 distinct experts of the 32 assignments, half of them absent.
+    four = miss_distribution([64], 128, 4, 8)
+    assert len(four) == 33 and sum(four) == pytest.approx(1.0)
+    assert sum(m * p for m, p in enumerate(four)) == pytest.approx(29 * 0.5)
+    with pytest.raises(ValueError, match="at least one layer"):
+        miss_distribution([], 128, 1, 8)
+    with pytest.raises(ValueError, match=r"within 0\.\.128"):
+        miss_distribution([129], 128, 1, 8)
+
+
+S3_LAYERS, S3_EXPERTS, S3_TOP_K = 24, 128, 8
+FP8_BLOCK = 3 * 2048 * 768 + 4 * (2 * 768 + 2048)  # e4m3 weights and float32 scales
+BF16_BLOCK = 3 * 2048 * 768 * 2
+
+
+def s3_absent(slots: int, *, in_store_order: bool) -> list[int]:
+    """Per layer, the experts of S3 missing from a cache of `slots`: spread evenly, or the
+    store's first experts (what the benchmark prefetches: the last layers miss everything)."""
+    if in_store_order:
+        return [S3_EXPERTS - min(S3_EXPERTS, max(0, slots - layer * S3_EXPERTS))
+                for layer in range(S3_LAYERS)]
+    each, extra = divmod(slots, S3_LAYERS)
+    return [S3_EXPERTS - each - (layer < extra) for layer in range(S3_LAYERS)]
+
+
+@pytest.mark.parametrize("in_store_order", [False, True], ids=["spread", "store_order"])
+@pytest.mark.parametrize("round_trip", [80e-6, 130e-6], ids=["rt80us", "rt130us"])
+def test_fp8_at_s3_declines_the_lane_and_bf16_takes_it(round_trip: float,
+                                                       in_store_order: bool) -> None:
+    """The H200 measurements (decision 0019): FP8 experts, 92% cached, one lane 3.65 ms/token
+    and two lanes 5.92; bf16, 46% cached, two lanes 17.22 ms against one lane's 22.24."""
+    def saving(block: int, cpu_rate: float, slots: int) -> float:
+        rates = LaneRates(gpu_bytes_per_s=44e9, cpu_bytes_per_s=cpu_rate,
+                          cpu_fixed_s=round_trip)
+        absent = s3_absent(slots, in_store_order=in_store_order)
+        return expected_saving(rates, block, absent, S3_EXPERTS, 1, S3_TOP_K, round_trip)
+
+    margin = MIN_SAVING_SHARE * round_trip
+    # FP8 (~0.6 misses per layer call): declined, even were the CPU lane as fast as its
+    # calibration has claimed (21-50 GB/s)
+    for cpu_rate in (21e9, 30e9, 50e9):
+        assert saving(FP8_BLOCK, cpu_rate, 2832) < margin
+    # bf16 (~4.3 misses per layer call): taken, saving a few ms per token (measured 5.0)
+    bf16 = saving(BF16_BLOCK, 30e9, 1420)
+    assert bf16 >= margin
+    assert 3e-3 < bf16 * S3_LAYERS < 8e-3
+
+
+def test_a_shape_the_model_expects_to_lose_is_declined_before_any_call() -> None:
+    rates = LaneRates(gpu_bytes_per_s=1e7, cpu_bytes_per_s=1e13, cpu_fixed_s=1e-4)
+    every_expert_cached = tiny_lanes(rates, absent=lambda: [0] * 6)[0]
+    nothing_cached = tiny_lanes(rates, absent=lambda: [16] * 6)[0]
+    try:
+        # Every call would pay the lane's 0.1 ms and none has a miss to move.
+        assert every_expert_cached.split(1, 2) is None
+        assert every_expert_cached.declined == {(1, 2)}
+        assert every_expert_cached.expected_saving_s[(1, 2)] == pytest.approx(-1e-4)
+        assert every_expert_cached.split(1, 2) is None  # decided once
+        # Every call misses both experts, 49 ms each over PCIe and next to nothing on the CPU.
+        split = nothing_cached.split(1, 2)
+        assert split is not None and split.cpu_share == [0, 1, 2]
+        assert not nothing_cached.declined
+        assert nothing_cached.expected_saving_s[(1, 2)] > 0.09
+    finally:
+        every_expert_cached.close()
+        nothing_cached.close()
+
+
+def test_a_lane_that_clearly_loses_is_dropped_before_a_re_fit() -> None:
+    lanes, store = tiny_lanes(ALL_CPU)
+    try:
+        split = lanes.split(1, 2)
+        assert split is not None
+        token = lanes.capture_token
+        lanes.round_trip_s = 1e-3
+        resident = torch.arange(store.num_experts)  # nothing missed: each call loses 1 ms
+        for _ in range(EARLY_DROP_CALLS):
+            split(torch.tensor([[3, 5]]), resident)
+        lanes.observe(CpuLaneCounts(jobs=EARLY_DROP_CALLS - 1, idle_jobs=EARLY_DROP_CALLS - 1))
+        assert lanes.split(1, 2) is split  # too few jobs since the last look
+        lanes.observe(CpuLaneCounts(jobs=1, idle_jobs=1))
+        assert lanes.refits == 0 and lanes.split(1, 2) is None
+        assert lanes.dropped == {(1, 2)} and lanes.capture_token is not token
+    finally:
+        lanes.close()
+
+
+def test_a_re_fit_prices_every_call_since_the_last_one() -> None:
+    lanes, store = tiny_lanes(ALL_CPU)
+    try:
+        split = lanes.split(1, 2)
+        assert split is not None
+        lanes.round_trip_s = 1e-5
+        absent = torch.full((store.num_experts,), -1)
+        resident = torch.arange(store.num_experts)
+        for _ in range(EARLY_DROP_CALLS):  # paying calls: both experts missed
+            split(torch.tensor([[3, 5]]), absent)
+        lanes.observe(CpuLaneCounts(jobs=EARLY_DROP_CALLS, experts=2 * EARLY_DROP_CALLS,
+                                    tokens=2 * EARLY_DROP_CALLS,
+                                    bytes=2 * EARLY_DROP_CALLS * store.layout.nbytes))
+        assert lanes.split(1, 2) is split and split.seen.tolist() == [0, 0, 0]  # taken
+        for _ in range(10):  # then calls with nothing to move, each losing the round trip
+            split(torch.tensor([[3, 5]]), resident)
+        rest = ADAPT_EVERY_JOBS - EARLY_DROP_CALLS
+        lanes.observe(CpuLaneCounts(jobs=rest, idle_jobs=rest))
+        # re-fitted over all 34 calls (alone, the last 10 would have dropped the shape)
+        assert lanes.refits == 1 and lanes.split(1, 2) is split and not lanes.dropped
+    finally:
+        lanes.close()
 
 
 def test_a_call_shape_the_lane_does_not_speed_up_goes_back_to_one_lane() -> None:
@@ -351,6 +487,31 @@ def offloaded(folder: Path, rates: LaneRates, num_slots: int,
     runtime.prefetch(store.experts()[:num_slots])
     runtime.drain()
     return model, runtime
+
+
+def test_the_lane_decision_reads_the_caches_residency_not_the_pools_size() -> None:
+    # A pool that could hold every expert but holds none yet: every call misses, so the lane
+    # pays by the model despite its 0.1 ms per call (the pool's size alone would say none
+    # misses); once every expert is in its slot, a new call shape is declined.
+    rates = LaneRates(gpu_bytes_per_s=1e7, cpu_bytes_per_s=1e13, cpu_fixed_s=1e-4)
+    model = load_model(tiny_model_path(), dtype="float32")
+    store = HostExpertStore.from_model(model, pin=False)
+    pool = GpuSlotPool(store.layout, len(store.experts()), device="cpu")
+    runtime = install_offloading(model, store, pool, CpuCopyEngine(), fetch="mapped",
+                                 two_lanes=True, lane_rates=rates, drop_local_experts=True)
+    lanes = runtime.two_lanes
+    assert lanes is not None
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[5]]))
+        assert lanes.split(1, 2) is not None and not lanes.declined
+        assert runtime.snapshot().cpu_experts > 0
+        runtime.prefetch(store.experts())
+        runtime.drain()
+        assert lanes.split(2, 2) is None and lanes.declined == {(2, 2)}
+        assert runtime.summary()["lanes_declined_shapes"] == 1
+    finally:
+        runtime.close()
 
 
 def test_a_capture_warm_up_makes_every_layers_lane_job_even_where_all_is_cached() -> None:

@@ -13,6 +13,24 @@ the table holds the n that minimises max(gpu(n), cpu(n)); with n == 0 allowed, t
 never slower than fetching everything, by the model (issue 15: "the cost model must not make
 batch 16 slower than fetch-only").
 
+Whether a call shape takes the CPU lane at all is a second question, priced per call rather than
+per split: every call of a shape with a lane goes through it, whatever its table gives the CPU
+(a captured step runs the hand-over in every layer, fully cached ones included), and the stream
+waits for that round trip (staging copies, the hand-over both ways, the worker's wake-up, the
+copy back) on the step's critical path, even when the GPU's share finished sooner (since
+decision 0019 the GPU lane multiplies its resident experts in place and stages only its misses:
+with few misses it is done early). So with c the per-call cost (at least the measured round
+trip) a call with m misses saves
+
+    saved(m) = gpu(0) - (c + max(gpu(n), n * B / cpu_rate * growth))    n = table[m]
+
+and a shape takes the lane only when the expected saving per call is at least
+`MIN_SAVING_SHARE` of c (`lane_saving`; decided by `TwoLanes.split`). Before any call is seen,
+the misses per call are expected from where the cache stands (`miss_distribution`: each layer's
+absent experts, uniform routing); afterwards the lane prices the calls it saw. FP8 experts at
+S3's 92% cached decline: a miss moved to the CPU saves the GPU ~0.1 ms (4.7 MB at 44 GB/s), the
+CPU takes ~0.2 ms for it, and every call, most with no miss, pays ~0.1 ms.
+
 Which experts go to the CPU is decided on the device, so no host read is needed and a captured
 step replays it: the missed experts with the fewest tokens (then the lowest id) go first, as the
 CPU's cost grows with tokens and the GPU's does not.
@@ -20,11 +38,19 @@ CPU's cost grows with tokens and the GPU's does not.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LaneRates", "LaneSplit", "cpu_share_table", "lane_saving"]
+__all__ = ["MIN_SAVING_SHARE", "LaneRates", "LaneSplit", "cpu_share_table", "expected_saving",
+           "expected_tokens_per_expert", "lane_saving", "miss_distribution"]
+
+MIN_SAVING_SHARE = 0.25
+"""A call shape takes the CPU lane only if the lane is expected to save at least this share of
+its per-call cost per call: the margin for the model's least certain input (the round trip
+measured 78-145 us on the H200 machine across runs, decision 0009)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +81,7 @@ def cpu_share_table(rates: LaneRates, expert_bytes: int, num_experts: int, token
                     top_k: int) -> list[int]:
     """`table[m]`: how many of `m` missed experts the CPU computes, for m in 0..min(E, T*K)."""
     assignments = tokens * top_k
-    distinct = num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** assignments)  # expected
-    per_expert = max(1.0, assignments / max(distinct, 1.0))
+    per_expert = expected_tokens_per_expert(num_experts, tokens, top_k)
     cpu_each = expert_bytes / rates.cpu_bytes_per_s * (1 + rates.cpu_token_cost
                                                       * (per_expert - 1))
     gpu_each = expert_bytes / rates.gpu_bytes_per_s
@@ -69,14 +94,24 @@ def cpu_share_table(rates: LaneRates, expert_bytes: int, num_experts: int, token
     return table
 
 
-def lane_saving(rates: LaneRates, expert_bytes: int, table: list[int], seen: list[int],
-                round_trip_s: float) -> float:
-    """Seconds the lane saved per call, by the model, over the calls `seen` (`seen[m]` calls
-    with m missed experts), split by `table`: each call pays the lane's `round_trip_s`
-    whatever the split gives the CPU (a captured step runs its host functions in every call).
+def expected_tokens_per_expert(num_experts: int, tokens: int, top_k: int) -> float:
+    """Expected tokens per distinct expert of a call of T tokens (at least 1)."""
+    assignments = tokens * top_k
+    distinct = num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** assignments)  # expected
+    return max(1.0, assignments / max(distinct, 1.0))
+
+
+def lane_saving(rates: LaneRates, expert_bytes: int, table: list[int], seen: Sequence[float],
+                round_trip_s: float, *, tokens_per_expert: float = 1.0) -> float:
+    """Seconds the lane saves per call, by the model, over the calls `seen` (`seen[m]` calls
+    with m missed experts, or their expected share: `miss_distribution`), split by `table`:
+    each call pays the lane's `round_trip_s` (its per-call cost) whatever the split gives the
+    CPU, on the stream's critical path (a captured step runs the hand-over in every call).
+    The CPU's time per expert grows with `tokens_per_expert` as in `cpu_share_table`.
     Negative: the GPU alone would have been faster."""
     gpu_each = expert_bytes / rates.gpu_bytes_per_s
-    cpu_each = expert_bytes / rates.cpu_bytes_per_s
+    cpu_each = expert_bytes / rates.cpu_bytes_per_s * (
+        1 + rates.cpu_token_cost * (tokens_per_expert - 1))
     calls = sum(seen)
     if calls == 0:
         return 0.0
@@ -86,6 +121,43 @@ def lane_saving(rates: LaneRates, expert_bytes: int, table: list[int], seen: lis
         two_lanes = round_trip_s + max((m - n) * gpu_each, n * cpu_each)
         saved += count * (m * gpu_each - two_lanes)
     return saved / calls
+
+
+def miss_distribution(absent: Sequence[int], num_experts: int, tokens: int,
+                      top_k: int) -> list[float]:
+    """`p[m]`: the expected share of layer calls of T tokens with m missed experts, m in
+    0..min(E, T*K), when MoE layer l has `absent[l]` of its E experts in no slot and routing is
+    uniform. A call's distinct experts (K for one token, E * (1 - (1 - K/E)^T) expected for T,
+    rounded) are drawn without replacement from its layer (hypergeometric); every layer is
+    called once per step, so the layers weigh alike.
+
+    Raises:
+        ValueError: no layers, or an absent count outside 0..E.
+    """
+    if not absent:
+        raise ValueError("absent must give at least one layer")
+    if any(not 0 <= a <= num_experts for a in absent):
+        raise ValueError(f"absent counts must be within 0..{num_experts}")
+    size = min(num_experts, tokens * top_k) + 1
+    distinct = round(num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens))
+    distinct = min(max(distinct, 1), size - 1)
+    share = [0.0] * size
+    for a in absent:
+        for m in range(min(a, distinct) + 1):  # m of the call's experts among the a absent
+            share[m] += (math.comb(a, m) * math.comb(num_experts - a, distinct - m)
+                         / math.comb(num_experts, distinct) / len(absent))
+    return share
+
+
+def expected_saving(rates: LaneRates, expert_bytes: int, absent: Sequence[int],
+                    num_experts: int, tokens: int, top_k: int, call_cost_s: float) -> float:
+    """Seconds per call a lane is expected to save at one call shape before any of its calls
+    ran: over the misses `miss_distribution` expects from `absent` (per layer), split by
+    `cpu_share_table` at `rates`, every call paying `call_cost_s` (`lane_saving`)."""
+    table = cpu_share_table(rates, expert_bytes, num_experts, tokens, top_k)
+    misses = miss_distribution(absent, num_experts, tokens, top_k)
+    return lane_saving(rates, expert_bytes, table, misses, call_cost_s,
+                       tokens_per_expert=expected_tokens_per_expert(num_experts, tokens, top_k))
 
 
 class LaneSplit:

@@ -125,6 +125,8 @@ class OffloadRuntime:
             out["lanes_cpu_fixed_us_now"] = lanes.rates.cpu_fixed_s * 1e6
             out["lanes_refits"] = lanes.refits
             out["lanes_round_trip_us"] = lanes.round_trip_s * 1e6
+            out["lanes_declined_shapes"] = len(lanes.declined)
+            out["lanes_dropped_shapes"] = len(lanes.dropped)
             out["lanes_flags"] = int(lanes.lane.signals.name == "flags")
         return out
 
@@ -207,7 +209,10 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             model's state dict no longer carries expert weights.
         two_lanes: With `fetch="mapped"`: split each small call's misses between the GPU's
             mapped reads and a CPU lane that computes the rest from `store` at the same time
-            (`two_lanes`; the rates are measured here, a few milliseconds).
+            (`two_lanes`; the rates are measured here, a few milliseconds). Each call shape
+            takes the lane only where the cost model expects it to pay over the misses the
+            cache's residency gives when the shape is first used (at S3 with FP8 experts 92%
+            cached, none does: decode runs one lane).
         cpu_kernel: With `two_lanes`: the CPU expert kernel, `"auto"` (the fastest measured),
             `"torch"` or `"numba"`.
         lane_rates: With `two_lanes`: the split's rates as given (tests, what-if runs) instead
@@ -283,7 +288,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             if lane_rates is not None:
                 calibration = replace(calibration, rates=lane_rates)
             lanes = TwoLanes(store, pool, calibration, measure_round_trip=lane_rates is None,
-                             top_k=blocks[0].spec.router.top_k, handover=handover)
+                             top_k=blocks[0].spec.router.top_k, handover=handover,
+                             absent_experts=cache.absent_experts)
             cache.cpu_lane = lanes.lane
             if lane_rates is None:  # given rates stay as given
                 cache.on_cpu_lane_counts = lanes.observe

@@ -200,6 +200,12 @@ class ExpertSlotCache:
         """Whether `expert` holds no slot (neither ready nor on its way)."""
         return self.table.state(expert) is Residency.ABSENT
 
+    def absent_experts(self) -> list[int]:
+        """Per MoE layer of the store (in order), its experts holding no slot (what two-lane
+        decode expects its calls to miss, `TwoLanes`)."""
+        return [sum(self.is_absent(ExpertId(layer, e)) for e in range(self.store.num_experts))
+                for layer in self.store.moe_layers]
+
     # Device-side routing ----------------------------------------------------------------------
 
     def layer_map(self, layer: int) -> LayerMap:

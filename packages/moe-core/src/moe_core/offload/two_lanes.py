@@ -16,16 +16,28 @@ lane then runs beside a thread launching the GPU's work, on weights no cache hol
 measured on the H200 machine 5.6x slower than its calibration (decision 0009): so `observe`
 re-fits the CPU lane's rate and fixed cost from how the lane actually ran, every
 `ADAPT_EVERY_JOBS` layer calls, and rewrites every split's table (captured steps read the same
-tables, so they follow too). A CPU lane that does not pay gets fewer experts, down to none; and
-since every call through the lane pays its round trip (the hand-over both ways, `lane_signals`,
-and the worker's own work), a call shape whose calls the lane did not speed up, by the model over the misses
-those calls actually had (`lane_saving`), is dropped to one lane (`capture_token` changes, so
-the decode runner captures its steps again without the lane).
+tables, so they follow too). A CPU lane that does not pay gets fewer experts, down to none.
+
+Every call through the lane pays its round trip (the hand-over both ways, `lane_signals`, and
+the worker's own work) on the stream's critical path, whatever the split gives the CPU:
+`call_cost_s`, at least the round trip measured at start-up. So a call shape takes the lane
+only when it pays by the model (`lane_split`), decided twice:
+
+- when the shape is first split, before any of its calls ran: over the misses per call expected
+  from the cache's residency then (`absent_experts`, uniform routing), a shape that would not
+  save `MIN_SAVING_SHARE` of its per-call cost per call is declined (`declined`): its calls,
+  captured ones included, never touch the lane. FP8 experts at 92% cached decline here;
+- from its calls' actual misses (counted on the device, `LaneSplit.seen`): at every
+  observation, a shape that lost more than `CLEAR_LOSS_SHARE` of its per-call cost per call
+  over at least `EARLY_DROP_CALLS` calls, and at each re-fit one that saved nothing, is dropped
+  to one lane (`dropped`; `capture_token` changes, so the decode runner captures its steps
+  again without the lane). Declined and dropped shapes are not tried again.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,17 +53,32 @@ from moe_core.offload.cpu_lane import CpuLane, CpuLaneCounts, LaneJob
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 from moe_core.offload.lane_signals import lane_signals_unsupported
-from moe_core.offload.lane_split import LaneRates, LaneSplit, cpu_share_table, lane_saving
+from moe_core.offload.lane_split import (
+    MIN_SAVING_SHARE,
+    LaneRates,
+    LaneSplit,
+    cpu_share_table,
+    expected_saving,
+    expected_tokens_per_expert,
+    lane_saving,
+)
 from moe_core.offload.mapped_fetch import MappedFetcher
 
-__all__ = ["ADAPT_EVERY_JOBS", "LaneCalibration", "TwoLanes", "calibrate_lanes",
-           "two_lanes_unsupported"]
+__all__ = ["ADAPT_EVERY_JOBS", "CLEAR_LOSS_SHARE", "EARLY_DROP_CALLS", "LaneCalibration",
+           "TwoLanes", "calibrate_lanes", "two_lanes_unsupported"]
 
 _DEFAULT_GPU_RATE = 48e9
 """Mapped reads of pinned host memory on the H200 (decision 0004), when not measured (CPU)."""
 
 ADAPT_EVERY_JOBS = 96
 """CPU-lane layer calls between re-fits of its rates (a few decode steps)."""
+
+EARLY_DROP_CALLS = 24
+"""Calls of a shape after which any observation may drop its lane as a clear loss (one decode
+step of a 24-layer model), without waiting for a re-fit."""
+
+CLEAR_LOSS_SHARE = 0.5
+"""A shape whose lane lost more than this share of its per-call cost per call is a clear loss."""
 
 
 def two_lanes_unsupported(pool: GpuSlotPool, handover: str = "auto") -> str | None:
@@ -124,6 +151,14 @@ def calibrate_lanes(store: HostExpertStore, pool: GpuSlotPool, kernel: str = "au
     return LaneCalibration(rates, chosen, timings, measured)
 
 
+def _spread_absent(store: HostExpertStore, pool: GpuSlotPool) -> list[int]:
+    """Per MoE layer, its experts in no slot when the pool's slots are spread evenly over the
+    layers and all filled (what a full cache holds under uniform routing)."""
+    layers, e = len(store.moe_layers), store.num_experts
+    each, extra = divmod(pool.num_slots, layers)
+    return [e - min(e, each + (i < extra)) for i in range(layers)]
+
+
 def _mapped_rate(store: HostExpertStore, pool: GpuSlotPool, layer: int, experts: int) -> float:
     """Bytes per second of the GPU reading `experts` absent experts from host memory."""
     fetcher = MappedFetcher(store, pool)
@@ -145,20 +180,33 @@ class TwoLanes:
     Attributes:
         lane: The CPU lane (worker thread, pinned job buffers).
         calibration: The measured rates and the CPU kernel.
+        declined: Call shapes `(T, K)` the model gave no lane at their first call (one lane).
+        dropped: Call shapes whose lane did not pay in the calls it served (one lane since).
+        expected_saving_s: Per call shape, the seconds per call the lane was expected to save
+            when the shape was first split (negative: expected to lose).
     """
 
     def __init__(self, store: HostExpertStore, pool: GpuSlotPool,
                  calibration: LaneCalibration, *, measure_round_trip: bool = False,
-                 top_k: int = 1, handover: str = "auto") -> None:
+                 top_k: int = 1, handover: str = "auto",
+                 absent_experts: Callable[[], Sequence[int]] | None = None) -> None:
+        """`absent_experts()`: per MoE layer of `store`, its experts in no slot now (the
+        cache's residency, asked when a call shape is first split); None: the pool's slots
+        spread evenly over the layers, each full."""
         reason = two_lanes_unsupported(pool, handover)
         if reason is not None:
             raise RuntimeError(f"two-lane decode unavailable: {reason}")
         self.lane = CpuLane(store, calibration.kernel, pool.device, handover)
         self._store = store
         self._device = pool.device
+        self._absent_experts = absent_experts or (lambda: _spread_absent(store, pool))
         self._splits: dict[tuple[int, int], LaneSplit | None] = {}
+        self._calls: dict[tuple[int, int], list[int]] = {}  # seen[m] since the last re-fit
         self._seen = CpuLaneCounts()
-        self.dropped: set[tuple[int, int]] = set()  # shapes whose lane did not pay
+        self._unchecked_jobs = 0  # lane jobs since the splits' counts were last taken
+        self.declined: set[tuple[int, int]] = set()
+        self.dropped: set[tuple[int, int]] = set()
+        self.expected_saving_s: dict[tuple[int, int], float] = {}
         self.capture_token = object()  # replaced when a shape's lane is dropped
         self.round_trip_s = self._round_trip(top_k) if measure_round_trip else 0.0
         if measure_round_trip:  # the lane's fixed cost as the stream sees it
@@ -196,24 +244,62 @@ class TwoLanes:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
+    @property
+    def call_cost_s(self) -> float:
+        """Seconds every call through the lane costs the stream, whatever its split gives the
+        CPU: the measured round trip, or the lane's fixed cost where that is larger (the
+        worker's own part, re-fitted; or the given rates' when nothing was measured)."""
+        return max(self.round_trip_s, self.rates.cpu_fixed_s)
+
     def split(self, tokens: int, top_k: int) -> LaneSplit | None:
-        """The device split of one call shape (made on first use); None when the cost model
-        never gives the CPU an expert at this shape (the call then uses the GPU lane alone)."""
+        """The device split of one call shape, made on first use; None when the shape takes no
+        lane (the call then uses the GPU lane alone): declined at first use, its table never
+        giving the CPU an expert or the lane not expected to save `MIN_SAVING_SHARE` of its
+        per-call cost per call over the misses the cache's residency gives (`declined`); or
+        dropped since (`dropped`)."""
         key = (tokens, top_k)
         if key not in self._splits:
-            table = self._table(tokens, top_k, self.rates)
-            self._splits[key] = LaneSplit(table, self._store.num_experts, self._device) \
-                if any(table) else None
+            self._splits[key] = self._first_split(tokens, top_k)
         return self._splits[key]
 
+    def _first_split(self, tokens: int, top_k: int) -> LaneSplit | None:
+        """The split of a shape no call has used yet, or None where the model declines it."""
+        e = self._store.num_experts
+        table = self._table(tokens, top_k, self.rates)
+        saving = expected_saving(self.rates, self._store.layout.nbytes, self._absent_experts(),
+                                 e, tokens, top_k, self.call_cost_s)
+        self.expected_saving_s[(tokens, top_k)] = saving
+        if not any(table) or saving < MIN_SAVING_SHARE * self.call_cost_s:
+            self.declined.add((tokens, top_k))
+            return None
+        return LaneSplit(table, e, self._device)
+
+    def _saving(self, tokens: int, top_k: int, table: list[int],
+                calls: Sequence[float]) -> float:
+        """Seconds per call the lane saves (by the model, at the current rates) over `calls`
+        (`calls[m]`: calls, or their share, with m misses) split by `table`."""
+        per_expert = expected_tokens_per_expert(self._store.num_experts, tokens, top_k)
+        return lane_saving(self.rates, self._store.layout.nbytes, table, calls,
+                           self.call_cost_s, tokens_per_expert=per_expert)
+
     def observe(self, counts: CpuLaneCounts) -> None:
-        """The lane's counts since the last ones (the cache passes each it takes). Every
-        `ADAPT_EVERY_JOBS` layer calls: re-fit the CPU lane's fixed cost (its calls with no
-        expert) and rate (the rest, per expert byte, token growth as calibrated), and rewrite
-        the splits' tables with them. Never inside a capture (it waits for the device)."""
+        """The lane's counts since the last ones (the cache passes each it takes).
+
+        Once `EARLY_DROP_CALLS` more jobs ran: take every split's counts of misses and drop
+        the shapes that clearly lose (`CLEAR_LOSS_SHARE`). Every `ADAPT_EVERY_JOBS` layer
+        calls: re-fit the CPU lane's fixed cost (its calls with no expert) and rate (the rest,
+        per expert byte, token growth as calibrated), drop the shapes that saved nothing over
+        the calls since the last re-fit and rewrite the others' tables. Never inside a capture
+        (it waits for the device)."""
         seen = self._seen = self._seen.plus(counts)
-        if seen.jobs < ADAPT_EVERY_JOBS or (
+        self._unchecked_jobs += counts.jobs
+        if (self._unchecked_jobs < EARLY_DROP_CALLS and seen.jobs < ADAPT_EVERY_JOBS) or (
                 self._device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return  # (reading the splits' counts waits for the device: not every flush)
+        self._unchecked_jobs = 0
+        self._take_calls()
+        self._drop_clear_losses()
+        if seen.jobs < ADAPT_EVERY_JOBS:
             return
         self._seen = CpuLaneCounts()
         rates = self.rates
@@ -236,15 +322,41 @@ class TwoLanes:
         for (tokens, top_k), split in list(self._splits.items()):
             if split is None:
                 continue
+            calls = self._calls.pop((tokens, top_k), [])
             table = split.cpu_share  # the table these calls were split by
-            saving = lane_saving(self.rates, self._store.layout.nbytes, table, split.take_seen(),
-                                 self.round_trip_s)
-            if saving < 0:  # the GPU alone would have been faster: this shape goes one lane
-                self._splits[(tokens, top_k)] = None
-                self.dropped.add((tokens, top_k))
-                self.capture_token = object()  # steps captured with the lane are re-captured
+            if self._saving(tokens, top_k, table, calls) < 0:  # the GPU alone was faster
+                self._drop((tokens, top_k))
                 continue
             split.update(self._table(tokens, top_k, self.rates))
+
+    def _take_calls(self) -> None:
+        """Add every split's device counts of misses per call to those since the last re-fit
+        (one host read per split)."""
+        for key, split in self._splits.items():
+            if split is not None:
+                seen = split.take_seen()
+                calls = self._calls.setdefault(key, [0] * len(seen))
+                self._calls[key] = [a + b for a, b in zip(calls, seen, strict=True)]
+
+    def _drop_clear_losses(self) -> None:
+        """Drop, without waiting for a re-fit, the shapes whose lane lost more than
+        `CLEAR_LOSS_SHARE` of its per-call cost per call over at least `EARLY_DROP_CALLS`
+        calls (FP8 experts mostly cached: calls with no miss pay the whole round trip)."""
+        for (tokens, top_k), split in list(self._splits.items()):
+            calls = self._calls.get((tokens, top_k), [])
+            if split is None or sum(calls) < EARLY_DROP_CALLS:
+                continue
+            saving = self._saving(tokens, top_k, split.cpu_share, calls)
+            if saving < -CLEAR_LOSS_SHARE * self.call_cost_s:
+                self._drop((tokens, top_k))
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        """One lane for this shape from now on; steps captured with the lane are captured
+        again (`capture_token`)."""
+        self._splits[key] = None
+        self._calls.pop(key, None)
+        self.dropped.add(key)
+        self.capture_token = object()
 
     def _table(self, tokens: int, top_k: int, rates: LaneRates) -> list[int]:
         return cpu_share_table(rates, self._store.layout.nbytes, self._store.num_experts,
