@@ -218,14 +218,10 @@ def report(clock_name: str, steps: list[dict[str, float]], tokens: int, window: 
     return {"ms_per_step": table, "detokenise_growth": growth}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """The options that say which engine `moe-infinity serve` would build, as it takes them
+    (`engine_settings` reads them; `pass_kernels.py` takes them too)."""
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tokens", type=int, default=512, help="output tokens measured")
-    parser.add_argument("--window", type=int, default=32, help="steps per reported window")
-    parser.add_argument("--warmup", type=int, default=4, help="short requests run first")
-    parser.add_argument("--prompt", default="Once upon a time, there was a little fox who")
-    parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--model", default="tiny-moe",
                         help="what `serve` takes: tiny-moe, a folder, or a shipped shape with "
                              "--dummy (S3: qwen3-30b-a3b --dummy --num-layers 24)")
@@ -239,21 +235,16 @@ def main() -> int:
     parser.add_argument("--expert-dtype", choices=["fp8"], default=None,
                         help="serve's --expert-dtype")
     parser.add_argument("--routing", default=None, help="e.g. uniform (benchmark routing)")
-    parser.add_argument("--prompt-tokens", type=int, default=0,
-                        help="a prompt of this many token ids instead of --prompt's text")
     parser.add_argument("--no-overlap", action="store_true",
                         help="every step's host work between passes (decision 0017's baseline)")
-    args = parser.parse_args()
-    if args.tokens < 2 * args.window + 1:
-        parser.error("--tokens must be more than twice --window")
 
+
+def engine_settings(args: argparse.Namespace) -> Any:
+    """The `EngineSettings` of `add_serve_options`' options, batch 1 (`serve --max-batch 1`)."""
     from moe_core import parse_bytes
-    from moe_infinity.serving.engine_setup import EngineSettings, build_engine
+    from moe_infinity.serving.engine_setup import EngineSettings
     from moe_infinity.serving.expert_settings import ExpertSettings
-    from moe_infinity.serving.request import GenerationRequest
 
-    clock = PhaseClock()
-    missing = instrument(clock)
     experts = ExpertSettings(dummy=args.dummy, num_layers=args.num_layers, fetch=args.fetch,
                              lanes=args.lanes, routing=args.routing,
                              expert_dtype=args.expert_dtype)
@@ -266,7 +257,29 @@ def main() -> int:
                               prefill_chunk=256, experts=experts)
     if args.no_overlap:  # EngineSettings.overlap is absent before decision 0017
         settings = replace(settings, overlap=False)
-    engine = build_engine(settings)
+    return settings
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_serve_options(parser)
+    parser.add_argument("--tokens", type=int, default=512, help="output tokens measured")
+    parser.add_argument("--window", type=int, default=32, help="steps per reported window")
+    parser.add_argument("--warmup", type=int, default=4, help="short requests run first")
+    parser.add_argument("--prompt", default="Once upon a time, there was a little fox who")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="a prompt of this many token ids instead of --prompt's text")
+    args = parser.parse_args()
+    if args.tokens < 2 * args.window + 1:
+        parser.error("--tokens must be more than twice --window")
+
+    from moe_infinity.serving.engine_setup import build_engine
+    from moe_infinity.serving.request import GenerationRequest
+
+    clock = PhaseClock()
+    missing = instrument(clock)
+    engine = build_engine(engine_settings(args))
     decode_mode = engine.eager_decode_reason()
     tokenizer = engine.served.tokenizer
     prompt = (tuple(range(1, args.prompt_tokens + 1)) if args.prompt_tokens
