@@ -7,6 +7,7 @@ CUDA with the CuPy engine in bf16.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -402,6 +403,11 @@ def test_cuda_executors_equal_resident_experts_in_bf16(kind: str) -> None:
     if kind == "on_demand_grouped":
         for executor in runtime.executors.values():
             executor.gather_limit_bytes = 0  # type: ignore[attr-defined]
+    if kind == "mapped":  # the prompt's calls too multiplied in place, not grouped (decision
+        # 0020 sends them to the grouped path, whose bf16 sums in another order flipped a
+        # near-tied routing of one prompt token here on the H200; test_grouped_mapped covers it)
+        for executor in runtime.executors.values():
+            executor.in_place_misses_per_row = math.inf  # type: ignore[attr-defined]
     layers = [b.layer for b in model.moe_blocks()]
     if kind.startswith("on_demand") or kind == "mapped":  # hints, most of them stale
         runtime.prefetch(ExpertId(layers[1], e) for e in range(4))
