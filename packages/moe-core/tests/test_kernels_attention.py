@@ -137,3 +137,32 @@ def test_launch_fills_an_h200_and_covers_every_key_once(batch: int, keys: int) -
     assert cfg.split_len % cfg.block_s == 0
     assert (cfg.num_splits - 1) * cfg.split_len < keys <= cfg.num_splits * cfg.split_len
     assert cfg.block_r == 16 and cfg.block_e == 128 and cfg.block_s == 64
+
+
+@pytest.mark.usefixtures("many_sms")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_paged_pool_is_read_through_each_rows_slots(device: torch.device,
+                                                      dtype: torch.dtype) -> None:
+    """Keys and values in one shared pool `[1, N, G, E]`, each row's keys named by its slots
+    `[B, S]` (scattered, some shared between rows, padding reading slot 0 under the mask):
+    the result is the reference on each row's gathered keys, and nothing is gathered."""
+    torch.manual_seed(6)
+    b, h, g, s, e, n = 3, 8, 2, 90, 32, 300
+    k_pool, v_pool = cache_views(1, n, g, e, dtype, device)
+    index = torch.stack([torch.randperm(n)[:s] for _ in range(b)]).to(device)  # [B, S]
+    index[2, 60:] = 0  # padding keys
+    mask = torch.zeros(b, s, device=device)
+    mask[2, 60:] = NEG
+    mask[:, ::7] = NEG
+    q = torch.randn(b, h, e).to(device, dtype)
+    out = decode_attention(q, k_pool, v_pool, mask, e**-0.5, index)
+    k, v = k_pool[0][index], v_pool[0][index]  # [B, S, G, E] what each row attends
+    assert out.shape == (b, h, e) and out.dtype == dtype
+    assert_near(out, oracle(q, k, v, mask, e**-0.5), rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_an_index_needs_one_shared_pool() -> None:
+    q = torch.randn(2, 4, 16)
+    k = torch.randn(2, 10, 2, 16)
+    with pytest.raises(ValueError, match="shared pool"):
+        decode_attention(q, k, k, torch.zeros(2, 5), 0.25, torch.zeros(2, 5, dtype=torch.long))

@@ -70,3 +70,36 @@ def test_reference_is_the_separate_operations() -> None:
     assert torch.equal(q, q_want[:, :, 0])
     assert torch.equal(k_cache[:, 3], k_want[:, :, 0])
     assert torch.equal(v_cache[:, 3], vh.view(B, G, E))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_shared_pool_is_written_at_each_rows_slot(device: torch.device,
+                                                    dtype: torch.dtype) -> None:
+    """A paged cache's arena as one pool row `[1, N, G, E]`, row b's key and value written at
+    `slot[b]`: the reference's entries, and nothing else in the pool changes."""
+    qkv, q_norm, k_norm, cos, sin, _, _, _ = operands(device, dtype, seed=2)
+    n = 9
+    k_pool = torch.randn(1, n, G + 1, E, dtype=dtype).to(device)[:, :, 1:]
+    v_pool = torch.randn(1, n, G + 1, E, dtype=dtype).to(device)[:, :, :G]
+    slots = torch.tensor([7, 2], device=device)  # [B]
+    k_want, v_want = k_pool.clone(), v_pool.clone()
+    q_want = qkv_rope_store_reference(qkv, q_norm, k_norm, 1e-6, cos, sin, k_want, v_want,
+                                      slots, H)
+    q = qkv_rope_store(qkv, q_norm, k_norm, 1e-6, cos, sin, k_pool, v_pool, slots, H)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    for got, want in ((q, q_want), (k_pool, k_want), (v_pool, v_want)):
+        assert ((got.double() - want.double()).abs()
+                <= tolerance * want.double().abs().clamp_min(1.0)).all()
+    others = [s for s in range(n) if s not in (7, 2)]
+    assert torch.equal(k_pool[:, others], k_want[:, others])
+    # the reference writes row b's entries where the kernel does
+    vh = qkv.split([H * E, G * E, G * E], dim=-1)[2]
+    assert torch.equal(v_want[0, 7], vh[0].view(G, E).to(dtype))
+    assert torch.equal(v_want[0, 2], vh[1].view(G, E).to(dtype))
+
+
+def test_slots_fitting_neither_layout_are_refused() -> None:
+    qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, _ = operands("cpu", torch.float32)
+    with pytest.raises(ValueError, match="shared pool"):
+        qkv_rope_store(qkv, q_norm, k_norm, 1e-6, cos, sin, k_cache, v_cache,
+                       torch.tensor([1, 2]), H)

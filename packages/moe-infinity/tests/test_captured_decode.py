@@ -217,6 +217,28 @@ def _assert_captured_like_eager(served: ServingModel, batch: list[GenerationRequ
 
 
 @pytest.mark.gpu
+def test_cuda_engine_passes_give_the_models_own_greedy_tokens() -> None:
+    """The engine's decode passes on CUDA attend in place in the paged pool (moe-core's fused
+    decode kernels through `PooledKV.write_target` and `key_slots`), eagerly and replayed; both
+    give the tokens of the model's own `generate` (its growing cache, unfused attention), three
+    requests decoded together."""
+    served = _cuda_served(1)
+    try:
+        batch = [_request(served, i, p) for i, p in enumerate(PROMPTS)]
+        want = {}
+        for request in batch:
+            prompt = torch.tensor([request.prompt_ids], device="cuda")
+            out = served.model.generate(prompt, max_new_tokens=request.max_tokens,
+                                        eos_token_id=[], graphs=False)
+            want[request.request_id] = out[0, prompt.shape[1]:].tolist()
+        for graphs in (False, True):
+            got, _, _ = _run(served, graphs, batch)
+            assert got == want
+    finally:
+        served.runtime.close()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_cuda_captured_decode_gives_the_eager_engines_tokens_and_traces(lanes: int) -> None:
     """Float32 tiny model on CUDA, 12 expert slots of 96 (mapped fetch; two lanes too): one

@@ -98,15 +98,19 @@ def decode_attention_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
             and q.stride(-1) == 1 and k.stride(-1) == 1)
 
 
-def _operands_fit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
-    """The checks on v and mask that `decode_attention_supported` leaves out."""
+def _operands_fit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                  index: torch.Tensor | None) -> bool:
+    """The checks on v, mask and index that `decode_attention_supported` leaves out."""
+    keys = k.shape[1] if index is None else index.shape[1]
     return (v.shape == k.shape and v.dtype == k.dtype and v.device == k.device
-            and v.stride(-1) == 1 and mask.shape == (k.shape[0], k.shape[1])
-            and mask.is_floating_point() and mask.device == q.device)
+            and v.stride(-1) == 1 and mask.shape == (q.shape[0], keys)
+            and mask.is_floating_point() and mask.device == q.device
+            and (index is None or (index.dtype == torch.long and index.device == q.device
+                                   and index.stride(-1) == 1)))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, index: torch.Tensor | None = None) -> torch.Tensor:
     """`softmax(q k^T * scale + mask) v` for one query per sequence, grouped key/value heads.
 
     Query head h reads key/value head `h // R` (R = H/G), as `repeat_interleave(R, dim=1)` would;
@@ -115,29 +119,43 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
     Args:
         q: `[B, H, E]`, float16, bfloat16 or float32; last dim contiguous.
-        k: `[B, S, G, E]`; any batch, key and head strides, last dim contiguous.
-        v: `[B, S, G, E]`, like k.
+        k: `[B, S, G, E]`; any batch, key and head strides, last dim contiguous. With `index`:
+            a paged pool `[1, N, G, E]` every row's keys are read from.
+        v: Like k.
         mask: `[B, S]` additive (0 allowed, a large negative value elsewhere), any float dtype;
             every row must allow at least one key.
         scale: Multiplier on `q . k`.
+        index: `[B, S]` int64, the pool slot of each row's keys (a paged cache's tables, read in
+            place: nothing is gathered); None: key s is slot s of the row's own `k`.
 
     Returns:
         `[B, H, E]` in q's dtype.
+
+    Raises:
+        ValueError: `index` with keys other than one shared pool `[1, N, G, E]`.
     """
-    if not (decode_attention_supported(q, k) and _operands_fit(q, k, v, mask)):
+    if index is not None and (k.dim() != 4 or k.shape[0] != 1 or index.dim() != 2
+                              or index.shape[0] != q.shape[0]):
+        raise ValueError(f"decode_attention: an index [B, S] reads one shared pool [1, N, G, E]; "
+                         f"got keys {tuple(k.shape)} and index {tuple(index.shape)}")
+    pooled = k if index is None else k.expand(q.shape[0], *k.shape[1:])  # [B, N, G, E] views
+    if not (decode_attention_supported(q, pooled) and _operands_fit(q, k, v, mask, index)):
+        if index is not None:  # the reference on each row's keys, gathered
+            k, v = k[0][index], v[0][index]  # [B, S, G, E]
         return decode_attention_reference(q, k, v, mask, scale)
     mode = triton_mode(q.device)
     assert mode is not None  # decode_attention_supported checked it
-    return _launch(q, k, v, mask, scale, mode)
+    return _launch(q, k, v, mask, scale, mode, index)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-            mode: Mode) -> torch.Tensor:
+            mode: Mode, index: torch.Tensor | None) -> torch.Tensor:
     from moe_core.kernels.attention_triton import kernels
 
     split_kernel, combine_kernel = kernels(mode)
     b, h, e = q.shape
-    s, g = k.shape[1], k.shape[2]
+    s, g = (k.shape[1] if index is None else index.shape[1]), k.shape[2]
+    paged = index is not None
     cfg = attention_launch(b, g, h // g, s, e, num_sms(q.device))
     # The interpreter's bf16 tl.dot multiplies raw bits; run its products in float32 there.
     dot_f32 = q.dtype == torch.float32 or (mode == "interpreted" and q.dtype == torch.bfloat16)
@@ -150,12 +168,13 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         part = torch.empty(b, h, cfg.num_splits, e, dtype=torch.float32, device=q.device)
     with device_guard(q.device):
         split_kernel[(b * g, cfg.num_splits)](
-            q, k, v, mask, lse, part, out,
+            q, k, v, mask, mask if index is None else index, lse, part, out,
             g, h // g, s, e, cfg.split_len, cfg.num_splits, float(scale),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(1),
+            q.stride(0), q.stride(1), 0 if paged else k.stride(0), k.stride(1), k.stride(2),
+            0 if paged else v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
+            mask.stride(1), 0 if index is None else index.stride(0),
             BLOCK_R=cfg.block_r, BLOCK_S=cfg.block_s, BLOCK_E=cfg.block_e, DOT_F32=dot_f32,
-            PRECISION="ieee" if dot_f32 else "tf32", DIRECT=direct,
+            PRECISION="ieee" if dot_f32 else "tf32", DIRECT=direct, PAGED=paged,
             num_warps=4 if cfg.block_e <= 128 else 8,
             num_stages=2 if q.dtype == torch.float32 else 3)  # float32 tiles: 2 fit in smem
         if not direct:

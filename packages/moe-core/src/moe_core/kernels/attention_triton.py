@@ -22,13 +22,17 @@ from moe_core.kernels.backend import Kernel, Mode, jit
 __all__ = ["kernels"]
 
 
-def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, lse_ptr, part_ptr, out_ptr,
+def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, index_ptr, lse_ptr, part_ptr, out_ptr,
                   num_groups, group_size, num_keys, head_dim, split_len, num_splits, scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kg,
-                  stride_vb, stride_vs, stride_vg, stride_mb, stride_ms,
+                  stride_vb, stride_vs, stride_vg, stride_mb, stride_ms, stride_ib,
                   BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
-                  DOT_F32: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr):
+                  DOT_F32: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
+                  PAGED: tl.constexpr):
     """Attention of the R heads of group g over keys `[split*split_len, +split_len)`.
+
+    PAGED: key s of row b is slot `index[b, s]` of the key/value tensors (a paged pool, batch
+    stride 0), else slot s.
 
     Grid `(B*G, NS)`. DIRECT (NS = 1): writes the normalised output `[B, H, E]`; otherwise the
     normalised partial output `part [B, H, NS, E]` and its log-sum-exp `lse [B, H, NS]`, float32.
@@ -60,10 +64,15 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, lse_ptr, part_ptr, out_ptr,
         s = s0 + tl.arange(0, BLOCK_S)  # [BLOCK_S]
         s_ok = s < end
         s64 = s.to(tl.int64)
+        if PAGED:  # where each key lies in the pool (the mask still goes by s)
+            at = tl.load(index_ptr + b.to(tl.int64) * stride_ib + s64, mask=s_ok,
+                         other=0).to(tl.int64)
+        else:
+            at = s64
         kv_ok = s_ok[None, :] & e_ok[:, None]  # [BLOCK_E, BLOCK_S]
-        kt = tl.load(k_base + s64[None, :] * stride_ks + e[:, None], mask=kv_ok,
+        kt = tl.load(k_base + at[None, :] * stride_ks + e[:, None], mask=kv_ok,
                      other=0.0)  # [BLOCK_E, BLOCK_S]: keys loaded transposed
-        v = tl.load(v_base + s64[:, None] * stride_vs + e[None, :],
+        v = tl.load(v_base + at[:, None] * stride_vs + e[None, :],
                     mask=s_ok[:, None] & e_ok[None, :], other=0.0)  # [BLOCK_S, BLOCK_E]
         if DOT_F32:
             kt = kt.to(tl.float32)

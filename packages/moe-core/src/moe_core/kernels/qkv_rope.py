@@ -41,9 +41,29 @@ def qkv_rope_store_reference(qkv: torch.Tensor, q_norm: torch.Tensor | None,
         q, k = _norm_reference(q, q_norm, eps), _norm_reference(k, k_norm, eps)
     q = rotary_reference(q[:, :, None], cos[:, None], sin[:, None])[:, :, 0]  # [B, H, E]
     k = rotary_reference(k[:, :, None], cos[:, None], sin[:, None])[:, :, 0]  # [B, G, E]
-    k_cache.index_copy_(1, slot, k[:, None].to(k_cache.dtype))
-    v_cache.index_copy_(1, slot, v[:, None].to(v_cache.dtype))
+    if _shared_pool(b, k_cache, slot):  # row b's entries at slot[b] of the one pool row
+        k_cache[0].index_copy_(0, slot, k.to(k_cache.dtype))
+        v_cache[0].index_copy_(0, slot, v.to(v_cache.dtype))
+    else:
+        k_cache.index_copy_(1, slot, k[:, None].to(k_cache.dtype))
+        v_cache.index_copy_(1, slot, v[:, None].to(v_cache.dtype))
     return q.contiguous()
+
+
+def _shared_pool(rows: int, k_cache: torch.Tensor, slot: torch.Tensor) -> bool:
+    """Whether the cache is one pool row `[1, N, G, E]` written at a slot per row (`slot`
+    `[B]`), rather than `[B, C, G, E]` written at one slot `[1]` for all rows.
+
+    Raises:
+        ValueError: the slots fit neither layout.
+    """
+    if k_cache.shape[0] == rows and slot.numel() == 1:
+        return False
+    if k_cache.shape[0] == 1 and slot.numel() == rows:
+        return True
+    raise ValueError(f"qkv_rope_store: {rows} rows need a cache of {rows} rows and one slot, or "
+                     f"a shared pool [1, N, ...] and {rows} slots; got a cache of "
+                     f"{k_cache.shape[0]} rows and {slot.numel()} slots")
 
 
 def qkv_rope_supported(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -52,7 +72,7 @@ def qkv_rope_supported(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and qkv.dtype in _DTYPES and k_cache.dtype == qkv.dtype
             and qkv.device == k_cache.device and qkv.stride(-1) == 1
             and k_cache.stride(-1) == 1 and 0 < k_cache.shape[3] <= MAX_HEAD_DIM
-            and k_cache.shape[3] % 2 == 0 and qkv.shape[0] == k_cache.shape[0])
+            and k_cache.shape[3] % 2 == 0 and k_cache.shape[0] in (1, qkv.shape[0]))
 
 
 def qkv_rope_store(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
@@ -66,16 +86,22 @@ def qkv_rope_store(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch
         q_norm, k_norm: Per-head RMSNorm weights `[E]` (Qwen3's qk-norm), or both None.
         eps: The norms' epsilon.
         cos, sin: Rotary tables `[B, E]` (halves layout) of each row's position.
-        k_cache, v_cache: `[B, C, G, E]`, written at slot `slot[0]` (any batch, slot and head
-            strides; last dim contiguous).
-        slot: `[1]` int64 on the device.
+        k_cache, v_cache: `[B, C, G, E]`, every row written at slot `slot[0]`; or a shared
+            pool `[1, N, G, E]` (a paged cache's arena), row b's entries written at `slot[b]`
+            (any batch, slot and head strides; last dim contiguous).
+        slot: `[1]`, or `[B]` with a shared pool; int64 on the device.
         num_heads: H.
+
+    Raises:
+        ValueError: `slot` fits neither layout.
 
     Returns:
         `[B, H, E]` contiguous, in qkv's dtype.
     """
+    shared = _shared_pool(qkv.shape[0], k_cache, slot)
     mode = triton_mode(qkv.device)
-    if (mode is None or not qkv_rope_supported(qkv, k_cache) or v_cache.shape != k_cache.shape
+    if (mode is None or not qkv_rope_supported(qkv, k_cache) or not slot.is_contiguous()
+            or v_cache.shape != k_cache.shape
             or v_cache.dtype != k_cache.dtype or v_cache.stride(-1) != 1
             or cos.dtype != qkv.dtype or sin.dtype != qkv.dtype
             or cos.stride(-1) != 1 or sin.stride() != cos.stride()
@@ -84,13 +110,14 @@ def qkv_rope_store(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch
                    for w in (q_norm, k_norm))):
         return qkv_rope_store_reference(qkv, q_norm, k_norm, eps, cos, sin, k_cache, v_cache,
                                         slot, num_heads)
-    return _launch(qkv, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, slot, num_heads, mode)
+    return _launch(qkv, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, slot, num_heads, mode,
+                   shared)
 
 
 def _launch(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
             eps: float, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
             v_cache: torch.Tensor, slot: torch.Tensor, num_heads: int,
-            mode: Mode) -> torch.Tensor:
+            mode: Mode, shared: bool) -> torch.Tensor:
     from moe_core.kernels.qkv_rope_triton import kernels
 
     (kernel,) = kernels(mode)
@@ -101,7 +128,8 @@ def _launch(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor
         kernel[(b, num_heads + 2 * g)](
             qkv, q_norm if norm else qkv, k_norm if norm else qkv, cos, sin, q, k_cache, v_cache,
             slot, num_heads, g, e // 2, float(eps),
-            qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
-            k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            qkv.stride(0), cos.stride(0), 1 if shared else 0,
+            0 if shared else k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            0 if shared else v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             BLOCK_H=next_power_of_2(e // 2), NORM=norm, num_warps=1)
     return q

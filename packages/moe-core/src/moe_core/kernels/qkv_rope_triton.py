@@ -17,12 +17,14 @@ __all__ = ["kernels"]
 
 def _qkv_rope_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr,
                      num_heads, num_kv, half, eps,
-                     stride_xb, stride_cb, stride_kb, stride_ks, stride_kg,
+                     stride_xb, stride_cb, stride_sb, stride_kb, stride_ks, stride_kg,
                      stride_vb, stride_vs, stride_vg,
                      BLOCK_H: tl.constexpr, NORM: tl.constexpr):
     """Grid `(B, H + 2G)`. Program j < H: query head j, normalised and rotated into `q [B, H, E]`;
-    H <= j < H+G: key head j-H, normalised and rotated into the key cache at `slot`; the rest:
-    value head j-H-G copied into the value cache at `slot`.
+    H <= j < H+G: key head j-H, normalised and rotated into the key cache at row b's slot
+    (`slot[b * stride_sb]`: one slot for all rows with stride 0, or a slot per row of a shared
+    pool, whose batch stride is then 0); the rest: value head j-H-G copied into the value cache
+    at that slot.
 
     Rounding follows the separate kernels it replaces: the norm's result rounded to the
     activation dtype, times the weight rounded again (as `RMSNorm`), then the rotation in float32
@@ -34,7 +36,7 @@ def _qkv_rope_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_
     offs = tl.arange(0, BLOCK_H)
     ok = offs < half
     dtype = q_ptr.dtype.element_ty
-    slot = tl.load(slot_ptr)
+    slot = tl.load(slot_ptr + b * stride_sb)
     row = qkv_ptr + b * stride_xb + j * e
     x1 = tl.load(row + offs, mask=ok, other=0.0)
     x2 = tl.load(row + half + offs, mask=ok, other=0.0)

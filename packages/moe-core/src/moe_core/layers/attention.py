@@ -99,8 +99,9 @@ class GQAAttention(nn.Module):
     # The decode fast path -----------------------------------------------------------------
 
     def _decodes_fused(self, cache: KVStore | None) -> bool:
-        """One token per row on CUDA into a cache that lets kernels write (`StaticKVCache`),
-        with the options the fused prologue handles (per-head or no qk-norm, no clipping)."""
+        """One token per row on CUDA into a cache that lets kernels write (`StaticKVCache`, or a
+        paged pool that names each row's key slots: `key_slots`), with the options the fused
+        prologue handles (per-head or no qk-norm, no clipping)."""
         spec = self.spec
         return (hasattr(cache, "write_target") and spec.qk_norm != "full"
                 and spec.clip_qkv is None and self._fused_qkv() is not None)
@@ -130,7 +131,11 @@ class GQAAttention(nn.Module):
     def _decode_fused(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                       mask: torch.Tensor, cache: KVStore | None) -> torch.Tensor:
         """The decode step's attention in five kernels: the fused projection, the prologue
-        (qk-norm, rotary, cache write), split and combine of the attention, the output."""
+        (qk-norm, rotary, cache write), split and combine of the attention, the output.
+
+        A paged cache's `write_target` gives its arenas as one shared pool row `[1, N, G, E]`
+        and a slot per row `[B]`, and its `key_slots` `[B, S]` the pool slots each row attends
+        (the mask's S): the keys are read where they lie, nothing gathered."""
         spec = self.spec
         b = x.shape[0]
         fused = self._fused_qkv()
@@ -144,6 +149,7 @@ class GQAAttention(nn.Module):
         eps = self.q_norm.eps if per_head else 0.0
         cos, sin = rope
         q = qkv_rope_store(qkv, q_norm, k_norm, eps, cos[:, 0], sin[:, 0], k, v, slots,
-                           spec.num_heads)  # [B, H, E]; k, v [B, C, G, E] written at the slot
-        out = decode_attention(q, k, v, mask[:, 0, 0, :], self.scale)  # [B, H, E]
+                           spec.num_heads)  # [B, H, E]; k, v written at the slot(s)
+        index = getattr(cache, "key_slots", None)  # [B, S] a paged cache's pool slots
+        out = decode_attention(q, k, v, mask[:, 0, 0, :], self.scale, index)  # [B, H, E]
         return self.o_proj(out.reshape(b, 1, -1))

@@ -20,8 +20,9 @@ zero row, read from nowhere. `fetch_blocks` reads a list of distinct experts ins
 each, skipping padding entries (the grouped path of calls above the gather limit,
 `grouped_mapped`). `stage_misses` copies only the blocks that must cross the link, one row per
 distinct missed expert while its rows last (`kernels.miss_staging`), for a product kernel that
-reads resident experts in their slots (`kernels.mapped_experts`). The kernel copies bytes: FP8 blocks (decision 0015) travel as they are
-stored, weights and scales, and are dequantised after the gather.
+reads resident experts in their slots (`kernels.mapped_experts`). The kernel copies bytes: FP8
+blocks (decision 0015) travel as they are stored, weights and scales, and are dequantised after
+the gather.
 
 Two implementations with the same result: a CuPy kernel on CUDA (`_CudaRowCopier`), torch
 indexing on the CPU (for CI, where "host" and "device" are the same memory).

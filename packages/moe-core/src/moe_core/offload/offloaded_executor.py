@@ -46,9 +46,9 @@ kernel's own reads, `stage_misses`), and any beyond them are read by the product
 memory. The workspace no longer grows with the call, so decode calls up to
 `in_place_limit_assignments` T*K (16 tokens at top-8) take this path, captured, instead of the
 grouped path, as long as the layer's expected misses fit the staging rows (decision 0020;
-`_misses_fit`: bf16 batch 16 at 46% cached stays grouped, FP8 at 92% goes in place); the CPU lane still splits only the calls whose assignments' blocks
-fit the gather limit (the shapes it was measured on). Without Triton (the CPU) every row is
-built first as above.
+`_misses_fit`: bf16 batch 16 at 46% cached stays grouped, FP8 at 92% goes in place); the CPU
+lane still splits only the calls whose assignments' blocks fit the gather limit (the shapes it
+was measured on). Without Triton (the CPU) every row is built first as above.
 
 Calls on the copy path that are large (prefill chunks: at least E assignments) stream their
 misses instead with a `PrefillRing` (`prefill="stream"` at install, decision 0018): held experts
@@ -300,10 +300,11 @@ class OffloadedExecutor:
     def _misses_fit(self, num_assignments: int) -> bool:
         """Whether an in-place call of `num_assignments` expects its misses to fit the staging
         rows: the layer's share of absent experts times the assignments (an upper bound of the
-        distinct misses) at most the rows (times `in_place_misses_per_row`). Above that the misses the product kernel reads from
-        host memory itself, slower than the copy kernel and once per assignment, cost more
-        than the grouped path's: bf16 batch 16 at 46% cached took 322 ms in place against 227
-        grouped on the H200 (decision 0020). Always True without `stage_misses`."""
+        distinct misses) at most the rows (times `in_place_misses_per_row`). Above that the
+        misses the product kernel reads from host memory itself, slower than the copy kernel
+        and once per assignment, cost more than the grouped path's: bf16 batch 16 at 46%
+        cached took 322 ms in place against 227 grouped on the H200 (decision 0020). Always
+        True without `stage_misses`."""
         rows = self._staging_rows(num_assignments)
         if not self.stage_misses or num_assignments <= rows:
             return True
