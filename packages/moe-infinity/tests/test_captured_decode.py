@@ -68,6 +68,55 @@ def test_a_static_decode_pass_computes_what_the_ragged_pass_does(tiny: MoEForCau
             torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["ragged", "static"])
+def test_fused_decode_attention_over_the_pool_equals_the_gathered_keys(
+        tiny: MoEForCausalLM, monkeypatch: pytest.MonkeyPatch, static: bool) -> None:
+    """The fused decode path (CUDA only in a served model) run on the CPU through its torch
+    references: the new key and value written at each row's slot of the shared pool
+    (`PooledKV.write_target`) and the keys read through `key_slots`, in the mask's order, give
+    the logits and the pool of the gathered path, for two rows of different lengths."""
+    from moe_core.layers.attention import GQAAttention
+
+    pool = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
+    allocator = BlockAllocator(64, 8)
+    a, b = list(range(5, 40)), list(range(100, 111))
+    ta, tb = allocator.allocate(48), allocator.allocate(24)
+    assert ta is not None and tb is not None
+    run_pass(tiny, RaggedPass([PassRow(ta, 0, a), PassRow(tb, 0, b)], pool, tiny.device), pool)
+    twin = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
+    for layer, arenas in pool.arenas.items():
+        for mine, theirs in zip(arenas, twin.arenas[layer], strict=True):
+            theirs.copy_(mine)
+    rows = [PassRow(ta, len(a), [7]), PassRow(tb, len(b), [9])]
+
+    def decode(kv_pool: KVPool) -> torch.Tensor:
+        if static:
+            batch = StaticDecodePass(2, PAST_BUCKET_TOKENS, kv_pool, tiny.device)
+            batch.fill(rows)
+            return run_pass(tiny, batch, kv_pool)  # type: ignore[arg-type]
+        return run_pass(tiny, RaggedPass(rows, kv_pool, tiny.device), kv_pool)
+
+    want = decode(twin)  # the gathered path
+    unfused = GQAAttention.forward
+    fused_calls = []
+
+    def fused_on_cpu(self: GQAAttention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     mask: torch.Tensor, cache: object) -> torch.Tensor:
+        if x.shape[1] == 1 and self._decodes_fused(cache):  # type: ignore[arg-type]
+            fused_calls.append(self.layer)
+            return self._decode_fused(x, rope, mask, cache)  # type: ignore[arg-type]
+        return unfused(self, x, rope, mask, cache)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GQAAttention, "forward", fused_on_cpu)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no driver
+    got = decode(pool)
+    assert len(fused_calls) == tiny.spec.num_layers
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for layer, arenas in pool.arenas.items():
+        for mine, theirs in zip(arenas, twin.arenas[layer], strict=True):
+            torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-6)
+
+
 def test_a_refilled_static_pass_serves_the_next_step(tiny: MoEForCausalLM) -> None:
     """The same static pass object, refilled, decodes the following token too (what a replay
     does with the graph's buffers)."""
@@ -216,24 +265,35 @@ def _assert_captured_like_eager(served: ServingModel, batch: list[GenerationRequ
         np.testing.assert_allclose(have, want, atol=1e-3)
 
 
+def _assert_engine_gives_generate_tokens(served: ServingModel, graphs: tuple[bool, ...]) -> None:
+    """Three requests decoded together by the engine give the tokens of the model's own greedy
+    `generate` (its growing cache, unfused attention), each alone."""
+    batch = [_request(served, i, p) for i, p in enumerate(PROMPTS)]
+    want = {}
+    for request in batch:
+        prompt = torch.tensor([request.prompt_ids], device=served.model.device)
+        out = served.model.generate(prompt, max_new_tokens=request.max_tokens,
+                                    eos_token_id=[], graphs=False)  # [1, new] tokens
+        want[request.request_id] = out[0].tolist()
+    for captured in graphs:
+        got, _, _ = _run(served, captured, batch)
+        assert got == want
+
+
+def test_engine_passes_give_the_models_own_greedy_tokens(served: ServingModel) -> None:
+    """On the CPU (eager passes, attention over gathered keys): the reference the CUDA test
+    below holds the fused in-place passes to."""
+    _assert_engine_gives_generate_tokens(served, (False,))
+
+
 @pytest.mark.gpu
 def test_cuda_engine_passes_give_the_models_own_greedy_tokens() -> None:
     """The engine's decode passes on CUDA attend in place in the paged pool (moe-core's fused
     decode kernels through `PooledKV.write_target` and `key_slots`), eagerly and replayed; both
-    give the tokens of the model's own `generate` (its growing cache, unfused attention), three
-    requests decoded together."""
+    give `generate`'s tokens."""
     served = _cuda_served(1)
     try:
-        batch = [_request(served, i, p) for i, p in enumerate(PROMPTS)]
-        want = {}
-        for request in batch:
-            prompt = torch.tensor([request.prompt_ids], device="cuda")
-            out = served.model.generate(prompt, max_new_tokens=request.max_tokens,
-                                        eos_token_id=[], graphs=False)
-            want[request.request_id] = out[0, prompt.shape[1]:].tolist()
-        for graphs in (False, True):
-            got, _, _ = _run(served, graphs, batch)
-            assert got == want
+        _assert_engine_gives_generate_tokens(served, (False, True))
     finally:
         served.runtime.close()
 
