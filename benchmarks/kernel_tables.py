@@ -16,10 +16,11 @@ own start.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
+
+from step_trace import union_s
 
 __all__ = ["STEP_MARK", "Window", "device_table", "diff_table", "host_table", "step_window",
            "window_tables"]
@@ -94,16 +95,6 @@ def _rows(totals: dict[tuple[str, str], list[float]], num_steps: int) -> list[Ro
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
-def _union_us(spans: Iterable[tuple[float, float]]) -> float:
-    """Microseconds covered by the union of `(start, end)` spans."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
-
-
 def device_table(events: list[Event], window: Window) -> tuple[list[Row], dict[str, float]]:
     """The device operations launched in `window`, per name, and their totals per step:
     `kernel_us`, `memcpy_us`, `memset_us` (summed durations), `busy_us` (the union of their
@@ -129,7 +120,7 @@ def device_table(events: list[Event], window: Window) -> tuple[list[Row], dict[s
         row[1] += float(e["dur"])
         spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     n = window.num_steps
-    summary = {"busy_us": _union_us(spans) / n, "unplaced": float(unplaced)}
+    summary = {"busy_us": union_s(spans) * 1e6 / n, "unplaced": float(unplaced)}
     for category, key in zip(DEVICE_CATEGORIES, ("kernel", "memcpy", "memset"), strict=True):
         rows = [v for (_, c), v in totals.items() if c == category]
         summary[f"{key}_us"] = sum(us for _, us in rows) / n

@@ -32,7 +32,6 @@ import contextlib
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -54,6 +53,7 @@ from moe_gen.plan import Plan
 from moe_gen.planner import Budget, make_plan
 from moe_gen.profile import profile_device
 from moe_gen.summary import summarise
+from run_commit import commit
 from steady_decode import SteadyConfig, plan_breakdown, run_steady, share_list
 from step_trace import profile_steps
 
@@ -269,14 +269,6 @@ def trace_decode(engine: BatchEngine, batch: int, context: int, path: Path) -> d
     for table in tables:
         pages.release(table)  # type: ignore[arg-type]
     return summary
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def parse_args() -> argparse.Namespace:

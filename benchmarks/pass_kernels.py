@@ -49,7 +49,6 @@ import gzip
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -62,6 +61,7 @@ from typing import Any
 import torch
 from engine_host_time import add_serve_options, engine_settings, run_request
 from kernel_tables import STEP_MARK, diff_table, window_tables
+from run_commit import commit
 
 MARGIN_STEPS = 2
 """Profiled steps before the window (the profiler's start-up settles in them)."""
@@ -235,14 +235,6 @@ def side_record(window: StepWindow, trace_path: Path | None) -> dict[str, Any]:
     record["offload_per_pass"]["hit_rate"] = record["offload_per_pass"]["hits"] / max(uses, 1e-9)
     record["trace"] = trace_path.name if trace_path is not None else None
     return record
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine(device: str) -> dict[str, Any]:

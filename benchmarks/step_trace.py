@@ -7,15 +7,16 @@ idle time, and where the host blocked). Used by `moe_gen_s1.py --trace` and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["profile_steps", "trace_summary"]
+__all__ = ["profile_steps", "trace_summary", "union_s"]
 
 
-def _union_s(spans: list[tuple[float, float]]) -> float:
+def union_s(spans: Iterable[tuple[float, float]]) -> float:
     """Seconds covered by the union of `(start_us, end_us)` spans."""
     total, reach = 0.0, float("-inf")
     for start, end in sorted(spans):
@@ -53,7 +54,7 @@ def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
 
     h2d = [e for e in gpu if e["cat"] == "gpu_memcpy" and "HtoD" in e["name"]]
     kernels = [e for e in gpu if e["cat"] == "kernel"]
-    span_s = _union_s([(min(s for s, _ in spans(gpu)), max(e for _, e in spans(gpu)))])
+    span_s = union_s([(min(s for s, _ in spans(gpu)), max(e for _, e in spans(gpu)))])
     streams: dict[str, dict[str, float]] = {}
     for e in h2d:
         row = streams.setdefault(str(e.get("args", {}).get("stream")),
@@ -74,7 +75,7 @@ def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
                                                  "aten::pin_memory", "aten::index_copy_"):
             host[name] = host.get(name, 0.0) + e["dur"] / 1e6 / num_steps
     h2d_bytes = sum(r["bytes"] for r in streams.values())
-    busy = _union_s(spans(h2d)) / num_steps
+    busy = union_s(spans(h2d)) / num_steps
     # Link idle gaps: many short ones point at the host issuing copies too slowly (per-expert
     # work), long ones at phases with nothing to copy (attention, step boundaries).
     gaps, reach = [], None
@@ -93,8 +94,8 @@ def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
             "two_heaviest_h2d_streams_overlap_s": (
                 _overlap_s(by_stream[heavy[0]], by_stream[heavy[1]]) / num_steps
                 if len(heavy) == 2 else 0.0),
-            "kernel_busy_s": _union_s(spans(kernels)) / num_steps,
-            "device_idle_s": (span_s - _union_s(spans(gpu))) / num_steps,
+            "kernel_busy_s": union_s(spans(kernels)) / num_steps,
+            "device_idle_s": (span_s - union_s(spans(gpu))) / num_steps,
             "host_s": host}
 
 

@@ -35,21 +35,27 @@ PROMPTS = ["Once upon a time, there was a little fox who", "def fibonacci(n):",
            "Tom has 3 apples and buys 5 more. How many apples does he have now?"]
 
 
-def test_a_static_decode_pass_computes_what_the_ragged_pass_does(tiny: MoEForCausalLM) -> None:
-    """Two sequences prefilled, then one decode step each way over copies of the same pool:
-    the same logits, the same keys and values written, and the same traced routing (the past
-    bucket reads unused slots the mask hides)."""
+def _two_prefilled(tiny: MoEForCausalLM) -> tuple[KVPool, KVPool, list[PassRow]]:
+    """A pool with two sequences prefilled (35 and 11 tokens), a copy of it, and the rows of
+    one decode step of both."""
     pool = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
     allocator = BlockAllocator(64, 8)
     a, b = list(range(5, 40)), list(range(100, 111))
     ta, tb = allocator.allocate(48), allocator.allocate(24)
     assert ta is not None and tb is not None
     run_pass(tiny, RaggedPass([PassRow(ta, 0, a), PassRow(tb, 0, b)], pool, tiny.device), pool)
-    rows = [PassRow(ta, len(a), [7]), PassRow(tb, len(b), [9])]
     twin = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
     for layer, arenas in pool.arenas.items():
         for mine, theirs in zip(arenas, twin.arenas[layer], strict=True):
             theirs.copy_(mine)
+    return pool, twin, [PassRow(ta, len(a), [7]), PassRow(tb, len(b), [9])]
+
+
+def test_a_static_decode_pass_computes_what_the_ragged_pass_does(tiny: MoEForCausalLM) -> None:
+    """Two sequences prefilled, then one decode step each way over copies of the same pool:
+    the same logits, the same keys and values written, and the same traced routing (the past
+    bucket reads unused slots the mask hides)."""
+    pool, twin, rows = _two_prefilled(tiny)
     with LiveTracer(tiny) as tracer:
         ragged = RaggedPass(rows, pool, tiny.device)
         tracer.begin_pass(ragged.row_of_token, 2)
@@ -77,17 +83,7 @@ def test_fused_decode_attention_over_the_pool_equals_the_gathered_keys(
     the logits and the pool of the gathered path, for two rows of different lengths."""
     from moe_core.layers.attention import GQAAttention
 
-    pool = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
-    allocator = BlockAllocator(64, 8)
-    a, b = list(range(5, 40)), list(range(100, 111))
-    ta, tb = allocator.allocate(48), allocator.allocate(24)
-    assert ta is not None and tb is not None
-    run_pass(tiny, RaggedPass([PassRow(ta, 0, a), PassRow(tb, 0, b)], pool, tiny.device), pool)
-    twin = KVPool(tiny.spec, 64, 8, tiny.dtype, "cpu")
-    for layer, arenas in pool.arenas.items():
-        for mine, theirs in zip(arenas, twin.arenas[layer], strict=True):
-            theirs.copy_(mine)
-    rows = [PassRow(ta, len(a), [7]), PassRow(tb, len(b), [9])]
+    pool, twin, rows = _two_prefilled(tiny)
 
     def decode(kv_pool: KVPool) -> torch.Tensor:
         if static:
