@@ -172,7 +172,7 @@ class OffloadedExecutor:
         (in place up to `in_place_limit_assignments`, else while the rows of all assignments fit
         the gather limit) or be small enough for the grouped mapped path (above both a call
         reads its routing on the host)."""
-        if self._in_place() and self.gather_limit_bytes > 0:
+        if self._in_place():
             tokens = self.in_place_limit_assignments // top_k
         else:
             tokens = self.gather_limit_bytes // (top_k * self._mapped_nbytes())
@@ -292,7 +292,7 @@ class OffloadedExecutor:
         its meaning (every call groups its tokens on the host)."""
         if self.cpu_compute_rule is not None:
             return False
-        if self._in_place() and self.gather_limit_bytes > 0:
+        if self._in_place():
             return (0 < num_assignments <= self.in_place_limit_assignments
                     and self._misses_fit(num_assignments))
         return use_gather(num_assignments, self._mapped_nbytes(), self.gather_limit_bytes)
@@ -374,9 +374,11 @@ class OffloadedExecutor:
         return gathered_experts(hidden, index, weights, *layout.stacked_views(rows))
 
     def _in_place(self) -> bool:
-        """Whether mapped calls multiply in place (`kernels.mapped_experts`): a fetcher, and
-        Triton for the pool's device (compiled on CUDA, or its interpreter when asked for)."""
-        return self.fetcher is not None and triton_mode(self.cache.pool.device) is not None
+        """Whether mapped calls multiply in place (`kernels.mapped_experts`): a fetcher, Triton
+        for the pool's device (compiled on CUDA, or its interpreter when asked for), and a
+        gather limit above 0 (0 keeps its meaning: every call groups its tokens on the host)."""
+        return (self.fetcher is not None and self.gather_limit_bytes > 0
+                and triton_mode(self.cache.pool.device) is not None)
 
     def _staging_rows(self, num_assignments: int) -> int:
         """Staging rows of an in-place call (R of `kernels.miss_staging`): as many blocks as the
