@@ -144,7 +144,8 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
                                   share_list(args.steady_shares, plan.cpu_attention_share),
                                   args.steady_warmup, args.steady_steps,
                                   args.out / f"trace-{name}-steady"
-                                  if args.trace and device == "cuda" else None)
+                                  if args.trace and device == "cuda" else None,
+                                  tuple(args.steady_kv_gathers.split(",")))
             rows: list[dict[str, Any]] = []
             ours["steady"] = rows
 
@@ -291,6 +292,8 @@ def parse_args() -> argparse.Namespace:
     add("--steady-shares", default="planned,0",
         help="host attention shares measured in steady state (planned: the plan's)")
     add("--steady-context", type=int, default=0, help="default: prompt + new tokens / 2")
+    add("--steady-kv-gathers", default="planned",
+        help="KV gathers measured per steady share: planned (the plan's), staged, mapped")
     add("--full-share", default="planned",
         help="host share of the full run: planned, auto (fastest steady-state share) or a number")
     add("--host-kernel", choices=("profile", "torch", "numba"), default="profile",

@@ -6,7 +6,8 @@ Every sequence sits at the same context (its KV pages filled with noise, never z
 attends that context and writes its new token at the same position, so steps are alike and their
 median is the engine's decode step at that context, free of a full run's ramp-up, refills and
 tail. Variants differ only in the share of the batch attended on the host (the planned share, 0,
-...); the loaded model, resident set and ring are the run's own.
+...) and in who gathers the past KV (`kv_gathers`: the plan's, `staged` on the host, `mapped` by
+the GPU); the loaded model, resident set and ring are the run's own.
 
 What one variant reports: the median step, decode tokens/s (`batch / step`), bytes that crossed
 PCIe per step (experts from the offload counters, KV from the mover), the link time those bytes
@@ -47,7 +48,10 @@ class SteadyConfig:
         warmup_steps: Untimed steps first (per variant).
         steps: Timed steps (the median is reported).
         trace: Also profile two steps of each variant after its timed ones (`step_trace`),
-            keeping the gzipped chrome trace at `<trace>-share<S>.json.gz`; None: no profile.
+            keeping the gzipped chrome trace at `<trace>-share<S>-<gather>.json.gz`; None: no
+            profile.
+        kv_gathers: KV gathers to measure per share (`Plan.kv_gather` values; `planned`: the
+            plan's), in order.
     """
 
     context: int
@@ -55,6 +59,7 @@ class SteadyConfig:
     warmup_steps: int = 2
     steps: int = 4
     trace: Path | None = None
+    kv_gathers: tuple[str, ...] = ("planned",)
 
     def __post_init__(self) -> None:
         if self.context < 1 or self.steps < 1 or self.warmup_steps < 0:
@@ -62,6 +67,10 @@ class SteadyConfig:
                              f">= 0, got {self.context}, {self.steps}, {self.warmup_steps}")
         if not self.shares or any(not 0.0 <= s <= 1.0 for s in self.shares):
             raise ValueError(f"SteadyConfig.shares must be in [0, 1], got {self.shares}")
+        if not self.kv_gathers or any(g not in ("planned", "staged", "mapped")
+                                      for g in self.kv_gathers):
+            raise ValueError(f"SteadyConfig.kv_gathers must be planned, staged or mapped, got "
+                             f"{self.kv_gathers}")
 
 
 def share_list(spec: str, planned: float) -> tuple[float, ...]:
@@ -76,11 +85,13 @@ def share_list(spec: str, planned: float) -> tuple[float, ...]:
 
 
 def plan_breakdown(costs: ModelCosts, profile: DeviceProfile, plan: Plan, context: int,
-                   share: float) -> dict[str, float]:
-    """The planner's view of one decode step of `plan` at `context` with host share `share`:
-    its prediction (seconds) with the bytes behind its PCIe terms."""
+                   share: float, kv_gather: str | None = None) -> dict[str, float]:
+    """The planner's view of one decode step of `plan` at `context` with host share `share`
+    (and KV gather `kv_gather`, default the plan's): its prediction (seconds) with the bytes
+    behind its PCIe terms."""
     candidate = Candidate(plan.max_batch_size, plan.micro_batch_size, plan.num_resident_experts,
-                          plan.max_prefill_tokens, share, plan.ring_size)
+                          plan.max_prefill_tokens, share, plan.ring_size,
+                          kv_gather or plan.kv_gather)
     prediction = predict(costs, profile, candidate, context).to_dict()
     streamed = sum(costs.streamed_experts(plan.max_batch_size, plan.num_resident_experts))
     device_batch = (1 - share) * plan.max_batch_size
@@ -113,12 +124,15 @@ def run_steady(model: MoEForCausalLM, runtime: OffloadRuntime | None, plan: Plan
     seqs = [SequenceInput(t, config.context, [3 + i % 100], i)  # type: ignore[arg-type]
             for i, t in enumerate(tables)]
     rows = []
-    for share in config.shares:
+    variants = [(share, plan.kv_gather if gather == "planned" else gather)
+                for share in config.shares for gather in config.kv_gathers]
+    for share, gather in dict.fromkeys(variants):
         try:
-            row = _variant(model, runtime, plan, pages, seqs, share, host_kernel, config)
+            row = _variant(model, runtime, plan, pages, seqs, share, host_kernel, config, gather)
         except Exception as exc:  # keep the other variants (an OOM included)
-            row = {"cpu_attention_share": share, "error": f"{type(exc).__name__}: {exc}"[:400]}
-        row["predicted"] = plan_breakdown(costs, profile, plan, config.context, share)
+            row = {"cpu_attention_share": share, "kv_gather": gather,
+                   "error": f"{type(exc).__name__}: {exc}"[:400]}
+        row["predicted"] = plan_breakdown(costs, profile, plan, config.context, share, gather)
         step = row.get("step_s")
         bound = row["predicted"]["bound_s"]
         if step:
@@ -138,10 +152,10 @@ def run_steady(model: MoEForCausalLM, runtime: OffloadRuntime | None, plan: Plan
 
 def _variant(model: MoEForCausalLM, runtime: OffloadRuntime | None, plan: Plan,
              pages: PagedKV, seqs: list[SequenceInput], share: float, host_kernel: str,
-             config: SteadyConfig) -> dict[str, Any]:
-    """One share's steps: warm-up, then the timed ones with their bytes."""
+             config: SteadyConfig, kv_gather: str) -> dict[str, Any]:
+    """One variant's steps: warm-up, then the timed ones with their bytes."""
     engine = BatchEngine(model, pages, plan.micro_batch_size, plan.max_attention_pairs, share,
-                         plan.kv_lookahead, host_kernel if share > 0 else "torch")
+                         plan.kv_lookahead, host_kernel if share > 0 else "torch", kv_gather)
     for _ in range(config.warmup_steps):
         engine.step(seqs)
     experts_before = runtime.stats.bytes_copied if runtime is not None else 0
@@ -157,9 +171,10 @@ def _variant(model: MoEForCausalLM, runtime: OffloadRuntime | None, plan: Plan,
     step = statistics.median(t.total_s for t in timings)
     trace = None
     if config.trace is not None:  # after the timed steps: the profiler's cost stays out
-        path = config.trace.with_name(f"{config.trace.name}-share{share:g}.json.gz")
+        path = config.trace.with_name(f"{config.trace.name}-share{share:g}-{kv_gather}.json.gz")
         trace = profile_steps(lambda: [engine.step(seqs) for _ in range(2)], 2, path)
-    return {"trace": trace, "cpu_attention_share": share,
+    engine.mover.close()
+    return {"trace": trace, "cpu_attention_share": share, "kv_gather": kv_gather,
             "host_kernel": host_kernel if share > 0 else None,
             "batch": len(seqs), "context": config.context, "step_s": step,
             "steps_s": [t.total_s for t in timings],

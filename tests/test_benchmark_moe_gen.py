@@ -117,11 +117,14 @@ def test_s1_script_fp8_steady_only(tmp_path: Path) -> None:
     done = run_script("benchmarks/moe_gen_s1.py", "--out", str(tmp_path), "--scenarios", "tiny",
                       "--num-prompts", "4", "--prompt-tokens", "16", "--new-tokens", "4",
                       "--gpu-memory", "20MiB", "--skip-peer", "--steady-steps", "1",
-                      "--steady-warmup", "0", "--expert-dtype", "fp8", "--steady-only")
+                      "--steady-warmup", "0", "--expert-dtype", "fp8", "--steady-only",
+                      "--steady-kv-gathers", "planned,staged,mapped")
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "moe-gen-tiny-fp8-steady.json").read_text())
     ours = record["ours"]
     assert record["mode"] == "steady-state only" and "summary" not in ours
+    assert [r["kv_gather"] for r in ours["steady"]] == ["staged", "mapped"]  # planned: staged
+    assert all("error" not in r and r["step_s"] > 0 for r in ours["steady"])
     assert ours["steady"][0]["expert_bytes_per_step"] > 0
     assert record["expert_dtype"] == "fp8"
     assert ours["store_bytes"] == ours["plan"]["host_memory"]["experts"]  # FP8 bytes planned

@@ -71,14 +71,17 @@ def test_per_request_limits(model: MoEForCausalLM) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu_greedy(model: MoEForCausalLM) -> None:
+@pytest.mark.parametrize(("share", "kv_gather"), [(0.5, "staged"), (0.5, "mapped"),
+                                                  (0.0, "mapped")])
+def test_cuda_matches_cpu_greedy(model: MoEForCausalLM, share: float, kv_gather: str) -> None:
     from moe_gen.model_setup import install_streaming
 
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     expected = [r.token_ids for r in generate(model, prompts, max_new_tokens=8,
                                               eos_token_id=[])]
     plan = Plan(max_batch_size=3, micro_batch_size=2, max_prefill_tokens=8, page_tokens=4,
-                num_kv_pages=12, num_resident_experts=20, cpu_attention_share=0.5)
+                num_kv_pages=12, num_resident_experts=20, cpu_attention_share=share,
+                kv_gather=kv_gather)
     cuda = install_streaming(load_model(tiny_model_path(), dtype="float32"), plan, "cuda")
     got = [r.token_ids for r in generate(cuda.model, prompts, max_new_tokens=8,
                                          eos_token_id=[], plan=plan)]

@@ -21,11 +21,13 @@ SIZES = [(1, 1, 64, 4), (3, 2, 6, 4), (8, 3, 64, 16), (8, 8, 12, 3)]
 
 
 def plan(batch: int, micro: int, prefill: int, page: int, offload: bool = False,
-         pairs: int = 1 << 62, cpu_share: float = 0.0, kernel: str = "torch") -> Plan:
+         pairs: int = 1 << 62, cpu_share: float = 0.0, kernel: str = "torch",
+         kv_gather: str = "staged") -> Plan:
     return Plan(max_batch_size=batch, micro_batch_size=micro, max_prefill_tokens=prefill,
                 page_tokens=page, num_kv_pages=batch * (-(-(9 + NUM_NEW) // page)),
                 num_resident_experts=3, max_attention_pairs=pairs,
-                cpu_attention_share=cpu_share, host_attention_kernel=kernel, offload=offload)
+                cpu_attention_share=cpu_share, host_attention_kernel=kernel,
+                kv_gather=kv_gather, offload=offload)
 
 
 def eos_for(free: list[list[int]]) -> list[int]:
@@ -35,10 +37,10 @@ def eos_for(free: list[list[int]]) -> list[int]:
 
 def check(model: MoEForCausalLM, expected: list[list[int]], eos: list[int], sizes: tuple[int, ...],
           offload: bool = False, pairs: int = 1 << 62, cpu_share: float = 0.0,
-          kernel: str = "torch") -> None:
+          kernel: str = "torch", kv_gather: str = "staged") -> None:
     results = generate(model, PROMPTS, max_new_tokens=NUM_NEW, eos_token_id=eos,
                        plan=plan(*sizes, offload=offload, pairs=pairs, cpu_share=cpu_share,
-                                 kernel=kernel))
+                                 kernel=kernel, kv_gather=kv_gather))
     assert [r.id for r in results] == [str(i) for i in range(len(PROMPTS))]
     for i, (result, want) in enumerate(zip(results, expected, strict=True)):
         assert list(result.token_ids) == want, f"request {i}"
@@ -88,6 +90,17 @@ def test_host_attention_share_gives_the_same_tokens(case: tuple, share: float,
     folder, _, with_eos, eos = case
     model = load_model(folder, dtype="float32")
     check(model, with_eos, eos, (8, 3, 12, 4), cpu_share=share, kernel=kernel)
+
+
+@pytest.mark.parametrize(("sizes", "share"), [(SIZES[1], 0.0), (SIZES[3], 0.0),
+                                               ((8, 3, 12, 4), 0.5)])
+def test_mapped_kv_gather_gives_the_same_tokens(case: tuple, sizes: tuple[int, ...],
+                                                share: float) -> None:
+    """The device's own gather of the past KV (`kv_gather="mapped"`; index_select into its
+    ring on the CPU), beside a host share too."""
+    folder, _, with_eos, eos = case
+    model = load_model(folder, dtype="float32")
+    check(model, with_eos, eos, sizes, cpu_share=share, kv_gather="mapped")
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])

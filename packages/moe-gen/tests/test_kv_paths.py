@@ -8,6 +8,7 @@ import pytest
 import torch
 from moe_core import ModelSpec, resolve_model_path
 from moe_gen.kv_mover import KVMover
+from moe_gen.mapped_kv_mover import MappedKVMover
 from moe_gen.micro_batch import MicroBatch, SequenceInput
 from moe_gen.paged_kv import PagedKV
 
@@ -128,3 +129,84 @@ def test_cuda_gathers_through_a_reused_ring_on_their_own_stream(planned: bool) -
     for got, want in zip(outs, wanted, strict=True):
         assert torch.equal(got.cpu(), want)
     assert mover.h2d_bytes == 12 * 1000 * 8 * 16 * 4
+
+
+def test_mapped_mover_gathers_planned_and_unplanned_rows_through_its_ring() -> None:
+    """The mapped mover (the device reads the pages itself; index_select on the CPU) returns
+    the right rows for planned gathers, gathers issued ahead, a gather off the plan, and after
+    a new plan, many times around its ring."""
+    mover = MappedKVMover(torch.device("cpu"), ring_size=2)
+    arena = torch.randn(512, 3, 4)
+    generator = torch.Generator().manual_seed(0)
+    requests = [(arena, torch.randint(0, 512, (int(n),), generator=generator))
+                for n in torch.randint(1, 300, (20,), generator=generator)]
+    for _ in range(2):
+        mover.plan(requests)
+        for i, (a, slots) in enumerate(requests):
+            if i % 4 == 0:
+                mover.issue_ahead(2)
+            assert torch.equal(mover.gather(a, slots), arena[slots])
+            mover.release()
+    other = torch.randint(0, 512, (7,), generator=generator)
+    mover.plan(requests)
+    mover.issue_ahead(2)
+    assert torch.equal(mover.gather(arena, other), arena[other])  # off the plan: dropped
+    assert torch.equal(mover.gather(*requests[3]), arena[requests[3][1]])
+    mover.release()
+    assert mover.h2d_bytes > 2 * sum(s.numel() for _, s in requests) * 12 * 4
+
+
+def test_mapped_mover_never_rewrites_a_gather_before_its_release() -> None:
+    """A ring buffer is reused once its readers are released (same memory), and a gather not
+    released yet keeps its rows however many gathers follow (a fresh buffer takes its place)."""
+    mover = MappedKVMover(torch.device("cpu"), ring_size=2)
+    arena = torch.randn(256, 8)
+    first = mover.gather(arena, torch.arange(10))
+    kept = [mover.gather(arena, torch.arange(i, i + 10)) for i in range(1, 6)]  # no release
+    assert torch.equal(first, arena[:10])
+    assert all(torch.equal(k, arena[i:i + 10]) for i, k in enumerate(kept, start=1))
+    mover.release()
+    a = mover.gather(arena, torch.arange(20, 25))
+    mover.release()
+    b = mover.gather(arena, torch.arange(30, 35))
+    mover.release()
+    c = mover.gather(arena, torch.arange(40, 45))  # back on a's buffer, released: reused
+    assert c.data_ptr() == a.data_ptr() and b.data_ptr() != a.data_ptr()
+    assert torch.equal(c, arena[40:45])
+
+
+def test_engine_rejects_an_unknown_kv_gather() -> None:
+    from moe_gen.engine import _kv_mover
+
+    pages = PagedKV(ModelSpec.from_pretrained(resolve_model_path("tiny-moe", weights=False)),
+                    num_pages=2, page_tokens=4, dtype=torch.float32)
+    assert isinstance(_kv_mover("mapped", pages, torch.device("cpu"), 2), MappedKVMover)
+    assert type(_kv_mover("staged", pages, torch.device("cpu"), 2)) is KVMover
+    with pytest.raises(ValueError, match="kv_gather must be"):
+        _kv_mover("dma", pages, torch.device("cpu"), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("planned", [False, True])
+def test_cuda_mapped_gathers_read_the_pinned_pages_on_their_own_stream(planned: bool) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    device = torch.device("cuda")
+    mover = MappedKVMover(device, ring_size=2)
+    arena = torch.randn(4096, 8, 16).pin_memory()
+    generator = torch.Generator().manual_seed(0)
+    outs, wanted = [], []
+    all_slots = [torch.randint(0, 4096, (int(n),), generator=generator)
+                 for n in torch.randint(500, 1500, (12,), generator=generator)]
+    if planned:
+        mover.plan([(arena, slots) for slots in all_slots])
+    for i, slots in enumerate(all_slots):  # six times around the ring, some never released
+        if planned and i % 3 == 0:
+            mover.issue_ahead(2)
+        got = mover.gather(arena, slots)
+        outs.append(got * 1)  # read on the current stream, which waits for the gather
+        wanted.append(arena[slots])
+        if len(outs) % 3 == 0:
+            mover.release()
+    for got, want in zip(outs, wanted, strict=True):
+        assert torch.equal(got.cpu(), want)

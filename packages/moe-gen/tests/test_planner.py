@@ -203,3 +203,22 @@ def test_a_marginal_host_share_is_not_worth_its_uncertainty(mixtral: ModelSpec) 
             assert plan.cpu_attention_share == 0
             checked += 1
     assert checked  # the rates above do make a marginal host share
+
+
+def test_the_device_gathers_the_kv_where_the_host_gather_is_slower(mixtral: ModelSpec) -> None:
+    """A host gather slower than the link makes the device's own gather the plan (no staging in
+    host memory); where the device cannot gather, or its gather is far slower, the host does."""
+    from dataclasses import replace
+
+    staged = make_plan(mixtral, BF16, PROFILE, budget("12GiB"))
+    assert staged.kv_gather == "staged"  # the profile has no mapped rate
+    mapped = make_plan(mixtral, BF16, replace(PROFILE, mapped_gather_bytes_per_s=45e9),
+                       budget("12GiB"))
+    assert mapped.kv_gather == "mapped"
+    assert mapped.host_memory is not None and mapped.host_memory.staging == 0
+    assert staged.host_memory is not None and staged.host_memory.staging > 0
+    assert mapped.prediction is not None and staged.prediction is not None
+    assert mapped.prediction.tokens_per_s > staged.prediction.tokens_per_s
+    slow = make_plan(mixtral, BF16, replace(PROFILE, gather_bytes_per_s=200e9,
+                                            mapped_gather_bytes_per_s=5e9), budget("12GiB"))
+    assert slow.kv_gather == "staged"

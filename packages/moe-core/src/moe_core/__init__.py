@@ -60,6 +60,7 @@ from moe_core.offload.loading import (
 )
 from moe_core.offload.lookahead_prefetcher import LookaheadPrefetcher, lookahead_scores
 from moe_core.offload.mapped_fetch import MappedFetcher
+from moe_core.offload.mapped_rows import MappedRowGather, mapped_rows_unsupported
 from moe_core.offload.offloaded_executor import CpuComputeRule, OffloadedExecutor
 from moe_core.offload.packing import pack_model
 from moe_core.offload.policy import EvictionPolicy, LFUPolicy, LRUPolicy
@@ -158,6 +159,7 @@ __all__ = [
     "LocalExperts",
     "LookaheadPrefetcher",
     "MappedFetcher",
+    "MappedRowGather",
     "MixObserver",
     "MoEBlock",
     "MoECoreError",
@@ -221,6 +223,7 @@ __all__ = [
     "lock_holder",
     "lookahead_scores",
     "make_copy_engine",
+    "mapped_rows_unsupported",
     "open_locked",
     "pack_model",
     "parse_bytes",

@@ -132,7 +132,7 @@ def run_requests(model: MoEForCausalLM, requests: Seq[tuple[int, GenRequest]], p
                     pin=model.device.type == "cuda")
     engine = BatchEngine(model, pages, plan.micro_batch_size, plan.max_attention_pairs,
                          plan.cpu_attention_share, plan.kv_lookahead,
-                         plan.host_attention_kernel)
+                         plan.host_attention_kernel, plan.kv_gather)
     scheduler = Scheduler(sequences, pages, plan.max_batch_size, plan.max_prefill_tokens)
     decode = None
     if tokenizer is not None:

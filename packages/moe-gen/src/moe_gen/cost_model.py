@@ -6,8 +6,10 @@ A decode step of B sequences at context C runs layer by layer (the engine's orde
   (it reads the routing back to the host, one sync per layer);
 - MoE: every non-resident expert the batch activates crosses PCIe once while the previous one
   computes; meanwhile the KV of the next layer's device micro-batches crosses the same link on
-  the KV mover's own stream (gathered on the host ahead of time), so the phase takes the longer
-  of the link's work (experts + next layer's KV), the expert products, and the host's gathers.
+  the KV mover's own stream (`staged`: gathered on the host ahead of time, then copied at the
+  link's copy rate; `mapped`: read from the host pages by the device itself, at its measured
+  rate, no host gather), so the phase takes the longer of the link's work (experts + next
+  layer's KV), the expert products, and the host's gathers.
 - lookahead: when the batch uses most experts, the streaming ring is filled with the layer's
   experts during its attention, before its routing is known (moe-core's `ExpertRing`): up to R
   of them (`cover`, their copy time) cross the link then instead of after it.
@@ -73,6 +75,7 @@ class Candidate:
         prefill_tokens: Prompt tokens admitted per step.
         cpu_share: Share of the decode batch attended on the host.
         ring: Streaming ring slots.
+        kv_gather: `"staged"` or `"mapped"` (`Plan.kv_gather`).
     """
 
     batch: int
@@ -81,6 +84,7 @@ class Candidate:
     prefill_tokens: int
     cpu_share: float = 0.0
     ring: int = 2
+    kv_gather: str = "staged"
 
 
 @dataclass(frozen=True)
@@ -221,7 +225,8 @@ def host_memory(costs: ModelCosts, c: Candidate, max_tokens: int) -> HostMemory:
     full = costs.dense_bytes + costs.num_experts * costs.expert_run_bytes
     return HostMemory(
         experts=experts, kv_pages=c.batch * max_tokens * costs.kv_bytes_per_token,
-        staging=2 * kv_lookahead(c) * c.micro_batch * max_tokens * per_layer,
+        staging=(0 if c.kv_gather == "mapped"
+                 else 2 * kv_lookahead(c) * c.micro_batch * max_tokens * per_layer),
         host_attention=(spec.num_layers * spec.attention.num_params(spec.hidden_size)
                         * costs.dtype_bytes if c.cpu_share > 0 else 0),
         loading=full + spec.moe.num_experts * costs.expert_bytes)
@@ -239,8 +244,10 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
     bandwidth = profile.h2d_bytes_per_s
     device_batch = (1 - share) * c.batch
     kv_bytes = device_batch * context * costs.kv_bytes_per_token  # crosses PCIe
-    kv_layer = kv_bytes / bandwidth / layers if profile.device != "cpu" else 0.0
-    gather_layer = kv_bytes / profile.gather_bytes_per_s / layers
+    mapped = c.kv_gather == "mapped"
+    kv_rate = profile.mapped_gather_bytes_per_s if mapped else bandwidth
+    kv_layer = kv_bytes / kv_rate / layers if profile.device != "cpu" else 0.0
+    gather_layer = 0.0 if mapped else kv_bytes / profile.gather_bytes_per_s / layers
     streamed = costs.streamed_experts(c.batch, c.num_resident)  # per layer
     streamed_bytes = sum(streamed) * costs.expert_bytes
     flops = c.batch * costs.flops_per_token()

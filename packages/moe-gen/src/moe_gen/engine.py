@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from moe_core import AttentionInputs, MoEForCausalLM
+from moe_core import AttentionInputs, MoEForCausalLM, mapped_rows_unsupported
 
 from moe_gen.host_attention import HostAttention
 from moe_gen.kv_mover import KVMover
+from moe_gen.mapped_kv_mover import MappedKVMover
 from moe_gen.micro_batch import MicroBatch, MicroBatchKV, SequenceInput
 from moe_gen.paged_kv import PagedKV
 
@@ -58,10 +59,17 @@ class BatchEngine:
 
     def __init__(self, model: MoEForCausalLM, pages: PagedKV, micro_batch_size: int,
                  max_attention_pairs: int = 1 << 62, cpu_attention_share: float = 0.0,
-                 kv_lookahead: int = 2, host_attention_kernel: str = "torch") -> None:
+                 kv_lookahead: int = 2, host_attention_kernel: str = "torch",
+                 kv_gather: str = "staged") -> None:
         """`kv_lookahead` micro-batches' KV may be gathered before their attention runs (their
         copies overlap earlier work; each holds device memory until attended);
-        `host_attention_kernel` attends the host's share (`host_attention.HOST_ATTENTION_KERNELS`).
+        `host_attention_kernel` attends the host's share (`host_attention.HOST_ATTENTION_KERNELS`);
+        `kv_gather` says who gathers the past KV: `"staged"` (a host thread, then one copy:
+        `KVMover`) or `"mapped"` (the device reads the pinned pages itself: `MappedKVMover`).
+
+        Raises:
+            ValueError: a non-positive size, a share outside [0, 1], an unknown `kv_gather`, or
+                `"mapped"` where the device cannot read the pages.
         """
         if micro_batch_size <= 0 or max_attention_pairs <= 0 or kv_lookahead <= 0:
             raise ValueError(f"micro_batch_size, max_attention_pairs and kv_lookahead must be "
@@ -72,7 +80,7 @@ class BatchEngine:
         self.model = model
         self.pages = pages
         entries = len(model.spec.attention.kv_token_shapes())
-        self.mover = KVMover(model.device, kv_lookahead * entries)
+        self.mover = _kv_mover(kv_gather, pages, model.device, kv_lookahead * entries)
         self.micro_batch_size = micro_batch_size
         self.max_attention_pairs = max_attention_pairs
         self.host_attention = (HostAttention(model, pages, cpu_attention_share,
@@ -185,6 +193,20 @@ class _Part:
     batch: MicroBatch
     inputs: AttentionInputs
     cache: MicroBatchKV
+
+
+def _kv_mover(kind: str, pages: PagedKV, device: torch.device, ring_size: int) -> KVMover:
+    """The KV mover `kind` names (see `BatchEngine`)."""
+    if kind == "staged":
+        return KVMover(device, ring_size)
+    if kind != "mapped":
+        raise ValueError(f"kv_gather must be 'staged' or 'mapped', got {kind!r}")
+    for arenas in pages.arenas.values():
+        for arena in arenas:
+            reason = mapped_rows_unsupported(arena, device)
+            if reason is not None:
+                raise ValueError(f"kv_gather 'mapped' is not possible here: {reason}")
+    return MappedKVMover(device, ring_size)
 
 
 def _to_host(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

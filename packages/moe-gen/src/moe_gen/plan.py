@@ -102,6 +102,9 @@ class Plan:
         kv_lookahead: Micro-batches whose KV may be gathered to the device before their
             attention runs (the copies overlap the previous layer's expert stream; each holds
             device memory until attended).
+        kv_gather: Who gathers the past KV of the device's micro-batches: `"staged"` (a host
+            thread into pinned staging, then one copy per gather) or `"mapped"` (the GPU reads
+            the pinned pages itself; no staging), whichever the cost model predicts faster.
         offload: Whether routed experts run through the streaming executor at all (False:
             every expert stays in the model, the all-resident case).
         prediction: The cost model's prediction, when a planner made the plan.
@@ -119,6 +122,7 @@ class Plan:
     cpu_attention_share: float = 0.0
     host_attention_kernel: str = "torch"
     kv_lookahead: int = 2
+    kv_gather: str = "staged"
     offload: bool = True
     prediction: Prediction | None = None
     host_memory: HostMemory | None = None
@@ -137,6 +141,9 @@ class Plan:
         if self.host_attention_kernel not in ("torch", "numba"):
             raise ValueError(f"Plan.host_attention_kernel must be 'torch' or 'numba', got "
                              f"{self.host_attention_kernel!r}")
+        if self.kv_gather not in ("staged", "mapped"):
+            raise ValueError(f"Plan.kv_gather must be 'staged' or 'mapped', got "
+                             f"{self.kv_gather!r}")
         if self.ring_size < 2:
             raise ValueError(f"Plan.ring_size must be at least 2, got {self.ring_size}")
 

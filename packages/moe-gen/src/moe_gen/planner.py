@@ -138,6 +138,9 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
     found = [replace(c, cpu_share=s) for c in found for s in shares
              if s == 0 or host_memory(costs, replace(c, cpu_share=s),
                                       max_tokens).running <= budget.host_bytes]
+    # The device gathers the KV itself where it can; the model weighs that against the host.
+    gathers = ["staged"] + (["mapped"] if profile.mapped_gather_bytes_per_s > 0 else [])
+    found = [replace(c, kv_gather=g) for c in found for g in gathers]
     scored = [(predict(costs, profile, c, context), c) for c in found]
     prediction, best = _best(scored)
     device_only = [pc for pc in scored if pc[1].cpu_share == 0]
@@ -154,6 +157,6 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, profile: DeviceProfile, budge
                 max_attention_pairs=pairs, cpu_attention_share=best.cpu_share,
                 host_attention_kernel=(profile.cpu_attention_kernel if best.cpu_share > 0
                                        else "torch"),
-                kv_lookahead=kv_lookahead(best),
+                kv_lookahead=kv_lookahead(best), kv_gather=best.kv_gather,
                 offload=not all_resident, prediction=prediction,
                 host_memory=host_memory(costs, best, max_tokens))

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from moe_core import ModelSpec, attend
+from moe_core import MappedRowGather, ModelSpec, attend, mapped_rows_unsupported
 
 from moe_gen.paged_attention import NumbaPagedAttention, time_paged_attention
 
@@ -26,7 +26,8 @@ class DeviceProfile:
     Attributes:
         device: `"cuda"` or `"cpu"`, with the GPU's name where there is one.
         h2d_bytes_per_s: Pinned host-to-device copy rate (PCIe; a memcpy on the CPU).
-        gather_bytes_per_s: Host rate of gathering KV pages into a staging buffer.
+        gather_bytes_per_s: Host rate of gathering KV pages into a staging buffer (from a
+            source larger than the host's caches, as the KV arenas are).
         matmul_flops_per_s: Matrix-product rate at expert-like shapes.
         attention_keys_per_s: Decode attention: (query token, key, layer) triples per second on
             the device, at the model's head shape.
@@ -37,6 +38,9 @@ class DeviceProfile:
             micro-batch pays some tens of them per layer.
         cpu_attention_kernel: The host attention kernel measured fastest (`"torch"` or
             `"numba"`; see `host_attention.py`).
+        mapped_gather_bytes_per_s: Rate of the device gathering KV rows from pinned host
+            memory itself (`moe_core.MappedRowGather`, the `"mapped"` KV gather); 0 where it
+            cannot (the CPU, no CuPy).
     """
 
     device: str
@@ -48,6 +52,7 @@ class DeviceProfile:
     cpu_matmul_flops_per_s: float
     launch_s: float
     cpu_attention_kernel: str = "torch"
+    mapped_gather_bytes_per_s: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready."""
@@ -131,11 +136,14 @@ def profile_device(spec: ModelSpec, device: str | torch.device, dtype: torch.dty
     host = torch.ones(mib << 20, dtype=torch.uint8, pin_memory=cuda)
     target = torch.empty_like(host, device=device)
     h2d = host.numel() / _best(lambda: target.copy_(host, non_blocking=True), device)
-    rows = host.view(-1, 4096)  # 4 KiB rows: about one token of one layer's KV
-    index = torch.randperm(rows.shape[0])
-    out = torch.empty_like(rows)
-    gather = host.numel() / _best(lambda: torch.index_select(rows, 0, index, out=out),
-                                  torch.device("cpu"))
+    row_bytes = _kv_row_bytes(spec, dtype)
+    # The arenas are far larger than the host's caches: gather from a source that is too.
+    source = torch.ones((512 if cuda else 32) << 20, dtype=torch.uint8).view(-1, row_bytes)
+    index = torch.randperm(source.shape[0])[: (mib << 20) // row_bytes]
+    out = torch.empty(index.numel(), row_bytes, dtype=torch.uint8)
+    gather = out.numel() / _best(lambda: torch.index_select(source, 0, index, out=out),
+                                 torch.device("cpu"))
+    mapped = _mapped_gather_rate(device, row_bytes) if cuda else 0.0
     n = 2048 if cuda else 256
     width = min(spec.hidden_size, 4096) if cuda else 256
     a = torch.randn(n, width, device=device, dtype=dtype)
@@ -158,4 +166,26 @@ def profile_device(spec: ModelSpec, device: str | torch.device, dtype: torch.dty
     launch = _best(lambda: [tiny.add_(0) for _ in range(20)], device) / 20
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     return DeviceProfile(name, h2d, gather, flops, attention, cpu_attention, cpu_flops, launch,
-                         host_kernel)
+                         host_kernel, mapped)
+
+
+def _kv_row_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Bytes of one token's first cached tensor in one layer (a gathered KV row), rounded up
+    to 16 (the mapped gather's word)."""
+    shape = spec.attention.kv_token_shapes()[0]
+    elements = 1
+    for size in shape:
+        elements *= size
+    return -(-elements * torch.empty(0, dtype=dtype).element_size() // 16) * 16
+
+
+def _mapped_gather_rate(device: torch.device, row_bytes: int) -> float:
+    """Bytes per second of `MappedRowGather` reading random rows of a pinned 256 MiB arena into
+    the device (0.0 where the device cannot read host memory)."""
+    arena = torch.ones(256 << 20, dtype=torch.uint8, pin_memory=True).view(-1, row_bytes)
+    if mapped_rows_unsupported(arena, device) is not None:
+        return 0.0
+    slots = torch.randperm(arena.shape[0])[: arena.shape[0] // 2].to(device)
+    out = torch.empty(slots.numel(), row_bytes, dtype=torch.uint8, device=device)
+    gather = MappedRowGather(device)
+    return out.numel() / _best(lambda: gather(arena, slots, out), device)

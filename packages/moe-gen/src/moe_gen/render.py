@@ -25,8 +25,9 @@ def plan_lines(plan: Plan, profile: DeviceProfile | None) -> list[str]:
              f"KV cache: {plan.num_kv_pages} host pages of {plan.page_tokens} tokens; "
              f"{plan.cpu_attention_share:.0%} of each decode batch attended on the host"
              + (f" ({plan.host_attention_kernel})" if plan.cpu_attention_share else "")
-             + f"; KV of "
-             f"{plan.kv_lookahead} micro-batches gathered ahead"]
+             + f"; KV of {plan.kv_lookahead} micro-batches gathered ahead, "
+             + ("by the GPU from the host pages" if plan.kv_gather == "mapped"
+                else "on the host")]
     memory = plan.host_memory
     if memory is not None:
         lines.append(f"host memory: peak {format_bytes(memory.peak)} (generating "
@@ -37,8 +38,10 @@ def plan_lines(plan: Plan, profile: DeviceProfile | None) -> list[str]:
                      f"{format_bytes(memory.loading)})")
     if profile is not None:
         lines.append(f"profile ({profile.device}): PCIe {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, "
-                     f"KV gather {profile.gather_bytes_per_s / 1e9:.1f} GB/s, matmul "
-                     f"{profile.matmul_flops_per_s / 1e12:.1f} TFLOP/s, host attention "
+                     f"KV gather {profile.gather_bytes_per_s / 1e9:.1f} GB/s on the host"
+                     + (f", {profile.mapped_gather_bytes_per_s / 1e9:.1f} GB/s by the GPU"
+                        if profile.mapped_gather_bytes_per_s else "")
+                     + f", matmul {profile.matmul_flops_per_s / 1e12:.1f} TFLOP/s, host attention "
                      f"{profile.cpu_attention_keys_per_s / 1e6:.1f} M keys/s "
                      f"({profile.cpu_attention_kernel})")
     p = plan.prediction

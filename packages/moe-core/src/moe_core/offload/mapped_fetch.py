@@ -30,13 +30,9 @@ indexing on the CPU (for CI, where "host" and "device" are the same memory).
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from types import ModuleType
-from typing import Any
-
 import torch
 
+from moe_core.offload.cupy_launch import CupyLauncher, host_pointers_unsupported
 from moe_core.offload.gpu_slots import GpuSlotPool
 from moe_core.offload.host_store import HostExpertStore
 
@@ -102,16 +98,7 @@ def mapped_fetch_unsupported(store: HostExpertStore, pool: GpuSlotPool) -> str |
         return "a host arena is not 16-byte aligned"
     if pool.storage.data_ptr() % 16:
         return "the slot pool is not 16-byte aligned"
-    try:
-        import cupy
-    except ImportError:
-        return "mapped fetch needs CuPy (moe-core[cuda12] or moe-core[cuda13])"
-    index = pool.device.index if pool.device.index is not None else torch.cuda.current_device()
-    # cudaDevAttrCanUseHostPointerForRegisteredMem: registered host memory has the same
-    # address on the device (unified virtual addressing).
-    if not cupy.cuda.runtime.deviceGetAttribute(91, index):
-        return "this GPU cannot use host pointers of registered memory"
-    return None
+    return host_pointers_unsupported(pool.device)
 
 
 class MappedFetcher:
@@ -230,54 +217,21 @@ class MappedFetcher:
         return rows
 
 
-class _StreamProtocol:
-    """The CUDA stream protocol (`__cuda_stream__`) for a bare stream pointer."""
-
-    def __init__(self, ptr: int) -> None:
-        self._ptr = ptr
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self._ptr)
-
-
 class _CudaRowCopier:
     """The CuPy kernel behind `MappedFetcher` on CUDA, launched on torch's current stream."""
 
     def __init__(self, device: torch.device) -> None:
-        import cupy
-
-        self._cupy: ModuleType = cupy
-        self._index = device.index if device.index is not None else torch.cuda.current_device()
-        self._kernel: Any = None
-        self._streams: dict[int, Any] = {}  # stream pointer -> CuPy wrapper
-
-    def _wrap_stream(self, ptr: int) -> Any:
-        """A CuPy handle of the CUDA stream `ptr` (owned by torch)."""
-        cupy = self._cupy
-        from_external = getattr(cupy.cuda.Stream, "from_external", None)
-        if from_external is not None:
-            with contextlib.suppress(TypeError, ValueError):
-                return from_external(_StreamProtocol(ptr))
-        with warnings.catch_warnings():  # deprecated in CuPy 14, the only way before it
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return cupy.cuda.ExternalStream(ptr, self._index)
+        self._launch = CupyLauncher(device, _KERNEL, "fetch_rows")
 
     def copy(self, host: torch.Tensor, pool: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
              lut: torch.Tensor, first: torch.Tensor | None, misses_only: bool = False) -> None:
-        cupy = self._cupy
-        if self._kernel is None:
-            self._kernel = cupy.RawKernel(_KERNEL, "fetch_rows")
+        cupy = self._launch.cupy
         j, n = rows.shape
         n16 = n * rows.element_size() // 16
-        ptr = torch.cuda.current_stream(rows.device).cuda_stream
-        stream = self._streams.get(ptr)
-        if stream is None:
-            stream = self._streams[ptr] = self._wrap_stream(ptr)
         ids = ids.contiguous()
-        with cupy.cuda.Device(self._index), stream:
-            self._kernel((_BLOCKS_PER_ROW, j), (_THREADS,),
-                         (cupy.uint64(host.data_ptr()), cupy.uint64(pool.data_ptr()),
-                          cupy.uint64(rows.data_ptr()), cupy.uint64(ids.data_ptr()),
-                          cupy.uint64(lut.data_ptr()),
-                          cupy.uint64(0 if first is None else first.data_ptr()),
-                          cupy.int64(n16), cupy.int32(int(misses_only))))
+        self._launch(rows.device, (_BLOCKS_PER_ROW, j), (_THREADS,),
+                     (cupy.uint64(host.data_ptr()), cupy.uint64(pool.data_ptr()),
+                      cupy.uint64(rows.data_ptr()), cupy.uint64(ids.data_ptr()),
+                      cupy.uint64(lut.data_ptr()),
+                      cupy.uint64(0 if first is None else first.data_ptr()),
+                      cupy.int64(n16), cupy.int32(int(misses_only))))
