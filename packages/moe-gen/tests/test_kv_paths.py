@@ -210,3 +210,21 @@ def test_cuda_mapped_gathers_read_the_pinned_pages_on_their_own_stream(planned: 
             mover.release()
     for got, want in zip(outs, wanted, strict=True):
         assert torch.equal(got.cpu(), want)
+    # New entries written back by the device, after work queued before the flush.
+    values = torch.randn(3, 8, 16, device=device)
+    later = values * 2  # queued on the compute stream before the flush
+    mover.scatter(arena, torch.tensor([5, 9, 4000]), later)
+    mover.flush()
+    torch.cuda.synchronize()
+    assert torch.equal(arena[[5, 9, 4000]], later.cpu())
+
+
+def test_mapped_mover_writes_new_entries_back_at_flush() -> None:
+    mover = MappedKVMover(torch.device("cpu"), ring_size=1)
+    arena = torch.arange(40.0).view(20, 2)
+    mover.scatter(arena, torch.tensor([1, 5]), torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]))
+    mover.scatter(arena, torch.tensor([7]), torch.tensor([[-5.0, -6.0]]))
+    assert arena[1].tolist() == [2.0, 3.0]  # deferred
+    mover.flush()
+    assert [arena[i].tolist() for i in (1, 5, 7)] == [[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]]
+    assert arena[0].tolist() == [0.0, 1.0]

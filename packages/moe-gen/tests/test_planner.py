@@ -137,26 +137,34 @@ def test_kv_copies_overlap_the_expert_stream(mixtral: ModelSpec) -> None:
     from dataclasses import replace
 
     costs = ModelCosts.of(mixtral, BF16)
-    c = Candidate(256, 32, 16, 8192)
-    p = predict(costs, replace(PROFILE, gather_bytes_per_s=80e9), c, 640)  # gathers keep up
-    serial = p.expert_pcie_s + p.kv_pcie_s + p.gpu_s + p.cpu_s
+    c = Candidate(256, 32, 16, 8192, kv_gather="mapped")
+    profile = replace(PROFILE, mapped_gather_bytes_per_s=PROFILE.h2d_bytes_per_s)
+    p = predict(costs, profile, c, 640)
+    serial = p.expert_pcie_s + p.kv_pcie_s + p.gpu_s
     assert p.bound_s <= p.step_s * (1 + 1e-12) and p.step_s < serial
-    # The link's work (experts and KV) adds up, but the host's gathers and the expert products
-    # hide behind it, and so does the attention while the ring fills ahead of the routing.
+    # The link's work (experts and KV) adds up, but the expert products hide behind it, and so
+    # does the attention while the ring fills ahead of the routing.
     assert p.step_s <= p.pcie_s + p.gpu_s
+    # A staged gather holds the link for the host gather too (both go through host memory).
+    staged = predict(costs, profile, replace(c, kv_gather="staged"), 640)
+    assert staged.cpu_s > 0 and staged.step_s >= p.step_s + 0.9 * staged.cpu_s
 
 
 def test_a_larger_ring_hides_the_attention_behind_copies_ahead(mixtral: ModelSpec) -> None:
     """Ring slots filled during a layer's attention cover it (up to the layer's own copies);
     without lookahead (a batch that uses few experts) the ring does not matter."""
     costs = ModelCosts.of(mixtral, BF16)
-    slow_attention = DeviceProfile("made-up GPU", 50e9, 80e9, 500e12, 4e6, 1e7, 1e12, 1e-5)
-    steps = [predict(costs, slow_attention, Candidate(256, 32, 16, 8192, ring=r), 640).step_s
+    slow_attention = DeviceProfile("made-up GPU", 50e9, 80e9, 500e12, 4e6, 1e7, 1e12, 1e-5,
+                                   mapped_gather_bytes_per_s=50e9)
+    steps = [predict(costs, slow_attention, Candidate(256, 32, 16, 8192, ring=r,
+                                                      kv_gather="mapped"), 640).step_s
              for r in (2, 4, 8)]
     assert steps[0] > steps[1] > steps[2]
-    exposed = predict(costs, slow_attention, Candidate(256, 32, 16, 8192, ring=64), 640)
+    exposed = predict(costs, slow_attention, Candidate(256, 32, 16, 8192, ring=64,
+                                                       kv_gather="mapped"), 640)
     assert exposed.step_s == pytest.approx(max(exposed.bound_s, exposed.gpu_s), rel=0.1)
-    small = [predict(costs, slow_attention, Candidate(1, 1, 16, 8192, ring=r), 640).step_s
+    small = [predict(costs, slow_attention, Candidate(1, 1, 16, 8192, ring=r,
+                                                      kv_gather="mapped"), 640).step_s
              for r in (2, 64)]
     assert small[0] == small[1]
     plan = make_plan(mixtral, BF16, PROFILE, budget("12GiB"))
@@ -203,6 +211,23 @@ def test_a_marginal_host_share_is_not_worth_its_uncertainty(mixtral: ModelSpec) 
             assert plan.cpu_attention_share == 0
             checked += 1
     assert checked  # the rates above do make a marginal host share
+
+
+def test_longer_runs_of_experts_cost_the_host_less(mixtral: ModelSpec) -> None:
+    """The dispatch term counts grouped products: a ring of 2 computes its streamed experts in
+    runs of at most 2, a ring of 4 in runs of 4, a ring of 32 in runs of 16 (Mixtral: one run
+    per layer), and the host's work drops with them; FP8
+    runs are capped by their dequantisation workspace."""
+    from moe_gen.cost_model import run_length
+
+    costs = ModelCosts.of(mixtral, BF16)
+    dispatch = [predict(costs, PROFILE, Candidate(256, 32, 16, 8192, ring=r), 640).dispatch_s
+                for r in (2, 4, 32)]
+    assert dispatch[0] > dispatch[1] > dispatch[2]
+    assert [run_length(r) for r in (2, 16, 32, 64)] == [8, 8, 16, 32]
+    # A Mixtral expert widened to bf16 (352 MB) alone exceeds the 256 MiB workspace: one a run.
+    assert ModelCosts.of(mixtral, BF16, fp8_experts=True).fp8_run_cap == 1
+    assert costs.fp8_run_cap > 1000
 
 
 def test_the_device_gathers_the_kv_where_the_host_gather_is_slower(mixtral: ModelSpec) -> None:

@@ -9,20 +9,21 @@ A decode step of B sequences at context C runs layer by layer (the engine's orde
   the KV mover's own stream (`staged`: gathered on the host ahead of time, then copied at the
   link's copy rate; `mapped`: read from the host pages by the device itself, at its measured
   rate, no host gather), so the phase takes the longer of the link's work (experts + next
-  layer's KV), the expert products, and the host's gathers.
+  layer's KV; a staged gather holds it for the host gather and the copy in turn, both through
+  host memory) and the expert products.
 - lookahead: when the batch uses most experts, the streaming ring is filled with the layer's
   experts during its attention, before its routing is known (moe-core's `ExpertRing`): up to R
   of them (`cover`, their copy time) cross the link then instead of after it.
 - dispatch: the main thread issues all of that (Python and a framework call per operation) and
   waits for each layer's routing, so a layer also takes at least its host dispatch time: per
-  attention micro-batch, per streamed expert, per MoE block, in multiples of the profiled launch
+  attention micro-batch, per streamed expert, per run of experts, per MoE block, in multiples of the profiled launch
   latency (calibrated below).
 The first layer's KV has nothing to hide behind. Summed over layers:
 
     step = KV_0 + sum_l max(dispatch_l,
                             max(attention_l, host_l)
-                            + max(experts_l + KV_l+1 - min(attention_l, cover), matmuls_l,
-                                  gather_l+1))
+                            + max(experts_l + KV_l+1 + gather_l+1 - min(attention_l, cover),
+                                  matmuls_l))
 
 The bound is what no schedule can beat with this memory split: the bytes that must cross PCIe
 (streamed experts and the batch's KV) over the measured bandwidth, or the FLOPs over the measured
@@ -40,8 +41,9 @@ from moe_gen.plan import HostMemory, Prediction
 from moe_gen.profile import DeviceProfile
 
 __all__ = ["HOST_LAUNCHES_PER_EXPERT", "HOST_LAUNCHES_PER_MICRO_BATCH",
-           "HOST_LAUNCHES_PER_MOE_LAYER", "LOOKAHEAD_MIN_SHARE", "Candidate", "HostMemory",
-           "ModelCosts", "gpu_bytes", "host_memory", "kv_lookahead", "predict"]
+           "HOST_LAUNCHES_PER_MOE_LAYER", "HOST_LAUNCHES_PER_RUN", "LOOKAHEAD_MIN_SHARE",
+           "Candidate", "HostMemory", "ModelCosts", "gpu_bytes", "host_memory", "kv_lookahead",
+           "predict", "run_length"]
 
 # moe-core's streaming ring copies a layer's experts ahead of its routing when the previous layer
 # used at least this share of its experts (`ExpertRing.lookahead_min_share`); the engine installs
@@ -55,8 +57,17 @@ LOOKAHEAD_MIN_SHARE = 0.5
 # share of a grouped product), an MoE block ~1.8 ms (routing read, grouping, shared experts).
 # Without this term the planner chose micro-batches of 16 (the device side predicts them free),
 # and steps ran 1.3x slower than with 128.
+#
+# A run of experts computed by one grouped product (`run_length`) costs its own host work beside
+# its experts' (offsets, the products, the activation, FP8's dequantisation: ~25 operations):
+# on the H200 (2026-12-03, Qwen3-30B-A3B x 24 FP8, B 512) a plan with a ring of 2 computed 960
+# runs a step, one or two experts each, and its step took ~0.26 s longer than the per-expert
+# terms alone predicted; the per-expert term itself dropped from 20 to 10 once runs were counted
+# apart. Without the run term every ring size predicted the same dispatch and the planner's tie
+# rule took the smallest ring, whose runs are shortest.
 HOST_LAUNCHES_PER_MICRO_BATCH = 200
-HOST_LAUNCHES_PER_EXPERT = 20
+HOST_LAUNCHES_PER_EXPERT = 10
+HOST_LAUNCHES_PER_RUN = 25
 HOST_LAUNCHES_PER_MOE_LAYER = 250
 
 # Device operations one micro-batch's attention issues per layer (norm, projections, rotary,
@@ -150,19 +161,30 @@ class ModelCosts:
         moe = self.spec.moe
         return 1.0 - (1.0 - moe.router.top_k / moe.num_experts) ** batch
 
-    def streamed_experts(self, batch: int, num_resident: int) -> list[float]:
-        """Expected non-resident experts a decode step of `batch` tokens activates, per decoder
-        layer (uniform routing: the worst case for caching, and what dummy weights do). The
-        resident experts are spread over the MoE layers round-robin (`spread_residents`)."""
-        moe = self.spec.moe
-        per_layer = moe.num_experts
-        active = self.active_share(batch)
-        out = [0.0] * self.spec.num_layers
+    def resident_experts(self, num_resident: int) -> list[int]:
+        """Resident experts per decoder layer: spread over the MoE layers round-robin
+        (`spread_residents`)."""
+        out = [0] * self.spec.num_layers
         layers = max(self.spec.num_moe_layers, 1)
         for i, layer in enumerate(self.spec.moe_layers):
-            resident = min(num_resident // layers + (i < num_resident % layers), per_layer)
-            out[layer] = (per_layer - resident) * active
+            out[layer] = min(num_resident // layers + (i < num_resident % layers),
+                             self.spec.moe.num_experts)
         return out
+
+    def streamed_experts(self, batch: int, num_resident: int) -> list[float]:
+        """Expected non-resident experts a decode step of `batch` tokens activates, per decoder
+        layer (uniform routing: the worst case for caching, and what dummy weights do)."""
+        active = self.active_share(batch)
+        return [(self.spec.moe.num_experts - resident) * active if layer in self.spec.moe_layers
+                else 0.0 for layer, resident in enumerate(self.resident_experts(num_resident))]
+
+    @property
+    def fp8_run_cap(self) -> int:
+        """Most FP8 experts one run dequantises (moe-core's workspace); no cap otherwise."""
+        if not self.fp8_experts:
+            return 1 << 30
+        wide = 3 * self.spec.hidden_size * self.spec.moe.expert_intermediate_size * 2
+        return max(1, FP8_WORKSPACE_BYTES // wide)
 
     def flops_per_token(self) -> float:
         """Matrix-product FLOPs of one token through the model (activated experts only)."""
@@ -232,6 +254,22 @@ def host_memory(costs: ModelCosts, c: Candidate, max_tokens: int) -> HostMemory:
         loading=full + spec.moe.num_experts * costs.expert_bytes)
 
 
+def run_length(ring: int) -> int:
+    """Most experts one grouped product computes with a ring of `ring` slots (moe-core's
+    `ExpertRing.max_group`, set by `model_setup`): half the ring, so one run's copies land while
+    the previous run computes, and at least 8 (a short ring's runs are cut by its end anyway).
+    FP8 runs are further capped by their dequantisation workspace inside moe-core."""
+    return max(8, ring // 2)
+
+
+def _runs(streamed: float, resident: float, ring: int, fp8_cap: int) -> float:
+    """Expected grouped products of one layer: streamed experts in runs cut by the ring's end
+    and the run length, residents in runs of the run length."""
+    length = min(run_length(ring), fp8_cap)
+    streamed_runs = -(-streamed // min(length, ring)) if streamed else 0.0
+    return streamed_runs + (-(-resident // length) if resident else 0.0)
+
+
 def kv_lookahead(c: Candidate) -> int:
     """Micro-batches whose KV may be gathered before their attention: one layer's worth, so the
     next layer's KV crosses PCIe while this layer's experts stream."""
@@ -274,20 +312,29 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
     lookahead = costs.active_share(c.batch) >= LOOKAHEAD_MIN_SHARE and profile.device != "cpu"
     cover = c.ring * costs.expert_bytes / bandwidth if lookahead else 0.0
     micro_batches = device_micro_batches + -(-round(share * c.batch) // c.micro_batch)
-    step = max(kv_layer, gather_layer)  # the first layer's KV: nothing to hide behind
+    resident = costs.resident_experts(c.num_resident)  # per layer
+    fp8_cap = costs.fp8_run_cap
+    # A staged gather and the copy out of its staging both go through host memory (the gather
+    # reads and writes every byte, the copy engine reads it again): on the H200 host they ran in
+    # turn, not beside each other (staged 0.97 s against mapped 0.75 s a step, S3 FP8, same
+    # plan, 2026-12-03), so the staged KV holds the link for both.
+    kv_hold = kv_layer + gather_layer if profile.device != "cpu" else gather_layer
+    step = kv_hold  # the first layer's KV: nothing to hide behind
     dispatch_total = 0.0
     for layer in range(layers):
         last = layer + 1 == layers
         phase = max(attention, host) / layers
         experts = streamed[layer] * costs.expert_bytes / bandwidth
-        link = experts - min(phase, cover, experts) + (0.0 if last else kv_layer)
+        link = experts - min(phase, cover, experts) + (0.0 if last else kv_hold)
         moe = layer in spec.moe_layers
         matmuls = moe_gpu if moe else 0.0
+        runs = _runs(streamed[layer], resident[layer], c.ring, fp8_cap) if moe else 0.0
         dispatch = profile.launch_s * (micro_batches * HOST_LAUNCHES_PER_MICRO_BATCH
                                        + streamed[layer] * HOST_LAUNCHES_PER_EXPERT
+                                       + runs * HOST_LAUNCHES_PER_RUN
                                        + moe * HOST_LAUNCHES_PER_MOE_LAYER)
         dispatch_total += dispatch
-        step += max(dispatch, phase + max(link, matmuls, 0.0 if last else gather_layer))
+        step += max(dispatch, phase + max(link, matmuls))
     expert_pcie = streamed_bytes / bandwidth
     bound = max((streamed_bytes + kv_bytes) / bandwidth, flops / profile.matmul_flops_per_s)
     return Prediction(step_s=step, pcie_s=expert_pcie + kv_layer * layers,

@@ -21,6 +21,12 @@ takes its place, and the old one lives as long as its readers. Buffers grow with
 
 The gathered rows' slot indices move to the device once per step (`plan`), on the mover's
 stream, which every gather then runs on.
+
+New entries go back the same way (`flush`): the device writes each arena's new rows into their
+host slots itself, on the mover's stream after the step's work, over the link's idle direction;
+no copy to a host buffer, no index_copy on the host, and the host does not wait for the device
+there (the step's own closing synchronisation covers it, before anything on the host reads the
+pages; the next step's gathers run on the same stream, after it).
 """
 
 from __future__ import annotations
@@ -128,6 +134,28 @@ class MappedKVMover(KVMover):
             if ring is not None and ring.owner is request:  # not re-taken by a later gather
                 ring.read, ring.released = read, True
         self._taken = []
+
+    def flush(self) -> None:
+        """Write every queued entry into its arena: one device scatter per arena, ordered after
+        the work queued so far on the current stream (on CUDA, without waiting for it)."""
+        by_arena: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for item in self._pending:
+            by_arena.setdefault(id(item[0]), []).append(item)
+        self._pending = []
+        for items in by_arena.values():
+            arena = items[0][0]
+            slots = torch.cat([i[1] for i in items])
+            rows = torch.cat([i[2] for i in items]).to(arena.dtype).contiguous()
+            if not self._on_cuda:
+                self._gather_rows.scatter(arena, slots, rows.to(arena.device))
+                continue
+            self.d2h_bytes += rows.numel() * rows.element_size()
+            assert self._stream is not None
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                index = slots.to(torch.long).pin_memory().to(self.device, non_blocking=True)
+                self._gather_rows.scatter(arena, index, rows)
+            rows.record_stream(self._stream)
 
     def close(self) -> None:
         """Forget the plan (there is no worker to stop)."""

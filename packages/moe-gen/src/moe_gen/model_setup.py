@@ -30,7 +30,7 @@ from moe_core import (
     run_dtype,
 )
 
-from moe_gen.cost_model import LOOKAHEAD_MIN_SHARE
+from moe_gen.cost_model import LOOKAHEAD_MIN_SHARE, run_length
 from moe_gen.plan import Plan
 
 __all__ = ["LoadedModel", "install_streaming", "load_for_generation", "pack_experts",
@@ -103,6 +103,8 @@ def install_streaming(model: MoEForCausalLM, plan: Plan, device: str | torch.dev
                                  resident=resident, ring_size=plan.ring_size,
                                  lookahead_min_share=LOOKAHEAD_MIN_SHARE,
                                  drop_local_experts=True)
+    if runtime.ring is not None:  # the run length the planner's dispatch term assumes
+        runtime.ring.max_group = run_length(plan.ring_size)
     return LoadedModel(model, runtime)
 
 

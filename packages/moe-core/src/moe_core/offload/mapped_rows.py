@@ -1,4 +1,5 @@
-"""Gathering rows of a pinned host tensor straight into device memory: the GPU reads them itself.
+"""Gathering rows of a pinned host tensor straight into device memory, and scattering device rows
+back into it: the GPU reads and writes host memory itself.
 
 Dimension key: N host rows, n gathered rows, ... the per-row shape.
 
@@ -15,7 +16,12 @@ The kernel copies 16-byte words, a few blocks of threads each walking a grid-str
 loads in flight (host reads are bound by the link's latency, not by the SMs): `blocks` sets how
 many SMs' worth of threads it takes from the work beside it.
 
-On the CPU (CI) the gather is `index_select` (host and device are the same memory).
+The way back (`scatter`: a step's new KV rows into their slots) is the same kernel reversed: the
+GPU writes the rows into host memory over the link's other direction, with no copy to a host
+buffer, no host-side index_copy and no wait for the device on the host.
+
+On the CPU (CI) the gather is `index_select` and the scatter `index_copy_` (host and device are
+the same memory).
 """
 
 from __future__ import annotations
@@ -46,6 +52,16 @@ extern "C" __global__ void gather_rows(const uint4* __restrict__ host,
     }
     for (; i < total; i += step) out[i] = host[slots[i / n16] * n16 + i % n16];
 }
+
+extern "C" __global__ void scatter_rows(uint4* __restrict__ host,
+                                        const uint4* __restrict__ rows,
+                                        const long long* __restrict__ slots,
+                                        long long total, long long n16) {
+    // Word i of the rows is word i % n16 of host row slots[i / n16].
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step)
+        host[slots[i / n16] * n16 + i % n16] = rows[i];
+}
 """
 _THREADS = 256
 # Blocks of 256 threads; enough loads in flight to fill the link (measured by
@@ -69,7 +85,8 @@ def mapped_rows_unsupported(host: torch.Tensor, device: torch.device) -> str | N
 
 
 class MappedRowGather:
-    """`out[j] = host[slots[j]]`, with `host` in pinned host memory and `out` on the device.
+    """`out[j] = host[slots[j]]` (and back: `host[slots[j]] = rows[j]`), with `host` in pinned
+    host memory and `out` on the device.
 
     Attributes:
         device: Where the output lives and the kernel runs.
@@ -85,8 +102,9 @@ class MappedRowGather:
             raise ValueError(f"blocks must be at least 1, got {blocks}")
         self.device = device
         self.blocks = blocks
-        self._launch = (CupyLauncher(device, _KERNEL, "gather_rows")
-                        if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        self._launch = CupyLauncher(device, _KERNEL, "gather_rows") if cuda else None
+        self._launch_scatter = CupyLauncher(device, _KERNEL, "scatter_rows") if cuda else None
 
     def __call__(self, host: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> None:
         """Gather on torch's current stream (CUDA: asynchronous, like any kernel).
@@ -97,17 +115,10 @@ class MappedRowGather:
                 on CUDA: checking would read them back).
             out: `[n, ...]` contiguous, on the device, `host`'s dtype.
         """
-        if out.shape[0] != slots.shape[0] or out.shape[1:] != host.shape[1:]:
-            raise ValueError(f"cannot gather {tuple(slots.shape)} rows of {tuple(host.shape)} "
-                             f"into {tuple(out.shape)}")
-        if out.dtype != host.dtype or slots.dtype != torch.long:
-            raise ValueError(f"gather needs out in the host's dtype ({host.dtype}, got "
-                             f"{out.dtype}) and int64 slots (got {slots.dtype})")
+        self._check(host, slots, out)
         if self._launch is None:
             torch.index_select(host, 0, slots.to(host.device), out=out)
             return
-        if not out.is_contiguous():
-            raise ValueError("the gather's output must be contiguous")
         n16 = host[0].numel() * host.element_size() // 16
         total = slots.numel() * n16
         if total == 0:
@@ -117,3 +128,38 @@ class MappedRowGather:
         self._launch(self.device, (blocks,), (_THREADS,),
                      (cupy.uint64(host.data_ptr()), cupy.uint64(out.data_ptr()),
                       cupy.uint64(slots.data_ptr()), cupy.int64(total), cupy.int64(n16)))
+
+    def scatter(self, host: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """`host[slots[j]] = rows[j]` on torch's current stream (CUDA: asynchronous; the host
+        sees the rows once the stream has run past it).
+
+        Args:
+            host: `[N, ...]` rows (pinned and contiguous on CUDA runs).
+            slots: `[n]` int64 distinct row indices in `[0, N)`, on the device.
+            rows: `[n, ...]` contiguous, on the device, `host`'s dtype.
+        """
+        self._check(host, slots, rows)
+        if self._launch_scatter is None:
+            host.index_copy_(0, slots.to(host.device), rows)
+            return
+        n16 = host[0].numel() * host.element_size() // 16
+        total = slots.numel() * n16
+        if total == 0:
+            return
+        cupy = self._launch_scatter.cupy
+        blocks = max(1, min(self.blocks, -(-total // _THREADS)))
+        self._launch_scatter(self.device, (blocks,), (_THREADS,),
+                             (cupy.uint64(host.data_ptr()), cupy.uint64(rows.data_ptr()),
+                              cupy.uint64(slots.data_ptr()), cupy.int64(total),
+                              cupy.int64(n16)))
+
+    @staticmethod
+    def _check(host: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        if rows.shape[0] != slots.shape[0] or rows.shape[1:] != host.shape[1:]:
+            raise ValueError(f"cannot move {tuple(slots.shape)} rows between {tuple(host.shape)} "
+                             f"and {tuple(rows.shape)}")
+        if rows.dtype != host.dtype or slots.dtype != torch.long:
+            raise ValueError(f"rows must be in the host's dtype ({host.dtype}, got "
+                             f"{rows.dtype}) and slots int64 (got {slots.dtype})")
+        if rows.device.type == "cuda" and not rows.is_contiguous():
+            raise ValueError("the device rows must be contiguous")
