@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from unittest import mock
 
 import pytest
@@ -34,6 +35,12 @@ TOP_K = 2
 class Copy:
     ticket: CopyTicket
     slots: range
+
+    @property
+    def experts(self) -> tuple[ExpertId, ...]:
+        """What the ring's copy carries (its key)."""
+        assert isinstance(self.ticket.key, tuple)
+        return self.ticket.key
 
 
 @dataclass
@@ -143,6 +150,10 @@ def executors(store: HostExpertStore, resident: list[ExpertId], ring_size: int,
 Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def after(expert: ExpertId) -> ExpertId:
+    return ExpertId(expert.layer, expert.expert + 1)
+
+
 def routing(store: HostExpertStore, tokens: int, allowed: list[int], seed: int) -> Call:
     """`tokens` random inputs `[T, D]`, each routed to TOP_K distinct experts of `allowed`."""
     g = torch.Generator().manual_seed(seed)
@@ -187,7 +198,7 @@ def test_chunks_split_at_the_ring_end_and_at_residents(
     ids, and a ring of 5 wraps inside them: no copy crosses a gap or the ring's end, and the
     outputs stay exact."""
     resident = [ExpertId(layer, e) for layer in store.moe_layers for e in (3, 4, 9)]
-    engine, streaming = executors(store, resident, ring_size=5, share=0.0, max_group=8)
+    engine, streaming = executors(store, resident, ring_size=5, share=None, max_group=8)
     every = list(range(store.num_experts))
     with engine.reading():
         run_steps(store, lambda step, layer: routing(store, 48, every, 10 * step + layer),
@@ -195,12 +206,13 @@ def test_chunks_split_at_the_ring_end_and_at_residents(
     ring = range(len(resident), len(resident) + 5)
     streamed = [c for c in engine.copies() if c.slots[0] in ring]
     assert any(len(c.slots) > 1 for c in streamed)
-    assert any(c.slots[-1] == ring[-1] for c in streamed)  # some chunk ends at the ring's end
+    wraps = [(a, b) for a, b in pairwise(streamed) if a.slots[-1] == ring[-1]
+             and b.slots[0] == ring[0] and b.experts[0] == after(a.experts[-1])]
+    assert wraps  # 13 streamed experts a layer: a call's first 5 copies start mid-ring
     for c in streamed:
-        experts = list(c.ticket.key)  # type: ignore[call-overload]
-        assert set(c.slots) <= set(ring) and len(experts) == len(c.slots)
-        assert all(b == ExpertId(a.layer, a.expert + 1) for a, b in zip(experts, experts[1:]))
-        assert not {3, 4, 9} & {x.expert for x in experts}
+        assert set(c.slots) <= set(ring) and len(c.experts) == len(c.slots)
+        assert all(b == after(a) for a, b in pairwise(c.experts))
+        assert not {3, 4, 9} & {x.expert for x in c.experts}
     assert len(streamed) < sum(len(c.slots) for c in streamed)
     assert_ring_safe(engine.events, ring)
 
@@ -218,7 +230,7 @@ def test_a_chunk_spanning_runs_is_released_once_after_its_last_computed_expert(
     with engine.reading():
         assert torch.equal(streaming[layer](*call), all_resident[layer](*call))
     chunk = next(c for c in engine.copies()
-                 if c.ticket.key == tuple(ExpertId(layer, e) for e in (4, 5, 6, 7)))
+                 if c.experts == tuple(ExpertId(layer, e) for e in (4, 5, 6, 7)))
     after = engine.events[engine.events.index(chunk):]
     refill = next(i for i, e in enumerate(after) if isinstance(e, Copy) and i > 0
                   and set(e.slots) & set(chunk.slots))
@@ -242,8 +254,7 @@ def test_a_shard_store_copies_its_consecutive_rows_at_once(store: HostExpertStor
     assert len({id(f.ticket) for f in flights}) == 1 and len(engine.copies()) == 1
     engine.drain()
     for flight in flights:
-        assert torch.equal(engine.pool.slot(flight.slot),  # type: ignore[union-attr]
-                           shard.block(flight.expert))
+        assert torch.equal(ring.pool.slot(flight.slot), shard.block(flight.expert))
 
 
 @settings(max_examples=40, deadline=None)
