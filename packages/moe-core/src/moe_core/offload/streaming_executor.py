@@ -2,7 +2,8 @@
 slots, expert e+1 copying while expert e computes (MoE-Gen's module-based batching: every expert
 crosses PCIe once per step and runs one large matrix product on all its tokens).
 
-Dimension key: T tokens, K experts per token, D hidden, N tokens of one expert, R ring slots.
+Dimension key: T tokens, K experts per token, D hidden, N tokens of one expert (or block
+elements, for copies), R ring slots, C experts of one copy.
 
 A planned resident set (say, the hottest experts, chosen by a planner for the GPU budget) keeps
 its own slots for good and is never streamed. Nothing else is cached: an expert not resident is
@@ -33,9 +34,10 @@ still be computing. After the expert's kernels are enqueued, the engine's `relea
 event on the compute stream and the next copy into the slot waits for it on the device (CUDA,
 slot by slot even across a multi-slot copy); on the CPU, compute and copies are ordered anyway.
 Slots are filled and consumed in one order. Chunks and runs need not line up (a run is cut at
-`max_group` or a token gap, a chunk at a batch's end), so a chunk's ticket is released once,
-after the run holding its last expert, and none of its slots is refilled before that (`_Flights`):
-copy i+R reuses copy i's slot, issued only once i's whole chunk was consumed. A chunk none of
+`max_group` or a token gap, a chunk at a batch's end or a gap in the arena), so a chunk's ticket
+is released once, after the run holding its last expert, and none of its slots is refilled
+before that (`_Flights`): copy i+R reuses copy i's slot, issued only once i's whole chunk was
+consumed. A chunk none of
 whose experts was computed needs no release: nothing reads it, and the next copy into its slots
 is queued behind it on the same stream.
 
@@ -134,11 +136,12 @@ class ExpertRing:
         self.lookahead_min_share = lookahead_min_share
         self.max_group = max_group
         self._resident = resident
-        self._resident_slot = {expert: slot for slot, expert in enumerate(sorted(resident))}
-        self._resident_copy = {f.expert: f.ticket for f in self._submit(
-            list(self._resident_slot), list(self._resident_slot.values()))}
+        ordered = sorted(resident)
+        self._resident_slot = {expert: slot for slot, expert in enumerate(ordered)}
+        self._resident_copy = {f.expert: f.ticket
+                               for f in self._submit(ordered, range(len(ordered)))}
         self._layer_residents: dict[int, list[ExpertId]] = {}
-        for expert in sorted(resident):
+        for expert in ordered:
             self._layer_residents.setdefault(expert.layer, []).append(expert)
         self._ring = list(range(len(resident), len(resident) + ring_size))
         self._cursor = 0  # next ring slot to fill; carried across layers
@@ -173,7 +176,7 @@ class ExpertRing:
         return self._resident_slot[expert]
 
     def next_slots(self, count: int) -> list[int]:
-        """The ring slots the next `count` calls of `stream` will fill, in order."""
+        """The ring slots the next `count` experts `stream`ed will fill, in order."""
         return [self._ring[(self._cursor + i) % self.ring_size] for i in range(count)]
 
     def stream(self, experts: Sequence[ExpertId]) -> list[Flight]:
