@@ -175,8 +175,9 @@ def run_steps(store: HostExpertStore, calls: Callable[[int, int], Call],
 
 def test_consecutive_streamed_experts_cross_in_a_handful_of_copies(
         store: HostExpertStore, all_resident: dict[int, StreamingExecutor]) -> None:
-    """A ring of 8 and 16 streamed experts per layer, all used: a layer's own experts and the
-    next layer's copied ahead take two copies of 8 (one per ring's worth), not 16 copies."""
+    """A ring of 8 and 16 streamed experts per layer, all used: each layer's 16 cross in two
+    copies of 8 (after the first layer, one of them issued ahead by the layer before), and the
+    last layer's lookahead in one more, not one copy per expert."""
     engine, streaming = executors(store, [], ring_size=8, share=0.5, max_group=8)
     every = list(range(store.num_experts))
     with engine.reading():
