@@ -39,6 +39,7 @@ class FakeRuntime:
         self.streams: dict[int, list[types.FunctionType]] = {}
         self.priorities: dict[int, int] = {}
         self.bytes_moved = 0
+        self.waits: list[tuple[int, int]] = []  # (stream, event) of each streamWaitEvent
 
     def streamCreateWithPriority(self, flags: int, priority: int) -> int:
         ptr = 100 + len(self.streams)
@@ -62,7 +63,7 @@ class FakeRuntime:
             op()  # torch's (fake) current stream has nothing pending
 
     def streamWaitEvent(self, stream: int, event: int, flags: int = 0) -> None:
-        pass
+        self.waits.append((stream, event))
 
     def streamSynchronize(self, stream: int) -> None:
         self.run(stream)
@@ -128,6 +129,33 @@ def test_window_promotion_cancellation_and_drain(fake: FakeRuntime) -> None:
     assert engine.bytes_copied == 5 * 256 * 4
     assert engine.copy_seconds == pytest.approx(5 * 256 * 4 / 1e9)
     engine.close()
+
+
+def test_a_copy_into_some_slots_of_a_released_multi_slot_copy_waits_for_their_readers(
+        fake: FakeRuntime) -> None:
+    """Fences are kept per row of a `[C, N]` destination: a later copy whose slots overlap an
+    earlier copy of several experts waits for that copy's release wherever it starts, once per
+    event, and a copy into slots no release covers waits for nothing."""
+    engine = make_engine()
+    demand = engine._stream_ptr[CopyLane.DEMAND]
+    slots = torch.zeros(5, 8)  # [S, N]
+    host = torch.arange(40, dtype=torch.float32).view(5, 8)
+    chunk = engine.submit(host[0:3], slots[0:3], CopyLane.DEMAND, key="rows 0-2")
+    fake.waits.clear()
+    engine.release(chunk)
+    released = max(FakeEvent.registry)  # the event `release` just recorded
+    engine.submit(host[4], slots[4], CopyLane.DEMAND, key="row 4")
+    assert fake.waits == []
+    engine.submit(host[1], slots[1], CopyLane.DEMAND, key="row 1")
+    assert fake.waits == [(demand, released)]
+    engine.submit(host[2:4], slots[2:4], CopyLane.DEMAND, key="rows 2-3")
+    assert fake.waits == [(demand, released)] * 2
+    engine.submit(host[0:2], slots[0:2], CopyLane.DEMAND, key="rows 0-1")
+    assert fake.waits == [(demand, released)] * 3  # row 0 still fenced, row 1's was used
+    engine.submit(host[0:2], slots[0:2], CopyLane.DEMAND, key="rows 0-1 again")
+    assert len(fake.waits) == 3
+    engine.drain()
+    assert torch.equal(slots, host)
 
 
 def test_missing_cupy_names_the_extras(monkeypatch: pytest.MonkeyPatch) -> None:

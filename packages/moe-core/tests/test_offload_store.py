@@ -103,6 +103,26 @@ def test_store_blocks_are_views_of_one_arena_per_layer(qwen2_folder: Path) -> No
         store.block(ExpertId(layer, store.num_experts))
 
 
+def test_consecutive_rows_are_one_view_of_their_blocks_also_in_a_shard() -> None:
+    """`rows` spans the blocks of consecutive rows; a shard's rows count only what it holds
+    (experts 1, 4, 5 of 6 sit in rows 0, 1, 2)."""
+    whole = HostExpertStore.empty(LAYOUT, [0], num_experts=6, pin=False)
+    whole.arena(0).copy_(torch.arange(whole.arena(0).numel(), dtype=torch.float32))
+    shard = whole.subset([ExpertId(0, e) for e in (1, 4, 5)])
+    for store in (whole, shard):
+        held = list(store.held(0))
+        assert [store.row(ExpertId(0, e)) for e in held] == list(range(len(held)))
+        span = store.rows(0, 1, 2)  # [2, N]
+        assert span.shape == (2, LAYOUT.numel) and span.is_contiguous()
+        for i, e in enumerate(held[1:3]):
+            assert torch.equal(span[i], store.block(ExpertId(0, e)))
+            assert span[i].data_ptr() == store.block(ExpertId(0, e)).data_ptr()
+        with pytest.raises(IndexError):
+            store.rows(0, len(held) - 1, 2)
+    with pytest.raises(KeyError, match="shard"):
+        shard.row(ExpertId(0, 2))
+
+
 def test_pin_without_cuda_falls_back_to_pageable() -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA present: pinning really happens (test_offload_cuda.py)")

@@ -94,7 +94,7 @@ class CudaCopyEngine:
             }
         self._queued: deque[CopyTicket] = deque()  # prefetches not yet on a stream
         self._in_flight: dict[CopyLane, deque[CopyTicket]] = {lane: deque() for lane in CopyLane}
-        self._fences: dict[int, Any] = {}  # dst data_ptr -> event the next copy must wait on
+        self._fences: dict[int, Any] = {}  # dst row address (`_rows`) -> event a copy waits on
         self.bytes_copied = 0
         self.promotions = 0
         self._copy_seconds = 0.0
@@ -181,14 +181,16 @@ class CudaCopyEngine:
         """Declare that every kernel reading the tickets' destinations has been enqueued on
         torch's current stream: the next copy into any of them (a slot reused for another
         expert) waits for those reads on the device instead of overwriting the slot under them.
-        One event covers every ticket of the call."""
+        One event covers every ticket of the call, and every row of a `[C, N]` destination
+        (`_rows`)."""
         if not tickets:
             return
         with self._cupy.cuda.Device(self._index):
             event = self._cupy.cuda.Event(disable_timing=True)
         consumer = torch.cuda.current_stream(self.device).cuda_stream
         self._rt.eventRecord(event.ptr, consumer)
-        self._fences.update(dict.fromkeys([t.dst_ptr for t in tickets], event))
+        for ticket in tickets:
+            self._fences.update(dict.fromkeys(_rows(ticket), event))
 
     def fence_current_stream(self) -> None:
         """Make every copy enqueued from now on (both lanes) start only after the work already
@@ -227,11 +229,12 @@ class CudaCopyEngine:
         """Put `ticket`'s copy on `lane`'s stream, bracketed by events."""
         stream = self._stream_ptr[lane]
         cuda = self._cupy.cuda
-        fence = self._fences.pop(ticket.dst_ptr, None)
+        popped = (self._fences.pop(row, None) for row in _rows(ticket))
+        fences = {id(event): event for event in popped if event is not None}  # distinct events
         with cuda.Device(self._index):
-            if fence is not None:
+            for fence in fences.values():
                 self._rt.streamWaitEvent(stream, fence.ptr, 0)
-            start = self._start_event(lane, fenced=fence is not None)
+            start = self._start_event(lane, fenced=bool(fences))
             end = cuda.Event(disable_timing=not self.time_copies)
             self._rt.memcpyAsync(ticket.dst_ptr, ticket.src.data_ptr(), ticket.nbytes,
                                  self._rt.memcpyHostToDevice, stream)
@@ -272,3 +275,17 @@ class CudaCopyEngine:
                     ms = self._cupy.cuda.get_elapsed_time(record.start, record.end)
                     self._copy_seconds += ms / 1000.0
                 flights.popleft().done = True
+
+
+def _rows(ticket: CopyTicket) -> list[int]:
+    """The device addresses fences are kept under for `ticket`'s destination: one per row of a
+    `[C, N]` destination (C slots written by one copy of C experts), the start of any other.
+
+    Per row, because later copies need not cover the same rows: a copy into some of the slots
+    of an earlier multi-slot copy must wait for exactly their readers.
+    """
+    dst = ticket.dst
+    if dst.dim() < 2 or dst.shape[0] < 2:
+        return [ticket.dst_ptr]
+    row_bytes = dst.stride(0) * dst.element_size()
+    return [ticket.dst_ptr + i * row_bytes for i in range(dst.shape[0])]

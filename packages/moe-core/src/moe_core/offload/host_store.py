@@ -280,18 +280,41 @@ class HostExpertStore:
         Raises:
             KeyError: an index out of range, or an expert a shard does not hold.
         """
-        if not 0 <= expert.expert < self.num_experts:
-            raise KeyError(f"{expert}: expert index out of range 0..{self.num_experts - 1}")
         arena = self.arena(expert.layer)
-        row = expert.expert
-        if self._rows is not None:
-            found = self._rows[expert.layer].get(expert.expert)
-            if found is None:
-                raise KeyError(f"{expert} is not in this store (it holds a shard of the "
-                               f"experts)")
-            row = found
+        row = self.row(expert)
         n = self.layout.numel
         return arena[row * n : (row + 1) * n]
+
+    def row(self, expert: ExpertId) -> int:
+        """`expert`'s row in its layer's arena: its index, or in a shard its rank among the
+        experts held (`held`).
+
+        Raises:
+            KeyError: an index out of range, or an expert a shard does not hold.
+        """
+        if not 0 <= expert.expert < self.num_experts:
+            raise KeyError(f"{expert}: expert index out of range 0..{self.num_experts - 1}")
+        if self._rows is None:
+            return expert.expert
+        found = self._rows.get(expert.layer, {}).get(expert.expert)
+        if found is None:
+            raise KeyError(f"{expert} is not in this store (it holds a shard of the experts)")
+        return found
+
+    def rows(self, layer: int, first: int, count: int) -> torch.Tensor:
+        """Rows `first .. first + count - 1` of `layer`'s arena as one tensor `[count, N]` (a
+        view): the blocks of experts whose rows (`row`) are consecutive, for one copy.
+
+        Raises:
+            IndexError: rows out of range.
+        """
+        n = self.layout.numel
+        arena = self.arena(layer)
+        held = arena.numel() // n
+        if count <= 0 or first < 0 or first + count > held:
+            raise IndexError(f"rows {first}..{first + count - 1} of layer {layer} out of range "
+                             f"0..{held - 1}")
+        return arena.view(held, n)[first : first + count]
 
     def weights(self, expert: ExpertId, dtype: torch.dtype | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 slots, expert e+1 copying while expert e computes (MoE-Gen's module-based batching: every expert
 crosses PCIe once per step and runs one large matrix product on all its tokens).
 
-Dimension key: T tokens, K experts per token, D hidden, N tokens of one expert, R ring slots.
+Dimension key: T tokens, K experts per token, D hidden, N tokens of one expert (or block
+elements, for copies), R ring slots, C experts of one copy.
 
 A planned resident set (say, the hottest experts, chosen by a planner for the GPU budget) keeps
 its own slots for good and is never streamed. Nothing else is cached: an expert not resident is
@@ -20,20 +21,33 @@ streamed experts the first time. They cross PCIe while that layer
 attends; its call then computes the ones its routing picked and skips the rest (their bytes are
 wasted, counted as prefetches issued but not used).
 
+One copy per chunk: copies are issued in batches (every expert that fits in the ring's free
+slots, at once), and each chunk of a batch, experts in consecutive rows of one layer's host arena
+landing in consecutive ring slots (never wrapping round the ring's end), at most `max_group`,
+crosses PCIe as one copy whose ticket all its experts share (`Flight`). A profiled
+Qwen3-30B-A3B decode step at batch 512 made 1,161 copies, one per streamed expert, and the
+host's per-copy work limited the step (decision 0005, 2026-12-03). The cap keeps the first run of
+a layer from waiting for more than one grouped product's worth of copies.
+
 Ring safety: a copy into a ring slot must not start while the previous expert in that slot may
 still be computing. After the expert's kernels are enqueued, the engine's `release` records an
-event on the compute stream and the next copy into the slot waits for it on the device (CUDA); on
-the CPU, compute and copies are ordered anyway. Slots are filled and consumed in one order (copy
-i+R reuses copy i's slot, issued only once i was consumed), and a skipped copy needs no release:
-nothing reads it, and the next copy into its slot is queued behind it on the same stream.
+event on the compute stream and the next copy into the slot waits for it on the device (CUDA,
+slot by slot even across a multi-slot copy); on the CPU, compute and copies are ordered anyway.
+Slots are filled and consumed in one order. Chunks and runs need not line up (a run is cut at
+`max_group` or a token gap, a chunk at a batch's end or a gap in the arena), so a chunk's ticket
+is released once, after the run holding its last expert, and none of its slots is refilled
+before that (`_Flights`): copy i+R reuses copy i's slot, issued only once i's whole chunk was
+consumed. A chunk none of
+whose experts was computed needs no release: nothing reads it, and the next copy into its slots
+is queued behind it on the same stream.
 
 Compute per layer: the tokens' inputs are gathered once in expert order; experts then run in
 groups, each a run of experts in consecutive slots whose tokens are contiguous (a layer's
 residents sit in consecutive slots in expert order; streamed experts land in consecutive ring
 slots), one grouped matrix product per projection for the whole group (`grouped_expert_mlp`);
-one scatter adds the weighted outputs back per token. Per expert, the host only submits its copy:
-the host's per-expert work was what large batches of small experts (DeepSeek's, 1,400 per step)
-waited on.
+one scatter adds the weighted outputs back per token. Per chunk of experts, the host only submits
+one copy: the host's per-expert work was what large batches of small experts (DeepSeek's, 1,400
+per step) waited on.
 
 FP8 stores (`fp8.py`): blocks cross PCIe as e4m3 weights plus their scales (half of bf16's
 bytes), and each run is dequantised on the device into the activations' dtype just before its
@@ -43,7 +57,8 @@ grouped product (a workspace of at most `FP8_WORKSPACE_BYTES`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from typing import NamedTuple
 
 import torch
@@ -65,7 +80,8 @@ FP8_WORKSPACE_BYTES = 256 * 2**20
 
 
 class Flight(NamedTuple):
-    """A copy into the ring: which expert, its ticket, and the ring slot it fills."""
+    """An expert copied into the ring: which expert, the ticket of its copy (shared by every
+    expert of its chunk), and the ring slot it fills."""
 
     expert: ExpertId
     ticket: CopyTicket
@@ -87,7 +103,7 @@ class ExpertRing:
         ring_size: R.
         lookahead_min_share: Copy the next layer's experts ahead of its routing when the current
             layer used at least this share of its experts (None: never).
-        max_group: Most experts computed by one grouped product.
+        max_group: Most experts computed by one grouped product, and copied by one copy.
     """
 
     def __init__(self, store: HostExpertStore, pool: GpuSlotPool, engine: CopyEngine,
@@ -120,12 +136,12 @@ class ExpertRing:
         self.lookahead_min_share = lookahead_min_share
         self.max_group = max_group
         self._resident = resident
-        self._resident_slot = {expert: slot for slot, expert in enumerate(sorted(resident))}
-        self._resident_copy: dict[ExpertId, CopyTicket] = {}
-        for expert, slot in self._resident_slot.items():
-            self._resident_copy[expert] = self._copy(expert, slot)
+        ordered = sorted(resident)
+        self._resident_slot = {expert: slot for slot, expert in enumerate(ordered)}
+        self._resident_copy = {f.expert: f.ticket
+                               for f in self._submit(ordered, range(len(ordered)))}
         self._layer_residents: dict[int, list[ExpertId]] = {}
-        for expert in sorted(resident):
+        for expert in ordered:
             self._layer_residents.setdefault(expert.layer, []).append(expert)
         self._ring = list(range(len(resident), len(resident) + ring_size))
         self._cursor = 0  # next ring slot to fill; carried across layers
@@ -160,15 +176,23 @@ class ExpertRing:
         return self._resident_slot[expert]
 
     def next_slots(self, count: int) -> list[int]:
-        """The ring slots the next `count` calls of `stream` will fill, in order."""
+        """The ring slots the next `count` experts `stream`ed will fill, in order."""
         return [self._ring[(self._cursor + i) % self.ring_size] for i in range(count)]
 
-    def stream(self, expert: ExpertId) -> Flight:
-        """Start copying `expert` into the next ring slot (the caller keeps at most `ring_size`
-        copies unconsumed, consumed in the order issued)."""
-        slot = self._ring[self._cursor]
-        self._cursor = (self._cursor + 1) % self.ring_size
-        return Flight(expert, self._copy(expert, slot), slot)
+    def stream(self, experts: Sequence[ExpertId]) -> list[Flight]:
+        """Start copying `experts` into the next ring slots, one copy per chunk (`_chunks`).
+
+        The caller fills only slots whose earlier copies' chunks it has consumed (at most
+        `ring_size` slots held), and consumes the flights in the order issued.
+
+        Raises:
+            ValueError: more experts than the ring has slots.
+        """
+        if len(experts) > self.ring_size:
+            raise ValueError(f"{len(experts)} experts do not fit a ring of {self.ring_size}")
+        slots = self.next_slots(len(experts))
+        self._cursor = (self._cursor + len(experts)) % self.ring_size
+        return self._submit(experts, slots)
 
     def take_ahead(self) -> list[Flight]:
         """The copies issued ahead of the coming call, oldest first (the caller consumes them
@@ -190,19 +214,44 @@ class ExpertRing:
         nxt = self._next_layer[layer]
         self._guesses = iter(self._last_used.get(nxt, self._streamable[nxt]))
 
-    def top_up(self, unconsumed: int) -> None:
-        """Fill the ring's free slots (`unconsumed` of the current call's own copies hold the
-        others) with copies of the next layer's likely experts, in order."""
-        while unconsumed + len(self._ahead) < self.ring_size:
-            expert = next(self._guesses, None)
-            if expert is None:
-                return
-            self._ahead.append(self.stream(expert))
-            self.stats.prefetches_issued += 1
+    def top_up(self, held: int) -> None:
+        """Fill the ring's free slots (the current call's own copies hold `held`) with copies of
+        the next layer's likely experts, in order, all at once."""
+        free = self.ring_size - held - len(self._ahead)
+        guesses = list(islice(self._guesses, max(free, 0)))
+        self._ahead.extend(self.stream(guesses))
+        self.stats.prefetches_issued += len(guesses)
 
-    def _copy(self, expert: ExpertId, slot: int) -> CopyTicket:
-        ticket = self.engine.submit(self.store.block(expert), self.pool.slot(slot),
-                                    CopyLane.DEMAND, key=expert)
+    def _submit(self, experts: Sequence[ExpertId], slots: Sequence[int]) -> list[Flight]:
+        """Copy `experts` into `slots`, one copy per chunk; a flight per expert."""
+        flights: list[Flight] = []
+        for chunk in self._chunks(experts, slots):
+            ticket = self._copy(experts[chunk], slots[chunk.start])
+            flights += [Flight(x, ticket, slot)
+                        for x, slot in zip(experts[chunk], slots[chunk], strict=True)]
+        return flights
+
+    def _chunks(self, experts: Sequence[ExpertId], slots: Sequence[int]) -> Iterator[slice]:
+        """`experts` (filling `slots`) cut into chunks that one copy moves: consecutive rows of
+        one layer's arena (`HostExpertStore.row`; a shard's rows skip what it lacks) into
+        consecutive slots, at most `max_group`."""
+        rows = [self.store.row(x) for x in experts]
+        start = 0
+        for i in range(1, len(experts) + 1):
+            if (i < len(experts) and experts[i].layer == experts[i - 1].layer
+                    and rows[i] == rows[i - 1] + 1 and slots[i] == slots[i - 1] + 1
+                    and i - start < self.max_group):
+                continue
+            yield slice(start, i)
+            start = i
+
+    def _copy(self, experts: Sequence[ExpertId], first_slot: int) -> CopyTicket:
+        """One copy of `experts` (consecutive rows of one layer's arena) into consecutive slots
+        from `first_slot`."""
+        count = len(experts)
+        src = self.store.rows(experts[0].layer, self.store.row(experts[0]), count)  # [C, N]
+        ticket = self.engine.submit(src, self.pool.rows(first_slot, count),  # [C, N]
+                                    CopyLane.DEMAND, key=tuple(experts))
         self.stats.bytes_copied += ticket.nbytes
         return ticket
 
@@ -247,29 +296,29 @@ class StreamingExecutor:
         # FP8 blocks are dequantised to the activations' dtype: the products run in it.
         xs = groups.sorted_inputs(hidden, hidden.dtype if layout.is_fp8 else layout.dtype)
         ys = torch.empty_like(xs)  # [T*K, D], every row written below
-        flights, consumed = list(ahead), 0
+        flights = _Flights(ahead)
         issued = iter(later)
 
-        def issue() -> None:  # keep at most ring_size copies unconsumed, in order
-            while len(flights) - consumed < ring.ring_size:
-                expert = next(issued, None)
-                if expert is None:
-                    ring.top_up(len(flights) - consumed)
-                    return
-                flights.append(ring.stream(expert))
+        def issue() -> None:  # fill every free slot at once: few, long copies, in order
+            free = ring.ring_size - flights.held
+            batch = list(islice(issued, free))
+            flights.add(ring.stream(batch))
+            if len(batch) < free:
+                ring.top_up(flights.held)
 
         issue()
         lands_first = any(x in wanted for x in early)
         if not lands_first:  # nothing landed yet: the residents compute while copies land
             self._compute(residents, xs, ys, groups, offsets)
         for run in runs:
-            tickets = [f.ticket for f in flights[consumed : consumed + len(run.experts)]]
-            consumed += len(run.experts)
+            taken = flights.take(len(run.experts))
             if run.tokens:
-                ring.stalls.wait_all(ring.engine, tickets)
+                ring.stalls.wait_all(ring.engine, list(dict.fromkeys(f.ticket for f in taken)))
                 ring.stats.misses += sum(x in wanted for x in run.experts)
                 self._compute([run], xs, ys, groups, offsets)
-                ring.engine.release(*tickets)  # copies reusing these slots wait for this
+            done = flights.consume(taken, computed=run.tokens > 0)
+            if done:
+                ring.engine.release(*done)  # copies reusing these slots wait for this
             issue()
         if lands_first:
             self._compute(residents, xs, ys, groups, offsets)
@@ -334,3 +383,52 @@ class _Run:
     def tokens(self) -> int:
         """Assignments the run computes."""
         return self.stop - self.start if self.own else 0
+
+
+class _Flights:
+    """One call's copies in the order they fill the ring: how many are consumed, and which
+    chunks' slots may be refilled.
+
+    A chunk may span several runs, so its ticket is released once, when its last expert is
+    consumed (and only if one of its experts was computed: the release then covers every
+    read of its slots), and its slots are held until then.
+    """
+
+    def __init__(self, ahead: list[Flight]) -> None:
+        self.flights = list(ahead)
+        self.consumed = 0
+        self.freed = 0  # leading flights whose whole chunk is consumed
+        self._read: set[CopyTicket] = set()  # tickets of computed experts, not yet released
+
+    @property
+    def held(self) -> int:
+        """Ring slots this call holds: copies issued whose chunk is not wholly consumed."""
+        return len(self.flights) - self.freed
+
+    def add(self, flights: list[Flight]) -> None:
+        """Copies just issued, in ring order."""
+        self.flights += flights
+
+    def take(self, count: int) -> list[Flight]:
+        """The next `count` copies to consume, in order (a run's; all issued already, since a
+        run and the part of a chunk consumed before it share `ring_size` slots)."""
+        taken = self.flights[self.consumed : self.consumed + count]
+        assert len(taken) == count, "a run's copies were not all issued"
+        return taken
+
+    def consume(self, taken: list[Flight], computed: bool) -> list[CopyTicket]:
+        """Mark `taken` consumed (`computed`, or skipped); return the tickets to release now:
+        those of the chunks it completes that had an expert computed, each once."""
+        self.consumed += len(taken)
+        if computed:
+            self._read.update(f.ticket for f in taken)
+        end = self.consumed
+        if end < len(self.flights):  # the chunk of the last one consumed may go on: hold it
+            going_on = self.flights[end].ticket
+            while end > self.freed and self.flights[end - 1].ticket is going_on:
+                end -= 1
+        done = [t for t in dict.fromkeys(f.ticket for f in self.flights[self.freed : end])
+                if t in self._read]
+        self._read.difference_update(done)
+        self.freed = end
+        return done
