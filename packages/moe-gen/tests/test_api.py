@@ -71,7 +71,7 @@ def test_per_request_limits(model: MoEForCausalLM) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("share", "kv_gather"), [(0.5, "staged"), (0.5, "mapped"),
+@pytest.mark.parametrize(("share", "kv_gather"), [(0.5, "staged"), (0.5, "mapped"), (0.0, "auto"),
                                                   (0.0, "mapped")])
 def test_cuda_matches_cpu_greedy(model: MoEForCausalLM, share: float, kv_gather: str) -> None:
     from moe_gen.model_setup import install_streaming

@@ -182,6 +182,7 @@ def test_engine_rejects_an_unknown_kv_gather() -> None:
                     num_pages=2, page_tokens=4, dtype=torch.float32)
     assert isinstance(_kv_mover("mapped", pages, torch.device("cpu"), 2), MappedKVMover)
     assert type(_kv_mover("staged", pages, torch.device("cpu"), 2)) is KVMover
+    assert type(_kv_mover("auto", pages, torch.device("cpu"), 2)) is KVMover  # the CPU: staged
     with pytest.raises(ValueError, match="kv_gather must be"):
         _kv_mover("dma", pages, torch.device("cpu"), 2)
 

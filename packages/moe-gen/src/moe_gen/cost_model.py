@@ -16,8 +16,8 @@ A decode step of B sequences at context C runs layer by layer (the engine's orde
   of them (`cover`, their copy time) cross the link then instead of after it.
 - dispatch: the main thread issues all of that (Python and a framework call per operation) and
   waits for each layer's routing, so a layer also takes at least its host dispatch time: per
-  attention micro-batch, per streamed expert, per run of experts, per MoE block, in multiples of the profiled launch
-  latency (calibrated below).
+  attention micro-batch, per streamed expert, per run of experts, per MoE block, in multiples
+  of the profiled launch latency (calibrated below).
 The first layer's KV has nothing to hide behind. Summed over layers:
 
     step = KV_0 + sum_l max(dispatch_l,

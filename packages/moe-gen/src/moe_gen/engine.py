@@ -60,12 +60,13 @@ class BatchEngine:
     def __init__(self, model: MoEForCausalLM, pages: PagedKV, micro_batch_size: int,
                  max_attention_pairs: int = 1 << 62, cpu_attention_share: float = 0.0,
                  kv_lookahead: int = 2, host_attention_kernel: str = "torch",
-                 kv_gather: str = "staged") -> None:
+                 kv_gather: str = "auto") -> None:
         """`kv_lookahead` micro-batches' KV may be gathered before their attention runs (their
         copies overlap earlier work; each holds device memory until attended);
         `host_attention_kernel` attends the host's share (`host_attention.HOST_ATTENTION_KERNELS`);
         `kv_gather` says who gathers the past KV: `"staged"` (a host thread, then one copy:
-        `KVMover`) or `"mapped"` (the device reads the pinned pages itself: `MappedKVMover`).
+        `KVMover`), `"mapped"` (the device reads the pinned pages itself: `MappedKVMover`), or
+        `"auto"` (mapped where the device can read the pages, else staged).
 
         Raises:
             ValueError: a non-positive size, a share outside [0, 1], an unknown `kv_gather`, or
@@ -197,16 +198,15 @@ class _Part:
 
 def _kv_mover(kind: str, pages: PagedKV, device: torch.device, ring_size: int) -> KVMover:
     """The KV mover `kind` names (see `BatchEngine`)."""
-    if kind == "staged":
-        return KVMover(device, ring_size)
-    if kind != "mapped":
-        raise ValueError(f"kv_gather must be 'staged' or 'mapped', got {kind!r}")
-    for arenas in pages.arenas.values():
-        for arena in arenas:
-            reason = mapped_rows_unsupported(arena, device)
-            if reason is not None:
-                raise ValueError(f"kv_gather 'mapped' is not possible here: {reason}")
-    return MappedKVMover(device, ring_size)
+    if kind not in ("auto", "staged", "mapped"):
+        raise ValueError(f"kv_gather must be 'auto', 'staged' or 'mapped', got {kind!r}")
+    reasons = [reason for arenas in pages.arenas.values() for arena in arenas
+               if (reason := mapped_rows_unsupported(arena, device)) is not None]
+    if kind == "mapped" and reasons:
+        raise ValueError(f"kv_gather 'mapped' is not possible here: {reasons[0]}")
+    if kind == "mapped" or (kind == "auto" and device.type == "cuda" and not reasons):
+        return MappedKVMover(device, ring_size)
+    return KVMover(device, ring_size)
 
 
 def _to_host(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -104,7 +104,9 @@ class Plan:
             device memory until attended).
         kv_gather: Who gathers the past KV of the device's micro-batches: `"staged"` (a host
             thread into pinned staging, then one copy per gather) or `"mapped"` (the GPU reads
-            the pinned pages itself; no staging), whichever the cost model predicts faster.
+            the pinned pages itself; no staging), whichever the cost model predicts faster;
+            `"auto"` (plans not made by the planner) takes `"mapped"` where the device can read
+            the pages (a CUDA GPU with CuPy), else `"staged"`.
         offload: Whether routed experts run through the streaming executor at all (False:
             every expert stays in the model, the all-resident case).
         prediction: The cost model's prediction, when a planner made the plan.
@@ -122,7 +124,7 @@ class Plan:
     cpu_attention_share: float = 0.0
     host_attention_kernel: str = "torch"
     kv_lookahead: int = 2
-    kv_gather: str = "staged"
+    kv_gather: str = "auto"
     offload: bool = True
     prediction: Prediction | None = None
     host_memory: HostMemory | None = None
@@ -141,8 +143,8 @@ class Plan:
         if self.host_attention_kernel not in ("torch", "numba"):
             raise ValueError(f"Plan.host_attention_kernel must be 'torch' or 'numba', got "
                              f"{self.host_attention_kernel!r}")
-        if self.kv_gather not in ("staged", "mapped"):
-            raise ValueError(f"Plan.kv_gather must be 'staged' or 'mapped', got "
+        if self.kv_gather not in ("auto", "staged", "mapped"):
+            raise ValueError(f"Plan.kv_gather must be 'auto', 'staged' or 'mapped', got "
                              f"{self.kv_gather!r}")
         if self.ring_size < 2:
             raise ValueError(f"Plan.ring_size must be at least 2, got {self.ring_size}")

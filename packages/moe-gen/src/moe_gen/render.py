@@ -26,8 +26,8 @@ def plan_lines(plan: Plan, profile: DeviceProfile | None) -> list[str]:
              f"{plan.cpu_attention_share:.0%} of each decode batch attended on the host"
              + (f" ({plan.host_attention_kernel})" if plan.cpu_attention_share else "")
              + f"; KV of {plan.kv_lookahead} micro-batches gathered ahead, "
-             + ("by the GPU from the host pages" if plan.kv_gather == "mapped"
-                else "on the host")]
+             + {"mapped": "by the GPU from the host pages", "staged": "on the host"}.get(
+                 plan.kv_gather, "by the GPU where it can read the host pages")]
     memory = plan.host_memory
     if memory is not None:
         lines.append(f"host memory: peak {format_bytes(memory.peak)} (generating "
