@@ -104,33 +104,6 @@ def test_a_failed_planned_gather_raises_in_the_caller() -> None:
         mover.gather(arena, bad)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("planned", [False, True])
-def test_cuda_gathers_through_a_reused_ring_on_their_own_stream(planned: bool) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    device = torch.device("cuda")
-    mover = KVMover(device, ring_size=2)
-    arena = torch.randn(4096, 8, 16).pin_memory()
-    generator = torch.Generator().manual_seed(0)
-    outs, wanted = [], []
-    all_slots = [torch.randint(0, 4096, (1000,), generator=generator) for _ in range(12)]
-    if planned:  # the worker gathers ahead, three times around its staging ring
-        mover.plan([(arena, slots) for slots in all_slots])
-    for i, slots in enumerate(all_slots):  # six times around the ring, some never released
-        if planned and i % 3 == 0:
-            mover.issue_ahead(2)  # device copies start before the asks
-        got = mover.gather(arena, slots)
-        outs.append(got * 1)  # read on the current stream, which waits for the copy
-        wanted.append(arena[slots])
-        if len(outs) % 3 == 0:
-            mover.release()
-    assert mover._stream is not None and mover._stream != torch.cuda.current_stream()
-    for got, want in zip(outs, wanted, strict=True):
-        assert torch.equal(got.cpu(), want)
-    assert mover.h2d_bytes == 12 * 1000 * 8 * 16 * 4
-
-
 def test_mapped_mover_gathers_planned_and_unplanned_rows_through_its_ring() -> None:
     """The mapped mover (the device reads the pages itself; index_select on the CPU) returns
     the right rows for planned gathers, gathers issued ahead, a gather off the plan, and after
@@ -188,30 +161,36 @@ def test_engine_rejects_an_unknown_kv_gather() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mapped", [False, True], ids=["staged", "mapped"])
 @pytest.mark.parametrize("planned", [False, True])
-def test_cuda_mapped_gathers_read_the_pinned_pages_on_their_own_stream(planned: bool) -> None:
+def test_cuda_gathers_through_a_reused_ring_on_their_own_stream(planned: bool,
+                                                                 mapped: bool) -> None:
+    """Both movers on CUDA: gathers on their own stream, a ring reused six times over (some
+    gathers never released), planned gathers issued ahead of their asks, and new entries
+    written back after work queued before the flush."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     device = torch.device("cuda")
-    mover = MappedKVMover(device, ring_size=2)
+    mover = MappedKVMover(device, ring_size=2) if mapped else KVMover(device, ring_size=2)
     arena = torch.randn(4096, 8, 16).pin_memory()
     generator = torch.Generator().manual_seed(0)
     outs, wanted = [], []
     all_slots = [torch.randint(0, 4096, (int(n),), generator=generator)
                  for n in torch.randint(500, 1500, (12,), generator=generator)]
-    if planned:
+    if planned:  # the staged mover's worker gathers ahead, three times around its staging ring
         mover.plan([(arena, slots) for slots in all_slots])
-    for i, slots in enumerate(all_slots):  # six times around the ring, some never released
+    for i, slots in enumerate(all_slots):
         if planned and i % 3 == 0:
-            mover.issue_ahead(2)
+            mover.issue_ahead(2)  # device work starts before the asks
         got = mover.gather(arena, slots)
         outs.append(got * 1)  # read on the current stream, which waits for the gather
         wanted.append(arena[slots])
         if len(outs) % 3 == 0:
             mover.release()
+    assert mover._stream is not None and mover._stream != torch.cuda.current_stream()
     for got, want in zip(outs, wanted, strict=True):
         assert torch.equal(got.cpu(), want)
-    # New entries written back by the device, after work queued before the flush.
+    assert mover.h2d_bytes == sum(s.numel() for s in all_slots) * 8 * 16 * 4
     values = torch.randn(3, 8, 16, device=device)
     later = values * 2  # queued on the compute stream before the flush
     mover.scatter(arena, torch.tensor([5, 9, 4000]), later)

@@ -119,15 +119,7 @@ class MappedRowGather:
         if self._launch is None:
             torch.index_select(host, 0, slots.to(host.device), out=out)
             return
-        n16 = host[0].numel() * host.element_size() // 16
-        total = slots.numel() * n16
-        if total == 0:
-            return
-        cupy = self._launch.cupy
-        blocks = max(1, min(self.blocks, -(-total // (_THREADS * 8))))
-        self._launch(self.device, (blocks,), (_THREADS,),
-                     (cupy.uint64(host.data_ptr()), cupy.uint64(out.data_ptr()),
-                      cupy.uint64(slots.data_ptr()), cupy.int64(total), cupy.int64(n16)))
+        self._run(self._launch, host, slots, out, 8)
 
     def scatter(self, host: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """`host[slots[j]] = rows[j]` on torch's current stream (CUDA: asynchronous; the host
@@ -142,16 +134,21 @@ class MappedRowGather:
         if self._launch_scatter is None:
             host.index_copy_(0, slots.to(host.device), rows)
             return
+        self._run(self._launch_scatter, host, slots, rows, 1)
+
+    def _run(self, launch: CupyLauncher, host: torch.Tensor, slots: torch.Tensor,
+             rows: torch.Tensor, words_per_thread: int) -> None:
+        """Launch `launch` over the 16-byte words of `slots`' rows, with enough blocks (at most
+        `blocks`) for each thread to move `words_per_thread` of them."""
         n16 = host[0].numel() * host.element_size() // 16
         total = slots.numel() * n16
         if total == 0:
             return
-        cupy = self._launch_scatter.cupy
-        blocks = max(1, min(self.blocks, -(-total // _THREADS)))
-        self._launch_scatter(self.device, (blocks,), (_THREADS,),
-                             (cupy.uint64(host.data_ptr()), cupy.uint64(rows.data_ptr()),
-                              cupy.uint64(slots.data_ptr()), cupy.int64(total),
-                              cupy.int64(n16)))
+        cupy = launch.cupy
+        blocks = max(1, min(self.blocks, -(-total // (_THREADS * words_per_thread))))
+        launch(self.device, (blocks,), (_THREADS,),
+               (cupy.uint64(host.data_ptr()), cupy.uint64(rows.data_ptr()),
+                cupy.uint64(slots.data_ptr()), cupy.int64(total), cupy.int64(n16)))
 
     @staticmethod
     def _check(host: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
