@@ -247,3 +247,16 @@ def test_the_device_gathers_the_kv_where_the_host_gather_is_slower(mixtral: Mode
     slow = make_plan(mixtral, BF16, replace(PROFILE, gather_bytes_per_s=200e9,
                                             mapped_gather_bytes_per_s=5e9), budget("12GiB"))
     assert slow.kv_gather == "staged"
+
+
+def test_the_streaming_ring_computes_runs_as_long_as_the_planner_counts() -> None:
+    from moe_core import load_model, tiny_model_path
+    from moe_gen.cost_model import run_length
+    from moe_gen.model_setup import install_streaming
+    from moe_gen.plan import Plan
+
+    plan = Plan(max_batch_size=2, micro_batch_size=2, max_prefill_tokens=16, page_tokens=4,
+                num_kv_pages=8, num_resident_experts=3, ring_size=32)
+    loaded = install_streaming(load_model(tiny_model_path(), dtype="float32"), plan, "cpu")
+    assert loaded.runtime is not None and loaded.runtime.ring is not None
+    assert loaded.runtime.ring.max_group == run_length(32) == 16

@@ -318,7 +318,7 @@ def predict(costs: ModelCosts, profile: DeviceProfile, c: Candidate, context: in
     # reads and writes every byte, the copy engine reads it again): on the H200 host they ran in
     # turn, not beside each other (staged 0.97 s against mapped 0.75 s a step, S3 FP8, same
     # plan, 2026-12-03), so the staged KV holds the link for both.
-    kv_hold = kv_layer + gather_layer if profile.device != "cpu" else gather_layer
+    kv_hold = kv_layer + gather_layer
     step = kv_hold  # the first layer's KV: nothing to hide behind
     dispatch_total = 0.0
     for layer in range(layers):

@@ -200,12 +200,14 @@ def _kv_mover(kind: str, pages: PagedKV, device: torch.device, ring_size: int) -
     """The KV mover `kind` names (see `BatchEngine`)."""
     if kind not in ("auto", "staged", "mapped"):
         raise ValueError(f"kv_gather must be 'auto', 'staged' or 'mapped', got {kind!r}")
-    reasons = [reason for arenas in pages.arenas.values() for arena in arenas
-               if (reason := mapped_rows_unsupported(arena, device)) is not None]
-    if kind == "mapped" and reasons:
-        raise ValueError(f"kv_gather 'mapped' is not possible here: {reasons[0]}")
-    if kind == "mapped" or (kind == "auto" and device.type == "cuda" and not reasons):
+    if kind == "staged" or (kind == "auto" and device.type != "cuda"):
+        return KVMover(device, ring_size)
+    reason = next((r for arenas in pages.arenas.values() for arena in arenas
+                   if (r := mapped_rows_unsupported(arena, device)) is not None), None)
+    if reason is None:
         return MappedKVMover(device, ring_size)
+    if kind == "mapped":
+        raise ValueError(f"kv_gather 'mapped' is not possible here: {reason}")
     return KVMover(device, ring_size)
 
 

@@ -216,17 +216,21 @@ class KVMover:
 
     def flush(self) -> None:
         """Write every queued entry into its arena (one device-to-host copy per arena)."""
+        for arena, slots, values in self._take_pending():
+            host = values.to("cpu", arena.dtype)
+            if self._on_cuda:
+                self.d2h_bytes += host.numel() * host.element_size()
+            arena.index_copy_(0, slots, host)
+
+    def _take_pending(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The queued entries, emptied: per arena, `(arena, slots [n], values [n, ...])` with
+        every write to it joined, in the order they were queued."""
         by_arena: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for item in self._pending:
             by_arena.setdefault(id(item[0]), []).append(item)
         self._pending = []
-        for items in by_arena.values():
-            arena = items[0][0]
-            slots = torch.cat([i[1] for i in items])
-            host = torch.cat([i[2] for i in items]).to("cpu", arena.dtype)
-            if self._on_cuda:
-                self.d2h_bytes += host.numel() * host.element_size()
-            arena.index_copy_(0, slots, host)
+        return [(items[0][0], torch.cat([i[1] for i in items]), torch.cat([i[2] for i in items]))
+                for items in by_arena.values()]
 
     def close(self) -> None:
         """Stop the worker thread (the mover still gathers, on the calling thread)."""

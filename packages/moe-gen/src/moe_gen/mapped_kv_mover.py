@@ -138,22 +138,16 @@ class MappedKVMover(KVMover):
     def flush(self) -> None:
         """Write every queued entry into its arena: one device scatter per arena, ordered after
         the work queued so far on the current stream (on CUDA, without waiting for it)."""
-        by_arena: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        for item in self._pending:
-            by_arena.setdefault(id(item[0]), []).append(item)
-        self._pending = []
-        for items in by_arena.values():
-            arena = items[0][0]
-            slots = torch.cat([i[1] for i in items])
-            rows = torch.cat([i[2] for i in items]).to(arena.dtype).contiguous()
+        for arena, slots, values in self._take_pending():
+            rows = values.to(arena.dtype).contiguous()
             if not self._on_cuda:
                 self._gather_rows.scatter(arena, slots, rows.to(arena.device))
                 continue
             self.d2h_bytes += rows.numel() * rows.element_size()
             assert self._stream is not None
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            index = self._move(slots)
             with torch.cuda.stream(self._stream):
-                index = slots.to(torch.long).pin_memory().to(self.device, non_blocking=True)
                 self._gather_rows.scatter(arena, index, rows)
             rows.record_stream(self._stream)
 
@@ -168,14 +162,18 @@ class MappedKVMover(KVMover):
         known = self._on_device.get(id(slots))
         if known is not None and known[0] is slots:
             return known[1]
-        if not self._on_cuda:
-            moved = slots.to(self.device)
-        else:
-            assert self._stream is not None
-            with torch.cuda.stream(self._stream):
-                moved = slots.to(torch.long).pin_memory().to(self.device, non_blocking=True)
+        moved = self._move(slots)
         self._on_device[id(slots)] = (slots, moved)
         return moved
+
+    def _move(self, slots: torch.Tensor) -> torch.Tensor:
+        """Host int64 `slots` on the device (on CUDA: through pinned memory, on the mover's
+        stream, without waiting)."""
+        if not self._on_cuda:
+            return slots.to(self.device)
+        assert self._stream is not None
+        with torch.cuda.stream(self._stream):
+            return slots.to(torch.long).pin_memory().to(self.device, non_blocking=True)
 
     def _launch(self, request: _Gather) -> None:
         """Launch `request`'s gather into the next ring buffer."""

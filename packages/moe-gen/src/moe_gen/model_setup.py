@@ -102,9 +102,8 @@ def install_streaming(model: MoEForCausalLM, plan: Plan, device: str | torch.dev
     runtime = install_offloading(model, store, pool, make_copy_engine(device), kind="streaming",
                                  resident=resident, ring_size=plan.ring_size,
                                  lookahead_min_share=LOOKAHEAD_MIN_SHARE,
+                                 max_group=run_length(plan.ring_size),  # as the planner assumes
                                  drop_local_experts=True)
-    if runtime.ring is not None:  # the run length the planner's dispatch term assumes
-        runtime.ring.max_group = run_length(plan.ring_size)
     return LoadedModel(model, runtime)
 
 

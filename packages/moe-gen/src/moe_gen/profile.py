@@ -6,6 +6,7 @@ figure is the best of a few repetitions after a warm-up (the planner wants capab
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -172,10 +173,7 @@ def profile_device(spec: ModelSpec, device: str | torch.device, dtype: torch.dty
 def _kv_row_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
     """Bytes of one token's first cached tensor in one layer (a gathered KV row), rounded up
     to 16 (the mapped gather's word)."""
-    shape = spec.attention.kv_token_shapes()[0]
-    elements = 1
-    for size in shape:
-        elements *= size
+    elements = math.prod(spec.attention.kv_token_shapes()[0])
     return -(-elements * torch.empty(0, dtype=dtype).element_size() // 16) * 16
 
 

@@ -169,7 +169,7 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
                        resident: Iterable[ExpertId] = (), ring_size: int = 2,
                        fetch: FetchMode = "copy", time_stalls: bool = True,
                        drop_local_experts: bool = False,
-                       lookahead_min_share: float | None = 0.5,
+                       lookahead_min_share: float | None = 0.5, max_group: int = 8,
                        two_lanes: bool = False, cpu_kernel: str = "auto",
                        lane_rates: LaneRates | None = None, handover: str = "auto",
                        prefetcher: Prefetcher | None = None,
@@ -195,6 +195,8 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             experts (a large batch), its call fills the ring's free slots with the next layer's
             likely experts before that layer's routing is known (None: never; see
             `ExpertRing`).
+        max_group: Streaming only: most experts one grouped product computes (and one copy
+            carries; `ExpertRing.max_group`).
         fetch: On-demand only. `"copy"`: a miss is copied into a slot (admitted to the cache by
             the policy; one host read of the routing per layer). `"mapped"`: small calls
             (decode) read their misses straight from pinned host memory on the GPU, with no
@@ -303,7 +305,7 @@ def install_offloading(model: MoEForCausalLM, store: HostExpertStore, pool: GpuS
             raise ValueError(f"store layout {store.layout} differs from pool layout "
                              f"{pool.layout}")
         ring = ExpertRing(store, pool, engine, stats, stalls, resident, ring_size,
-                          lookahead_min_share)
+                          lookahead_min_share, max_group)
         for block in blocks:
             executors[block.layer] = StreamingExecutor(ring, block.layer)
     else:
