@@ -181,4 +181,8 @@ def _variant(model: MoEForCausalLM, runtime: OffloadRuntime | None, plan: Plan,
             "decode_tokens_per_s": len(seqs) / step,
             "attention_phase_s": statistics.median(t.attention_s for t in timings),
             "moe_phase_s": statistics.median(t.moe_s for t in timings),
+            "prepare_s": statistics.median(t.prepare_s for t in timings),
+            # After the last layer: write-back, logits and the wait for the device's queue.
+            "tail_s": statistics.median(t.total_s - t.prepare_s - t.attention_s - t.moe_s
+                                        for t in timings),
             "expert_bytes_per_step": expert_bytes, "kv_bytes_per_step": kv_bytes}

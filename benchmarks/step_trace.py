@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["profile_steps", "trace_summary", "union_s"]
+__all__ = ["MAPPED_READ_KERNELS", "profile_steps", "trace_summary", "union_s"]
+
+MAPPED_READ_KERNELS = frozenset({"gather_rows", "fetch_rows"})
 
 
 def union_s(spans: Iterable[tuple[float, float]]) -> float:
@@ -54,6 +56,9 @@ def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
 
     h2d = [e for e in gpu if e["cat"] == "gpu_memcpy" and "HtoD" in e["name"]]
     kernels = [e for e in gpu if e["cat"] == "kernel"]
+    # Kernels that read pinned host memory over the link themselves (moe_core's mapped KV
+    # gather and mapped expert fetch): the link is busy while they run, with no memcpy.
+    mapped = [e for e in kernels if e["name"] in MAPPED_READ_KERNELS]
     span_s = union_s([(min(s for s, _ in spans(gpu)), max(e for _, e in spans(gpu)))])
     streams: dict[str, dict[str, float]] = {}
     for e in h2d:
@@ -76,21 +81,32 @@ def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
             host[name] = host.get(name, 0.0) + e["dur"] / 1e6 / num_steps
     h2d_bytes = sum(r["bytes"] for r in streams.values())
     busy = union_s(spans(h2d)) / num_steps
-    # Link idle gaps: many short ones point at the host issuing copies too slowly (per-expert
-    # work), long ones at phases with nothing to copy (attention, step boundaries).
-    gaps, reach = [], None
-    for start, end in sorted(spans(h2d)):
+    # Link idle gaps (copies and mapped reads): many short ones point at the host issuing
+    # copies too slowly (per-expert work), long ones at phases with nothing to copy
+    # (attention, step boundaries).
+    origin = min(s for s, _ in spans(gpu))
+    link = spans(h2d) + spans(mapped)
+    link_busy = union_s(link) / num_steps
+    gaps, at, reach = [], [], None
+    for start, end in sorted(link):
         if reach is not None and start > reach:
             gaps.append((start - reach) / 1e6)
+            at.append((reach - origin) / 1e6)
         reach = end if reach is None else max(reach, end)
     short = [g for g in gaps if g < 1e-3]
+    # The longest idle stretches of the link and where they began (seconds from the first
+    # device activity): step boundaries and phases with nothing to copy show up here.
+    longest = sorted(zip(gaps, at, strict=True), reverse=True)[:12]
     return {"steps": num_steps, "gpu_span_s": span_s / num_steps,
             "h2d_busy_s": busy, "h2d_busy_share": busy * num_steps / span_s,
             "h2d_bytes": h2d_bytes, "h2d_rate_while_busy": h2d_bytes / busy if busy else None,
             "h2d_streams": streams,
-            "h2d_idle_under_1ms_s": sum(short) / num_steps,
-            "h2d_idle_gaps_under_1ms": len(short) / num_steps,
-            "h2d_idle_over_1ms_s": (sum(gaps) - sum(short)) / num_steps,
+            "mapped_read_busy_s": union_s(spans(mapped)) / num_steps,
+            "link_busy_s": link_busy, "link_busy_share": link_busy * num_steps / span_s,
+            "link_longest_idle": [{"at_s": a, "idle_s": g} for g, a in longest],
+            "link_idle_under_1ms_s": sum(short) / num_steps,
+            "link_idle_gaps_under_1ms": len(short) / num_steps,
+            "link_idle_over_1ms_s": (sum(gaps) - sum(short)) / num_steps,
             "two_heaviest_h2d_streams_overlap_s": (
                 _overlap_s(by_stream[heavy[0]], by_stream[heavy[1]]) / num_steps
                 if len(heavy) == 2 else 0.0),
