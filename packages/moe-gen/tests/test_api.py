@@ -4,6 +4,8 @@ the CPU's greedy tokens (GPU machine only)."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from moe_core import MoEForCausalLM, load_model, load_tokenizer, tiny_model_path
@@ -93,6 +95,7 @@ def test_cuda_matches_cpu_greedy(model: MoEForCausalLM, share: float, kv_gather:
 def test_dummy_weights_drawn_on_the_gpu_land_on_the_host() -> None:
     from moe_gen.model_setup import load_for_generation
 
+    gc.collect()  # earlier tests' garbage must not be freed inside the measured span
     before = torch.cuda.memory_allocated()
     model = load_for_generation(tiny_model_path(), "cuda", torch.bfloat16, dummy=True)
     on_host = load_model(tiny_model_path(), "cpu", torch.bfloat16, dummy=True)
@@ -100,4 +103,5 @@ def test_dummy_weights_drawn_on_the_gpu_land_on_the_host() -> None:
     assert {n: (p.shape, p.dtype) for n, p in ours.items()} == {
         n: (p.shape, p.dtype) for n, p in theirs.items()}
     assert all(p.device.type == "cpu" for p in ours.values())
+    gc.collect()
     assert torch.cuda.memory_allocated() == before  # nothing left behind on the GPU

@@ -10,7 +10,7 @@ from moe_core import ModelSpec, resolve_model_path
 from moe_gen.kv_mover import KVMover
 from moe_gen.mapped_kv_mover import MappedKVMover
 from moe_gen.micro_batch import MicroBatch, SequenceInput
-from moe_gen.paged_kv import PagedKV
+from moe_gen.paged_kv import PagedKV, table_tensor
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,15 @@ def test_batch_slots_follow_each_page_table(spec: ModelSpec) -> None:
     for i, table in enumerate(tables):
         for j, pos in enumerate(positions[i].tolist()):
             assert got[i, j] == table[pos // 4] * 4 + pos % 4  # type: ignore[index]
+    assert torch.equal(pages.batch_slots(table_tensor(tables), positions), got)  # type: ignore[arg-type]
+
+
+def test_table_tensor_pads_ragged_tables_with_page_zero() -> None:
+    tables = [[5, 2, 9], [], [7], [1, 3, 4, 8]]
+    assert table_tensor(tables).tolist() == [[5, 2, 9, 0], [0, 0, 0, 0], [7, 0, 0, 0],
+                                             [1, 3, 4, 8]]
+    assert table_tensor(tables).dtype == torch.int64
+    assert table_tensor([[], []]).shape == (2, 0)
 
 
 def test_micro_batch_packs_real_tokens_and_their_slots(spec: ModelSpec) -> None:
@@ -167,7 +176,8 @@ def test_cuda_gathers_through_a_reused_ring_on_their_own_stream(planned: bool,
                                                                  mapped: bool) -> None:
     """Both movers on CUDA: gathers on their own stream, a ring reused six times over (some
     gathers never released), planned gathers issued ahead of their asks, and new entries
-    written back after work queued before the flush."""
+    written back after work queued before the flush; then a second step with more rows (the
+    mapped mover's index buffers reused and grown) and a flush into two arenas."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     device = torch.device("cuda")
@@ -197,6 +207,22 @@ def test_cuda_gathers_through_a_reused_ring_on_their_own_stream(planned: bool,
     mover.flush()
     torch.cuda.synchronize()
     assert torch.equal(arena[[5, 9, 4000]], later.cpu())
+    # A second step: the index buffers of the plan and of the flush are reused, and grow.
+    second = [torch.randint(0, 4096, (3000,), generator=generator) for _ in range(3)]
+    if planned:
+        mover.plan([(arena, slots) for slots in second])
+    for slots in second:
+        assert torch.equal(mover.gather(arena, slots).cpu(), arena[slots])
+        mover.release()
+    other = torch.zeros(64, 8, 16).pin_memory()
+    mover.scatter(arena, torch.tensor([1, 2]), values[:2] + 1)
+    mover.scatter(other, torch.tensor([63]), values[2:] - 1)
+    mover.scatter(arena, torch.arange(100, 3100), torch.ones(3000, 8, 16, device=device))
+    mover.flush()
+    torch.cuda.synchronize()
+    assert torch.equal(arena[[1, 2]], (values[:2] + 1).cpu())
+    assert torch.equal(other[63], (values[2] - 1).cpu())
+    assert bool((arena[100:3100] == 1).all())
 
 
 def test_mapped_mover_writes_new_entries_back_at_flush() -> None:

@@ -19,8 +19,8 @@ released yet (say, a gather that was issued ahead and then dropped) is not reuse
 takes its place, and the old one lives as long as its readers. Buffers grow with the context
 (an eighth of headroom, so a growing context re-allocates rarely).
 
-The gathered rows' slot indices move to the device once per step (`plan`), on the mover's
-stream, which every gather then runs on.
+The gathered rows' slot indices move to the device once per step (`plan`), in one copy through
+a pinned buffer the mover keeps, on the mover's stream, which every gather then runs on.
 
 New entries go back the same way (`flush`): the device writes each arena's new rows into their
 host slots itself, on the mover's stream after the step's work, over the link's idle direction;
@@ -67,6 +67,36 @@ class _Gather:
         self.ring: _RingBuffer | None = None
 
 
+class _IndexStaging:
+    """Host int64 index tensors moved to the device in one copy, through a pinned buffer kept
+    from call to call (on the H200 host, `Tensor.pin_memory()` per index tensor stalled 3-6 ms
+    whenever the caching host allocator had no free block: 9 times in two steps of 1,024
+    sequences, with the link idle; docs/benchmarks.md, ninth session)."""
+
+    def __init__(self, device: torch.device, stream: torch.cuda.Stream) -> None:
+        self._device = device
+        self._stream = stream
+        self._host: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None  # the last copy has read `_host`
+
+    def move(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """`tensors` (host, any integer dtype) as int64 device views of one buffer, copied on
+        the stream without waiting; work on that stream may read them at once."""
+        sizes = [t.numel() for t in tensors]
+        total = sum(sizes)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous call's copy has read the buffer
+        if self._host is None or self._host.numel() < total:
+            self._host = torch.empty(total + total // 8, dtype=torch.long, pin_memory=True)
+        host = self._host[:total]
+        torch.cat([t.reshape(-1).to(torch.long) for t in tensors], out=host)
+        with torch.cuda.stream(self._stream):
+            moved = host.to(self._device, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(self._stream)
+        return list(moved.split(sizes))
+
+
 class MappedKVMover(KVMover):
     """`KVMover` whose gathers read the host arenas from the device (see the module docstring).
 
@@ -83,14 +113,25 @@ class MappedKVMover(KVMover):
         self._taken: list[_Gather] = []
         self._plan: deque[_Gather] = deque()
         self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (host, dev)
+        self._plan_indices: _IndexStaging | None = None
+        self._flush_indices: _IndexStaging | None = None
+        if self._on_cuda:
+            assert self._stream is not None
+            self._plan_indices = _IndexStaging(device, self._stream)
+            self._flush_indices = _IndexStaging(device, self._stream)
 
     def plan(self, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The `(arena, slots)` gathers the coming calls will ask for, in order: their slot
-        indices move to the device now, once per distinct index tensor."""
+        indices move to the device now, once per distinct index tensor, in one copy."""
         self._plan = deque(_Gather(arena, slots) for arena, slots in gathers)
         self._on_device = {}
-        for _, slots in gathers:
-            self._device_slots(slots)
+        distinct = list({id(slots): slots for _, slots in gathers}.values())
+        if self._plan_indices is None or not distinct:
+            for slots in distinct:
+                self._device_slots(slots)
+            return
+        for slots, moved in zip(distinct, self._plan_indices.move(distinct), strict=True):
+            self._on_device[id(slots)] = (slots, moved)
 
     def issue_ahead(self, count: int) -> None:
         """Launch the next `count` planned gathers not launched yet."""
@@ -138,18 +179,22 @@ class MappedKVMover(KVMover):
     def flush(self) -> None:
         """Write every queued entry into its arena: one device scatter per arena, ordered after
         the work queued so far on the current stream (on CUDA, without waiting for it)."""
-        for arena, slots, values in self._take_pending():
-            rows = values.to(arena.dtype).contiguous()
-            if not self._on_cuda:
-                self._gather_rows.scatter(arena, slots, rows.to(arena.device))
-                continue
-            self.d2h_bytes += rows.numel() * rows.element_size()
-            assert self._stream is not None
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            index = self._move(slots)
+        pending = self._take_pending()
+        if not pending:
+            return
+        if self._flush_indices is None:
+            for arena, slots, values in pending:
+                self._gather_rows.scatter(arena, slots, values.to(arena.device, arena.dtype))
+            return
+        assert self._stream is not None
+        rows = [values.to(arena.dtype).contiguous() for arena, _, values in pending]
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # rows are written
+        indices = self._flush_indices.move([slots for _, slots, _ in pending])
+        for (arena, _, _), index, new in zip(pending, indices, rows, strict=True):
+            self.d2h_bytes += new.numel() * new.element_size()
             with torch.cuda.stream(self._stream):
-                self._gather_rows.scatter(arena, index, rows)
-            rows.record_stream(self._stream)
+                self._gather_rows.scatter(arena, index, new)
+            new.record_stream(self._stream)
 
     def close(self) -> None:
         """Forget the plan (there is no worker to stop)."""
@@ -168,7 +213,7 @@ class MappedKVMover(KVMover):
 
     def _move(self, slots: torch.Tensor) -> torch.Tensor:
         """Host int64 `slots` on the device (on CUDA: through pinned memory, on the mover's
-        stream, without waiting)."""
+        stream, without waiting); for a gather nobody planned."""
         if not self._on_cuda:
             return slots.to(self.device)
         assert self._stream is not None

@@ -20,7 +20,7 @@ import torch
 from moe_core import position_mask
 
 from moe_gen.kv_mover import KVMover
-from moe_gen.paged_kv import PagedKV
+from moe_gen.paged_kv import PagedKV, table_tensor
 
 __all__ = ["MicroBatch", "MicroBatchKV", "SequenceInput"]
 
@@ -74,7 +74,7 @@ class MicroBatch:
         self.rows = rows.masked_fill(~valid, 0).to(device)  # padding reads row 0, dropped after
         self.real_rows = rows[valid].to(device)  # [n]
         self.positions = new_pos.to(device)  # [b, T]
-        tables = [s.page_table for s in seqs]
+        tables = table_tensor([s.page_table for s in seqs])  # [b, W]
         past_pos = torch.arange(p).expand(b, p)  # [b, P]
         past_valid = past_pos < past[:, None]  # [b, P]
         # Padding keys read the sequence's own first slot; the mask hides them.

@@ -12,10 +12,13 @@ their token limit), so a running batch never runs out of pages and never has to 
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 from moe_core import ModelSpec
 
-__all__ = ["PagedKV"]
+__all__ = ["PagedKV", "table_tensor"]
 
 
 class PagedKV:
@@ -67,15 +70,31 @@ class PagedKV:
         """Give a finished sequence's pages back."""
         self._free.extend(reversed(table))
 
-    def batch_slots(self, tables: list[list[int]], positions: torch.Tensor) -> torch.Tensor:
+    def batch_slots(self, tables: list[list[int]] | torch.Tensor, positions: torch.Tensor
+                    ) -> torch.Tensor:
         """Arena slots `[b, X]` of token `positions` `[b, X]` of `b` sequences at once (one
         set of tensor operations per micro-batch, not per sequence). Each position must lie
-        within its own sequence's pages."""
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # [b, W] pages
+        within its own sequence's pages. `tables` are the page tables, or `table_tensor`'s
+        `[b, W]` of them (build it once where several calls share it)."""
+        table = tables if isinstance(tables, torch.Tensor) else table_tensor(tables)
         pages = table.gather(1, positions // self.page_tokens)  # [b, X]
         return pages * self.page_tokens + positions % self.page_tokens
 
     def nbytes(self) -> int:
         """Bytes of every arena."""
         return sum(t.numel() * t.element_size() for ts in self.arenas.values() for t in ts)
+
+
+def table_tensor(tables: list[list[int]]) -> torch.Tensor:
+    """Page tables as one int64 `[b, W]` tensor (W: the longest; shorter rows end in page 0).
+
+    Built through numpy from one flat pass over the lists: `torch.tensor` of the nested lists
+    took 0.4 ms per 64 x 41 table, and a step of 1,024 sequences at context 640 builds 32.
+    """
+    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))  # [b]
+    width = int(lengths.max(initial=0))
+    flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64,
+                       count=int(lengths.sum()))
+    table = np.zeros((len(tables), width), dtype=np.int64)
+    table[np.arange(width)[None, :] < lengths[:, None]] = flat  # row-major: each table in turn
+    return torch.from_numpy(table)
