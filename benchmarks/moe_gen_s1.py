@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,12 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
                 chosen = run_plan(args, plan, ours, kernel)
                 ours["full_run_plan"]["predicted"] = plan_breakdown(
                     costs, profile, chosen, context, chosen.cpu_attention_share)
-                full_run(args, name, loaded.model, runtime, chosen, ours, save)
+
+                def bound_at(ctx: int, plan: Plan = chosen) -> float:
+                    return plan_breakdown(costs, profile, plan, ctx,
+                                          plan.cpu_attention_share)["bound_s"]
+
+                full_run(args, name, loaded.model, runtime, chosen, ours, save, bound_at)
             except Exception:  # keep the steady state and the setup in the record
                 ours["full_run_error"] = traceback.format_exc()[-1500:]
                 print(ours["full_run_error"], file=sys.stderr, flush=True)
@@ -195,8 +201,10 @@ def run_plan(args: argparse.Namespace, plan: Plan, ours: dict[str, Any], kernel:
 
 
 def full_run(args: argparse.Namespace, name: str, model: Any, runtime: Any, plan: Plan,
-             ours: dict[str, Any], save: Any) -> None:
-    """Every prompt to its token limit; decode figures over the full-batch decode steps."""
+             ours: dict[str, Any], save: Any, bound_at: Callable[[int], float]) -> None:
+    """Every prompt to its token limit; decode figures over the full-batch decode steps, and
+    each of them against the planner's bound at its own context (`bound_at(context)`: the
+    bound step seconds of a full batch at that context)."""
     device = args.device
     counters = runtime.stats if runtime is not None else None
     generator = torch.Generator().manual_seed(1)
@@ -248,11 +256,28 @@ def full_run(args: argparse.Namespace, name: str, model: Any, runtime: Any, plan
             statistics.median(s.seconds for s in q)
             for q in (decode[i * len(decode) // 4 : (i + 1) * len(decode) // 4]
                       for i in range(4)) if q],
+        "full_batch_decode": full_batch_decode(decode, plan.max_batch_size, bound_at),
         "peak_allocated_bytes": (torch.cuda.max_memory_allocated() if device == "cuda"
                                  else None),
         "full_run_gpu_memory": gpu_memory_now(device),
         "trace_context": context if trace is not None else None, "trace": trace})
     save()
+
+
+def full_batch_decode(decode: list[StepStats], batch: int,
+                      bound_at: Callable[[int], float]) -> dict[str, Any]:
+    """The full-batch decode steps of a run against the planner's bound for those same steps
+    (each at its own mean context): the run's summary rate also counts the steps after the
+    first sequences finish, whose batch shrinks while the experts' bytes do not."""
+    if not decode:
+        return {"steps": 0}
+    seconds = sum(s.seconds for s in decode)
+    bound = sum(bound_at(round(statistics.fmean(past + new for past, new in s.chunks)))
+                for s in decode)
+    return {"steps": len(decode), "seconds": seconds, "bound_seconds": bound,
+            "tokens_per_s": batch * len(decode) / seconds,
+            "bound_tokens_per_s": batch * len(decode) / bound,
+            "bound_over_measured": bound / seconds}
 
 
 def trace_decode(engine: BatchEngine, batch: int, context: int, path: Path) -> dict[str, Any]:

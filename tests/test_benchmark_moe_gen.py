@@ -102,9 +102,13 @@ def test_s1_script_steady_and_full_run_on_the_tiny_model(tmp_path: Path) -> None
         assert row["step_s"] > 0 and row["decode_tokens_per_s"] > 0
         assert row["expert_bytes_per_step"] > 0  # 20 MiB: experts stream
         assert row["predicted"]["bound_s"] > 0
+        assert row["prepare_s"] > 0 and "tail_s" in row
     fastest = min(ours["steady"], key=lambda r: r["step_s"])["cpu_attention_share"]
     assert ours["full_run_plan"]["cpu_attention_share"] == fastest
     assert ours["summary"]["output_tokens"] == 4 * 4
+    full = ours["full_batch_decode"]  # the full-batch decode steps against their own bound
+    assert full["steps"] == ours["decode_steps"] > 0
+    assert full["bound_seconds"] > 0 and full["bound_over_measured"] > 0
     assert ours["plan_breakdown"]["expert_bytes"] > 0
     assert ours["host_memory_end"]["peak_rss_bytes"] > 0
     assert ours["peak_rss_within_host_budget"] is True
