@@ -165,9 +165,8 @@ def run_ours(args: argparse.Namespace, name: str, layers: int | None, budget: st
                 ours["full_run_plan"]["predicted"] = plan_breakdown(
                     costs, profile, chosen, context, chosen.cpu_attention_share)
 
-                def bound_at(ctx: int, plan: Plan = chosen) -> float:
-                    return plan_breakdown(costs, profile, plan, ctx,
-                                          plan.cpu_attention_share)["bound_s"]
+                def bound_at(ctx: int, share: float, plan: Plan = chosen) -> float:
+                    return plan_breakdown(costs, profile, plan, ctx, share)["bound_s"]
 
                 full_run(args, name, loaded.model, runtime, chosen, ours, save, bound_at)
             except Exception:  # keep the steady state and the setup in the record
@@ -201,10 +200,12 @@ def run_plan(args: argparse.Namespace, plan: Plan, ours: dict[str, Any], kernel:
 
 
 def full_run(args: argparse.Namespace, name: str, model: Any, runtime: Any, plan: Plan,
-             ours: dict[str, Any], save: Any, bound_at: Callable[[int], float]) -> None:
+             ours: dict[str, Any], save: Any, bound_at: Callable[[int, float], float]) -> None:
     """Every prompt to its token limit; decode figures over the full-batch decode steps, and
-    each of them against the planner's bound at its own context (`bound_at(context)`: the
-    bound step seconds of a full batch at that context)."""
+    each of them against the planner's bound at its own context and host share
+    (`bound_at(context, share)`: the bound step seconds of a full batch). The planned share is
+    tried against none on the first decode steps as any job does (`HostShareTrial`); a share
+    given with `--full-share` stays."""
     device = args.device
     counters = runtime.stats if runtime is not None else None
     generator = torch.Generator().manual_seed(1)
@@ -230,7 +231,8 @@ def full_run(args: argparse.Namespace, name: str, model: Any, runtime: Any, plan
 
     engine = run_requests(model, requests, plan, Defaults(max_new_tokens=args.new_tokens),
                           None, lambda _: None, stepped,
-                          lambda: counters.bytes_copied if counters is not None else 0)
+                          lambda: counters.bytes_copied if counters is not None else 0,
+                          host_share_trial=args.full_share == "planned")
     wall = time.perf_counter() - t0
     context = args.prompt_tokens + args.new_tokens // 2
     trace = (trace_decode(engine, plan.max_batch_size, context,
@@ -265,15 +267,16 @@ def full_run(args: argparse.Namespace, name: str, model: Any, runtime: Any, plan
 
 
 def full_batch_decode(decode: list[StepStats], batch: int,
-                      bound_at: Callable[[int], float]) -> dict[str, Any]:
+                      bound_at: Callable[[int, float], float]) -> dict[str, Any]:
     """The full-batch decode steps of a run against the planner's bound for those same steps
-    (each at its own mean context): the run's summary rate also counts the steps after the
-    first sequences finish, whose batch shrinks while the experts' bytes do not."""
+    (each at its own mean context and host share): the run's summary rate also counts the
+    steps after the first sequences finish, whose batch shrinks while the experts' bytes do
+    not."""
     if not decode:
         return {"steps": 0}
     seconds = sum(s.seconds for s in decode)
-    bound = sum(bound_at(round(statistics.fmean(past + new for past, new in s.chunks)))
-                for s in decode)
+    bound = sum(bound_at(round(statistics.fmean(past + new for past, new in s.chunks)),
+                         s.host_share) for s in decode)
     return {"steps": len(decode), "seconds": seconds, "bound_seconds": bound,
             "tokens_per_s": batch * len(decode) / seconds,
             "bound_tokens_per_s": batch * len(decode) / bound,

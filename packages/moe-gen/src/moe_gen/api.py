@@ -20,6 +20,7 @@ from moe_core import (
 from moe_gen.batch_loop import StepStats, run_loop
 from moe_gen.engine import BatchEngine
 from moe_gen.expert_usage import ExpertUsage
+from moe_gen.host_share_trial import HostShareTrial
 from moe_gen.paged_kv import PagedKV
 from moe_gen.plan import Plan
 from moe_gen.requests import GenRequest
@@ -120,8 +121,13 @@ def run_requests(model: MoEForCausalLM, requests: Seq[tuple[int, GenRequest]], p
                  defaults: Defaults, tokenizer: Tokenizer | None,
                  on_result: Callable[[GenResult], None],
                  on_step: Callable[[StepStats], None] = lambda _: None,
-                 h2d_bytes: Callable[[], int] = lambda: 0) -> BatchEngine:
+                 h2d_bytes: Callable[[], int] = lambda: 0,
+                 host_share_trial: bool = True) -> BatchEngine:
     """Run `(input index, request)` pairs through the engine sized by `plan`.
+
+    On a GPU, a plan that gives the host a share of the decode batch has it checked against
+    none on the first decode steps, and the faster kept (`HostShareTrial`), unless
+    `host_share_trial` is False (the share then stays as planned, e.g. for a benchmark).
 
     Returns:
         The engine (its KV mover holds the KV copy counters).
@@ -142,9 +148,12 @@ def run_requests(model: MoEForCausalLM, requests: Seq[tuple[int, GenRequest]], p
     def moved() -> int:
         return h2d_bytes() + engine.mover.h2d_bytes
 
+    trial = (HostShareTrial(plan.cpu_attention_share)
+             if host_share_trial and engine.host_share > 0 and model.device.type == "cuda"
+             else None)
     with ExpertUsage(model) as usage:
         run_loop(engine, scheduler, set(defaults.eos_token_ids), decode, on_result, on_step,
-                 moved, usage)
+                 moved, usage, trial)
     return engine
 
 

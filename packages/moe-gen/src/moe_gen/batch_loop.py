@@ -12,6 +12,7 @@ from moe_core import sample_next
 
 from moe_gen.engine import BatchEngine, StepTiming
 from moe_gen.expert_usage import ExpertUsage
+from moe_gen.host_share_trial import HostShareTrial
 from moe_gen.micro_batch import SequenceInput
 from moe_gen.scheduler import Scheduler
 from moe_gen.sequence import FinishReason, GenResult, Sequence
@@ -34,6 +35,7 @@ class StepStats:
         moe_s: MoE share of the step.
         experts_activated: Distinct routed experts each MoE layer used (measured; None: not
             measured).
+        host_share: Share of its decode sequences the host attended.
     """
 
     phase: str
@@ -43,6 +45,7 @@ class StepStats:
     attention_s: float
     moe_s: float
     experts_activated: tuple[int, ...] | None = None
+    host_share: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready (an engine on Ray sends its steps to the job this way)."""
@@ -50,7 +53,8 @@ class StepStats:
                 "chunks": [list(c) for c in self.chunks], "h2d_bytes": self.h2d_bytes,
                 "attention_s": self.attention_s, "moe_s": self.moe_s,
                 "experts_activated": (None if self.experts_activated is None
-                                      else list(self.experts_activated))}
+                                      else list(self.experts_activated)),
+                "host_share": self.host_share}
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> StepStats:
@@ -60,7 +64,8 @@ class StepStats:
         return cls(fields["phase"], fields["seconds"],
                    tuple((p, n) for p, n in fields["chunks"]), fields["h2d_bytes"],
                    fields["attention_s"], fields["moe_s"],
-                   None if experts is None else tuple(experts))
+                   None if experts is None else tuple(experts),
+                   float(fields.get("host_share", 0.0)))
 
 
 def _inputs(seqs: list[Sequence]) -> list[SequenceInput]:
@@ -105,7 +110,7 @@ def _result(seq: Sequence, reason: FinishReason, decode: Decode | None) -> GenRe
 def run_loop(engine: BatchEngine, scheduler: Scheduler, eos_ids: set[int],
              decode: Decode | None, on_result: Callable[[GenResult], None],
              on_step: Callable[[StepStats], None], h2d_bytes: Callable[[], int],
-             usage: ExpertUsage | None = None) -> None:
+             usage: ExpertUsage | None = None, trial: HostShareTrial | None = None) -> None:
     """Run every queued sequence to its end.
 
     Args:
@@ -117,14 +122,21 @@ def run_loop(engine: BatchEngine, scheduler: Scheduler, eos_ids: set[int],
         on_step: Called after each step.
         h2d_bytes: Host-to-device bytes moved so far (all copies), for per-step accounting.
         usage: Measures the experts each step used (None: not measured).
+        trial: Checks the engine's host share against none on the first decode steps and
+            keeps the faster (`host_share_trial`; None: the share stays).
     """
     while not scheduler.is_done:
         seqs = scheduler.next_step()
+        phase = "prefill" if any(s.num_cached == 0 for s in seqs) else "decode"
+        if trial is not None:
+            engine.set_host_share(trial.share(len(seqs), phase == "decode"))
+        share = engine.host_share
         before = h2d_bytes()
         timing = StepTiming()
         logits = engine.step(_inputs(seqs), timing)  # [n, V]
+        if trial is not None:
+            trial.record(share, len(seqs), phase == "decode", timing.total_s)
         chunks = tuple((s.num_cached, len(s.pending)) for s in seqs)
-        phase = "prefill" if any(s.num_cached == 0 for s in seqs) else "decode"
         for seq, token in zip(seqs, _next_tokens(logits, seqs), strict=True):
             seq.num_cached += len(seq.pending)
             seq.output_ids.append(token)
@@ -136,4 +148,4 @@ def run_loop(engine: BatchEngine, scheduler: Scheduler, eos_ids: set[int],
             on_result(_result(seq, reason, decode))
         on_step(StepStats(phase, timing.total_s, chunks, h2d_bytes() - before,
                           timing.attention_s, timing.moe_s,
-                          usage.take() if usage is not None else None))
+                          usage.take() if usage is not None else None, share))

@@ -88,6 +88,27 @@ class BatchEngine:
                                              host_attention_kernel)
                                if cpu_attention_share > 0 else None)
 
+    @property
+    def host_share(self) -> float:
+        """Share of each step's decode sequences the host attends now."""
+        return self.host_attention.share if self.host_attention is not None else 0.0
+
+    def set_host_share(self, share: float) -> None:
+        """Attend `share` of the coming steps' decode sequences on the host (0: none). The
+        host's attention copies exist only in an engine built with a share above 0.
+
+        Raises:
+            ValueError: a share outside [0, 1], or above 0 in an engine built without one.
+        """
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"the host share must be in [0, 1], got {share}")
+        if self.host_attention is None:
+            if share > 0:
+                raise ValueError("this engine was built with no host share: it has no host "
+                                 "attention to give a share to")
+            return
+        self.host_attention.share = share
+
     def _micro_batches(self, seqs: Sequence[SequenceInput],
                        attention_device: torch.device | None = None) -> list[MicroBatch]:
         """Sequences of similar new-token counts share a micro-batch (little padding); a

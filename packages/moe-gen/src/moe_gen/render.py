@@ -77,6 +77,15 @@ def summary_lines(outcome: JobOutcome) -> list[str]:
     if outcome.routing is not None:
         lines.append(f"routing: {outcome.routing} (benchmark routing: the model's routers "
                      "replaced)")
+    if s.host_shares:
+        host_planned = outcome.plan.cpu_attention_share if outcome.plan is not None else None
+        runs = [f"{float(share):.1%}: {row['steps']} steps"
+                + (f" (median {_ms(float(row['full_batch_median_s']))} at full batch)"
+                   if row["full_batch_median_s"] is not None else "")
+                for share, row in s.host_shares.items()]
+        lines.append("decode steps by host attention share"
+                     + (f" (planned {host_planned:.1%}, tried against none on the first decode "
+                        "steps, the faster kept)" if host_planned else "") + ": " + ", ".join(runs))
     if s.predicted_decode_step_s is not None:
         measured = ("n/a (no full-batch decode step)" if s.measured_decode_step_s is None
                     else _ms(s.measured_decode_step_s))

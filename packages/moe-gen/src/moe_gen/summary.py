@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from moe_gen.batch_loop import StepStats
 from moe_gen.plan import Plan
@@ -32,6 +32,10 @@ class JobSummary:
         measured_decode_step_s: Median decode step time at full batch.
         predicted_decode_step_s: The planner's prediction (None with a fixed plan).
         peak_host_bytes: The process's peak resident host memory (None: not measured).
+        host_shares: Per host share the pure decode steps ran at (`f"{share:g}"`): how many
+            steps, and their median seconds at full batch (None: no full-batch step at it).
+            A GPU run whose plan gave the host a share tried it against none first
+            (`host_share_trial`), so both show, and the kept one has most steps.
     """
 
     requests: int
@@ -47,6 +51,7 @@ class JobSummary:
     measured_decode_step_s: float | None
     predicted_decode_step_s: float | None
     peak_host_bytes: int | None = None
+    host_shares: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready."""
@@ -79,4 +84,19 @@ def summarise(num_requests: int, steps: Sequence[StepStats], wall_s: float,
         stall_share=float(offload.get("stall_seconds", 0.0)) / step_s if step_s else 0.0,
         measured_decode_step_s=statistics.median(full) if full else None,
         predicted_decode_step_s=plan.prediction.step_s if plan and plan.prediction else None,
-        peak_host_bytes=peak_host_bytes)
+        peak_host_bytes=peak_host_bytes, host_shares=_host_shares(decode, plan))
+
+
+def _host_shares(decode: list[StepStats], plan: Plan | None
+                 ) -> dict[str, dict[str, float | int | None]]:
+    """Decode steps and their full-batch median seconds per host share (none when every step
+    ran at share 0)."""
+    if all(s.host_share == 0 for s in decode):
+        return {}
+    out: dict[str, dict[str, float | int | None]] = {}
+    for share in sorted({s.host_share for s in decode}):
+        steps = [s for s in decode if s.host_share == share]
+        full = [s.seconds for s in steps if plan and len(s.chunks) == plan.max_batch_size]
+        out[f"{share:g}"] = {"steps": len(steps),
+                             "full_batch_median_s": statistics.median(full) if full else None}
+    return out
