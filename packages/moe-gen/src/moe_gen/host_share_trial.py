@@ -5,7 +5,7 @@ attention rate and its cost model. Both proved the least certain inputs of a pla
 (docs/benchmarks.md, ninth session):
 - on one H200 machine the profile's host rate for the same model measured 11.6 M keys/s in one
   process and 23.6 M in the next;
-- with FP8 experts, a share of 0.25 was predicted 26% faster than none and ran 10% slower
+- with FP8 experts, a share of 0.25 was predicted 18% faster than none and ran 10% slower
   (1,062 against 1,173 decode tok/s on S3).
 
 So a GPU job whose plan gives the host a share checks it. After a few decode steps to warm up,
