@@ -59,7 +59,8 @@ def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
     # Kernels that read pinned host memory over the link themselves (moe_core's mapped KV
     # gather and mapped expert fetch): the link is busy while they run, with no memcpy.
     mapped = [e for e in kernels if e["name"] in MAPPED_READ_KERNELS]
-    span_s = union_s([(min(s for s, _ in spans(gpu)), max(e for _, e in spans(gpu)))])
+    origin = min(s for s, _ in spans(gpu))  # the first device activity
+    span_s = union_s([(origin, max(e for _, e in spans(gpu)))])
     streams: dict[str, dict[str, float]] = {}
     for e in h2d:
         row = streams.setdefault(str(e.get("args", {}).get("stream")),
@@ -84,7 +85,6 @@ def trace_summary(trace: dict[str, Any], num_steps: int) -> dict[str, Any]:
     # Link idle gaps (copies and mapped reads): many short ones point at the host issuing
     # copies too slowly (per-expert work), long ones at phases with nothing to copy
     # (attention, step boundaries).
-    origin = min(s for s, _ in spans(gpu))
     link = spans(h2d) + spans(mapped)
     link_busy = union_s(link) / num_steps
     gaps, at, reach = [], [], None

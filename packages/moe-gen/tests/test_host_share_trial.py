@@ -117,3 +117,8 @@ def test_the_loop_runs_the_trial_and_the_summary_shows_it() -> None:
     outcome = JobOutcome(summary, plan, None, torch.float32, None, 0)
     line = next(x for x in summary_lines(outcome) if x.startswith("decode steps by host"))
     assert "planned 50.0%" in line and "0.0%: " in line and "50.0%: " in line
+    fixed_summary = summarise(4, fixed_steps, 1.0, {}, plan)  # no trial: none claimed
+    fixed_line = next(x for x in summary_lines(JobOutcome(fixed_summary, plan, None,
+                                                          torch.float32, None, 0))
+                      if x.startswith("decode steps by host"))
+    assert "tried" not in fixed_line and "50.0%: " in fixed_line

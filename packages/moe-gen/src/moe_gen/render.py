@@ -83,9 +83,12 @@ def summary_lines(outcome: JobOutcome) -> list[str]:
                 + (f" (median {_ms(float(row['full_batch_median_s']))} at full batch)"
                    if row["full_batch_median_s"] is not None else "")
                 for share, row in s.host_shares.items()]
+        # A trial shows as steps at both shares; a share held fixed (or a trial that found no
+        # pair of steps) shows one.
+        tried = host_planned and len(s.host_shares) > 1
         lines.append("decode steps by host attention share"
                      + (f" (planned {host_planned:.1%}, tried against none on the first decode "
-                        "steps, the faster kept)" if host_planned else "") + ": " + ", ".join(runs))
+                        "steps, the faster kept)" if tried else "") + ": " + ", ".join(runs))
     if s.predicted_decode_step_s is not None:
         measured = ("n/a (no full-batch decode step)" if s.measured_decode_step_s is None
                     else _ms(s.measured_decode_step_s))
